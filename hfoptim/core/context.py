@@ -1,0 +1,98 @@
+"""The per-step context a rule sees: step counts, schedules, statistics, the loss."""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from .stats import LocalStats, ParamView
+from .tensorlist import TensorList
+
+PerTensor = Union[float, list]
+
+#: constants of Adam-atan2 (Everett et al. 2024, arXiv 2407.05872): u = A * atan2(m, B * sqrt(v))
+ATAN2_A = 1.27
+ATAN2_B = 1.0
+
+
+class StepContext:
+    """Everything about one bucket of parameters in one step, except tensors being updated.
+
+    Attributes:
+        group: the validated hyperparameters of the parameter group.
+        steps: the 1-based step number of each parameter (per-parameter counters).
+        views: what this process holds of each parameter (global shape, ...).
+        loss: the training loss of this step, or None.
+        lr: the learning rate applied by the engine; a rule may replace it by a per-tensor
+            list (e.g. AdaLo's loss-driven step size, Adafactor's relative step).
+    """
+
+    def __init__(
+        self,
+        group: dict,
+        steps: list[int],
+        views: list[ParamView],
+        stats: LocalStats,
+        foreach: bool,
+        loss: Optional[float],
+        param_states: list[dict],
+    ):
+        self.group = group
+        self.steps = steps
+        self.views = views
+        self.stats = stats
+        self.foreach = foreach
+        self.loss = loss
+        self.lr: PerTensor = float(group["lr"])
+        self.param_states = param_states
+
+    # ------------------------------------------------------------------ schedules
+    def per_step(self, fn) -> PerTensor:
+        """``fn(t)`` for each parameter's step ``t``; a plain number when all steps agree."""
+        values = [fn(t) for t in self.steps]
+        return values[0] if all(v == values[0] for v in values) else values
+
+    def bias_correction(self, beta: float) -> PerTensor:
+        """``1 - beta**t`` per parameter."""
+        return self.per_step(lambda t: 1.0 - beta**t)
+
+    # ------------------------------------------------------------------ statistics
+    def norm(self, x: TensorList) -> list[torch.Tensor]:
+        """Global L2 norm of each tensor."""
+        return self.stats.norm(x.tensors, self.views)
+
+    def sum_sq(self, x: TensorList) -> list[torch.Tensor]:
+        return self.stats.sum_sq(x.tensors, self.views)
+
+    def numel(self, i: int) -> int:
+        """Number of elements of the whole parameter ``i`` (not of a shard)."""
+        return self.views[i].global_numel
+
+    def rms(self, x: TensorList) -> list[torch.Tensor]:
+        """Root mean square of each whole tensor."""
+        return [
+            (s / self.numel(i)).sqrt() for i, s in enumerate(self.sum_sq(x))
+        ]
+
+    def mean(self, x: TensorList) -> list[torch.Tensor]:
+        return [s / self.numel(i) for i, s in enumerate(self.stats.sum(x.tensors, self.views))]
+
+    # ------------------------------------------------------------------ preconditioning
+    def precondition(self, num: TensorList, v_hat: TensorList, eps: PerTensor) -> TensorList:
+        """Divide by the root second moment in the form the group asked for.
+
+        * ``denominator="eps"`` (Adam):      num / (sqrt(v_hat) + eps)
+        * ``denominator="atan2"`` (Adam-atan2, arXiv 2407.05872): A * atan2(num, B * sqrt(v_hat)),
+          A = 1.27, B = 1, no eps
+        * ``denominator="softplus"`` (arXiv 1908.00700): num / softplus(sqrt(v_hat))
+        """
+        form = self.group["denominator"]
+        root = v_hat.sqrt()
+        if form == "eps":
+            return num / root.add_(eps)
+        if form == "atan2":
+            return num.atan2(root.mul_(ATAN2_B)).mul_(ATAN2_A)
+        if form == "softplus":
+            return num / root.softplus()
+        raise AssertionError(form)

@@ -1,0 +1,329 @@
+"""The one optimizer class every algorithm runs on.
+
+``Engine`` does the bookkeeping, a :class:`~hfoptim.core.rule.Rule` does the math:
+
+1. state is created lazily on a parameter's first step (accelerate swaps FSDP2 parameters after
+   the optimizer is built, so nothing is allocated in ``__init__``);
+2. each parameter counts its own steps (ZeRO-3 calls ``step()`` once per sub-group, so a
+   group-level counter would run too fast);
+3. parameters are bucketed by device and dtype; the multi-tensor path runs each bucket through
+   ``torch._foreach_*`` kernels, the reference path (``foreach=False``) runs one parameter at a
+   time through the same rule code;
+4. bf16/fp16 parameters are computed in fp32 (fp64 stays fp64); ``p.grad`` is never written;
+5. per step: gradient modifiers -> rule (state decoded, updated, encoded) -> update modifiers ->
+   weight decay and ``p <- p - lr u``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+from typing import Any, Callable, ClassVar, Optional
+
+import torch
+
+from ..modifiers import GRAD, MODIFIERS, UPDATE
+from ..modifiers.weight_decay import MODES, add_l2, apply_update
+from ..state import resolve
+from .context import StepContext
+from .hparams import HP, HyperparameterError, validate_all
+from .rule import Rule
+from .stats import LocalStats, ParamView
+from .tensorlist import TensorList
+
+#: keys torch or other libraries put into parameter groups; carried, never interpreted
+PASSTHROUGH_GROUP_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
+
+#: a bucket whose state is not stored densely is processed this many elements at a time, so the
+#: decoded fp32 state of a whole model never exists at once
+DECODE_CHUNK_NUMEL = 1 << 22
+
+STATE_DICT_TAG = "hfoptim"
+
+
+def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
+    """Every option a parameter group of ``rule`` accepts: the rule's, the modifiers', the engine's."""
+    spec: dict[str, HP] = dict(rule.hyperparams)
+    spec["weight_decay_mode"] = HP(rule.weight_decay_modes[0], kind="str", choices=rule.weight_decay_modes)
+    spec["maximize"] = HP(False, kind="bool")
+    spec["denominator"] = HP("eps", kind="str", choices=("eps", "atan2", "softplus"))
+    spec["state"] = HP("fp32", kind="str", doc="storage form of the state: fp32, 8bit, bf16, factored, smmf, shared")
+    spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
+    for modifier in MODIFIERS:
+        spec.update(modifier.hyperparams)
+    return spec
+
+
+class Engine(torch.optim.Optimizer):
+    """A ``torch.optim.Optimizer`` that runs a :class:`Rule`.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer.
+        rule: the algorithm (a Rule subclass); optimizer classes such as ``hfoptim.AdEMAMix``
+            fix it.
+        foreach: True (default) for the multi-tensor path, False for the per-parameter
+            reference path.
+        **hyperparameters: the rule's hyperparameters and the shared options (``weight_decay``,
+            ``weight_decay_mode``, ``maximize``, ``denominator``, ``state``, ``cautious``,
+            ``agc``, ``soft_clip``, ``centralize``, ``trust_ratio``, ...).
+    """
+
+    rule_class: ClassVar[Optional[type[Rule]]] = None
+
+    def __init__(self, params, rule: Optional[type[Rule]] = None, *, foreach: Optional[bool] = None, **hyperparameters):
+        rule = rule or self.rule_class
+        if rule is None:
+            raise TypeError("Engine needs a rule: use an optimizer class such as hfoptim.AdamW")
+        self.rule: Rule = rule()
+        self.foreach = True if foreach is None else bool(foreach)
+        self._spec = engine_hyperparams(rule)
+        defaults = self._validate_group(hyperparameters, where=f"{type(self).__name__}()")
+        self._stats = LocalStats(foreach=self.foreach)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, options: dict, where: str) -> dict:
+        values = validate_all(self._spec, options, where)
+        rule = self.rule
+        if values["denominator"] != "eps" and not rule.preconditioned:
+            raise HyperparameterError(
+                f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
+                f"moment; {rule.name} does not"
+            )
+        for modifier in MODIFIERS:
+            if modifier.enabled(values):
+                reason = modifier.incompatible(rule)
+                if reason:
+                    raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
+        resolve.check_state_option(rule, values["state"], where)
+        return values
+
+    def add_param_group(self, param_group: dict) -> None:
+        options = {k: v for k, v in param_group.items() if k not in PASSTHROUGH_GROUP_KEYS}
+        for key, value in self.defaults.items():
+            options.setdefault(key, value)
+        index = len(self.param_groups)
+        checked = self._validate_group(options, where=f"{type(self).__name__} parameter group {index}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for p in params:
+            if p.is_complex():
+                raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
+        group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
+        group["params"] = params
+        group.update(checked)
+        super().add_param_group(group)
+
+    # ------------------------------------------------------------------ views (sharding hook)
+    def param_view(self, p: torch.Tensor) -> ParamView:
+        """What this process holds of ``p``. The sharding layer overrides this."""
+        return ParamView.of(p)
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss: Any = None):
+        """One optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (its value reaches rules that
+                need the loss, e.g. AdaLo).
+            loss: the training loss of this step, for rules that need it when no closure is
+                given (a float or a 0-d tensor; a mean over data-parallel ranks under sharding).
+        """
+        closure_loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                closure_loss = closure()
+        if loss is None:
+            loss = closure_loss
+        loss_value = None
+        if self.rule.needs_loss:
+            if loss is None:
+                raise RuntimeError(
+                    f"{self.rule.name} sets its step size from the training loss: call "
+                    f"optimizer.step(closure) or optimizer.step(loss=loss)"
+                )
+            loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+            if not math.isfinite(loss_value):
+                raise ValueError(f"{self.rule.name} got a non-finite loss {loss_value}")
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                self._check_grad(p)
+            for bucket in self._buckets(params):
+                for chunk in self._chunks(group, bucket):
+                    self._step_bucket(group, chunk, loss_value)
+        return closure_loss
+
+    def _check_grad(self, p: torch.Tensor) -> None:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if g.is_complex():
+            raise RuntimeError(f"{type(self).__name__} does not support complex gradients (got {g.dtype})")
+        if g.shape != p.shape:
+            raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+
+    def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if not self.foreach:
+            return [[p] for p in params]
+        buckets: dict[tuple, list] = defaultdict(list)
+        for p in params:
+            buckets[(p.device, p.dtype, p.grad.dtype)].append(p)
+        return list(buckets.values())
+
+    def _chunks(self, group: dict, bucket: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        if len(bucket) == 1 or resolve.all_dense(self.rule, group):
+            return [bucket]
+        chunks, current, size = [], [], 0
+        for p in bucket:
+            if current and size + p.numel() > DECODE_CHUNK_NUMEL:
+                chunks.append(current)
+                current, size = [], 0
+            current.append(p)
+            size += p.numel()
+        chunks.append(current)
+        return chunks
+
+    @staticmethod
+    def compute_dtype(p: torch.Tensor) -> torch.dtype:
+        return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+
+    def _init_state(self, p: torch.Tensor, group: dict, view: ParamView) -> dict:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            dtype = self.compute_dtype(p)
+            for slot in self.rule.slots:
+                codec = resolve.codec_for(self.rule, slot, group, view)
+                state.update(codec.init(slot, slot.initial(p, dtype), view))
+        return state
+
+    def _step_bucket(self, group: dict, params: list[torch.Tensor], loss: Optional[float]) -> None:
+        rule, foreach = self.rule, self.foreach
+        views = [self.param_view(p) for p in params]
+        states = [self._init_state(p, group, v) for p, v in zip(params, views)]
+        for s in states:
+            s["step"] += 1
+        steps = [int(s["step"].item()) for s in states]
+        dtype = self.compute_dtype(params[0])
+        low_precision = params[0].dtype != dtype
+
+        p_work = TensorList([p.to(dtype) if low_precision else p for p in params], foreach)
+        g = TensorList([p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p in params], foreach)
+        if group["maximize"]:
+            g = -g
+
+        ctx = StepContext(group, steps, views, self._stats, foreach, loss, states)
+        for modifier in MODIFIERS:
+            if modifier.stage == GRAD and modifier.enabled(group):
+                g = modifier.apply(ctx, g, g, p_work)
+        if group["weight_decay_mode"] == "l2" and group["weight_decay"] != 0:
+            g = add_l2(g, p_work, group["weight_decay"])
+
+        codecs = {
+            slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in rule.slots
+        }
+        slots = SimpleNamespace(
+            **{
+                slot.name: TensorList(
+                    [c.decode(slot, s, v, dtype) for c, s, v in zip(codecs[slot.name], states, views)], foreach
+                )
+                for slot in rule.slots
+            }
+        )
+        u = rule.update(ctx, p_work, g, slots)
+        for slot in rule.slots:
+            for codec, s, v, value in zip(codecs[slot.name], states, views, getattr(slots, slot.name)):
+                if not codec.identity:
+                    codec.encode(slot, s, value, v)
+
+        for modifier in MODIFIERS:
+            if modifier.stage == UPDATE and modifier.enabled(group):
+                u = modifier.apply(ctx, u, g, p_work)
+        wd = group["weight_decay"]
+        mode = group["weight_decay_mode"]
+        apply_update(p_work, u, ctx.lr, 0.0 if mode == "l2" else wd, mode)
+        if low_precision:
+            for p, w in zip(params, p_work):
+                p.copy_(w)
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd[STATE_DICT_TAG] = {"rule": self.rule.name, "format": 1}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by an optimizer of the same rule over the same shapes.
+
+        Raises ``ValueError`` naming the problem for a state dict of another optimizer, another
+        rule, another state form or other parameter shapes. State tensors keep the dtype they
+        were saved with (torch would cast them to the parameter's dtype, losing fp32 state of
+        bf16 parameters)."""
+        tag = state_dict.get(STATE_DICT_TAG)
+        if tag is None:
+            raise ValueError(
+                f"this state_dict was not saved by an hfoptim optimizer (no {STATE_DICT_TAG!r} entry); "
+                f"{type(self).__name__} cannot load it"
+            )
+        if tag.get("rule") != self.rule.name:
+            raise ValueError(
+                f"this state_dict was saved by an hfoptim {tag.get('rule')!r} optimizer; "
+                f"{type(self).__name__} runs {self.rule.name!r}"
+            )
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, the optimizer {len(self.param_groups)}"
+            )
+        id_to_param = {}
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {gi}: state_dict has {len(saved['params'])} parameters, "
+                    f"the optimizer {len(group['params'])}"
+                )
+            id_to_param.update(zip(saved["params"], group["params"]))
+        for pid, pstate in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            if p is None:
+                raise ValueError(f"state_dict has state for unknown parameter id {pid}")
+            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
+            saved_group = saved_groups[self.param_groups.index(group)]
+            options = {k: v for k, v in saved_group.items() if k in self._spec}
+            self._check_param_state(pid, p, pstate, {**group, **options})
+        originals = {pid: dict(pstate) for pid, pstate in state_dict["state"].items()}
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_TAG})
+        for pid, pstate in originals.items():
+            p = id_to_param[pid]
+            for key, value in pstate.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
+        view = self.param_view(p)
+        expected = {"step": ()}
+        for slot in self.rule.slots:
+            codec = resolve.codec_for(self.rule, slot, group, view)
+            expected.update(codec.shapes(slot, view, p))
+        if set(pstate) != set(expected):
+            raise ValueError(
+                f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(self).__name__} "
+                f"({self.rule.name}, state={group['state']!r}) keeps {sorted(expected)}: it was saved by another "
+                f"optimizer or with another state form"
+            )
+        for key, shape in expected.items():
+            value = pstate[key]
+            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
+                raise ValueError(
+                    f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
+                    f"{tuple(shape)} for a parameter of shape {tuple(p.shape)}"
+                )
+
+
+def optimizer_class(rule: type[Rule], name: str, doc: Optional[str] = None) -> type[Engine]:
+    """A named optimizer class for ``rule``: ``hfoptim.AdEMAMix(params, lr=...)``."""
+    cls = type(name, (Engine,), {"rule_class": rule, "__doc__": doc or rule.__doc__, "__module__": "hfoptim"})
+    return cls

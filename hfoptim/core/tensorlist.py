@@ -1,0 +1,252 @@
+"""A list of tensors with arithmetic applied to every member at once.
+
+Rules are written once against :class:`TensorList`. The engine builds lists in two ways:
+
+* ``foreach=True`` (the fast path): every operation is one ``torch._foreach_*`` call over all
+  tensors of a bucket (same device and dtype);
+* ``foreach=False`` (the reference path): every operation is an ordinary per-tensor call in a
+  Python loop. The engine uses it with one parameter per list.
+
+Both paths run the same rule code, so an algorithm is never written twice.
+
+Scalar arguments may be a Python number (same for every tensor), a ``list`` of numbers (one per
+tensor, e.g. a bias correction from per-parameter step counts) or a ``list`` of 0-d tensors (one
+per tensor, e.g. a per-tensor norm).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Union
+
+import torch
+
+Scalar = Union[float, int]
+Arg = Union["TensorList", Sequence, Scalar, torch.Tensor]
+
+# foreach kernels that exist in torch and accept the argument kinds used below
+_FOREACH = {
+    name
+    for name in (
+        "add", "sub", "mul", "div", "addcmul", "addcdiv", "lerp", "sqrt", "abs", "neg", "sign",
+        "maximum", "minimum", "clamp_min", "clamp_max", "exp", "log", "sigmoid", "tanh",
+        "reciprocal", "pow", "rsqrt", "log1p",
+    )
+    if hasattr(torch, f"_foreach_{name}")
+}
+
+
+def _is_uniform(values: Sequence) -> bool:
+    first = values[0]
+    return not isinstance(first, torch.Tensor) and all(v == first for v in values)
+
+
+class TensorList:
+    """Tensors that are updated together. See the module docstring."""
+
+    __slots__ = ("tensors", "foreach")
+
+    def __init__(self, tensors: Sequence[torch.Tensor], foreach: bool = True):
+        self.tensors = list(tensors)
+        self.foreach = foreach
+
+    # ----------------------------------------------------------------- plumbing
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.tensors[i]
+
+    def __repr__(self) -> str:
+        shapes = [tuple(t.shape) for t in self.tensors]
+        return f"TensorList({shapes}, foreach={self.foreach})"
+
+    def _new(self, tensors) -> TensorList:
+        return TensorList(tensors, self.foreach)
+
+    def _foreach_arg(self, arg):
+        if isinstance(arg, TensorList):
+            return arg.tensors
+        if isinstance(arg, (list, tuple)):
+            if _is_uniform(arg):
+                return arg[0]
+            return list(arg)
+        return arg
+
+    def _item(self, arg, i: int):
+        if isinstance(arg, TensorList):
+            return arg.tensors[i]
+        if isinstance(arg, (list, tuple)):
+            return arg[i]
+        return arg
+
+    def _run(self, name: str, inplace: bool, *args, **kwargs):
+        """Apply ``torch.<name>`` (or its ``_foreach`` form) to every tensor."""
+        if self.foreach and name in _FOREACH:
+            fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
+            fargs = [self._foreach_arg(a) for a in args]
+            try:
+                out = fn(self.tensors, *fargs, **kwargs)
+            except (RuntimeError, TypeError):
+                pass  # an argument kind this kernel lacks (e.g. 0-d tensors): loop below
+            else:
+                return self if inplace else self._new(out)
+        results = []
+        for i, t in enumerate(self.tensors):
+            targs = [self._item(a, i) for a in args]
+            if inplace:
+                getattr(t, f"{name}_")(*targs, **kwargs)
+            else:
+                results.append(getattr(torch, name)(t, *targs, **kwargs))
+        return self if inplace else self._new(results)
+
+    # ----------------------------------------------------------------- in place
+    def add_(self, other: Arg, alpha: Scalar = 1) -> TensorList:
+        if alpha == 1:
+            return self._run("add", True, other)
+        return self._run("add", True, other, alpha=alpha)
+
+    def sub_(self, other: Arg, alpha: Scalar = 1) -> TensorList:
+        if alpha == 1:
+            return self._run("sub", True, other)
+        return self._run("sub", True, other, alpha=alpha)
+
+    def mul_(self, other: Arg) -> TensorList:
+        return self._run("mul", True, other)
+
+    def div_(self, other: Arg) -> TensorList:
+        return self._run("div", True, other)
+
+    def addcmul_(self, a: TensorList, b: TensorList, value: Arg = 1) -> TensorList:
+        return self._per_value_op("addcmul", a, b, value)
+
+    def addcdiv_(self, a: TensorList, b: TensorList, value: Arg = 1) -> TensorList:
+        return self._per_value_op("addcdiv", a, b, value)
+
+    def _per_value_op(self, name, a, b, value):
+        if isinstance(value, (list, tuple)) and not _is_uniform(value):
+            if self.foreach:
+                getattr(torch, f"_foreach_{name}_")(self.tensors, a.tensors, b.tensors, list(value))
+            else:
+                for t, x, y, v in zip(self.tensors, a.tensors, b.tensors, value):
+                    getattr(t, f"{name}_")(x, y, value=v)
+            return self
+        if isinstance(value, (list, tuple)):
+            value = value[0]
+        return self._run(name, True, a, b, value=value)
+
+    def lerp_(self, end: TensorList, weight: Arg) -> TensorList:
+        """``self += weight * (end - self)``: an exponential moving average step."""
+        return self._run("lerp", True, end, weight)
+
+    def copy_(self, other: TensorList) -> TensorList:
+        if self.foreach:
+            torch._foreach_copy_(self.tensors, other.tensors)
+        else:
+            for t, o in zip(self.tensors, other.tensors):
+                t.copy_(o)
+        return self
+
+    def zero_(self) -> TensorList:
+        if self.foreach:
+            torch._foreach_zero_(self.tensors)
+        else:
+            for t in self.tensors:
+                t.zero_()
+        return self
+
+    def sqrt_(self) -> TensorList:
+        return self._run("sqrt", True)
+
+    def abs_(self) -> TensorList:
+        return self._run("abs", True)
+
+    def neg_(self) -> TensorList:
+        return self._run("neg", True)
+
+    def clamp_min_(self, value: Arg) -> TensorList:
+        return self._run("clamp_min", True, value)
+
+    def clamp_max_(self, value: Arg) -> TensorList:
+        return self._run("clamp_max", True, value)
+
+    def maximum_(self, other: TensorList) -> TensorList:
+        return self._run("maximum", True, other)
+
+    # ----------------------------------------------------------------- new lists
+    def clone(self) -> TensorList:
+        return self._new([t.clone() for t in self.tensors])
+
+    def __add__(self, other: Arg) -> TensorList:
+        return self._run("add", False, other)
+
+    __radd__ = __add__
+
+    def __sub__(self, other: Arg) -> TensorList:
+        return self._run("sub", False, other)
+
+    def __rsub__(self, other: Arg) -> TensorList:
+        return self.neg().add_(other)
+
+    def __mul__(self, other: Arg) -> TensorList:
+        return self._run("mul", False, other)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other: Arg) -> TensorList:
+        return self._run("div", False, other)
+
+    def __neg__(self) -> TensorList:
+        return self._run("neg", False)
+
+    def neg(self) -> TensorList:
+        return self._run("neg", False)
+
+    def abs(self) -> TensorList:
+        return self._run("abs", False)
+
+    def sqrt(self) -> TensorList:
+        return self._run("sqrt", False)
+
+    def sign(self) -> TensorList:
+        return self._run("sign", False)
+
+    def square(self) -> TensorList:
+        return self._run("mul", False, self)
+
+    def maximum(self, other: Arg) -> TensorList:
+        return self._run("maximum", False, other)
+
+    def minimum(self, other: Arg) -> TensorList:
+        return self._run("minimum", False, other)
+
+    def clamp_min(self, value: Arg) -> TensorList:
+        return self._run("clamp_min", False, value)
+
+    def sigmoid(self) -> TensorList:
+        return self._run("sigmoid", False)
+
+    def atan2(self, other: TensorList) -> TensorList:
+        return self._new([torch.atan2(a, b) for a, b in zip(self.tensors, other.tensors)])
+
+    def softplus(self) -> TensorList:
+        return self._new([torch.nn.functional.softplus(t) for t in self.tensors])
+
+    def where(self, mask: TensorList, other: Arg) -> TensorList:
+        """Elementwise ``self if mask else other``."""
+        return self._new(
+            [torch.where(m, t, self._item(other, i)) for i, (t, m) in enumerate(zip(self.tensors, mask.tensors))]
+        )
+
+    def map(self, fn) -> TensorList:
+        """Apply ``fn`` to each tensor (for operations without a foreach kernel)."""
+        return self._new([fn(t) for t in self.tensors])
+
+    def gt(self, other: Arg) -> TensorList:
+        return self._new([torch.gt(t, self._item(other, i)) for i, t in enumerate(self.tensors)])
+
+    def to(self, dtype: torch.dtype) -> TensorList:
+        return self._new([t.to(dtype) for t in self.tensors])

@@ -1,0 +1,16 @@
+"""Options that work with any rule: see :mod:`.gradient`, :mod:`.update`, :mod:`.weight_decay`."""
+
+from .base import GRAD, UPDATE, Modifier
+from .gradient import AdaptiveGradientClipping, GradientCentralization, SoftClip
+from .update import CautiousMask, TrustRatio
+
+#: every modifier, in the order applied within its stage
+MODIFIERS: tuple[Modifier, ...] = (
+    AdaptiveGradientClipping(),
+    SoftClip(),
+    GradientCentralization(),
+    CautiousMask(),
+    TrustRatio(),
+)
+
+__all__ = ["GRAD", "UPDATE", "MODIFIERS", "Modifier"]

@@ -1,0 +1,104 @@
+"""Modifiers of the gradient, applied before the rule (in this order)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..core.hparams import HP
+from ..core.tensorlist import TensorList
+from .base import GRAD, Modifier
+
+
+def _unit_sum_sq(ctx, x: TensorList) -> list[torch.Tensor]:
+    """Sum of squares per unit: per row (dim 0) for tensors with 2+ dims, whole tensor for 1-D,
+    shaped to broadcast against the tensor."""
+    out = []
+    whole = ctx.sum_sq(x)
+    for i, t in enumerate(x):
+        if t.dim() > 1:
+            out.append(ctx.stats.row_sum_sq(t, ctx.views[i]).view(-1, *([1] * (t.dim() - 1))))
+        else:
+            out.append(whole[i])
+    return out
+
+
+def _unit_numel(ctx, i: int, t: torch.Tensor) -> int:
+    shape = ctx.views[i].global_shape
+    return ctx.numel(i) // shape[0] if len(shape) > 1 else ctx.numel(i)
+
+
+class AdaptiveGradientClipping(Modifier):
+    """Adaptive gradient clipping (NFNets, Brock et al. 2021, arXiv 2102.06171).
+
+    Per unit (row of a matrix or filter, whole vector for 1-D):
+    ``g <- g * c max(||p||, eps) / ||g||`` where ``||g|| > c max(||p||, eps)``.
+    ``||g||`` is floored at 1e-6 as in common implementations.
+    """
+
+    name = "agc"
+    stage = GRAD
+    switch = "agc"
+    hyperparams = {
+        "agc": HP(None, kind="optional_float", low=0.0, low_open=True, doc="clip factor c (NFNets: 0.01)"),
+        "agc_eps": HP(1e-3, low=0.0, doc="floor of the parameter norm"),
+    }
+    suffix_kwargs = {"agc": 0.01}
+
+    def apply(self, ctx, x, g, p):
+        clip, eps = ctx.group["agc"], ctx.group["agc_eps"]
+        p_norm = _unit_sum_sq(ctx, p)
+        x_norm = _unit_sum_sq(ctx, x)
+        out = []
+        for t, pn, xn in zip(x, p_norm, x_norm):
+            max_norm = pn.sqrt().clamp_min(eps) * clip
+            xn = xn.sqrt().clamp_min(1e-6)
+            out.append(torch.where(xn > max_norm, t * (max_norm / xn), t))
+        return TensorList(out, x.foreach)
+
+
+class SoftClip(Modifier):
+    """Soft clipping: the gradient's RMS is limited to the parameter's RMS.
+
+    Per tensor (per output row for tensors with 2+ dims):
+    ``g <- g * min(rms(g), rms(p)) / rms(g)``, each RMS floored at 1e-12.
+    """
+
+    name = "softclip"
+    stage = GRAD
+    switch = "soft_clip"
+    hyperparams = {"soft_clip": HP(False, kind="bool")}
+    suffix_kwargs = {"soft_clip": True}
+
+    def apply(self, ctx, x, g, p):
+        p_sq = _unit_sum_sq(ctx, p)
+        x_sq = _unit_sum_sq(ctx, x)
+        out = []
+        for i, (t, ps, xs) in enumerate(zip(x, p_sq, x_sq)):
+            n = _unit_numel(ctx, i, t)
+            rms_x = (xs / n).sqrt().clamp_min(1e-12)
+            rms_p = (ps / n).sqrt().clamp_min(1e-12)
+            out.append(t * (torch.minimum(rms_x, rms_p) / rms_x))
+        return TensorList(out, x.foreach)
+
+
+class GradientCentralization(Modifier):
+    """Gradient centralization (Yong et al. 2020, arXiv 2004.01461).
+
+    For tensors with 2+ dims: ``g <- g - mean(g over all dims but 0)``; 1-D tensors unchanged.
+    """
+
+    name = "gc"
+    stage = GRAD
+    switch = "centralize"
+    hyperparams = {"centralize": HP(False, kind="bool")}
+    suffix_kwargs = {"centralize": True}
+
+    def apply(self, ctx, x, g, p):
+        out = []
+        for i, t in enumerate(x):
+            if t.dim() > 1:
+                row_mean = ctx.stats.row_sum(t, ctx.views[i]) / _unit_numel(ctx, i, t)
+                out.append(t - row_mean.view(-1, *([1] * (t.dim() - 1))))
+            else:
+                out.append(t)
+        return TensorList(out, x.foreach)

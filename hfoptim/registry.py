@@ -1,0 +1,179 @@
+"""Optimizers by name.
+
+A name is a base (a rule such as ``ademamix``, or an alias such as ``lamb``) followed by any
+number of suffixes, each setting options: ``ademamix_cautious_8bit`` is AdEMAMix with cautious
+masking and 8-bit state. Nothing here creates classes per combination.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from .core.engine import Engine, optimizer_class
+from .core.hparams import HyperparameterError
+from .core.rule import Rule
+from .modifiers import MODIFIERS
+from .rules import RULES
+from .state.codec import CODECS
+
+#: one optimizer class per rule: hfoptim.AdamW, hfoptim.AdEMAMix, ...
+CLASSES: dict[str, type[Engine]] = {
+    name: optimizer_class(rule, rule.class_name or rule.__name__.removesuffix("Rule")) for name, rule in RULES.items()
+}
+
+#: names that are a rule with options, as the field knows them
+ALIASES: dict[str, tuple[str, dict]] = {
+    "adam_atan2": ("adamw", {"denominator": "atan2"}),
+    "nadamw": ("adamw", {"nesterov": True}),
+    "lamb": ("adamw", {"trust_ratio": True}),
+}
+
+#: suffix -> the options it sets (codecs give "_<form>": "_8bit", "_factored", ...)
+SUFFIXES: dict[str, dict] = {
+    **{m.name: dict(m.suffix_kwargs) for m in MODIFIERS},
+    "cwd": {"weight_decay_mode": "cautious"},
+    "atan2": {"denominator": "atan2"},
+    "softplus": {"denominator": "softplus"},
+    "nesterov": {"nesterov": True},
+}
+
+LOOKAHEAD_SUFFIX = "lookahead"
+
+
+def _suffixes() -> dict[str, dict]:
+    out = dict(SUFFIXES)
+    for form in CODECS:
+        if form != "fp32":
+            out[form] = {"state": form}
+    return out
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What a name stands for: a rule, the options its suffixes set, and Lookahead or not."""
+
+    name: str
+    rule: type[Rule]
+    options: dict = field(default_factory=dict)
+    lookahead: bool = False
+
+    @property
+    def optimizer_class(self) -> type[Engine]:
+        return CLASSES[self.rule.name]
+
+    def __call__(self, params, **kwargs) -> torch.optim.Optimizer:
+        """Build the optimizer; ``kwargs`` override the name's options."""
+        lookahead_kwargs = {k: kwargs.pop(k) for k in ("lookahead_k", "lookahead_alpha") if k in kwargs}
+        if lookahead_kwargs and not self.lookahead:
+            raise HyperparameterError(f"{sorted(lookahead_kwargs)} need a '_lookahead' name, not {self.name!r}")
+        optimizer = self.optimizer_class(params, **{**self.options, **kwargs})
+        if self.lookahead:
+            from .lookahead import Lookahead
+
+            optimizer = Lookahead(
+                optimizer,
+                k=lookahead_kwargs.get("lookahead_k", 5),
+                alpha=lookahead_kwargs.get("lookahead_alpha", 0.5),
+            )
+        return optimizer
+
+
+def _bases() -> dict[str, tuple[type[Rule], dict]]:
+    bases = {name: (rule, {}) for name, rule in RULES.items()}
+    for alias, (rule_name, options) in ALIASES.items():
+        if rule_name in RULES:
+            bases[alias] = (RULES[rule_name], dict(options))
+    return bases
+
+
+def get_optimizer(name: str) -> OptimizerSpec:
+    """The :class:`OptimizerSpec` for ``name`` (lowercase, e.g. ``"ademamix_cautious_8bit"``).
+
+    Raises ``ValueError`` listing the close matches for an unknown name, and naming the problem
+    for a combination that cannot work (e.g. a modifier the rule does not support).
+    """
+    if not isinstance(name, str) or name != name.lower():
+        raise ValueError(f"optimizer names are lowercase strings, got {name!r}")
+    bases = _bases()
+    suffixes = _suffixes()
+    base = max((b for b in bases if name == b or name.startswith(b + "_")), key=len, default=None)
+    if base is None:
+        raise ValueError(_unknown(name))
+    rule, options = bases[base]
+    options = dict(options)
+    lookahead = False
+    rest = name[len(base) + 1 :].split("_") if name != base else []
+    for token in rest:
+        if token == LOOKAHEAD_SUFFIX:
+            lookahead = True
+            continue
+        if token not in suffixes:
+            raise ValueError(_unknown(name, f"unknown suffix {token!r}; suffixes: {', '.join(sorted(suffixes))}"))
+        options.update(suffixes[token])
+    spec = OptimizerSpec(name, rule, options, lookahead)
+    _check_combination(spec)
+    return spec
+
+
+def _check_combination(spec: OptimizerSpec) -> None:
+    """Validate the name's options once, without parameters, so a bad combination fails by name."""
+    try:
+        CLASSES[spec.rule.name]([torch.nn.Parameter(torch.zeros(1))], **spec.options)
+    except HyperparameterError as error:
+        raise ValueError(f"{spec.name!r} is not a valid combination: {error}") from None
+
+
+def _unknown(name: str, detail: str = "") -> str:
+    close = difflib.get_close_matches(name, list_optimizers(), n=5, cutoff=0.6)
+    msg = f"unknown optimizer {name!r}"
+    if detail:
+        msg += f" ({detail})"
+    if close:
+        msg += f"; did you mean: {', '.join(close)}?"
+    return msg + "; see hfoptim.list_optimizers()"
+
+
+def list_optimizers(pattern: Optional[str] = None) -> list[str]:
+    """Names that build an optimizer: every rule and alias, each with each storage form and
+    modifier it supports (suffixes also combine: ``adan_cautious_8bit``). ``pattern`` filters with
+    shell-style wildcards, e.g. ``"*8bit"``."""
+    names = set()
+    codecs = {form for form in CODECS if form != "fp32"}
+    for base, (rule, options) in _bases().items():
+        names.add(base)
+        for suffix, extra in _suffixes().items():
+            redundant = all(options.get(k) == v for k, v in extra.items())
+            if base in ALIASES and suffix not in codecs:
+                continue  # aliases are listed with storage forms only; other suffixes still parse
+            if not redundant and _valid(rule, {**options, **extra}):
+                names.add(f"{base}_{suffix}")
+        if base in RULES:
+            names.add(f"{base}_{LOOKAHEAD_SUFFIX}")
+    out = sorted(names)
+    if pattern:
+        out = [n for n in out if fnmatch.fnmatch(n, pattern)]
+    return out
+
+
+def _valid(rule: type[Rule], options: dict) -> bool:
+    try:
+        CLASSES[rule.name]([torch.nn.Parameter(torch.zeros(1))], **options)
+    except HyperparameterError:
+        return False
+    return True
+
+
+def create_optimizer(model_or_params: Any, name: str, **kwargs) -> torch.optim.Optimizer:
+    """Build the optimizer ``name`` for a model (its trainable parameters) or an iterable of
+    parameters / parameter groups. ``kwargs`` are the optimizer's hyperparameters and options,
+    e.g. ``create_optimizer(model, "ademamix", lr=1e-4, state="8bit")``."""
+    if isinstance(model_or_params, torch.nn.Module):
+        params = [p for p in model_or_params.parameters() if p.requires_grad]
+    else:
+        params = model_or_params
+    return get_optimizer(name)(params, **kwargs)

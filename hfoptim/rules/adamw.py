@@ -1,0 +1,53 @@
+"""AdamW: the baseline every other rule is measured against."""
+
+from __future__ import annotations
+
+from ..core.hparams import HP, betas
+from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Rule, Slot
+
+
+def nesterov_numerator(ctx, m, g, b1: float):
+    """NAdam-style Nesterov first moment (Dozat 2016; optax's ``nesterov=True`` form):
+    ``b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)``."""
+    ahead = ctx.per_step(lambda t: b1 / (1.0 - b1 ** (t + 1)))
+    now = ctx.per_step(lambda t: (1.0 - b1) / (1.0 - b1**t))
+    return (m * ahead).add_(g * now)
+
+
+class AdamWRule(Rule):
+    r"""AdamW (Loshchilov & Hutter 2019, arXiv 1711.05101; Adam: Kingma & Ba 2015).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2
+
+        p_t = p_{t-1} - \mathrm{lr}\,\Big(\frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)}+\epsilon}
+              + \mathrm{wd}\, p_{t-1}\Big)
+
+    ``nesterov=True`` replaces the bias-corrected first moment by the NAdam look-ahead
+    ``b1 m_t/(1-b1^(t+1)) + (1-b1) g_t/(1-b1^t)`` (optax's form). Defaults as torch.optim.AdamW.
+    """
+
+    name = "adamw"
+    class_name = "AdamW"
+    paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"
+    hyperparams = {
+        "lr": HP(1e-3, low=0.0),
+        "betas": betas((0.9, 0.999)),
+        "eps": HP(1e-8, low=0.0),
+        "weight_decay": HP(1e-2, low=0.0),
+        "nesterov": HP(False, kind="bool"),
+    }
+    slots = (Slot("exp_avg", FIRST_MOMENT), Slot("exp_avg_sq", SECOND_MOMENT))
+    preconditioned = True
+
+    def update(self, ctx, p, g, s):
+        b1, b2 = ctx.group["betas"]
+        s.exp_avg.lerp_(g, 1 - b1)
+        s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
+        if ctx.group["nesterov"]:
+            num = nesterov_numerator(ctx, s.exp_avg, g, b1)
+        else:
+            num = s.exp_avg / ctx.bias_correction(b1)
+        v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
+        return ctx.precondition(num, v_hat, ctx.group["eps"])

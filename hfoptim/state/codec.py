@@ -1,0 +1,77 @@
+"""How one slot of optimizer state is stored.
+
+A codec turns the fp32 value a rule works on into what is kept between steps and back. The rule
+never sees the stored form: the engine calls :meth:`Codec.decode` before the update and
+:meth:`Codec.encode` after it. Stored tensors live in ``optimizer.state[p]`` under
+``"<slot>"`` (dense) or ``"<slot>.<part>"`` (other forms), so torch's ``state_dict`` and
+distributed checkpoints carry them like any other state.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+
+from ..core.rule import SCALAR, Slot
+from ..core.stats import ParamView
+
+
+class Codec:
+    """Base class of storage forms."""
+
+    #: name used in ``state=...`` and in registry names (e.g. "8bit")
+    name: ClassVar[str] = ""
+    #: slot kinds this form can hold
+    kinds: ClassVar[frozenset] = frozenset()
+    #: True when ``decode`` returns the stored tensor itself and ``encode`` does nothing
+    identity: ClassVar[bool] = False
+
+    def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
+        """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
+        raise NotImplementedError
+
+    def init(self, slot: Slot, value: torch.Tensor, view: ParamView) -> dict[str, torch.Tensor]:
+        """Stored tensors holding the initial ``value`` (fp32, the parameter's local shape)."""
+        raise NotImplementedError
+
+    def decode(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype) -> torch.Tensor:
+        """The slot's value as a tensor of ``dtype`` in the parameter's local shape."""
+        raise NotImplementedError
+
+    def encode(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView) -> None:
+        """Store ``value`` (the slot after the update) into ``stored`` in place."""
+        raise NotImplementedError
+
+
+class Dense(Codec):
+    """The slot kept as an ordinary tensor of the compute dtype (fp32, or fp64 for fp64 params)."""
+
+    name = "fp32"
+    kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR})
+    identity = True
+
+    def shapes(self, slot, view, p):
+        return {slot.name: () if slot.kind == SCALAR else tuple(p.shape)}
+
+    def init(self, slot, value, view):
+        return {slot.name: value}
+
+    def decode(self, slot, stored, view, dtype):
+        return stored[slot.name]
+
+    def encode(self, slot, stored, value, view):
+        tensor = stored[slot.name]
+        if value is not tensor:
+            tensor.copy_(value)
+
+
+#: storage forms by name; the state issue adds 8-bit, bf16, factored, SMMF and shared forms
+CODECS: dict[str, Codec] = {"fp32": Dense()}
+
+
+def get_codec(name: str) -> Codec:
+    try:
+        return CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown state form {name!r}; available: {', '.join(sorted(CODECS))}") from None
