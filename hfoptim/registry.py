@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -138,7 +138,7 @@ def _unknown(name: str, detail: str = "") -> str:
     return msg + "; see hfoptim.list_optimizers()"
 
 
-def list_optimizers(pattern: Optional[str] = None) -> list[str]:
+def list_optimizers(pattern: str | None = None) -> list[str]:
     """Names that build an optimizer: every rule and alias, each with each storage form and
     modifier it supports (suffixes also combine: ``adan_cautious_8bit``). ``pattern`` filters with
     shell-style wildcards, e.g. ``"*8bit"``."""

@@ -9,7 +9,7 @@ tensor after every step. It also checks that ``p.grad`` is left untouched.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,7 @@ def check_parity(
     atol: float = 1e-12,
     seed: int = 0,
     pass_loss: bool = False,
-    state_map: Optional[dict[str, str]] = None,
+    state_map: dict[str, str] | None = None,
     skip_state: tuple = (),
     grads_fn=gradients,
 ) -> None:
@@ -68,7 +68,9 @@ def check_parity(
             for i, (lp, rp, ref, g) in enumerate(zip(lib_params, ref_params, refs, grads)):
                 where = f"foreach={foreach} step {t} tensor {i} shape {tuple(rp.shape)}"
                 assert torch.equal(lp.grad, g), f"p.grad was modified ({where})"
-                torch.testing.assert_close(lp.detach(), rp, rtol=rtol, atol=atol, msg=lambda m: f"param {where}: {m}")
+                torch.testing.assert_close(
+                    lp.detach(), rp, rtol=rtol, atol=atol, msg=lambda m, w=where: f"param {w}: {m}"
+                )
                 lib_state = optimizer.state[lp]
                 compared = {"step"} | set(skip_state)
                 for key, value in ref.state.items():
@@ -79,7 +81,7 @@ def check_parity(
                         torch.as_tensor(value, dtype=torch.float64),
                         rtol=rtol,
                         atol=atol,
-                        msg=lambda m, k=lib_key: f"state {k!r} {where}: {m}",
+                        msg=lambda m, k=lib_key, w=where: f"state {k!r} {w}: {m}",
                     )
                     compared.add(lib_key)
                 unchecked = set(lib_state) - compared

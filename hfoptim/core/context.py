@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 
@@ -35,7 +35,7 @@ class StepContext:
         views: list[ParamView],
         stats: LocalStats,
         foreach: bool,
-        loss: Optional[float],
+        loss: float | None,
         param_states: list[dict],
     ):
         self.group = group

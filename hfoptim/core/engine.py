@@ -18,18 +18,20 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
 from ..modifiers import GRAD, MODIFIERS, UPDATE
-from ..modifiers.weight_decay import MODES, add_l2, apply_update
+from ..modifiers.weight_decay import add_l2, apply_update
 from ..state import resolve
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
+from .layout import LocalLayout, Unit
 from .rule import Rule
-from .stats import LocalStats, ParamView
+from .stats import ParamView
 from .tensorlist import TensorList
 
 #: keys torch or other libraries put into parameter groups; carried, never interpreted
@@ -69,9 +71,9 @@ class Engine(torch.optim.Optimizer):
             ``agc``, ``soft_clip``, ``centralize``, ``trust_ratio``, ...).
     """
 
-    rule_class: ClassVar[Optional[type[Rule]]] = None
+    rule_class: ClassVar[type[Rule] | None] = None
 
-    def __init__(self, params, rule: Optional[type[Rule]] = None, *, foreach: Optional[bool] = None, **hyperparameters):
+    def __init__(self, params, rule: type[Rule] | None = None, *, foreach: bool | None = None, **hyperparameters):
         rule = rule or self.rule_class
         if rule is None:
             raise TypeError("Engine needs a rule: use an optimizer class such as hfoptim.AdamW")
@@ -79,7 +81,7 @@ class Engine(torch.optim.Optimizer):
         self.foreach = True if foreach is None else bool(foreach)
         self._spec = engine_hyperparams(rule)
         defaults = self._validate_group(hyperparameters, where=f"{type(self).__name__}()")
-        self._stats = LocalStats(foreach=self.foreach)
+        self.layout = LocalLayout(foreach=self.foreach)
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -115,14 +117,14 @@ class Engine(torch.optim.Optimizer):
         group.update(checked)
         super().add_param_group(group)
 
-    # ------------------------------------------------------------------ views (sharding hook)
+    # ------------------------------------------------------------------ layout (sharding hook)
     def param_view(self, p: torch.Tensor) -> ParamView:
-        """What this process holds of ``p``. The sharding layer overrides this."""
-        return ParamView.of(p)
+        """What this process holds of ``p``."""
+        return self.layout.view(p)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss: Any = None):
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None):
         """One optimization step.
 
         Args:
@@ -148,41 +150,43 @@ class Engine(torch.optim.Optimizer):
             if not math.isfinite(loss_value):
                 raise ValueError(f"{self.rule.name} got a non-finite loss {loss_value}")
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                self._check_grad(p)
-            for bucket in self._buckets(params):
+            units = self.layout.units(self, group)
+            for unit in units:
+                self._check_grad(unit)
+            for bucket in self._buckets(units):
                 for chunk in self._chunks(group, bucket):
                     self._step_bucket(group, chunk, loss_value)
         return closure_loss
 
-    def _check_grad(self, p: torch.Tensor) -> None:
-        g = p.grad
+    def _check_grad(self, unit: Unit) -> None:
+        g = unit.grad
         if g.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
         if g.is_complex():
             raise RuntimeError(f"{type(self).__name__} does not support complex gradients (got {g.dtype})")
-        if g.shape != p.shape:
-            raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(p.shape)}")
+        if g.shape != unit.param.shape:
+            raise RuntimeError(
+                f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(unit.param.shape)}"
+            )
 
-    def _buckets(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    def _buckets(self, units: list[Unit]) -> list[list[Unit]]:
         if not self.foreach:
-            return [[p] for p in params]
+            return [[u] for u in units]
         buckets: dict[tuple, list] = defaultdict(list)
-        for p in params:
-            buckets[(p.device, p.dtype, p.grad.dtype)].append(p)
+        for u in units:
+            buckets[(u.param.device, u.param.dtype, u.grad.dtype)].append(u)
         return list(buckets.values())
 
-    def _chunks(self, group: dict, bucket: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    def _chunks(self, group: dict, bucket: list[Unit]) -> list[list[Unit]]:
         if len(bucket) == 1 or resolve.all_dense(self.rule, group):
             return [bucket]
         chunks, current, size = [], [], 0
-        for p in bucket:
-            if current and size + p.numel() > DECODE_CHUNK_NUMEL:
+        for u in bucket:
+            if current and size + u.param.numel() > DECODE_CHUNK_NUMEL:
                 chunks.append(current)
                 current, size = [], 0
-            current.append(p)
-            size += p.numel()
+            current.append(u)
+            size += u.param.numel()
         chunks.append(current)
         return chunks
 
@@ -190,20 +194,21 @@ class Engine(torch.optim.Optimizer):
     def compute_dtype(p: torch.Tensor) -> torch.dtype:
         return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
 
-    def _init_state(self, p: torch.Tensor, group: dict, view: ParamView) -> dict:
-        state = self.state[p]
+    def _init_state(self, unit: Unit, group: dict) -> dict:
+        state = unit.state
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
-            dtype = self.compute_dtype(p)
+            dtype = self.compute_dtype(unit.param)
             for slot in self.rule.slots:
-                codec = resolve.codec_for(self.rule, slot, group, view)
-                state.update(codec.init(slot, slot.initial(p, dtype), view))
+                codec = resolve.codec_for(self.rule, slot, group, unit.view)
+                state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view))
         return state
 
-    def _step_bucket(self, group: dict, params: list[torch.Tensor], loss: Optional[float]) -> None:
+    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
         rule, foreach = self.rule, self.foreach
-        views = [self.param_view(p) for p in params]
-        states = [self._init_state(p, group, v) for p, v in zip(params, views)]
+        params = [u.param for u in units]
+        views = [u.view for u in units]
+        states = [self._init_state(u, group) for u in units]
         for s in states:
             s["step"] += 1
         steps = [int(s["step"].item()) for s in states]
@@ -211,11 +216,11 @@ class Engine(torch.optim.Optimizer):
         low_precision = params[0].dtype != dtype
 
         p_work = TensorList([p.to(dtype) if low_precision else p for p in params], foreach)
-        g = TensorList([p.grad if p.grad.dtype == dtype else p.grad.to(dtype) for p in params], foreach)
+        g = TensorList([u.grad if u.grad.dtype == dtype else u.grad.to(dtype) for u in units], foreach)
         if group["maximize"]:
             g = -g
 
-        ctx = StepContext(group, steps, views, self._stats, foreach, loss, states)
+        ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
         for modifier in MODIFIERS:
             if modifier.stage == GRAD and modifier.enabled(group):
                 g = modifier.apply(ctx, g, g, p_work)
@@ -323,7 +328,7 @@ class Engine(torch.optim.Optimizer):
                 )
 
 
-def optimizer_class(rule: type[Rule], name: str, doc: Optional[str] = None) -> type[Engine]:
+def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:
     """A named optimizer class for ``rule``: ``hfoptim.AdEMAMix(params, lr=...)``."""
     cls = type(name, (Engine,), {"rule_class": rule, "__doc__": doc or rule.__doc__, "__module__": "hfoptim"})
     return cls

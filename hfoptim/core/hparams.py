@@ -8,8 +8,9 @@ hyperparameter and the accepted range, so nobody reads an unvalidated ``group.ge
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 
 class HyperparameterError(ValueError):
@@ -26,14 +27,14 @@ class HP:
 
     default: Any
     kind: str = "float"
-    low: Optional[float] = None
-    high: Optional[float] = None
+    low: float | None = None
+    high: float | None = None
     low_open: bool = False  # True: value must be > low (else >= low)
     high_open: bool = False  # True: value must be < high (else <= high)
     choices: tuple = ()
-    length: Optional[int] = None
+    length: int | None = None
     doc: str = ""
-    check: Optional[Callable[[Any], Optional[str]]] = field(default=None, compare=False)
+    check: Callable[[Any], str | None] | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         if self.choices:

@@ -8,9 +8,10 @@ them after, and every per-tensor statistic goes through the :class:`~hfoptim.cor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
-from typing import Callable, ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -35,7 +36,7 @@ class Slot:
 
     name: str
     kind: str
-    init: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    init: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def initial(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.init is not None:

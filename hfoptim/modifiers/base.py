@@ -7,7 +7,7 @@ step context, so it stays exact under sharding.
 
 from __future__ import annotations
 
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from ..core.hparams import HP
 from ..core.tensorlist import TensorList
@@ -30,7 +30,7 @@ class Modifier:
         value = group[self.switch]
         return value is not None and value is not False
 
-    def incompatible(self, rule) -> Optional[str]:
+    def incompatible(self, rule) -> str | None:
         """Why this modifier cannot run with ``rule``, or None."""
         return None
 
