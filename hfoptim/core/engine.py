@@ -201,7 +201,7 @@ class Engine(torch.optim.Optimizer):
             dtype = self.compute_dtype(unit.param)
             for slot in self.rule.slots:
                 codec = resolve.codec_for(self.rule, slot, group, unit.view)
-                state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view))
+                state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
 
     def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
@@ -220,7 +220,8 @@ class Engine(torch.optim.Optimizer):
         if group["maximize"]:
             g = -g
 
-        ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
+        stats = self.layout.stats
+        ctx = StepContext(group, steps, views, stats, foreach, loss, states)
         for modifier in MODIFIERS:
             if modifier.stage == GRAD and modifier.enabled(group):
                 g = modifier.apply(ctx, g, g, p_work)
@@ -233,7 +234,8 @@ class Engine(torch.optim.Optimizer):
         slots = SimpleNamespace(
             **{
                 slot.name: TensorList(
-                    [c.decode(slot, s, v, dtype) for c, s, v in zip(codecs[slot.name], states, views)], foreach
+                    [c.decode(slot, s, v, dtype, stats=stats) for c, s, v in zip(codecs[slot.name], states, views)],
+                    foreach,
                 )
                 for slot in rule.slots
             }
@@ -242,7 +244,7 @@ class Engine(torch.optim.Optimizer):
         for slot in rule.slots:
             for codec, s, v, value in zip(codecs[slot.name], states, views, getattr(slots, slot.name)):
                 if not codec.identity:
-                    codec.encode(slot, s, value, v)
+                    codec.encode(slot, s, value, v, stats=stats)
 
         for modifier in MODIFIERS:
             if modifier.stage == UPDATE and modifier.enabled(group):

@@ -5,6 +5,11 @@ never sees the stored form: the engine calls :meth:`Codec.decode` before the upd
 :meth:`Codec.encode` after it. Stored tensors live in ``optimizer.state[p]`` under
 ``"<slot>"`` (dense) or ``"<slot>.<part>"`` (other forms), so torch's ``state_dict`` and
 distributed checkpoints carry them like any other state.
+
+Every reduction a codec makes over the tensor (row and column sums of a factored form, the
+total of a shared value) goes through ``stats`` (:class:`~hfoptim.core.stats.LocalStats` or the
+sharding layer's backend), which the engine passes to :meth:`Codec.init`, :meth:`Codec.decode`
+and :meth:`Codec.encode`; a codec that reduces nothing ignores it.
 """
 
 from __future__ import annotations
@@ -31,15 +36,15 @@ class Codec:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
         raise NotImplementedError
 
-    def init(self, slot: Slot, value: torch.Tensor, view: ParamView) -> dict[str, torch.Tensor]:
+    def init(self, slot: Slot, value: torch.Tensor, view: ParamView, *, stats=None) -> dict[str, torch.Tensor]:
         """Stored tensors holding the initial ``value`` (fp32, the parameter's local shape)."""
         raise NotImplementedError
 
-    def decode(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype) -> torch.Tensor:
+    def decode(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype, *, stats=None) -> torch.Tensor:
         """The slot's value as a tensor of ``dtype`` in the parameter's local shape."""
         raise NotImplementedError
 
-    def encode(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView) -> None:
+    def encode(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView, *, stats=None) -> None:
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError
 
@@ -54,13 +59,13 @@ class Dense(Codec):
     def shapes(self, slot, view, p):
         return {slot.name: () if slot.kind == SCALAR else tuple(p.shape)}
 
-    def init(self, slot, value, view):
+    def init(self, slot, value, view, *, stats=None):
         return {slot.name: value}
 
-    def decode(self, slot, stored, view, dtype):
+    def decode(self, slot, stored, view, dtype, *, stats=None):
         return stored[slot.name]
 
-    def encode(self, slot, stored, value, view):
+    def encode(self, slot, stored, value, view, *, stats=None):
         tensor = stored[slot.name]
         if value is not tensor:
             tensor.copy_(value)
