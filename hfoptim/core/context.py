@@ -46,6 +46,9 @@ class StepContext:
         self.loss = loss
         self.lr: PerTensor = float(group["lr"])
         self.param_states = param_states
+        #: set by the engine once the slots are decoded: ``store(values, slot_name)`` encodes the
+        #: slot now and decodes it back into ``values`` in place (see :meth:`stored`)
+        self.store = None
 
     # ------------------------------------------------------------------ schedules
     def per_step(self, fn) -> PerTensor:
@@ -77,6 +80,21 @@ class StepContext:
 
     def mean(self, x: TensorList) -> list[torch.Tensor]:
         return [s / self.numel(i) for i, s in enumerate(self.stats.sum(x.tensors, self.views))]
+
+    # ------------------------------------------------------------------ storage
+    def stored(self, s, name: str) -> TensorList:
+        """Slot ``name`` of ``s`` as its storage keeps it: encoded now, decoded back in place.
+
+        Most rules use a slot as they updated it (the full tensor) and leave storing to the
+        engine (SMMF's official code does so). A rule whose paper uses the *stored* form within
+        the step calls this after its last write to the slot: Adafactor divides by the factored
+        ``V_t = R_t C_t / 1^T R_t`` of step t, not by the dense EMA. The engine then does not encode
+        the slot again. With dense storage the slot is returned unchanged.
+        """
+        values = getattr(s, name)
+        if self.store is not None:
+            self.store(values, name)
+        return values
 
     # ------------------------------------------------------------------ preconditioning
     def precondition(self, num: TensorList, v_hat: TensorList, eps: PerTensor) -> TensorList:

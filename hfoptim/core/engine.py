@@ -240,8 +240,21 @@ class Engine(torch.optim.Optimizer):
                 for slot in rule.slots
             }
         )
+        stored_early: set[str] = set()
+
+        def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
+            slot = next(x for x in rule.slots if x.name == name)
+            for codec, s, v, value in zip(codecs[name], states, views, values):
+                if not codec.identity:
+                    codec.encode(slot, s, value, v, stats=stats)
+                    value.copy_(codec.decode(slot, s, v, value.dtype, stats=stats))
+            stored_early.add(name)
+
+        ctx.store = store
         u = rule.update(ctx, p_work, g, slots)
         for slot in rule.slots:
+            if slot.name in stored_early:
+                continue
             for codec, s, v, value in zip(codecs[slot.name], states, views, getattr(slots, slot.name)):
                 if not codec.identity:
                     codec.encode(slot, s, value, v, stats=stats)
