@@ -82,6 +82,7 @@ class Engine(torch.optim.Optimizer):
         self._spec = engine_hyperparams(rule)
         defaults = self._validate_group(hyperparameters, where=f"{type(self).__name__}()")
         self.layout = LocalLayout(foreach=self.foreach)
+        self._handed_loss: Any = None
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ validation
@@ -123,6 +124,13 @@ class Engine(torch.optim.Optimizer):
         return self.layout.view(p)
 
     # ------------------------------------------------------------------ step
+    def set_loss(self, loss: Any) -> None:
+        """Hand the training loss of the coming step to the optimizer, for callers that cannot pass
+        it to :meth:`step`: the HF Trainer, and DeepSpeed, whose engine calls ``step()`` inside
+        ``backward``. ``step()`` uses it when given neither ``loss`` nor a closure. It stays until
+        replaced (ZeRO-3 calls ``step()`` once per sub-group, all in one training step)."""
+        self._handed_loss = loss
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None):
         """One optimization step.
@@ -132,19 +140,20 @@ class Engine(torch.optim.Optimizer):
                 need the loss, e.g. AdaLo).
             loss: the training loss of this step, for rules that need it when no closure is
                 given (a float or a 0-d tensor; a mean over data-parallel ranks under sharding).
+                Without either, the loss handed over by :meth:`set_loss` is used.
         """
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
         if loss is None:
-            loss = closure_loss
+            loss = closure_loss if closure_loss is not None else self._handed_loss
         loss_value = None
         if self.rule.needs_loss:
             if loss is None:
                 raise RuntimeError(
                     f"{self.rule.name} sets its step size from the training loss: call "
-                    f"optimizer.step(closure) or optimizer.step(loss=loss)"
+                    f"optimizer.step(closure), optimizer.step(loss=loss) or optimizer.set_loss(loss) before step()"
                 )
             loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if not math.isfinite(loss_value):
@@ -199,7 +208,7 @@ class Engine(torch.optim.Optimizer):
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
             dtype = self.compute_dtype(unit.param)
-            for slot in self.rule.slots:
+            for slot in self.rule.active_slots(group):
                 codec = resolve.codec_for(self.rule, slot, group, unit.view)
                 state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
@@ -228,22 +237,21 @@ class Engine(torch.optim.Optimizer):
         if group["weight_decay_mode"] == "l2" and group["weight_decay"] != 0:
             g = add_l2(g, p_work, group["weight_decay"])
 
-        codecs = {
-            slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in rule.slots
-        }
+        active = rule.active_slots(group)
+        codecs = {slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in active}
         slots = SimpleNamespace(
             **{
                 slot.name: TensorList(
                     [c.decode(slot, s, v, dtype, stats=stats) for c, s, v in zip(codecs[slot.name], states, views)],
                     foreach,
                 )
-                for slot in rule.slots
+                for slot in active
             }
         )
         stored_early: set[str] = set()
 
         def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
-            slot = next(x for x in rule.slots if x.name == name)
+            slot = next(x for x in active if x.name == name)
             for codec, s, v, value in zip(codecs[name], states, views, values):
                 if not codec.identity:
                     codec.encode(slot, s, value, v, stats=stats)
@@ -252,7 +260,7 @@ class Engine(torch.optim.Optimizer):
 
         ctx.store = store
         u = rule.update(ctx, p_work, g, slots)
-        for slot in rule.slots:
+        for slot in active:
             if slot.name in stored_early:
                 continue
             for codec, s, v, value in zip(codecs[slot.name], states, views, getattr(slots, slot.name)):
@@ -325,7 +333,7 @@ class Engine(torch.optim.Optimizer):
     def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
         view = self.param_view(p)
         expected = {"step": ()}
-        for slot in self.rule.slots:
+        for slot in self.rule.active_slots(group):
             codec = resolve.codec_for(self.rule, slot, group, view)
             expected.update(codec.shapes(slot, view, p))
         if set(pstate) != set(expected):

@@ -31,12 +31,19 @@ class Slot:
 
     ``name`` is the key in ``optimizer.state[p]`` for dense storage (and the prefix of the keys
     of other storage forms); ``kind`` is one of the kinds above; ``init`` builds the initial
-    value from the parameter (zeros of the parameter's shape by default, a 0-d zero for SCALAR).
+    value from the parameter (zeros of the parameter's shape by default, a 0-d zero for SCALAR);
+    ``when`` decides from the parameter group whether the slot exists at all (e.g. Adafactor's
+    first moment only when ``beta1`` is set); None: always.
     """
 
     name: str
     kind: str
     init: Callable[[torch.Tensor], torch.Tensor] | None = None
+    when: Callable[[dict], bool] | None = None
+
+    def active(self, group: dict) -> bool:
+        """True when the parameter group keeps this slot."""
+        return self.when is None or bool(self.when(group))
 
     def initial(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.init is not None:
@@ -68,6 +75,10 @@ class Rule:
     default_state: ClassVar[dict[str, str]] = {}
     #: the paper (title, arXiv id) the rule follows
     paper: ClassVar[str] = ""
+
+    def active_slots(self, group: dict) -> tuple[Slot, ...]:
+        """The slots kept for parameters of ``group`` (see :attr:`Slot.when`)."""
+        return tuple(slot for slot in self.slots if slot.active(group))
 
     def update(self, ctx, p: TensorList, g: TensorList, s: SimpleNamespace) -> TensorList:
         """Advance the state ``s`` (one TensorList per slot, decoded, updated in place) with the
