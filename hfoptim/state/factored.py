@@ -1,0 +1,102 @@
+r"""Factored second moment: Adafactor's row and column statistics (Shazeer & Stern 2018,
+arXiv 1804.04235, section 3), for any rule with a second moment.
+
+A tensor with two or more dimensions is seen as the matrix ``V`` of shape
+``(shape[0], prod(shape[1:]))`` -- output units by everything else. (Adafactor's code and
+torch.optim.Adafactor factor the last two dimensions instead, batching the leading ones; for a
+convolution ``(out, in, kh, kw)`` that keeps ``out*in*(kh+kw)`` numbers, ours keeps
+``out + in*kh*kw``. Rows along dimension 0 are also what FSDP2 shards, so a shard holds whole
+rows.) Stored, in the compute dtype (fp32 for fp32/bf16/fp16 parameters):
+
+* ``"<slot>.row"``: ``R = V 1`` (row sums, shape ``(rows,)``)
+* ``"<slot>.col"``: ``C = 1^T V`` (column sums, shape ``(cols,)``)
+
+.. math::
+    \mathrm{decode}(R, C) = \frac{R\,C}{1^\top R}\quad(\text{outer product}),\qquad
+    \mathrm{encode}(V) = (V 1,\; 1^\top V)
+
+**The precision fix.** Common code forms ``(R / mean(R)).rsqrt() * C.rsqrt()``: two reciprocal
+square roots of numbers far from 1, each rounded in the working precision. Here the decode
+forms ``(R / 1^T R)`` (a number in [0, 1]) times ``C`` in the compute dtype (fp32 at least), so
+the product has the magnitude of ``V`` itself (no overflow or underflow of ``R C``), and the
+consumer takes the one square root last (``u = m / sqrt(V_hat)``).
+
+**Why storing row/column sums of the updated V is Adafactor.** The rule updates the decoded
+``V_hat_{t-1}`` as usual, ``V_t = b V_hat_{t-1} + (1-b) G^2``; the sums are linear, and
+``V_hat_{t-1} 1 = R_{t-1} (1^T C_{t-1}) / (1^T R_{t-1}) = R_{t-1}`` because both factors sum to
+the same total, so ``V_t 1 = b R_{t-1} + (1-b) G^2 1``: exactly Adafactor's EMA of row
+statistics (and likewise for columns). Tested in tests/test_codecs.py.
+
+Within a step the rule works on the full ``V_t`` (for AdamW: the exact current ``G^2`` term);
+a rule whose paper divides by the factored ``V_hat_t`` (Adafactor) calls ``ctx.stored``.
+
+One-dimensional tensors (and scalars) stay dense under ``"<slot>"``, as in Adafactor.
+
+Sharding: the row sums of a shard's rows are local, column sums and the total ``1^T R`` are
+combined across shards by the stats backend (``stats.col_sum``, ``stats.sum``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.rule import SECOND_MOMENT, Slot
+from ..core.stats import ParamView
+from .codec import Codec, Dense
+
+_DENSE = Dense()
+
+
+def factored_cols(view: ParamView) -> int | None:
+    """Columns of the 2-D view ``(shape[0], prod(shape[1:]))``, or None for a 0-/1-D tensor."""
+    shape = view.global_shape
+    if len(shape) < 2:
+        return None
+    return math.prod(shape[1:])
+
+
+class Factored(Codec):
+    """Adafactor row and column sums; see the module docstring."""
+
+    name = "factored"
+    kinds = frozenset({SECOND_MOMENT})
+
+    @staticmethod
+    def _keys(slot: Slot) -> tuple[str, str]:
+        return f"{slot.name}.row", f"{slot.name}.col"
+
+    def shapes(self, slot, view, p):
+        cols = factored_cols(view)
+        if cols is None:
+            return _DENSE.shapes(slot, view, p)
+        row, col = self._keys(slot)
+        return {row: (p.numel() // cols,), col: (cols,)}
+
+    def init(self, slot, value, view, *, stats=None):
+        cols = factored_cols(view)
+        if cols is None:
+            return _DENSE.init(slot, value, view)
+        row, col = self._keys(slot)
+        matrix = value.reshape(-1, cols)
+        return {row: stats.row_sum(matrix, view).clone(), col: stats.col_sum(matrix, view).clone()}
+
+    def decode(self, slot, stored, view, dtype, *, stats=None):
+        cols = factored_cols(view)
+        if cols is None:
+            return _DENSE.decode(slot, stored, view, dtype)
+        row, col = self._keys(slot)
+        r, c = stored[row].to(dtype), stored[col].to(dtype)
+        total = stats.sum([r], [view])[0].clamp_min(torch.finfo(dtype).tiny)
+        v = (r / total).unsqueeze(1) * c.unsqueeze(0)
+        return v.reshape(r.numel(), *view.global_shape[1:])  # this process's rows
+
+    def encode(self, slot, stored, value, view, *, stats=None):
+        cols = factored_cols(view)
+        if cols is None:
+            return _DENSE.encode(slot, stored, value, view)
+        row, col = self._keys(slot)
+        matrix = value.reshape(-1, cols)
+        stored[row].copy_(stats.row_sum(matrix, view))
+        stored[col].copy_(stats.col_sum(matrix, view))

@@ -1,0 +1,67 @@
+r"""Shared second moment: one value per row, or per tensor (Adam-mini, Zhang et al. 2024,
+arXiv 2406.16793; Amos, Tian & Parikh 2022, arXiv 2210.11693), for any rule with a second
+moment.
+
+* a tensor with two or more dimensions keeps one value per row of its ``(shape[0], rest)`` view
+  -- one per output neuron, Adam-mini's partition for most weight matrices (Adam-mini further
+  splits query/key weights by head and keeps embeddings per token; here every 2+-D tensor is
+  split by dimension 0, which needs no knowledge of the model);
+* a 1-D tensor or a scalar keeps one value for the whole tensor (Amos's per-tensor ``v``;
+  Adam-mini's choice for biases and norm weights).
+
+.. math::
+    \mathrm{encode}(V)_i = \frac{1}{\mathrm{cols}} \sum_j V_{ij}\quad(\text{row means}),\qquad
+    \mathrm{decode}(s)_{ij} = s_i
+
+Stored under ``"<slot>.row"`` (shape ``(rows,)``) or ``"<slot>.mean"`` (shape ``()``), in the
+compute dtype. Means are linear, so storing the mean of the updated ``V_t = b V_hat_{t-1} +
+(1-b) G^2`` is Adam-mini's EMA of the block mean of ``G^2``. Within a step the rule divides by
+the full ``V_t`` (whose newest term is the exact ``G_t^2``), then the row mean is kept; Adam-mini
+divides by the block mean of step t itself -- the two differ by that one ``(1-b) G_t^2`` term.
+
+Sharding: row sums of a shard's rows are local; the per-tensor mean goes through ``stats.sum``.
+"""
+
+from __future__ import annotations
+
+import math
+
+from ..core.rule import SECOND_MOMENT, Slot
+from .codec import Codec
+
+
+class Shared(Codec):
+    """One second-moment value per row (2+-D) or per tensor (0-/1-D); see the module docstring."""
+
+    name = "shared"
+    kinds = frozenset({SECOND_MOMENT})
+
+    @staticmethod
+    def _key(slot: Slot, view) -> str:
+        return f"{slot.name}.row" if len(view.global_shape) >= 2 else f"{slot.name}.mean"
+
+    def shapes(self, slot, view, p):
+        if len(view.global_shape) >= 2:
+            return {self._key(slot, view): (p.shape[0],)}
+        return {self._key(slot, view): ()}
+
+    def init(self, slot, value, view, *, stats=None):
+        shape = (value.shape[0],) if len(view.global_shape) >= 2 else ()
+        stored = {self._key(slot, view): value.new_zeros(shape)}
+        self.encode(slot, stored, value, view, stats=stats)
+        return stored
+
+    def decode(self, slot, stored, view, dtype, *, stats=None):
+        shape = view.global_shape
+        s = stored[self._key(slot, view)].to(dtype)
+        if len(shape) >= 2:
+            return s.reshape(-1, *([1] * (len(shape) - 1))).expand(s.numel(), *shape[1:]).clone()
+        return s.expand(shape).clone()
+
+    def encode(self, slot, stored, value, view, *, stats=None):
+        shape = view.global_shape
+        target = stored[self._key(slot, view)]
+        if len(shape) >= 2:
+            target.copy_(stats.row_sum(value, view) / math.prod(shape[1:]))
+        else:
+            target.copy_(stats.sum([value], [view])[0] / max(view.global_numel, 1))

@@ -1,0 +1,120 @@
+r"""SMMF storage: square-matricized rank-1 factorization of a moment, sign kept as bits
+(Park et al. 2024, "SMMF: Square-Matricized Momentum Factorization for Memory-Efficient
+Optimization", arXiv 2412.08894; formulas checked against the authors' code, KwangryeolPark/SMMF).
+
+Every tensor -- 1-D ones included -- of ``n`` elements is seen as the most square matrix
+``(n/i, i)``, ``i`` the largest divisor of ``n`` with ``i <= sqrt(n)`` (so rows >= columns). A
+non-negative matrix ``M`` is kept as its rank-1 non-negative factorization
+
+.. math::
+    r = M 1,\qquad c = \frac{1^\top M}{1^\top M 1},\qquad \mathrm{decode} = r\,c^\top
+
+(the shorter side, the columns, is normalized by its total; a zero matrix stays zero). This is
+the closed-form rank-1 NNMF of the paper (Algorithm 2, NNMF / UnNNMF). For a FIRST_MOMENT slot
+the sign is stored separately, one bit per element (``1`` where ``m > 0``; ``m = 0`` decodes
+as ``-|m_hat|``, as in the authors' code), and ``|m|`` is factored. Stored, for slot ``s``:
+
+* ``"s.row"``: ``r``, shape ``(n/i,)``; ``"s.col"``: ``c``, shape ``(i,)`` (compute dtype);
+* ``"s.sign"``: ``ceil(n/8)`` bytes (uint8, first moments only). The authors' code keeps a
+  bool tensor (1 byte per element); the paper counts 1 bit, which is what is stored here.
+
+Within a step the rule works on the full decoded and updated moments, and they are factored
+again afterwards -- the order of the paper's Algorithm 1 and of the authors' code.
+
+Sharding: row and column sums go through the stats backend. The square matricization is of
+the flattened WHOLE tensor, which a row shard of the parameter does not respect; the sharding
+layer has to map shards onto rows of the ``(n/i, i)`` view (ZeRO's flat partitions) or gather.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
+from .codec import Codec
+
+_BIT_WEIGHTS = {}
+
+
+def square_shape(n: int) -> tuple[int, int]:
+    """``(n // i, i)`` with ``i`` the largest divisor of ``n`` not above ``sqrt(n)``."""
+    if n <= 0:
+        return (max(n, 0), 1)
+    for i in range(math.isqrt(n), 0, -1):
+        if n % i == 0:
+            return (n // i, i)
+    raise AssertionError(n)
+
+
+def _weights(device) -> torch.Tensor:
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    return w
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as ``ceil(numel/8)`` bytes, element ``k`` in bit ``k % 8`` of byte ``k // 8``."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.view(-1, 8).to(torch.uint8) * _weights(flat.device)).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The bool tensor (flat, ``numel`` elements) that :func:`pack_bits` stored."""
+    bits = packed.unsqueeze(1).bitwise_and(_weights(packed.device)).ne(0)
+    return bits.reshape(-1)[:numel]
+
+
+class SMMF(Codec):
+    """Square-matricized rank-1 factors, sign bits for first moments; see the module docstring."""
+
+    name = "smmf"
+    kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
+
+    @staticmethod
+    def _keys(slot: Slot) -> tuple[str, str, str]:
+        return f"{slot.name}.row", f"{slot.name}.col", f"{slot.name}.sign"
+
+    def shapes(self, slot, view, p):
+        n = view.global_numel
+        rows, cols = square_shape(n)
+        row, col, sign = self._keys(slot)
+        out = {row: (rows,), col: (cols,)}
+        if slot.kind == FIRST_MOMENT:
+            out[sign] = ((n + 7) // 8,)
+        return out
+
+    def init(self, slot, value, view, *, stats=None):
+        n = view.global_numel
+        rows, cols = square_shape(n)
+        row, col, sign = self._keys(slot)
+        stored = {row: value.new_zeros(rows), col: value.new_zeros(cols)}
+        if slot.kind == FIRST_MOMENT:
+            stored[sign] = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=value.device)
+        self.encode(slot, stored, value, view, stats=stats)
+        return stored
+
+    def decode(self, slot, stored, view, dtype, *, stats=None):
+        row, col, sign = self._keys(slot)
+        r, c = stored[row].to(dtype), stored[col].to(dtype)
+        m = torch.outer(r, c).reshape(-1)
+        if slot.kind == FIRST_MOMENT:
+            m = torch.where(unpack_bits(stored[sign], m.numel()), m, -m)
+        return m.reshape(view.global_shape)
+
+    def encode(self, slot, stored, value, view, *, stats=None):
+        row, col, sign = self._keys(slot)
+        r, c = stored[row], stored[col]
+        matrix = value.reshape(r.numel(), c.numel())
+        if slot.kind == FIRST_MOMENT:
+            stored[sign].copy_(pack_bits(matrix > 0))
+            matrix = matrix.abs()
+        r.copy_(stats.row_sum(matrix, view))
+        col_sums = stats.col_sum(matrix, view)
+        total = col_sums.sum()
+        c.copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
