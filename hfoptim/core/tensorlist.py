@@ -98,7 +98,11 @@ class TensorList:
         for i, t in enumerate(self.tensors):
             targs = [self._item(a, i) for a in args]
             if inplace:
-                getattr(t, f"{name}_")(*targs, **kwargs)
+                method = getattr(t, f"{name}_", None)
+                if method is None:  # no in-place method (e.g. maximum): compute, then write back
+                    t.copy_(getattr(torch, name)(t, *targs, **kwargs))
+                else:
+                    method(*targs, **kwargs)
             else:
                 results.append(getattr(torch, name)(t, *targs, **kwargs))
         return self if inplace else self._new(results)
