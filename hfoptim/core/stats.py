@@ -10,19 +10,72 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
 @dataclass(frozen=True)
 class ParamView:
-    """What this process holds of one parameter: on one process, all of it."""
+    """What this process holds of one parameter.
+
+    The local tensor a rule works on is always a run of whole rows (indices along dim 0; the
+    elements of a 0-/1-D tensor count as rows) of the global parameter: shape
+    ``(rows, *global_shape[1:])``, starting at global row ``row_start``. On one process, and for
+    FSDP2 row shards, every element of it belongs to this process. A ZeRO flat partition can cut
+    a parameter inside a row; the sharding layer then pads the cut rows, and ``valid`` is the
+    flat range of the local tensor that is really this process's (the padding is never used by a
+    statistic nor written back).
+
+    ``cuts`` are the global flat offsets (0 < c < numel) at which ownership passes from one
+    process to the next, the same on every process; ``group`` is the process group that shares
+    the parameter (None: held whole). Defaults describe a parameter held whole.
+    """
 
     global_shape: torch.Size
+    row_start: int = 0
+    #: rows of the local tensor; None: all rows of the parameter
+    local_rows: int | None = None
+    #: flat range [start, stop) of the local tensor owned by this process; None: all of it
+    valid: tuple[int, int] | None = None
+    cuts: tuple[int, ...] = ()
+    group: Any = None
 
     @property
     def global_numel(self) -> int:
         return math.prod(self.global_shape)
+
+    @property
+    def row_len(self) -> int:
+        """Elements per row: ``prod(global_shape[1:])`` (1 for 0-/1-D tensors)."""
+        return math.prod(self.global_shape[1:]) if len(self.global_shape) > 1 else 1
+
+    @property
+    def global_rows(self) -> int:
+        return self.global_shape[0] if len(self.global_shape) > 0 else 1
+
+    @property
+    def rows(self) -> int:
+        """Rows of the local tensor."""
+        return self.global_rows if self.local_rows is None else self.local_rows
+
+    @property
+    def local_numel(self) -> int:
+        return self.rows * self.row_len
+
+    @property
+    def offset(self) -> int:
+        """Global flat index of the local tensor's first element."""
+        return self.row_start * self.row_len
+
+    @property
+    def valid_range(self) -> tuple[int, int]:
+        """``valid``, or the whole local tensor."""
+        return self.valid if self.valid is not None else (0, self.local_numel)
+
+    @property
+    def sharded(self) -> bool:
+        return self.group is not None
 
     @classmethod
     def of(cls, p: torch.Tensor) -> ParamView:
