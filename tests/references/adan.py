@@ -36,6 +36,6 @@ class AdanRef:
         elif self.mode == "decoupled":
             p.copy_(p * (1 - lr * wd) - lr * u)
         elif self.mode == "cautious":  # arXiv 2510.12402: decay only where u and p agree in sign
-            p.copy_(p - lr * (u + wd * (u * p >= 0) * p))
+            p.copy_(p - lr * (u + wd * torch.where(u * p >= 0, p, torch.zeros_like(p))))
         else:  # l2: already in g
             p.copy_(p - lr * u)
