@@ -1,0 +1,226 @@
+r"""Lookahead: a wrapper that pulls the weights back toward slowly moving copies every k steps.
+
+Lookahead (Zhang, Lucas, Hinton, Ba 2019, "Lookahead Optimizer: k steps forward, 1 step back",
+arXiv 1907.08610, Algorithm 1). With fast weights :math:`\theta` (the model's parameters, moved
+by the inner optimizer every step) and slow weights :math:`\phi` (:math:`\phi_0 = \theta_0`),
+after every k-th step:
+
+.. math::
+    \phi \leftarrow \phi + \alpha (\theta - \phi), \qquad \theta \leftarrow \phi
+
+Defaults k = 5, alpha = 0.5 (the paper's and pytorch_optimizer's).
+
+The wrapper works over any ``torch.optim.Optimizer`` (hfoptim or torch). It is itself one, and
+exposes the inner optimizer's ``param_groups``, ``state`` and ``defaults``, so LR schedulers,
+GradScaler, accelerate and the HF Trainer drive it like the inner optimizer.
+
+* Slow weights are created lazily, on a parameter's first step (its value before the inner
+  step, i.e. :math:`\theta_0`), never in ``__init__``: accelerate may swap the parameters after
+  the optimizer is built. bf16/fp16 parameters keep fp32 slow weights.
+* ``state_dict()`` is the inner optimizer's, plus the slow weights as ``"lookahead_slow"`` in
+  each parameter's ``state`` entry and ``lookahead_k`` / ``lookahead_alpha`` /
+  ``lookahead_step`` (the step counter) in every ``param_groups`` entry, so tools that
+  reshard per-parameter state and keep group options (distributed checkpoints) carry them.
+  ``load_state_dict`` restores all of it exactly (k and alpha included, as torch restores group
+  hyperparameters) and raises ``ValueError`` for a state dict without Lookahead entries or with
+  slow weights of other shapes.
+
+Intended difference from pytorch_optimizer's ``Lookahead``: it copies the slow weights in
+``__init__`` (ours: at the first step) and counts steps per parameter group; it also offers
+momentum "pullback"/"reset" options that this wrapper does not.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, defaultdict
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .core.hparams import HyperparameterError
+
+SLOW_KEY = "lookahead_slow"
+GROUP_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise HyperparameterError(f"invalid Lookahead k={k!r}: expected an integer >= 1 (steps between syncs)")
+    return k
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < float(alpha) <= 1.0:
+        raise HyperparameterError(f"invalid Lookahead alpha={alpha!r}: expected a number with 0 < alpha <= 1")
+    return float(alpha)
+
+
+class Lookahead(torch.optim.Optimizer):
+    """Wrap ``optimizer`` with Lookahead (see the module docstring).
+
+    Args:
+        optimizer: the inner ("fast") optimizer, any ``torch.optim.Optimizer``.
+        k: inner steps between two syncs of the slow weights (an integer >= 1).
+        alpha: slow-weight step size, 0 < alpha <= 1 (1: plain inner optimizer).
+
+    ``step(closure=None, **kwargs)`` passes everything to the inner optimizer's ``step`` (e.g.
+    ``loss=`` for rules that need the loss) and returns what it returns.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        self.k = _check_k(k)
+        self.alpha = _check_alpha(alpha)
+        self.optimizer = optimizer
+        #: how many times ``step()`` ran; the slow weights sync when it is a multiple of k
+        self.lookahead_step = 0
+        #: slow weights by parameter, created on a parameter's first step
+        self.slow: dict[torch.Tensor, torch.Tensor] = {}
+        # what torch.optim.Optimizer.__init__ sets up, without building parameter groups of our own
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    # ------------------------------------------------------------------ the inner optimizer's view
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> defaultdict:
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict) -> None:
+        self.optimizer.defaults = value
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ step
+    def _params(self) -> Iterator[torch.Tensor]:
+        for group in self.param_groups:
+            yield from group["params"]
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy(p: torch.Tensor) -> torch.Tensor:
+        dtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
+        return p.detach().to(dtype=dtype, copy=True)
+
+    def step(self, closure=None, **kwargs):
+        """One inner step; after every k-th, ``slow += alpha (fast - slow)`` and ``fast = slow``."""
+        # slow weights start as the value before a parameter's first step; with a closure the
+        # gradients appear only inside the inner step, so snapshot every parameter still lacking
+        # slow weights and keep the copies of those that got a gradient
+        new = [p for p in self._params() if p not in self.slow and (closure is not None or p.grad is not None)]
+        copies = [self._copy(p) for p in new]
+        result = self.optimizer.step(closure, **kwargs) if kwargs else self.optimizer.step(closure)
+        for p, copy in zip(new, copies):
+            if p.grad is not None:
+                self.slow[p] = copy
+        self.lookahead_step += 1
+        if self.lookahead_step % self.k == 0:
+            self.sync()
+        return result
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Move the slow weights toward the fast ones and reset the fast weights to them."""
+        buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
+        for p in self._params():
+            slow = self.slow.get(p)
+            if slow is not None:
+                buckets[(slow.device, slow.dtype, p.dtype)].append((p, slow))
+        for (_, dtype, p_dtype), pairs in buckets.items():
+            params = [p for p, _ in pairs]
+            slows = [s for _, s in pairs]
+            fast = params if p_dtype == dtype else [p.to(dtype) for p in params]
+            torch._foreach_lerp_(slows, fast, self.alpha)
+            for p, s in pairs:
+                p.copy_(s)
+
+    # ------------------------------------------------------------------ state dict
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.optimizer.state_dict()
+        state = dict(sd["state"])
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in self.slow:
+                    entry = dict(state.get(index, {}))
+                    entry[SLOW_KEY] = self.slow[p]
+                    state[index] = entry
+                index += 1
+        groups = [
+            {**g, "lookahead_k": self.k, "lookahead_alpha": self.alpha, "lookahead_step": self.lookahead_step}
+            for g in sd["param_groups"]
+        ]
+        return {**sd, "state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict saved by a Lookahead over the same parameters (see the module docstring)."""
+        groups = state_dict.get("param_groups")
+        if not groups or any(key not in g for g in groups for key in GROUP_KEYS):
+            raise ValueError(
+                "this state_dict was not saved by hfoptim.Lookahead (its param_groups lack "
+                f"{', '.join(GROUP_KEYS)}); load it into the inner optimizer instead"
+            )
+        k, alpha, step = (groups[0][key] for key in GROUP_KEYS)
+        if any((g["lookahead_k"], g["lookahead_alpha"], g["lookahead_step"]) != (k, alpha, step) for g in groups):
+            raise ValueError("inconsistent Lookahead entries across param_groups of this state_dict")
+        k, alpha = _check_k(k), _check_alpha(alpha)
+        if not isinstance(step, int) or step < 0:
+            raise ValueError(f"invalid lookahead_step={step!r} in this state_dict")
+        params = list(self._params())
+        slow: dict[torch.Tensor, torch.Tensor] = {}
+        inner_state = {}
+        for pid, entry in state_dict["state"].items():
+            entry = dict(entry)
+            saved_slow = entry.pop(SLOW_KEY, None)
+            if saved_slow is not None:
+                if not isinstance(pid, int) or not 0 <= pid < len(params):
+                    raise ValueError(f"state_dict has Lookahead slow weights for unknown parameter id {pid!r}")
+                p = params[pid]
+                if tuple(saved_slow.shape) != tuple(p.shape):
+                    raise ValueError(
+                        f"state_dict slow weights for parameter {pid} have shape {tuple(saved_slow.shape)}, "
+                        f"the parameter {tuple(p.shape)}"
+                    )
+                slow[p] = saved_slow.to(device=p.device, copy=True)
+            if entry:
+                inner_state[pid] = entry
+        inner_groups = [{key: v for key, v in g.items() if key not in GROUP_KEYS} for g in groups]
+        self.optimizer.load_state_dict({**state_dict, "state": inner_state, "param_groups": inner_groups})
+        self.k, self.alpha, self.lookahead_step, self.slow = k, alpha, step, slow
