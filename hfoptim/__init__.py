@@ -7,6 +7,7 @@
 
 from .core.engine import Engine
 from .core.hparams import HyperparameterError
+from .lookahead import Lookahead
 from .registry import CLASSES, OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
 
 globals().update({cls.__name__: cls for cls in CLASSES.values()})
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Engine",
     "HyperparameterError",
+    "Lookahead",
     "OptimizerSpec",
     "create_optimizer",
     "get_optimizer",
