@@ -1,0 +1,102 @@
+"""A callback that puts the optimizer's state memory into the Trainer's logs.
+
+State is created lazily on the first optimizer step, so it is measured at the end of the first
+step (``hfoptim.memory.state_bytes``: every tensor the optimizer holds), summed over processes
+(each holds its shard under ZeRO / FSDP), written to the Python log at once and added to the next
+Trainer log entry (``trainer_state.json``'s ``log_history``, the console and every reporter) as
+
+- ``optimizer_state_bytes``: total bytes of optimizer state, all processes together;
+- ``optimizer_state_bytes_per_param``: those bytes per parameter element the optimizer updates.
+
+``HFOptimTrainer`` installs it first among the callbacks (so reporters see the values); with a
+plain ``Trainer`` use ``trainer.callback_handler.callbacks.insert(0, OptimizerStateCallback())``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import TrainerCallback
+
+logger = logging.getLogger(__name__)
+
+BYTES_KEY = "optimizer_state_bytes"
+PER_PARAM_KEY = "optimizer_state_bytes_per_param"
+
+
+def innermost_optimizer(optimizer):
+    """The optimizer under accelerate's and DeepSpeed's wrappers (an hfoptim optimizer, with its
+    Lookahead if any, or the built-in one)."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    o = optimizer
+    for _ in range(8):
+        inner = getattr(o, "optimizer", None)
+        wrapper = isinstance(o, AcceleratedOptimizer) or type(o).__module__.startswith("deepspeed")
+        if inner is None or not wrapper:
+            break
+        o = inner
+    return o
+
+
+def _local_numel(optimizer) -> int:
+    total = 0
+    for group in getattr(optimizer, "param_groups", []):
+        for p in group["params"]:
+            local = getattr(p, "_local_tensor", p)
+            total += local.numel()
+    return total
+
+
+def measure(optimizer) -> dict[str, float]:
+    """Optimizer-state bytes of this process, summed over processes when distributed."""
+    from ...memory import state_bytes
+
+    inner = innermost_optimizer(optimizer)
+    report = state_bytes(inner)
+    total = float(report.total)
+    numel = total / float(report.per_param) if report.per_param else float(_local_numel(inner))
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        backend = dist.get_backend()
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        both = torch.tensor([total, numel], dtype=torch.float64, device=device)
+        dist.all_reduce(both)
+        total, numel = both.tolist()
+    return {BYTES_KEY: int(total), PER_PARAM_KEY: (total / numel) if numel else 0.0}
+
+
+class OptimizerStateCallback(TrainerCallback):
+    """Logs the optimizer's state bytes (total and per parameter, summed over processes)."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, float] | None = None
+        self._pending = False
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        if self.metrics is not None or optimizer is None:
+            return
+        try:
+            self.metrics = measure(optimizer)
+        except ImportError as error:  # hfoptim.memory not available in this install
+            logger.warning("optimizer state bytes not logged: %s", error)
+            self.metrics = {}
+            return
+        self._pending = True
+        logger.info(
+            "optimizer state: %d bytes (%.3f bytes per parameter), all processes",
+            self.metrics[BYTES_KEY],
+            self.metrics[PER_PARAM_KEY],
+        )
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._pending or logs is None:
+            return
+        logs.update(self.metrics)
+        if state.log_history:
+            state.log_history[-1].update(self.metrics)
+        self._pending = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.metrics, self._pending = None, False
