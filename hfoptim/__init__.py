@@ -14,8 +14,22 @@ globals().update({cls.__name__: cls for cls in CLASSES.values()})
 
 __version__ = "0.1.0"
 
+#: the HF Trainer pieces (hfoptim.integrations.transformers); they import transformers, so they
+#: load on first use
+TRAINER_NAMES = ("HFOptimTrainer", "HFOptimTrainingArguments", "OptimizerStateCallback")
+
+
+def __getattr__(name: str):
+    if name in TRAINER_NAMES:
+        from .integrations import transformers as integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'hfoptim' has no attribute {name!r}")
+
+
 __all__ = [
     "Engine",
+    *TRAINER_NAMES,
     "HyperparameterError",
     "Lookahead",
     "OptimizerSpec",
