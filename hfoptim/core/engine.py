@@ -117,6 +117,7 @@ class Engine(torch.optim.Optimizer):
         group["params"] = params
         group.update(checked)
         super().add_param_group(group)
+        self.layout.register(params)
 
     # ------------------------------------------------------------------ layout (sharding hook)
     def param_view(self, p: torch.Tensor) -> ParamView:
@@ -158,6 +159,9 @@ class Engine(torch.optim.Optimizer):
             loss_value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             if not math.isfinite(loss_value):
                 raise ValueError(f"{self.rule.name} got a non-finite loss {loss_value}")
+        self.layout = self.layout.for_step(self)
+        if loss_value is not None:
+            loss_value = self.layout.mean_loss(loss_value)
         for group in self.param_groups:
             units = self.layout.units(self, group)
             for unit in units:
@@ -191,11 +195,12 @@ class Engine(torch.optim.Optimizer):
             return [bucket]
         chunks, current, size = [], [], 0
         for u in bucket:
-            if current and size + u.param.numel() > DECODE_CHUNK_NUMEL:
+            # the global size, so every process of a sharded run cuts the same chunks
+            if current and size + u.view.global_numel > DECODE_CHUNK_NUMEL:
                 chunks.append(current)
                 current, size = [], 0
             current.append(u)
-            size += u.param.numel()
+            size += u.view.global_numel
         chunks.append(current)
         return chunks
 
@@ -276,6 +281,9 @@ class Engine(torch.optim.Optimizer):
         if low_precision:
             for p, w in zip(params, p_work):
                 p.copy_(w)
+        for unit in units:
+            if unit.writeback is not None:
+                unit.writeback()
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:

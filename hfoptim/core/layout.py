@@ -12,6 +12,8 @@ know whether they run sharded.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,16 +31,60 @@ class Unit:
     view: ParamView
     #: the parameter object that owns this unit (for messages and state_dict validation)
     owner: torch.Tensor
+    #: called after the update when ``param`` is a working copy (a ZeRO row cut by a partition
+    #: boundary is padded to whole rows): writes the owned elements back
+    writeback: Callable[[], None] | None = None
 
 
-class LocalLayout:
+class Layout:
+    """Base of layouts. Every process of a sharded run must get the same units (an empty one for
+    a parameter it holds nothing of) in the same order, so the statistics' collectives match."""
+
+    stats: LocalStats
+
+    def view(self, p: torch.Tensor) -> ParamView:
+        raise NotImplementedError
+
+    def units(self, optimizer, group: dict) -> list[Unit]:
+        raise NotImplementedError
+
+    def register(self, params: list[torch.Tensor]) -> None:
+        """Parameters the optimizer was given (``add_param_group``)."""
+
+    def for_step(self, optimizer) -> Layout:
+        """The layout to step with (a layout may hand over to another, e.g. when FSDP2 swapped
+        the parameters for DTensors after the optimizer was built)."""
+        return self
+
+    def mean_loss(self, loss: float) -> float:
+        """The loss a loss-driven rule sees: the mean over the data-parallel processes (all
+        processes of the default group when torch.distributed is initialized; one all-reduce)."""
+        from ..distributed.loss import mean_over
+
+        return mean_over(loss)
+
+
+class LocalLayout(Layout):
     """Every parameter is held whole by this process."""
 
     def __init__(self, foreach: bool = True):
+        self.foreach = foreach
         self.stats = LocalStats(foreach=foreach)
+        self.known: dict[int, tuple] = {}
 
     def view(self, p: torch.Tensor) -> ParamView:
         return ParamView.of(p)
+
+    def register(self, params: list[torch.Tensor]) -> None:
+        for p in params:
+            self.known[id(p)] = (weakref.ref(p), tuple(p.shape))
+
+    def for_step(self, optimizer) -> Layout:
+        """Hands over to the sharding layer when the parameters turned out to be sharded, and
+        refuses tensors it cannot step exactly (see :mod:`hfoptim.distributed.select`)."""
+        from ..distributed.select import layout_for_step
+
+        return layout_for_step(optimizer, self)
 
     def units(self, optimizer, group: dict) -> list[Unit]:
         """Units of the parameters of ``group`` that have a gradient this step."""
