@@ -30,6 +30,12 @@ statistics (and likewise for columns). Tested in tests/test_codecs.py.
 Within a step the rule works on the full ``V_t`` (for AdamW: the exact current ``G^2`` term);
 a rule whose paper divides by the factored ``V_hat_t`` (Adafactor) calls ``ctx.stored``.
 
+**Range.** The rank-1 value of a tiny row and a tiny column can fall below the smallest normal
+float even where every element of ``V`` was at least ``eps1``; the decode floors ``V_hat`` at that
+number (``torch.finfo(dtype).tiny``, fp32: 1.2e-38) once the state is non-zero, so ``G / sqrt(V_hat)``
+stays finite instead of becoming inf or NaN. (The common form keeps this range by taking the
+roots before the product, at the cost of the second rounding.)
+
 One-dimensional tensors (and scalars) stay dense under ``"<slot>"``, as in Adafactor.
 
 Sharding: the row sums of a shard's rows are local, column sums and the total ``1^T R`` are
@@ -88,8 +94,10 @@ class Factored(Codec):
             return _DENSE.decode(slot, stored, view, dtype)
         row, col = self._keys(slot)
         r, c = stored[row].to(dtype), stored[col].to(dtype)
-        total = stats.sum([r], [view])[0].clamp_min(torch.finfo(dtype).tiny)
-        v = (r / total).unsqueeze(1) * c.unsqueeze(0)
+        total = stats.sum([r], [view])[0]
+        tiny = torch.finfo(dtype).tiny
+        v = (r / total.clamp_min(tiny)).unsqueeze(1) * c.unsqueeze(0)
+        v.clamp_min_(torch.where(total > 0, tiny, 0.0))  # see "Range" in the module docstring
         return v.reshape(r.numel(), *view.global_shape[1:])  # this process's rows
 
     def encode(self, slot, stored, value, view, *, stats=None):
