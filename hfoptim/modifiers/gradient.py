@@ -31,8 +31,9 @@ class AdaptiveGradientClipping(Modifier):
     """Adaptive gradient clipping (NFNets, Brock et al. 2021, arXiv 2102.06171).
 
     Per unit (row of a matrix or filter, whole vector for 1-D):
-    ``g <- g * c max(||p||, eps) / ||g||`` where ``||g|| > c max(||p||, eps)``.
-    ``||g||`` is floored at 1e-6 as in common implementations.
+    ``g <- g * c max(||p||, eps) / max(||g||, 1e-6)`` where ``||g|| > c max(||p||, eps)``.
+    As in the NFNets code, the 1e-6 floor only guards the division; the trigger uses the true
+    ``||g||``.
     """
 
     name = "agc"
@@ -51,8 +52,8 @@ class AdaptiveGradientClipping(Modifier):
         out = []
         for t, pn, xn in zip(x, p_norm, x_norm):
             max_norm = pn.sqrt().clamp_min(eps) * clip
-            xn = xn.sqrt().clamp_min(1e-6)
-            out.append(torch.where(xn > max_norm, t * (max_norm / xn), t))
+            xn = xn.sqrt()
+            out.append(torch.where(xn > max_norm, t * (max_norm / xn.clamp_min(1e-6)), t))
         return TensorList(out, x.foreach)
 
 
