@@ -32,10 +32,16 @@ class CautiousMask(Modifier):
 
 
 class TrustRatio(Modifier):
-    """LAMB layer-wise trust ratio (You et al. 2019, arXiv 1904.00962).
+    """LAMB layer-wise trust ratio (You et al. 2019, arXiv 1904.00962, Algorithm 2).
 
-    ``u <- u * phi(||p||) / ||u||`` where both norms are positive (else unchanged),
-    ``phi(x) = min(x, trust_clamp)`` (pytorch_optimizer's Lamb clamps at 10; None: no clamp).
+    With decoupled weight decay (LAMB's form) the decay is part of the direction the ratio
+    measures: ``r = u + wd p``, ``p <- p - lr phi(||p||) / ||r|| r``. The engine applies the
+    decoupled decay after this modifier, so the modifier returns ``ratio * r - wd p`` and the
+    engine's ``p (1 - lr wd) - lr (ratio r - wd p)`` is exactly the LAMB step. With the other
+    decay forms (l2: already in the gradient; cautious, proximal) the ratio scales ``u`` alone.
+
+    ``phi(x) = min(x, trust_clamp)`` (pytorch_optimizer's Lamb clamps at 10; None: no clamp); the
+    ratio is 1 where either norm is 0. ``||p||`` is the norm before this step's update.
     """
 
     name = "trust"
@@ -49,12 +55,15 @@ class TrustRatio(Modifier):
 
     def apply(self, ctx, x, g, p):
         clamp = ctx.group["trust_clamp"]
+        wd = ctx.group["weight_decay"]
+        decay_inside = ctx.group["weight_decay_mode"] == "decoupled" and wd != 0
+        direction = x + p * wd if decay_inside else x
         p_norms = ctx.norm(p)
-        u_norms = ctx.norm(x)
+        u_norms = ctx.norm(direction)
         out = []
-        for u, pn, un in zip(x, p_norms, u_norms):
+        for i, (r, pn, un) in enumerate(zip(direction, p_norms, u_norms)):
             if clamp is not None:
                 pn = pn.clamp_max(clamp)
             ratio = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
-            out.append(u * ratio)
+            out.append(r * ratio - p[i] * wd if decay_inside else r * ratio)
         return TensorList(out, x.foreach)
