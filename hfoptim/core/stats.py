@@ -64,6 +64,13 @@ class ParamView:
         return self.rows * self.row_len
 
     @property
+    def local_shape(self) -> tuple[int, ...]:
+        """Shape of the local tensor: ``(rows, *global_shape[1:])`` (``()`` for a scalar)."""
+        if len(self.global_shape) == 0:
+            return ()
+        return (self.rows, *self.global_shape[1:])
+
+    @property
     def offset(self) -> int:
         """Global flat index of the local tensor's first element."""
         return self.row_start * self.row_len
