@@ -56,7 +56,7 @@ class Shared(Codec):
         s = stored[self._key(slot, view)].to(dtype)
         if len(shape) >= 2:
             return s.reshape(-1, *([1] * (len(shape) - 1))).expand(s.numel(), *shape[1:]).clone()
-        return s.expand(shape).clone()
+        return s.expand(view.local_shape).clone()  # this process's elements
 
     def encode(self, slot, stored, value, view, *, stats=None):
         shape = view.global_shape
