@@ -103,7 +103,9 @@ class StepContext:
         * ``denominator="eps"`` (Adam):      num / (sqrt(v_hat) + eps)
         * ``denominator="atan2"`` (Adam-atan2, arXiv 2407.05872): A * atan2(num, B * sqrt(v_hat)),
           A = 1.27, B = 1, no eps
-        * ``denominator="softplus"`` (arXiv 1908.00700): num / softplus(sqrt(v_hat))
+        * ``denominator="softplus"`` (Sadam, arXiv 1908.00700): num / softplus_b(sqrt(v_hat)) with
+          ``softplus_b(x) = log(1 + exp(b x)) / b``, ``b = softplus_beta`` (the paper's 50;
+          b = 1 would floor the denominator at log 2 and turn Adam into momentum SGD)
         """
         form = self.group["denominator"]
         root = v_hat.sqrt()
@@ -112,5 +114,5 @@ class StepContext:
         if form == "atan2":
             return num.atan2(root.mul_(ATAN2_B)).mul_(ATAN2_A)
         if form == "softplus":
-            return num / root.softplus()
+            return num / root.softplus(self.group["softplus_beta"])
         raise AssertionError(form)

@@ -50,6 +50,9 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     spec["weight_decay_mode"] = HP(rule.weight_decay_modes[0], kind="str", choices=rule.weight_decay_modes)
     spec["maximize"] = HP(False, kind="bool")
     spec["denominator"] = HP("eps", kind="str", choices=("eps", "atan2", "softplus"))
+    spec["softplus_beta"] = HP(
+        50.0, low=0.0, low_open=True, doc="sharpness of denominator='softplus' (Sadam, arXiv 1908.00700: 50)"
+    )
     spec["state"] = HP("fp32", kind="str", doc="storage form of the state: fp32, 8bit, bf16, factored, smmf, shared")
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
     for modifier in MODIFIERS:

@@ -236,8 +236,9 @@ class TensorList:
     def atan2(self, other: TensorList) -> TensorList:
         return self._new([torch.atan2(a, b) for a, b in zip(self.tensors, other.tensors)])
 
-    def softplus(self) -> TensorList:
-        return self._new([torch.nn.functional.softplus(t) for t in self.tensors])
+    def softplus(self, beta: float = 1.0) -> TensorList:
+        """``log(1 + exp(beta x)) / beta``."""
+        return self._new([torch.nn.functional.softplus(t, beta=beta) for t in self.tensors])
 
     def where(self, mask: TensorList, other: Arg) -> TensorList:
         """Elementwise ``self if mask else other``."""

@@ -6,9 +6,9 @@ import torch
 class AdamWRef:
     """AdamW, arXiv 1711.05101, Algorithm 2 (with lr as the schedule multiplier)."""
 
-    def __init__(self, lr, betas, eps, weight_decay, nesterov=False, denominator="eps"):
+    def __init__(self, lr, betas, eps, weight_decay, nesterov=False, denominator="eps", softplus_beta=50.0):
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.nesterov, self.denominator = nesterov, denominator
+        self.nesterov, self.denominator, self.softplus_beta = nesterov, denominator, softplus_beta
         self.state = {}
         self.t = 0
 
@@ -28,7 +28,8 @@ class AdamWRef:
         if self.denominator == "atan2":  # Adam-atan2, arXiv 2407.05872, a = 1.27, b = 1
             u = 1.27 * torch.atan2(m_hat, v_hat.sqrt())
         elif self.denominator == "softplus":
-            u = m_hat / torch.nn.functional.softplus(v_hat.sqrt())
+            beta = self.softplus_beta  # Sadam, arXiv 1908.00700: log(1 + e^{beta x}) / beta, beta = 50
+            u = m_hat / (torch.log1p(torch.exp(beta * v_hat.sqrt())) / beta)
         else:
             u = m_hat / (v_hat.sqrt() + self.eps)
         p -= self.lr * (u + self.wd * p)
