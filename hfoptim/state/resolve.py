@@ -35,16 +35,22 @@ def check_state_option(rule: Rule, state: str, where: str) -> None:
 
 
 def codec_for(rule: Rule, slot: Slot, group: dict, view: ParamView) -> Codec:
-    """The storage form of ``slot`` for the parameter seen through ``view``."""
-    name = group["state"]
-    if name == DENSE:
-        name = rule.default_state.get(slot.name, DENSE)
-    codec = CODECS[name]
-    if slot.kind not in codec.kinds:
-        return CODECS[DENSE]
-    if name != DENSE and view.global_numel < group["state_min_numel"] and not rule.default_state.get(slot.name):
-        return CODECS[DENSE]
-    return codec
+    """The storage form of ``slot`` for the parameter seen through ``view``.
+
+    The form the group asks for applies to the slots whose kind it can hold, on tensors of at
+    least ``state_min_numel`` elements (globally); every other slot keeps the rule's own default
+    form (Adafactor's factored second moment, SMMF's factors) or dense fp32. So ``smmf`` with
+    ``state="factored"`` factors its second moment Adafactor's way and keeps its SMMF first moment.
+    """
+    default = rule.default_state.get(slot.name, DENSE)
+    asked = CODECS[group["state"]]
+    if (
+        group["state"] != DENSE
+        and slot.kind in asked.kinds
+        and view.global_numel >= group["state_min_numel"]
+    ):
+        return asked
+    return CODECS[default]
 
 
 def all_dense(rule: Rule, group: dict) -> bool:
