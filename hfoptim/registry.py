@@ -114,6 +114,11 @@ def get_optimizer(name: str) -> OptimizerSpec:
             continue
         if token not in suffixes:
             raise ValueError(_unknown(name, f"unknown suffix {token!r}; suffixes: {', '.join(sorted(suffixes))}"))
+        if "state" in suffixes[token] and "state" in options:
+            raise ValueError(
+                f"{name!r} names two storage forms ({options['state']!r} and {suffixes[token]['state']!r}); "
+                f"a slot is stored one way: keep one suffix"
+            )
         options.update(suffixes[token])
     spec = OptimizerSpec(name, rule, options, lookahead)
     _check_combination(spec)
@@ -147,7 +152,9 @@ def list_optimizers(pattern: str | None = None) -> list[str]:
     for base, (rule, options) in _bases().items():
         names.add(base)
         for suffix, extra in _suffixes().items():
-            redundant = all(options.get(k) == v for k, v in extra.items())
+            redundant = all(options.get(k) == v for k, v in extra.items()) or (
+                set(rule.default_state.values()) == {extra.get("state")}  # e.g. smmf_smmf
+            )
             if base in ALIASES and suffix not in codecs:
                 continue  # aliases are listed with storage forms only; other suffixes still parse
             if not redundant and _valid(rule, {**options, **extra}):
