@@ -89,6 +89,54 @@ class ParamView:
         return cls(global_shape=p.shape)
 
 
+def flat_matrix_view(view: ParamView, cols: int) -> ParamView:
+    """The view of the same process's elements when the WHOLE parameter, flattened, is seen as a
+    matrix ``(numel // cols, cols)`` (SMMF's square matricization): the rows of that matrix this
+    process touches, and which of their elements it owns. On one process: the whole matrix."""
+    numel = view.global_numel
+    rows = numel // cols if cols else 0
+    a, b = view.valid_range
+    start, stop = view.offset + a, view.offset + b
+    if not view.sharded:
+        return ParamView(global_shape=torch.Size((rows, cols)))
+    first = start // cols
+    last = -(-stop // cols) if stop > start else first
+    return ParamView(
+        global_shape=torch.Size((rows, cols)),
+        row_start=first,
+        local_rows=last - first,
+        valid=(start - first * cols, stop - first * cols),
+        cuts=view.cuts,
+        group=view.group,
+    )
+
+
+def to_flat_matrix(t: torch.Tensor, view: ParamView, cols: int) -> torch.Tensor:
+    """The owned elements of the local tensor ``t`` placed in the rows of
+    :func:`flat_matrix_view` (zeros where this process owns nothing)."""
+    mview = flat_matrix_view(view, cols)
+    if not view.sharded:
+        return t.reshape(mview.rows, cols)
+    a, b = view.valid_range
+    ma, mb = mview.valid_range
+    out = t.new_zeros(mview.rows * cols)
+    out[ma:mb] = t.reshape(-1)[a:b]
+    return out.view(mview.rows, cols)
+
+
+def from_flat_matrix(m: torch.Tensor, view: ParamView, cols: int) -> torch.Tensor:
+    """Inverse of :func:`to_flat_matrix`: the local tensor (``view.local_shape``) holding the
+    owned elements of ``m`` (zeros in the padding of cut rows)."""
+    if not view.sharded:
+        return m.reshape(view.local_shape)
+    mview = flat_matrix_view(view, cols)
+    a, b = view.valid_range
+    ma, mb = mview.valid_range
+    out = m.new_zeros(view.local_numel)
+    out[a:b] = m.reshape(-1)[ma:mb]
+    return out.view(view.local_shape)
+
+
 class LocalStats:
     """Statistics for tensors that are held whole by this process."""
 
