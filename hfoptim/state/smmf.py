@@ -21,9 +21,11 @@ as ``-|m_hat|``, as in the authors' code), and ``|m|`` is factored. Stored, for 
 Within a step the rule works on the full decoded and updated moments, and they are factored
 again afterwards -- the order of the paper's Algorithm 1 and of the authors' code.
 
-Sharding: row and column sums go through the stats backend. The square matricization is of
-the flattened WHOLE tensor, which a row shard of the parameter does not respect; the sharding
-layer has to map shards onto rows of the ``(n/i, i)`` view (ZeRO's flat partitions) or gather.
+Sharding: the square matricization is of the flattened WHOLE tensor (``n`` its global size).
+A process holds a contiguous flat range of it, i.e. some rows of the ``(n/i, i)`` matrix, the
+first and last possibly in part (:func:`~hfoptim.core.stats.flat_matrix_view`); it keeps ``r``
+for those rows and the whole ``c``, and the row sums of cut rows, the column sums and the total
+are completed by the stats backend -- the same numbers as on one process.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import math
 import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
+from ..core.stats import flat_matrix_view, from_flat_matrix, to_flat_matrix
 from .codec import Codec
 
 _BIT_WEIGHTS = {}
@@ -81,40 +84,39 @@ class SMMF(Codec):
         return f"{slot.name}.row", f"{slot.name}.col", f"{slot.name}.sign"
 
     def shapes(self, slot, view, p):
-        n = view.global_numel
-        rows, cols = square_shape(n)
+        _, cols = square_shape(view.global_numel)
         row, col, sign = self._keys(slot)
-        out = {row: (rows,), col: (cols,)}
+        out = {row: (flat_matrix_view(view, cols).rows,), col: (cols,)}
         if slot.kind == FIRST_MOMENT:
-            out[sign] = ((n + 7) // 8,)
+            out[sign] = ((view.local_numel + 7) // 8,)
         return out
 
     def init(self, slot, value, view, *, stats=None):
-        n = view.global_numel
-        rows, cols = square_shape(n)
+        _, cols = square_shape(view.global_numel)
         row, col, sign = self._keys(slot)
-        stored = {row: value.new_zeros(rows), col: value.new_zeros(cols)}
+        stored = {row: value.new_zeros(flat_matrix_view(view, cols).rows), col: value.new_zeros(cols)}
         if slot.kind == FIRST_MOMENT:
-            stored[sign] = torch.zeros((n + 7) // 8, dtype=torch.uint8, device=value.device)
+            stored[sign] = torch.zeros((view.local_numel + 7) // 8, dtype=torch.uint8, device=value.device)
         self.encode(slot, stored, value, view, stats=stats)
         return stored
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
         row, col, sign = self._keys(slot)
         r, c = stored[row].to(dtype), stored[col].to(dtype)
-        m = torch.outer(r, c).reshape(-1)
+        m = from_flat_matrix(torch.outer(r, c), view, c.numel()).reshape(-1)  # this process's elements
         if slot.kind == FIRST_MOMENT:
             m = torch.where(unpack_bits(stored[sign], m.numel()), m, -m)
-        return m.reshape(view.global_shape)
+        return m.reshape(view.local_shape)
 
     def encode(self, slot, stored, value, view, *, stats=None):
         row, col, sign = self._keys(slot)
         r, c = stored[row], stored[col]
-        matrix = value.reshape(r.numel(), c.numel())
+        mview = flat_matrix_view(view, c.numel())
+        matrix = to_flat_matrix(value, view, c.numel())
         if slot.kind == FIRST_MOMENT:
-            stored[sign].copy_(pack_bits(matrix > 0))
+            stored[sign].copy_(pack_bits(value.reshape(-1) > 0))
             matrix = matrix.abs()
-        r.copy_(stats.row_sum(matrix, view))
-        col_sums = stats.col_sum(matrix, view)
+        r.copy_(stats.row_sum(matrix, mview))
+        col_sums = stats.col_sum(matrix, mview)
         total = col_sums.sum()
         c.copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
