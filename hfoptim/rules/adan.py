@@ -32,6 +32,11 @@ class AdanRule(Rule):
     code keeps ``-g`` as ``neg_pre_grad``). The official ``max_grad_norm`` (global clipping) is
     not a rule option: clip before ``step()`` (e.g. the Trainer's ``max_grad_norm``).
     ``denominator="atan2"``/``"softplus"`` apply to the whole numerator.
+
+    Differences from the anchor pytorch_optimizer.Adan (tested in ``tests/test_adan.py``): it
+    keeps ``-g_prev`` as ``previous_grad``, names proximal decay ``weight_decouple=False`` and
+    decoupled decay ``weight_decouple=True``, and divides ``sqrt(v)/sqrt(bc3)`` where we take
+    ``sqrt(v/bc3)`` (equal up to rounding).
     """
 
     name = "adan"
