@@ -171,3 +171,56 @@ class LocalStats:
     def col_sum(self, matrix: torch.Tensor, view: ParamView) -> torch.Tensor:
         """Sums over the first dimension of a 2-D view: shape ``(cols,)``."""
         return matrix.sum(dim=0)
+
+    def block_absmax(self, tensors: list[torch.Tensor], views: list[ParamView], block: int) -> list[torch.Tensor]:
+        """Max of ``|x|`` over each block of the 8-bit state layout (see
+        :func:`block_layout`): ``block`` consecutive elements of a row of the 2-D view
+        ``(shape[0], prod(shape[1:]))`` for tensors of two or more dimensions (a block never
+        crosses a row, a row's last block may be shorter), ``block`` consecutive elements of the
+        vector for 0-/1-D tensors. Returns, per tensor, a 1-D tensor of the maxima of the blocks
+        the local tensor holds, in order (row by row). A shard of whole rows holds whole blocks of
+        a 2+-D tensor; a sharding backend completes blocks cut by a process boundary."""
+        out = []
+        for t, v in zip(tensors, views):
+            blocks = blocked(t, v, block)
+            if blocks.numel() == 0:
+                out.append(blocks.new_zeros(blocks.shape[0]))
+                continue
+            low, high = torch.aminmax(blocks, dim=1)
+            out.append(torch.maximum(high, low.neg()))
+        return out
+
+
+def block_layout(view: ParamView, block: int) -> tuple[int, int, int]:
+    """How the local tensor of ``view`` is cut into blocks of ``block`` elements:
+    ``(lines, line_len, lead)``. The local tensor is ``lines`` lines of ``line_len`` elements (the
+    rows of the 2-D view for 2+-D tensors; one line, the vector, for 0-/1-D tensors); each line
+    is cut into ``ceil((lead + line_len) / block)`` blocks, where ``lead`` elements before the
+    line's first element belong to its first block (non-zero only for a 0-/1-D shard that
+    starts inside a block)."""
+    if len(view.global_shape) >= 2:
+        return view.rows, view.row_len, 0
+    return 1, view.rows if len(view.global_shape) == 1 else 1, view.row_start % block
+
+
+def blocked(t: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
+    """``t`` (the local tensor of ``view``) as a ``(blocks, block)`` matrix per
+    :func:`block_layout`, padded with zeros where a block extends past its line (a view of ``t``
+    when no padding is needed)."""
+    lines, length, lead = block_layout(view, block)
+    per_line = -(-(lead + length) // block)
+    x = t.reshape(lines, length)
+    pad = per_line * block - length - lead
+    if lead or pad:
+        x = torch.nn.functional.pad(x, (lead, pad))
+    return x.reshape(lines * per_line, block)
+
+
+def unblocked(x: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
+    """Inverse of :func:`blocked`: the ``(blocks, block)`` matrix back in the local shape."""
+    lines, length, lead = block_layout(view, block)
+    per_line = -(-(lead + length) // block)
+    x = x.reshape(lines, per_line * block)
+    if lead or per_line * block != length:
+        x = x[:, lead : lead + length]
+    return x.reshape(view.local_shape)
