@@ -1,0 +1,241 @@
+"""Shared pieces of the multi-process equivalence workers (run under torchrun / deepspeed).
+
+Every worker runs many optimizer cases in a loop inside ONE process group: for each case it
+builds the same small model twice -- sharded, and as plain tensors stepped by a single-process
+optimizer inside the same process (the reference) -- feeds both the SAME gradients (computed
+from the reference parameters) for a few steps, and compares parameters and state.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+import hfoptim
+from hfoptim.registry import _bases
+from hfoptim.state.codec import CODECS
+
+#: (name, shape): sizes divide neither by 2 nor by 3 where it matters; "row1" has one row (the
+#: other processes hold none of it under FSDP2); "big" is over 4096 elements (8-bit blocks
+#: cut by shard boundaries); "conv" is 4-D; "vec" 1-D
+SHAPES = [
+    ("emb", (11, 7)),
+    ("lin_w", (13, 7)),
+    ("lin_b", (13,)),
+    ("conv", (5, 3, 2, 2)),
+    ("big", (67, 97)),
+    ("row1", (1, 9)),
+    ("vec", (5,)),
+]
+
+#: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
+#: rule, the factored rule, LAMB (trust ratio)
+FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf"]
+
+
+class Model(torch.nn.Module):
+    """Parameters of SHAPES as leaves of submodules (so FSDP2 can shard submodules too)."""
+
+    def __init__(self, seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.parts = torch.nn.ModuleDict()
+        for name, shape in SHAPES:
+            module = torch.nn.Module()
+            module.weight = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=dtype) * 0.5)
+            self.parts[name] = module
+
+    def named_leaves(self):
+        return [(name, self.parts[name].weight) for name, _ in SHAPES]
+
+
+def all_cases(scope: str) -> list[str]:
+    """Every registered base name with every storage form (and, for "all", every single-suffix
+    name hfoptim lists); "fast": the FAST_PATTERNS subset."""
+    names = set()
+    for base in _bases():
+        for form in CODECS:
+            name = base if form == "fp32" else f"{base}_{form}"
+            try:
+                hfoptim.get_optimizer(name)
+            except ValueError:
+                continue
+            names.add(name)
+    if scope == "all":
+        names.update(hfoptim.list_optimizers())
+    out = sorted(names)
+    if scope == "fast":
+        listed = set(hfoptim.list_optimizers()) | names
+        out = sorted(n for n in listed if any(fnmatch.fnmatch(n, p) for p in FAST_PATTERNS))
+        out = [n for n in out if not n.endswith("lookahead")]
+    elif scope not in ("all", "forms"):
+        out = [n for n in out if fnmatch.fnmatch(n, scope)]
+    return out
+
+
+def case_kwargs(name: str) -> dict:
+    """Non-default options: weight decay on, every tensor in the requested storage form."""
+    spec = hfoptim.get_optimizer(name)
+    options = {"state_min_numel": 0}
+    if "weight_decay" in spec.rule.hyperparams:
+        options["weight_decay"] = 0.05
+    return options
+
+
+def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
+    """Deterministic gradients depending on the (reference) parameters."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    return [0.3 * p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+def step_loss(step: int) -> float:
+    return 2.0 / (1.0 + 0.1 * step)
+
+
+def rank_loss(step: int, rank: int, world: int) -> float:
+    """A different loss on every process whose mean over processes is step_loss(step)."""
+    return step_loss(step) + 0.25 * (rank - (world - 1) / 2)
+
+
+def needs_loss(opt) -> bool:
+    inner = getattr(opt, "optimizer", opt)
+    return bool(getattr(getattr(inner, "rule", None), "needs_loss", False))
+
+
+def tolerances(dtype) -> dict:
+    if dtype == torch.float64:
+        return {"rtol": 1e-10, "atol": 1e-12}
+    return {"rtol": 2e-5, "atol": 2e-6}
+
+
+def compare(what: str, got: torch.Tensor, want: torch.Tensor, dtype, failures: list, detail: dict) -> None:
+    """Exact for integer (8-bit codes, sign bits), float rounding for floats."""
+    if got.shape != want.shape:
+        failures.append(f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}")
+        return
+    if not got.is_floating_point():
+        mismatch = int((got != want).sum())
+        if mismatch:
+            failures.append(f"{what}: {mismatch}/{got.numel()} codes differ")
+        return
+    got, want = got.double(), want.double()
+    if got.numel():
+        err = float(((got - want).abs() / (want.abs() + 1e-3)).max())
+        detail["max_rel_err"] = max(detail.get("max_rel_err", 0.0), err)
+    try:
+        torch.testing.assert_close(got, want, **tolerances(dtype), equal_nan=True)
+    except AssertionError as error:
+        failures.append(f"{what}: {str(error).splitlines()[0]} {str(error).splitlines()[-3:]}")
+
+
+def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failures, detail) -> None:
+    """Compare the state of one shard with the reference state of the whole parameter.
+
+    Stored tensors whose dim 0 follows the parameter's rows are compared on this process's
+    rows; flat per-element tensors on this process's flat range; same-shaped tensors
+    (column factors, scalars) whole. Anything else is counted in ``detail['uncompared']``."""
+    a, b = view.valid_range
+    rows = slice(view.row_start, view.row_start + view.rows)
+    for key, want in ref_state.items():
+        if not isinstance(want, torch.Tensor):
+            continue
+        got = local_state.get(key)
+        if got is None:
+            failures.append(f"{what}: state {key!r} missing (has {sorted(local_state)})")
+            continue
+        if key == "step":
+            compare(f"{what} state step", got, want, dtype, failures, detail)
+            continue
+        if key.endswith(".sign") and want.dtype == torch.uint8:  # packed sign bits (SMMF): per element
+            from hfoptim.state.smmf import unpack_bits
+
+            w = unpack_bits(want, view.global_numel)[view.offset + a : view.offset + b]
+            compare(f"{what} state {key!r}", unpack_bits(got, view.local_numel)[a:b], w, dtype, failures, detail)
+            continue
+        grows = view.global_rows
+        if want.dim() >= 1 and want.shape[0] == grows and got.dim() == want.dim() and got.shape[1:] == want.shape[1:]:
+            if got.shape[0] == view.rows:
+                w = want[rows]
+                if (a, b) != (0, view.local_numel):  # ZeRO cut rows: compare owned elements only
+                    compare(f"{what} state {key!r}", got.reshape(-1)[a:b], w.reshape(-1)[a:b], dtype, failures, detail)
+                else:
+                    compare(f"{what} state {key!r}", got, w, dtype, failures, detail)
+                continue
+        if want.numel() == view.global_numel and got.numel() == view.local_numel and want.dim() == 1:
+            start = view.offset
+            compare(
+                f"{what} state {key!r}", got[a:b], want[start + a : start + b], dtype, failures, detail
+            )
+            continue
+        partner = ref_state.get(key[: -len(".row")] + ".col") if key.endswith(".row") else None
+        if partner is not None and want.dim() == 1 and want.numel() * partner.numel() == view.global_numel:
+            # row factor of the flattened tensor seen as a (numel/cols, cols) matrix (SMMF)
+            from hfoptim.core.stats import flat_matrix_view
+
+            mview = flat_matrix_view(view, partner.numel())
+            w = want[mview.row_start : mview.row_start + mview.rows]
+            compare(f"{what} state {key!r}", got, w, dtype, failures, detail)
+            continue
+        if got.shape == want.shape:
+            compare(f"{what} state {key!r}", got, want, dtype, failures, detail)
+            continue
+        detail.setdefault("uncompared", []).append(key)
+
+
+def run_cases(cases: list[str], run_one, out_path: str | None) -> int:
+    """Run every case (collecting failures, never stopping at the first), gather the results on
+    rank 0, write them as JSON and return the exit status."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    results = []
+    t0 = time.time()
+    for name in cases:
+        failures, detail = [], {}
+        start = time.time()
+        try:
+            run_one(name, failures, detail)
+        except Exception:  # a crash is a failure of this case; the others still run
+            failures.append(traceback.format_exc(limit=6))
+            detail["crashed"] = True
+        detail["seconds"] = round(time.time() - start, 3)
+        results.append({"case": name, "rank": rank, "failures": failures, "detail": detail})
+        if detail.get("crashed"):
+            break  # collectives may be out of step after a crash: stop here
+    gathered = [None] * world
+    dist.all_gather_object(gathered, results)
+    status = 0
+    if rank == 0:
+        merged = [r for per_rank in gathered for r in per_rank]
+        bad = [r for r in merged if r["failures"]]
+        summary = {
+            "world": world,
+            "cases": cases,
+            "ran": sorted({r["case"] for r in merged}),
+            "failures": bad,
+            "seconds": round(time.time() - t0, 2),
+            "results": merged,
+        }
+        if out_path:
+            with open(out_path, "w") as f:
+                json.dump(summary, f, indent=1, default=str)
+        for r in bad[:40]:
+            print(f"FAIL [{r['case']} rank {r['rank']}]", *r["failures"][:4], sep="\n  ", file=sys.stderr)
+        print(f"{len(cases)} cases, {len(bad)} failing (case x rank), {summary['seconds']} s")
+        status = 1 if bad or len(summary["ran"]) != len(cases) else 0
+    return status
+
+
+def setup_threads() -> None:
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def isclose_loss(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-12)
