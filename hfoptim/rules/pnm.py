@@ -88,7 +88,7 @@ class AdaPNMRule(Rule):
                    {\sqrt{v^{\max}_t/(1-\beta_2^t)}+\epsilon}
 
     ``exp_avg`` holds the momentum of odd steps, ``neg_exp_avg`` that of even steps (per
-    parameter step parity); ``max_exp_avg_sq`` is kept always and used when ``amsgrad=True``.
+    parameter step parity); ``max_exp_avg_sq`` exists only with ``amsgrad=True``.
     ``betas = (beta1, beta2, beta0)``. The first-moment bias correction is ``1 - beta1^t`` as
     in the paper and the official code.
 
@@ -111,7 +111,7 @@ class AdaPNMRule(Rule):
         Slot("exp_avg", FIRST_MOMENT),
         Slot("neg_exp_avg", FIRST_MOMENT),
         Slot("exp_avg_sq", SECOND_MOMENT),
-        Slot("max_exp_avg_sq", SECOND_MOMENT),
+        Slot("max_exp_avg_sq", SECOND_MOMENT, when=lambda group: group["amsgrad"]),
     )
     weight_decay_modes = ("decoupled", "cautious", "l2")
     preconditioned = True

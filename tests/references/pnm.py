@@ -50,9 +50,10 @@ class AdaPNMRef:
         else:
             self.state.update(exp_avg=odd, neg_exp_avg=m)
         v = b2 * self.state.get("exp_avg_sq", zeros) + (1 - b2) * g * g
-        v_max = torch.maximum(self.state.get("max_exp_avg_sq", zeros), v)
-        self.state.update(exp_avg_sq=v, max_exp_avg_sq=v_max if self.amsgrad else zeros)
-        second = v_max if self.amsgrad else v
+        self.state["exp_avg_sq"] = v
+        second = v
+        if self.amsgrad:
+            second = self.state["max_exp_avg_sq"] = torch.maximum(self.state.get("max_exp_avg_sq", zeros), v)
         pn = ((1 + b0) * m - b0 * m_prev) / math.sqrt((1 + b0) ** 2 + b0**2)
         u = pn / (1 - b1**t) / ((second / (1 - b2**t)).sqrt() + self.eps)
         p.mul_(1 - self.lr * self.wd)
