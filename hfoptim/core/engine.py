@@ -291,7 +291,14 @@ class Engine(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
         sd = super().state_dict()
-        sd[STATE_DICT_TAG] = {"rule": self.rule.name, "format": 1}
+        # the (global) parameter shapes, so a load over other shapes fails even for rules whose
+        # state is all per-tensor scalars (Amos), which torch's state_dict could not tell apart
+        shapes = {
+            pid: list(self.param_view(p).global_shape)
+            for saved, group in zip(sd["param_groups"], self.param_groups)
+            for pid, p in zip(saved["params"], group["params"])
+        }
+        sd[STATE_DICT_TAG] = {"rule": self.rule.name, "format": 1, "shapes": shapes}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -325,6 +332,13 @@ class Engine(torch.optim.Optimizer):
                     f"the optimizer {len(group['params'])}"
                 )
             id_to_param.update(zip(saved["params"], group["params"]))
+        for pid, shape in tag.get("shapes", {}).items():
+            p = id_to_param.get(pid)
+            if p is not None and list(self.param_view(p).global_shape) != list(shape):
+                raise ValueError(
+                    f"state_dict was saved for a parameter {pid} of shape {tuple(shape)}, the optimizer's "
+                    f"parameter has shape {tuple(self.param_view(p).global_shape)}"
+                )
         for pid, pstate in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
