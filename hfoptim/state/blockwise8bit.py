@@ -1,0 +1,112 @@
+r"""Blockwise 8-bit state (Dettmers et al. 2022, arXiv 2110.02861), for any rule's first- and
+second-moment slots.
+
+A slot is stored as one byte per element plus one fp32 scale per block of 256 elements:
+
+.. math::
+    s_b = \max_{i \in b} |x_i|,\qquad c_i = \mathrm{nearest}(x_i / s_b),\qquad
+    \mathrm{decode}(c, s)_i = \mathrm{table}[c_i]\; s_b
+
+with the signed dynamic tree code for ``FIRST_MOMENT`` slots and the unsigned dynamic code for
+``SECOND_MOMENT`` slots (:mod:`hfoptim.state.dynamic_code`). ``BUFFER`` slots stay dense.
+
+**Blocks follow the parameter's rows.** A tensor of two or more dimensions is seen as the matrix
+``(shape[0], prod(shape[1:]))`` and each row is cut into blocks of 256; a block never crosses a
+row and a row's last block is shorter when the row length is not a multiple of 256 (it is padded
+with zeros to 256 inside the computation only: the codes keep the parameter's shape). So a
+shard of whole rows (FSDP2's ``Shard(0)``) holds whole blocks and computes its scales alone. A
+0-/1-D tensor is cut into blocks of 256 along the vector.
+
+Stored, per slot: ``"<slot>.codes"`` (uint8, the parameter's local shape) and
+``"<slot>.scale"`` (fp32; ``(rows, blocks per row)`` for 2+-D tensors, ``(blocks,)`` otherwise):
+1 + 4/256 = 1.016 bytes per element.
+
+Tensors with fewer than ``state_min_numel`` elements (default 4096, counted on the WHOLE
+parameter, so precision never depends on the world size) keep fp32 state
+(:func:`hfoptim.state.resolve.codec_for`). The block maxima go through ``stats.block_absmax``,
+which a sharding backend completes for blocks cut by a process boundary.
+
+Differences from bitsandbytes' 8-bit optimizers: the codes are built here from the paper's
+description (bitsandbytes' dynamic map places the levels of each decade differently and its
+largest level is just below 1); blocks follow rows instead of the flat tensor; the threshold
+is the global size (bitsandbytes: ``min_8bit_size`` on the local tensor, 4096 by default);
+bitsandbytes updates ``p`` from the fp32 state before quantizing it, as does this codec (the
+engine encodes after the rule's update).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
+from ..core.stats import LocalStats, ParamView, block_layout, blocked, unblocked
+from .codec import Codec
+from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode, decode_codes, encode_normalized
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+def code_of(slot: Slot) -> DynamicCode:
+    """The signed code for first-moment slots, the unsigned one for second moments."""
+    return SIGNED if slot.kind == FIRST_MOMENT else UNSIGNED
+
+
+def scale_shape(view: ParamView) -> tuple[int, ...]:
+    """Shape of the scales of the local tensor: ``(rows, blocks per row)`` or ``(blocks,)``."""
+    lines, length, lead = block_layout(view, BLOCK)
+    per_line = math.ceil((lead + length) / BLOCK)
+    if len(view.global_shape) >= 2:
+        return (lines, per_line)
+    return (per_line,)
+
+
+def quantize_blocks(x: torch.Tensor, scale: torch.Tensor, code: DynamicCode) -> torch.Tensor:
+    """Codes of the ``(blocks, BLOCK)`` fp32 matrix ``x`` given each block's scale."""
+    return encode_normalized(x / scale.clamp_min(_TINY).unsqueeze(1), code)
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, code: DynamicCode) -> torch.Tensor:
+    """The fp32 ``(blocks, BLOCK)`` values of blocked ``codes`` with one scale per block."""
+    return decode_codes(codes, code) * scale.unsqueeze(1)
+
+
+class Blockwise8bit(Codec):
+    """One byte per element and one fp32 scale per 256; see the module docstring."""
+
+    name = "8bit"
+    kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
+
+    @staticmethod
+    def keys(slot: Slot) -> tuple[str, str]:
+        return f"{slot.name}.codes", f"{slot.name}.scale"
+
+    def shapes(self, slot, view, p):
+        codes, scale = self.keys(slot)
+        return {codes: tuple(view.local_shape), scale: scale_shape(view)}
+
+    def init(self, slot, value, view, *, stats=None):
+        codes, scale = self.keys(slot)
+        stored = {
+            codes: torch.zeros(view.local_shape, dtype=torch.uint8, device=value.device),
+            scale: torch.zeros(scale_shape(view), dtype=torch.float32, device=value.device),
+        }
+        self.encode(slot, stored, value, view, stats=stats)
+        return stored
+
+    def decode(self, slot, stored, view, dtype, *, stats=None):
+        codes, scale = self.keys(slot)
+        blocks = blocked(stored[codes], view, BLOCK)
+        x = dequantize_blocks(blocks, stored[scale].reshape(-1), code_of(slot))
+        return unblocked(x, view, BLOCK).to(dtype)
+
+    def encode(self, slot, stored, value, view, *, stats=None):
+        codes, scale = self.keys(slot)
+        value = value.to(torch.float32)
+        stats = stats or LocalStats()
+        maxima = stats.block_absmax([value], [view], BLOCK)[0]
+        q = quantize_blocks(blocked(value, view, BLOCK), maxima, code_of(slot))
+        stored[codes].copy_(unblocked(q, view, BLOCK))
+        stored[scale].copy_(maxima.reshape(stored[scale].shape))
+
