@@ -65,9 +65,10 @@ class ParamView:
 
     @property
     def local_shape(self) -> tuple[int, ...]:
-        """Shape of the local tensor: ``(rows, *global_shape[1:])`` (``()`` for a scalar)."""
+        """Shape of the local tensor: ``(rows, *global_shape[1:])`` (``()`` for a scalar, ``(0,)``
+        for a scalar held by another process)."""
         if len(self.global_shape) == 0:
-            return ()
+            return () if self.rows else (0,)
         return (self.rows, *self.global_shape[1:])
 
     @property
