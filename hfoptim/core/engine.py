@@ -53,7 +53,10 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     spec["softplus_beta"] = HP(
         50.0, low=0.0, low_open=True, doc="sharpness of denominator='softplus' (Sadam, arXiv 1908.00700: 50)"
     )
-    spec["state"] = HP("fp32", kind="str", doc="storage form of the state: fp32, 8bit, bf16, factored, smmf, shared")
+    spec["state"] = HP(
+        "auto", kind="str", doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, bf16, "
+        "factored, smmf, shared"
+    )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
@@ -87,6 +90,22 @@ class Engine(torch.optim.Optimizer):
         self.layout = LocalLayout(foreach=self.foreach)
         self._handed_loss: Any = None
         super().__init__(params, defaults)
+
+    #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
+    #: identity; a sharded layout is found again at the next step)
+    _REBUILT = frozenset({"_spec", "layout"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copy.deepcopy and pickle: everything but the hooks (as torch) and the rebuilt
+        parts. torch's own ``__getstate__`` keeps only defaults/state/param_groups, losing the rule."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in self._REBUILT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._spec = engine_hyperparams(type(self.rule))
+        self.layout = LocalLayout(foreach=self.foreach)
+        for group in self.param_groups:
+            self.layout.register(group["params"])
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, options: dict, where: str) -> dict:
