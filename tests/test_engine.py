@@ -8,7 +8,9 @@ storage forms (factored, SMMF, ...) engage even on tiny tensors.
 
 from __future__ import annotations
 
+import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -220,3 +222,29 @@ def test_sparse_and_complex_are_refused_clearly(name):
         do_step(name, opt, 1)
     with pytest.raises((RuntimeError, ValueError, TypeError), match="complex"):
         build(name, [torch.nn.Parameter(torch.randn(3, dtype=torch.complex64))])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deepcopy_continues_like_the_original(name):
+    params = make_params()
+    opt = build(name, params)
+    run(name, opt, params, 2)
+    clone = copy.deepcopy(opt)
+    clone_params = [p for g in clone.param_groups for p in g["params"]]
+    assert all(a is not b for a, b in zip(params, clone_params))
+    run(name, opt, params, 3, start=3)
+    run(name, clone, clone_params, 3, start=3)
+    for p, q in zip(params, clone_params):
+        assert torch.equal(p, q), f"{name}: the deep copy diverged"
+
+
+def test_pickle_round_trip():
+    params = make_params()
+    opt = build("adamw_cautious", params)
+    run("adamw_cautious", opt, params, 2)
+    loaded = pickle.loads(pickle.dumps(opt))
+    assert type(loaded) is type(opt) and loaded.rule.name == "adamw"
+    loaded_params = [p for g in loaded.param_groups for p in g["params"]]
+    run("adamw_cautious", opt, params, 2, start=3)
+    run("adamw_cautious", loaded, loaded_params, 2, start=3)
+    assert all(torch.equal(p, q) for p, q in zip(params, loaded_params))
