@@ -225,3 +225,18 @@ def test_accelerate_prepares_it():
         assert prepared.state_dict()["param_groups"][0]["lookahead_step"] == 2
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_trainer_resume_mid_period_equals_an_uninterrupted_run(tmp_path):
+    """A real Trainer run by name; the checkpoint at step 3 falls between two syncs (k = 2)."""
+    from tests.test_trainer_train import assert_same_training_state, train
+    from tests.trainer_setup import inner_optimizer, tiny_llama
+
+    common = dict(optim="adamw_lookahead", optim_args="lookahead_k=2,lookahead_alpha=0.5", max_steps=6)
+    whole = train(tmp_path / "whole", save_strategy="steps", save_steps=3, **common)
+    resumed = train(tmp_path / "resumed", model=tiny_llama(seed=7), resume=str(tmp_path / "whole" / "checkpoint-3"),
+                    **common)
+    opt = inner_optimizer(resumed)
+    assert isinstance(opt, Lookahead) and opt.lookahead_step == 6 and opt.k == 2
+    assert_same_training_state(whole, resumed)
+    assert all(torch.equal(a, b) for a, b in zip(inner_optimizer(whole).slow.values(), opt.slow.values()))
