@@ -67,7 +67,7 @@ def test_adanorm_matches_pytorch_optimizer():
     compare_with_anchor(
         lambda ps: hfoptim.AdaNorm(ps, gamma=0.7, **hp),
         lambda ps: POAdaNorm(ps, r=0.7, weight_decouple=False, **hp),
-        rtol=1e-6,
-        atol=1e-9,
+        rtol=1e-9,
+        atol=1e-12,
         state_pairs=(("exp_avg", "exp_avg"), ("exp_avg_sq", "exp_avg_var"), ("exp_grad_norm", "exp_grad_norm")),
     )
