@@ -91,6 +91,22 @@ class Engine(torch.optim.Optimizer):
         self._handed_loss: Any = None
         super().__init__(params, defaults)
 
+    #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
+    #: identity; a sharded layout is found again at the next step)
+    _REBUILT = frozenset({"_spec", "layout"})
+
+    def __getstate__(self) -> dict[str, Any]:
+        """For copy.deepcopy and pickle: everything but the hooks (as torch) and the rebuilt
+        parts. torch's own ``__getstate__`` keeps only defaults/state/param_groups, losing the rule."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_") and k not in self._REBUILT}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._spec = engine_hyperparams(type(self.rule))
+        self.layout = LocalLayout(foreach=self.foreach)
+        for group in self.param_groups:
+            self.layout.register(group["params"])
+
     # ------------------------------------------------------------------ validation
     def _validate_group(self, options: dict, where: str) -> dict:
         values = validate_all(self._spec, options, where)
