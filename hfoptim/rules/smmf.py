@@ -25,8 +25,9 @@ class SMMFRule(Rule):
 
     **Storage** is separate from this math: by default both moments use ``"smmf"``
     (:mod:`hfoptim.state.smmf`: square matricization ``(n/i, i)`` of every tensor, 1-D included,
-    rank-1 non-negative factors, the first moment's sign as 1 bit per element). ``state="fp32"``
-    is replaced by this default; other forms (``"factored"``, ``"8bit"``, ...) may be asked for.
+    rank-1 non-negative factors, the first moment's sign as 1 bit per element); ``state="fp32"``
+    keeps both dense (the fp32 twin); other forms (``"factored"``, ``"8bit"``, ...) replace the
+    factors of the slots they can hold.
 
     **decay_rate**: the authors' code defaults to -0.5, its docstring (and Adafactor) says -0.8;
     we follow the code, -0.5. Without ``beta1`` (None) the rule keeps no first moment and divides
