@@ -33,8 +33,8 @@ class AdafactorRule(Rule):
     2+-D tensor, dense for 1-D tensors. The rule updates the decoded ``\hat V_{t-1}`` with
     ``G_t^2 + eps1`` and asks ``ctx.stored`` for the stored form of the result, which is exactly
     ``R_t C_t / 1^T R_t`` above (row/column sums are linear). ``state="smmf"`` or ``"shared"``
-    store it otherwise, ``state="fp32"`` keeps it dense (the unfactored Adafactor of the paper's
-    Algorithm 2 family); the math here does not change.
+    store it otherwise, ``state="fp32"`` keeps it dense (the unfactored form the paper uses for
+    vectors); the math here does not change.
 
     **The precision fix.** ``\hat V_t`` is formed in fp32 (at least) as ``(R / 1^T R) C`` and the
     square root is taken once, last (``G / sqrt(V_hat)``), instead of the common
