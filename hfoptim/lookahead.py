@@ -17,16 +17,20 @@ GradScaler, accelerate and the HF Trainer drive it like the inner optimizer.
 * Slow weights are created lazily, on a parameter's first step (its value before the inner
   step, i.e. :math:`\theta_0`), never in ``__init__``: accelerate may swap the parameters after
   the optimizer is built. bf16/fp16 parameters keep fp32 slow weights.
-* ``state_dict()`` is the inner optimizer's, plus the slow weights as ``"lookahead_slow"`` in
-  each parameter's ``state`` entry and ``lookahead_k`` / ``lookahead_alpha`` /
-  ``lookahead_step`` (the step counter) in every ``param_groups`` entry, so tools that
-  reshard per-parameter state and keep group options (distributed checkpoints) carry them.
+* Each parameter counts its own steps (the steps in which it had a gradient) and syncs after
+  every k-th of them, like the engine's per-parameter step counter: DeepSpeed ZeRO-3 calls
+  ``step()`` once per sub-group, so one counter of ``step()`` calls would sync too often.
+* ``state_dict()`` is the inner optimizer's, plus ``"lookahead_slow"`` (slow weights) and
+  ``"lookahead_step"`` (the parameter's count) in each parameter's ``state`` entry and
+  ``lookahead_k`` / ``lookahead_alpha`` in every ``param_groups`` entry, so tools that reshard
+  per-parameter state and keep group options (distributed checkpoints) carry them.
   ``load_state_dict`` restores all of it exactly (k and alpha included, as torch restores group
   hyperparameters) and raises ``ValueError`` for a state dict without Lookahead entries or with
   slow weights of other shapes.
 
 Intended difference from pytorch_optimizer's ``Lookahead``: it copies the slow weights in
-``__init__`` (ours: at the first step) and counts steps per parameter group; it also offers
+``__init__`` (ours: at the first step) and counts ``step()`` calls per parameter group (ours:
+steps per parameter; the same when every parameter gets a gradient every step); it also offers
 momentum "pullback"/"reset" options that this wrapper does not.
 """
 
@@ -41,7 +45,8 @@ import torch
 from .core.hparams import HyperparameterError
 
 SLOW_KEY = "lookahead_slow"
-GROUP_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
+STEP_KEY = "lookahead_step"
+GROUP_KEYS = ("lookahead_k", "lookahead_alpha")
 
 
 def _check_k(k: Any) -> int:
@@ -74,10 +79,10 @@ class Lookahead(torch.optim.Optimizer):
         self.k = _check_k(k)
         self.alpha = _check_alpha(alpha)
         self.optimizer = optimizer
-        #: how many times ``step()`` ran; the slow weights sync when it is a multiple of k
-        self.lookahead_step = 0
         #: slow weights by parameter, created on a parameter's first step
         self.slow: dict[torch.Tensor, torch.Tensor] = {}
+        #: steps taken by each parameter; it syncs when its count is a multiple of k
+        self.steps: dict[torch.Tensor, int] = {}
         # what torch.optim.Optimizer.__init__ sets up, without building parameter groups of our own
         self._optimizer_step_pre_hooks = OrderedDict()
         self._optimizer_step_post_hooks = OrderedDict()
@@ -140,7 +145,8 @@ class Lookahead(torch.optim.Optimizer):
         return p.detach().to(dtype=dtype, copy=True)
 
     def step(self, closure=None, **kwargs):
-        """One inner step; after every k-th, ``slow += alpha (fast - slow)`` and ``fast = slow``."""
+        """One inner step; a parameter that has taken k more steps since its last sync then gets
+        ``slow += alpha (fast - slow)`` and ``fast = slow``."""
         # slow weights start as the value before a parameter's first step; with a closure the
         # gradients appear only inside the inner step, so snapshot every parameter still lacking
         # slow weights and keep the copies of those that got a gradient
@@ -150,16 +156,22 @@ class Lookahead(torch.optim.Optimizer):
         for p, copy in zip(new, copies):
             if p.grad is not None:
                 self.slow[p] = copy
-        self.lookahead_step += 1
-        if self.lookahead_step % self.k == 0:
-            self.sync()
+        due = []
+        for p in self._params():
+            if p.grad is not None and p in self.slow:
+                self.steps[p] = self.steps.get(p, 0) + 1
+                if self.steps[p] % self.k == 0:
+                    due.append(p)
+        self.sync(due)
         return result
 
     @torch.no_grad()
-    def sync(self) -> None:
-        """Move the slow weights toward the fast ones and reset the fast weights to them."""
+    def sync(self, params: list[torch.Tensor] | None = None) -> None:
+        """Move the slow weights of ``params`` (default: all that have some) toward the fast
+        ones and reset the fast weights to them."""
+        params = list(self._params()) if params is None else params
         buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-        for p in self._params():
+        for p in params:
             slow = self.slow.get(p)
             if slow is not None:
                 buckets[(slow.device, slow.dtype, p.dtype)].append((p, slow))
@@ -181,12 +193,10 @@ class Lookahead(torch.optim.Optimizer):
                 if p in self.slow:
                     entry = dict(state.get(index, {}))
                     entry[SLOW_KEY] = self.slow[p]
+                    entry[STEP_KEY] = torch.tensor(self.steps.get(p, 0), dtype=torch.int64)
                     state[index] = entry
                 index += 1
-        groups = [
-            {**g, "lookahead_k": self.k, "lookahead_alpha": self.alpha, "lookahead_step": self.lookahead_step}
-            for g in sd["param_groups"]
-        ]
+        groups = [{**g, "lookahead_k": self.k, "lookahead_alpha": self.alpha} for g in sd["param_groups"]]
         return {**sd, "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -197,18 +207,20 @@ class Lookahead(torch.optim.Optimizer):
                 "this state_dict was not saved by hfoptim.Lookahead (its param_groups lack "
                 f"{', '.join(GROUP_KEYS)}); load it into the inner optimizer instead"
             )
-        k, alpha, step = (groups[0][key] for key in GROUP_KEYS)
-        if any((g["lookahead_k"], g["lookahead_alpha"], g["lookahead_step"]) != (k, alpha, step) for g in groups):
+        k, alpha = (groups[0][key] for key in GROUP_KEYS)
+        if any((g["lookahead_k"], g["lookahead_alpha"]) != (k, alpha) for g in groups):
             raise ValueError("inconsistent Lookahead entries across param_groups of this state_dict")
         k, alpha = _check_k(k), _check_alpha(alpha)
-        if not isinstance(step, int) or step < 0:
-            raise ValueError(f"invalid lookahead_step={step!r} in this state_dict")
         params = list(self._params())
         slow: dict[torch.Tensor, torch.Tensor] = {}
+        steps: dict[torch.Tensor, int] = {}
         inner_state = {}
         for pid, entry in state_dict["state"].items():
             entry = dict(entry)
             saved_slow = entry.pop(SLOW_KEY, None)
+            saved_step = entry.pop(STEP_KEY, None)
+            if (saved_slow is None) != (saved_step is None):
+                raise ValueError(f"state_dict entry {pid!r} has only one of {SLOW_KEY!r} and {STEP_KEY!r}")
             if saved_slow is not None:
                 if not isinstance(pid, int) or not 0 <= pid < len(params):
                     raise ValueError(f"state_dict has Lookahead slow weights for unknown parameter id {pid!r}")
@@ -219,8 +231,9 @@ class Lookahead(torch.optim.Optimizer):
                         f"the parameter {tuple(p.shape)}"
                     )
                 slow[p] = saved_slow.to(device=p.device, copy=True)
+                steps[p] = int(saved_step)
             if entry:
                 inner_state[pid] = entry
         inner_groups = [{key: v for key, v in g.items() if key not in GROUP_KEYS} for g in groups]
         self.optimizer.load_state_dict({**state_dict, "state": inner_state, "param_groups": inner_groups})
-        self.k, self.alpha, self.lookahead_step, self.slow = k, alpha, step, slow
+        self.k, self.alpha, self.slow, self.steps = k, alpha, slow, steps

@@ -65,6 +65,32 @@ def test_first_slow_weights_are_pre_step_values_with_a_closure():
     torch.testing.assert_close(opt.slow[p], init)
 
 
+@pytest.mark.parametrize("schedule", ["late_start", "sub_groups"])
+def test_each_parameter_counts_its_own_steps(schedule):
+    """late_start: b gets its first gradient at step 2 and syncs on its own schedule.
+    sub_groups: as DeepSpeed ZeRO-3, step() runs once per sub-group ({a}, then {b}) per training
+    step; each parameter still syncs after k of ITS steps, not after k step() calls."""
+    init = [torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)]
+    params = [torch.nn.Parameter(x.clone()) for x in init]
+    opt = Lookahead(torch.optim.SGD(params, lr=0.1, momentum=0.5), k=3, alpha=0.25)
+    refs = [LookaheadRef(SGDRef(0.1, 0.5), k=3, alpha=0.25) for _ in params]
+    ref_params = [x.clone() for x in init]
+    for t in range(1, 10):
+        grads = gradients(ref_params, t)
+        if schedule == "late_start":
+            params[0].grad, params[1].grad = grads[0].clone(), (grads[1].clone() if t > 1 else None)
+            opt.step()
+        else:
+            for i in (0, 1):
+                params[i].grad, params[1 - i].grad = grads[i].clone(), None
+                opt.step()
+        for i, (ref, rp, g) in enumerate(zip(refs, ref_params, grads)):
+            if not (schedule == "late_start" and i == 1 and t == 1):
+                ref.step(rp, g)
+        for p, rp in zip(params, ref_params):
+            torch.testing.assert_close(p.detach(), rp, rtol=1e-12, atol=1e-14)
+
+
 def test_parameters_without_gradients_get_no_slow_weights():
     a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
     opt = Lookahead(hfoptim.AdamW([a, b]), k=2)
@@ -115,7 +141,7 @@ def test_state_dict_round_trip_mid_run_is_exact(inner):
     buffer.seek(0)
     fresh = make(resumed)
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
-    assert fresh.lookahead_step == 7
+    assert set(fresh.steps.values()) == {7}
     _run(fresh, resumed, 4, start=8)
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
@@ -129,9 +155,10 @@ def test_state_dict_carries_slow_weights_counter_and_options():
     opt.step()
     sd = opt.state_dict()
     assert torch.equal(sd["state"][0]["lookahead_slow"], opt.slow[p])
+    assert int(sd["state"][0]["lookahead_step"]) == 1
     assert {"exp_avg", "exp_avg_sq", "step"} <= set(sd["state"][0])
     g = sd["param_groups"][0]
-    assert (g["lookahead_k"], g["lookahead_alpha"], g["lookahead_step"]) == (4, 0.2, 1)
+    assert (g["lookahead_k"], g["lookahead_alpha"]) == (4, 0.2)
     assert "lookahead_k" not in opt.param_groups[0]  # the live groups stay the inner optimizer's
 
 
@@ -204,7 +231,7 @@ def test_survives_deepcopy():
     p.grad = torch.randn(3)
     opt.step()
     clone = copy.deepcopy(opt)
-    assert clone.lookahead_step == 1 and len(clone.slow) == 1
+    assert list(clone.steps.values()) == [1] and len(clone.slow) == 1
     clone.step()
 
 
@@ -221,8 +248,8 @@ def test_accelerate_prepares_it():
             accelerator.backward(model(torch.randn(4, 3)).square().sum())
             prepared.step()
             prepared.zero_grad()
-        assert opt.lookahead_step == 2 and len(opt.slow) == 2
-        assert prepared.state_dict()["param_groups"][0]["lookahead_step"] == 2
+        assert set(opt.steps.values()) == {2} and len(opt.slow) == 2
+        assert int(prepared.state_dict()["state"][0]["lookahead_step"]) == 2
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
 
@@ -237,6 +264,6 @@ def test_trainer_resume_mid_period_equals_an_uninterrupted_run(tmp_path):
     resumed = train(tmp_path / "resumed", model=tiny_llama(seed=7), resume=str(tmp_path / "whole" / "checkpoint-3"),
                     **common)
     opt = inner_optimizer(resumed)
-    assert isinstance(opt, Lookahead) and opt.lookahead_step == 6 and opt.k == 2
+    assert isinstance(opt, Lookahead) and set(opt.steps.values()) == {6} and opt.k == 2
     assert_same_training_state(whole, resumed)
     assert all(torch.equal(a, b) for a, b in zip(inner_optimizer(whole).slow.values(), opt.slow.values()))
