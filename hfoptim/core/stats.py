@@ -187,8 +187,7 @@ class LocalStats:
             if blocks.numel() == 0:
                 out.append(blocks.new_zeros(blocks.shape[0]))
                 continue
-            low, high = torch.aminmax(blocks, dim=1)
-            out.append(torch.maximum(high, low.neg()))
+            out.append(torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg()))
         return out
 
 
