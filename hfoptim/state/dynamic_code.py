@@ -107,15 +107,17 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     """Nearest code (uint8) of each element of ``y`` (fp32, ``|y| <= 1``; larger magnitudes give
     the top code). The unsigned code stores ``|y|``."""
     _, first, above = code.tables(y.device)
+    shape = y.shape
+    y = y.reshape(-1)
     bits = (y.view(torch.int32) >> 16) & 0x7FFF  # bf16 interval of |y|
-    index = first[bits]
-    index = index + (y.abs() > above[index]).to(torch.int32)
+    index = first.index_select(0, bits)
+    index = index + (y.abs() > above.index_select(0, index)).to(torch.int32)
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
-    return index.to(torch.uint8)
+    return index.to(torch.uint8).view(shape)
 
 
 def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     """The table values (fp32) of ``codes`` (uint8, any shape)."""
     table, _, _ = code.tables(codes.device)
-    return table[codes.to(torch.int32)]
+    return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
