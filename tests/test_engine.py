@@ -100,7 +100,7 @@ def test_bf16_parameters_step_in_fp32_close_to_fp32(name):
     for p, q in zip(low, high):
         assert p.dtype == torch.bfloat16
         torch.testing.assert_close(p.float(), q.detach(), rtol=2e-2, atol=2e-2, msg=lambda m: f"{name}: {m}")
-    if spec(name).options.get("state", "fp32") == "fp32":  # storage forms decide their own dtypes
+    if spec(name).options.get("state", "auto") in ("auto", "fp32"):  # 8bit/bf16 forms pick their dtypes
         for p in low:
             for key, value in state_tensors(opt_low, p).items():
                 if value.is_floating_point():
