@@ -17,33 +17,16 @@ from transformers import TrainerCallback
 
 import hfoptim
 from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
-from hfoptim.core.engine import optimizer_class
-from hfoptim.core.hparams import HP
-from hfoptim.core.rule import Rule
 from hfoptim.integrations.transformers import DeepSpeedOptimizerConflict, find_engines
 from hfoptim.integrations.transformers.callbacks import BYTES_KEY, PER_PARAM_KEY
-from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
-
-
-class LossProbeRule(Rule):
-    """SGD that records the loss of each step (test only)."""
-
-    name = "lossprobe"
-    class_name = "LossProbe"
-    hyperparams = {"lr": HP(1e-3, low=0.0), "weight_decay": HP(0.0, low=0.0)}
-    needs_loss = True
-    seen: dict[int, float] = {}
-
-    def update(self, ctx, p, g, s):
-        step = ctx.steps[0]
-        assert LossProbeRule.seen.setdefault(step, ctx.loss) == ctx.loss  # one loss per step, every bucket
-        return g * 1.0
+from tests.trainer_setup import LossProbeRule, TokenData, inner_optimizer, lossprobe_entries, run_args, tiny_llama
 
 
 @pytest.fixture
 def lossprobe(monkeypatch):
-    monkeypatch.setitem(hfoptim.registry.RULES, "lossprobe", LossProbeRule)
-    monkeypatch.setitem(hfoptim.registry.CLASSES, "lossprobe", optimizer_class(LossProbeRule, "LossProbe"))
+    entries = lossprobe_entries()
+    monkeypatch.setitem(hfoptim.registry.RULES, "lossprobe", entries["rule"])
+    monkeypatch.setitem(hfoptim.registry.CLASSES, "lossprobe", entries["class"])
     LossProbeRule.seen = {}
     return LossProbeRule
 
@@ -65,6 +48,27 @@ def test_loss_of_each_step_over_gradient_accumulation(tmp_path, lossprobe):
     assert sorted(lossprobe.seen) == [1, 2, 3]
     assert seen == pytest.approx(logged_losses(trainer), rel=1e-6, abs=0)
     assert len(set(seen)) == 3  # a fresh loss every step, not a stale one
+
+
+def test_adalo_gets_the_trainers_step_loss(tmp_path):
+    """AdaLo's loss EMA after the run, recomputed from the Trainer's logged step losses:
+    e_t = b2 e_(t-1) + (1 - b2) / (2 + L_t), e_0 = 0 (with gradient accumulation)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "AdaLo ignores lr": the Trainer always passes one
+        trainer = make_trainer(
+            tmp_path, optim="adalo", optim_args="betas=(0.9,0.8),kappa=2.0", max_steps=3, gradient_accumulation_steps=2
+        )
+        trainer.train()
+    opt = inner_optimizer(trainer)
+    assert type(opt) is hfoptim.AdaLo and opt.param_groups[0]["betas"] == (0.9, 0.8)  # no Adam args for AdaLo
+    e = 0.0
+    for loss in logged_losses(trainer):
+        e = 0.8 * e + 0.2 / (2.0 + loss)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            assert float(opt.state[p]["loss_ema"]) == pytest.approx(e, rel=1e-5)
 
 
 def test_loss_is_handed_over_before_the_backward_that_steps(tmp_path, lossprobe):

@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from hfoptim.core.engine import optimizer_class
+from hfoptim.core.hparams import HP
+from hfoptim.core.rule import Rule
+
 VOCAB = 128
 SEQ = 16
 
@@ -58,3 +62,23 @@ def inner_optimizer(trainer):
     """The optimizer under accelerate's wrapper."""
     opt = trainer.optimizer
     return getattr(opt, "optimizer", opt)
+
+
+class LossProbeRule(Rule):
+    """SGD that records the loss the engine gives it at each step (tests only)."""
+
+    name = "lossprobe"
+    class_name = "LossProbe"
+    hyperparams = {"lr": HP(1e-3, low=0.0), "weight_decay": HP(0.0, low=0.0)}
+    needs_loss = True
+    seen: dict[int, float] = {}
+
+    def update(self, ctx, p, g, s):
+        step = ctx.steps[0]
+        assert LossProbeRule.seen.setdefault(step, ctx.loss) == ctx.loss  # one loss per step, every bucket
+        return g * 1.0
+
+
+def lossprobe_entries() -> dict:
+    """What to put into ``hfoptim.registry.RULES`` / ``CLASSES`` to make ``optim="lossprobe"`` exist."""
+    return {"rule": LossProbeRule, "class": optimizer_class(LossProbeRule, "LossProbe")}
