@@ -1,0 +1,210 @@
+"""Shared pieces of the benchmark scripts: the machine, transformer-shaped parameter sets, and
+interleaved timing against a baseline measured in the same process.
+
+Not a benchmark itself (``hfoptim bench`` skips files starting with ``_``). Import it from a
+script in this folder with ``from _timing import ...`` (each script puts this folder on
+``sys.path``).
+
+Why interleaved ratios: on a shared or busy CPU, and even with a different glibc malloc setting,
+the absolute step time of torch AdamW (foreach) moves by 1.5x between runs. A ratio to a baseline
+timed in the same rounds, alternating with the candidate, cancels most of that drift.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ---------------------------------------------------------------------------------------- machine
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on: CPU, cores, threads, versions, date, load."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    malloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    return {
+        "cpu": cpu_model(),
+        "cores": cores,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "load_average_1_5_15": load,
+        "git_commit": _git_commit(),
+        "malloc_env": malloc,
+    }
+
+
+def machine_line(info: dict) -> str:
+    load = info.get("load_average_1_5_15")
+    load_text = f", load average {load[0]:.1f}" if load else ""
+    return (
+        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"Python {info['python']}, {info['date'][:10]}, hfoptim {info['git_commit']}{load_text}"
+    )
+
+
+def library_versions() -> dict:
+    from importlib import metadata
+
+    out = {}
+    for dist in ("torch", "pytorch_optimizer", "bitsandbytes", "torchao", "transformers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            try:  # importable from PYTHONPATH without dist metadata in this environment
+                out[dist] = __import__(dist).__version__
+            except Exception:
+                out[dist] = None
+    return out
+
+
+# ---------------------------------------------------------------------------------------- shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """A decoder-only transformer's parameter shapes (Llama layout: q, k, v, o, gate, up, down,
+    two RMSNorm weights per layer; tied embedding; a final norm)."""
+
+    label: str
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+
+    def shapes(self) -> list[tuple[int, ...]]:
+        h, i = self.hidden, self.intermediate
+        out: list[tuple[int, ...]] = [(self.vocab, h)]
+        for _ in range(self.layers):
+            out += [(h, h), (h, h), (h, h), (h, h), (i, h), (i, h), (h, i), (h,), (h,)]
+        out.append((h,))
+        return out
+
+    @property
+    def numel(self) -> int:
+        total = 0
+        for s in self.shapes():
+            n = 1
+            for d in s:
+                n *= d
+            total += n
+        return total
+
+
+#: the parameter sets of the speed benchmark (about 6M, 25M and 100M parameters)
+MODEL_SHAPES = {
+    "6M": ModelShape("6M", vocab=8192, hidden=256, layers=6, intermediate=688),
+    "25M": ModelShape("25M", vocab=16384, hidden=512, layers=5, intermediate=1376),
+    "100M": ModelShape("100M", vocab=32000, hidden=768, layers=10, intermediate=2048),
+}
+
+
+def make_params(shape: ModelShape, seed: int = 0, grad_scale: float = 1e-2) -> list[torch.nn.Parameter]:
+    """fp32 parameters of ``shape`` with a fixed random gradient each (set once, reused by every
+    step; optimizers are expected not to change ``p.grad``)."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shape.shapes():
+        p = torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)
+        p.grad = torch.randn(s, generator=gen) * grad_scale
+        params.append(p)
+    return params
+
+
+# ---------------------------------------------------------------------------------------- timing
+def time_steps(step: Callable[[], object], n: int) -> float:
+    """Seconds per call of ``step``, over ``n`` consecutive calls."""
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    return (time.perf_counter() - start) / n
+
+
+def calibrate(step: Callable[[], object], target_seconds: float, max_steps: int = 64) -> int:
+    """How many calls make one sample last about ``target_seconds`` (at least one)."""
+    once = time_steps(step, 1)
+    return max(1, min(max_steps, round(target_seconds / max(once, 1e-9))))
+
+
+@dataclass
+class Paired:
+    """Per-step seconds of a candidate and of each baseline, one entry per round."""
+
+    candidate: list[float] = field(default_factory=list)
+    baselines: dict[str, list[float]] = field(default_factory=dict)
+
+    def median_seconds(self) -> float:
+        return statistics.median(self.candidate)
+
+    def ratio(self, baseline: str) -> float:
+        """Median over rounds of candidate time / baseline time in the same round."""
+        return statistics.median(c / b for c, b in zip(self.candidate, self.baselines[baseline]))
+
+    def spread(self, baseline: str) -> tuple[float, float]:
+        """(min, max) of the per-round ratios."""
+        ratios = [c / b for c, b in zip(self.candidate, self.baselines[baseline])]
+        return min(ratios), max(ratios)
+
+
+def interleaved(
+    candidate: Callable[[], object],
+    baselines: dict[str, Callable[[], object]],
+    rounds: int,
+    target_seconds: float,
+    max_steps: int = 64,
+) -> Paired:
+    """Time ``candidate`` and every baseline in ``rounds`` rounds; within a round each runs a
+    block of steps back to back, the order rotating from round to round."""
+    runners = {"": candidate, **baselines}
+    steps = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
+    out = Paired(baselines={k: [] for k in baselines})
+    keys = list(runners)
+    for r in range(rounds):
+        order = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for k in order:
+            seconds = time_steps(runners[k], steps[k])
+            (out.candidate if k == "" else out.baselines[k]).append(seconds)
+    return out
+
+
+def write_json(path: Path, record: dict) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")

@@ -1,0 +1,452 @@
+"""Optimizer step time on transformer-shaped parameter sets, as ratios to torch AdamW.
+
+    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 10 minutes on 2 cores)
+    python benchmarks/speed.py --quick    # a smoke run: 6M, a few names, 3 rounds
+
+Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSNorm weights; see
+``_timing.MODEL_SHAPES``) with a fixed random gradient. Every optimizer steps the same fp32
+parameters; each candidate is timed in rounds interleaved with torch AdamW (``foreach=True``)
+and torch AdamW (``fused=True``), both kept alive for the whole size, and the reported ratio is
+the median over rounds of (candidate time / baseline time in the same round). Absolute
+milliseconds are reported too but move with the machine's load and malloc settings; the ratios
+are what to compare.
+
+Measured: every hfoptim base name and each storage form it supports (``_8bit``, ``_bf16``,
+``_factored``, ``_smmf``, ``_shared``, whichever exist) at 6M; at 25M the base names and the
+storage forms of AdamW, AdEMAMix and Adan; at 100M only AdamW, AdEMAMix and Adan (and their
+storage forms) to keep the run bounded. Peers implementing the same algorithm: torch.optim,
+pytorch_optimizer (``foreach=True``), bitsandbytes (32-bit and 8-bit) and torchao's low-bit AdamW
+when importable. Default hyperparameters everywhere except ``lr=1e-3``.
+
+Writes ``results/speed.json``, ``results/speed.md`` and ``results/speed_scaling.png``
+(``speed_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (  # noqa: E402
+    MODEL_SHAPES,
+    RESULTS_DIR,
+    interleaved,
+    library_versions,
+    machine_info,
+    machine_line,
+    make_params,
+    write_json,
+)
+
+LR = 1e-3
+#: the algorithms measured at every size (with their storage forms and peers)
+CORE = ("adamw", "ademamix", "adan")
+#: storage forms whose step hfoptim compiles by default (compile="auto"; see hfoptim.core.fused)
+COMPILED_FORMS = ("8bit", "bf16")
+BASELINE_FOREACH = "torch AdamW foreach"
+BASELINE_FUSED = "torch AdamW fused"
+
+
+@dataclass
+class Candidate:
+    label: str
+    library: str
+    algorithm: str  # the hfoptim base name of the same algorithm
+    state: str  # storage form: fp32, 8bit, 4bit, fp8, bf16, factored, smmf, shared
+    build: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+    needs_loss: bool = False
+
+
+@dataclass
+class Row:
+    size: str
+    numel: int
+    label: str
+    library: str
+    algorithm: str
+    state: str
+    ms: float | None = None
+    ratio_foreach: float | None = None
+    ratio_fused: float | None = None
+    ratio_foreach_min: float | None = None
+    ratio_foreach_max: float | None = None
+    first_step_s: float | None = None
+    rounds: int = 0
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- candidates
+def _construct(cls, params, **options):
+    return cls(params, lr=LR, **options)
+
+
+def hfoptim_candidates() -> list[Candidate]:
+    """Every base name (rule or alias) and every base + storage form that builds."""
+    from hfoptim.registry import ALIASES, get_optimizer, list_optimizers
+    from hfoptim.rules import RULES
+    from hfoptim.state.codec import CODECS
+
+    bases = sorted({*RULES, *ALIASES})
+    forms = [f for f in CODECS if f != "fp32"]
+    listed = set(list_optimizers())
+    out = []
+    for base in bases:
+        names = [base] + [f"{base}_{form}" for form in forms if f"{base}_{form}" in listed]
+        for name in names:
+            spec = get_optimizer(name)
+            state = spec.options.get("state", "default")
+            variants = [(name, {})]
+            if state in COMPILED_FORMS and base in CORE:  # the plain (uncompiled) path as well
+                variants.append((f"{name} compile=off", {"compile": "off"}))
+            for label, options in variants:
+                out.append(
+                    Candidate(
+                        label=label,
+                        library="hfoptim",
+                        algorithm=base,
+                        state=state,
+                        build=partial(_construct, spec, **options),
+                        needs_loss=spec.rule.needs_loss,
+                    )
+                )
+    return out
+
+
+def _quiet_import(module: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return __import__(module, fromlist=["_"])
+
+
+def peer_candidates() -> list[Candidate]:
+    """The same algorithms from torch.optim, pytorch_optimizer, bitsandbytes and torchao (those
+    that import)."""
+    out = [
+        Candidate(BASELINE_FUSED, "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True)),
+        Candidate(
+            "torch AdamW for-loop", "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False)
+        ),
+        Candidate(
+            "torch Adafactor foreach",
+            "torch",
+            "adafactor",
+            "factored",
+            lambda ps: torch.optim.Adafactor(ps, lr=LR, foreach=True),
+        ),
+    ]
+    try:
+        po = _quiet_import("pytorch_optimizer")
+        for cls, algorithm, state in (
+            ("AdEMAMix", "ademamix", "fp32"),
+            ("Adan", "adan", "fp32"),
+            ("AdaFactor", "adafactor", "factored"),
+            ("Lamb", "lamb", "fp32"),
+            ("DiffGrad", "diffgrad", "fp32"),
+            ("AdaNorm", "adanorm", "fp32"),
+            ("PNM", "pnm", "fp32"),
+            ("AdaPNM", "adapnm", "fp32"),
+            ("Amos", "amos", "shared"),
+        ):
+            out.append(
+                Candidate(
+                    f"pytorch_optimizer {cls}",
+                    "pytorch_optimizer",
+                    algorithm,
+                    state,
+                    partial(_construct, getattr(po, cls), foreach=True),
+                )
+            )
+    except ImportError:
+        pass
+    try:
+        bnb = _quiet_import("bitsandbytes")
+        for cls, algorithm, state in (
+            ("AdamW32bit", "adamw", "fp32"),
+            ("AdamW8bit", "adamw", "8bit"),
+            ("AdEMAMix32bit", "ademamix", "fp32"),
+            ("AdEMAMix8bit", "ademamix", "8bit"),
+            ("LAMB32bit", "lamb", "fp32"),
+            ("LAMB8bit", "lamb", "8bit"),
+        ):
+            out.append(
+                Candidate(
+                    f"bitsandbytes {cls}",
+                    "bitsandbytes",
+                    algorithm,
+                    state,
+                    partial(_construct, getattr(bnb.optim, cls)),
+                )
+            )
+    except ImportError:
+        pass
+    try:
+        ao = _quiet_import("torchao.optim")
+        for cls, state in (("AdamW8bit", "8bit"), ("AdamW4bit", "4bit"), ("AdamWFp8", "fp8")):
+            if hasattr(ao, cls):
+                out.append(
+                    Candidate(f"torchao {cls}", "torchao", "adamw", state, partial(_construct, getattr(ao, cls)))
+                )
+    except Exception:  # torchao missing, or built for another torch
+        pass
+    return out
+
+
+#: the smoke run (--quick): one name per kind of path
+QUICK = (
+    "adamw",
+    "ademamix_8bit",
+    "adan_factored",
+    BASELINE_FUSED,
+    "pytorch_optimizer AdEMAMix",
+    "bitsandbytes AdamW8bit",
+)
+
+
+def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]:
+    """Which candidates run at ``size``."""
+    if quick:
+        return [c for c in everything if c.label in QUICK]
+    if size == "6M":
+        return everything
+    if size == "25M":
+        return [c for c in everything if c.library != "hfoptim" or c.state == "fp32" or c.algorithm in CORE]
+    return [c for c in everything if c.algorithm in CORE and "for-loop" not in c.label]
+
+
+# ---------------------------------------------------------------------------------------- running
+def stepper(optimizer: torch.optim.Optimizer, needs_loss: bool) -> Callable[[], object]:
+    if needs_loss:
+        return lambda: optimizer.step(loss=1.0)
+    return optimizer.step
+
+
+def run_size(size: str, candidates: list[Candidate], rounds: int, target: float, log) -> list[Row]:
+    shape = MODEL_SHAPES[size]
+    params = make_params(shape)
+    numel = shape.numel
+    foreach = torch.optim.AdamW(params, lr=LR, foreach=True)
+    fused = torch.optim.AdamW(params, lr=LR, fused=True)
+    for _ in range(2):
+        foreach.step()
+        fused.step()
+    baselines = {BASELINE_FOREACH: foreach.step, BASELINE_FUSED: fused.step}
+    rows = []
+    reference = interleaved(foreach.step, {BASELINE_FUSED: fused.step}, 3, target)
+    rows.append(
+        Row(
+            size,
+            numel,
+            BASELINE_FOREACH,
+            "torch",
+            "adamw",
+            "fp32",
+            ms=1e3 * reference.median_seconds(),
+            ratio_foreach=1.0,
+            ratio_fused=reference.ratio(BASELINE_FUSED),
+            rounds=3,
+        )
+    )
+    log(f"[{size}] {BASELINE_FOREACH}: {rows[0].ms:.1f} ms/step ({numel / 1e6:.1f}M parameters)")
+    for i, cand in enumerate(candidates, 1):
+        row = Row(size, numel, cand.label, cand.library, cand.algorithm, cand.state)
+        optimizer = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optimizer = cand.build(params)
+                step = stepper(optimizer, cand.needs_loss)
+                start = time.perf_counter()
+                step()  # lazy state (and compilation, for compiled paths)
+                row.first_step_s = time.perf_counter() - start
+                step()
+                others = {k: f for k, f in baselines.items() if k != cand.label}
+                paired = interleaved(step, others, rounds, target)
+            row.ms = 1e3 * paired.median_seconds()
+            row.ratio_foreach = paired.ratio(BASELINE_FOREACH)
+            row.ratio_foreach_min, row.ratio_foreach_max = paired.spread(BASELINE_FOREACH)
+            row.ratio_fused = paired.ratio(BASELINE_FUSED) if BASELINE_FUSED in others else 1.0
+            row.rounds = rounds
+            log(
+                f"[{size} {i}/{len(candidates)}] {cand.label}: {row.ms:.1f} ms, "
+                f"{row.ratio_foreach:.2f}x foreach, {row.ratio_fused:.2f}x fused"
+            )
+        except Exception as error:  # record and go on: one broken peer must not stop the table
+            row.error = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            log(f"[{size} {i}/{len(candidates)}] {cand.label}: FAILED {row.error}")
+        rows.append(row)
+        del optimizer
+        gc.collect()
+    del foreach, fused, params
+    gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- output
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+    return "" if x is None else format(x, spec)
+
+
+def markdown(record: dict) -> str:
+    rows = [Row(**r) for r in record["rows"]]
+    sizes = record["sizes"]
+    lines = [
+        "# Optimizer step time",
+        "",
+        f"Machine: {machine_line(record['machine'])}.",
+        f"Libraries: {', '.join(f'{k} {v}' for k, v in record['libraries'].items() if v)}.",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min).",
+        "",
+        "Ratios are the median over interleaved rounds of (step time / torch AdamW step time in the same "
+        "round); below 1 is faster than torch AdamW. ms/step is absolute and moves with machine load.",
+        "",
+        "## How the cost grows with size (ratio to torch AdamW foreach)",
+        "",
+    ]
+    by_label: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, {})[r.size] = r
+    shown = [label for label, per in by_label.items() if len(per) == len(sizes) or len(sizes) == 1]
+    lines.append("| optimizer | state | " + " | ".join(f"{s} ({_numel(rows, s)})" for s in sizes) + " |")
+    lines.append("|---|---|" + "---:|" * len(sizes))
+    for label in shown:
+        per = by_label[label]
+        first = next(iter(per.values()))
+        cells = [_cell(per.get(s)) for s in sizes]
+        lines.append(f"| {label} | {first.state} | " + " | ".join(cells) + " |")
+    for size in sizes:
+        lines += [
+            "",
+            f"## {size} parameters ({_numel(rows, size)})",
+            "",
+            "| optimizer | library | state | ms/step | x AdamW foreach | (min-max over rounds) "
+            "| x AdamW fused | first step s |",
+            "|---|---|---|---:|---:|---|---:|---:|",
+        ]
+        for r in rows:
+            if r.size != size:
+                continue
+            if r.error:
+                lines.append(f"| {r.label} | {r.library} | {r.state} | failed: {r.error} | | | | |")
+                continue
+            spread = f"{r.ratio_foreach_min:.2f}-{r.ratio_foreach_max:.2f}" if r.ratio_foreach_min is not None else ""
+            lines.append(
+                f"| {r.label} | {r.library} | {r.state} | {_fmt(r.ms, '.1f')} | {_fmt(r.ratio_foreach)} | {spread} "
+                f"| {_fmt(r.ratio_fused)} | {_fmt(r.first_step_s, '.2f')} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _numel(rows: list[Row], size: str) -> str:
+    n = next(r.numel for r in rows if r.size == size)
+    return f"{n / 1e6:.1f}M"
+
+
+def _cell(r: Row | None) -> str:
+    if r is None:
+        return ""
+    if r.error:
+        return "failed"
+    return f"{r.ratio_foreach:.2f}"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [Row(**r) for r in record["rows"] if r["error"] is None]
+    sizes = record["sizes"]
+    by_label: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_label.setdefault(r.label, {})[r.size] = r
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for label, per in by_label.items():
+        if len(per) < 2:
+            continue
+        xs = [per[s].numel / 1e6 for s in sizes if s in per]
+        ys = [per[s].ratio_foreach for s in sizes if s in per]
+        style = "-" if per[next(iter(per))].library == "hfoptim" else "--"
+        ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel("step time / torch AdamW foreach (log)")
+    ax.set_title("optimizer step time vs size (solid: hfoptim, dashed: peers)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 6M, a few names, 3 rounds")
+    parser.add_argument("--sizes", nargs="+", choices=list(MODEL_SHAPES), help="default: all (6M only with --quick)")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="only these candidates (labels as in the table)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds per candidate (default 7/5/3 by size)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    return parser
+
+
+ROUNDS = {"6M": 7, "25M": 5, "100M": 3}
+TARGET_SECONDS = {"6M": 0.05, "25M": 0.1, "100M": 0.0}  # 0: one step per sample
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = args.sizes or (["6M"] if args.quick else list(MODEL_SHAPES))
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    everything = hfoptim_candidates() + peer_candidates()
+    rows: list[Row] = []
+    for size in sizes:
+        chosen = plan(size, everything, args.quick)
+        if args.only:
+            chosen = [c for c in everything if c.label in args.only]
+        rounds = args.rounds or (3 if args.quick else ROUNDS[size])
+        target = TARGET_SECONDS[size] if not args.quick else 0.02
+        rows += run_size(size, chosen, rounds, target, log)
+    command = "python benchmarks/speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    record = {
+        "machine": machine_info(),
+        "libraries": library_versions(),
+        "command": command.strip(),
+        "sizes": sizes,
+        "lr": LR,
+        "elapsed_s": time.perf_counter() - started,
+        "rows": [asdict(r) for r in rows],
+    }
+    out = Path(args.output_dir)
+    stem = "speed_quick" if args.quick else "speed"
+    write_json(out / f"{stem}.json", record)
+    (out / f"{stem}.md").write_text(markdown(record))
+    if len(sizes) > 1:
+        plot(record, out / f"{stem}_scaling.png")
+    print(markdown(record))
+    log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
