@@ -201,3 +201,13 @@ def test_lora_only_adapter_parameters_get_state(tmp_path):
     assert len(names) == 8  # A and B of q_proj and v_proj in 2 layers
     adapters = {p for n, p in model.named_parameters() if "lora_" in n}
     assert set(opt.state) == adapters  # nothing else has optimizer state
+
+
+def test_an_optimizer_passed_explicitly_wins_with_a_warning(tmp_path, caplog):
+    model = tiny_llama()
+    mine = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = HFOptimTrainingArguments(**run_args(tmp_path, optim="ademamix"))
+    with caplog.at_level(logging.WARNING):
+        trainer = HFOptimTrainer(model=model, args=args, train_dataset=TokenData(), optimizers=(mine, None))
+    assert "optim='ademamix' unused: the optimizer given with optimizers= wins" in caplog.text
+    assert trainer.create_optimizer() is mine

@@ -152,7 +152,7 @@ def resolve_auto(values: dict, total_steps: int | None, where: str) -> dict:
             f"{where}: 'auto' needs the total number of training steps, which is not known yet "
             f"(build the optimizer inside train(), or set max_steps)"
         )
-    return {k: (float(total_steps) if v is AUTO else v) for k, v in values.items()}
+    return {k: (int(total_steps) if v is AUTO else v) for k, v in values.items()}
 
 
 def optimizer_kwargs(args, spec: OptimizerSpec, options: dict, total_steps: int | None) -> dict[str, Any]:

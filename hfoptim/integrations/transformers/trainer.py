@@ -55,6 +55,9 @@ class HFOptimTrainer(Trainer):
         if choice.is_hfoptim and self.param_overrides:
             check_plan(choice.spec, {}, self.param_overrides, f"optim={choice.name!r}, param_overrides")
         self._check_deepspeed(choice)
+        if choice.is_hfoptim and (self.optimizer is not None or self.optimizer_cls_and_kwargs is not None):
+            given = "optimizers=" if self.optimizer is not None else "optimizer_cls_and_kwargs="
+            logger.warning("optim=%r unused: the optimizer given with %s wins, as in transformers", choice.name, given)
         if log_state_bytes:
             self.callback_handler.callbacks.insert(0, OptimizerStateCallback())
 
@@ -97,13 +100,10 @@ class HFOptimTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         choice = resolve_optim(self.args.optim)
-        if not choice.is_hfoptim:
-            optimizer = super().create_optimizer(model)
-        else:
-            if self.optimizer is None:
-                self.optimizer = self._build_hfoptim(choice, self.model if model is None else model)
-            optimizer = self.optimizer
-        return optimizer
+        if not choice.is_hfoptim or self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
+            return super().create_optimizer(model)
+        self.optimizer = self._build_hfoptim(choice, self.model if model is None else model)
+        return self.optimizer
 
     def _build_hfoptim(self, choice, model):
         options, overrides = split_optim_args(parse_optim_args(self.args.optim_args))
