@@ -1,0 +1,231 @@
+"""The ``hfoptim`` command: help, list, memory (estimate vs a real step, AdamW's known bytes,
+DeepSpeed's own accounting) and bench discovery."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+import hfoptim
+from hfoptim import cli, footprint
+from hfoptim.embedded import TINY_LLAMA, model_from_config, tiny_llama_config
+
+
+def run(capsys, *argv) -> str:
+    assert cli.main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def run_json(capsys, *argv) -> dict:
+    return json.loads(run(capsys, *argv, "--json"))
+
+
+def memory_efficient_name() -> str:
+    names = set(hfoptim.list_optimizers())
+    return next(n for n in ("ademamix_8bit", "adamw_8bit", "adamw_factored") if n in names)
+
+
+# ---------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["memory", "--help"], ["bench", "--help"]])
+def test_help_reads_well(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: hfoptim" in text
+    assert "examples:" in text or argv == ["--help"] and "memory" in text
+
+
+def test_no_command_prints_help(capsys):
+    assert cli.main([]) == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- list
+def test_list_every_name_with_state_bytes(capsys):
+    records = run_json(capsys, "list")
+    assert [r["name"] for r in records] == hfoptim.list_optimizers()
+    by_name = {r["name"]: r for r in records}
+    # AdamW: two fp32 moments; AdEMAMix: three (the slow EMA); Adan: four (m, n, diff, prev grad)
+    step_counter = 4 / 4096**2
+    assert by_name["adamw"]["state_bytes_per_param"] == pytest.approx(8 + step_counter)
+    if "ademamix" in by_name:
+        assert by_name["ademamix"]["state_bytes_per_param"] == pytest.approx(12 + step_counter)
+    if "adamw_factored" in by_name:  # m dense, v as one row and one column
+        assert by_name["adamw_factored"]["state_bytes_per_param"] == pytest.approx(4 + 8 / 4096 + step_counter)
+    assert all(r["sharding"] for r in records)
+
+
+def test_list_plain_text_when_piped(capsys):
+    out = run(capsys, "list", "adamw*", "--shape", "1024x1024")
+    lines = out.splitlines()
+    assert lines[0].startswith("hfoptim optimizers")
+    assert "state B/param" in lines[1] and set(lines[2]) <= {"-", " "}
+    adamw = next(line for line in lines if line.split()[:1] == ["adamw"])
+    assert adamw.split()[2] == "8.000"
+    assert "\x1b[" not in out  # no terminal escapes in a pipe
+
+
+def test_list_unknown_pattern(capsys):
+    assert cli.main(["list", "zzz*"]) == 1
+
+
+# ---------------------------------------------------------------------------------------- memory
+def test_memory_adamw_is_8_bytes_per_param_and_strategies_divide_it(capsys):
+    ddp = run_json(capsys, "memory", TINY_LLAMA, "--optim", "adamw")
+    p = ddp["trainable_params"]
+    model = model_from_config(tiny_llama_config(), device="meta")
+    assert p == sum(t.numel() for t in model.parameters())
+    tensors = len(list(model.parameters()))
+    a = ddp["per_device"]["adamw"]
+    assert a["state"] == 8 * p + 4 * tensors  # exp_avg + exp_avg_sq fp32, and a 4-byte step per tensor
+    assert a["params"] == a["grads"] == 4 * p and a["master"] == a["grad_partition"] == 0
+
+    n = 4
+    fsdp = run_json(capsys, "memory", TINY_LLAMA, "--optim", "adamw", "--fsdp", "--world-size", str(n))
+    f = fsdp["per_device"]["adamw"]
+    assert f["state"] == math.ceil(a["state"] / n) and f["params"] == f["grads"] == math.ceil(4 * p / n)
+    assert f["master"] == 0
+
+    z3 = run_json(
+        capsys,
+        "memory",
+        TINY_LLAMA,
+        "--optim",
+        "adamw",
+        "--zero",
+        "3",
+        "--world-size",
+        str(n),
+        "--mixed-precision",
+        "bf16",
+    )
+    z = z3["per_device"]["adamw"]
+    # DeepSpeed's count: bf16 weights and gradients, fp32 master + two fp32 moments = 12 B/param, all sharded
+    assert z["params"] == z["grads"] == math.ceil(2 * p / n)
+    assert (z["master"] + z["state"]) * n == pytest.approx(12 * p, rel=1e-3)
+
+
+def test_memory_zero2_matches_deepspeeds_own_estimator(capsys):
+    """Mixed-precision AdamW under ZeRO-2: DeepSpeed estimates 2P + 18P/N bytes per GPU."""
+    stage_1_and_2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    capsys.readouterr()  # deepspeed's import-time log lines
+    for n in (1, 8):
+        out = run_json(
+            capsys,
+            "memory",
+            TINY_LLAMA,
+            "--optim",
+            "adamw",
+            "--zero",
+            "2",
+            "--world-size",
+            str(n),
+            "--mixed-precision",
+            "bf16",
+        )
+        p = out["trainable_params"]
+        _, gpu = stage_1_and_2.estimate_zero2_model_states_mem_needs(p, num_gpus_per_node=n, cpu_offload=False)
+        ours = out["per_device"]["adamw"]["total"]
+        assert ours == pytest.approx(gpu, rel=2e-4), (ours, gpu)  # the difference: 4-byte step counters
+
+
+def test_memory_estimate_matches_a_real_step_within_1_percent(capsys):
+    name = memory_efficient_name()
+    out = run_json(capsys, "memory", TINY_LLAMA, "--optim", name, "--measure")
+    measured = out["measured"]["optimizers"]
+    assert set(measured) == {name, "adamw"}
+    for m in measured.values():
+        assert m["relative_error"] <= 0.01
+        assert m["measured_state_bytes"] == pytest.approx(m["estimated_state_bytes"], rel=0.01)
+    # the table's estimate (meta device) is the measured state of the same model
+    assert out["per_device"][name]["state_total"] == pytest.approx(measured[name]["measured_state_bytes"], rel=0.01)
+    adamw = measured["adamw"]
+    assert adamw["measured_state_bytes"] / adamw["params"] == pytest.approx(8.0, abs=1e-3)
+    assert measured[name]["measured_state_bytes"] < adamw["measured_state_bytes"]
+
+
+def test_estimate_agrees_with_state_of_a_trained_optimizer():
+    """footprint.estimate_state_bytes on meta == bytes the optimizer holds after real steps."""
+    torch.manual_seed(0)
+    model = model_from_config(tiny_llama_config(num_hidden_layers=1))
+    params = [p for p in model.parameters()]
+    for name in ("adamw", memory_efficient_name()):
+        opt = hfoptim.create_optimizer(params, name)
+        for _ in range(2):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        assert footprint.optimizer_state_bytes(opt) == footprint.estimate_state_bytes(params, name)
+
+
+def test_memory_for_a_real_model_config_folder(capsys, tmp_path):
+    """A local folder holding a real config (Llama-2-7B's public shapes): built on meta, no weights."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ).save_pretrained(tmp_path)
+    name = memory_efficient_name()
+    out = run_json(
+        capsys,
+        "memory",
+        str(tmp_path),
+        "--optim",
+        name,
+        "--zero",
+        "2",
+        "--world-size",
+        "8",
+        "--mixed-precision",
+        "bf16",
+    )
+    assert out["trainable_params"] == 6_738_415_616  # Llama-2-7B
+    adamw = out["per_device"]["adamw"]
+    assert adamw["state_bytes_per_param"] == pytest.approx(8.0, abs=1e-6)
+    assert out["per_device"][name]["state"] < adamw["state"]
+    table = run(capsys, "memory", str(tmp_path), "--optim", name, "--fsdp", "--world-size", "8")
+    assert "FSDP2" in table and "optimizer state" in table and "per device against adamw" in table
+
+
+def test_memory_errors_name_the_problem(capsys):
+    with pytest.raises(SystemExit, match="unknown optimizer"):
+        cli.main(["memory", TINY_LLAMA, "--optim", "adamww"])
+    with pytest.raises(SystemExit, match="cannot read a model config"):
+        cli.main(["memory", "/no/such/folder", "--optim", "adamw"])
+    with pytest.raises(SystemExit):  # --zero and --fsdp exclude each other
+        cli.main(["memory", TINY_LLAMA, "--optim", "adamw", "--zero", "2", "--fsdp"])
+
+
+def test_footprint_rejects_bad_strategy():
+    with pytest.raises(ValueError, match="strategy"):
+        footprint.footprint("adamw", 10, 80, strategy="zero4")
+    with pytest.raises(ValueError, match="world size"):
+        footprint.footprint("adamw", 10, 80, world_size=0)
+
+
+# ---------------------------------------------------------------------------------------- bench
+def test_bench_discovers_and_runs_scripts(capsys, tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "ok.py").write_text('"""Says hello."""\nimport sys\nprint("hello", sys.argv[1:])\n')
+    (bench / "bad.py").write_text('"""Fails."""\nraise SystemExit(3)\n')
+    (bench / "_helper.py").write_text("x = 1\n")
+    assert set(cli.discover_benchmarks(bench)) == {"ok", "bad"}
+    listing = run(capsys, "bench", "--dir", str(bench), "--list")
+    assert "Says hello." in listing and "_helper" not in listing
+    assert cli.main(["bench", "--dir", str(bench), "ok", "--", "--quick"]) == 0
+    out = capsys.readouterr()
+    assert "ok" in out.out
+    assert cli.main(["bench", "--dir", str(bench)]) == 1
+    assert "failed (exit 3)" in capsys.readouterr().out
+    assert cli.main(["bench", "--dir", str(bench), "nope"]) == 2
