@@ -200,7 +200,8 @@ def block_layout(view: ParamView, block: int) -> tuple[int, int, int]:
     starts inside a block)."""
     if len(view.global_shape) >= 2:
         return view.rows, view.row_len, 0
-    return 1, view.rows if len(view.global_shape) == 1 else 1, view.row_start % block
+    length = view.rows if len(view.global_shape) == 1 else 1
+    return 1, length, view.row_start % block if length else 0
 
 
 def blocked(t: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
