@@ -1,0 +1,444 @@
+"""Optimizer-state bytes per parameter, measured, and per-GPU memory for 1B and 7B Llama configs.
+
+    python benchmarks/memory.py            # every hfoptim name + peers (about 2-4 minutes on 2 cores)
+    python benchmarks/memory.py --quick    # a smoke run: a few names
+
+1. **Measured**: every name of ``hfoptim.list_optimizers()`` steps once on the 6.8M-parameter
+   transformer-shaped set of the speed benchmark (real fp32 tensors), and the state it holds is
+   measured with ``hfoptim.memory.state_bytes`` (every tensor: codes, scales, factors, sign bits,
+   counters, Lookahead copies). The peers (torch AdamW, pytorch_optimizer, bitsandbytes 32-bit and
+   8-bit, torchao low-bit AdamW when importable) are measured by walking ``optimizer.state``
+   (tensor subclasses such as torchao's by their inner tensors). Tensors below 4096 elements keep
+   fp32 state in hfoptim and bitsandbytes alike, so the 8-bit numbers include those.
+2. **Estimated per GPU**: a Llama-3.2-1B-shaped and a Llama-2-7B-shaped config built from
+   ``LlamaConfig`` on the meta device (nothing allocated, nothing downloaded), bf16 mixed
+   precision, 8 GPUs, under DeepSpeed ZeRO-2, ZeRO-3 and FSDP2 (``hfoptim.memory.estimate``:
+   parameters, gradients, fp32 master weights and optimizer state; activations not counted).
+   Peers' rows use their measured bytes per parameter times the model's parameters.
+
+Writes ``results/memory.json`` and ``results/memory.md`` (``memory_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import (  # noqa: E402
+    MODEL_SHAPES,
+    RESULTS_DIR,
+    library_versions,
+    machine_info,
+    machine_line,
+    make_params,
+    write_json,
+)
+
+GiB = 1024**3
+WORLD_SIZE = 8
+MIXED_PRECISION = "bf16"
+STRATEGIES = ("zero2", "zero3", "fsdp")
+STRATEGY_NAMES = {"zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP2"}
+
+#: public shapes (no download): Llama-3.2-1B (tied embedding, GQA) and Llama-2-7B
+LLAMA_CONFIGS = {
+    "Llama-3.2-1B": dict(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        tie_word_embeddings=True,
+    ),
+    "Llama-2-7B": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    ),
+}
+
+#: names shown in the per-GPU table (the measured table has every name)
+ESTIMATE_NAMES = [
+    f"{base}{suffix}"
+    for base in ("adamw", "ademamix", "adan")
+    for suffix in ("", "_bf16", "_8bit", "_factored", "_smmf", "_shared")
+] + ["adafactor", "smmf", "amos"]
+ESTIMATE_PEERS = (
+    "bitsandbytes AdamW8bit",
+    "bitsandbytes AdEMAMix8bit",
+    "torchao AdamW8bit",
+    "torchao AdamW4bit",
+)
+QUICK_NAMES = ("adamw", "ademamix", "ademamix_8bit", "adan_factored", "adamw_smmf")
+QUICK_PEERS = ("torch AdamW", "bitsandbytes AdamW8bit", "bitsandbytes AdEMAMix8bit")
+
+
+# ---------------------------------------------------------------------------------------- walking
+def tensor_bytes(obj, seen: set[int]) -> int:
+    """Bytes of every distinct tensor reachable from ``obj`` (dicts, lists, tuples); a tensor
+    subclass that wraps inner tensors (torchao's quantized state) counts those."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) in seen:
+            return 0
+        seen.add(id(obj))
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return 0
+
+
+def peer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(list(optimizer.state.values()), set())
+
+
+def hfoptim_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Total bytes and the per-kind breakdown from ``hfoptim.memory.state_bytes`` (falls back to
+    walking ``optimizer.state`` where that module is not there)."""
+    try:
+        from hfoptim.memory import state_bytes
+    except ImportError:
+        return peer_state_bytes(optimizer), {}
+    report = state_bytes(optimizer)
+    total = int(getattr(report, "total", None) or (report["total"] if isinstance(report, dict) else report))
+    kinds = getattr(report, "by_kind", None) or getattr(report, "per_kind", None)
+    if kinds is None and isinstance(report, dict):
+        kinds = report.get("by_kind") or report.get("per_kind")
+    return total, dict(kinds or {})
+
+
+# ---------------------------------------------------------------------------------------- peers
+def peers() -> dict[str, tuple[str, str, object]]:
+    """label -> (library, algorithm, factory(params))."""
+    out: dict[str, tuple[str, str, object]] = {
+        "torch AdamW": ("torch", "adamw", lambda ps: torch.optim.AdamW(ps, foreach=True)),
+        "torch Adafactor": ("torch", "adafactor", lambda ps: torch.optim.Adafactor(ps, foreach=True)),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            import pytorch_optimizer as po
+
+            for cls, algorithm in (
+                ("AdEMAMix", "ademamix"),
+                ("Adan", "adan"),
+                ("AdaFactor", "adafactor"),
+                ("Lamb", "lamb"),
+                ("Amos", "amos"),
+                ("AdamMini", "adamw (shared v)"),
+            ):
+                if hasattr(po, cls):
+                    out[f"pytorch_optimizer {cls}"] = ("pytorch_optimizer", algorithm, getattr(po, cls))
+        except ImportError:
+            pass
+        try:
+            import bitsandbytes as bnb
+
+            for cls, algorithm in (
+                ("AdamW32bit", "adamw"),
+                ("AdamW8bit", "adamw"),
+                ("AdEMAMix32bit", "ademamix"),
+                ("AdEMAMix8bit", "ademamix"),
+            ):
+                out[f"bitsandbytes {cls}"] = ("bitsandbytes", algorithm, getattr(bnb.optim, cls))
+        except ImportError:
+            pass
+        try:
+            from torchao import optim as ao
+
+            for cls in ("AdamW8bit", "AdamW4bit", "AdamWFp8"):
+                if hasattr(ao, cls):
+                    out[f"torchao {cls}"] = ("torchao", "adamw", getattr(ao, cls))
+        except Exception:  # not installed, or built for another torch
+            pass
+    return out
+
+
+# ---------------------------------------------------------------------------------------- measuring
+def measure_names(names: list[str], params: list[torch.nn.Parameter], log) -> list[dict]:
+    from hfoptim.registry import get_optimizer
+
+    numel = sum(p.numel() for p in params)
+    rows = []
+    for i, name in enumerate(names, 1):
+        row = {"name": name, "library": "hfoptim", "params": numel}
+        try:
+            spec = get_optimizer(name)
+            options = {"compile": "off"} if "compile" in _engine_options(spec) else {}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optimizer = spec(params, **options)
+                if getattr(getattr(optimizer, "rule", None), "needs_loss", False) or _inner_needs_loss(optimizer):
+                    optimizer.step(loss=1.0)
+                else:
+                    optimizer.step()
+            total, kinds = hfoptim_state_bytes(optimizer)
+            row.update(state_bytes=total, bytes_per_param=total / numel, by_kind=kinds)
+            del optimizer
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            log(f"[{i}/{len(names)}] {name}: FAILED {row['error']}")
+        rows.append(row)
+        if i % 20 == 0:
+            log(f"[{i}/{len(names)}] measured")
+        gc.collect()
+    return rows
+
+
+def _engine_options(spec) -> set[str]:
+    from hfoptim.core.engine import engine_hyperparams
+
+    return set(engine_hyperparams(spec.rule))
+
+
+def _inner_needs_loss(optimizer) -> bool:
+    inner = getattr(optimizer, "optimizer", None)  # Lookahead
+    return bool(getattr(getattr(inner, "rule", None), "needs_loss", False))
+
+
+def measure_peers(labels: list[str], params: list[torch.nn.Parameter], log) -> list[dict]:
+    numel = sum(p.numel() for p in params)
+    available = peers()
+    rows = []
+    for label in labels:
+        library, algorithm, factory = available[label]
+        row = {"name": label, "library": library, "algorithm": algorithm, "params": numel}
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                optimizer = factory(params)
+                optimizer.step()
+            total = peer_state_bytes(optimizer)
+            row.update(state_bytes=total, bytes_per_param=total / numel)
+            del optimizer
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            log(f"{label}: FAILED {row['error']}")
+        rows.append(row)
+        gc.collect()
+    return rows
+
+
+# ---------------------------------------------------------------------------------------- estimate
+def llama_on_meta(name: str):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**LLAMA_CONFIGS[name])
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def trainable(model) -> list[torch.Tensor]:
+    seen, out = set(), []
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def estimate_rows(model_name: str, names: list[str], peer_bpp: dict[str, float], log) -> list[dict]:
+    """Per-GPU bytes under each strategy for each name (hfoptim: estimated by hfoptim.memory
+    from the meta model; peers: their measured bytes/param times the parameters)."""
+    model = llama_on_meta(model_name)
+    params = trainable(model)
+    num = sum(p.numel() for p in params)
+    rows = []
+    for name in names:
+        row = {"model": model_name, "name": name, "params": num}
+        try:
+            per = {}
+            for strategy in STRATEGIES:
+                per[strategy] = _estimate(model, params, name, strategy)
+            row["state_bytes"] = per[STRATEGIES[0]]["state_total"]
+            row["per_gpu"] = per
+        except Exception as error:
+            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
+            log(f"{model_name} {name}: FAILED {row['error']}")
+        rows.append(row)
+    for label, bpp in peer_bpp.items():
+        state = int(bpp * num)
+        per = {s: _split(num, state, s) for s in STRATEGIES}
+        rows.append({"model": model_name, "name": label, "params": num, "state_bytes": state, "per_gpu": per})
+    return rows
+
+
+def _estimate(model, params, name: str, strategy: str) -> dict:
+    """One estimate: ``hfoptim.memory.estimate`` when present, else the footprint module."""
+    try:
+        from hfoptim import memory
+    except ImportError:
+        memory = None
+    if memory is not None and hasattr(memory, "estimate"):
+        result = memory.estimate(
+            model,
+            name,
+            strategy=strategy,
+            world_size=WORLD_SIZE,
+            mixed_precision=MIXED_PRECISION,
+        )
+        return _as_dict(result)
+    from hfoptim.footprint import estimate_state_bytes, footprint
+
+    state = estimate_state_bytes(params, name, compile="off")
+    return _as_dict(footprint(name, sum(p.numel() for p in params), state, strategy, WORLD_SIZE, MIXED_PRECISION))
+
+
+def _as_dict(result) -> dict:
+    get = result.get if isinstance(result, dict) else lambda k, d=None: getattr(result, k, d)
+    out = {k: int(get(k, 0) or 0) for k in ("params", "grads", "master", "state")}
+    out["total"] = int(get("total", 0) or sum(out.values()))
+    out["state_total"] = int(get("state_total", 0) or 0)
+    return out
+
+
+def _split(num: int, state_total: int, strategy: str) -> dict:
+    from hfoptim.footprint import footprint
+
+    return _as_dict(footprint("peer", num, state_total, strategy, WORLD_SIZE, MIXED_PRECISION))
+
+
+# ---------------------------------------------------------------------------------------- output
+def _gib(x: int | None) -> str:
+    return "" if x is None else f"{x / GiB:.2f}"
+
+
+def markdown(record: dict) -> str:
+    lines = [
+        "# Optimizer-state memory",
+        "",
+        f"Machine: {machine_line(record['machine'])}.",
+        f"Libraries: {', '.join(f'{k} {v}' for k, v in record['libraries'].items() if v)}.",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min).",
+        "",
+        f"## Measured state bytes per parameter ({record['measured_on']})",
+        "",
+        "One optimizer step on real fp32 tensors; hfoptim measured with `hfoptim.memory.state_bytes`, "
+        "peers by walking `optimizer.state`. AdamW in fp32 is 8.0.",
+        "",
+        "| optimizer | library | state bytes / param | vs torch AdamW |",
+        "|---|---|---:|---:|",
+    ]
+    base = next((r["bytes_per_param"] for r in record["peers"] if r["name"] == "torch AdamW" and "error" not in r), 8)
+    for r in record["peers"] + record["hfoptim"]:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['library']} | failed: {r['error']} | |")
+        else:
+            lines.append(
+                f"| {r['name']} | {r['library']} | {r['bytes_per_param']:.3f} | {r['bytes_per_param'] / base:.2f}x |"
+            )
+    for model_name in LLAMA_CONFIGS:
+        rows = [r for r in record["estimates"] if r["model"] == model_name]
+        if not rows:
+            continue
+        num = rows[0]["params"]
+        lines += [
+            "",
+            f"## {model_name} shapes ({num / 1e9:.2f}B parameters): GiB per GPU, {WORLD_SIZE} GPUs, "
+            f"{MIXED_PRECISION} mixed precision",
+            "",
+            "Parameters + gradients + fp32 master weights + optimizer state per GPU (activations not counted). "
+            "hfoptim rows from `hfoptim.memory.estimate` on the meta-device model; peer rows: measured "
+            "bytes/param x parameters.",
+            "",
+            "| optimizer | state B/param | state, whole model | "
+            + " | ".join(f"{STRATEGY_NAMES[s]} state | {STRATEGY_NAMES[s]} total" for s in STRATEGIES)
+            + " |",
+            "|---|---:|---:|" + "---:|---:|" * len(STRATEGIES),
+        ]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['name']} | failed: {r['error']} |")
+                continue
+            cells = []
+            for s in STRATEGIES:
+                cells += [_gib(r["per_gpu"][s]["state"]), _gib(r["per_gpu"][s]["total"])]
+            lines.append(
+                f"| {r['name']} | {r['state_bytes'] / r['params']:.2f} | {_gib(r['state_bytes'])} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: a few names, the 1B estimate only")
+    parser.add_argument("--size", default="6M", choices=list(MODEL_SHAPES), help="parameter set measured (6M)")
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hfoptim.registry import list_optimizers
+
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    shape = MODEL_SHAPES[args.size]
+    params = make_params(shape)
+    all_names = list_optimizers()
+    names = [n for n in QUICK_NAMES if n in all_names] if args.quick else all_names
+    available = peers()
+    peer_labels = [p for p in (QUICK_PEERS if args.quick else available) if p in available]
+    log(f"measuring {len(peer_labels)} peers and {len(names)} hfoptim names on {shape.numel / 1e6:.1f}M parameters")
+    peer_rows = measure_peers(peer_labels, params, log)
+    hf_rows = measure_names(names, params, log)
+    del params
+    gc.collect()
+
+    peer_bpp = {r["name"]: r["bytes_per_param"] for r in peer_rows if r["name"] in ESTIMATE_PEERS and "error" not in r}
+    estimate_names = [n for n in ESTIMATE_NAMES if n in all_names]
+    if args.quick:
+        estimate_names = [n for n in estimate_names if n in QUICK_NAMES]
+    estimates = []
+    for model_name in list(LLAMA_CONFIGS)[: 1 if args.quick else None]:
+        log(f"estimating {model_name} ({len(estimate_names)} names)")
+        estimates += estimate_rows(model_name, estimate_names, peer_bpp, log)
+
+    command = "python benchmarks/memory.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    record = {
+        "machine": machine_info(),
+        "libraries": library_versions(),
+        "command": command.strip(),
+        "measured_on": f"{shape.numel / 1e6:.1f}M-parameter transformer-shaped set",
+        "world_size": WORLD_SIZE,
+        "mixed_precision": MIXED_PRECISION,
+        "elapsed_s": time.perf_counter() - started,
+        "peers": peer_rows,
+        "hfoptim": hf_rows,
+        "estimates": estimates,
+    }
+    out = Path(args.output_dir)
+    stem = "memory_quick" if args.quick else "memory"
+    write_json(out / f"{stem}.json", record)
+    text = markdown(record)
+    (out / f"{stem}.md").write_text(text)
+    print(text)
+    log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
