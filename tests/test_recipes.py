@@ -1,0 +1,280 @@
+"""The recipes run end to end on the embedded default and leave what they promise in --output_dir.
+
+Single-process runs call each recipe's ``main(argv)`` in this process (the same code path as the
+command line, parsed by ``HfArgumentParser``); the multi-process CPU run goes through
+``accelerate launch --config_file accelerate_configs/multi_cpu.yaml`` (slow).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes"
+#: a small slice of the standard library keeps the tokenizer training and tokenizing fast
+SMALL = ["--embedded_max_bytes", "300000"]
+COMMON = [
+    *SMALL,
+    "--per_device_train_batch_size",
+    "4",
+    "--per_device_eval_batch_size",
+    "8",
+    "--max_eval_samples",
+    "16",
+    "--report_to",
+    "none",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "3",
+    "--logging_steps",
+    "1",
+    "--seed",
+    "0",
+    "--use_cpu",
+    "--dataloader_num_workers",
+    "0",
+]
+
+
+def recipe(name: str):
+    sys.path.insert(0, str(RECIPES))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(RECIPES))
+
+
+def read(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check_outputs(out: Path, metrics: dict, weights: str = "model.safetensors") -> dict:
+    assert (out / weights).exists(), sorted(p.name for p in out.iterdir())
+    assert (out / "tokenizer.json").exists()
+    assert (out / "trainer_state.json").exists()
+    checkpoints = sorted(out.glob("checkpoint-*"))
+    assert checkpoints, "a checkpoint was saved during training"
+    assert (checkpoints[-1] / "optimizer.pt").exists()
+    results = read(out / "all_results.json")
+    assert read(out / "eval_results.json")["eval_loss"] == pytest.approx(results["eval_loss"])
+    assert math.isfinite(results["eval_loss"]) and results["eval_loss"] > 0
+    assert results["perplexity"] == pytest.approx(math.exp(results["eval_loss"]), rel=1e-6)
+    assert results["optimizer_state_bytes"] > 0
+    assert results["eval_loss"] == pytest.approx(metrics["eval_loss"])
+    return results
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    """A few pretraining steps with AdamW (hfoptim): the SFT tests start from this checkpoint."""
+    out = tmp_path_factory.mktemp("pretrain")
+    metrics = recipe("pretrain_clm").main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "6",
+            "--learning_rate",
+            "3e-3",
+            "--optim",
+            "adamw",
+            "--block_size",
+            "64",
+            *COMMON,
+        ]
+    )
+    metrics["_out"] = str(out)
+    (out / "_test_metrics.json").write_text(json.dumps(metrics, default=str))
+    return out
+
+
+def test_pretrain_writes_checkpoint_metrics_and_evaluates(pretrained):
+    metrics = read(pretrained / "_test_metrics.json")
+    results = check_outputs(pretrained, metrics)
+    assert results["optim"] == "adamw"
+    # AdamW keeps two fp32 moments per parameter (+ a 4-byte step counter per tensor)
+    assert 8.0 <= results["optimizer_state_bytes_per_param"] < 8.01
+    assert results["world_size"] == 1
+    assert read(pretrained / "trainer_state.json")["global_step"] == 6
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained)
+    assert model.num_parameters() == results["num_params"]
+
+
+def test_pretrain_evaluation_matches_a_hand_computed_loss(pretrained):
+    """eval_loss is the mean next-token cross-entropy over the validation blocks."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hfoptim import embedded
+
+    model = AutoModelForCausalLM.from_pretrained(pretrained).eval()
+    tokenizer = AutoTokenizer.from_pretrained(pretrained)
+    corpus = embedded.stdlib_corpus(300000)
+    blocks = embedded.BlockDataset(embedded.corpus_token_ids(tokenizer, "validation", corpus), 64, 16).blocks
+    with torch.no_grad():
+        logits = model(input_ids=blocks).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
+    assert read(pretrained / "eval_results.json")["eval_loss"] == pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_continued_pretraining_from_local_files_with_another_optimizer(pretrained, tmp_path):
+    """--model_name_or_path (local folder) + --train_file (a folder of text files), a new name."""
+    data = tmp_path / "data"
+    data.mkdir()
+    import sysconfig
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("textwrap.py", "shlex.py", "fnmatch.py", "glob.py"):
+        (data / (name + ".txt")).write_text((stdlib / name).read_text())
+    out = tmp_path / "cpt"
+    optim = "adan" if "adan" in __import__("hfoptim").list_optimizers() else "adamw_factored"
+    metrics = recipe("pretrain_clm").main(
+        [
+            "--model_name_or_path",
+            str(pretrained),
+            "--train_file",
+            str(data),
+            "--validation_split_percentage",
+            "25",
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--optim",
+            optim,
+            "--block_size",
+            "64",
+            *COMMON,
+        ]
+    )
+    results = check_outputs(out, metrics)
+    assert results["optim"] == optim
+
+
+def test_sft_lora_trains_only_adapters(pretrained, tmp_path):
+    out = tmp_path / "sft"
+    metrics = recipe("sft_lora").main(
+        [
+            "--model_name_or_path",
+            str(pretrained),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "4",
+            "--learning_rate",
+            "1e-3",
+            "--optim",
+            "adamw",
+            "--lora_r",
+            "4",
+            "--max_seq_length",
+            "96",
+            "--max_train_samples",
+            "64",
+            "--merge_lora",
+            *COMMON,
+        ]
+    )
+    results = check_outputs(out, metrics, weights="adapter_model.safetensors")
+    assert results["mode"] == "lora"
+    assert (out / "adapter_config.json").exists()
+    assert (out / "merged" / "model.safetensors").exists()
+    # optimizer state only for the adapters: 8 bytes per trainable parameter, not per model parameter
+    assert results["optimizer_state_bytes"] < 8.1 * results["trainable_params"]
+    assert results["trainable_params"] < 0.2 * read(pretrained / "_test_metrics.json")["num_params"]
+
+
+def test_sft_full_finetune(pretrained, tmp_path):
+    out = tmp_path / "full"
+    metrics = recipe("sft_lora").main(
+        [
+            "--model_name_or_path",
+            str(pretrained),
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "3",
+            "--full_finetune",
+            "--optim",
+            "adamw",
+            "--max_seq_length",
+            "96",
+            "--max_train_samples",
+            "32",
+            *COMMON,
+        ]
+    )
+    results = check_outputs(out, metrics)
+    assert results["mode"] == "full"
+    assert results["trainable_params"] == read(pretrained / "_test_metrics.json")["num_params"]
+
+
+def test_sft_dataset_masks_the_prompt():
+    sft_lora = recipe("sft_lora")
+    from hfoptim import embedded
+
+    tokenizer = embedded.embedded_tokenizer(max_bytes=300000)
+    args = sft_lora.SFTArguments(max_seq_length=64)
+    ds = sft_lora.SFTDataset(
+        [{"prompt": "add two numbers", "response": "def add(a, b):\n    return a + b"}], tokenizer, args
+    )
+    item = ds[0]
+    prompt_len = len(tokenizer(args.prompt_template.format(prompt="add two numbers"))["input_ids"])
+    assert item["labels"][:prompt_len] == [sft_lora.IGNORE] * prompt_len
+    assert item["labels"][prompt_len:] == item["input_ids"][prompt_len:]
+    assert item["input_ids"][-1] == tokenizer.eos_token_id
+    batch = sft_lora.PadCollator(tokenizer.pad_token_id)([item, {"input_ids": [5, 6], "labels": [5, 6]}])
+    assert batch["attention_mask"][1].tolist() == [1, 1] + [0] * (len(item["input_ids"]) - 2)
+    assert (batch["labels"][1, 2:] == sft_lora.IGNORE).all()
+
+
+def test_bad_arguments_fail_clearly(tmp_path):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        recipe("pretrain_clm").main(["--output_dir", str(tmp_path), "--optim", "no_such_optimizer", *SMALL])
+    assert "no_such_optimizer" in str(info.value) or info.type is SystemExit
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        recipe("pretrain_clm").main(
+            ["--output_dir", str(tmp_path), "--block_size", "4096", "--max_steps", "1", "--report_to", "none", *SMALL]
+        )
+
+
+@pytest.mark.slow
+def test_pretrain_two_cpu_processes_with_accelerate_launch(tmp_path):
+    """accelerate launch --config_file accelerate_configs/multi_cpu.yaml: 2 gloo processes on CPU
+    form one data-parallel run (world size 2), not two independent ones."""
+    out = tmp_path / "cpu2"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "accelerate_configs/multi_cpu.yaml"),
+        str(RECIPES / "pretrain_clm.py"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
+        "--optim",
+        "adamw",
+        "--block_size",
+        "64",
+        *[a for a in COMMON if a != "--use_cpu"],
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = read(out / "all_results.json")
+    assert results["world_size"] == 2
+    assert math.isfinite(results["eval_loss"])
+    assert (out / "model.safetensors").exists()
