@@ -1,0 +1,409 @@
+"""Training quality: AdamW, AdEMAMix and Adan, dense and with 8-bit, factored and SMMF state.
+
+    python benchmarks/quality.py            # 13 optimizers x 3 seeds (about 12 minutes on 2 cores)
+    python benchmarks/quality.py --quick    # a smoke run: 3 optimizers, 1 seed, 20 steps
+
+The embedded default (``hfoptim.embedded``): the tiny Llama-style causal LM (about 1M parameters)
+pretrained from scratch on the Python standard library's source with the embedded BPE tokenizer;
+validation on held-out files. Every optimizer gets the same fixed token budget (steps x batch x
+block), the same initial weights and batch order for a given seed, the same schedule (linear
+warm-up over 10% of the steps, cosine to 10% of the peak), gradient clipping at 1.0, weight
+decay 0.1 on matrices and none on norms, one peak learning rate for all (``--lr``), betas
+(0.9, 0.95) for AdamW and (0.9, 0.95, 0.999) for AdEMAMix with its alpha and beta3 warm-ups
+over the whole run; Adan keeps its own betas (0.98, 0.92, 0.99) and proximal decay. The peer
+is bitsandbytes' AdEMAMix8bit with AdEMAMix's settings. hfoptim's 8-bit runs take the plain
+path (``compile="off"``: the compiled path computes the same formulas up to rounding, and its
+compile time would dominate runs this short).
+
+Reported: final validation loss (mean, standard deviation and range over seeds), the paired
+difference to AdamW, the step at which each run first reaches AdamW's final validation loss of
+the same seed (linear interpolation between evaluations), and state bytes per parameter.
+
+Writes ``results/quality.json``, ``results/quality.md`` and ``results/quality_curves.png``
+(``quality_quick.*`` with ``--quick``). Runs are spread over ``--workers`` processes of one
+torch thread each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, write_json  # noqa: E402
+
+BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
+FAMILIES = {"adamw": "AdamW", "ademamix": "AdEMAMix", "adan": "Adan"}
+FORMS = ("", "_8bit", "_factored", "_smmf")
+DEFAULT_NAMES = [f"{base}{form}" for base in FAMILIES for form in FORMS] + [BNB_ADEMAMIX8]
+QUICK_NAMES = ["adamw", "ademamix_8bit", BNB_ADEMAMIX8]
+
+
+@dataclass
+class Run:
+    name: str
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    state_bytes: int = 0
+    num_params: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------- data
+def prepare_data(block_size: int, eval_blocks: int) -> dict:
+    from hfoptim import embedded
+
+    corpus = embedded.stdlib_corpus()
+    tokenizer = embedded.embedded_tokenizer(corpus=corpus)
+    train_ids = embedded.corpus_token_ids(tokenizer, "train", corpus)
+    val_ids = embedded.corpus_token_ids(tokenizer, "validation", corpus)
+    return {
+        "train": embedded.BlockDataset(train_ids, block_size).blocks,
+        "validation": embedded.BlockDataset(val_ids, block_size, max_blocks=eval_blocks).blocks,
+        "config": embedded.tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, block_size)),
+        "describe": (
+            f"{len(corpus.train_files)} train / {len(corpus.validation_files)} validation files of the Python "
+            f"standard library, {train_ids.numel():,} train tokens, vocabulary {len(tokenizer)}"
+        ),
+    }
+
+
+# ---------------------------------------------------------------------------------------- optimizers
+def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == BNB_ADEMAMIX8:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes as bnb
+
+        return bnb.optim.AdEMAMix8bit(
+            groups, lr=args.lr, betas=(0.9, 0.95, 0.999), t_alpha=args.steps, t_beta3=args.steps
+        )
+    from hfoptim.registry import get_optimizer
+
+    spec = get_optimizer(name)
+    options: dict = {"lr": args.lr}
+    if spec.rule.name == "adamw":
+        options["betas"] = (0.9, 0.95)
+    elif spec.rule.name == "ademamix":
+        options.update(betas=(0.9, 0.95, 0.999), t_alpha=args.steps, t_beta3=args.steps)
+    if spec.options.get("state") in ("8bit", "bf16"):
+        options["compile"] = "off"
+    return spec(groups, **options)
+
+
+def state_bytes(optimizer) -> int:
+    from memory import hfoptim_state_bytes, peer_state_bytes
+
+    if getattr(optimizer, "rule", None) is not None:
+        return hfoptim_state_bytes(optimizer)[0]
+    return peer_state_bytes(optimizer)
+
+
+# ---------------------------------------------------------------------------------------- training
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+@torch.no_grad()
+def evaluate(model, blocks: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    total = 0.0
+    for i in range(0, blocks.shape[0], batch_size):
+        batch = blocks[i : i + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * batch.shape[0]
+    model.train()
+    return total / blocks.shape[0]
+
+
+_DATA: dict = {}
+
+
+def _init_worker(data: dict, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _DATA.update(data)
+    warnings.filterwarnings("ignore")
+
+
+def train_one(name: str, seed: int, args) -> Run:
+    from hfoptim import embedded
+
+    data = _DATA
+    run = Run(name, seed)
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(seed)
+        model = embedded.model_from_config(data["config"])
+        model.train()
+        run.num_params = sum(p.numel() for p in model.parameters())
+        optimizer = build_optimizer(name, model, args)
+        warmup = max(1, args.steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, warmup))
+        train = data["train"]
+        order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+        eval_every = max(1, args.steps // args.evals)
+        for step in range(args.steps):
+            idx = order[(step * args.batch_size) % len(order) :][: args.batch_size]
+            if idx.numel() < args.batch_size:
+                idx = order[: args.batch_size]
+            batch = train[idx]
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            run.steps.append(step + 1)
+            run.train_loss.append(loss.item())
+            if not math.isfinite(run.train_loss[-1]):
+                raise FloatingPointError(f"loss became {run.train_loss[-1]} at step {step + 1}")
+            if (step + 1) % eval_every == 0 or step + 1 == args.steps:
+                run.eval_steps.append(step + 1)
+                run.eval_loss.append(evaluate(model, data["validation"], args.batch_size * 4))
+        run.state_bytes = state_bytes(optimizer)
+    except Exception as error:
+        run.error = f"{type(error).__name__}: {error}"
+    run.seconds = time.perf_counter() - start
+    return run
+
+
+# ---------------------------------------------------------------------------------------- analysis
+def first_reach(run: Run, target: float) -> float | None:
+    """The (interpolated) step at which the validation loss first reaches ``target``."""
+    prev_step, prev_loss = 0, None
+    for step, loss in zip(run.eval_steps, run.eval_loss):
+        if loss <= target:
+            if prev_loss is None or prev_loss == loss:
+                return float(step)
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+        prev_step, prev_loss = step, loss
+    return None
+
+
+def summarize(runs: list[Run], names: list[str]) -> list[dict]:
+    base = {r.seed: r for r in runs if r.name == "adamw" and r.error is None}
+    out = []
+    for name in names:
+        mine = [r for r in runs if r.name == name]
+        ok = [r for r in mine if r.error is None]
+        row: dict = {"name": name, "seeds": len(mine), "failed": [r.error for r in mine if r.error]}
+        if ok:
+            finals = [r.eval_loss[-1] for r in ok]
+            row.update(
+                final_mean=statistics.fmean(finals),
+                final_std=statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                final_min=min(finals),
+                final_max=max(finals),
+                bytes_per_param=ok[0].state_bytes / ok[0].num_params,
+                seconds_per_run=statistics.fmean(r.seconds for r in ok),
+            )
+            diffs = [r.eval_loss[-1] - base[r.seed].eval_loss[-1] for r in ok if r.seed in base]
+            if diffs:
+                row["diff_vs_adamw_mean"] = statistics.fmean(diffs)
+                row["diff_vs_adamw_range"] = (min(diffs), max(diffs))
+            reached = [first_reach(r, base[r.seed].eval_loss[-1]) for r in ok if r.seed in base]
+            row["steps_to_adamw_final"] = reached
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- output
+def markdown(record: dict) -> str:
+    a = record["args"]
+    tokens = a["steps"] * a["batch_size"] * a["block_size"]
+    lines = [
+        "# Training quality on the embedded default",
+        "",
+        f"Machine: {machine_line(record['machine'])}.",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes).",
+        f"Data: {record['data']}. Model: tiny Llama, {record['num_params'] / 1e6:.2f}M parameters.",
+        f"Budget: {a['steps']} steps x {a['batch_size']} x {a['block_size']} tokens = {tokens:,} tokens per run; "
+        f"peak lr {a['lr']}; seeds {', '.join(map(str, record['seeds']))}; validation loss on "
+        f"{record['eval_tokens']:,} held-out tokens every {max(1, a['steps'] // a['evals'])} steps.",
+        "",
+        "| optimizer | state B/param | final val loss (mean +- std) | range over seeds | vs AdamW (paired) "
+        "| steps to AdamW's final loss |",
+        "|---|---:|---:|---|---:|---|",
+    ]
+    for row in record["summary"]:
+        if "final_mean" not in row:
+            lines.append(f"| {row['name']} | failed: {'; '.join(row['failed'])[:200]} | | | | |")
+            continue
+        reached = row["steps_to_adamw_final"]
+        hits = [x for x in reached if x is not None]
+        if row["name"] == "adamw":
+            reach = f"{a['steps']} (reference)"
+        elif hits:
+            reach = f"{statistics.fmean(hits):.0f} ({len(hits)}/{len(reached)} seeds reach it)"
+        else:
+            reach = f"not reached (0/{len(reached)})"
+        diff = row.get("diff_vs_adamw_mean")
+        failed = f" ({len(row['failed'])} failed)" if row["failed"] else ""
+        mean_std = f"{row['final_mean']:.4f} +- {row['final_std']:.4f}"
+        spread = f"{row['final_min']:.4f}-{row['final_max']:.4f}"
+        diff_text = "" if diff is None else f"{diff:+.4f}"
+        lines.append(
+            f"| {row['name']}{failed} | {row['bytes_per_param']:.2f} | {mean_std} | {spread} | {diff_text} | {reach} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [Run(**r) for r in record["runs"] if r["error"] is None]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    styles = {"": ("-", "tab:blue"), "_8bit": ("--", "tab:orange"), "_factored": ("-.", "tab:green")}
+    styles["_smmf"] = (":", "tab:red")
+    names = [r["name"] for r in record["summary"]]
+    for ax, (base, title) in zip(axes.flat, FAMILIES.items()):
+        members = [n for n in names if n == base or (n.startswith(base + "_") and n.removeprefix(base) in styles)]
+        if base == "ademamix" and BNB_ADEMAMIX8 in names:
+            members.append(BNB_ADEMAMIX8)
+        if base != "adamw" and "adamw" in names:
+            members.insert(0, "adamw")
+        for name in members:
+            mine = [r for r in runs if r.name == name]
+            if not mine:
+                continue
+            steps = mine[0].eval_steps
+            curves = [r.eval_loss for r in mine if r.eval_steps == steps]
+            mean = [statistics.fmean(c[i] for c in curves) for i in range(len(steps))]
+            lo = [min(c[i] for c in curves) for i in range(len(steps))]
+            hi = [max(c[i] for c in curves) for i in range(len(steps))]
+            if name == "adamw" and base != "adamw":
+                style, color = "-", "black"
+            elif name == BNB_ADEMAMIX8:
+                style, color = (0, (5, 1, 1, 1)), "tab:purple"
+            else:
+                style, color = styles[name.removeprefix(base)]
+            ax.plot(steps, mean, linestyle=style, color=color, label=name, linewidth=1.4)
+            ax.fill_between(steps, lo, hi, color=color, alpha=0.12)
+        ax.set_title(f"{title} family: validation loss (band: min-max over seeds)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel("validation cross-entropy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        tail = [r.eval_loss[-1] for r in runs if r.name in members]
+        if tail:  # zoom on the second half, where the curves separate
+            top = max(max(r.eval_loss[len(r.eval_loss) // 3 :]) for r in runs if r.name in members)
+            ax.set_ylim(min(tail) - 0.05, top + 0.05)
+    ax = axes.flat[3]
+    rows = [r for r in record["summary"] if "final_mean" in r]
+    ys = range(len(rows))
+    ax.barh(
+        list(ys),
+        [r["final_mean"] for r in rows],
+        xerr=[[r["final_mean"] - r["final_min"] for r in rows], [r["final_max"] - r["final_mean"] for r in rows]],
+        color=["tab:gray" if r["name"] == "adamw" else "tab:blue" for r in rows],
+    )
+    ax.set_yticks(list(ys), [f"{r['name']} ({r['bytes_per_param']:.2f} B/p)" for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    if rows:
+        lo = min(r["final_min"] for r in rows)
+        hi = max(r["final_max"] for r in rows)
+        ax.set_xlim(lo - 0.1 * (hi - lo) - 0.01, hi + 0.1 * (hi - lo) + 0.01)
+    ax.set_xlabel("final validation loss (mean, min-max over seeds)")
+    ax.set_title("final validation loss and state bytes/param")
+    ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: 3 optimizers, 1 seed, 20 steps")
+    parser.add_argument("--names", nargs="+", help=f"optimizers (default: {' '.join(DEFAULT_NAMES)})")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--evals", type=int, default=10, help="validation evaluations per run")
+    parser.add_argument("--eval-blocks", type=int, default=48)
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes, one torch thread each")
+    parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.quick:
+        args.seeds, args.steps, args.evals = args.seeds[:1], 20, 4
+    names = args.names or (QUICK_NAMES if args.quick else DEFAULT_NAMES)
+    if "adamw" not in names:
+        names = ["adamw", *names]
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    data = prepare_data(args.block_size, args.eval_blocks)
+    log(f"data: {data['describe']}")
+    jobs = [(name, seed) for seed in args.seeds for name in names]
+    runs: list[Run] = []
+    with ProcessPoolExecutor(
+        max_workers=max(1, args.workers),
+        mp_context=__import__("multiprocessing").get_context("spawn"),
+        initializer=_init_worker,
+        initargs=(data, 1),
+    ) as pool:
+        futures = [pool.submit(train_one, name, seed, args) for name, seed in jobs]
+        for i, future in enumerate(futures, 1):
+            run = future.result()
+            runs.append(run)
+            status = run.error or f"final val loss {run.eval_loss[-1]:.4f}"
+            log(f"[{i}/{len(jobs)}] {run.name} seed {run.seed}: {status} ({run.seconds:.0f} s)")
+
+    command = "python benchmarks/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    record = {
+        "machine": machine_info(),
+        "libraries": library_versions(),
+        "command": command.strip(),
+        "args": vars(args),
+        "seeds": args.seeds,
+        "data": data["describe"],
+        "num_params": next((r.num_params for r in runs if r.num_params), 0),
+        "eval_tokens": int(data["validation"].numel()),
+        "elapsed_s": time.perf_counter() - started,
+        "summary": summarize(runs, names),
+        "runs": [asdict(r) for r in runs],
+    }
+    out = Path(args.output_dir)
+    stem = "quality_quick" if args.quick else "quality"
+    write_json(out / f"{stem}.json", record)
+    text = markdown(record)
+    (out / f"{stem}.md").write_text(text)
+    plot(record, out / f"{stem}_curves.png")
+    print(text)
+    log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
