@@ -83,6 +83,7 @@ class Row:
     first_step_s: float | None = None
     rounds: int = 0
     error: str | None = None
+    note: str | None = None
 
 
 # ---------------------------------------------------------------------------------------- candidates
@@ -260,6 +261,9 @@ def run_size(size: str, candidates: list[Candidate], rounds: int, target: float,
     for i, cand in enumerate(candidates, 1):
         row = Row(size, numel, cand.label, cand.library, cand.algorithm, cand.state)
         optimizer = None
+        # one optimizer per process is what users run: forget kernels compiled for earlier
+        # candidates, or dynamo's recompile limit would silently send later ones to eager code
+        torch._dynamo.reset()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -276,6 +280,7 @@ def run_size(size: str, candidates: list[Candidate], rounds: int, target: float,
             row.ratio_foreach_min, row.ratio_foreach_max = paired.spread(BASELINE_FOREACH)
             row.ratio_fused = paired.ratio(BASELINE_FUSED) if BASELINE_FUSED in others else 1.0
             row.rounds = rounds
+            row.note = _compile_failure() if cand.library == "hfoptim" else None
             log(
                 f"[{size} {i}/{len(candidates)}] {cand.label}: {row.ms:.1f} ms, "
                 f"{row.ratio_foreach:.2f}x foreach, {row.ratio_fused:.2f}x fused"
@@ -289,6 +294,16 @@ def run_size(size: str, candidates: list[Candidate], rounds: int, target: float,
     del foreach, fused, params
     gc.collect()
     return rows
+
+
+def _compile_failure() -> str | None:
+    """hfoptim's note when torch.compile failed and compressed state fell back to the plain path."""
+    try:
+        from hfoptim.core import fused
+    except ImportError:
+        return None
+    failed = getattr(fused, "_failed", None)
+    return f"compile failed, plain path: {failed}" if failed else None
 
 
 # ---------------------------------------------------------------------------------------- output
@@ -339,8 +354,9 @@ def markdown(record: dict) -> str:
                 lines.append(f"| {r.label} | {r.library} | {r.state} | failed: {r.error} | | | | |")
                 continue
             spread = f"{r.ratio_foreach_min:.2f}-{r.ratio_foreach_max:.2f}" if r.ratio_foreach_min is not None else ""
+            label = f"{r.label} ({r.note})" if r.note else r.label
             lines.append(
-                f"| {r.label} | {r.library} | {r.state} | {_fmt(r.ms, '.1f')} | {_fmt(r.ratio_foreach)} | {spread} "
+                f"| {label} | {r.library} | {r.state} | {_fmt(r.ms, '.1f')} | {_fmt(r.ratio_foreach)} | {spread} "
                 f"| {_fmt(r.ratio_fused)} | {_fmt(r.first_step_s, '.2f')} |"
             )
     return "\n".join(lines) + "\n"
