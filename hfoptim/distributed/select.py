@@ -7,8 +7,10 @@ first step, from what the parameter groups hold then:
 
 * DTensor parameters (FSDP2 ``fully_shard``)  -> :class:`~hfoptim.distributed.fsdp2.DTensorLayout`;
 * FSDP1 parameters (``_fsdp_flattened``: 1-D views of a FlatParameter) -> error, use FSDP2;
-* tensors the optimizer was not built with (DeepSpeed's flat partitions) -> error, unless a
-  ZeRO layout was installed with :func:`hfoptim.integrations.deepspeed.attach`;
+* tensors the optimizer was not built with (DeepSpeed's flat partitions) -> the ZeRO layout of
+  the DeepSpeed optimizer that wraps this one (:func:`hfoptim.integrations.deepspeed.attach`,
+  found automatically when not called), else an error: never a flat partition stepped as one
+  tensor;
 * otherwise the parameters are stepped whole, locally.
 """
 
@@ -33,8 +35,8 @@ UNKNOWN_MESSAGE = (
     "{name}: parameter group {group} holds a tensor of shape {shape} that the optimizer was not built "
     "with. DeepSpeed ZeRO replaces the parameters by ONE flat partition per group; stepping it as one "
     "tensor would silently change every per-tensor statistic (norms, factored and 8-bit state). "
-    "After deepspeed.initialize(...), call hfoptim.integrations.deepspeed.attach(engine) so hfoptim "
-    "maps the partition back onto the parameters (the transformers integration does this for you)."
+    "No DeepSpeed ZeRO optimizer wrapping this optimizer was found: after deepspeed.initialize(...), call "
+    "hfoptim.integrations.deepspeed.attach(engine) so hfoptim maps the partitions back onto the parameters."
 )
 
 
@@ -52,7 +54,12 @@ def layout_for_step(optimizer, local):
                 raise UnsupportedSharding(FSDP1_MESSAGE.format(name=name, index=i, group=gi, orig=orig))
             known = local.known.get(id(p))
             if known is None or known[0]() is not p:
-                raise UnsupportedSharding(UNKNOWN_MESSAGE.format(name=name, group=gi, shape=tuple(p.shape)))
+                from ..integrations.deepspeed import find_and_attach
+
+                layout = find_and_attach(optimizer)
+                if layout is None:
+                    raise UnsupportedSharding(UNKNOWN_MESSAGE.format(name=name, group=gi, shape=tuple(p.shape)))
+                return layout
     if dtensors:
         from .fsdp2 import DTensorLayout
 

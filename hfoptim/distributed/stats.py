@@ -19,8 +19,8 @@ A statistic is asked of either
 Row statistics of rows held whole are local (FSDP2 shards whole rows: no communication); rows
 cut by a boundary (ZeRO) are completed by adding the partial sums of every process in one
 all-reduce of one number per cut row. Column statistics and totals are always all-reduced.
-Block maxima (8-bit blocks of the flattened global tensor) are local except for the blocks a
-boundary cuts, which are completed with one MAX all-reduce.
+Block maxima (8-bit blocks, laid on rows) are local except for the blocks a boundary cuts,
+which are completed with one MAX all-reduce.
 
 ``collectives`` and ``bytes_reduced`` count what was communicated (tests, benchmarks).
 """
@@ -32,7 +32,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from ..core.stats import LocalStats, ParamView
+from ..core.stats import LocalStats, ParamView, block_layout, blocked
 
 
 class ShardingError(RuntimeError):
@@ -44,12 +44,6 @@ def cut_rows(view: ParamView) -> tuple[int, ...]:
     """Global rows that a process boundary cuts (held partly by two or more processes)."""
     length = view.row_len
     return tuple(sorted({c // length for c in view.cuts if c % length}))
-
-
-@lru_cache(maxsize=65536)
-def cut_blocks(view: ParamView, block: int) -> tuple[int, ...]:
-    """Global blocks (of ``block`` elements of the flattened tensor) that a boundary cuts."""
-    return tuple(sorted({c // block for c in view.cuts if c % block}))
 
 
 def owned_rows(view: ParamView) -> tuple[int, int]:
@@ -191,44 +185,52 @@ class ShardedStats(LocalStats):
     def col_sum(self, matrix, view):
         return self.col_sums([matrix], [view])[0]
 
-    # ------------------------------------------------------------------ blocks of the flat tensor
+    # ------------------------------------------------------------------ 8-bit blocks
     def block_absmax(self, tensors, views, block: int) -> list[torch.Tensor]:
-        """Max of ``|x|`` over each block of ``block`` consecutive elements of the flattened
-        GLOBAL tensor that this process's owned range touches: blocks
-        ``[first, last)`` with ``first = (offset + valid[0]) // block`` (see :func:`block_range`).
-        Blocks cut by a process boundary are completed with one MAX all-reduce."""
+        """Max of ``|x|`` per block of the 8-bit layout (:func:`hfoptim.core.stats.block_layout`:
+        blocks within the rows of 2+-D tensors, along the vector for 0-/1-D ones), for the blocks
+        the local tensor holds, over the elements this process owns; blocks cut by a process
+        boundary (a 1-D shard starting inside a block, a ZeRO cut inside a row) are completed
+        with one MAX all-reduce for the whole list."""
         out, pieces, where = [], [], []
         for t, v in zip(tensors, views):
-            start, stop = global_owned_range(v)
-            first, last = block_range(v, block)
-            x = owned(t, v).abs() if v.sharded else t.reshape(-1).abs()
-            lead, tail = start - first * block, last * block - stop
-            if lead or tail:
-                x = torch.nn.functional.pad(x, (lead, tail))
-            maxima = x.view(-1, block).amax(dim=1) if x.numel() else x.new_zeros(0)
-            blocks = cut_blocks(v, block) if v.sharded else ()
-            index = torch.tensor([b - first for b in blocks], dtype=torch.long, device=x.device)
-            held = (index >= 0) & (index < maxima.numel())
-            piece = torch.zeros(len(blocks), dtype=maxima.dtype, device=maxima.device)
+            if not v.sharded:
+                out.append(LocalStats.block_absmax(self, [t], [v], block)[0])
+                pieces.append(t.new_zeros(0))
+                where.append(None)
+                continue
+            x = masked_rows(t, v).reshape(v.local_shape) if v.valid is not None else t
+            maxima = blocked(x, v, block).abs().amax(dim=1)
+            shared = cut_blocks_local(v, block)
+            index = torch.tensor([i for i, _ in shared], dtype=torch.long, device=maxima.device)
+            held = torch.tensor([h for _, h in shared], dtype=torch.bool, device=maxima.device)
+            piece = torch.zeros(len(shared), dtype=maxima.dtype, device=maxima.device)
             piece[held] = maxima[index[held]]
             out.append(maxima)
             pieces.append(piece)
             where.append((index, held))
-        for maxima, piece, (index, held) in zip(out, self.all_reduce(pieces, views, op=dist.ReduceOp.MAX), where):
-            if piece.numel():
+        for maxima, piece, w in zip(out, self.all_reduce(pieces, views, op=dist.ReduceOp.MAX), where):
+            if w is not None and piece.numel():
+                index, held = w
                 maxima[index[held]] = piece[held]
         return out
 
 
-def global_owned_range(view: ParamView) -> tuple[int, int]:
-    """Global flat range ``[start, stop)`` of the elements this process owns."""
-    a, b = view.valid_range
-    return view.offset + a, view.offset + b
-
-
-def block_range(view: ParamView, block: int) -> tuple[int, int]:
-    """Global blocks ``[first, last)`` that this process's owned elements touch."""
-    start, stop = global_owned_range(view)
-    if stop <= start:
-        return start // block, start // block
-    return start // block, -(-stop // block)
+@lru_cache(maxsize=65536)
+def cut_blocks_local(view: ParamView, block: int) -> tuple[tuple[int, bool], ...]:
+    """The 8-bit blocks a process boundary cuts, the same list on every process, each as
+    ``(local block index, held here)`` (index 0 where not held)."""
+    lines, length, lead = block_layout(view, block)
+    per_line = -(-(lead + length) // block)
+    if len(view.global_shape) >= 2:
+        row_len = view.row_len
+        keys = sorted({(c // row_len, (c % row_len) // block) for c in view.cuts if (c % row_len) % block})
+        out = []
+        for row, k in keys:
+            local = row - view.row_start
+            held = 0 <= local < view.rows
+            out.append((local * per_line + k if held else 0, held))
+        return tuple(out)
+    first = view.row_start // block
+    keys = sorted({c // block for c in view.cuts if c % block})
+    return tuple((b - first, True) if 0 <= b - first < per_line and view.rows else (0, False) for b in keys)

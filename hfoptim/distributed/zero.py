@@ -1,0 +1,285 @@
+"""DeepSpeed ZeRO: units over the segments of flat fp32 partitions.
+
+DeepSpeed hands its client optimizer flat tensors instead of the parameters:
+
+* ZeRO-1/2 (``DeepSpeedZeroOptimizer``) and the bf16 stage-1 optimizer (``BF16_Optimizer``)
+  flatten each parameter group (parameters one after the other, possibly with alignment
+  padding between them) and give each process ONE contiguous partition of it
+  (``single_partition_of_fp32_groups[i]`` / ``fp32_groups_flat_partition[i]``). A parameter
+  may be cut by a partition boundary anywhere, even inside a row.
+* ZeRO-3 (``DeepSpeedZeroOptimizer_Stage3``) partitions every parameter on its own
+  (``ds_tensor``: ``ceil(numel / world)`` elements of the flattened parameter per process, the
+  last one padded) and hands the optimizer sub-groups, each the concatenation of its parameters'
+  partitions (``fp32_partitioned_groups_flat[k]``), one ``step()`` per sub-group.
+
+:class:`ZeroLayout` recovers, from DeepSpeed's own bookkeeping, where each parameter's owned
+elements sit in the flat tensor, and makes one unit per parameter and process (an empty one where
+a process owns nothing of it, so every process runs the same collectives). A unit is the run of
+whole rows that contains the owned elements: a view of the flat tensor when the owned range starts
+and ends on row boundaries, else a padded working copy of the cut rows (``ParamView.valid`` marks
+the owned part) that is written back after the update. State is kept per parameter segment in
+``optimizer.state[flat]["segments"][index]`` (index: the parameter's position in its DeepSpeed
+group), the same tensors from step to step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..core.layout import Layout, Unit
+from ..core.stats import ParamView
+from .loss import mean_over
+from .select import UnsupportedSharding
+from .stats import ShardedStats
+
+SEGMENTS = "segments"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Parameter ``index`` (shape ``shape``) owns its flat elements ``[start, stop)`` on this
+    process, stored from ``pos`` on in the flat tensor; ``cuts``: where ownership changes."""
+
+    index: int
+    shape: torch.Size
+    start: int
+    stop: int
+    pos: int
+    cuts: tuple[int, ...]
+
+
+def flat_group_segments(shapes, offsets, partition_size: int, world: int, rank: int) -> list[Segment]:
+    """Segments of parameters laid out at ``offsets`` in a flat buffer split into ``world``
+    partitions of ``partition_size`` elements (ZeRO-1/2): this process owns partition ``rank``."""
+    lo, hi = rank * partition_size, (rank + 1) * partition_size
+    out = []
+    for index, (shape, offset) in enumerate(zip(shapes, offsets)):
+        numel = _numel(shape)
+        start, stop = max(offset, lo), min(offset + numel, hi)
+        bounds = (k * partition_size for k in range(1, world))
+        cuts = tuple(b - offset for b in bounds if offset < b < offset + numel)
+        if stop <= start:
+            start = stop = min(max(lo - offset, 0), numel)
+            out.append(Segment(index, shape, start, stop, 0, cuts))
+        else:
+            out.append(Segment(index, shape, start - offset, stop - offset, start - lo, cuts))
+    return out
+
+
+def per_param_segments(shapes, partition_numels, world: int, rank: int) -> list[Segment]:
+    """Segments of parameters partitioned one by one (ZeRO-3): parameter ``i`` keeps
+    ``partition_numels[i]`` elements per process, this process the ``rank``-th run; the flat
+    tensor is the concatenation of the partitions."""
+    out, pos = [], 0
+    for index, (shape, size) in enumerate(zip(shapes, partition_numels)):
+        numel = _numel(shape)
+        start, stop = min(rank * size, numel), min((rank + 1) * size, numel)
+        cuts = tuple(k * size for k in range(1, world) if k * size < numel)
+        out.append(Segment(index, shape, start, stop, pos, cuts))
+        pos += size
+    return out
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+class _Piece:
+    """The unit tensors of one segment over one flat tensor (param side cached across steps)."""
+
+    def __init__(self, segment: Segment, flat: torch.Tensor, group):
+        shape = torch.Size(segment.shape)
+        self.segment = segment
+        row_len = _numel(shape[1:]) if len(shape) > 1 else 1
+        rows = shape[0] if len(shape) > 0 else 1
+        s, e = segment.start, segment.stop
+        n = e - s
+        if n <= 0:
+            r0 = r1 = min(s // row_len, rows)
+        else:
+            r0, r1 = s // row_len, -(-e // row_len)
+        lead = s - r0 * row_len
+        self.local_rows = r1 - r0
+        self.local_shape = (self.local_rows, *shape[1:]) if len(shape) else (() if self.local_rows else (0,))
+        self.range = (lead, lead + n)
+        self.padded = n > 0 and (lead != 0 or (r1 - r0) * row_len != n)
+        self.view = ParamView(
+            global_shape=shape,
+            row_start=r0,
+            local_rows=self.local_rows,
+            valid=self.range if self.padded else None,
+            cuts=segment.cuts,
+            group=group,
+        )
+        self.flat = flat
+        self.seg = flat.narrow(0, segment.pos, max(n, 0))
+        if self.padded:
+            self.param = flat.new_zeros(self.local_shape)
+        else:
+            self.param = self.seg.view(self.local_shape)
+
+    def grad(self, flat_grad: torch.Tensor) -> torch.Tensor:
+        g = flat_grad.narrow(0, self.segment.pos, self.seg.numel())
+        if not self.padded:
+            return g.view(self.local_shape)
+        a, b = self.range
+        out = flat_grad.new_zeros(self.local_shape)
+        out.view(-1)[a:b] = g
+        return out
+
+    def refresh(self) -> None:
+        """Load the owned elements into the padded working copy (DeepSpeed may have changed them)."""
+        if self.padded:
+            a, b = self.range
+            self.param.zero_()
+            self.param.view(-1)[a:b] = self.seg
+
+    def writeback(self) -> None:
+        a, b = self.range
+        self.seg.copy_(self.param.view(-1)[a:b])
+
+
+@dataclass
+class FlatGroup:
+    """One flat tensor DeepSpeed hands the optimizer, and the parameters it stands for."""
+
+    flat: torch.Tensor
+    segments: list[Segment]
+    group: object  # the process group the parameters are partitioned over
+    params: list  # DeepSpeed's parameter objects, by segment index
+
+
+class ZeroLayout(Layout):
+    """Units over the parameter segments of DeepSpeed's flat partitions (see module docstring)."""
+
+    def __init__(self, flat_groups: list[FlatGroup], dp_group, foreach: bool = True, kind: str = "ZeRO"):
+        self.foreach = foreach
+        self.stats = ShardedStats(foreach=foreach)
+        self.kind = kind
+        self.dp_group = dp_group
+        self.flat_groups = {id(fg.flat): fg for fg in flat_groups}
+        self._pieces: dict[int, list[_Piece]] = {}
+
+    def for_step(self, optimizer) -> Layout:
+        return self
+
+    def mean_loss(self, loss: float) -> float:
+        return mean_over(loss, self.dp_group)
+
+    def view(self, p: torch.Tensor) -> ParamView:
+        fg = self.flat_groups.get(id(p))
+        if fg is None or fg.flat is not p:
+            return ParamView.of(p)
+        return ParamView(global_shape=p.shape)
+
+    def _flat_group(self, flat: torch.Tensor) -> FlatGroup:
+        fg = self.flat_groups.get(id(flat))
+        if fg is None or fg.flat is not flat:
+            raise UnsupportedSharding(
+                f"the optimizer was handed a tensor of shape {tuple(flat.shape)} that is none of the {self.kind} "
+                f"flat partitions hfoptim.integrations.deepspeed.attach() mapped; DeepSpeed rebuilt its partitions "
+                f"(call attach(engine) again after that)"
+            )
+        return fg
+
+    def pieces(self, flat: torch.Tensor) -> list[_Piece]:
+        fg = self._flat_group(flat)
+        cached = self._pieces.get(id(flat))
+        if cached is None or (cached and cached[0].flat.data_ptr() != flat.data_ptr()):
+            cached = [_Piece(s, flat, fg.group) for s in fg.segments]
+            self._pieces[id(flat)] = cached
+        return cached
+
+    def units(self, optimizer, group: dict) -> list[Unit]:
+        units = []
+        for flat in group["params"]:
+            pieces = self.pieces(flat)
+            if flat.grad is None:
+                continue
+            if flat.grad.numel() != flat.numel():
+                raise UnsupportedSharding(
+                    f"{self.kind}: flat partition of {flat.numel()} elements has a gradient of {flat.grad.numel()}"
+                )
+            segments = optimizer.state[flat].setdefault(SEGMENTS, {})
+            for piece in pieces:
+                piece.refresh()
+                state = segments.setdefault(piece.segment.index, {})
+                writeback = piece.writeback if piece.padded else None
+                units.append(Unit(piece.param, piece.grad(flat.grad), state, piece.view, flat, writeback))
+        return units
+
+
+# ---------------------------------------------------------------------- DeepSpeed bookkeeping
+def zero12_layout(zero_optimizer, foreach: bool) -> ZeroLayout:
+    """The layout for ``DeepSpeedZeroOptimizer`` (ZeRO-1/2) from its partition bookkeeping."""
+    zo = zero_optimizer
+    groups = []
+    for i, flat in enumerate(zo.single_partition_of_fp32_groups):
+        pg = zo.real_dp_process_group[i]
+        world, rank = dist.get_world_size(group=pg), dist.get_rank(group=pg)
+        params = zo.round_robin_bit16_groups[i]
+        shapes = [m.shape for m in zo.round_robin_bit16_meta[i]]
+        offsets = list(zo.round_robin_bit16_offsets[i])
+        partition_size = int(zo.partition_size[i])
+        if partition_size * world != zo.bit16_groups_flat[i].numel() or flat.numel() != partition_size:
+            raise UnsupportedSharding(
+                f"DeepSpeed ZeRO group {i}: unexpected partition layout (flat {zo.bit16_groups_flat[i].numel()}, "
+                f"partition {partition_size} x {world}, local {flat.numel()})"
+            )
+        segments = flat_group_segments(shapes, offsets, partition_size, world, rank)
+        # index segments by the parameter's position in DeepSpeed's (un-reordered) group
+        position = {id(p): j for j, p in enumerate(zo.bit16_groups[i])}
+        segments = [_reindex(s, position[id(p)]) for s, p in zip(segments, params)]
+        segments.sort(key=lambda s: s.index)
+        groups.append(FlatGroup(flat, segments, pg if world > 1 else None, list(zo.bit16_groups[i])))
+    kind = "ZeRO-2" if zo.partition_gradients else "ZeRO-1"
+    return ZeroLayout(groups, zo.dp_process_group, foreach=foreach, kind=kind)
+
+
+def bf16_layout(bf16_optimizer, foreach: bool) -> ZeroLayout:
+    """The layout for ``BF16_Optimizer`` (bf16 parameters, fp32 gradient accumulation, stage 1)."""
+    bo = bf16_optimizer
+    groups = []
+    for i, flat in enumerate(bo.fp32_groups_flat_partition):
+        pg = bo.real_dp_process_group[i]
+        world, rank = dist.get_world_size(group=pg), dist.get_rank(group=pg)
+        params = bo.bf16_groups[i]
+        shapes = [p.shape for p in params]
+        offsets, pos = [], 0
+        for p in params:
+            offsets.append(pos)
+            pos += p.numel()
+        partition_size = bo.bf16_groups_flat[i].numel() // world
+        segments = flat_group_segments(shapes, offsets, partition_size, world, rank)
+        groups.append(FlatGroup(flat, segments, pg if world > 1 else None, list(params)))
+    return ZeroLayout(groups, bo.dp_process_group, foreach=foreach, kind="ZeRO-1 (bf16)")
+
+
+def zero3_layout(zero_optimizer, foreach: bool) -> ZeroLayout:
+    """The layout for ``DeepSpeedZeroOptimizer_Stage3``: per-parameter partitions, one flat
+    tensor per sub-group."""
+    zo = zero_optimizer
+    groups = []
+    for k, flat in enumerate(zo.fp32_partitioned_groups_flat):
+        params = zo.fp16_groups[k]
+        pg = zo.sub_group_process_groups[k] if hasattr(zo, "sub_group_process_groups") else zo.dp_process_group
+        world, rank = dist.get_world_size(group=pg), dist.get_rank(group=pg)
+        shapes = [p.ds_shape for p in params]
+        sizes = [p.partition_numel() for p in params]
+        if sum(sizes) != flat.numel():
+            raise UnsupportedSharding(
+                f"DeepSpeed ZeRO-3 sub-group {k}: partitions of {sum(sizes)} elements, flat tensor of {flat.numel()}"
+            )
+        segments = per_param_segments(shapes, sizes, world, rank)
+        groups.append(FlatGroup(flat, segments, pg if world > 1 else None, list(params)))
+    return ZeroLayout(groups, zo.dp_process_group, foreach=foreach, kind="ZeRO-3")
+
+
+def _reindex(segment: Segment, index: int) -> Segment:
+    return Segment(index, segment.shape, segment.start, segment.stop, segment.pos, segment.cuts)

@@ -1,0 +1,163 @@
+"""DeepSpeed ZeRO equivalence worker (``DS_ACCELERATOR=cpu``, gloo):
+``torchrun --nproc_per_node N tests/distributed/zero_worker.py --stage S`` (or ``deepspeed``).
+
+For every case: ``deepspeed.initialize`` with the hfoptim optimizer as client optimizer (fp32,
+``gradient_clipping`` 0 set explicitly), real forward/backward through DeepSpeed delivering
+chosen gradients (exact: on a coarse grid, only process 0 contributes ``world * g``), against a
+single-process run of the same optimizer inside the same process. Checks that DeepSpeed's ZeRO
+optimizer wraps ours, that param_groups hold flat partitions, that the ZeRO layout stepped,
+then compares parameters (gathered under ZeRO-3) and every segment's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import deepspeed  # noqa: E402
+
+import hfoptim  # noqa: E402
+from hfoptim.integrations.deepspeed import attach  # noqa: E402
+from tests.distributed.common import (  # noqa: E402
+    Model,
+    all_cases,
+    case_kwargs,
+    coarse,
+    compare,
+    compare_state,
+    gradients,
+    needs_loss,
+    rank_loss,
+    run_cases,
+    setup_threads,
+    step_loss,
+)
+
+
+def ds_config(stage: int, *, round_robin: bool, sub_group_size: int | None, offload: bool) -> dict:
+    zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
+    if stage in (1, 2):
+        zero["round_robin_gradients"] = round_robin
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+        zero["stage3_prefetch_bucket_size"] = 0
+        if sub_group_size:
+            zero["sub_group_size"] = sub_group_size
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+    }
+
+
+def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: bool) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    kwargs = case_kwargs(name)
+    dtype = torch.float32
+    ref_model = Model(dtype=dtype)
+    ref_params = [p for _, p in ref_model.named_leaves()]
+    ref_opt = hfoptim.create_optimizer(ref_params, name, **kwargs)
+
+    model = Model(dtype=dtype)
+    names = {id(p): n for n, p in model.named_leaves()}
+    opt = hfoptim.create_optimizer([p for _, p in model.named_leaves()], name, **kwargs)
+    config = ds_config(stage, **variant)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    zero = ds_engine.optimizer
+    expected = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}[stage]
+    if type(zero).__name__ != expected:
+        failures.append(f"DeepSpeed wrapped the optimizer in {type(zero).__name__}, not {expected}")
+        return
+    engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
+    loss_driven = needs_loss(ref_opt)
+    for t in range(1, steps + 1):
+        grads = coarse(gradients(ref_params, t))
+        for p, g in zip(ref_params, grads):
+            p.grad = g.clone()
+        scale = float(world) if rank == 0 else 0.0
+        loss = ds_engine(grads, scale)
+        ds_engine.backward(loss)
+        if loss_driven:
+            engine.set_loss(rank_loss(t, rank, world))
+            ref_opt.step(loss=step_loss(t))
+        else:
+            ref_opt.step()
+        ds_engine.step()
+    layout = engine.layout
+    if type(layout).__name__ != "ZeroLayout":
+        failures.append(f"the optimizer stepped with {type(layout).__name__}, not the ZeRO layout")
+        return
+    flats = [p for fg in layout.flat_groups.values() for p in [fg.flat]]
+    if any(p is q for p in flats for q in (p for _, p in model.named_leaves())):
+        failures.append("param_groups hold model parameters, not flat partitions")
+    detail["collectives"] = layout.stats.collectives
+    detail["bytes"] = layout.stats.bytes_reduced
+    leaves = [p for _, p in model.named_leaves()]
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(leaves):
+            full = [p.detach().clone() for p in leaves]
+    else:
+        full = [p.detach().clone() for p in leaves]
+    ref_by_name = dict(zip((n for n, _ in ref_model.named_leaves()), ref_params))
+    for (pname, _), got, want in zip(model.named_leaves(), full, ref_params):
+        compare(f"param {pname}", got, want.detach(), dtype, failures, detail)
+    for fg in layout.flat_groups.values():
+        segments = engine.state[fg.flat].get("segments", {})
+        for piece in layout.pieces(fg.flat):
+            p = fg.params[piece.segment.index]
+            pname = names[id(p)]
+            compare_state(
+                f"{pname}", segments.get(piece.segment.index, {}), ref_opt.state[ref_by_name[pname]],
+                piece.view, dtype, failures, detail,
+            )
+    ds_engine.destroy()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, default=2)
+    parser.add_argument("--cases", default="fast")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    setup_threads()
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    deepspeed.init_distributed(dist_backend="gloo")
+    cases = all_cases(args.cases)
+    counter = iter(range(10**6))
+
+    def one(name, failures, detail):
+        k = next(counter)
+        variant = {
+            "round_robin": k % 2 == 1,
+            "sub_group_size": 3000 if k % 2 == 0 else None,
+            "offload": args.offload,
+        }
+        detail.update(variant)
+        run_case(name, failures, detail, stage=args.stage, steps=args.steps, variant=variant,
+                 explicit_attach=k % 3 != 2)
+
+    status = run_cases(cases, one, args.out)
+    dist.barrier()
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
