@@ -110,8 +110,16 @@ def test_adafactor_matches_pytorch_optimizer(momentum):
     two dims of >2-D tensors; it combines the factors as (R/mean R)^-1/2 C^-1/2 (no precision
     difference in float64; see test_precision_fix)."""
     if momentum:
-        ours = dict(lr=0.05, beta1=0.8, decay_rate=-0.7, eps1=1e-3, clip_threshold=0.9, relative_step=False,
-                    scale_parameter=False, weight_decay=0.1)
+        ours = dict(
+            lr=0.05,
+            beta1=0.8,
+            decay_rate=-0.7,
+            eps1=1e-3,
+            clip_threshold=0.9,
+            relative_step=False,
+            scale_parameter=False,
+            weight_decay=0.1,
+        )
         theirs = dict(lr=0.05, betas=(0.8, 0.999999), relative_step=False, scale_parameter=False)
     else:
         ours = dict(lr=1e-2, decay_rate=-0.7, eps1=1e-3, eps2=0.5, clip_threshold=0.9, weight_decay=0.1)
@@ -126,8 +134,14 @@ def test_adafactor_matches_pytorch_optimizer(momentum):
 
     _run_against(
         lambda ps: PoAdaFactor(
-            ps, decay_rate=ours["decay_rate"], eps1=1e-3, clip_threshold=0.9, weight_decay=0.1,
-            momentum_dtype=torch.float64, foreach=False, **theirs
+            ps,
+            decay_rate=ours["decay_rate"],
+            eps1=1e-3,
+            clip_threshold=0.9,
+            weight_decay=0.1,
+            momentum_dtype=torch.float64,
+            foreach=False,
+            **theirs,
         ),
         ours,
         state=state,

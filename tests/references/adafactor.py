@@ -10,6 +10,7 @@ sections 5-8), float64, one tensor at a time. Keeps the factored statistics R an
 The choices the paper leaves open (relative-step cap = lr, momentum on U before alpha, decay
 by alpha) are hfoptim's documented ones (hfoptim/rules/adafactor.py).
 """
+
 import math
 
 import torch
@@ -20,8 +21,18 @@ def rms(x):
 
 
 class AdafactorRef:
-    def __init__(self, lr=1e-2, beta1=None, decay_rate=-0.8, eps1=1e-30, eps2=1e-3, clip_threshold=1.0,
-                 relative_step=True, scale_parameter=True, weight_decay=0.0):
+    def __init__(
+        self,
+        lr=1e-2,
+        beta1=None,
+        decay_rate=-0.8,
+        eps1=1e-30,
+        eps2=1e-3,
+        clip_threshold=1.0,
+        relative_step=True,
+        scale_parameter=True,
+        weight_decay=0.0,
+    ):
         self.lr, self.beta1, self.c = lr, beta1, decay_rate
         self.eps1, self.eps2, self.d = eps1, eps2, clip_threshold
         self.relative_step, self.scale_parameter, self.wd = relative_step, scale_parameter, weight_decay

@@ -11,6 +11,7 @@ a time. Keeps the factors and the sign matrix itself:
     p = p - lr (M / (sqrt(V) + eps) + wd p)
 The sign matrix is compared with hfoptim's packed bits through numpy.packbits (little bit order).
 """
+
 import math
 
 import numpy as np
@@ -71,5 +72,9 @@ class SMMFRef:
 
 #: reference state names -> hfoptim's stored keys (smmf storage)
 STATE_MAP = {
-    "rM": "exp_avg.row", "cM": "exp_avg.col", "sign": "exp_avg.sign", "rV": "exp_avg_sq.row", "cV": "exp_avg_sq.col",
+    "rM": "exp_avg.row",
+    "cM": "exp_avg.col",
+    "sign": "exp_avg.sign",
+    "rV": "exp_avg_sq.row",
+    "cV": "exp_avg_sq.col",
 }
