@@ -2,7 +2,10 @@
 
 A codec turns the fp32 value a rule works on into what is kept between steps and back. The rule
 never sees the stored form: the engine calls :meth:`Codec.decode` before the update and
-:meth:`Codec.encode` after it. Stored tensors live in ``optimizer.state[p]`` under
+:meth:`Codec.encode` after it. So a storage form changes what is kept BETWEEN steps; within a
+step the rule computes its direction from the full updated tensor (bitsandbytes' 8-bit and SMMF's
+order). A rule whose paper divides by the stored form of the current step (Adafactor) asks for
+it with ``ctx.stored``. Stored tensors live in ``optimizer.state[p]`` under
 ``"<slot>"`` (dense) or ``"<slot>.<part>"`` (other forms), so torch's ``state_dict`` and
 distributed checkpoints carry them like any other state.
 
