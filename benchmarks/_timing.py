@@ -208,3 +208,22 @@ def write_json(path: Path, record: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+REPORT = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+
+
+def update_report(section: str, text: str, report: Path = REPORT) -> bool:
+    """Replace the part of BENCHMARKS.md between ``<!-- section:begin -->`` and
+    ``<!-- section:end -->`` with ``text`` (the prose around it stays). False when the file or
+    the markers are missing."""
+    begin, end = f"<!-- {section}:begin -->", f"<!-- {section}:end -->"
+    if not report.exists():
+        return False
+    content = report.read_text()
+    if begin not in content or end not in content:
+        return False
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    report.write_text(f"{head}{begin}\n{text.strip()}\n{end}{tail}")
+    return True

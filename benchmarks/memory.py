@@ -38,6 +38,7 @@ from _timing import (  # noqa: E402
     machine_info,
     machine_line,
     make_params,
+    update_report,
     write_json,
 )
 
@@ -320,30 +321,75 @@ def _gib(x: int | None) -> str:
     return "" if x is None else f"{x / GiB:.2f}"
 
 
-def markdown(record: dict) -> str:
+def _bpp_table(rows: list[dict], base: float) -> list[str]:
+    lines = ["| optimizer | library | state bytes / param | vs torch AdamW |", "|---|---|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['library']} | failed: {r['error']} | |")
+        else:
+            bpp = r["bytes_per_param"]
+            lines.append(f"| {r['name']} | {r['library']} | {bpp:.3f} | {bpp / base:.2f}x |")
+    return lines
+
+
+def _matrix(rows: list[dict]) -> list[str]:
+    """Bytes per parameter, one row per base name, one column per storage form."""
+    from hfoptim.registry import ALIASES
+    from hfoptim.rules import RULES
+    from hfoptim.state.codec import CODECS
+
+    measured = {r["name"]: r for r in rows}
+    forms = [f for f in CODECS if f != "fp32"]
+    columns = ["", *[f"_{f}" for f in forms], "_lookahead"]
     lines = [
-        "# Optimizer-state memory",
+        "| base name | default | " + " | ".join(c.lstrip("_") for c in columns[1:]) + " |",
+        "|---|" + "---:|" * len(columns),
+    ]
+    for base in sorted({*RULES, *ALIASES}):
+        cells = []
+        for suffix in columns:
+            r = measured.get(base + suffix)
+            if r is None:
+                cells.append("")
+            elif "error" in r:
+                cells.append("failed")
+            else:
+                cells.append(f"{r['bytes_per_param']:.2f}")
+        lines.append(f"| {base} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(record: dict, level: int = 1, details: bool = False) -> str:
+    h, hh = "#" * level, "#" * (level + 1)
+    peers_ = record["peers"]
+    base = next((r["bytes_per_param"] for r in peers_ if r["name"] == "torch AdamW" and "error" not in r), 8.0)
+    lines = [
+        f"{h} Optimizer-state memory",
         "",
         f"Machine: {machine_line(record['machine'])}.",
         f"Libraries: {', '.join(f'{k} {v}' for k, v in record['libraries'].items() if v)}.",
         f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min).",
         "",
-        f"## Measured state bytes per parameter ({record['measured_on']})",
+        f"{hh} Measured state bytes per parameter ({record['measured_on']})",
         "",
-        "One optimizer step on real fp32 tensors; hfoptim measured with `hfoptim.memory.state_bytes`, "
-        "peers by walking `optimizer.state`. AdamW in fp32 is 8.0.",
+        "One optimizer step on real fp32 tensors; hfoptim measured with `hfoptim.memory.state_bytes` "
+        "(8-bit/bf16 forms with `compile='off'`: the stored state is the same), peers by walking "
+        "`optimizer.state`. Tensors under 4096 elements keep fp32 state in hfoptim and bitsandbytes.",
         "",
-        "| optimizer | library | state bytes / param | vs torch AdamW |",
-        "|---|---|---:|---:|",
+        "Peers:",
+        "",
+        *_bpp_table(peers_, base),
+        "",
+        "hfoptim, every base name by storage form (suffix); modifiers (`_cautious`, `_agc`, ...) add no state:",
+        "",
+        *_matrix(record["hfoptim"]),
+        "",
+        "<details><summary>every name</summary>" if details else f"{hh} Every name",
+        "",
+        *_bpp_table(record["hfoptim"], base),
     ]
-    base = next((r["bytes_per_param"] for r in record["peers"] if r["name"] == "torch AdamW" and "error" not in r), 8)
-    for r in record["peers"] + record["hfoptim"]:
-        if "error" in r:
-            lines.append(f"| {r['name']} | {r['library']} | failed: {r['error']} | |")
-        else:
-            lines.append(
-                f"| {r['name']} | {r['library']} | {r['bytes_per_param']:.3f} | {r['bytes_per_param'] / base:.2f}x |"
-            )
+    if details:
+        lines += ["", "</details>"]
     for model_name in LLAMA_CONFIGS:
         rows = [r for r in record["estimates"] if r["model"] == model_name]
         if not rows:
@@ -351,12 +397,12 @@ def markdown(record: dict) -> str:
         num = rows[0]["params"]
         lines += [
             "",
-            f"## {model_name} shapes ({num / 1e9:.2f}B parameters): GiB per GPU, {WORLD_SIZE} GPUs, "
-            f"{MIXED_PRECISION} mixed precision",
+            f"{hh} {model_name} shapes ({num / 1e9:.2f}B parameters): GiB per GPU on {record['world_size']} GPUs, "
+            f"{record['mixed_precision']} mixed precision",
             "",
-            "Parameters + gradients + fp32 master weights + optimizer state per GPU (activations not counted). "
-            "hfoptim rows from `hfoptim.memory.estimate` on the meta-device model; peer rows: measured "
-            "bytes/param x parameters.",
+            "Parameters + gradients + fp32 master weights + optimizer state per GPU (activations, "
+            "all-gather and communication buffers not counted). hfoptim rows from `hfoptim.memory.estimate` "
+            "on the meta-device model; peer rows: measured bytes/param x parameters.",
             "",
             "| optimizer | state B/param | state, whole model | "
             + " | ".join(f"{STRATEGY_NAMES[s]} state | {STRATEGY_NAMES[s]} total" for s in STRATEGIES)
@@ -435,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out / f"{stem}.json", record)
     text = markdown(record)
     (out / f"{stem}.md").write_text(text)
+    if not args.quick and out.resolve() == RESULTS_DIR.resolve():
+        if update_report("memory", markdown(record, level=3, details=True)):
+            log("updated the memory section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
     return 0

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, write_json  # noqa: E402
+from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, update_report, write_json  # noqa: E402
 
 BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
 FAMILIES = {"adamw": "AdamW", "ademamix": "AdEMAMix", "adan": "Adan"}
@@ -226,11 +226,11 @@ def summarize(runs: list[Run], names: list[str]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------- output
-def markdown(record: dict) -> str:
+def markdown(record: dict, level: int = 1, plot_path: str | None = None) -> str:
     a = record["args"]
     tokens = a["steps"] * a["batch_size"] * a["block_size"]
     lines = [
-        "# Training quality on the embedded default",
+        f"{'#' * level} Training quality on the embedded default",
         "",
         f"Machine: {machine_line(record['machine'])}.",
         f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes).",
@@ -263,6 +263,8 @@ def markdown(record: dict) -> str:
         lines.append(
             f"| {row['name']}{failed} | {row['bytes_per_param']:.2f} | {mean_std} | {spread} | {diff_text} | {reach} |"
         )
+    if plot_path:
+        lines += ["", f"![validation loss curves]({plot_path})"]
     return "\n".join(lines) + "\n"
 
 
@@ -397,9 +399,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     stem = "quality_quick" if args.quick else "quality"
     write_json(out / f"{stem}.json", record)
-    text = markdown(record)
+    png = out / f"{stem}_curves.png"
+    plot(record, png)
+    text = markdown(record, plot_path=png.name)
     (out / f"{stem}.md").write_text(text)
-    plot(record, out / f"{stem}_curves.png")
+    if not args.quick and not args.names and out.resolve() == RESULTS_DIR.resolve():
+        if update_report("quality", markdown(record, level=3, plot_path=f"benchmarks/results/{png.name}")):
+            log("updated the quality section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
     return 0

@@ -20,7 +20,9 @@ both the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``) 
 would cost minutes). "first step s" includes compilation the first time a rule and form is
 compiled in the process (the 6M row). Peers implementing the same algorithm: torch.optim,
 pytorch_optimizer (``foreach=True``), bitsandbytes (32-bit and 8-bit) and torchao's low-bit AdamW
-when importable. Default hyperparameters everywhere except ``lr=1e-3``.
+when importable. Default hyperparameters everywhere except ``lr=1e-3``. One torch thread by
+default (``--threads``): with two threads on a machine that is not idle, each kernel waits for the
+slower thread and step times swing by an order of magnitude, while single-threaded ratios repeat.
 
 Writes ``results/speed.json``, ``results/speed.md`` and ``results/speed_scaling.png``
 (``speed_quick.*`` with ``--quick``).
@@ -49,6 +51,7 @@ from _timing import (  # noqa: E402
     machine_info,
     machine_line,
     make_params,
+    update_report,
     write_json,
 )
 
@@ -315,20 +318,27 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
     return "" if x is None else format(x, spec)
 
 
-def markdown(record: dict) -> str:
+def markdown(record: dict, level: int = 1, details: bool = False, plot_path: str | None = None) -> str:
+    """The tables; ``level`` is the heading level of the title (sub-headings one below),
+    ``details`` folds the per-size tables (for BENCHMARKS.md)."""
     rows = [Row(**r) for r in record["rows"]]
     sizes = record["sizes"]
+    h, hh = "#" * level, "#" * (level + 1)
+    base_ms = {r.size: r.ms for r in rows if r.label == BASELINE_FOREACH}
     lines = [
-        "# Optimizer step time",
+        f"{h} Optimizer step time",
         "",
         f"Machine: {machine_line(record['machine'])}.",
         f"Libraries: {', '.join(f'{k} {v}' for k, v in record['libraries'].items() if v)}.",
         f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min).",
         "",
         "Ratios are the median over interleaved rounds of (step time / torch AdamW step time in the same "
-        "round); below 1 is faster than torch AdamW. ms/step is absolute and moves with machine load.",
+        "round); below 1 is faster than torch AdamW. ms/step is absolute and moves with machine load. "
+        "torch AdamW foreach took "
+        + ", ".join(f"{base_ms[s]:.1f} ms ({s})" for s in sizes if base_ms.get(s) is not None)
+        + " per step in this run.",
         "",
-        "## How the cost grows with size (ratio to torch AdamW foreach)",
+        f"{hh} How the cost grows with size (ratio to torch AdamW foreach)",
         "",
     ]
     by_label: dict[str, dict[str, Row]] = {}
@@ -342,11 +352,12 @@ def markdown(record: dict) -> str:
         first = next(iter(per.values()))
         cells = [_cell(per.get(s)) for s in sizes]
         lines.append(f"| {label} | {first.state} | " + " | ".join(cells) + " |")
+    if plot_path:
+        lines += ["", f"![step time vs size]({plot_path})"]
     for size in sizes:
+        title = f"{size} parameters ({_numel(rows, size)}): {sum(r.size == size for r in rows)} optimizers"
+        lines += ["", f"<details><summary>{title}</summary>" if details else f"{hh} {title}", ""]
         lines += [
-            "",
-            f"## {size} parameters ({_numel(rows, size)})",
-            "",
             "| optimizer | library | state | ms/step | x AdamW foreach | (min-max over rounds) "
             "| x AdamW fused | first step s |",
             "|---|---|---|---:|---:|---|---:|---:|",
@@ -363,6 +374,8 @@ def markdown(record: dict) -> str:
                 f"| {label} | {r.library} | {r.state} | {_fmt(r.ms, '.1f')} | {_fmt(r.ratio_foreach)} | {spread} "
                 f"| {_fmt(r.ratio_fused)} | {_fmt(r.first_step_s, '.2f')} |"
             )
+        if details:
+            lines += ["", "</details>"]
     return "\n".join(lines) + "\n"
 
 
@@ -419,7 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sizes", nargs="+", choices=list(MODEL_SHAPES), help="default: all (6M only with --quick)")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="only these candidates (labels as in the table)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds per candidate (default 7/5/3 by size)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's default)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared or busy machine, OpenMP threads waiting on "
+        "each other make multi-threaded step times swing by 10x; 0 = torch's default)",
+    )
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     return parser
 
@@ -464,9 +483,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.output_dir)
     stem = "speed_quick" if args.quick else "speed"
     write_json(out / f"{stem}.json", record)
-    (out / f"{stem}.md").write_text(markdown(record))
+    png = out / f"{stem}_scaling.png"
     if len(sizes) > 1:
-        plot(record, out / f"{stem}_scaling.png")
+        plot(record, png)
+    (out / f"{stem}.md").write_text(markdown(record, plot_path=png.name if len(sizes) > 1 else None))
+    if not args.quick and not args.only and out.resolve() == RESULTS_DIR.resolve():
+        relative = f"benchmarks/results/{png.name}" if len(sizes) > 1 else None
+        if update_report("speed", markdown(record, level=3, details=True, plot_path=relative)):
+            log("updated the speed section of BENCHMARKS.md")
     print(markdown(record))
     log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
     return 0
