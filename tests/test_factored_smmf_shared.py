@@ -141,6 +141,17 @@ def test_zero_state_decodes_to_zero_and_scalars_work(form):
     assert torch.isfinite(p)
 
 
+@pytest.mark.parametrize("name", ["adamw_factored", "adamw_smmf", "adamw_shared", "adafactor", "smmf"])
+def test_empty_parameters_keep_dense_state(name):
+    for shape in [(0, 5), (5, 0), (0,)]:
+        p = torch.nn.Parameter(torch.zeros(shape))
+        opt = hfoptim.create_optimizer([p], name, state_min_numel=0)
+        p.grad = torch.zeros(shape)
+        opt.step()
+        opt.load_state_dict(opt.state_dict())
+        assert all(v.shape == torch.Size(shape) for k, v in opt.state[p].items() if k != "step")
+
+
 # ----------------------------------------------------------------------------- 2. rule x codec parity
 def _factored(x):
     if x.dim() < 2:

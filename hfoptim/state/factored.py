@@ -36,7 +36,8 @@ number (``torch.finfo(dtype).tiny``, fp32: 1.2e-38) once the state is non-zero, 
 stays finite instead of becoming inf or NaN. (The common form keeps this range by taking the
 roots before the product, at the cost of the second rounding.)
 
-One-dimensional tensors (and scalars) stay dense under ``"<slot>"``, as in Adafactor.
+One-dimensional tensors (and scalars, and empty tensors) stay dense under ``"<slot>"``, as in
+Adafactor.
 
 Sharding: the row sums of a shard's rows are local, column sums and the total ``1^T R`` are
 combined across shards by the stats backend (``stats.col_sum``, ``stats.sum``).
@@ -56,9 +57,10 @@ _DENSE = Dense()
 
 
 def factored_cols(view: ParamView) -> int | None:
-    """Columns of the 2-D view ``(shape[0], prod(shape[1:]))``, or None for a 0-/1-D tensor."""
+    """Columns of the 2-D view ``(shape[0], prod(shape[1:]))``, or None for a 0-/1-D or empty
+    tensor (kept dense)."""
     shape = view.global_shape
-    if len(shape) < 2:
+    if len(shape) < 2 or view.global_numel == 0:
         return None
     return math.prod(shape[1:])
 

@@ -14,7 +14,7 @@ moment.
     \mathrm{decode}(s)_{ij} = s_i
 
 Stored under ``"<slot>.row"`` (shape ``(rows,)``) or ``"<slot>.mean"`` (shape ``()``), in the
-compute dtype. Means are linear, so storing the mean of the updated ``V_t = b V_hat_{t-1} +
+compute dtype; an empty tensor stays dense. Means are linear, so storing the mean of the updated ``V_t = b V_hat_{t-1} +
 (1-b) G^2`` is Adam-mini's EMA of the block mean of ``G^2``. Within a step the rule divides by
 the full ``V_t`` (whose newest term is the exact ``G_t^2``), then the row mean is kept; Adam-mini
 divides by the block mean of step t itself -- the two differ by that one ``(1-b) G_t^2`` term.
@@ -27,7 +27,9 @@ from __future__ import annotations
 import math
 
 from ..core.rule import SECOND_MOMENT, Slot
-from .codec import Codec
+from .codec import Codec, Dense
+
+_DENSE = Dense()
 
 
 class Shared(Codec):
@@ -41,17 +43,23 @@ class Shared(Codec):
         return f"{slot.name}.row" if len(view.global_shape) >= 2 else f"{slot.name}.mean"
 
     def shapes(self, slot, view, p):
+        if view.global_numel == 0:  # empty: nothing to share
+            return _DENSE.shapes(slot, view, p)
         if len(view.global_shape) >= 2:
             return {self._key(slot, view): (p.shape[0],)}
         return {self._key(slot, view): ()}
 
     def init(self, slot, value, view, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to share
+            return _DENSE.init(slot, value, view)
         shape = (value.shape[0],) if len(view.global_shape) >= 2 else ()
         stored = {self._key(slot, view): value.new_zeros(shape)}
         self.encode(slot, stored, value, view, stats=stats)
         return stored
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to share
+            return _DENSE.decode(slot, stored, view, dtype)
         shape = view.global_shape
         s = stored[self._key(slot, view)].to(dtype)
         if len(shape) >= 2:
@@ -59,6 +67,8 @@ class Shared(Codec):
         return s.expand(view.local_shape).clone()  # this process's elements
 
     def encode(self, slot, stored, value, view, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to share
+            return _DENSE.encode(slot, stored, value, view)
         shape = view.global_shape
         target = stored[self._key(slot, view)]
         if len(shape) >= 2:

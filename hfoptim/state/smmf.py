@@ -2,8 +2,8 @@ r"""SMMF storage: square-matricized rank-1 factorization of a moment, sign kept 
 (Park et al. 2024, "SMMF: Square-Matricized Momentum Factorization for Memory-Efficient
 Optimization", arXiv 2412.08894; formulas checked against the authors' code, KwangryeolPark/SMMF).
 
-Every tensor -- 1-D ones included -- of ``n`` elements is seen as the most square matrix
-``(n/i, i)``, ``i`` the largest divisor of ``n`` with ``i <= sqrt(n)`` (so rows >= columns). A
+Every tensor -- 1-D ones included; empty ones stay dense -- of ``n`` elements is seen as the
+most square matrix ``(n/i, i)``, ``i`` the largest divisor of ``n`` with ``i <= sqrt(n)`` (so rows >= columns). A
 non-negative matrix ``M`` is kept as its rank-1 non-negative factorization
 
 .. math::
@@ -36,7 +36,9 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import flat_matrix_view, from_flat_matrix, to_flat_matrix
-from .codec import Codec
+from .codec import Codec, Dense
+
+_DENSE = Dense()
 
 _BIT_WEIGHTS = {}
 
@@ -84,6 +86,8 @@ class SMMF(Codec):
         return f"{slot.name}.row", f"{slot.name}.col", f"{slot.name}.sign"
 
     def shapes(self, slot, view, p):
+        if view.global_numel == 0:  # empty: nothing to factor
+            return _DENSE.shapes(slot, view, p)
         _, cols = square_shape(view.global_numel)
         row, col, sign = self._keys(slot)
         out = {row: (flat_matrix_view(view, cols).rows,), col: (cols,)}
@@ -92,6 +96,8 @@ class SMMF(Codec):
         return out
 
     def init(self, slot, value, view, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to factor
+            return _DENSE.init(slot, value, view)
         _, cols = square_shape(view.global_numel)
         row, col, sign = self._keys(slot)
         stored = {row: value.new_zeros(flat_matrix_view(view, cols).rows), col: value.new_zeros(cols)}
@@ -101,6 +107,8 @@ class SMMF(Codec):
         return stored
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to factor
+            return _DENSE.decode(slot, stored, view, dtype)
         row, col, sign = self._keys(slot)
         r, c = stored[row].to(dtype), stored[col].to(dtype)
         m = from_flat_matrix(torch.outer(r, c), view, c.numel()).reshape(-1)  # this process's elements
@@ -109,6 +117,8 @@ class SMMF(Codec):
         return m.reshape(view.local_shape)
 
     def encode(self, slot, stored, value, view, *, stats=None):
+        if view.global_numel == 0:  # empty: nothing to factor
+            return _DENSE.encode(slot, stored, value, view)
         row, col, sign = self._keys(slot)
         r, c = stored[row], stored[col]
         mview = flat_matrix_view(view, c.numel())
