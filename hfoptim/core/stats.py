@@ -200,7 +200,7 @@ def block_layout(view: ParamView, block: int) -> tuple[int, int, int]:
     starts inside a block)."""
     if len(view.global_shape) >= 2:
         return view.rows, view.row_len, 0
-    length = view.rows if len(view.global_shape) == 1 else 1
+    length = view.rows  # a 0-d tensor: 1, or 0 where another process holds it
     return 1, length, view.row_start % block if length else 0
 
 
