@@ -244,6 +244,9 @@ def run_cases(cases: list[str], run_one, out_path: str | None) -> int:
             failures.append(traceback.format_exc()[-2500:])
             detail["crashed"] = True
             print(f"[rank {rank}] case {name} crashed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+            # the other processes may wait in a collective this one will never join: end the
+            # launch now (they fail on the lost peer) instead of waiting for the case timeout
+            os._exit(3)
         faulthandler.cancel_dump_traceback_later()
         detail["seconds"] = round(time.time() - start, 3)
         results.append({"case": name, "rank": rank, "failures": failures, "detail": detail})
