@@ -309,6 +309,7 @@ class Engine(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
+        self.layout = self.layout.for_step(self)  # sharded parameters: the layout exports the state
         sd = super().state_dict()
         # the (global) parameter shapes, so a load over other shapes fails even for rules whose
         # state is all per-tensor scalars (Amos), which torch's state_dict could not tell apart
@@ -318,7 +319,7 @@ class Engine(torch.optim.Optimizer):
             for pid, p in zip(saved["params"], group["params"])
         }
         sd[STATE_DICT_TAG] = {"rule": self.rule.name, "format": 1, "shapes": shapes}
-        return sd
+        return self.layout.export_state(self, sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by an optimizer of the same rule over the same shapes.
@@ -327,6 +328,8 @@ class Engine(torch.optim.Optimizer):
         rule, another state form or other parameter shapes. State tensors keep the dtype they
         were saved with (torch would cast them to the parameter's dtype, losing fp32 state of
         bf16 parameters)."""
+        self.layout = self.layout.for_step(self)
+        state_dict = self.layout.import_state(self, state_dict)  # sharded state: back to this run's shards
         tag = state_dict.get(STATE_DICT_TAG)
         if tag is None:
             raise ValueError(
@@ -365,7 +368,7 @@ class Engine(torch.optim.Optimizer):
             group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
             saved_group = saved_groups[self.param_groups.index(group)]
             options = {k: v for k, v in saved_group.items() if k in self._spec}
-            self._check_param_state(pid, p, pstate, {**group, **options})
+            self.layout.check_param_state(self, pid, p, pstate, {**group, **options})
         originals = {pid: dict(pstate) for pid, pstate in state_dict["state"].items()}
         super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_TAG})
         for pid, pstate in originals.items():
@@ -373,6 +376,7 @@ class Engine(torch.optim.Optimizer):
             for key, value in pstate.items():
                 if isinstance(value, torch.Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        self.layout.after_load(self)
 
     def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
         view = self.param_view(p)

@@ -56,6 +56,21 @@ class Layout:
         the parameters for DTensors after the optimizer was built)."""
         return self
 
+    def export_state(self, optimizer, state_dict: dict) -> dict:
+        """``optimizer.state_dict()`` as saved (FSDP2: shard state as DTensors for DCP)."""
+        return state_dict
+
+    def import_state(self, optimizer, state_dict: dict) -> dict:
+        """The inverse of :meth:`export_state`, for this run's shards (before validation)."""
+        return state_dict
+
+    def check_param_state(self, optimizer, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
+        """Raise ``ValueError`` when ``pstate`` is not the state ``optimizer`` keeps for ``p``."""
+        optimizer._check_param_state(pid, p, pstate, group)
+
+    def after_load(self, optimizer) -> None:
+        """Called at the end of ``load_state_dict``."""
+
     def mean_loss(self, loss: float) -> float:
         """The loss a loss-driven rule sees: the mean over the data-parallel processes (all
         processes of the default group when torch.distributed is initialized; one all-reduce)."""
