@@ -7,9 +7,10 @@ norms and totals take one all-reduce over the shard group per call (:class:`Shar
 Meshes with replicated dimensions (HSDP) reduce over the sharding dimension only.
 
 Optimizer state is kept as local tensors of the shard's shape in ``optimizer.state[p]`` (``p``
-the DTensor parameter); :mod:`hfoptim.distributed.checkpoint` turns it into DTensors with the
-parameter's placement in ``state_dict()`` so ``torch.distributed.checkpoint`` saves and
-reshards it, and back on load.
+the DTensor parameter): the rules and codecs work on them directly, with no DTensor dispatch on
+the hot path. ``state_dict()`` exports it as DTensors with the parameter's placement (and
+``load_state_dict()`` takes that back, for any number of processes), so
+``torch.distributed.checkpoint`` saves and reshards it; see :mod:`hfoptim.distributed.checkpoint`.
 """
 
 from __future__ import annotations
@@ -108,3 +109,23 @@ class DTensorLayout(Layout):
                     )
             units.append(Unit(local_of(p), local_of(grad), optimizer.state[p], view, p))
         return units
+
+    def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
+        """Every parameter's unit, gradient or not (to create state without a step)."""
+        return [Unit(local_of(p), local_of(p), optimizer.state[p], self.view(p), p) for p in group["params"]]
+
+    # ------------------------------------------------------------------ checkpoints
+    def export_state(self, optimizer, state_dict: dict) -> dict:
+        from .checkpoint import export_dtensor_state
+
+        return export_dtensor_state(self, optimizer, state_dict)
+
+    def import_state(self, optimizer, state_dict: dict) -> dict:
+        from .checkpoint import import_dtensor_state
+
+        return import_dtensor_state(self, optimizer, state_dict)
+
+    def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:
+        from .checkpoint import check_local_state
+
+        check_local_state(optimizer, self.view(p), local_of(p), pid, pstate, group)

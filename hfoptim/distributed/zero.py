@@ -196,6 +196,65 @@ class ZeroLayout(Layout):
             self._pieces[id(flat)] = cached
         return cached
 
+    def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
+        """Every segment's unit, gradient or not (to create state without a step)."""
+        units = []
+        for flat in group["params"]:
+            segments = optimizer.state[flat].setdefault(SEGMENTS, {})
+            for piece in self.pieces(flat):
+                piece.refresh()
+                state = segments.setdefault(piece.segment.index, {})
+                units.append(Unit(piece.param, piece.param, state, piece.view, flat, None))
+        return units
+
+    # ------------------------------------------------------------------ checkpoints
+    def import_state(self, optimizer, state_dict: dict) -> dict:
+        """Check every segment's state against this run's segments (DeepSpeed's own checkpoint
+        loads each process's state into the same partitioning) and keep the saved tensors (with
+        their dtypes) to put back after torch's load, which casts nested state to fp32."""
+        self._loaded = {}
+        groups = state_dict["param_groups"]
+        for saved, group in zip(groups, optimizer.param_groups):
+            options = {k: v for k, v in saved.items() if k in optimizer._spec}
+            merged = {**group, **options}
+            for pid, flat in zip(saved["params"], group["params"]):
+                pstate = state_dict["state"].get(pid)
+                if pstate is None:
+                    continue
+                segments = pstate.get(SEGMENTS)
+                if segments is None:
+                    raise ValueError(
+                        f"state_dict entry for the {self.kind} flat partition {pid} has keys {sorted(pstate)}, "
+                        f"not per-parameter segments: it was not saved by hfoptim under {self.kind}"
+                    )
+                from .checkpoint import check_local_state
+
+                by_index = {piece.segment.index: piece for piece in self.pieces(flat)}
+                for index, seg_state in segments.items():
+                    piece = by_index.get(int(index))
+                    if piece is None:
+                        raise ValueError(
+                            f"state_dict has state for segment {index} of flat partition {pid}, which holds "
+                            f"{len(by_index)} parameters here (saved with another model or partitioning)"
+                        )
+                    where = f"{pid} (segment {index}, shape {tuple(piece.view.global_shape)})"
+                    check_local_state(optimizer, piece.view, piece.param, where, seg_state, merged)
+                self._loaded[id(flat)] = (flat, segments)
+        return state_dict
+
+    def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:
+        """Checked per segment in :meth:`import_state`."""
+
+    def after_load(self, optimizer) -> None:
+        """Put the saved segment tensors back as they were saved (dtype included)."""
+        for flat, segments in getattr(self, "_loaded", {}).values():
+            optimizer.state[flat][SEGMENTS] = {
+                int(index): {k: v.to(flat.device, copy=True) if isinstance(v, torch.Tensor) else v
+                             for k, v in seg.items()}
+                for index, seg in segments.items()
+            }
+        self._loaded = {}
+
     def units(self, optimizer, group: dict) -> list[Unit]:
         units = []
         for flat in group["params"]:

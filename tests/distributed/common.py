@@ -240,7 +240,9 @@ def run_cases(cases: list[str], run_one, out_path: str | None) -> int:
         faulthandler.dump_traceback_later(CASE_TIMEOUT, exit=True)
         try:
             run_one(name, failures, detail)
-        except Exception:  # a crash is a failure of this case; the others still run
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException:  # a crash (DCP raises BaseExceptions) is a failure of this case
             failures.append(traceback.format_exc()[-2500:])
             detail["crashed"] = True
             print(f"[rank {rank}] case {name} crashed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)

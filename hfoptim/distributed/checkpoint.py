@@ -1,0 +1,248 @@
+"""Saving and resharding the optimizer state of sharded parameters.
+
+**FSDP2 / torch.distributed.checkpoint.** A process keeps the state of its shard as local
+tensors; ``state_dict()`` exports it in a form DCP can save and reshard (e.g. saved by 2
+processes, loaded by 3), and ``load_state_dict()`` takes it back:
+
+* stored tensors whose first dimension follows the parameter's rows (dense moments, 8-bit codes
+  and per-row scales of matrices, factored/shared row statistics) become DTensors with the
+  parameter's placement, as ``(global rows, per-row size)`` when a row holds several entries;
+* tensors that do not depend on the shard (column statistics, per-tensor scalars, the step
+  count) stay plain tensors (DCP saves them once);
+* tensors that are neither (SMMF's factors of the flattened tensor, sign bits, the 8-bit scales
+  of a vector whose blocks a boundary cuts) are replaced by the DECODED slot as a DTensor under
+  ``"<slot>.decoded"`` and encoded again on load for the new shards (8-bit: the same codes;
+  SMMF: the same factors to float rounding).
+
+The decisions come from the codec's ``shapes()`` evaluated for shards of 1, 2 and 5 rows, so a
+new codec is handled without code here. The hfoptim tag (rule, parameter shapes) is also copied
+into each parameter group, because DCP keeps only ``state`` and ``param_groups``.
+
+DCP's ``get_optimizer_state_dict`` creates missing state by stepping with zero gradients and
+``lr=0``; :func:`init_state` creates it without a step (a loss-driven rule could not take that
+step), and :func:`get_state_dict` / :func:`set_state_dict` call it before DCP.
+
+**DeepSpeed ZeRO.** The per-segment state is saved by DeepSpeed's own checkpoint (each process's
+``optimizer.state_dict()``); loading validates every segment's keys and shapes and keeps the
+dtypes it was saved with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from ..core.layout import Unit
+from ..core.stats import ParamView
+from ..state import resolve
+
+TAG = "hfoptim"
+GROUP_TAG = "hfoptim_tag"
+DECODED = ".decoded"
+#: shard sizes (rows) the codecs' shapes are evaluated for: small primes, a multiple of 8 (bit
+#: packing), more than one 8-bit block (256) of a vector
+_PROBE_ROWS = (1, 2, 3, 8, 13, 257, 1031)
+
+
+# ---------------------------------------------------------------------- classification
+def _probe_view(view: ParamView, rows: int) -> ParamView:
+    return ParamView(view.global_shape, row_start=0, local_rows=rows, cuts=view.cuts, group=view.group)
+
+
+def key_kinds(optimizer, group: dict, view: ParamView) -> dict[str, tuple]:
+    """For every stored key of a sharded parameter, with the slot it belongs to:
+    ``("rows", slot, per_row_shape)`` (the tensor is ``(rows, *per_row_shape)`` up to a reshape),
+    ``("replicated", slot)`` or ``("local", slot)``."""
+    kinds: dict[str, tuple] = {"step": ("replicated", None)}
+    for slot in optimizer.rule.active_slots(group):
+        codec = resolve.codec_for(optimizer.rule, slot, group, view)
+        probes = []
+        for rows in _PROBE_ROWS:
+            pview = _probe_view(view, rows)
+            probes.append(codec.shapes(slot, pview, torch.empty(pview.local_shape, device="meta")))
+        for key in probes[0]:
+            sizes = [math.prod(p[key]) for p in probes]
+            shapes = [tuple(p[key]) for p in probes]
+            if len(set(shapes)) == 1:
+                kinds[key] = ("replicated", slot)
+            elif all(s == sizes[0] * r for s, r in zip(sizes, _PROBE_ROWS)) and all(len(s) >= 1 for s in shapes):
+                one = shapes[0]
+                kinds[key] = ("rows", slot, one[1:] if one[0] == 1 else (sizes[0],))
+            else:
+                kinds[key] = ("local", slot)
+    return kinds
+
+
+def _dtensor_like(p: DTensor, local: torch.Tensor, global_rows: int) -> DTensor:
+    shape = torch.Size((global_rows, *local.shape[1:]))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+
+def _params_by_id(optimizer, state_dict) -> dict:
+    out = {}
+    for saved, group in zip(state_dict["param_groups"], optimizer.param_groups):
+        for pid, p in zip(saved["params"], group["params"]):
+            out[pid] = (p, group)
+    return out
+
+
+# ---------------------------------------------------------------------- FSDP2 export / import
+def export_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
+    """``state_dict`` with the state of DTensor parameters in DCP's form (module docstring)."""
+    params = _params_by_id(optimizer, state_dict)
+    stats = layout.stats
+    for pid in sorted(state_dict["state"], key=str):
+        p, group = params[pid]
+        view = layout.view(p) if isinstance(p, DTensor) else None
+        if view is None or not view.sharded:
+            continue
+        pstate = state_dict["state"][pid]
+        kinds = key_kinds(optimizer, group, view)
+        out = {}
+        decoded_slots = []  # slots with a tensor that is neither per-row nor shard-independent
+        for kind in kinds.values():
+            if kind[0] == "local" and kind[1] not in decoded_slots:
+                decoded_slots.append(kind[1])
+        for key, value in pstate.items():
+            kind = kinds.get(key, ("replicated", None))
+            if kind[1] is not None and kind[1] in decoded_slots:
+                continue
+            if not isinstance(value, torch.Tensor) or kind[0] == "replicated":
+                out[key] = value
+            else:
+                out[key] = _dtensor_like(p, value.reshape(view.rows, *kind[2]), view.global_rows)
+        for slot in decoded_slots:
+            codec = resolve.codec_for(optimizer.rule, slot, group, view)
+            dtype = optimizer.compute_dtype(p._local_tensor)
+            value = codec.decode(slot, pstate, view, dtype, stats=stats).reshape(view.local_shape)
+            if len(view.global_shape) == 0:
+                out[slot.name + DECODED] = value
+            else:
+                out[slot.name + DECODED] = _dtensor_like(p, value.contiguous(), view.global_rows)
+        state_dict["state"][pid] = out
+    tag = state_dict.get(TAG)
+    if tag is not None:
+        for g in state_dict["param_groups"]:
+            g[GROUP_TAG] = tag
+    return state_dict
+
+
+def _local(value):
+    return value.to_local() if isinstance(value, DTensor) else value
+
+
+def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
+    """The inverse of :func:`export_dtensor_state`, for the shards of this run (which may differ
+    from the run that saved): local tensors in the shapes the codecs keep, decoded slots encoded
+    again. DCP may hand back state without the top-level hfoptim tag; the copy in the parameter
+    groups is used then."""
+    groups = state_dict["param_groups"]
+    if TAG not in state_dict and groups and all(GROUP_TAG in g for g in groups):
+        state_dict[TAG] = groups[0][GROUP_TAG]
+    for g in groups:
+        g.pop(GROUP_TAG, None)
+    params = _params_by_id(optimizer, state_dict)
+    for pid in sorted(state_dict["state"], key=str):
+        if pid not in params:
+            continue  # the engine reports unknown ids
+        p, group = params[pid]
+        pstate = state_dict["state"][pid]
+        view = layout.view(p) if isinstance(p, DTensor) else None
+        if view is None or not view.sharded:
+            state_dict["state"][pid] = {k: _local(v) for k, v in pstate.items()}
+            continue
+        saved_group = next((s for s, g in zip(groups, optimizer.param_groups) if g is group), group)
+        options = {k: v for k, v in saved_group.items() if k in optimizer._spec}
+        merged = {**group, **options}
+        expected = {}
+        for slot in optimizer.rule.active_slots(merged):
+            codec = resolve.codec_for(optimizer.rule, slot, merged, view)
+            expected.update(codec.shapes(slot, view, p._local_tensor))
+        out = {}
+        for key, value in pstate.items():
+            if key.endswith(DECODED):
+                continue
+            local = _local(value)
+            if isinstance(local, torch.Tensor) and key in expected and local.numel() == math.prod(expected[key]):
+                local = local.reshape(expected[key])
+            out[key] = local
+        for key, value in pstate.items():
+            if not key.endswith(DECODED):
+                continue
+            name = key[: -len(DECODED)]
+            slot = next((s for s in optimizer.rule.active_slots(merged) if s.name == name), None)
+            if slot is None:
+                raise ValueError(
+                    f"state_dict entry {key!r} for parameter {pid}: {optimizer.rule.name} has no slot {name!r}"
+                )
+            codec = resolve.codec_for(optimizer.rule, slot, merged, view)
+            local = _local(value).reshape(view.local_shape)
+            dtype = optimizer.compute_dtype(p._local_tensor)
+            out.update(codec.init(slot, local.to(dtype), view, stats=layout.stats))
+        state_dict["state"][pid] = out
+    return state_dict
+
+
+def check_local_state(optimizer, view: ParamView, local_p: torch.Tensor, pid, pstate: dict, group: dict) -> None:
+    """The engine's state check for the state of a shard (shapes of the local tensors)."""
+    expected = {"step": ()}
+    for slot in optimizer.rule.active_slots(group):
+        codec = resolve.codec_for(optimizer.rule, slot, group, view)
+        expected.update(codec.shapes(slot, view, local_p))
+    if set(pstate) != set(expected):
+        raise ValueError(
+            f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(optimizer).__name__} "
+            f"({optimizer.rule.name}, state={group['state']!r}) keeps {sorted(expected)} for its shard: it was saved "
+            f"by another optimizer or with another state form"
+        )
+    for key, shape in expected.items():
+        value = pstate[key]
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
+            raise ValueError(
+                f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
+                f"{tuple(shape)} for this process's shard of rows [{view.row_start}, {view.row_start + view.rows}) "
+                f"of a parameter of shape {tuple(view.global_shape)}"
+            )
+
+
+# ---------------------------------------------------------------------- state without a step
+def init_state(optimizer) -> None:
+    """Create the state of every parameter (step 0) without stepping, under whatever layout the
+    parameters need (FSDP2 shards, ZeRO segments); collectives run in the same order on every
+    process. Call it on every process before ``torch.distributed.checkpoint`` loads into a
+    fresh optimizer (or use :func:`set_state_dict`)."""
+    from ..integrations.deepspeed import hfoptim_engine
+
+    engine = hfoptim_engine(optimizer)
+    engine.layout = engine.layout.for_step(engine)
+    layout = engine.layout
+    for group in engine.param_groups:
+        for unit in _all_units(layout, engine, group):
+            engine._init_state(unit, group)
+
+
+def _all_units(layout, engine, group) -> list[Unit]:
+    if hasattr(layout, "units_without_grad"):
+        return layout.units_without_grad(engine, group)
+    return [Unit(p, p, engine.state[p], layout.view(p), p) for p in group["params"]]
+
+
+def get_state_dict(model, optimizer, **options) -> dict:
+    """``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` without its
+    zero-gradient initialization step (see :func:`init_state`)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    init_state(optimizer)
+    return get_optimizer_state_dict(model, optimizer, **options)
+
+
+def set_state_dict(model, optimizer, optim_state_dict: dict, **options) -> None:
+    """``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` without its
+    zero-gradient initialization step (see :func:`init_state`)."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    init_state(optimizer)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict, **options)

@@ -1,0 +1,36 @@
+"""Checkpoints of sharded optimizer state: resumed equals uninterrupted.
+
+* FSDP2 through torch.distributed.checkpoint (tests/distributed/fsdp2_checkpoint_worker.py):
+  saved by 2 processes, loaded by 3 (DCP reshards the DTensor state hfoptim exports; state that
+  does not follow rows is saved decoded and encoded again for the new shards) into a FRESH model
+  and optimizer, then more steps; parameters and state equal a single-process run that never
+  stopped.
+* DeepSpeed ZeRO-2 and ZeRO-3 through DeepSpeed's own checkpoint
+  (tests/distributed/zero_checkpoint_worker.py), same number of processes.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed.launch import run_worker, torchrun
+
+
+def _save_then_load(tmp_path, worker, save_nproc, load_nproc, extra=(), cases="fast", timeout=400):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    base = ["--dir", str(folder), "--cases", cases, *extra]
+    run_worker(torchrun(save_nproc), worker, ["--phase", "save", *base], tmp_path / "save.json", timeout)
+    return run_worker(torchrun(load_nproc), worker, ["--phase", "load", *base], tmp_path / "load.json", timeout)
+
+
+def test_fsdp2_checkpoint_from_2_processes_resumes_on_3(tmp_path):
+    summary = _save_then_load(tmp_path, "fsdp2_checkpoint_worker.py", 2, 3)
+    assert len(summary["ran"]) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("save", "load"), [(3, 2), (2, 2)])
+def test_fsdp2_checkpoint_every_optimizer(tmp_path, save, load):
+    summary = _save_then_load(tmp_path, "fsdp2_checkpoint_worker.py", save, load, cases="forms", timeout=900)
+    assert len(summary["ran"]) == len(summary["cases"])
