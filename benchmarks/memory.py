@@ -4,11 +4,14 @@
     python benchmarks/memory.py --quick    # a smoke run: a few names
 
 1. **Measured**: every name of ``hfoptim.list_optimizers()`` steps once on the 6.8M-parameter
-   transformer-shaped set of the speed benchmark (real fp32 tensors), and the state it holds is
-   measured with ``hfoptim.memory.state_bytes`` (every tensor: codes, scales, factors, sign bits,
-   counters, Lookahead copies). The peers (torch AdamW, pytorch_optimizer, bitsandbytes 32-bit and
-   8-bit, torchao low-bit AdamW when importable) are measured by walking ``optimizer.state``
-   (tensor subclasses such as torchao's by their inner tensors). Tensors below 4096 elements keep
+   transformer-shaped set of the speed benchmark, on meta copies (shapes and dtypes only: the
+   state is laid out as on real tensors, nothing is computed), and the state it holds is measured
+   with ``hfoptim.memory.state_bytes`` (every tensor: codes, scales, factors, sign bits, counters,
+   Lookahead copies); the names of the per-GPU table are measured on the real fp32 tensors too,
+   and the two must agree (a mismatch is printed in the table). The peers (torch AdamW,
+   pytorch_optimizer, bitsandbytes 32-bit and 8-bit, torchao low-bit AdamW when importable) are
+   measured on the real tensors by walking ``optimizer.state`` (tensor subclasses such as
+   torchao's by their inner tensors). Tensors below 4096 elements keep
    fp32 state in hfoptim and bitsandbytes alike, so the 8-bit numbers include those.
 2. **Estimated per GPU**: a Llama-3.2-1B-shaped and a Llama-2-7B-shaped config built from
    ``LlamaConfig`` on the meta device (nothing allocated, nothing downloaded), bf16 mixed
@@ -26,6 +29,7 @@ import gc
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -143,7 +147,6 @@ def peers() -> dict[str, tuple[str, str, object]]:
                 ("AdaFactor", "adafactor"),
                 ("Lamb", "lamb"),
                 ("Amos", "amos"),
-                ("AdamMini", "adamw (shared v)"),
             ):
                 if hasattr(po, cls):
                     out[f"pytorch_optimizer {cls}"] = ("pytorch_optimizer", algorithm, getattr(po, cls))
@@ -152,13 +155,16 @@ def peers() -> dict[str, tuple[str, str, object]]:
         try:
             import bitsandbytes as bnb
 
-            for cls, algorithm in (
-                ("AdamW32bit", "adamw"),
-                ("AdamW8bit", "adamw"),
-                ("AdEMAMix32bit", "ademamix"),
-                ("AdEMAMix8bit", "ademamix"),
+            # AdEMAMix 32-bit as AdEMAMix(optim_bits=32): the AdEMAMix32bit class of bitsandbytes
+            # 0.50 fails on CPU for 2-D parameters
+            for label, cls, options, algorithm in (
+                ("AdamW32bit", "AdamW32bit", {}, "adamw"),
+                ("AdamW8bit", "AdamW8bit", {}, "adamw"),
+                ("AdEMAMix 32-bit", "AdEMAMix", {"optim_bits": 32}, "ademamix"),
+                ("AdEMAMix8bit", "AdEMAMix8bit", {}, "ademamix"),
             ):
-                out[f"bitsandbytes {cls}"] = ("bitsandbytes", algorithm, getattr(bnb.optim, cls))
+                factory = partial(getattr(bnb.optim, cls), **options)
+                out[f"bitsandbytes {label}"] = ("bitsandbytes", algorithm, factory)
         except ImportError:
             pass
         try:
@@ -173,6 +179,16 @@ def peers() -> dict[str, tuple[str, str, object]]:
 
 
 # ---------------------------------------------------------------------------------------- measuring
+def meta_params(shape) -> list[torch.nn.Parameter]:
+    """The parameter set on the meta device, each with a meta gradient."""
+    out = []
+    for s in shape.shapes():
+        p = torch.nn.Parameter(torch.empty(s, device="meta"))
+        p.grad = torch.empty_like(p)
+        out.append(p)
+    return out
+
+
 def measure_names(names: list[str], params: list[torch.nn.Parameter], log) -> list[dict]:
     from hfoptim.registry import get_optimizer
 
@@ -359,6 +375,14 @@ def _matrix(rows: list[dict]) -> list[str]:
     return lines
 
 
+def _agreement(rows: list[dict]) -> str:
+    checked = [r for r in rows if "real_tensor_state_bytes" in r and "error" not in r]
+    wrong = [r["name"] for r in checked if r["real_tensor_state_bytes"] != r["state_bytes"]]
+    if wrong:
+        return f"MISMATCH with real tensors for {', '.join(wrong)}"
+    return f"{len(checked)} of them also on the real tensors: identical bytes"
+
+
 def markdown(record: dict, level: int = 1, details: bool = False) -> str:
     h, hh = "#" * level, "#" * (level + 1)
     peers_ = record["peers"]
@@ -372,9 +396,10 @@ def markdown(record: dict, level: int = 1, details: bool = False) -> str:
         "",
         f"{hh} Measured state bytes per parameter ({record['measured_on']})",
         "",
-        "One optimizer step on real fp32 tensors; hfoptim measured with `hfoptim.memory.state_bytes` "
-        "(8-bit/bf16 forms with `compile='off'`: the stored state is the same), peers by walking "
-        "`optimizer.state`. Tensors under 4096 elements keep fp32 state in hfoptim and bitsandbytes.",
+        "State after one optimizer step; hfoptim measured with `hfoptim.memory.state_bytes` on meta copies "
+        f"of the set ({_agreement(record['hfoptim'])}), 8-bit/bf16 forms with `compile='off'` (the stored "
+        "state is the same); peers on the real fp32 tensors by walking `optimizer.state`. Tensors under "
+        "4096 elements keep fp32 state in hfoptim and bitsandbytes.",
         "",
         "Peers:",
         "",
@@ -450,7 +475,14 @@ def main(argv: list[str] | None = None) -> int:
     peer_labels = [p for p in (QUICK_PEERS if args.quick else available) if p in available]
     log(f"measuring {len(peer_labels)} peers and {len(names)} hfoptim names on {shape.numel / 1e6:.1f}M parameters")
     peer_rows = measure_peers(peer_labels, params, log)
-    hf_rows = measure_names(names, params, log)
+    # every name on meta copies (shapes and dtypes only: the same state layout, nothing computed),
+    # and the names of the per-GPU table on the real tensors as a check
+    hf_rows = measure_names(names, meta_params(shape), log)
+    checked = [n for n in names if n in ESTIMATE_NAMES]
+    real = {r["name"]: r for r in measure_names(checked, params, log)}
+    for row in hf_rows:
+        if row["name"] in real:
+            row["real_tensor_state_bytes"] = real[row["name"]].get("state_bytes")
     del params
     gc.collect()
 

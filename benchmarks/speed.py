@@ -181,21 +181,23 @@ def peer_candidates() -> list[Candidate]:
         pass
     try:
         bnb = _quiet_import("bitsandbytes")
-        for cls, algorithm, state in (
-            ("AdamW32bit", "adamw", "fp32"),
-            ("AdamW8bit", "adamw", "8bit"),
-            ("AdEMAMix32bit", "ademamix", "fp32"),
-            ("AdEMAMix8bit", "ademamix", "8bit"),
-            ("LAMB32bit", "lamb", "fp32"),
-            ("LAMB8bit", "lamb", "8bit"),
+        # AdEMAMix 32-bit as AdEMAMix(optim_bits=32): bitsandbytes 0.50's AdEMAMix32bit class fails
+        # on CPU for 2-D parameters (a broadcast error in its step)
+        for label, cls, options, algorithm, state in (
+            ("AdamW32bit", "AdamW32bit", {}, "adamw", "fp32"),
+            ("AdamW8bit", "AdamW8bit", {}, "adamw", "8bit"),
+            ("AdEMAMix 32-bit", "AdEMAMix", {"optim_bits": 32}, "ademamix", "fp32"),
+            ("AdEMAMix8bit", "AdEMAMix8bit", {}, "ademamix", "8bit"),
+            ("LAMB32bit", "LAMB32bit", {}, "lamb", "fp32"),
+            ("LAMB8bit", "LAMB8bit", {}, "lamb", "8bit"),
         ):
             out.append(
                 Candidate(
-                    f"bitsandbytes {cls}",
+                    f"bitsandbytes {label}",
                     "bitsandbytes",
                     algorithm,
                     state,
-                    partial(_construct, getattr(bnb.optim, cls)),
+                    partial(_construct, getattr(bnb.optim, cls), **options),
                 )
             )
     except ImportError:
