@@ -103,6 +103,8 @@ class Engine(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._spec = engine_hyperparams(type(self.rule))
+        if "layout" in self.__dict__:
+            return  # torch's load_state_dict calls __setstate__ too: keep the (sharded) layout
         self.layout = LocalLayout(foreach=self.foreach)
         for group in self.param_groups:
             self.layout.register(group["params"])
