@@ -34,3 +34,15 @@ def test_fsdp2_checkpoint_from_2_processes_resumes_on_3(tmp_path):
 def test_fsdp2_checkpoint_every_optimizer(tmp_path, save, load):
     summary = _save_then_load(tmp_path, "fsdp2_checkpoint_worker.py", save, load, cases="forms", timeout=900)
     assert len(summary["ran"]) == len(summary["cases"])
+
+
+def test_zero2_checkpoint_resumes_exactly(tmp_path):
+    summary = _save_then_load(tmp_path, "zero_checkpoint_worker.py", 2, 2, extra=("--stage", "2"))
+    assert len(summary["ran"]) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_checkpoint_resumes_exactly(tmp_path, stage):
+    summary = _save_then_load(tmp_path, "zero_checkpoint_worker.py", 3, 3, extra=("--stage", str(stage)), timeout=900)
+    assert len(summary["ran"]) >= 10
