@@ -115,7 +115,7 @@ STRATEGY_NAMES = {
 }
 
 
-def _parse_options(text: str | None) -> dict:
+def parse_options(text: str | None) -> dict:
     """``"lr=1e-3,betas=(0.9,0.99)"`` -> dict, values read as Python literals where possible."""
     import ast
 
@@ -153,7 +153,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         get_optimizer(args.optim)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    options = _parse_options(args.optim_args)
+    options = parse_options(args.optim_args)
     strategy = _strategy(args)
     with status(f"building {args.model} on the meta device"):
         try:
@@ -255,7 +255,7 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
         model = model_from_config(config, device="cpu")
         params = trainable_parameters(model)
         _real_backward(model, config)
-        optimizer = create_optimizer(params, name, **options)
+        optimizer = create_optimizer(params, name, **_measure_options(name, options))
         start = time.perf_counter()
         if getattr(getattr(optimizer, "rule", None), "needs_loss", False):
             optimizer.step(loss=1.0)
@@ -273,6 +273,17 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
         }
         del model, optimizer
     return out
+
+
+def _measure_options(name: str, options: dict) -> dict:
+    """One step measures memory, not speed: skip torch.compile (same state, no compile wait)
+    unless the user asked for it."""
+    from .core.engine import engine_hyperparams
+    from .registry import get_optimizer
+
+    if "compile" in engine_hyperparams(get_optimizer(name).rule) and "compile" not in options:
+        return {**options, "compile": "off"}
+    return options
 
 
 def _real_backward(model, config) -> None:

@@ -84,22 +84,29 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def estimate_state_bytes(params: Iterable[torch.Tensor], optim: str, **options) -> int:
     """Bytes of the state that ``hfoptim.create_optimizer(params, optim, **options)`` allocates,
-    computed by one step on ``meta`` copies of ``params`` (shapes and dtypes only)."""
+    computed by one step on ``meta`` copies of ``params`` (shapes and dtypes only).
+
+    A parameter's state depends only on its own shape and dtype (and the options), so each
+    distinct (shape, dtype) is stepped once and counted as often as it occurs: a 7B-parameter
+    model has a handful of distinct shapes."""
     from .registry import get_optimizer
 
-    meta = []
+    spec = get_optimizer(optim)
+    counts: dict[tuple, int] = {}
     for p in params:
-        q = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        key = (tuple(p.shape), p.dtype)
+        counts[key] = counts.get(key, 0) + 1
+    total = 0
+    for (shape, dtype), count in counts.items():
+        q = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
         q.grad = torch.empty_like(q)
-        meta.append(q)
-    if not meta:
-        return 0
-    optimizer = get_optimizer(optim)(meta, **options)
-    if getattr(getattr(optimizer, "rule", None), "needs_loss", False):
-        optimizer.step(loss=1.0)
-    else:
-        optimizer.step()
-    return optimizer_state_bytes(optimizer)
+        optimizer = spec([q], **options)
+        if getattr(getattr(optimizer, "rule", None), "needs_loss", False):
+            optimizer.step(loss=1.0)
+        else:
+            optimizer.step()
+        total += count * optimizer_state_bytes(optimizer)
+    return total
 
 
 def state_bytes_per_param(optim: str, shape: tuple[int, ...] = (4096, 4096), **options) -> float:
