@@ -1,0 +1,329 @@
+"""The main job: a short pretraining run with a memory-efficient optimizer next to AdamW.
+
+    python -m hfoptim.demo            (what `make demo` runs; about 2-3 minutes on 2 CPU cores)
+
+Both runs train the embedded default (a small Llama-style model on the Python standard library's
+own source, a tokenizer trained on the spot; nothing is downloaded) from the same initial weights
+on the same batches with the same schedule. The only difference is the optimizer. It prints a
+table (validation loss and perplexity, optimizer-state bytes, step time), what the same choice
+means for a 7B-parameter model, and writes into ``--output-dir`` (default ``outputs/demo``):
+
+* ``loss_curves.png``: training and validation loss of both runs, and their state bytes;
+* ``results.json``: every number in the table and the loss curves;
+* ``<optimizer>/``: each trained model with its tokenizer (``from_pretrained`` loads it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import embedded
+from .footprint import estimate_state_bytes, optimizer_state_bytes
+from .tables import format_bytes, print_table, progress, status
+
+#: memory-efficient optimizers the demo prefers, best first (the first one that exists is used)
+PREFERRED = ("ademamix_8bit", "adamw_8bit", "ademamix_smmf", "adamw_factored", "adamw_smmf")
+#: the baseline: torch's own AdamW, what people use today
+TORCH_ADAMW = "torch_adamw"
+#: public Llama-2-7B shapes, to show what the state bytes mean at scale (built on the meta device)
+LLAMA_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    tie_word_embeddings=False,
+)
+
+
+def default_optimizer() -> str:
+    from .registry import list_optimizers
+
+    names = set(list_optimizers())
+    for name in PREFERRED:
+        if name in names:
+            return name
+    return "adamw"
+
+
+@dataclass
+class RunResult:
+    optim: str
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float] = field(default_factory=list)
+    eval_steps: list[int] = field(default_factory=list)
+    eval_loss: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    optimizer_seconds: list[float] = field(default_factory=list)
+    state_bytes: int = 0
+    num_params: int = 0
+    saved_to: str = ""
+    sample: str = ""
+
+    @property
+    def final_eval_loss(self) -> float:
+        return self.eval_loss[-1]
+
+
+def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """torch AdamW for the baseline; an hfoptim optimizer by name otherwise, with the same lr,
+    decay and (for AdEMAMix) warm-ups of alpha and beta3 over the whole run."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == TORCH_ADAMW:
+        return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), foreach=True)
+    from .registry import get_optimizer
+
+    spec = get_optimizer(name)
+    options = {"lr": args.lr}
+    hyper = spec.rule.hyperparams
+    if "betas" in hyper and len(hyper["betas"].default) == 2:
+        options["betas"] = (0.9, 0.95)
+    if "betas" in hyper and len(hyper["betas"].default) == 3:
+        options["betas"] = (0.9, 0.95, 0.999)
+    for warmup in ("t_alpha", "t_beta3"):
+        if warmup in hyper:
+            options[warmup] = float(args.steps)
+    from .cli import parse_options
+
+    options.update(parse_options(args.optim_args))
+    return spec(groups, **options)
+
+
+def lr_lambda(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, blocks.shape[0], batch_size):
+        batch = blocks[i : i + batch_size]
+        total += model(input_ids=batch, labels=batch).loss.item() * batch.shape[0]
+        count += batch.shape[0]
+    model.train()
+    return total / count
+
+
+def train_one(name: str, data: dict, args: argparse.Namespace) -> RunResult:
+    torch.manual_seed(args.seed)
+    model = embedded.model_from_config(data["config"])
+    model.train()
+    optimizer = build_optimizer(name, model, args)
+    warmup = max(1, args.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_lambda(s, args.steps, warmup))
+    result = RunResult(optim=name, num_params=sum(p.numel() for p in model.parameters()))
+    train_blocks, order = data["train"], data["order"]
+    for step in progress(range(args.steps), desc=f"{name:>16}"):
+        idx = order[(step * args.batch_size) % len(order) :][: args.batch_size]
+        if idx.numel() < args.batch_size:
+            idx = order[: args.batch_size]
+        batch = train_blocks[idx]
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt_start = time.perf_counter()
+        optimizer.step()
+        opt_end = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        result.step_seconds.append(opt_end - start)
+        result.optimizer_seconds.append(opt_end - opt_start)
+        result.steps.append(step + 1)
+        result.train_loss.append(loss.item())
+        if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            result.eval_steps.append(step + 1)
+            result.eval_loss.append(evaluate(model, data["validation"], args.batch_size))
+    result.state_bytes = optimizer_state_bytes(optimizer)
+    out = Path(args.output_dir) / name
+    model.save_pretrained(out)
+    data["tokenizer"].save_pretrained(out)
+    result.saved_to = str(out)
+    result.sample = sample_text(model, data["tokenizer"])
+    return result
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, prompt: str = "def ", tokens: int = 48) -> str:
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+def prepare_data(args: argparse.Namespace) -> dict:
+    with status("reading the standard library and training the tokenizer (cached after the first run)"):
+        corpus = embedded.stdlib_corpus(args.max_bytes)
+        tokenizer = embedded.embedded_tokenizer(corpus=corpus)
+        train_ids = embedded.corpus_token_ids(tokenizer, "train", corpus)
+        val_ids = embedded.corpus_token_ids(tokenizer, "validation", corpus)
+    train = embedded.BlockDataset(train_ids, args.block_size).blocks
+    validation = embedded.BlockDataset(val_ids, args.block_size, max_blocks=args.eval_blocks).blocks
+    generator = torch.Generator().manual_seed(args.seed)
+    order = torch.randperm(train.shape[0], generator=generator)
+    config = embedded.tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, args.block_size))
+    print(
+        f"data: {len(corpus.train_files)} train / {len(corpus.validation_files)} validation files from "
+        f"{corpus.root}; {train_ids.numel():,} train tokens, {validation.numel():,} validation tokens "
+        f"(vocabulary {len(tokenizer)})",
+        file=sys.stderr,
+    )
+    return {
+        "corpus": corpus,
+        "tokenizer": tokenizer,
+        "train": train,
+        "validation": validation,
+        "order": order,
+        "config": config,
+    }
+
+
+def at_scale(names: list[str]) -> list[list[str]]:
+    """State bytes of each optimizer for Llama-2-7B shapes (meta device, nothing allocated)."""
+    from transformers import LlamaConfig
+
+    model = embedded.model_from_config(LlamaConfig(**LLAMA_7B), device="meta")
+    params = list(model.parameters())
+    rows = []
+    for name in names:
+        hf_name = "adamw" if name == TORCH_ADAMW else name
+        rows.append([name, format_bytes(estimate_state_bytes(params, hf_name))])
+    return rows
+
+
+def plot(results: list[RunResult], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    colors = ["tab:gray", "tab:blue", "tab:orange", "tab:green"]
+    for color, r in zip(colors, results):
+        smooth, ema = [], None
+        for v in r.train_loss:
+            ema = v if ema is None else 0.9 * ema + 0.1 * v
+            smooth.append(ema)
+        ax.plot(r.steps, smooth, color=color, label=f"{r.optim} train (EMA 0.9)")
+        ax.plot(r.eval_steps, r.eval_loss, "o--", color=color, markersize=4, label=f"{r.optim} validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("tiny-llama on Python stdlib source")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    names = [r.optim for r in results]
+    per_param = [r.state_bytes / r.num_params for r in results]
+    bars = bx.bar(names, per_param, color=colors[: len(results)])
+    bx.bar_label(bars, fmt="%.2f")
+    bx.set_ylabel("optimizer-state bytes per parameter")
+    bx.set_title("optimizer state")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m hfoptim.demo",
+        description="Pretrain the embedded tiny Llama on Python stdlib source with a memory-efficient optimizer "
+        "and with torch AdamW; print a comparison table and write a loss-curve plot.",
+    )
+    parser.add_argument("--optim", default=None, help=f"hfoptim optimizer (default: first of {', '.join(PREFERRED)})")
+    parser.add_argument(
+        "--optim-args", default=None, metavar="K=V,...", help="options of the hfoptim optimizer, e.g. 'compile=off'"
+    )
+    parser.add_argument("--baseline", default=TORCH_ADAMW, help="compared with (default: torch_adamw, torch's AdamW)")
+    parser.add_argument("--steps", type=int, default=240)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks evaluated (default 64)")
+    parser.add_argument("--max-bytes", type=int, default=embedded.DEFAULT_MAX_BYTES, help="stdlib text cap")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="outputs/demo")
+    parser.add_argument("--no-scale", action="store_true", help="skip the 7B-parameter extrapolation")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.steps < 1 or args.eval_every < 1:
+        raise SystemExit("--steps and --eval-every must be positive")
+    optim = args.optim or default_optimizer()
+    names = list(dict.fromkeys([args.baseline, optim]))
+    started = time.perf_counter()
+    data = prepare_data(args)
+    results = [train_one(name, data, args) for name in names]
+
+    base = results[0]
+    rows = []
+    for r in results:
+        rows.append(
+            [
+                r.optim,
+                f"{r.final_eval_loss:.4f}",
+                f"{math.exp(r.final_eval_loss):.2f}",
+                format_bytes(r.state_bytes),
+                f"{r.state_bytes / r.num_params:.2f}",
+                f"{r.state_bytes / base.state_bytes:.0%}",
+                f"{1000 * statistics.median(r.step_seconds):.0f}",
+                f"{1000 * statistics.median(r.optimizer_seconds):.1f}",
+            ]
+        )
+    print_table(
+        ["optimizer", "val loss", "val ppl", "state", "state B/param", f"vs {base.optim}", "step ms", "opt.step ms"],
+        rows,
+        title=f"{args.steps} steps of tiny-llama ({base.num_params / 1e6:.2f} M params) on Python stdlib source",
+        caption="step ms: median forward+backward+optimizer step; opt.step ms: median optimizer step alone",
+    )
+    scale_rows = [] if args.no_scale else at_scale(names)
+    if scale_rows:
+        print_table(["optimizer", "state"], scale_rows, title="the same optimizers for Llama-2-7B shapes")
+    out = Path(args.output_dir)
+    png = out / "loss_curves.png"
+    plot(results, png)
+    record = {
+        "args": vars(args),
+        "elapsed_seconds": time.perf_counter() - started,
+        "runs": [
+            {
+                **asdict(r),
+                "final_eval_loss": r.final_eval_loss,
+                "final_eval_perplexity": math.exp(r.final_eval_loss),
+                "state_bytes_per_param": r.state_bytes / r.num_params,
+                "median_step_seconds": statistics.median(r.step_seconds),
+                "median_optimizer_seconds": statistics.median(r.optimizer_seconds),
+            }
+            for r in results
+        ],
+        "llama_7b_state": dict(scale_rows),
+    }
+    (out / "results.json").write_text(json.dumps(record, indent=2))
+    for r in results:
+        print(f"{r.optim}: model saved to {r.saved_to}; greedy sample: {r.sample[:80]!r}")
+    print(f"plot: {png}\nnumbers: {out / 'results.json'}\ntook {record['elapsed_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
