@@ -156,10 +156,11 @@ def time_steps(step: Callable[[], object], n: int) -> float:
     return (time.perf_counter() - start) / n
 
 
-def calibrate(step: Callable[[], object], target_seconds: float, max_steps: int = 64) -> int:
-    """How many calls make one sample last about ``target_seconds`` (at least one)."""
+def calibrate(step: Callable[[], object], target_seconds: float, max_steps: int = 64) -> tuple[int, float]:
+    """How many calls make one sample last about ``target_seconds`` (at least one), and the
+    seconds of the one call timed to decide it."""
     once = time_steps(step, 1)
-    return max(1, min(max_steps, round(target_seconds / max(once, 1e-9))))
+    return max(1, min(max_steps, round(target_seconds / max(once, 1e-9)))), once
 
 
 @dataclass
@@ -188,11 +189,18 @@ def interleaved(
     rounds: int,
     target_seconds: float,
     max_steps: int = 64,
+    budget_seconds: float | None = None,
+    min_rounds: int = 3,
 ) -> Paired:
     """Time ``candidate`` and every baseline in ``rounds`` rounds; within a round each runs a
-    block of steps back to back, the order rotating from round to round."""
+    block of steps back to back, the order rotating from round to round. With
+    ``budget_seconds``, slow candidates get fewer rounds (never fewer than ``min_rounds``)."""
     runners = {"": candidate, **baselines}
-    steps = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
+    calibrated = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
+    steps = {k: n for k, (n, _) in calibrated.items()}
+    if budget_seconds is not None:
+        round_seconds = sum(n * once for n, once in calibrated.values())
+        rounds = max(min(rounds, min_rounds), min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
     out = Paired(baselines={k: [] for k in baselines})
     keys = list(runners)
     for r in range(rounds):

@@ -11,14 +11,16 @@ the median over rounds of (candidate time / baseline time in the same round). Ab
 milliseconds are reported too but move with the machine's load and malloc settings; the ratios
 are what to compare.
 
-Measured: every hfoptim base name and each storage form it supports (``_8bit``, ``_bf16``,
-``_factored``, ``_smmf``, ``_shared``, whichever exist) at 6M; at 25M the base names and the
-storage forms of AdamW, AdEMAMix and Adan; at 100M only AdamW, AdEMAMix and Adan (and their
-storage forms) to keep the run bounded. The 8-bit and bf16 forms of AdamW, AdEMAMix and Adan run
-both the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``) and the plain one
-(``compile=off``); those of the other rules the plain path only (each rule compiles once, which
-would cost minutes). "first step s" includes compilation the first time a rule and form is
-compiled in the process (the 6M row). Peers implementing the same algorithm: torch.optim,
+Measured, to keep the run bounded: at 6M every hfoptim base name and each storage form it
+supports (``_8bit``, ``_bf16``, ``_factored``, ``_smmf``, ``_shared``, whichever exist) and every
+peer; at 25M the base names, the storage forms of AdamW, AdEMAMix and Adan and the main peers; at
+100M AdamW, AdEMAMix and Adan with default and 8-bit state and their fastest peers
+(:data:`LARGE`). Rounds: 7 / 5 / 3 by size, fewer (never under 3) for a candidate whose rounds
+would exceed the size's time budget. The 8-bit and bf16 forms of AdamW, AdEMAMix and Adan run
+the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``) and, at 6M, the plain
+one (``compile=off``) as well; those of the other rules the plain path only (each rule compiles
+once, which would cost minutes). "first step s" includes compilation the first time a rule and
+form is compiled in the process (the 6M row). Peers implementing the same algorithm: torch.optim,
 pytorch_optimizer (``foreach=True``), bitsandbytes (32-bit and 8-bit) and torchao's low-bit AdamW
 when importable. Default hyperparameters everywhere except ``lr=1e-3``. One torch thread by
 default (``--threads``): with two threads on a machine that is not idle, each kernel waits for the
@@ -225,15 +227,41 @@ QUICK = (
 )
 
 
+#: the 100M set: the three core algorithms (default and 8-bit state) and their fastest peers
+LARGE = (
+    "adamw",
+    "ademamix",
+    "adan",
+    "adamw_8bit",
+    "ademamix_8bit",
+    "adan_8bit",
+    BASELINE_FUSED,
+    "pytorch_optimizer AdEMAMix",
+    "pytorch_optimizer Adan",
+    "bitsandbytes AdamW8bit",
+    "bitsandbytes AdEMAMix 32-bit",
+    "bitsandbytes AdEMAMix8bit",
+    "torchao AdamW8bit",
+)
+
+
 def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]:
-    """Which candidates run at ``size``."""
+    """Which candidates run at ``size``: everything at 6M; at 25M every base name, the storage
+    forms of the core algorithms (compiled path only) and the peers; at 100M :data:`LARGE`."""
     if quick:
         return [c for c in everything if c.label in QUICK]
     if size == "6M":
         return everything
     if size == "25M":
-        return [c for c in everything if c.library != "hfoptim" or c.state == "fp32" or c.algorithm in CORE]
-    return [c for c in everything if c.algorithm in CORE and "for-loop" not in c.label]
+        return [
+            c
+            for c in everything
+            if (c.library != "hfoptim" or c.state == "default" or c.algorithm in CORE)
+            and "compile=off" not in c.label
+            and "for-loop" not in c.label
+            and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8", "bitsandbytes LAMB8bit")
+        ]
+    return [c for c in everything if c.label in LARGE]
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -243,7 +271,9 @@ def stepper(optimizer: torch.optim.Optimizer, needs_loss: bool) -> Callable[[], 
     return optimizer.step
 
 
-def run_size(size: str, candidates: list[Candidate], rounds: int, target: float, log) -> list[Row]:
+def run_size(
+    size: str, candidates: list[Candidate], rounds: int, target: float, log, budget: float | None = None
+) -> list[Row]:
     shape = MODEL_SHAPES[size]
     params = make_params(shape)
     numel = shape.numel
@@ -283,12 +313,13 @@ def run_size(size: str, candidates: list[Candidate], rounds: int, target: float,
                 row.first_step_s = time.perf_counter() - start
                 step()
                 others = {k: f for k, f in baselines.items() if k != cand.label}
-                paired = interleaved(step, others, rounds, target)
+                paired = interleaved(step, others, rounds, target, budget_seconds=budget)
+                rounds_run = len(paired.candidate)
             row.ms = 1e3 * paired.median_seconds()
             row.ratio_foreach = paired.ratio(BASELINE_FOREACH)
             row.ratio_foreach_min, row.ratio_foreach_max = paired.spread(BASELINE_FOREACH)
             row.ratio_fused = paired.ratio(BASELINE_FUSED) if BASELINE_FUSED in others else 1.0
-            row.rounds = rounds
+            row.rounds = rounds_run
             row.note = _compile_failure() if cand.library == "hfoptim" else None
             log(
                 f"[{size} {i}/{len(candidates)}] {cand.label}: {row.ms:.1f} ms, "
@@ -447,6 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 ROUNDS = {"6M": 7, "25M": 5, "100M": 3}
 TARGET_SECONDS = {"6M": 0.05, "25M": 0.1, "100M": 0.0}  # 0: one step per sample
+#: seconds of interleaved rounds per candidate; a slow one gets fewer rounds (at least 3)
+BUDGET_SECONDS = {"6M": 2.0, "25M": 6.0, "100M": 20.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
             chosen = [c for c in everything if c.label in args.only]
         rounds = args.rounds or (3 if args.quick else ROUNDS[size])
         target = TARGET_SECONDS[size] if not args.quick else 0.02
-        rows += run_size(size, chosen, rounds, target, log)
+        rows += run_size(size, chosen, rounds, target, log, None if args.rounds else BUDGET_SECONDS[size])
     command = "python benchmarks/speed.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     record = {
         "machine": machine_info(),
