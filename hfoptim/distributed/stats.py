@@ -46,6 +46,18 @@ def cut_rows(view: ParamView) -> tuple[int, ...]:
     return tuple(sorted({c // length for c in view.cuts if c % length}))
 
 
+@lru_cache(maxsize=64)
+def _backend(group) -> str:
+    return str(dist.get_backend(group))
+
+
+def _collective_device(group, device: torch.device) -> torch.device:
+    """Where a buffer on ``device`` can be reduced over ``group``: NCCL only reduces GPU tensors."""
+    if device.type == "cpu" and _backend(group) == "nccl" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def owned_rows(view: ParamView) -> tuple[int, int]:
     """Local rows ``[i, j)`` whose first element this process owns."""
     a, b = view.valid_range
@@ -112,7 +124,13 @@ class ShardedStats(LocalStats):
             for i in index[1:]:
                 dtype = torch.promote_types(dtype, pieces[i].dtype)
             buf = torch.cat([pieces[i].reshape(-1).to(dtype) for i in index])
-            dist.all_reduce(buf, op=op, group=group)
+            device = _collective_device(group, buf.device)
+            if device != buf.device:  # CPU state (ZeRO-Offload) over an NCCL group: reduce on the GPU
+                buf = buf.to(device).contiguous()
+                dist.all_reduce(buf, op=op, group=group)
+                buf = buf.to(pieces[index[0]].device)
+            else:
+                dist.all_reduce(buf, op=op, group=group)
             self.collectives += 1
             self.bytes_reduced += buf.numel() * buf.element_size()
             for i, part in zip(index, buf.split([pieces[i].numel() for i in index])):
