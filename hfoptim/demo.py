@@ -161,7 +161,7 @@ def train_one(name: str, data: dict, args: argparse.Namespace) -> RunResult:
 
 
 @torch.no_grad()
-def sample_text(model, tokenizer, prompt: str = "def ", tokens: int = 48) -> str:
+def sample_text(model, tokenizer, prompt: str = "def ", tokens: int = 32) -> str:
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
     out = model.generate(ids, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -278,3 +278,38 @@ def test_pretrain_two_cpu_processes_with_accelerate_launch(tmp_path):
     assert results["world_size"] == 2
     assert math.isfinite(results["eval_loss"])
     assert (out / "model.safetensors").exists()
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """python -m hfoptim.demo, shortened: both runs train, the table's numbers, the plot and the
+    saved models are written."""
+    from hfoptim import cli, demo
+
+    optim = demo.default_optimizer()
+    optim_args = ",".join(f"{k}={v}" for k, v in cli._measure_options(optim, {}).items())
+    argv = [
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--eval-blocks",
+        "4",
+        "--batch-size",
+        "4",
+        "--max-bytes",
+        "300000",
+        "--no-scale",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    assert demo.main(argv + (["--optim-args", optim_args] if optim_args else [])) == 0
+    record = read(tmp_path / "results.json")
+    runs = {r["optim"]: r for r in record["runs"]}
+    assert set(runs) == {demo.TORCH_ADAMW, optim}
+    assert runs[demo.TORCH_ADAMW]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
+    assert runs[optim]["state_bytes"] < runs[demo.TORCH_ADAMW]["state_bytes"]
+    for r in runs.values():
+        assert len(r["train_loss"]) == 2 and r["eval_steps"] == [1, 2]
+        assert math.isfinite(r["final_eval_loss"])
+        assert (Path(r["saved_to"]) / "model.safetensors").exists()
+    assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
