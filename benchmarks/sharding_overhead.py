@@ -1,0 +1,225 @@
+"""What exactness under sharding costs: the statistics' collectives per optimizer step.
+
+Run ``python benchmarks/sharding_overhead.py`` (it starts itself under ``torchrun`` with
+``--nproc`` CPU processes over gloo) or under your own launcher. For every optimizer name and
+for FSDP2 (``fully_shard``) and DeepSpeed ZeRO-2, on a transformer-shaped parameter set
+(benchmarks/_timing.py, "6M" by default), it times ``optimizer.step()`` alone (gradients set once,
+the same on every step), alternating with AdamW under the same sharding, and counts what
+:class:`hfoptim.distributed.stats.ShardedStats` communicates:
+
+* ``step ms``: median step time (max over processes); ``x AdamW``: median of the per-round ratio
+  to AdamW timed in the same rounds;
+* ``coll/step``, ``KiB/step``: all-reduces of statistics per step and their payload (AdamW: 0);
+* ``comm ms/step``: wall time spent inside those all-reduces (the extra time exactness costs,
+  beyond the optimizer's own arithmetic); ``bytes / grad bytes``: statistics payload relative to
+  the gradient the sharding layer itself reduces every step (4 bytes per parameter).
+
+Results: benchmarks/results/sharding_overhead.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+DEFAULT_NAMES = [
+    "adamw", "adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_smmf", "adamw_shared",
+    "adamw_agc", "adamw_cautious", "adamw_gc", "adamw_softclip", "lamb",
+    "adafactor", "smmf", "ademamix", "adan", "nsgda", "amos", "adalo", "adanorm", "diffgrad", "pnm",
+]  # fmt: skip
+
+
+def launch(args) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           __file__, "--worker", *sys.argv[1:]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
+    return subprocess.call(cmd, env=env)
+
+
+def worker(args) -> int:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import logging
+
+    import torch
+    import torch.distributed as dist
+    from _timing import MODEL_SHAPES, machine_info, machine_line, write_json
+
+    import hfoptim
+    from hfoptim.distributed.stats import ShardedStats
+
+    torch.set_num_threads(1)
+    comm_seconds = [0.0]
+    original = ShardedStats.all_reduce
+
+    def timed(self, pieces, views, op=dist.ReduceOp.SUM):
+        start = time.perf_counter()
+        try:
+            return original(self, pieces, views, op)
+        finally:
+            comm_seconds[0] += time.perf_counter() - start
+
+    ShardedStats.all_reduce = timed
+    rank, world = None, None
+    backends = args.backends.split(",")
+    if "zero2" in backends:
+        import deepspeed
+
+        deepspeed.utils.logger.setLevel(logging.ERROR)
+        deepspeed.init_distributed(dist_backend="gloo")
+    else:
+        dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    shape = MODEL_SHAPES[args.model]
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.blocks = torch.nn.ModuleList()
+            for s in shape.shapes():
+                m = torch.nn.Module()
+                m.weight = torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02)
+                self.blocks.append(m)
+
+        def forward(self, x):
+            return sum(b.weight.sum() for b in self.blocks) * x
+
+    def build(backend: str, name: str):
+        """(step function, the hfoptim engine) for ``name`` under ``backend``."""
+        net = Net()
+        kwargs = {}
+        if backend == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.tensor import distribute_tensor
+
+            for b in net.blocks:
+                fully_shard(b)
+            fully_shard(net)
+            opt = hfoptim.create_optimizer(net, name, **kwargs)
+            gen = torch.Generator().manual_seed(1)
+            for p in net.parameters():
+                p.grad = distribute_tensor(torch.randn(p.shape, generator=gen) * 1e-2, p.device_mesh, p.placements)
+        else:
+            import deepspeed
+
+            from hfoptim.integrations.deepspeed import attach
+
+            opt = hfoptim.create_optimizer(net, name, **kwargs)
+            config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
+                      "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+                      "steps_per_print": 10**9}
+            ds_engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+            opt = attach(ds_engine)
+            gen = torch.Generator().manual_seed(1 + rank)
+            for g in opt.param_groups:
+                for flat in g["params"]:
+                    flat.grad = torch.randn(flat.shape, generator=gen) * 1e-2
+        engine = getattr(opt, "optimizer", opt)
+
+        def step():
+            if engine.rule.needs_loss:
+                engine.set_loss(1.0)
+            opt.step()
+
+        step()  # state created, layout chosen
+        return step, engine
+
+    def timed_block(step, n):
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        seconds = torch.tensor([(time.perf_counter() - start) / n], dtype=torch.float64)
+        dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
+        return float(seconds)
+
+    names = args.names.split(",") if args.names else DEFAULT_NAMES
+    rows = []
+    for backend in backends:
+        base_step, _ = build(backend, "adamw")
+        for name in names:
+            try:
+                step, engine = build(backend, name)
+            except Exception as error:  # a name this backend refuses: record it
+                rows.append({"backend": backend, "name": name, "error": str(error).splitlines()[0][:200]})
+                continue
+            stats = engine.layout.stats
+            c0, b0 = getattr(stats, "collectives", 0), getattr(stats, "bytes_reduced", 0)
+            comm_seconds[0] = 0.0
+            cand, base = [], []
+            for r in range(args.rounds):
+                order = [(step, cand), (base_step, base)] if r % 2 == 0 else [(base_step, base), (step, cand)]
+                for fn, out in order:
+                    out.append(timed_block(fn, args.steps))
+            n = args.rounds * args.steps
+            comm = torch.tensor([comm_seconds[0] / n], dtype=torch.float64)
+            dist.all_reduce(comm, op=dist.ReduceOp.MAX)
+            params = sum(p.numel() for p in Net().parameters())
+            nbytes = (getattr(stats, "bytes_reduced", 0) - b0) / n
+            rows.append({
+                "backend": backend, "name": name,
+                "step_ms": 1e3 * statistics.median(cand),
+                "ratio_adamw": statistics.median(c / b for c, b in zip(cand, base)),
+                "collectives_per_step": (getattr(stats, "collectives", 0) - c0) / n,
+                "kib_per_step": nbytes / 1024,
+                "comm_ms_per_step": 1e3 * float(comm),
+                "bytes_over_grad_bytes": nbytes / (4 * params),
+            })
+            if rank == 0:
+                r = rows[-1]
+                print(f"{backend:6s} {name:16s} {r['step_ms']:8.1f} ms  x{r['ratio_adamw']:.2f}  "
+                      f"{r['collectives_per_step']:6.1f} coll  {r['kib_per_step']:8.2f} KiB  "
+                      f"{r['comm_ms_per_step']:6.2f} ms comm", flush=True)
+    if rank == 0:
+        info = machine_info()
+        record = {"machine": info, "model": args.model, "world": world, "rounds": args.rounds,
+                  "steps_per_round": args.steps, "rows": rows}
+        out = HERE / "results" / "sharding_overhead.json"
+        write_json(out, record)
+        lines = [
+            f"Sharding overhead, {args.model} parameter set ({shape.numel / 1e6:.1f}M), {world} CPU processes "
+            f"(gloo), {machine_line(info)}",
+            "",
+            "| backend | optimizer | step ms | x AdamW | coll/step | KiB/step | comm ms/step | bytes / grad bytes |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {r['backend']} | {r['name']} | refused: {r['error']} | | | | | |")
+                continue
+            lines.append(
+                f"| {r['backend']} | {r['name']} | {r['step_ms']:.1f} | {r['ratio_adamw']:.2f} | "
+                f"{r['collectives_per_step']:.1f} | {r['kib_per_step']:.2f} | {r['comm_ms_per_step']:.2f} | "
+                f"{r['bytes_over_grad_bytes']:.1e} |"
+            )
+        (HERE / "results" / "sharding_overhead.md").write_text("\n".join(lines) + "\n")
+        print(json.dumps({"written": str(out)}))
+    dist.barrier()
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--model", default="6M")
+    parser.add_argument("--backends", default="fsdp2,zero2")
+    parser.add_argument("--names", default="", help="comma-separated optimizer names (default: a representative set)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    return worker(args) if args.worker or "LOCAL_RANK" in os.environ else launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
