@@ -173,6 +173,17 @@ class LocalStats:
         """Sums over the first dimension of a 2-D view: shape ``(cols,)``."""
         return matrix.sum(dim=0)
 
+    # the list forms: a sharding backend combines the statistics of all the tensors in one
+    # collective, so code that needs a statistic of many tensors (codecs) should call these
+    def row_sums(self, tensors: list[torch.Tensor], views: list[ParamView], square: bool = False) -> list:
+        """:meth:`row_sum` (``square=True``: :meth:`row_sum_sq`) of each tensor."""
+        fn = self.row_sum_sq if square else self.row_sum
+        return [fn(t, v) for t, v in zip(tensors, views)]
+
+    def col_sums(self, matrices: list[torch.Tensor], views: list[ParamView]) -> list:
+        """:meth:`col_sum` of each matrix."""
+        return [self.col_sum(m, v) for m, v in zip(matrices, views)]
+
     def block_absmax(self, tensors: list[torch.Tensor], views: list[ParamView], block: int) -> list[torch.Tensor]:
         """Max of ``|x|`` over each block of the 8-bit state layout (see
         :func:`block_layout`): ``block`` consecutive elements of a row of the 2-D view
