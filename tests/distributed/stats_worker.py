@@ -29,7 +29,7 @@ BLOCK = 256
 
 #: every public LocalStats method and how it is checked here; a method added to LocalStats without
 #: an entry fails the run (give it a sharded version and a check)
-CHECKED = {"sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "block_absmax"}
+CHECKED = {"sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "row_sums", "col_sums", "block_absmax"}
 
 
 def full_tensors(seed: int) -> list[torch.Tensor]:
@@ -133,6 +133,23 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
         # a per-row vector (factored codecs' row sums): cut rows are held twice, count once
         r = ref.row_sum(full, whole)[rows]
         close(f"sum of per-row vector [{SHAPES[i]}]", sharded.sum([r], [v])[0], ref.row_sum(full, whole).sum())
+    # the list forms: one collective for all the tensors
+    mats = [(t.reshape(v.rows, v.row_len), v, full) for t, v, full in zip(tensors, views, fulls) if full.dim() >= 2]
+    for square in (False, True):
+        before = sharded.collectives
+        got = sharded.row_sums([m for m, _, _ in mats], [v for _, v, _ in mats], square=square)
+        if sharded.collectives - before > 1:
+            failures.append(f"{kind} row_sums: {sharded.collectives - before} collectives for one call")
+        for g, (_, v, full) in zip(got, mats):
+            want = ref.row_sums([full], [ParamView(full.shape)], square=square)[0][v.row_start : v.row_start + v.rows]
+            close(f"row_sums(square={square})[{tuple(full.shape)}]", g, want)
+    before = sharded.collectives
+    got = sharded.col_sums([m for m, _, _ in mats], [v for _, v, _ in mats])
+    if sharded.collectives - before > 1:
+        failures.append(f"{kind} col_sums: {sharded.collectives - before} collectives for one call")
+    for g, (_, _, full) in zip(got, mats):
+        want = ref.col_sums([full.reshape(full.shape[0], -1)], [ParamView(full.shape)])[0]
+        close(f"col_sums[{tuple(full.shape)}]", g, want)
     detail["collectives"] = sharded.collectives
 
 
