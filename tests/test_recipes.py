@@ -250,34 +250,35 @@ def test_bad_arguments_fail_clearly(tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_two_cpu_processes_with_accelerate_launch(tmp_path):
+@pytest.mark.parametrize("script", ["pretrain_clm.py", "sft_lora.py"])
+def test_two_cpu_processes_with_accelerate_launch(tmp_path, script):
     """accelerate launch --config_file accelerate_configs/multi_cpu.yaml: 2 gloo processes on CPU
     form one data-parallel run (world size 2), not two independent ones."""
     out = tmp_path / "cpu2"
+    extra = ["--block_size", "64"] if script == "pretrain_clm.py" else ["--max_seq_length", "96", "--lora_r", "4"]
     cmd = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
         "--config_file",
         str(ROOT / "accelerate_configs/multi_cpu.yaml"),
-        str(RECIPES / "pretrain_clm.py"),
+        str(RECIPES / script),
         "--output_dir",
         str(out),
         "--max_steps",
         "3",
         "--optim",
         "adamw",
-        "--block_size",
-        "64",
+        *extra,
         *[a for a in COMMON if a != "--use_cpu"],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = read(out / "all_results.json")
     assert results["world_size"] == 2
     assert math.isfinite(results["eval_loss"])
-    assert (out / "model.safetensors").exists()
+    assert (out / ("model.safetensors" if script == "pretrain_clm.py" else "adapter_model.safetensors")).exists()
 
 
 def test_demo_runs_end_to_end(tmp_path):
