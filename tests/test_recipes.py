@@ -7,6 +7,7 @@ command line, parsed by ``HfArgumentParser``); the multi-process CPU run goes th
 
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import math
@@ -314,3 +315,21 @@ def test_demo_runs_end_to_end(tmp_path):
         assert math.isfinite(r["final_eval_loss"])
         assert (Path(r["saved_to"]) / "model.safetensors").exists()
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
+
+
+def test_embedded_corpus_is_deterministic_capped_and_split_by_file():
+    from hfoptim import embedded
+
+    a, b = embedded.stdlib_corpus(300000), embedded.stdlib_corpus(300000)
+    assert a == b and a.fingerprint == b.fingerprint
+    assert not set(a.train_files) & set(a.validation_files)
+    size = sum((a.root / f).stat().st_size for f in a.train_files + a.validation_files)
+    assert size <= 300000
+    assert all(embedded._is_validation(f) for f in a.validation_files)
+    big = embedded.stdlib_corpus()
+    assert len(big.train_files) > len(a.train_files)
+    pairs = embedded.function_examples(a, "validation")
+    assert pairs and all(p["response"].startswith("def ") for p in pairs)
+    for pair in pairs:  # the docstring is in the prompt, not in the code to write
+        (function,) = ast.parse(pair["response"]).body
+        assert ast.get_docstring(function) is None and function.name in pair["prompt"]
