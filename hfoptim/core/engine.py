@@ -27,6 +27,7 @@ import torch
 from ..modifiers import GRAD, MODIFIERS, UPDATE
 from ..modifiers.weight_decay import add_l2, apply_update
 from ..state import resolve
+from ..state.codec import decode_all, encode_all
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit
@@ -270,10 +271,7 @@ class Engine(torch.optim.Optimizer):
         codecs = {slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in active}
         slots = SimpleNamespace(
             **{
-                slot.name: TensorList(
-                    [c.decode(slot, s, v, dtype, stats=stats) for c, s, v in zip(codecs[slot.name], states, views)],
-                    foreach,
-                )
+                slot.name: TensorList(decode_all(slot, codecs[slot.name], states, views, dtype, stats), foreach)
                 for slot in active
             }
         )
@@ -281,10 +279,11 @@ class Engine(torch.optim.Optimizer):
 
         def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
             slot = next(x for x in active if x.name == name)
-            for codec, s, v, value in zip(codecs[name], states, views, values):
+            encode_all(slot, codecs[name], states, list(values), views, stats)
+            back = decode_all(slot, codecs[name], states, views, dtype, stats)
+            for codec, value, stored in zip(codecs[name], values, back):
                 if not codec.identity:
-                    codec.encode(slot, s, value, v, stats=stats)
-                    value.copy_(codec.decode(slot, s, v, value.dtype, stats=stats))
+                    value.copy_(stored)
             stored_early.add(name)
 
         ctx.store = store
@@ -292,9 +291,7 @@ class Engine(torch.optim.Optimizer):
         for slot in active:
             if slot.name in stored_early:
                 continue
-            for codec, s, v, value in zip(codecs[slot.name], states, views, getattr(slots, slot.name)):
-                if not codec.identity:
-                    codec.encode(slot, s, value, v, stats=stats)
+            encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
 
         for modifier in MODIFIERS:
             if modifier.stage == UPDATE and modifier.enabled(group):

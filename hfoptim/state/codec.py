@@ -51,6 +51,52 @@ class Codec:
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError
 
+    # The engine decodes and encodes all the tensors of a bucket that share a codec at once. A
+    # codec that reduces over its tensors overrides these to ask ``stats`` once for all of them
+    # (the list forms ``stats.sum``, ``row_sums``, ``col_sums``, ...): under sharding that is one
+    # collective per call instead of one per tensor.
+    def decode_many(self, slot: Slot, stored: list, views: list, dtype: torch.dtype, *, stats=None) -> list:
+        """:meth:`decode` of each tensor."""
+        return [self.decode(slot, s, v, dtype, stats=stats) for s, v in zip(stored, views)]
+
+    def encode_many(self, slot: Slot, stored: list, values: list, views: list, *, stats=None) -> None:
+        """:meth:`encode` of each tensor."""
+        for s, x, v in zip(stored, values, views):
+            self.encode(slot, s, x, v, stats=stats)
+
+
+def _by_codec(codecs: list) -> list[tuple]:
+    """``(codec, indices)`` for each distinct codec, in order of first appearance (the same
+    order on every process of a sharded run: codecs are chosen from global sizes)."""
+    groups: list[tuple] = []
+    for i, c in enumerate(codecs):
+        for codec, index in groups:
+            if codec is c:
+                index.append(i)
+                break
+        else:
+            groups.append((c, [i]))
+    return groups
+
+
+def decode_all(slot: Slot, codecs: list, stored: list, views: list, dtype: torch.dtype, stats) -> list:
+    """Decode each tensor with its codec; each codec once, for all its tensors."""
+    out: list = [None] * len(views)
+    for codec, index in _by_codec(codecs):
+        values = codec.decode_many(slot, [stored[i] for i in index], [views[i] for i in index], dtype, stats=stats)
+        for i, value in zip(index, values):
+            out[i] = value
+    return out
+
+
+def encode_all(slot: Slot, codecs: list, stored: list, values: list, views: list, stats) -> None:
+    """Encode each tensor with its codec; each codec once, for all its tensors."""
+    for codec, index in _by_codec(codecs):
+        if not codec.identity:
+            codec.encode_many(
+                slot, [stored[i] for i in index], [values[i] for i in index], [views[i] for i in index], stats=stats
+            )
+
 
 class Dense(Codec):
     """The slot kept as an ordinary tensor of the compute dtype (fp32, or fp64 for fp64 params)."""

@@ -91,22 +91,37 @@ class Factored(Codec):
         return {row: stats.row_sum(matrix, view).clone(), col: stats.col_sum(matrix, view).clone()}
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
-        cols = factored_cols(view)
-        if cols is None:
-            return _DENSE.decode(slot, stored, view, dtype)
+        return self.decode_many(slot, [stored], [view], dtype, stats=stats)[0]
+
+    def decode_many(self, slot, stored, views, dtype, *, stats=None):
+        out = [_DENSE.decode(slot, s, v, dtype) if factored_cols(v) is None else None for s, v in zip(stored, views)]
+        index = [i for i, v in enumerate(out) if v is None]
         row, col = self._keys(slot)
-        r, c = stored[row].to(dtype), stored[col].to(dtype)
-        total = stats.sum([r], [view])[0]
+        rs = [stored[i][row].to(dtype) for i in index]
+        totals = stats.sum(rs, [views[i] for i in index]) if index else []  # one reduction for all
         tiny = torch.finfo(dtype).tiny
-        v = (r / total.clamp_min(tiny)).unsqueeze(1) * c.unsqueeze(0)
-        v.clamp_min_(torch.where(total > 0, tiny, 0.0))  # see "Range" in the module docstring
-        return v.reshape(r.numel(), *view.global_shape[1:])  # this process's rows
+        for i, r, total in zip(index, rs, totals):
+            c = stored[i][col].to(dtype)
+            v = (r / total.clamp_min(tiny)).unsqueeze(1) * c.unsqueeze(0)
+            v.clamp_min_(torch.where(total > 0, tiny, 0.0))  # see "Range" in the module docstring
+            out[i] = v.reshape(r.numel(), *views[i].global_shape[1:])  # this process's rows
+        return out
 
     def encode(self, slot, stored, value, view, *, stats=None):
-        cols = factored_cols(view)
-        if cols is None:
-            return _DENSE.encode(slot, stored, value, view)
+        self.encode_many(slot, [stored], [value], [view], stats=stats)
+
+    def encode_many(self, slot, stored, values, views, *, stats=None):
+        index = []
+        for i, (s, x, v) in enumerate(zip(stored, values, views)):
+            if factored_cols(v) is None:
+                _DENSE.encode(slot, s, x, v)
+            else:
+                index.append(i)
+        if not index:
+            return
         row, col = self._keys(slot)
-        matrix = value.reshape(-1, cols)
-        stored[row].copy_(stats.row_sum(matrix, view))
-        stored[col].copy_(stats.col_sum(matrix, view))
+        matrices = [values[i].reshape(-1, factored_cols(views[i])) for i in index]
+        vs = [views[i] for i in index]
+        for i, r, c in zip(index, stats.row_sums(matrices, vs), stats.col_sums(matrices, vs)):
+            stored[i][row].copy_(r)
+            stored[i][col].copy_(c)

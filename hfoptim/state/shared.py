@@ -67,11 +67,19 @@ class Shared(Codec):
         return s.expand(view.local_shape).clone()  # this process's elements
 
     def encode(self, slot, stored, value, view, *, stats=None):
-        if view.global_numel == 0:  # empty: nothing to share
-            return _DENSE.encode(slot, stored, value, view)
-        shape = view.global_shape
-        target = stored[self._key(slot, view)]
-        if len(shape) >= 2:
-            target.copy_(stats.row_sum(value, view) / math.prod(shape[1:]))
-        else:
-            target.copy_(stats.sum([value], [view])[0] / max(view.global_numel, 1))
+        self.encode_many(slot, [stored], [value], [view], stats=stats)
+
+    def encode_many(self, slot, stored, values, views, *, stats=None):
+        rows, whole = [], []
+        for i, (s, x, v) in enumerate(zip(stored, values, views)):
+            if v.global_numel == 0:  # empty: nothing to share
+                _DENSE.encode(slot, s, x, v)
+            else:
+                (rows if len(v.global_shape) >= 2 else whole).append(i)
+        # one reduction for the row sums of all matrices, one for the totals of all vectors
+        sums = stats.row_sums([values[i] for i in rows], [views[i] for i in rows]) if rows else []
+        for i, r in zip(rows, sums):
+            stored[i][self._key(slot, views[i])].copy_(r / math.prod(views[i].global_shape[1:]))
+        totals = stats.sum([values[i] for i in whole], [views[i] for i in whole]) if whole else []
+        for i, t in zip(whole, totals):
+            stored[i][self._key(slot, views[i])].copy_(t / max(views[i].global_numel, 1))

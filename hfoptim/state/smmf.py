@@ -117,16 +117,27 @@ class SMMF(Codec):
         return m.reshape(view.local_shape)
 
     def encode(self, slot, stored, value, view, *, stats=None):
-        if view.global_numel == 0:  # empty: nothing to factor
-            return _DENSE.encode(slot, stored, value, view)
+        self.encode_many(slot, [stored], [value], [view], stats=stats)
+
+    def encode_many(self, slot, stored, values, views, *, stats=None):
         row, col, sign = self._keys(slot)
-        r, c = stored[row], stored[col]
-        mview = flat_matrix_view(view, c.numel())
-        matrix = to_flat_matrix(value, view, c.numel())
-        if slot.kind == FIRST_MOMENT:
-            stored[sign].copy_(pack_bits(value.reshape(-1) > 0))
-            matrix = matrix.abs()
-        r.copy_(stats.row_sum(matrix, mview))
-        col_sums = stats.col_sum(matrix, mview)
-        total = col_sums.sum()
-        c.copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
+        index, matrices, mviews = [], [], []
+        for i, (s, value, view) in enumerate(zip(stored, values, views)):
+            if view.global_numel == 0:  # empty: nothing to factor
+                _DENSE.encode(slot, s, value, view)
+                continue
+            cols = s[col].numel()
+            matrix = to_flat_matrix(value, view, cols)
+            if slot.kind == FIRST_MOMENT:
+                s[sign].copy_(pack_bits(value.reshape(-1) > 0))
+                matrix = matrix.abs()
+            index.append(i)
+            matrices.append(matrix)
+            mviews.append(flat_matrix_view(view, cols))
+        if not index:
+            return
+        # one reduction for the row sums of all tensors, one for their column sums
+        for i, r, col_sums in zip(index, stats.row_sums(matrices, mviews), stats.col_sums(matrices, mviews)):
+            stored[i][row].copy_(r)
+            total = col_sums.sum()
+            stored[i][col].copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
