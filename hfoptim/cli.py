@@ -83,6 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         rows,
         title=f"hfoptim optimizers ({len(names)} names)",
         caption=f"state bytes per parameter for one {shape_text} tensor; suffixes combine (adan_cautious_8bit)",
+        align="llrrl",
     )
     return 0
 
@@ -360,6 +361,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             ["benchmark", "what it measures"],
             [[k, _describe(v)] for k, v in found.items()],
             title=f"benchmarks in {folder}",
+            align="ll",
         )
         return 0
     chosen = args.names or list(found)
@@ -377,7 +379,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         results.append([name, "ok" if rc == 0 else f"failed (exit {rc})", f"{time.perf_counter() - start:.1f} s"])
         if rc != 0 and args.fail_fast:
             break
-    print_table(["benchmark", "result", "time"], results, title="hfoptim bench")
+    print_table(["benchmark", "result", "time"], results, title="hfoptim bench", align="llr")
     return 0 if all(r[1] == "ok" for r in results) else 1
 
 

@@ -24,13 +24,24 @@ def format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def plain_table(columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> str:
-    """Aligned plain text: first column left-aligned, the others right-aligned."""
+def _alignments(n: int, align: str | None) -> str:
+    """``align``: one letter per column, ``l`` or ``r``; default: first left, the others right."""
+    align = align or "l" + "r" * (n - 1)
+    if len(align) != n or set(align) - {"l", "r"}:
+        raise ValueError(f"align needs one of 'l'/'r' per column ({n}), got {align!r}")
+    return align
+
+
+def plain_table(
+    columns: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "", align: str | None = None
+) -> str:
+    """Aligned plain text (by default the first column left-aligned, the others right-aligned)."""
+    align = _alignments(len(columns), align)
     cells = [[str(c) for c in columns]] + [["" if v is None else str(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
 
     def line(row: list[str]) -> str:
-        parts = [row[0].ljust(widths[0])] + [v.rjust(w) for v, w in zip(row[1:], widths[1:])]
+        parts = [v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(row, widths, align)]
         return "  ".join(parts).rstrip()
 
     out = [title] if title else []
@@ -46,21 +57,23 @@ def print_table(
     title: str = "",
     caption: str = "",
     stream: TextIO | None = None,
+    align: str | None = None,
 ) -> None:
     """Print a table with rich on a terminal, as :func:`plain_table` otherwise."""
     stream = stream or sys.stdout
+    align = _alignments(len(columns), align)
     if is_terminal(stream):
         from rich.console import Console
         from rich.table import Table
 
         table = Table(title=title or None, caption=caption or None)
         for i, name in enumerate(columns):
-            table.add_column(str(name), justify="left" if i == 0 else "right", no_wrap=i == 0)
+            table.add_column(str(name), justify="left" if align[i] == "l" else "right", no_wrap=i == 0)
         for row in rows:
             table.add_row(*["" if v is None else str(v) for v in row])
         Console(file=stream).print(table)
         return
-    print(plain_table(columns, rows, title), file=stream)
+    print(plain_table(columns, rows, title, align), file=stream)
     if caption:
         print(caption, file=stream)
     print(file=stream)

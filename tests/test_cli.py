@@ -230,3 +230,23 @@ def test_bench_discovers_and_runs_scripts(capsys, tmp_path):
     assert cli.main(["bench", "--dir", str(bench)]) == 1
     assert "failed (exit 3)" in capsys.readouterr().out
     assert cli.main(["bench", "--dir", str(bench), "nope"]) == 2
+
+
+def test_tables_rich_on_a_terminal_plain_otherwise():
+    import io
+
+    from hfoptim.tables import format_bytes, plain_table, print_table
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        print_table(["name", "bytes"], [["adamw", "8.000"]], title="t", stream=stream)
+    assert "┃" in term.getvalue() or "│" in term.getvalue()
+    assert pipe.getvalue().splitlines()[1:4] == ["name   bytes", "-----  -----", "adamw  8.000"]
+    assert plain_table(["a", "b"], [["x", "y"]], align="ll").splitlines()[-1] == "x  y"
+    with pytest.raises(ValueError, match="align"):
+        plain_table(["a", "b"], [["x", "y"]], align="l")
+    assert format_bytes(1536) == "1.50 KiB" and format_bytes(12) == "12 B"
