@@ -12,7 +12,8 @@ per training step), and explicit ``attach`` vs automatic attachment.
 
 Fast subset (always): ZeRO-2 on 3 processes and ZeRO-3 on 2 processes, AdamW with every
 storage form and modifier, AdaLo, Adafactor, LAMB, SMMF. Whole matrix (``-m slow``): every
-registered name and storage form, ZeRO-1/2/3, 2 and 3 processes, plus CPU optimizer offload.
+registered name and storage form, ZeRO-1/2/3, 2 and 3 processes, plus CPU optimizer offload and
+bf16 parameters with fp32 master weights (ZeRO-2, and stage 1 = DeepSpeed's BF16_Optimizer).
 """
 
 from __future__ import annotations
@@ -42,5 +43,16 @@ def test_zero_matches_one_process_every_optimizer(tmp_path, stage, nproc):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_offload_to_cpu_matches_one_process(tmp_path, stage):
     args = ["--stage", str(stage), "--cases", "fast", "--offload"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert len(summary["ran"]) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_bf16_master_weights_match_one_process(tmp_path, stage):
+    """bf16 parameters with fp32 master weights (stage 1 with fp32 gradient accumulation is
+    DeepSpeed's BF16_Optimizer): the fp32 master segments and the state equal a single-process
+    fp32 run from the same values with the same (bf16-representable) gradients."""
+    args = ["--stage", str(stage), "--cases", "fast", "--bf16"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
     assert len(summary["ran"]) >= 10

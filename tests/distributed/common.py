@@ -110,10 +110,12 @@ def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     return [0.3 * p.detach() + torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
 
 
-def coarse(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Gradients on a 2**-10 grid (|g| < 2**8): a sum of up to 4 copies and the division by the
-    process count are exact, so data-parallel averaging returns them unchanged."""
-    return [torch.round(g.clamp(-200, 200) * 1024) / 1024 for g in grads]
+def coarse(grads: list[torch.Tensor], bits: int = 10) -> list[torch.Tensor]:
+    """Gradients on a 2**-bits grid (|g| < 2**8; 4 bits and |g| < 8 for bf16 gradients): a sum of
+    up to 4 copies and the division by the process count are exact, so data-parallel averaging
+    returns them unchanged."""
+    limit = 200.0 if bits > 4 else 7.0
+    return [torch.round(g.clamp(-limit, limit) * 2**bits) / 2**bits for g in grads]
 
 
 def step_loss(step: int) -> float:

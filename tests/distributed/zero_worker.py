@@ -43,7 +43,7 @@ from tests.distributed.common import (  # noqa: E402
 )
 
 
-def ds_config(stage: int, *, round_robin: bool, sub_group_size: int | None, offload: bool) -> dict:
+def ds_config(stage: int, *, round_robin: bool, sub_group_size: int | None, offload: bool, bf16: bool = False) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     if stage in (1, 2):
         zero["round_robin_gradients"] = round_robin
@@ -54,7 +54,11 @@ def ds_config(stage: int, *, round_robin: bool, sub_group_size: int | None, offl
             zero["sub_group_size"] = sub_group_size
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
+    extra = {}
+    if bf16:  # bf16 parameters, fp32 master weights and gradient accumulation (stage 1: BF16_Optimizer)
+        extra = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}}
     return {
+        **extra,
         "train_micro_batch_size_per_gpu": 1,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 0.0,  # DeepSpeed 0.19 clips at 1.0 unless told
@@ -69,28 +73,35 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
     dtype = torch.float32
+    bf16 = variant.get("bf16", False)
     ref_model = Model(dtype=dtype)
+    model = Model(dtype=torch.bfloat16 if bf16 else dtype)
+    if bf16:  # the reference starts from the same (bf16) values, in fp32 like DeepSpeed's master weights
+        with torch.no_grad():
+            for (_, r), (_, p) in zip(ref_model.named_leaves(), model.named_leaves()):
+                r.copy_(p.float())
     ref_params = [p for _, p in ref_model.named_leaves()]
     ref_opt = hfoptim.create_optimizer(ref_params, name, **kwargs)
 
-    model = Model(dtype=dtype)
     names = {id(p): n for n, p in model.named_leaves()}
     opt = hfoptim.create_optimizer([p for _, p in model.named_leaves()], name, **kwargs)
     config = ds_config(stage, **variant)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     zero = ds_engine.optimizer
     expected = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}[stage]
+    if bf16 and stage == 1:
+        expected = "BF16_Optimizer"
     if type(zero).__name__ != expected:
         failures.append(f"DeepSpeed wrapped the optimizer in {type(zero).__name__}, not {expected}")
         return
     engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
     loss_driven = needs_loss(ref_opt)
     for t in range(1, steps + 1):
-        grads = coarse(gradients(ref_params, t))
+        grads = coarse(gradients(ref_params, t), bits=4 if bf16 else 10)
         for p, g in zip(ref_params, grads):
             p.grad = g.clone()
         scale = float(world) if rank == 0 else 0.0
-        loss = ds_engine(grads, scale)
+        loss = ds_engine([g.to(model.parts["emb"].weight.dtype) for g in grads], scale)
         ds_engine.backward(loss)
         if loss_driven:
             engine.set_loss(rank_loss(t, rank, world))
@@ -108,19 +119,28 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
     detail["collectives"] = layout.stats.collectives
     detail["bytes"] = layout.stats.bytes_reduced
     leaves = [p for _, p in model.named_leaves()]
-    if stage == 3:
+    if bf16:
+        full = None  # the bf16 model copies are rounded: compare DeepSpeed's fp32 master segments below
+    elif stage == 3:
         with deepspeed.zero.GatheredParameters(leaves):
             full = [p.detach().clone() for p in leaves]
     else:
         full = [p.detach().clone() for p in leaves]
     ref_by_name = dict(zip((n for n, _ in ref_model.named_leaves()), ref_params))
-    for (pname, _), got, want in zip(model.named_leaves(), full, ref_params):
+    for (pname, _), got, want in zip(model.named_leaves(), full or [], ref_params):
         compare(f"param {pname}", got, want.detach(), dtype, failures, detail)
     for fg in layout.flat_groups.values():
         segments = engine.state[fg.flat].get("segments", {})
         for piece in layout.pieces(fg.flat):
             p = fg.params[piece.segment.index]
             pname = names[id(p)]
+            if bf16:  # the fp32 master weights this process owns
+                a, b = piece.view.valid_range
+                want = ref_by_name[pname].detach().reshape(-1)[piece.view.offset + a : piece.view.offset + b]
+                with torch.no_grad():
+                    piece.refresh()
+                    got = piece.param.detach().reshape(-1)[a:b].clone()
+                compare(f"master {pname}", got, want, dtype, failures, detail)
             compare_state(
                 f"{pname}", segments.get(piece.segment.index, {}), ref_opt.state[ref_by_name[pname]],
                 piece.view, dtype, failures, detail,
@@ -134,6 +154,7 @@ def main() -> int:
     parser.add_argument("--cases", default="fast")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 master weights")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
@@ -149,6 +170,7 @@ def main() -> int:
             "round_robin": k % 2 == 1,
             "sub_group_size": 3000 if k % 2 == 0 else None,
             "offload": args.offload,
+            "bf16": args.bf16,
         }
         detail.update(variant)
         run_case(name, failures, detail, stage=args.stage, steps=args.steps, variant=variant,
