@@ -255,3 +255,28 @@ class TensorList:
 
     def to(self, dtype: torch.dtype) -> TensorList:
         return self._new([t.to(dtype) for t in self.tensors])
+
+    # ----------------------------------------------------------------- tensors on the left
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        """``tensor <op> tensorlist`` (a 0-d tensor scalar on the left), and the form
+        ``torch.compile`` gives ``tensorlist <op> tensor``: torch hands the operator here as a
+        Tensor method with the tensor first; it is answered by the TensorList operator."""
+        name = getattr(func, "__name__", "")
+        if kwargs or len(args) != 2 or not isinstance(args[1], TensorList) or isinstance(args[0], TensorList):
+            return NotImplemented
+        scalar, tl = args
+        if name in _SAME_ORDER:  # tensorlist <op> scalar, handed over as Tensor.__r<op>__(scalar, tensorlist)
+            return getattr(tl, _SAME_ORDER[name])(scalar)
+        if name in _COMMUTATIVE:
+            return getattr(tl, _COMMUTATIVE[name])(scalar)
+        if name in ("sub", "__sub__"):  # scalar - tensorlist
+            return tl.__rsub__(scalar)
+        return NotImplemented
+
+
+#: Tensor methods that mean ``tensorlist <op> scalar`` when called as ``method(scalar, tensorlist)``
+_SAME_ORDER = {"__rdiv__": "__truediv__", "__rtruediv__": "__truediv__", "__rsub__": "__sub__"}
+#: commutative operators: ``method(scalar, tensorlist)`` is ``tensorlist <op> scalar``
+_COMMUTATIVE = {"mul": "__mul__", "__mul__": "__mul__", "__rmul__": "__mul__", "add": "__add__",
+                "__add__": "__add__", "__radd__": "__add__"}
