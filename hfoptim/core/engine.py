@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Callable
-from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import torch
@@ -28,6 +27,7 @@ from ..modifiers import GRAD, MODIFIERS, UPDATE
 from ..modifiers.weight_decay import add_l2, apply_update
 from ..state import resolve
 from ..state.codec import decode_all, encode_all
+from . import fused
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit
@@ -57,6 +57,13 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     spec["state"] = HP(
         "auto", kind="str", doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, bf16, "
         "factored, smmf, shared"
+    )
+    spec["compile"] = HP(
+        "auto",
+        kind="str",
+        choices=("auto", "on", "off"),
+        doc="fuse decode-update-encode of 8-bit/bf16 state with torch.compile: auto (tensors of 65536+ "
+        "elements, when it works here), on, off (see hfoptim.core.fused)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
     for modifier in MODIFIERS:
@@ -245,11 +252,15 @@ class Engine(torch.optim.Optimizer):
 
     def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
         rule, foreach = self.rule, self.foreach
-        params = [u.param for u in units]
-        views = [u.view for u in units]
         states = [self._init_state(u, group) for u in units]
         for s in states:
             s["step"] += 1
+        units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
+        if not units:
+            return
+        params = [u.param for u in units]
+        views = [u.view for u in units]
+        states = [u.state for u in units]
         steps = [int(s["step"].item()) for s in states]
         dtype = self.compute_dtype(params[0])
         low_precision = params[0].dtype != dtype
@@ -259,46 +270,8 @@ class Engine(torch.optim.Optimizer):
         if group["maximize"]:
             g = -g
 
-        stats = self.layout.stats
-        ctx = StepContext(group, steps, views, stats, foreach, loss, states)
-        for modifier in MODIFIERS:
-            if modifier.stage == GRAD and modifier.enabled(group):
-                g = modifier.apply(ctx, g, g, p_work)
-        if group["weight_decay_mode"] == "l2" and group["weight_decay"] != 0:
-            g = add_l2(g, p_work, group["weight_decay"])
-
-        active = rule.active_slots(group)
-        codecs = {slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in active}
-        slots = SimpleNamespace(
-            **{
-                slot.name: TensorList(decode_all(slot, codecs[slot.name], states, views, dtype, stats), foreach)
-                for slot in active
-            }
-        )
-        stored_early: set[str] = set()
-
-        def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
-            slot = next(x for x in active if x.name == name)
-            encode_all(slot, codecs[name], states, list(values), views, stats)
-            back = decode_all(slot, codecs[name], states, views, dtype, stats)
-            for codec, value, stored in zip(codecs[name], values, back):
-                if not codec.identity:
-                    value.copy_(stored)
-            stored_early.add(name)
-
-        ctx.store = store
-        u = rule.update(ctx, p_work, g, slots)
-        for slot in active:
-            if slot.name in stored_early:
-                continue
-            encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
-
-        for modifier in MODIFIERS:
-            if modifier.stage == UPDATE and modifier.enabled(group):
-                u = modifier.apply(ctx, u, g, p_work)
-        wd = group["weight_decay"]
-        mode = group["weight_decay_mode"]
-        apply_update(p_work, u, ctx.lr, 0.0 if mode == "l2" else wd, mode)
+        ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
+        advance(rule, group, ctx, p_work, g, states, views, dtype)
         if low_precision:
             for p, w in zip(params, p_work):
                 p.copy_(w)
@@ -396,6 +369,56 @@ class Engine(torch.optim.Optimizer):
                     f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
                     f"{tuple(shape)} for a parameter of shape {tuple(p.shape)}"
                 )
+
+
+
+class SlotValues:
+    """The decoded slots a rule updates, as attributes (``s.exp_avg``)."""
+
+
+def advance(rule: Rule, group: dict, ctx: StepContext, p_work: TensorList, g: TensorList, states: list[dict],
+            views: list[ParamView], dtype: torch.dtype) -> None:
+    """One step of the tensors of a bucket after the bookkeeping: gradient modifiers -> l2 decay
+    -> decode the slots -> ``rule.update`` -> encode -> update modifiers -> weight decay and
+    ``p <- p - lr u`` (``p_work`` in place). The plain path calls it for a bucket; the compiled
+    path (:mod:`hfoptim.core.fused`) traces it for one parameter."""
+    for modifier in MODIFIERS:
+        if modifier.stage == GRAD and modifier.enabled(group):
+            g = modifier.apply(ctx, g, g, p_work)
+    if group["weight_decay_mode"] == "l2" and group["weight_decay"] != 0:
+        g = add_l2(g, p_work, group["weight_decay"])
+
+    active = rule.active_slots(group)
+    stats = ctx.stats
+    codecs = {slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in active}
+    slots = SlotValues()  # not SimpleNamespace: torch.compile traces a plain class, not that one
+    for slot in active:
+        decoded = decode_all(slot, codecs[slot.name], states, views, dtype, stats)  # each codec once
+        setattr(slots, slot.name, TensorList(decoded, ctx.foreach))
+    stored_early: set[str] = set()
+
+    def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
+        slot = next(x for x in active if x.name == name)
+        encode_all(slot, codecs[name], states, list(values), views, stats)
+        back = decode_all(slot, codecs[name], states, views, dtype, stats)
+        for codec, value, stored in zip(codecs[name], values, back):
+            if not codec.identity:
+                value.copy_(stored)
+        stored_early.add(name)
+
+    ctx.store = store
+    u = rule.update(ctx, p_work, g, slots)
+    for slot in active:
+        if slot.name in stored_early:
+            continue
+        encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
+
+    for modifier in MODIFIERS:
+        if modifier.stage == UPDATE and modifier.enabled(group):
+            u = modifier.apply(ctx, u, g, p_work)
+    wd = group["weight_decay"]
+    mode = group["weight_decay_mode"]
+    apply_update(p_work, u, ctx.lr, 0.0 if mode == "l2" else wd, mode)
 
 
 def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:

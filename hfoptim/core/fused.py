@@ -1,0 +1,145 @@
+"""The compiled path: one fused kernel per parameter for compressed (8-bit, bf16) state.
+
+With state stored in 8 bits, the plain path decodes each slot into an fp32 tensor, runs the
+rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
+many temporary tensors, several times the cost of AdamW's step. Here the engine's per-bucket flow
+(:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
+modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
+at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
+rule's code is the same code the plain path runs; nothing is written twice.
+
+* Shapes are dynamic (one compilation serves every matrix), hyperparameters read from the
+  parameter group are floats that dynamo keeps symbolic, and the step counter enters as the 0-d
+  tensor kept in the state (:class:`TracedStepContext`), so neither a learning-rate schedule nor
+  the step count recompiles.
+* A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
+  of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
+  every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable``, it is
+  held whole by this process (the sharded statistics backends combine statistics of many tensors
+  in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
+  and the rule does not need the loss.
+* If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
+  with a warning and every parameter runs the plain path from then on.
+
+The compiled and plain paths compute the same formulas; they differ by floating-point rounding
+(inductor may contract ``a*b+c``), which with 8-bit state can flip a value sitting on a code
+midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the difference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from .context import StepContext
+from .stats import LocalStats, ParamView
+from .tensorlist import TensorList
+
+#: with ``compile="auto"``, parameters at least this large take the compiled path
+AUTO_MIN_NUMEL = 1 << 16
+
+_compiled = None
+_failed: str | None = None
+
+
+class TracedStepContext(StepContext):
+    """The context of one parameter on the compiled path: its step ``t`` is a 0-d tensor, and
+    :meth:`per_step` returns ``fn(t)`` as it comes (a 0-d tensor, or a number when ``fn`` ignores
+    ``t``), so the traced graph takes the step as an input instead of a constant."""
+
+    def per_step(self, fn):
+        return fn(self.steps[0])
+
+
+def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, stats, loss):
+    """The engine's flow for one parameter held whole (traced by torch.compile)."""
+    from .engine import advance
+
+    view = ParamView.of(p)
+    ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state])
+    g = TensorList([grad], True)
+    if group["maximize"]:
+        g = -g
+    advance(rule, group, ctx, TensorList([p], True), g, [state], [view], p.dtype)
+
+
+def _compiled_fn():
+    global _compiled
+    if _compiled is None:
+        # indices into the code tables are in range by construction (uint8 codes, 15-bit
+        # bf16 intervals): no bounds check in the kernels
+        _compiled = torch.compile(_advance_one, dynamic=True, options={"assert_indirect_indexing": False})
+    return _compiled
+
+
+def compile_available(device: torch.device) -> bool:
+    """Whether torch.compile can be tried for ``device`` in this process."""
+    if _failed is not None or device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # pragma: no cover - builds without dynamo
+        return False
+    return torch._dynamo.is_dynamo_supported()
+
+
+def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
+    p = unit.param
+    if unit.writeback is not None or unit.view.sharded or p.device.type not in ("cpu", "cuda"):
+        return False
+    if mode == "auto" and p.numel() < AUTO_MIN_NUMEL:
+        return False
+    if tuple(unit.view.global_shape) != tuple(p.shape):
+        return False
+    return any(getattr(c, "fusable", False) for c in codecs)
+
+
+def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
+    """Step the units of a bucket that take the compiled path (their state is initialised and
+    their step counters already advanced); return the others, for the plain path."""
+    global _failed
+    mode = group.get("compile", "off")
+    if mode == "off" or not units or engine.rule.needs_loss or type(engine.layout.stats) is not LocalStats:
+        return units
+    if not compile_available(units[0].param.device):
+        return units
+    from ..state import resolve
+
+    rest = []
+    slots = engine.rule.active_slots(group)
+    for unit in units:
+        codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+        if _failed is not None or not _eligible(engine, group, unit, mode, codecs):
+            rest.append(unit)
+            continue
+        p = unit.param
+        dtype = engine.compute_dtype(p)
+        # a plain tensor, not the Parameter: dynamo keeps Parameter shapes static (one compilation
+        # per shape); in-place updates of the detached alias reach the parameter
+        work = p.to(dtype) if p.dtype != dtype else p.detach()
+        grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
+        try:
+            _compiled_fn()(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss)
+        except Exception as error:  # compilation failed: the plain path from now on
+            _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+            warnings.warn(
+                f"hfoptim: torch.compile failed ({_failed}); compressed optimizer state runs the plain "
+                f"(slower) path. Set compile='off' to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            rest.append(unit)
+            continue
+        if p.dtype != dtype:
+            p.copy_(work)
+    return rest
+
+
+def reset() -> None:
+    """Forget compiled kernels and a past failure (tests)."""
+    global _compiled, _failed
+    _compiled = None
+    _failed = None
+    torch._dynamo.reset()
