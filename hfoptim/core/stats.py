@@ -198,7 +198,7 @@ class LocalStats:
             if blocks.numel() == 0:
                 out.append(blocks.new_zeros(blocks.shape[0]))
                 continue
-            out.append(torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg()))
+            out.append(blocks.abs().amax(dim=1))
         return out
 
 

@@ -77,6 +77,8 @@ class BF16(Codec):
     """Dense bf16 with stochastic rounding; see the module docstring."""
 
     name = "bf16"
+    #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
+    fusable = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT, BUFFER})
 
     @staticmethod

@@ -41,7 +41,7 @@ import math
 import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
-from ..core.stats import LocalStats, ParamView, block_layout, blocked, unblocked
+from ..core.stats import LocalStats, ParamView, block_layout
 from .codec import Codec
 from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode, decode_codes, encode_normalized
 
@@ -62,20 +62,32 @@ def scale_shape(view: ParamView) -> tuple[int, ...]:
     return (per_line,)
 
 
-def quantize_blocks(x: torch.Tensor, scale: torch.Tensor, code: DynamicCode) -> torch.Tensor:
-    """Codes of the ``(blocks, BLOCK)`` fp32 matrix ``x`` given each block's scale."""
-    return encode_normalized(x / scale.clamp_min(_TINY).unsqueeze(1), code)
+def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
+    """Each element's block scale, in the local tensor's shape (element ``j`` of line ``i``
+    belongs to block ``(i, (lead + j) // BLOCK)``). Written as an expand and a slice, which
+    ``torch.compile`` turns into index arithmetic instead of a copy."""
+    lines, length, lead = block_layout(view, BLOCK)
+    per_line = -(-(lead + length) // BLOCK)
+    s = scale.reshape(lines, per_line, 1).expand(lines, per_line, BLOCK).reshape(lines, per_line * BLOCK)
+    return s[:, lead : lead + length].reshape(view.local_shape)
 
 
-def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, code: DynamicCode) -> torch.Tensor:
-    """The fp32 ``(blocks, BLOCK)`` values of blocked ``codes`` with one scale per block."""
-    return decode_codes(codes, code) * scale.unsqueeze(1)
+def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
+    """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima."""
+    return encode_normalized(value / scale_per_element(scale, view).clamp_min(_TINY), code)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
+    """The fp32 values (the local shape) of ``codes`` with their block scales."""
+    return decode_codes(codes, code) * scale_per_element(scale, view)
 
 
 class Blockwise8bit(Codec):
     """One byte per element and one fp32 scale per 256; see the module docstring."""
 
     name = "8bit"
+    #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
+    fusable = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
     @staticmethod
@@ -97,16 +109,13 @@ class Blockwise8bit(Codec):
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
         codes, scale = self.keys(slot)
-        blocks = blocked(stored[codes], view, BLOCK)
-        x = dequantize_blocks(blocks, stored[scale].reshape(-1), code_of(slot))
-        return unblocked(x, view, BLOCK).to(dtype)
+        return dequantize(stored[codes], stored[scale], view, code_of(slot)).to(dtype)
 
     def encode(self, slot, stored, value, view, *, stats=None):
         codes, scale = self.keys(slot)
         value = value.to(torch.float32)
         stats = stats or LocalStats()
         maxima = stats.block_absmax([value], [view], BLOCK)[0]
-        q = quantize_blocks(blocked(value, view, BLOCK), maxima, code_of(slot))
-        stored[codes].copy_(unblocked(q, view, BLOCK))
+        stored[codes].copy_(quantize(value, maxima, view, code_of(slot)))
         stored[scale].copy_(maxima.reshape(stored[scale].shape))
 

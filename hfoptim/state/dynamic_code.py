@@ -42,16 +42,34 @@ import torch
 BLOCK = 256
 
 
+def _pow10(k: torch.Tensor) -> torch.Tensor:
+    """``10**k`` (fp32, exact) for integer ``k`` in ``[0, 8)``, without a lookup or ``pow``."""
+    return (
+        torch.where((k & 1) != 0, 10.0, 1.0)
+        * torch.where((k & 2) != 0, 100.0, 1.0)
+        * torch.where((k & 4) != 0, 10000.0, 1.0)
+    )
+
+
+def tree_values(index: torch.Tensor, bits: int) -> torch.Tensor:
+    """The magnitude (fp32) of each tree index (int32, ``0 <= index < 2**bits``): 0 for index 0;
+    for ``index = 2^k + j``, ``10^-(bits-1-k) (0.1 + 0.9 (j+1)/2^k)`` evaluated in fp32 with
+    the operations below. This arithmetic IS the code's definition: the decode tables are built
+    by running it, and the compiled path runs it instead of a table lookup (same fp32 operations
+    in the same order, so the same numbers)."""
+    as_float = index.to(torch.float32)
+    exponent = as_float.view(torch.int32) & 0x7F800000
+    two_k = exponent.view(torch.float32)  # 2^k: the float with index's exponent and no mantissa
+    inv_two_k = ((254 << 23) - exponent).view(torch.float32)  # 1/2^k, exact
+    k = (exponent >> 23) - 127
+    frac = (as_float + 1.0 - two_k) * inv_two_k  # (j + 1) / 2^k
+    value = _pow10(k) * (10.0 ** -(bits - 1)) * (0.1 + 0.9 * frac)
+    return torch.where(index == 0, 0.0, value)
+
+
 def tree_magnitudes(bits: int) -> torch.Tensor:
-    """The ``2**bits`` magnitudes of the dynamic tree code over ``bits`` bits, increasing
-    (float64): index 0 is 0, index ``i = 2^k + j`` is ``10^-(bits-1-k) (0.1 + 0.9 (j+1)/2^k)``."""
-    values = [0.0]
-    for i in range(1, 2**bits):
-        k = i.bit_length() - 1
-        j = i - (1 << k)
-        e = bits - 1 - k
-        values.append(10.0 ** (-e) * (0.1 + 0.9 * (j + 1) / 2**k))
-    return torch.tensor(values, dtype=torch.float64)
+    """The ``2**bits`` magnitudes of the dynamic tree code over ``bits`` bits, increasing (fp32)."""
+    return tree_values(torch.arange(2**bits, dtype=torch.int32), bits)
 
 
 def _bucket_starts() -> torch.Tensor:
@@ -66,6 +84,7 @@ class DynamicCode:
     name: str
     signed: bool
     magnitudes: torch.Tensor  # fp32, increasing, magnitudes[0] == 0, magnitudes[-1] == 1
+    bits: int  # bits of the tree (7 for the signed code, whose byte adds a sign bit; 8 unsigned)
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -99,25 +118,39 @@ class DynamicCode:
         return found
 
 
-SIGNED = DynamicCode("dynamic tree (signed)", True, tree_magnitudes(7).float())
-UNSIGNED = DynamicCode("dynamic (unsigned)", False, tree_magnitudes(8).float())
+SIGNED = DynamicCode("dynamic tree (signed)", True, tree_magnitudes(7), 7)
+UNSIGNED = DynamicCode("dynamic (unsigned)", False, tree_magnitudes(8), 8)
+
+
+def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` keeping ``index``'s shape: one flat ``index_select`` eagerly (3x faster
+    on CPU than advanced indexing), plain indexing under torch.compile (which fuses it)."""
+    if torch.compiler.is_compiling():
+        return table[index.long()]
+    return table.index_select(0, index.reshape(-1).to(torch.int32)).view(index.shape)
 
 
 def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     """Nearest code (uint8) of each element of ``y`` (fp32, ``|y| <= 1``; larger magnitudes give
     the top code). The unsigned code stores ``|y|``."""
     _, first, above = code.tables(y.device)
-    shape = y.shape
-    y = y.reshape(-1)
     bits = (y.view(torch.int32) >> 16) & 0x7FFF  # bf16 interval of |y|
-    index = first.index_select(0, bits)
-    index = index + (y.abs() > above.index_select(0, index)).to(torch.int32)
+    index = _lookup(first, bits)
+    index = index + (y.abs() > _lookup(above, index)).to(torch.int32)
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
-    return index.to(torch.uint8).view(shape)
+    return index.to(torch.uint8)
 
 
 def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
-    """The table values (fp32) of ``codes`` (uint8, any shape)."""
+    """The table values (fp32) of ``codes`` (uint8, any shape): a table lookup eagerly; under
+    torch.compile the arithmetic of :func:`tree_values` (a gather costs more there than the
+    dozen vector operations that recompute the same number)."""
+    if torch.compiler.is_compiling():
+        index = codes.to(torch.int32)
+        if not code.signed:
+            return tree_values(index, code.bits)
+        value = tree_values(index & 127, code.bits)
+        return torch.where(index >= 128, -value, value)
     table, _, _ = code.tables(codes.device)
-    return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+    return _lookup(table, codes)
