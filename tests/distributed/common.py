@@ -104,6 +104,17 @@ def case_kwargs(name: str) -> dict:
     return options
 
 
+def grouped(params: list[torch.Tensor], two: bool):
+    """The parameters as the HuggingFace Trainer groups them when ``two``: matrices with weight
+    decay, vectors without (DeepSpeed flattens each group on its own)."""
+    if not two:
+        return params
+    return [
+        {"params": [p for p in params if p.dim() >= 2]},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
 def gradients(params: list[torch.Tensor], step: int) -> list[torch.Tensor]:
     """Deterministic gradients depending on the (reference) parameters."""
     gen = torch.Generator().manual_seed(1000 + step)

@@ -30,6 +30,7 @@ from tests.distributed.common import (  # noqa: E402
     compare,
     compare_state,
     gradients,
+    grouped,
     needs_loss,
     rank_loss,
     run_cases,
@@ -57,11 +58,12 @@ def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, buil
     kwargs = case_kwargs(name)
     ref_model = Model(dtype=dtype)
     ref_params = [p for _, p in ref_model.named_leaves()]
-    ref_opt = hfoptim.create_optimizer(ref_params, name, **kwargs)
+    two = build_before  # half the cases: the Trainer's two groups (no decay on vectors)
+    ref_opt = hfoptim.create_optimizer(grouped(ref_params, two), name, **kwargs)
 
     model = Model(dtype=dtype)
     if build_before:  # accelerate's order: optimizer first, then the parameters are swapped
-        opt = hfoptim.create_optimizer([p for _, p in model.named_leaves()], name, **kwargs)
+        opt = hfoptim.create_optimizer(grouped([p for _, p in model.named_leaves()], two), name, **kwargs)
         before = {id(p): n for n, p in model.named_leaves()}
         shard(model)
         after = dict(model.named_leaves())
@@ -69,7 +71,7 @@ def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, buil
             group["params"] = [after[before[id(p)]] for p in group["params"]]
     else:
         shard(model)
-        opt = hfoptim.create_optimizer([p for _, p in model.named_leaves()], name, **kwargs)
+        opt = hfoptim.create_optimizer(grouped([p for _, p in model.named_leaves()], two), name, **kwargs)
     params = [p for _, p in model.named_leaves()]
     if not all(isinstance(p, DTensor) for p in params):
         failures.append("fully_shard did not produce DTensor parameters: the run would prove nothing")

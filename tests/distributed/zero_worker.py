@@ -35,6 +35,7 @@ from tests.distributed.common import (  # noqa: E402
     compare,
     compare_state,
     gradients,
+    grouped,
     needs_loss,
     rank_loss,
     run_cases,
@@ -43,7 +44,9 @@ from tests.distributed.common import (  # noqa: E402
 )
 
 
-def ds_config(stage: int, *, round_robin: bool, sub_group_size: int | None, offload: bool, bf16: bool = False) -> dict:
+def ds_config(
+    stage: int, *, round_robin: bool, sub_group_size: int | None, offload: bool, bf16: bool = False, two_groups=False
+) -> dict:
     zero = {"stage": stage, "reduce_bucket_size": 2000, "allgather_bucket_size": 2000}
     if stage in (1, 2):
         zero["round_robin_gradients"] = round_robin
@@ -81,10 +84,11 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
             for (_, r), (_, p) in zip(ref_model.named_leaves(), model.named_leaves()):
                 r.copy_(p.float())
     ref_params = [p for _, p in ref_model.named_leaves()]
-    ref_opt = hfoptim.create_optimizer(ref_params, name, **kwargs)
+    two = variant.get("two_groups", False)
+    ref_opt = hfoptim.create_optimizer(grouped(ref_params, two), name, **kwargs)
 
     names = {id(p): n for n, p in model.named_leaves()}
-    opt = hfoptim.create_optimizer([p for _, p in model.named_leaves()], name, **kwargs)
+    opt = hfoptim.create_optimizer(grouped([p for _, p in model.named_leaves()], two), name, **kwargs)
     config = ds_config(stage, **variant)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     zero = ds_engine.optimizer
@@ -171,6 +175,7 @@ def main() -> int:
             "sub_group_size": 3000 if k % 2 == 0 else None,
             "offload": args.offload,
             "bf16": args.bf16,
+            "two_groups": k % 4 in (1, 2),
         }
         detail.update(variant)
         run_case(name, failures, detail, stage=args.stage, steps=args.steps, variant=variant,
