@@ -9,6 +9,8 @@ and completes the statistics across processes with batched collectives:
 * :mod:`.zero` -- DeepSpeed ZeRO-1/2 flat partitions and ZeRO-3 per-parameter partitions,
   installed by :func:`hfoptim.integrations.deepspeed.attach`;
 * :mod:`.select` -- the choice at step time and the refusals (FSDP1, unknown flat tensors);
+* :mod:`.checkpoint` -- FSDP2 state as DTensors for torch.distributed.checkpoint (reshardable),
+  ZeRO segment state through DeepSpeed's checkpoint;
 * :mod:`.loss` -- the loss loss-driven rules see (mean over data-parallel processes).
 """
 
