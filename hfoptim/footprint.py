@@ -86,11 +86,19 @@ def estimate_state_bytes(params: Iterable[torch.Tensor], optim: str, **options) 
     """Bytes of the state that ``hfoptim.create_optimizer(params, optim, **options)`` allocates,
     computed by one step on ``meta`` copies of ``params`` (shapes and dtypes only).
 
-    A parameter's state depends only on its own shape and dtype (and the options), so each
-    distinct (shape, dtype) is stepped once and counted as often as it occurs: a 7B-parameter
-    model has a handful of distinct shapes."""
+    Uses :func:`hfoptim.memory.estimate` (each codec's ``init`` on meta tensors) when it is
+    available. Otherwise: a parameter's state depends only on its own shape and dtype (and the
+    options), so each distinct (shape, dtype) is stepped once and counted as often as it occurs
+    (a 7B-parameter model has a handful of distinct shapes)."""
     from .registry import get_optimizer
 
+    params = list(params)
+    try:
+        from .memory import estimate
+    except ImportError:  # before the state work's memory module
+        estimate = None
+    if estimate is not None:
+        return int(estimate(params, optim, **options).total)
     spec = get_optimizer(optim)
     counts: dict[tuple, int] = {}
     for p in params:
