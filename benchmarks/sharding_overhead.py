@@ -11,7 +11,9 @@ the same on every step), alternating with AdamW under the same sharding, and cou
   to AdamW timed in the same rounds;
 * ``coll/step``, ``KiB/step``: all-reduces of statistics per step and their payload (AdamW: 0);
 * ``comm ms/step``: wall time spent inside those all-reduces (the extra time exactness costs,
-  beyond the optimizer's own arithmetic); ``bytes / grad bytes``: statistics payload relative to
+  beyond the optimizer's own arithmetic). It includes waiting for the slowest process: a
+  collective is a synchronization point, so uneven work per process (ZeRO partitions hold
+  different parameters) shows up here; ``bytes / grad bytes``: statistics payload relative to
   the gradient the sharding layer itself reduces every step (4 bytes per parameter).
 
 Results: benchmarks/results/sharding_overhead.{json,md}.
