@@ -42,8 +42,16 @@ DEFAULT_NAMES = [
 
 
 def launch(args) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           __file__, "--worker", *sys.argv[1:]]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={args.nproc}",
+        __file__,
+        "--worker",
+        *sys.argv[1:],
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
     return subprocess.call(cmd, env=env)
 
@@ -117,9 +125,13 @@ def worker(args) -> int:
             from hfoptim.integrations.deepspeed import attach
 
             opt = hfoptim.create_optimizer(net, name, **kwargs)
-            config = {"train_micro_batch_size_per_gpu": 1, "gradient_clipping": 0.0,
-                      "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-                      "steps_per_print": 10**9}
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_clipping": 0.0,
+                "zero_optimization": {"stage": 2},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            }
             ds_engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
             opt = attach(ds_engine)
             gen = torch.Generator().manual_seed(1 + rank)
@@ -168,24 +180,36 @@ def worker(args) -> int:
             dist.all_reduce(comm, op=dist.ReduceOp.MAX)
             params = sum(p.numel() for p in Net().parameters())
             nbytes = (getattr(stats, "bytes_reduced", 0) - b0) / n
-            rows.append({
-                "backend": backend, "name": name,
-                "step_ms": 1e3 * statistics.median(cand),
-                "ratio_adamw": statistics.median(c / b for c, b in zip(cand, base)),
-                "collectives_per_step": (getattr(stats, "collectives", 0) - c0) / n,
-                "kib_per_step": nbytes / 1024,
-                "comm_ms_per_step": 1e3 * float(comm),
-                "bytes_over_grad_bytes": nbytes / (4 * params),
-            })
+            rows.append(
+                {
+                    "backend": backend,
+                    "name": name,
+                    "step_ms": 1e3 * statistics.median(cand),
+                    "ratio_adamw": statistics.median(c / b for c, b in zip(cand, base)),
+                    "collectives_per_step": (getattr(stats, "collectives", 0) - c0) / n,
+                    "kib_per_step": nbytes / 1024,
+                    "comm_ms_per_step": 1e3 * float(comm),
+                    "bytes_over_grad_bytes": nbytes / (4 * params),
+                }
+            )
             if rank == 0:
                 r = rows[-1]
-                print(f"{backend:6s} {name:16s} {r['step_ms']:8.1f} ms  x{r['ratio_adamw']:.2f}  "
-                      f"{r['collectives_per_step']:6.1f} coll  {r['kib_per_step']:8.2f} KiB  "
-                      f"{r['comm_ms_per_step']:6.2f} ms comm", flush=True)
+                print(
+                    f"{backend:6s} {name:16s} {r['step_ms']:8.1f} ms  x{r['ratio_adamw']:.2f}  "
+                    f"{r['collectives_per_step']:6.1f} coll  {r['kib_per_step']:8.2f} KiB  "
+                    f"{r['comm_ms_per_step']:6.2f} ms comm",
+                    flush=True,
+                )
     if rank == 0:
         info = machine_info()
-        record = {"machine": info, "model": args.model, "world": world, "rounds": args.rounds,
-                  "steps_per_round": args.steps, "rows": rows}
+        record = {
+            "machine": info,
+            "model": args.model,
+            "world": world,
+            "rounds": args.rounds,
+            "steps_per_round": args.steps,
+            "rows": rows,
+        }
         out = HERE / "results" / "sharding_overhead.json"
         write_json(out, record)
         lines = [

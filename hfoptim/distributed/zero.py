@@ -249,8 +249,9 @@ class ZeroLayout(Layout):
         """Put the saved segment tensors back as they were saved (dtype included)."""
         for flat, segments in getattr(self, "_loaded", {}).values():
             optimizer.state[flat][SEGMENTS] = {
-                int(index): {k: v.to(flat.device, copy=True) if isinstance(v, torch.Tensor) else v
-                             for k, v in seg.items()}
+                int(index): {
+                    k: v.to(flat.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in seg.items()
+                }
                 for index, seg in segments.items()
             }
         self._loaded = {}

@@ -124,7 +124,8 @@ def find_and_attach(engine: Engine) -> ZeroLayout | None:
     with warnings.catch_warnings():  # isinstance() on some lazily imported objects warns
         warnings.simplefilter("ignore")
         owners = [
-            obj for obj in gc.get_objects()
+            obj
+            for obj in gc.get_objects()
             if isinstance(obj, classes) and hfoptim_engine(getattr(obj, "optimizer", None)) is engine
         ]
     if len(owners) != 1:
@@ -132,4 +133,3 @@ def find_and_attach(engine: Engine) -> ZeroLayout | None:
     attach(owners[0])
     logger.info("hfoptim: attached to DeepSpeed %s automatically", type(owners[0]).__name__)
     return engine.layout
-

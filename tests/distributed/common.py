@@ -217,9 +217,7 @@ def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failure
             continue
         if want.numel() == view.global_numel and got.numel() == view.local_numel and want.dim() == 1:
             start = view.offset
-            compare(
-                f"{what} state {key!r}", got[a:b], want[start + a : start + b], dtype, failures, detail
-            )
+            compare(f"{what} state {key!r}", got[a:b], want[start + a : start + b], dtype, failures, detail)
             continue
         partner = ref_state.get(key[: -len(".row")] + ".col") if key.endswith(".row") else None
         if partner is not None and want.dim() == 1 and want.numel() * partner.numel() == view.global_numel:

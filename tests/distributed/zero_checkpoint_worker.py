@@ -92,8 +92,15 @@ def run_case(name, failures, detail, *, phase, folder, stage, steps1, steps2) ->
         segments = engine.state[fg.flat].get("segments", {})
         for piece in layout.pieces(fg.flat):
             pname = names[id(fg.params[piece.segment.index])]
-            compare_state(pname, segments.get(piece.segment.index, {}), ref_opt.state[ref_by_name[pname]],
-                          piece.view, torch.float32, failures, detail)
+            compare_state(
+                pname,
+                segments.get(piece.segment.index, {}),
+                ref_opt.state[ref_by_name[pname]],
+                piece.view,
+                torch.float32,
+                failures,
+                detail,
+            )
     ds_engine.destroy()
 
 
@@ -114,8 +121,16 @@ def main() -> int:
     cases = [c for c in all_cases(args.cases) if not c.endswith("lookahead")]
 
     def one(name, failures, detail):
-        run_case(name, failures, detail, phase=args.phase, folder=args.dir, stage=args.stage,
-                 steps1=args.steps1, steps2=args.steps2)
+        run_case(
+            name,
+            failures,
+            detail,
+            phase=args.phase,
+            folder=args.dir,
+            stage=args.stage,
+            steps1=args.steps1,
+            steps2=args.steps2,
+        )
 
     status = run_cases(cases, one, args.out)
     dist.barrier()

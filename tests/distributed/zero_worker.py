@@ -146,8 +146,13 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
                     got = piece.param.detach().reshape(-1)[a:b].clone()
                 compare(f"master {pname}", got, want, dtype, failures, detail)
             compare_state(
-                f"{pname}", segments.get(piece.segment.index, {}), ref_opt.state[ref_by_name[pname]],
-                piece.view, dtype, failures, detail,
+                f"{pname}",
+                segments.get(piece.segment.index, {}),
+                ref_opt.state[ref_by_name[pname]],
+                piece.view,
+                dtype,
+                failures,
+                detail,
             )
     ds_engine.destroy()
 
@@ -178,8 +183,9 @@ def main() -> int:
             "two_groups": k % 4 in (1, 2),
         }
         detail.update(variant)
-        run_case(name, failures, detail, stage=args.stage, steps=args.steps, variant=variant,
-                 explicit_attach=k % 3 != 2)
+        run_case(
+            name, failures, detail, stage=args.stage, steps=args.steps, variant=variant, explicit_attach=k % 3 != 2
+        )
 
     status = run_cases(cases, one, args.out)
     dist.barrier()
