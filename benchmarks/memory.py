@@ -122,7 +122,7 @@ def hfoptim_state_bytes(optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
     except ImportError:
         return peer_state_bytes(optimizer), {}
     report = state_bytes(optimizer)
-    total = int(getattr(report, "total", None) or (report["total"] if isinstance(report, dict) else report))
+    total = int(report["total"] if isinstance(report, dict) else getattr(report, "total", report))
     kinds = getattr(report, "by_kind", None) or getattr(report, "per_kind", None)
     if kinds is None and isinstance(report, dict):
         kinds = report.get("by_kind") or report.get("per_kind")
@@ -281,11 +281,9 @@ def estimate_rows(model_name: str, names: list[str], peer_bpp: dict[str, float],
     for name in names:
         row = {"model": model_name, "name": name, "params": num}
         try:
-            per = {}
-            for strategy in STRATEGIES:
-                per[strategy] = _estimate(model, params, name, strategy)
-            row["state_bytes"] = per[STRATEGIES[0]]["state_total"]
-            row["per_gpu"] = per
+            state = _state_estimate(params, name)
+            row["state_bytes"] = state
+            row["per_gpu"] = {s: _split(num, state, s) for s in STRATEGIES}
         except Exception as error:
             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}"
             log(f"{model_name} {name}: FAILED {row['error']}")
@@ -297,25 +295,16 @@ def estimate_rows(model_name: str, names: list[str], peer_bpp: dict[str, float],
     return rows
 
 
-def _estimate(model, params, name: str, strategy: str) -> dict:
-    """One estimate: ``hfoptim.memory.estimate`` when present, else the footprint module."""
+def _state_estimate(params, name: str) -> int:
+    """The whole model's state bytes for ``name`` from ``hfoptim.memory.estimate`` (each codec
+    asked for the state it would create, on the meta device)."""
     try:
-        from hfoptim import memory
-    except ImportError:
-        memory = None
-    if memory is not None and hasattr(memory, "estimate"):
-        result = memory.estimate(
-            model,
-            name,
-            strategy=strategy,
-            world_size=WORLD_SIZE,
-            mixed_precision=MIXED_PRECISION,
-        )
-        return _as_dict(result)
-    from hfoptim.footprint import estimate_state_bytes, footprint
+        from hfoptim.memory import estimate
+    except ImportError:  # before hfoptim.memory existed: one optimizer step on meta copies
+        from hfoptim.footprint import estimate_state_bytes
 
-    state = estimate_state_bytes(params, name, compile="off")
-    return _as_dict(footprint(name, sum(p.numel() for p in params), state, strategy, WORLD_SIZE, MIXED_PRECISION))
+        return estimate_state_bytes(params, name)
+    return int(estimate(params, name).total)
 
 
 def _as_dict(result) -> dict:
@@ -327,6 +316,8 @@ def _as_dict(result) -> dict:
 
 
 def _split(num: int, state_total: int, strategy: str) -> dict:
+    """Bytes per GPU under ``strategy`` (:func:`hfoptim.footprint.footprint`: parameters,
+    gradients, fp32 master weights and the state divided as DeepSpeed / FSDP2 divide them)."""
     from hfoptim.footprint import footprint
 
     return _as_dict(footprint("peer", num, state_total, strategy, WORLD_SIZE, MIXED_PRECISION))
