@@ -71,6 +71,8 @@ class Rule:
     preconditioned: ClassVar[bool] = False
     #: True when the rule needs the training loss (``step(closure)`` or ``step(loss=...)``)
     needs_loss: ClassVar[bool] = False
+    #: storage forms this rule refuses, each with the reason (a combination that cannot work)
+    refused_state: ClassVar[dict[str, str]] = {}
     #: storage form per slot when the user asks for none (e.g. Adafactor: factored second moment)
     default_state: ClassVar[dict[str, str]] = {}
     #: the paper (title, arXiv id) the rule follows

@@ -17,4 +17,18 @@ and completes the statistics across processes with batched collectives:
 from .select import UnsupportedSharding
 from .stats import ShardedStats, ShardingError
 
-__all__ = ["ShardedStats", "ShardingError", "UnsupportedSharding"]
+#: backends under which every listed name steps exactly as on one process: checked on CPU with
+#: gloo, 2 and 3 processes, by tests/test_sharding_{fsdp2,zero}.py (the whole matrix is `slow`)
+EXACT_BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
+
+
+def sharding_support(name: str) -> dict[str, bool]:
+    """For an optimizer name: which sharding backends run it exactly (all of them for every
+    valid name; FSDP1, ZeRO NVMe/partial offload and tensor parallelism are refused for all)."""
+    from ..registry import get_optimizer
+
+    get_optimizer(name)  # an unknown or invalid name raises ValueError
+    return {backend: True for backend in EXACT_BACKENDS}
+
+
+__all__ = ["EXACT_BACKENDS", "ShardedStats", "ShardingError", "UnsupportedSharding", "sharding_support"]

@@ -83,6 +83,11 @@ class AdafactorRule(Rule):
     default_state = {"exp_avg_sq": "factored"}
     preconditioned = True
 
+    refused_state = {
+        "8bit": "its update divides by the root second moment with no eps, and 8-bit codes round small "
+        "second moments in a block to zero (a division by zero); use the factored default or state='bf16'"
+    }
+
     def update(self, ctx, p, g, s):
         group = ctx.group
         decay, eps1 = group["decay_rate"], group["eps1"]

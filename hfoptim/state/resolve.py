@@ -32,6 +32,8 @@ def check_state_option(rule: Rule, state: str, where: str) -> None:
         )
     if state == DENSE:
         return
+    if state in rule.refused_state:
+        raise HyperparameterError(f"{where}: {rule.name} cannot keep state={state!r}: {rule.refused_state[state]}")
     codec = CODECS[state]
     if not any(slot.kind in codec.kinds for slot in rule.slots):
         kinds = ", ".join(sorted({s.kind for s in rule.slots})) or "none"
