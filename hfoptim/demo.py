@@ -34,6 +34,11 @@ from .tables import format_bytes, print_table, progress, status
 PREFERRED = ("ademamix_8bit", "adamw_8bit", "ademamix_smmf", "adamw_factored", "adamw_smmf")
 #: the baseline: torch's own AdamW, what people use today
 TORCH_ADAMW = "torch_adamw"
+#: options given to the hfoptim optimizer unless --optim-args says otherwise. compile=off: the
+#: torch.compile'd path for 8-bit state recompiles whenever the learning rate changes (dynamo guards
+#: on group['lr']), so a run with a schedule would spend minutes compiling; use the plain path
+#: until that is fixed (`--optim-args compile=auto` to try it).
+DEMO_OPTIONS = {"compile": "off"}
 #: public Llama-2-7B shapes, to show what the state bytes mean at scale (built on the meta device)
 LLAMA_7B = dict(
     vocab_size=32000,
@@ -96,7 +101,10 @@ def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace)
         if warmup in hyper:
             options[warmup] = float(args.steps)
     from .cli import parse_options
+    from .core.engine import engine_hyperparams
 
+    accepted = engine_hyperparams(spec.rule)
+    options.update({k: v for k, v in DEMO_OPTIONS.items() if k in accepted})
     options.update(parse_options(args.optim_args))
     return spec(groups, **options)
 

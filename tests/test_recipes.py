@@ -285,10 +285,9 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, script):
 def test_demo_runs_end_to_end(tmp_path):
     """python -m hfoptim.demo, shortened: both runs train, the table's numbers, the plot and the
     saved models are written."""
-    from hfoptim import cli, demo
+    from hfoptim import demo
 
     optim = demo.default_optimizer()
-    optim_args = ",".join(f"{k}={v}" for k, v in cli._measure_options(optim, {}).items())
     argv = [
         "--steps",
         "2",
@@ -304,7 +303,7 @@ def test_demo_runs_end_to_end(tmp_path):
         "--output-dir",
         str(tmp_path),
     ]
-    assert demo.main(argv + (["--optim-args", optim_args] if optim_args else [])) == 0
+    assert demo.main(argv) == 0
     record = read(tmp_path / "results.json")
     runs = {r["optim"]: r for r in record["runs"]}
     assert set(runs) == {demo.TORCH_ADAMW, optim}
