@@ -37,6 +37,7 @@ class StepContext:
         foreach: bool,
         loss: float | None,
         param_states: list[dict],
+        lr: PerTensor | torch.Tensor | None = None,
     ):
         self.group = group
         self.steps = steps
@@ -44,7 +45,8 @@ class StepContext:
         self.stats = stats
         self.foreach = foreach
         self.loss = loss
-        self.lr: PerTensor = float(group["lr"])
+        #: ``lr`` overrides ``group["lr"]`` (the compiled path passes it as a traced input)
+        self.lr: PerTensor = float(group["lr"]) if lr is None else lr
         self.param_states = param_states
         #: set by the engine once the slots are decoded: ``store(values, slot_name)`` encodes the
         #: slot now and decodes it back into ``values`` in place (see :meth:`stored`)
