@@ -8,13 +8,15 @@ modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` fo
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* Shapes are dynamic (one compilation serves every matrix), hyperparameters read from the
-  parameter group are floats that dynamo keeps symbolic, and the step counter enters as the 0-d
-  tensor kept in the state (:class:`TracedStepContext`), so neither a learning-rate schedule nor
-  the step count recompiles.
+* One compilation per distinct parameter shape (static shapes; a transformer has a handful --
+  beyond dynamo's recompile limit, 8 by default, further shapes run uncompiled code). The
+  learning rate is a traced float input and the step counter the 0-d tensor kept in the state
+  (:class:`TracedStepContext`), so neither a learning-rate schedule nor the step count
+  recompiles; other hyperparameters are baked in (changing one recompiles).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
-  every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable``, it is
+  every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
+  the codec's ``fusable_for(view)`` agrees: 8-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
   in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
   and the rule does not need the loss.
@@ -53,12 +55,14 @@ class TracedStepContext(StepContext):
         return fn(self.steps[0])
 
 
-def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, stats, loss):
-    """The engine's flow for one parameter held whole (traced by torch.compile)."""
+def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, stats, loss, lr: torch.Tensor):
+    """The engine's flow for one parameter held whole (traced by torch.compile). ``lr`` comes as
+    a 0-d tensor, an input of the graph (a float, like ``group["lr"]``, would be baked in and
+    recompile with every learning-rate change)."""
     from .engine import advance
 
     view = ParamView.of(p)
-    ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state])
+    ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
         g = -g
@@ -70,7 +74,9 @@ def _compiled_fn():
     if _compiled is None:
         # indices into the code tables are in range by construction (uint8 codes, 15-bit
         # bf16 intervals): no bounds check in the kernels
-        _compiled = torch.compile(_advance_one, dynamic=True, options={"assert_indirect_indexing": False})
+        # static shapes: one kernel per distinct parameter shape (a transformer has a handful);
+        # symbolic shapes get specialised anyway by the broadcasting checks of the foreach ops
+        _compiled = torch.compile(_advance_one, dynamic=False, options={"assert_indirect_indexing": False})
     return _compiled
 
 
@@ -93,7 +99,9 @@ def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
         return False
     if tuple(unit.view.global_shape) != tuple(p.shape):
         return False
-    return any(getattr(c, "fusable", False) for c in codecs)
+    fusing = [c for c in codecs if getattr(c, "fusable", False)]
+    view = unit.view
+    return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
 
 
 def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
@@ -121,7 +129,8 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
         work = p.to(dtype) if p.dtype != dtype else p.detach()
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
         try:
-            _compiled_fn()(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss)
+            lr = torch.tensor(float(group["lr"]), dtype=dtype, device=p.device)
+            _compiled_fn()(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss, lr)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             warnings.warn(

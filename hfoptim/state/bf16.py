@@ -16,8 +16,8 @@ with probability equal to its distance from the bf16 number below (in units of t
 **The random bits** are a hash, not a generator's stream: ``r = hash32(i XOR key(t, slot))``
 with ``i`` the element's index in the flattened WHOLE parameter, ``t`` the parameter's step
 counter (kept in its state) and ``slot`` the slot's name (``hash32`` is the "lowbias32"
-integer mix: xor-shift, multiply by an odd constant, twice; ``key`` mixes ``t``, the slot's CRC32
-and :data:`SEED`). So the rounding is reproducible without any generator state to save or restore
+integer mix: xor-shift, multiply by an odd constant, twice; ``key`` mixes ``t``, an FNV-1a hash of
+the slot's name and :data:`SEED`). So the rounding is reproducible without any generator state to save or restore
 (a state_dict round trip continues bit-identically), independent of the device, and the same
 whether or not the parameter is sharded (a shard uses the global indices of its elements).
 Parameters of the same shape see the same bits at the same step: the rounding of each one is
@@ -25,8 +25,6 @@ still unbiased.
 """
 
 from __future__ import annotations
-
-import zlib
 
 import torch
 
@@ -70,7 +68,12 @@ def stochastic_round_bf16(x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def slot_salt(slot: Slot) -> int:
-    return (zlib.crc32(slot.name.encode()) ^ SEED) & _MASK32
+    """A 32-bit number from the slot's name (FNV-1a over its characters, plain Python so that
+    torch.compile folds it into a constant) and :data:`SEED`."""
+    h = 0x811C9DC5
+    for ch in slot.name:
+        h = ((h ^ ord(ch)) * 0x01000193) & _MASK32
+    return (h ^ SEED) & _MASK32
 
 
 class BF16(Codec):

@@ -41,7 +41,7 @@ import math
 import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
-from ..core.stats import LocalStats, ParamView, block_layout
+from ..core.stats import LocalStats, ParamView, block_layout, blocked, unblocked
 from .codec import Codec
 from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode, decode_codes, encode_normalized
 
@@ -62,24 +62,39 @@ def scale_shape(view: ParamView) -> tuple[int, ...]:
     return (per_line,)
 
 
+def _aligned(view: ParamView) -> bool:
+    """Every line is a whole number of blocks (no short last block, no lead)."""
+    _, length, lead = block_layout(view, BLOCK)
+    return lead == 0 and length % BLOCK == 0
+
+
 def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
-    """Each element's block scale, in the local tensor's shape (element ``j`` of line ``i``
-    belongs to block ``(i, (lead + j) // BLOCK)``). Written as an expand and a slice, which
-    ``torch.compile`` turns into index arithmetic instead of a copy."""
-    lines, length, lead = block_layout(view, BLOCK)
-    per_line = -(-(lead + length) // BLOCK)
-    s = scale.reshape(lines, per_line, 1).expand(lines, per_line, BLOCK).reshape(lines, per_line * BLOCK)
-    return s[:, lead : lead + length].reshape(view.local_shape)
+    """Each element's block scale, in the local tensor's shape, for lines that are whole blocks:
+    element ``j`` of line ``i`` belongs to block ``(i, j // BLOCK)``."""
+    lines, length, _ = block_layout(view, BLOCK)
+    column = torch.arange(length, device=scale.device) // BLOCK
+    return scale.reshape(lines, length // BLOCK).index_select(1, column).reshape(view.local_shape)
 
 
 def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
-    """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima."""
-    return encode_normalized(value / scale_per_element(scale, view).clamp_min(_TINY), code)
+    """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima.
+
+    Lines of whole blocks are coded in place with per-element scales; lines with a short last
+    block (or a 0-/1-D shard starting inside a block) go through the zero-padded ``(blocks,
+    BLOCK)`` matrix. (Per-element scales by index arithmetic on such lines are miscompiled by
+    inductor 2.13 when there is a single line; the padded form is correct everywhere.)"""
+    if _aligned(view):
+        return encode_normalized(value / scale_per_element(scale, view).clamp_min(_TINY), code)
+    blocks = blocked(value, view, BLOCK) / scale.reshape(-1, 1).clamp_min(_TINY)
+    return unblocked(encode_normalized(blocks, code), view, BLOCK)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
     """The fp32 values (the local shape) of ``codes`` with their block scales."""
-    return decode_codes(codes, code) * scale_per_element(scale, view)
+    if _aligned(view):
+        return decode_codes(codes, code) * scale_per_element(scale, view)
+    values = decode_codes(blocked(codes, view, BLOCK), code) * scale.reshape(-1, 1)
+    return unblocked(values, view, BLOCK)
 
 
 class Blockwise8bit(Codec):
@@ -88,6 +103,13 @@ class Blockwise8bit(Codec):
     name = "8bit"
     #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
     fusable = True
+
+    @staticmethod
+    def fusable_for(view: ParamView) -> bool:
+        """Only lines of whole blocks take the compiled path: inductor 2.13 miscompiles the
+        padded form of a short last block when its producer is fused into it (tested in
+        tests/test_state_compiled.py); those tensors run the plain path."""
+        return _aligned(view)
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
     @staticmethod

@@ -1,0 +1,141 @@
+"""The compiled path for compressed state (hfoptim.core.fused).
+
+The same rule code runs traced by torch.compile, one kernel per parameter; it must agree with
+the plain path (up to floating-point contraction, which can move a value sitting on a code
+midpoint to the neighbouring code), compile without graph breaks, not recompile when the
+learning rate or the step changes, and fall back to the plain path with a warning when
+compiling fails. The tests that compile are marked ``slow`` (a first compilation takes tens of
+seconds on a small CPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import hfoptim
+from hfoptim.core import fused
+from hfoptim.core.stats import ParamView
+from hfoptim.state.blockwise8bit import dequantize, quantize, scale_shape
+from hfoptim.state.dynamic_code import SIGNED, UNSIGNED, decode_codes
+
+#: rows of whole 256-blocks, rows with a short last block (8-bit: plain path), a vector of whole blocks
+SHAPES = [(64, 512), (48, 300), (4096,)]
+HP = dict(lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
+
+
+def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **kwargs):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    hp = dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0) if name.startswith("ademamix") else HP
+    opt = hfoptim.create_optimizer(params, name, compile=compile, state_min_numel=256, **hp, **kwargs)
+    for t in range(1, steps + 1):
+        gen = torch.Generator().manual_seed(t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+        if lr_schedule:
+            for group in opt.param_groups:
+                group["lr"] = HP["lr"] / t
+        opt.step()
+    return params, opt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit", "adamw_bf16"])
+def test_compiled_path_agrees_with_the_plain_path(name):
+    from torch._dynamo.utils import counters
+
+    fused.reset()
+    counters.clear()
+    compiled, c_opt = _run(name, "on", lr_schedule=True)
+    plain, p_opt = _run(name, "off", lr_schedule=True)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # one graph per compiled shape (8-bit: the (48, 300) rows have a short last block and run
+    # the plain path): no recompilation for the learning rate or the step, which change every
+    # step here
+    compiled_shapes = len(SHAPES) - (1 if name.endswith("8bit") else 0)
+    assert counters["stats"]["unique_graphs"] == compiled_shapes, dict(counters["stats"])
+    for p, q in zip(compiled, plain):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        for key, value in p_opt.state[q].items():
+            mine = c_opt.state[p][key]
+            if value.dtype == torch.uint8:  # codes: a rounding difference may flip a rare one
+                assert (mine != value).float().mean() < 1e-3, key
+            else:
+                torch.testing.assert_close(mine.float(), value.float(), rtol=1e-2, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "shape, view",
+    [
+        ((64, 512), None),  # whole blocks
+        ((48, 300), None),  # a short last block per row
+        ((1, 3000), None),  # one row with a short last block (inductor 2.13 miscompiles index math here)
+        ((3000,), None),
+        ((5, 7, 40), None),
+        ((700,), ParamView(global_shape=torch.Size((5000,)), row_start=300, local_rows=700)),  # a shard in a block
+    ],
+)
+def test_compiled_quantize_and_dequantize_equal_eager(shape, view):
+    view = view or ParamView(global_shape=torch.Size(shape))
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+    scale = torch.rand(scale_shape(view), generator=gen)
+    x = torch.randn(shape, generator=gen)
+    for code in (SIGNED, UNSIGNED):
+        dq = lambda c, s, code=code: dequantize(c, s, view, code)  # noqa: E731
+        q = lambda v, s, code=code: quantize(v, s, view, code)  # noqa: E731
+        assert torch.equal(dq(codes, scale), torch.compile(dq, dynamic=False)(codes, scale))
+        assert torch.equal(q(x, scale), torch.compile(q, dynamic=False)(x, scale))
+
+
+@pytest.mark.slow
+def test_compiled_decode_is_the_table_exactly():
+    codes = torch.arange(256, dtype=torch.uint8)
+    for code in (SIGNED, UNSIGNED):
+        got = torch.compile(lambda c, code=code: decode_codes(c, code))(codes)
+        assert torch.equal(got, code.table)
+
+
+def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    fused.reset()
+    monkeypatch.setattr(fused, "_compiled_fn", lambda: broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallback, f_opt = _run("adamw_8bit", "on")
+    monkeypatch.undo()
+    fused.reset()
+    assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
+    plain, p_opt = _run("adamw_8bit", "off")
+    for p, q in zip(fallback, plain):
+        assert torch.equal(p, q)
+
+
+def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(tuple(args[2].shape))
+        raise RuntimeError("stop")  # then the plain path runs
+
+    fused.reset()
+    monkeypatch.setattr(fused, "_compiled_fn", lambda: spy)
+    params = [torch.nn.Parameter(torch.zeros(256, 256)), torch.nn.Parameter(torch.zeros(64, 64))]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hfoptim.create_optimizer(params, "adamw_8bit").step()  # compile="auto"
+    assert calls == [(256, 256)]  # 65536 elements: compiled; 4096: plain
+    fused.reset()
+    calls.clear()
+    hfoptim.create_optimizer(params, "adamw_8bit", compile="off").step()
+    hfoptim.create_optimizer(params, "adamw").step()  # dense state: nothing to fuse
+    assert calls == []
+    fused.reset()
