@@ -13,8 +13,8 @@ are what to compare.
 
 Measured, to keep the run bounded: at 6M every hfoptim base name and each storage form it
 supports (``_8bit``, ``_bf16``, ``_factored``, ``_smmf``, ``_shared``, whichever exist) and every
-peer; at 25M the base names, the storage forms of AdamW, AdEMAMix and Adan and the main peers; at
-100M AdamW, AdEMAMix and Adan with default and 8-bit state and their fastest peers
+peer; at 25M the base names, the storage forms of AdamW, AdEMAMix and Adan (bf16 aside) and the
+main peers; at 100M AdamW, AdEMAMix and Adan with default and 8-bit state and their fastest peers
 (:data:`LARGE`). Rounds: 7 / 5 / 3 by size, fewer (never under 3) for a candidate whose rounds
 would exceed the size's time budget. The 8-bit and bf16 forms of AdamW, AdEMAMix and Adan run
 the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``) and, at 6M, the plain
@@ -258,6 +258,7 @@ def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]
             for c in everything
             if (c.library != "hfoptim" or c.state == "default" or c.algorithm in CORE)
             and "compile=off" not in c.label
+            and c.state != "bf16"
             and "for-loop" not in c.label
             and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8", "bitsandbytes LAMB8bit")
         ]
