@@ -24,12 +24,13 @@ byte is ``i + 128`` for negative numbers.
 
 **Encoding** is round-to-nearest: the index of the nearest table value, with ties going to the
 smaller magnitude -- exactly ``torch.bucketize(|y|, midpoints)`` for the fp32 midpoints of
-consecutive magnitudes. It is computed without a binary search: the upper 15 magnitude bits of
-the fp32 number (its bf16 truncation) index a 32768-entry table giving the number of midpoints
-below the start of that bf16 interval; every such interval holds at most one midpoint (checked
-when the tables are built), so one comparison with that midpoint finishes the search. This is a
-handful of elementwise operations and two lookups in small tables, which ``torch.compile`` fuses
-into one loop (``tests/test_state_8bit.py`` checks it against ``bucketize``).
+consecutive magnitudes. It is computed without a search: the upper 16 bits of ``|y|`` (its bf16
+interval) index a table of the 3329 intervals between 2^-26 and 1, each entry packing the number
+of midpoints below the interval and the one midpoint inside it, if any (checked when the table
+is built: no interval holds two); one integer comparison with that midpoint finishes. Decoding is
+a table lookup, or, under ``torch.compile``, the arithmetic that defines the table. Both fuse into
+one loop with the optimizer's update (``tests/test_state_8bit.py`` checks the encode against
+``bucketize``).
 """
 
 from __future__ import annotations
@@ -72,14 +73,15 @@ def tree_magnitudes(bits: int) -> torch.Tensor:
     return tree_values(torch.arange(2**bits, dtype=torch.int32), bits)
 
 
-def _bucket_starts() -> torch.Tensor:
-    """The fp32 value at the start of each of the 32768 non-negative bf16 intervals."""
-    return (torch.arange(1 << 15, dtype=torch.int32) << 16).view(torch.float32)
+#: bf16 intervals covered by the encode table: [2^-26, 1] (all magnitudes below 2^-26 are
+#: closer to 0 than to the smallest code, 1e-7; everything from 1 up is the top code)
+_FIRST_BUCKET = (127 - 26) << 7
+_LAST_BUCKET = 127 << 7  # the interval starting at 1.0
 
 
 @dataclass
 class DynamicCode:
-    """One code: its decode table and the encode lookup tables (built once, cached per device)."""
+    """One code: its decode table and its encode table (built once, cached per device)."""
 
     name: str
     signed: bool
@@ -90,15 +92,17 @@ class DynamicCode:
     def __post_init__(self):
         mags = self.magnitudes
         self.midpoints = ((mags[1:].double() + mags[:-1].double()) / 2).float()
-        starts = _bucket_starts()
-        #: number of midpoints below each bf16 interval's start
-        self.first = torch.bucketize(starts, self.midpoints).to(torch.int32)
-        ends = torch.cat([starts[1:], torch.tensor([float("inf")])])
-        within = torch.bucketize(ends, self.midpoints) - self.first
-        if int(within.max()) > 1:
-            raise AssertionError(f"{self.name}: a bf16 interval holds two midpoints; the encode lookup is not exact")
-        #: midpoints followed by +inf (the comparison for the top magnitude never succeeds)
-        self.above = torch.cat([self.midpoints, torch.tensor([float("inf")])])
+        buckets = torch.arange(_FIRST_BUCKET, _LAST_BUCKET + 1, dtype=torch.int32)
+        starts = (buckets << 16).view(torch.float32)
+        ends = ((buckets + 1) << 16).view(torch.float32)
+        first = torch.bucketize(starts, self.midpoints)  # midpoints below the interval
+        inside = torch.bucketize(ends, self.midpoints) - first  # midpoints in [start, end)
+        if int(inside.max()) > 1 or self.midpoints[0] < starts[0]:
+            raise AssertionError(f"{self.name}: the encode table cannot be exact")
+        mid_bits = self.midpoints.view(torch.int32)[first.clamp_max(self.midpoints.numel() - 1)]
+        #: per bf16 interval: number of midpoints below it (bits 0-7), the low 16 bits of the
+        #: midpoint inside it (bits 8-23) and whether there is one (bit 24)
+        self.encode_table = (first | ((mid_bits & 0xFFFF) << 8) | (inside << 24)).to(torch.int32)
         if self.signed:
             self.table = torch.cat([mags, -mags])
         else:
@@ -108,12 +112,12 @@ class DynamicCode:
     def levels(self) -> int:
         return self.table.numel()
 
-    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(decode table, first, above)`` on ``device``."""
+    def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(decode table, encode table)`` on ``device``."""
         key = str(device)
         found = self._cache.get(key)
         if found is None:
-            found = tuple(t.to(device) for t in (self.table, self.first, self.above))
+            found = (self.table.to(device), self.encode_table.to(device))
             self._cache[key] = found
         return found
 
@@ -132,11 +136,18 @@ def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     """Nearest code (uint8) of each element of ``y`` (fp32, ``|y| <= 1``; larger magnitudes give
-    the top code). The unsigned code stores ``|y|``."""
-    _, first, above = code.tables(y.device)
-    bits = (y.view(torch.int32) >> 16) & 0x7FFF  # bf16 interval of |y|
-    index = _lookup(first, bits)
-    index = index + (y.abs() > _lookup(above, index)).to(torch.int32)
+    the top code). The unsigned code stores ``|y|``.
+
+    One lookup per element, integers only: the bf16 interval of ``|y|`` gives the number of
+    midpoints below the interval and the midpoint inside it, if any; ``|y|`` is past that
+    midpoint when its bit pattern is larger (bit patterns of non-negative floats are ordered
+    as the floats)."""
+    _, table = code.tables(y.device)
+    bits = y.view(torch.int32) & 0x7FFFFFFF
+    bucket = (bits >> 16).clamp(_FIRST_BUCKET, _LAST_BUCKET) - _FIRST_BUCKET
+    entry = _lookup(table, bucket)
+    midpoint = ((bits >> 16) << 16) | ((entry >> 8) & 0xFFFF)
+    index = (entry & 0xFF) + ((entry >> 24) & (bits > midpoint).to(torch.int32))
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
     return index.to(torch.uint8)
@@ -152,5 +163,5 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
             return tree_values(index, code.bits)
         value = tree_values(index & 127, code.bits)
         return torch.where(index >= 128, -value, value)
-    table, _, _ = code.tables(codes.device)
+    table, _ = code.tables(codes.device)
     return _lookup(table, codes)
