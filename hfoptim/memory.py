@@ -149,8 +149,15 @@ def _param_ids(optimizer) -> tuple[set[int], int]:
 
 
 def _tensors_in(obj, depth: int = 0):
-    """Tensors held by a dict / list / tuple (values only; dict keys are parameters)."""
+    """Tensors held by a dict / list / tuple (values only; dict keys are parameters). A tensor
+    subclass that stores its data in inner tensors (torchao's 8-bit state: codes, scales, code
+    table) counts as those."""
     if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and type(obj) is not torch.nn.Parameter and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            for name in names:
+                yield from _tensors_in(getattr(obj, name), depth + 1)
+            return
         yield obj
     elif depth < 4 and isinstance(obj, dict):
         for value in obj.values():
