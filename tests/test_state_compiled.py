@@ -105,7 +105,7 @@ def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     fused.reset()
-    monkeypatch.setattr(fused, "_compiled_fn", lambda: broken)
+    monkeypatch.setattr(fused, "_compiled_fn", lambda key=(): broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fallback, f_opt = _run("adamw_8bit", "on")
@@ -125,7 +125,7 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
         raise RuntimeError("stop")  # then the plain path runs
 
     fused.reset()
-    monkeypatch.setattr(fused, "_compiled_fn", lambda: spy)
+    monkeypatch.setattr(fused, "_compiled_fn", lambda key=(): spy)
     params = [torch.nn.Parameter(torch.zeros(256, 256)), torch.nn.Parameter(torch.zeros(64, 64))]
     for p in params:
         p.grad = torch.ones_like(p)

@@ -8,8 +8,9 @@ modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` fo
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* One compilation per distinct parameter shape (static shapes; a transformer has a handful --
-  beyond dynamo's recompile limit, 8 by default, further shapes run uncompiled code). The
+* One compilation per rule and distinct parameter shape (static shapes; a transformer has a
+  handful), each in its own copy of the traced function so dynamo's per-function recompile
+  limit never applies across shapes. The
   learning rate is a traced float input and the step counter the 0-d tensor kept in the state
   (:class:`TracedStepContext`), so neither a learning-rate schedule nor the step count
   recompiles; other hyperparameters are baked in (changing one recompiles).
@@ -30,6 +31,7 @@ midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the d
 
 from __future__ import annotations
 
+import types
 import warnings
 from typing import Any
 
@@ -42,7 +44,7 @@ from .tensorlist import TensorList
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
 
-_compiled = None
+_compiled: dict[tuple, Any] = {}
 _failed: str | None = None
 
 
@@ -69,15 +71,21 @@ def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: 
     advance(rule, group, ctx, TensorList([p], True), g, [state], [view], p.dtype)
 
 
-def _compiled_fn():
-    global _compiled
-    if _compiled is None:
-        # indices into the code tables are in range by construction (uint8 codes, 15-bit
-        # bf16 intervals): no bounds check in the kernels
-        # static shapes: one kernel per distinct parameter shape (a transformer has a handful);
-        # symbolic shapes get specialised anyway by the broadcasting checks of the foreach ops
-        _compiled = torch.compile(_advance_one, dynamic=False, options={"assert_indirect_indexing": False})
-    return _compiled
+def _compiled_fn(key: tuple = ()):
+    """The compiled kernel for ``key`` (rule, shape, dtypes, device). Each key gets its own copy
+    of :func:`_advance_one`'s code object, so that dynamo keeps one cache entry per copy: its
+    recompile limit (8 per code object) then never sends a model with many shapes or a
+    second optimizer to uncompiled code, and no call evaluates the guards of other shapes."""
+    fn = _compiled.get(key)
+    if fn is None:
+        code = _advance_one.__code__.replace(co_name=f"_advance_one_{len(_compiled)}")
+        copy = types.FunctionType(code, _advance_one.__globals__, code.co_name, _advance_one.__defaults__)
+        # static shapes: one kernel per parameter shape (symbolic shapes get specialised anyway by
+        # the broadcasting checks of the foreach ops); indices into the code tables are in range
+        # by construction (uint8 codes, clamped intervals): no bounds checks
+        fn = torch.compile(copy, dynamic=False, options={"assert_indirect_indexing": False})
+        _compiled[key] = fn
+    return fn
 
 
 def compile_available(device: torch.device) -> bool:
@@ -130,7 +138,8 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
         try:
             lr = torch.tensor(float(group["lr"]), dtype=dtype, device=p.device)
-            _compiled_fn()(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss, lr)
+            key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device)
+            _compiled_fn(key)(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss, lr)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             warnings.warn(
@@ -148,7 +157,7 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
 
 def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
-    global _compiled, _failed
-    _compiled = None
+    global _failed
+    _compiled.clear()
     _failed = None
     torch._dynamo.reset()
