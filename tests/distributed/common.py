@@ -297,6 +297,18 @@ def run_cases(cases: list[str], run_one, out_path: str | None) -> int:
     return status
 
 
+def finish(status: int) -> None:
+    """End a worker once its results are written: wait for every rank, then leave through
+    ``os._exit``. A normal interpreter exit runs C++ static destructors while gloo / DCP /
+    DeepSpeed threads may still be alive, which sometimes aborts ("terminate called without an
+    active exception", SIGABRT) after every case passed; the result would then be a failed
+    launch that says nothing about the optimizer."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 def setup_threads() -> None:
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -30,6 +30,7 @@ from tests.distributed.common import (  # noqa: E402
     case_kwargs,
     compare,
     compare_state,
+    finish,
     gradients,
     needs_loss,
     rank_loss,
@@ -116,8 +117,7 @@ def main() -> int:
         run_case(name, failures, detail, phase=args.phase, folder=args.dir, steps1=args.steps1, steps2=args.steps2)
 
     status = run_cases(cases, one, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(status)
     return status
 
 

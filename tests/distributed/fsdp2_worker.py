@@ -29,6 +29,7 @@ from tests.distributed.common import (  # noqa: E402
     case_kwargs,
     compare,
     compare_state,
+    finish,
     gradients,
     grouped,
     needs_loss,
@@ -120,8 +121,7 @@ def main() -> int:
         run_case(name, failures, detail, steps=args.steps, dtype=dtype, build_before=before)
 
     status = run_cases(cases, one, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(status)
     return status
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 from hfoptim.core.stats import LocalStats, ParamView  # noqa: E402
 from hfoptim.distributed.stats import ShardedStats  # noqa: E402
 from hfoptim.distributed.zero import _Piece, flat_group_segments  # noqa: E402
-from tests.distributed.common import run_cases, setup_threads  # noqa: E402
+from tests.distributed.common import finish, run_cases, setup_threads  # noqa: E402
 
 SHAPES = [(), (5,), (300,), (13, 7), (3, 1000), (6, 3, 2, 2), (67, 97), (1, 9), (2, 600)]
 BLOCK = 256
@@ -200,8 +200,7 @@ def main() -> int:
             check_stats(name, failures, detail)
 
     status = run_cases(["zero", "rows", "refusals"], one, args.out)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish(status)
     return status
 
 

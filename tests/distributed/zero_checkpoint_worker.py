@@ -29,6 +29,7 @@ from tests.distributed.common import (  # noqa: E402
     coarse,
     compare,
     compare_state,
+    finish,
     gradients,
     needs_loss,
     rank_loss,
@@ -133,7 +134,7 @@ def main() -> int:
         )
 
     status = run_cases(cases, one, args.out)
-    dist.barrier()
+    finish(status)
     return status
 
 

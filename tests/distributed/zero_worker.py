@@ -34,6 +34,7 @@ from tests.distributed.common import (  # noqa: E402
     coarse,
     compare,
     compare_state,
+    finish,
     gradients,
     grouped,
     needs_loss,
@@ -188,7 +189,7 @@ def main() -> int:
         )
 
     status = run_cases(cases, one, args.out)
-    dist.barrier()
+    finish(status)
     return status
 
 
