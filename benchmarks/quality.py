@@ -1,6 +1,6 @@
 """Training quality: AdamW, AdEMAMix and Adan, dense and with 8-bit, factored and SMMF state.
 
-    python benchmarks/quality.py            # 13 optimizers x 3 seeds (about 12 minutes on 2 cores)
+    python benchmarks/quality.py            # 14 optimizers x 3 seeds (about 15 minutes on 2 quiet cores)
     python benchmarks/quality.py --quick    # a smoke run: 3 optimizers, 1 seed, 20 steps
 
 The embedded default (``hfoptim.embedded``): the tiny Llama-style causal LM (about 1M parameters)
@@ -44,7 +44,8 @@ from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, u
 BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
 FAMILIES = {"adamw": "AdamW", "ademamix": "AdEMAMix", "adan": "Adan"}
 FORMS = ("", "_8bit", "_factored", "_smmf")
-DEFAULT_NAMES = [f"{base}{form}" for base in FAMILIES for form in FORMS] + [BNB_ADEMAMIX8]
+#: the shared second moment (Adam-mini style) only on AdamW, where it comes from
+DEFAULT_NAMES = [f"{base}{form}" for base in FAMILIES for form in FORMS] + ["adamw_shared", BNB_ADEMAMIX8]
 QUICK_NAMES = ["adamw", "ademamix_8bit", BNB_ADEMAMIX8]
 
 

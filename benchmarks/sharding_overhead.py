@@ -62,7 +62,7 @@ def worker(args) -> int:
 
     import torch
     import torch.distributed as dist
-    from _timing import MODEL_SHAPES, machine_info, machine_line, write_json
+    from _timing import MODEL_SHAPES, machine_info, machine_line, update_report, write_json
 
     import hfoptim
     from hfoptim.distributed.stats import ShardedStats
@@ -229,6 +229,8 @@ def worker(args) -> int:
                 f"{r['bytes_over_grad_bytes']:.1e} |"
             )
         (HERE / "results" / "sharding_overhead.md").write_text("\n".join(lines) + "\n")
+        command = "python benchmarks/sharding_overhead.py " + " ".join(sys.argv[1:]).replace("--worker", "").strip()
+        update_report("sharding", "\n".join([*lines, "", f"Command: `{command.strip()}`"]))
         print(json.dumps({"written": str(out)}))
     dist.barrier()
     return 0
