@@ -445,6 +445,14 @@ def test_names_resolve_and_nonsense_fails_saying_why():
         hfoptim.get_optimizer("nsgda_factored")
     with pytest.raises(ValueError, match="two storage forms"):
         hfoptim.get_optimizer("adamw_smmf_factored")
+    # a slot that the hyperparameters switch off does not count: Amos keeps a first moment only
+    # with momentum > 0, so amos_smmf by name (momentum 0) would store nothing compressed
+    for name in ("amos_smmf", "amos_8bit", "amos_bf16"):
+        assert name not in hfoptim.list_optimizers()
+        with pytest.raises(ValueError, match="exp_avg exists only with other hyperparameters"):
+            hfoptim.get_optimizer(name)
+    amos = hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(8, 8))], "amos", state="8bit", momentum=0.9)
+    assert amos.param_groups[0]["state"] == "8bit"
     with pytest.raises(hfoptim.HyperparameterError, match="unknown state form"):
         hfoptim.AdamW([torch.nn.Parameter(torch.zeros(2))], state="factorized")
 

@@ -55,8 +55,9 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         50.0, low=0.0, low_open=True, doc="sharpness of denominator='softplus' (Sadam, arXiv 1908.00700: 50)"
     )
     spec["state"] = HP(
-        "auto", kind="str", doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, bf16, "
-        "factored, smmf, shared"
+        "auto",
+        kind="str",
+        doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, bf16, factored, smmf, shared",
     )
     spec["compile"] = HP(
         "auto",
@@ -131,7 +132,7 @@ class Engine(torch.optim.Optimizer):
                 reason = modifier.incompatible(rule)
                 if reason:
                     raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
-        resolve.check_state_option(rule, values["state"], where)
+        resolve.check_state_option(rule, values, where)
         return values
 
     def add_param_group(self, param_group: dict) -> None:
@@ -210,9 +211,7 @@ class Engine(torch.optim.Optimizer):
         if g.is_complex():
             raise RuntimeError(f"{type(self).__name__} does not support complex gradients (got {g.dtype})")
         if g.shape != unit.param.shape:
-            raise RuntimeError(
-                f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(unit.param.shape)}"
-            )
+            raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(unit.param.shape)}")
 
     def _buckets(self, units: list[Unit]) -> list[list[Unit]]:
         if not self.foreach:
@@ -371,13 +370,20 @@ class Engine(torch.optim.Optimizer):
                 )
 
 
-
 class SlotValues:
     """The decoded slots a rule updates, as attributes (``s.exp_avg``)."""
 
 
-def advance(rule: Rule, group: dict, ctx: StepContext, p_work: TensorList, g: TensorList, states: list[dict],
-            views: list[ParamView], dtype: torch.dtype) -> None:
+def advance(
+    rule: Rule,
+    group: dict,
+    ctx: StepContext,
+    p_work: TensorList,
+    g: TensorList,
+    states: list[dict],
+    views: list[ParamView],
+    dtype: torch.dtype,
+) -> None:
     """One step of the tensors of a bucket after the bookkeeping: gradient modifiers -> l2 decay
     -> decode the slots -> ``rule.update`` -> encode -> update modifiers -> weight decay and
     ``p <- p - lr u`` (``p_work`` in place). The plain path calls it for a bucket; the compiled

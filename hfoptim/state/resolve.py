@@ -22,8 +22,10 @@ DENSE = "fp32"
 AUTO = "auto"
 
 
-def check_state_option(rule: Rule, state: str, where: str) -> None:
-    """Refuse a storage form that does not exist or fits none of the rule's slots."""
+def check_state_option(rule: Rule, group: dict, where: str) -> None:
+    """Refuse a storage form that does not exist or fits none of the slots the rule keeps with
+    the group's hyperparameters (e.g. Amos keeps a first moment only with ``momentum > 0``)."""
+    state = group["state"]
     if state == AUTO:
         return
     if state not in CODECS:
@@ -35,11 +37,16 @@ def check_state_option(rule: Rule, state: str, where: str) -> None:
     if state in rule.refused_state:
         raise HyperparameterError(f"{where}: {rule.name} cannot keep state={state!r}: {rule.refused_state[state]}")
     codec = CODECS[state]
-    if not any(slot.kind in codec.kinds for slot in rule.slots):
-        kinds = ", ".join(sorted({s.kind for s in rule.slots})) or "none"
+    active = rule.active_slots(group)
+    if not any(slot.kind in codec.kinds for slot in active):
+        kept = ", ".join(f"{s.name} ({s.kind})" for s in active) or "no state"
+        idle = [s.name for s in rule.slots if s not in active and s.kind in codec.kinds]
+        hint = ""
+        if idle:
+            hint = f"; {', '.join(idle)} exists only with other hyperparameters (see help({rule.class_name}))"
         raise HyperparameterError(
             f"{where}: state={state!r} stores {', '.join(sorted(codec.kinds))} slots, but {rule.name} keeps "
-            f"{kinds}: nothing to compress"
+            f"{kept} here: nothing to compress{hint}"
         )
 
 
