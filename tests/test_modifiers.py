@@ -31,6 +31,7 @@ CASES = {
     "cautious_mask": {"cautious": True},
     "agc": {"agc": 0.9, "agc_eps": 0.05},
     "soft_clip": {"soft_clip": True},
+    "soft_clip_eps": {"soft_clip": True, "soft_clip_eps": 0.05},
     "centralize": {"centralize": True},
     "trust_ratio": {"trust_ratio": True, "trust_clamp": 2.5},
     "trust_ratio_unclamped": {"trust_ratio": True, "trust_clamp": None},
@@ -38,7 +39,11 @@ CASES = {
     "atan2": {"denominator": "atan2"},
     "softplus": {"denominator": "softplus", "softplus_beta": 20.0},
     "all_together": {
-        "agc": 0.9, "soft_clip": True, "centralize": True, "cautious": True, "trust_ratio": True,
+        "agc": 0.9,
+        "soft_clip": True,
+        "centralize": True,
+        "cautious": True,
+        "trust_ratio": True,
         "weight_decay_mode": "cautious",
     },
 }
@@ -92,8 +97,17 @@ def test_softplus_beta_default_is_the_papers():
     assert opt.param_groups[0]["softplus_beta"] == 50.0
 
 
-@pytest.mark.parametrize("bad", [{"agc": 0.0}, {"agc": -1.0}, {"trust_clamp": 0.0}, {"softplus_beta": 0.0},
-                                 {"weight_decay_mode": "proximal"}, {"cautious": 1}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"agc": 0.0},
+        {"agc": -1.0},
+        {"trust_clamp": 0.0},
+        {"softplus_beta": 0.0},
+        {"weight_decay_mode": "proximal"},
+        {"cautious": 1},
+    ],
+)
 def test_bad_modifier_values_name_the_option(bad):
     name = next(iter(bad))
     with pytest.raises(hfoptim.HyperparameterError, match=name):
@@ -128,3 +142,17 @@ def test_lamb_with_decay_keeps_the_decay_inside_the_trust_ratio():
         lambda ps, foreach: hfoptim.create_optimizer(ps, "lamb", foreach=foreach, **{**HP, **options}),
         lambda: ModifiedAdamWRef(**{**HP, **options}),
     )
+
+
+def test_soft_clip_eps_lets_a_zero_initialised_tensor_move():
+    """LoRA's B starts at zero: with the source's 1e-12 floor its clipped gradient is ~1e-12;
+    soft_clip_eps raises the floor of the parameter RMS."""
+    moved = []
+    for eps in (1e-12, 1e-3):
+        p = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.float64))
+        opt = hfoptim.create_optimizer([p], "adamw", lr=1.0, soft_clip=True, soft_clip_eps=eps, weight_decay=0.0)
+        p.grad = torch.ones(4, 8, dtype=torch.float64)
+        opt.step()
+        moved.append(opt.state[p]["exp_avg"].abs().max().item())
+    assert moved[0] == pytest.approx(0.1 * 1e-12)
+    assert moved[1] == pytest.approx(0.1 * 1e-3)

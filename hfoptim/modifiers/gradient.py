@@ -61,23 +61,31 @@ class SoftClip(Modifier):
     """Soft clipping: the gradient's RMS is limited to the parameter's RMS.
 
     Per tensor (per output row for tensors with 2+ dims):
-    ``g <- g * min(rms(g), rms(p)) / rms(g)``, each RMS floored at 1e-12.
+    ``g <- g * min(rms(g), max(rms(p), eps)) / rms(g)``, ``rms(g)`` floored at 1e-12.
+
+    ``soft_clip_eps`` (default 1e-12, the source's floor) bounds the parameter RMS from below.
+    A tensor that starts at zero (LoRA's B matrix, zero-initialised biases) would otherwise get
+    a gradient of RMS 1e-12 and barely move: raise it (e.g. to 1e-3, as AGC's floor) there.
     """
 
     name = "softclip"
     stage = GRAD
     switch = "soft_clip"
-    hyperparams = {"soft_clip": HP(False, kind="bool")}
+    hyperparams = {
+        "soft_clip": HP(False, kind="bool"),
+        "soft_clip_eps": HP(1e-12, low=0.0, low_open=True, doc="floor of the parameter RMS"),
+    }
     suffix_kwargs = {"soft_clip": True}
 
     def apply(self, ctx, x, g, p):
+        floor = ctx.group["soft_clip_eps"]
         p_sq = _unit_sum_sq(ctx, p)
         x_sq = _unit_sum_sq(ctx, x)
         out = []
         for i, (t, ps, xs) in enumerate(zip(x, p_sq, x_sq)):
             n = _unit_numel(ctx, i, t)
             rms_x = (xs / n).sqrt().clamp_min(1e-12)
-            rms_p = (ps / n).sqrt().clamp_min(1e-12)
+            rms_p = (ps / n).sqrt().clamp_min(floor)
             out.append(t * (torch.minimum(rms_x, rms_p) / rms_x))
         return TensorList(out, x.foreach)
 

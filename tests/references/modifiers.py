@@ -41,13 +41,13 @@ def agc(g, p, clip, eps):
     return torch.stack(out).reshape(g.shape)
 
 
-def soft_clip(g, p):
+def soft_clip(g, p, eps=1e-12):
     gu, pu = _units(g), _units(p)
     n = gu.shape[1]
     out = []
     for gr, pr in zip(gu, pu):
         rms_g = max(math.sqrt(float((gr * gr).sum()) / n), 1e-12)
-        rms_p = max(math.sqrt(float((pr * pr).sum()) / n), 1e-12)
+        rms_p = max(math.sqrt(float((pr * pr).sum()) / n), eps)
         out.append(gr * (min(rms_g, rms_p) / rms_g))
     return torch.stack(out).reshape(g.shape)
 
@@ -69,6 +69,7 @@ class ModifiedAdamWRef:
         agc=None,
         agc_eps=1e-3,
         soft_clip=False,
+        soft_clip_eps=1e-12,
         centralize=False,
         cautious=False,
         trust_ratio=False,
@@ -79,6 +80,7 @@ class ModifiedAdamWRef:
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.mode, self.agc, self.agc_eps = weight_decay_mode, agc, agc_eps
         self.soft_clip, self.centralize, self.cautious = soft_clip, centralize, cautious
+        self.soft_clip_eps = soft_clip_eps
         self.trust_ratio, self.trust_clamp = trust_ratio, trust_clamp
         self.denominator, self.softplus_beta = denominator, softplus_beta
         self.state = {}
@@ -90,7 +92,7 @@ class ModifiedAdamWRef:
         if self.agc is not None:
             g = agc(g, p, self.agc, self.agc_eps)
         if self.soft_clip:
-            g = soft_clip(g, p)
+            g = soft_clip(g, p, self.soft_clip_eps)
         if self.centralize:
             g = centralize(g)
         if self.mode == "l2":
