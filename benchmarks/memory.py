@@ -301,9 +301,9 @@ def _state_estimate(params, name: str) -> int:
     try:
         from hfoptim.memory import estimate
     except ImportError:  # before hfoptim.memory existed: one optimizer step on meta copies
-        from hfoptim.footprint import estimate_state_bytes
+        from hfoptim.memory import estimate
 
-        return estimate_state_bytes(params, name)
+        return estimate(params, name).total
     return int(estimate(params, name).total)
 
 

@@ -47,7 +47,7 @@ def sharding_support(name: str) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .footprint import state_bytes_per_param
+    from .memory import per_param as state_bytes_per_param
     from .registry import get_optimizer, list_optimizers
 
     names = list_optimizers(args.pattern)
@@ -233,7 +233,8 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
     import torch
 
     from .embedded import TINY_LLAMA, load_config, model_from_config
-    from .footprint import estimate_state_bytes, optimizer_state_bytes, trainable_parameters
+    from .footprint import trainable_parameters
+    from .memory import estimate, state_bytes
     from .registry import create_optimizer
 
     source = args.model
@@ -263,8 +264,8 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
         else:
             optimizer.step()
         seconds = time.perf_counter() - start
-        measured = optimizer_state_bytes(optimizer)
-        estimated = estimate_state_bytes(params, name, **options)
+        measured = state_bytes(optimizer).total
+        estimated = estimate(params, name, **options).total
         out["optimizers"][name] = {
             "params": sum(p.numel() for p in params),
             "measured_state_bytes": measured,

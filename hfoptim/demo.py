@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from . import embedded
-from .footprint import estimate_state_bytes, optimizer_state_bytes
+from .memory import estimate, state_bytes
 from .tables import format_bytes, print_table, progress, status
 
 #: memory-efficient optimizers the demo prefers, best first (the first one that exists is used)
@@ -159,7 +159,7 @@ def train_one(name: str, data: dict, args: argparse.Namespace) -> RunResult:
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             result.eval_steps.append(step + 1)
             result.eval_loss.append(evaluate(model, data["validation"], args.batch_size))
-    result.state_bytes = optimizer_state_bytes(optimizer)
+    result.state_bytes = state_bytes(optimizer).total
     out = Path(args.output_dir) / name
     model.save_pretrained(out)
     data["tokenizer"].save_pretrained(out)
@@ -212,7 +212,7 @@ def at_scale(names: list[str]) -> list[list[str]]:
     rows = []
     for name in names:
         hf_name = "adamw" if name == TORCH_ADAMW else name
-        rows.append([name, format_bytes(estimate_state_bytes(params, hf_name))])
+        rows.append([name, format_bytes(estimate(params, hf_name).total)])
     return rows
 
 

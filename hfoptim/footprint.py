@@ -1,10 +1,10 @@
 """Per-device training memory under a parallelism strategy: parameters, gradients, fp32 master
 weights and optimizer state, for a model known only by its config.
 
-The optimizer-state bytes come from the optimizer itself: it is built over the model's parameters
-on the ``meta`` device and stepped once there, so every codec (8-bit codes and scales, factored
-rows and columns, sign bits, counters) is counted exactly as a real step would allocate it,
-without allocating anything. The strategy then says how each part is divided among devices
+The optimizer-state bytes come from :func:`hfoptim.memory.estimate`: the optimizer is built
+over the model's parameters on the ``meta`` device and each codec lays out its tensors there, so
+8-bit codes and scales, factored rows and columns, sign bits and counters are counted as a real
+step allocates them, without allocating anything. The strategy then says how each part is divided among devices
 (``P`` trainable parameters, ``N`` devices, ``S`` the optimizer state of the whole model):
 
 ============  ==========  ==========  ===============  ==============  ===============
@@ -31,96 +31,14 @@ Activations, temporary all-gathers and communication buckets are not counted.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 
+from .memory import estimate
+
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PRECISIONS = ("no", "bf16", "fp16")
-
-
-# ---------------------------------------------------------------------------------------- state
-def _walk_tensors(obj, seen: set[int]) -> int:
-    total = 0
-    if isinstance(obj, torch.Tensor):
-        key = id(obj)
-        if key not in seen:
-            seen.add(key)
-            total += obj.numel() * obj.element_size()
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            total += _walk_tensors(value, seen)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            total += _walk_tensors(value, seen)
-    return total
-
-
-def optimizer_state_bytes(optimizer) -> int:
-    """Bytes of every tensor an optimizer keeps as state (and those of optimizers it wraps:
-    accelerate's ``AcceleratedOptimizer``, Lookahead), parameters excluded.
-
-    Uses :func:`hfoptim.memory.state_bytes` when it is available."""
-    try:
-        from .memory import state_bytes  # the state issue's walker, once it exists
-    except ImportError:
-        state_bytes = None
-    if state_bytes is not None:
-        report = state_bytes(optimizer)
-        return int(getattr(report, "total", report))
-    seen: set[int] = set()
-    total = 0
-    current, visited = optimizer, set()
-    while current is not None and id(current) not in visited:
-        visited.add(id(current))
-        state = getattr(current, "state", None)
-        if isinstance(state, dict):
-            total += _walk_tensors(dict(state), seen)
-        current = getattr(current, "optimizer", None)
-    return total
-
-
-def estimate_state_bytes(params: Iterable[torch.Tensor], optim: str, **options) -> int:
-    """Bytes of the state that ``hfoptim.create_optimizer(params, optim, **options)`` allocates,
-    computed by one step on ``meta`` copies of ``params`` (shapes and dtypes only).
-
-    Uses :func:`hfoptim.memory.estimate` (each codec's ``init`` on meta tensors) when it is
-    available. Otherwise: a parameter's state depends only on its own shape and dtype (and the
-    options), so each distinct (shape, dtype) is stepped once and counted as often as it occurs
-    (a 7B-parameter model has a handful of distinct shapes)."""
-    from .registry import get_optimizer
-
-    params = list(params)
-    try:
-        from .memory import estimate
-    except ImportError:  # before the state work's memory module
-        estimate = None
-    if estimate is not None:
-        return int(estimate(params, optim, **options).total)
-    spec = get_optimizer(optim)
-    counts: dict[tuple, int] = {}
-    for p in params:
-        key = (tuple(p.shape), p.dtype)
-        counts[key] = counts.get(key, 0) + 1
-    total = 0
-    for (shape, dtype), count in counts.items():
-        q = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device="meta"))
-        q.grad = torch.empty_like(q)
-        optimizer = spec([q], **options)
-        if getattr(getattr(optimizer, "rule", None), "needs_loss", False):
-            optimizer.step(loss=1.0)
-        else:
-            optimizer.step()
-        total += count * optimizer_state_bytes(optimizer)
-    return total
-
-
-def state_bytes_per_param(optim: str, shape: tuple[int, ...] = (4096, 4096), **options) -> float:
-    """Optimizer-state bytes per parameter for one tensor of ``shape`` (default a large matrix)."""
-    p = torch.empty(shape, device="meta")
-    return estimate_state_bytes([p], optim, **options) / math.prod(shape)
 
 
 # ---------------------------------------------------------------------------------------- strategy
@@ -228,6 +146,6 @@ def compare(
     num = sum(p.numel() for p in params)
     out = []
     for name in optims:
-        state = estimate_state_bytes(params, name, **(options or {}))
+        state = estimate(params, name, **(options or {})).total
         out.append(footprint(name, num, state, strategy, world_size, mixed_precision))
     return out

@@ -29,7 +29,7 @@ from transformers import HfArgumentParser, set_seed
 
 import hfoptim
 from hfoptim import embedded
-from hfoptim.footprint import optimizer_state_bytes
+from hfoptim.memory import state_bytes
 
 logger = logging.getLogger("hfoptim.recipes")
 
@@ -263,7 +263,7 @@ def _state_bytes(trainer) -> dict[str, float]:
     optimizer = trainer.optimizer
     if optimizer is None:
         return {}
-    state = optimizer_state_bytes(optimizer)
+    state = state_bytes(optimizer).total
     params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     return {"optimizer_state_bytes": state, "optimizer_state_bytes_per_param": state / max(params, 1)}
 

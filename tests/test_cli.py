@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim import cli, footprint
+from hfoptim import cli, footprint, memory
 from hfoptim.embedded import TINY_LLAMA, model_from_config, tiny_llama_config
 
 
@@ -149,7 +149,7 @@ def test_memory_estimate_matches_a_real_step_within_1_percent(capsys):
 
 
 def test_estimate_agrees_with_state_of_a_trained_optimizer():
-    """footprint.estimate_state_bytes on meta == bytes the optimizer holds after a real step
+    """memory.estimate on meta == bytes the optimizer holds after a real step
     (torch.compile off, as ``hfoptim memory --measure`` runs it: compiling costs tens of seconds
     here and the compiled path's state is tested by the state work)."""
     torch.manual_seed(0)
@@ -160,7 +160,7 @@ def test_estimate_agrees_with_state_of_a_trained_optimizer():
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-        assert footprint.optimizer_state_bytes(opt) == footprint.estimate_state_bytes(params, name)
+        assert memory.state_bytes(opt).total == memory.estimate(params, name).total
 
 
 def test_memory_for_a_real_model_config_folder(capsys, tmp_path):
