@@ -12,6 +12,10 @@ Both paths run the same rule code, so an algorithm is never written twice.
 Scalar arguments may be a Python number (same for every tensor), a ``list`` of numbers (one per
 tensor, e.g. a bias correction from per-parameter step counts) or a ``list`` of 0-d tensors (one
 per tensor, e.g. a per-tensor norm).
+
+Division by Python numbers is multiplication by their reciprocals (computed in float64): on CPU
+a vector division costs several multiplications, and bias corrections divide every element of
+every moment on every step. The result differs from true division by at most one ulp.
 """
 
 from __future__ import annotations
@@ -28,12 +32,42 @@ Arg = Union["TensorList", Sequence, Scalar, torch.Tensor]
 _FOREACH = {
     name
     for name in (
-        "add", "sub", "mul", "div", "addcmul", "addcdiv", "lerp", "sqrt", "abs", "neg", "sign",
-        "maximum", "minimum", "clamp_min", "clamp_max", "exp", "log", "sigmoid", "tanh",
-        "reciprocal", "pow", "rsqrt", "log1p",
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "addcmul",
+        "addcdiv",
+        "lerp",
+        "sqrt",
+        "abs",
+        "neg",
+        "sign",
+        "maximum",
+        "minimum",
+        "clamp_min",
+        "clamp_max",
+        "exp",
+        "log",
+        "sigmoid",
+        "tanh",
+        "reciprocal",
+        "pow",
+        "rsqrt",
+        "log1p",
     )
     if hasattr(torch, f"_foreach_{name}")
 }
+
+
+def _reciprocal(arg):
+    """``1 / arg`` for a Python number or a list of them; None for anything else (tensors,
+    TensorLists), which keep true division."""
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return 1.0 / arg
+    if isinstance(arg, (list, tuple)) and arg and all(isinstance(v, (int, float)) for v in arg):
+        return [1.0 / v for v in arg]
+    return None
 
 
 def _is_uniform(values: Sequence) -> bool:
@@ -122,6 +156,9 @@ class TensorList:
         return self._run("mul", True, other)
 
     def div_(self, other: Arg) -> TensorList:
+        inverse = _reciprocal(other)
+        if inverse is not None:
+            return self._run("mul", True, inverse)
         return self._run("div", True, other)
 
     def addcmul_(self, a: TensorList, b: TensorList, value: Arg = 1) -> TensorList:
@@ -201,6 +238,9 @@ class TensorList:
     __rmul__ = __mul__
 
     def __truediv__(self, other: Arg) -> TensorList:
+        inverse = _reciprocal(other)
+        if inverse is not None:
+            return self._run("mul", False, inverse)
         return self._run("div", False, other)
 
     def __neg__(self) -> TensorList:
@@ -278,5 +318,11 @@ class TensorList:
 #: Tensor methods that mean ``tensorlist <op> scalar`` when called as ``method(scalar, tensorlist)``
 _SAME_ORDER = {"__rdiv__": "__truediv__", "__rtruediv__": "__truediv__", "__rsub__": "__sub__"}
 #: commutative operators: ``method(scalar, tensorlist)`` is ``tensorlist <op> scalar``
-_COMMUTATIVE = {"mul": "__mul__", "__mul__": "__mul__", "__rmul__": "__mul__", "add": "__add__",
-                "__add__": "__add__", "__radd__": "__add__"}
+_COMMUTATIVE = {
+    "mul": "__mul__",
+    "__mul__": "__mul__",
+    "__rmul__": "__mul__",
+    "add": "__add__",
+    "__add__": "__add__",
+    "__radd__": "__add__",
+}

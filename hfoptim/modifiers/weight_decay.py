@@ -28,13 +28,14 @@ def _scaled(u: TensorList, lr) -> TensorList:
 def apply_update(p: TensorList, u: TensorList, lr, wd: float, mode: str) -> None:
     """Write ``p <- step(p, u)`` in place (``p`` is the compute-dtype parameter list)."""
     if mode == "cautious" and wd != 0:
-        decay = TensorList(
-            [torch.where(ui * pi >= 0, pi, torch.zeros_like(pi)) for ui, pi in zip(u, p)], p.foreach
-        )
+        decay = TensorList([torch.where(ui * pi >= 0, pi, torch.zeros_like(pi)) for ui, pi in zip(u, p)], p.foreach)
         u = u + decay * wd
     elif mode == "decoupled" and wd != 0:
         p.mul_(_one_minus(lr, wd))
-    p.sub_(_scaled(u, lr))
+    if isinstance(lr, (int, float)):
+        p.add_(u, alpha=-lr)  # one fused pass, no lr * u temporary
+    else:
+        p.sub_(_scaled(u, lr))
     if mode == "proximal" and wd != 0:
         p.div_(_one_plus(lr, wd))
 

@@ -50,4 +50,4 @@ class AdamWRule(Rule):
         else:
             num = s.exp_avg / ctx.bias_correction(b1)
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

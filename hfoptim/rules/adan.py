@@ -69,8 +69,6 @@ class AdanRule(Rule):
         nesterov_grad = d.mul_(b2).add_(g)  # g + b2 d (d is not needed any more)
         s.exp_avg_sq.mul_(b3).addcmul_(nesterov_grad, nesterov_grad, value=1 - b3)
 
-        num = (s.exp_avg / ctx.bias_correction(b1)).add_(
-            s.exp_avg_diff * ctx.per_step(lambda t: b2 / (1.0 - b2**t))
-        )
+        num = (s.exp_avg / ctx.bias_correction(b1)).add_(s.exp_avg_diff * ctx.per_step(lambda t: b2 / (1.0 - b2**t)))
         v_hat = s.exp_avg_sq / ctx.bias_correction(b3)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

@@ -64,11 +64,9 @@ class AdaNormRule(Rule):
         gamma = ctx.group["gamma"]
         norms = ctx.norm(g)
         s.exp_grad_norm.lerp_(TensorList(norms, g.foreach), 1 - gamma)
-        scales = [
-            torch.where((e > n) & (n > 0), e / n, torch.ones_like(n)) for e, n in zip(s.exp_grad_norm, norms)
-        ]
+        scales = [torch.where((e > n) & (n > 0), e / n, torch.ones_like(n)) for e, n in zip(s.exp_grad_norm, norms)]
         s.exp_avg.lerp_(g * scales, 1 - b1)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
         num = s.exp_avg / ctx.bias_correction(b1)
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

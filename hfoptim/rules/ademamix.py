@@ -100,4 +100,4 @@ class AdEMAMixRule(Rule):
 
         num = (s.exp_avg / ctx.bias_correction(b1)).add_(s.exp_avg_slow * alpha_t)
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

@@ -58,4 +58,4 @@ class DiffGradRule(Rule):
         s.prev_grad.copy_(g)
         num = (s.exp_avg * friction).div_(ctx.bias_correction(b1))
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

@@ -128,4 +128,4 @@ class AdaPNMRule(Rule):
         num = (pos * (1 + b0)).sub_(neg, alpha=b0).div_(noise_norm(b0))
         num.div_(ctx.bias_correction(b1))
         v_hat = second / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"])
+        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
