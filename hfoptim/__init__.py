@@ -1,8 +1,8 @@
 """hfoptim: newer optimizers for HuggingFace training, with small state, exact when sharded.
 
-    >>> import hfoptim
-    >>> opt = hfoptim.create_optimizer(model, "ademamix_8bit", lr=3e-4)
-    >>> hfoptim.list_optimizers("adan*")
+>>> import hfoptim
+>>> opt = hfoptim.create_optimizer(model, "ademamix_8bit", lr=3e-4)
+>>> hfoptim.list_optimizers("adan*")
 """
 
 from .core.engine import Engine

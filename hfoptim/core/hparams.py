@@ -65,9 +65,7 @@ class HP:
         """Return the value in canonical form, or raise :class:`HyperparameterError`."""
 
         def fail(extra: str = "") -> HyperparameterError:
-            return HyperparameterError(
-                f"invalid {name}={value!r}: expected {self.describe()}{extra}"
-            )
+            return HyperparameterError(f"invalid {name}={value!r}: expected {self.describe()}{extra}")
 
         if self.choices:
             if value not in self.choices:

@@ -103,6 +103,4 @@ class LocalLayout(Layout):
 
     def units(self, optimizer, group: dict) -> list[Unit]:
         """Units of the parameters of ``group`` that have a gradient this step."""
-        return [
-            Unit(p, p.grad, optimizer.state[p], self.view(p), p) for p in group["params"] if p.grad is not None
-        ]
+        return [Unit(p, p.grad, optimizer.state[p], self.view(p), p) for p in group["params"] if p.grad is not None]

@@ -26,9 +26,7 @@ class CautiousMask(Modifier):
     def apply(self, ctx, x, g, p):
         masks = [(u * gi > 0).to(u.dtype) for u, gi in zip(x, g)]
         means = ctx.mean(TensorList(masks, x.foreach))
-        return TensorList(
-            [u * (m / mean.clamp_min(1e-3)) for u, m, mean in zip(x, masks, means)], x.foreach
-        )
+        return TensorList([u * (m / mean.clamp_min(1e-3)) for u, m, mean in zip(x, masks, means)], x.foreach)
 
 
 class TrustRatio(Modifier):

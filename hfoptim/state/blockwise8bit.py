@@ -110,6 +110,7 @@ class Blockwise8bit(Codec):
         padded form of a short last block when its producer is fused into it (tested in
         tests/test_state_compiled.py); those tensors run the plain path."""
         return _aligned(view)
+
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
     @staticmethod
@@ -140,4 +141,3 @@ class Blockwise8bit(Codec):
         maxima = stats.block_absmax([value], [view], BLOCK)[0]
         stored[codes].copy_(quantize(value, maxima, view, code_of(slot)))
         stored[scale].copy_(maxima.reshape(stored[scale].shape))
-
