@@ -68,6 +68,15 @@ def _aligned(view: ParamView) -> bool:
     return lead == 0 and length % BLOCK == 0
 
 
+def _split(view: ParamView) -> bool:
+    """Lines that start on a block boundary and end in a short block (rows of 300 elements, a
+    vector of 3000): coded as two parts, the whole blocks and the short ones, each with its
+    scales broadcast -- no zero padding and no per-element index arithmetic, the two forms that
+    inductor 2.13 miscompiles when the producer is fused (tests/test_state_compiled.py)."""
+    lines, length, lead = block_layout(view, BLOCK)
+    return lead == 0 and length % BLOCK != 0 and lines * length > 0
+
+
 def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
     """Each element's block scale, in the local tensor's shape, for lines that are whole blocks:
     element ``j`` of line ``i`` belongs to block ``(i, j // BLOCK)``."""
@@ -76,15 +85,31 @@ def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
     return scale.reshape(lines, length // BLOCK).index_select(1, column).reshape(view.local_shape)
 
 
+def _by_parts(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op) -> torch.Tensor:
+    """``op(x, s)`` with ``s`` each element's block scale, for :func:`_split` views: the whole
+    blocks of each line as a ``(lines, blocks, BLOCK)`` tensor against ``(lines, blocks, 1)``
+    scales, the short last blocks as ``(lines, rest)`` against ``(lines, 1)``."""
+    lines, length, _ = block_layout(view, BLOCK)
+    whole = length // BLOCK
+    x = x.reshape(lines, length)
+    s = scale.reshape(lines, whole + 1)
+    tail = op(x[:, whole * BLOCK :], s[:, whole:])
+    if whole == 0:
+        return tail.reshape(view.local_shape)
+    head = op(x[:, : whole * BLOCK].reshape(lines, whole, BLOCK), s[:, :whole, None])
+    return torch.cat([head.reshape(lines, whole * BLOCK), tail], dim=1).reshape(view.local_shape)
+
+
 def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
     """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima.
 
-    Lines of whole blocks are coded in place with per-element scales; lines with a short last
-    block (or a 0-/1-D shard starting inside a block) go through the zero-padded ``(blocks,
-    BLOCK)`` matrix. (Per-element scales by index arithmetic on such lines are miscompiled by
-    inductor 2.13 when there is a single line; the padded form is correct everywhere.)"""
+    Lines of whole blocks are coded in place with per-element scales; lines ending in a short
+    block by parts (:func:`_split`); a 0-/1-D shard starting inside a block through the
+    zero-padded ``(blocks, BLOCK)`` matrix. All three divide each element by its block's scale."""
     if _aligned(view):
         return encode_normalized(value / scale_per_element(scale, view).clamp_min(_TINY), code)
+    if _split(view):
+        return encode_normalized(_by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY)), code)
     blocks = blocked(value, view, BLOCK) / scale.reshape(-1, 1).clamp_min(_TINY)
     return unblocked(encode_normalized(blocks, code), view, BLOCK)
 
@@ -93,6 +118,8 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code: 
     """The fp32 values (the local shape) of ``codes`` with their block scales."""
     if _aligned(view):
         return decode_codes(codes, code) * scale_per_element(scale, view)
+    if _split(view):
+        return _by_parts(decode_codes(codes, code), scale, view, lambda x, s: x * s)
     values = decode_codes(blocked(codes, view, BLOCK), code) * scale.reshape(-1, 1)
     return unblocked(values, view, BLOCK)
 
@@ -108,8 +135,9 @@ class Blockwise8bit(Codec):
     def fusable_for(view: ParamView) -> bool:
         """Only lines of whole blocks take the compiled path: inductor 2.13 miscompiles the
         padded form of a short last block when its producer is fused into it (tested in
-        tests/test_state_compiled.py); those tensors run the plain path."""
-        return _aligned(view)
+        tests/test_state_compiled.py): tensors coded whole or by parts take the compiled path, a
+        shard starting inside a block (held by a sharding backend, never compiled) does not."""
+        return _aligned(view) or _split(view)
 
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
