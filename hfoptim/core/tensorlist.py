@@ -152,6 +152,15 @@ class TensorList:
             return self._run("sub", True, other)
         return self._run("sub", True, other, alpha=alpha)
 
+    def add_scaled_(self, other: TensorList, weight: Arg) -> TensorList:
+        """``self += weight * other``; one fused pass (no ``weight * other`` temporary) when
+        ``weight`` is one number for every tensor."""
+        if isinstance(weight, (list, tuple)) and _is_uniform(weight):
+            weight = weight[0]
+        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+            return self.add_(other, alpha=weight)
+        return self.add_(other * weight)
+
     def mul_(self, other: Arg) -> TensorList:
         return self._run("mul", True, other)
 

@@ -61,7 +61,9 @@ class AdanRule(Rule):
         b1, b2, b3 = ctx.group["betas"]
         # d_1 = 0: the stored previous gradient does not exist yet at a parameter's first step
         has_previous = ctx.per_step(lambda t: 0.0 if t == 1 else 1.0)
-        d = (g - s.prev_grad).mul_(has_previous)
+        d = g - s.prev_grad
+        if not isinstance(has_previous, float) or has_previous != 1.0:  # a first step, or traced
+            d.mul_(has_previous)
         s.prev_grad.copy_(g)
 
         s.exp_avg.lerp_(g, 1 - b1)
@@ -69,6 +71,8 @@ class AdanRule(Rule):
         nesterov_grad = d.mul_(b2).add_(g)  # g + b2 d (d is not needed any more)
         s.exp_avg_sq.mul_(b3).addcmul_(nesterov_grad, nesterov_grad, value=1 - b3)
 
-        num = (s.exp_avg / ctx.bias_correction(b1)).add_(s.exp_avg_diff * ctx.per_step(lambda t: b2 / (1.0 - b2**t)))
+        num = (s.exp_avg / ctx.bias_correction(b1)).add_scaled_(
+            s.exp_avg_diff, ctx.per_step(lambda t: b2 / (1.0 - b2**t))
+        )
         v_hat = s.exp_avg_sq / ctx.bias_correction(b3)
         return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

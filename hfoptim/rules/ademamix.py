@@ -98,6 +98,6 @@ class AdEMAMixRule(Rule):
         s.exp_avg_slow.lerp_(g, slow_weight)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
 
-        num = (s.exp_avg / ctx.bias_correction(b1)).add_(s.exp_avg_slow * alpha_t)
+        num = (s.exp_avg / ctx.bias_correction(b1)).add_scaled_(s.exp_avg_slow, alpha_t)
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
         return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
