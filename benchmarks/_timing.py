@@ -39,12 +39,23 @@ def cpu_model() -> str:
 
 
 def _git_commit() -> str:
+    """The commit of the code this process runs, ``+dirty`` when hfoptim/ or benchmarks/ have
+    uncommitted changes."""
     try:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
-        return out.stdout.strip() or "unknown"
+        commit = out.stdout.strip() or "unknown"
+        paths = ["hfoptim", "benchmarks/*.py"]
+        git_status = ["git", "status", "--porcelain", "--", *paths]
+        status = subprocess.run(git_status, cwd=root, capture_output=True, text=True)
+        return commit + ("+dirty" if status.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+#: taken when the benchmark starts (imports this module), not when it writes its results: a long
+#: run must name the code it ran, even if commits land meanwhile
+GIT_COMMIT = _git_commit()
 
 
 def machine_info() -> dict:
@@ -67,7 +78,7 @@ def machine_info() -> dict:
         "platform": platform.platform(),
         "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "load_average_1_5_15": load,
-        "git_commit": _git_commit(),
+        "git_commit": GIT_COMMIT,
         "malloc_env": malloc,
     }
 
