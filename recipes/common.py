@@ -253,6 +253,16 @@ def finish(trainer, training_args, train_result, extra: dict[str, Any] | None = 
     return metrics
 
 
+def shutdown() -> None:
+    """End the run's process group (multi-process launches), as torch asks before exit; leaving
+    it to interpreter teardown races gloo's threads on CPU."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _state_bytes(trainer) -> dict[str, float]:
     """Optimizer-state bytes, all processes together (hfoptim's OptimizerStateCallback measures them
     after the first step), else this process's optimizer walked here."""

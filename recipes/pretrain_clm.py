@@ -35,6 +35,7 @@ from common import (  # noqa: E402
     load_tokenizer,
     logger,
     parse_args,
+    shutdown,
 )
 from transformers import default_data_collator  # noqa: E402
 
@@ -106,3 +107,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown()

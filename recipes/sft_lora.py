@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     load_tokenizer,
     logger,
     parse_args,
+    shutdown,
 )
 
 from hfoptim import embedded  # noqa: E402
@@ -198,3 +199,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    shutdown()

@@ -12,12 +12,13 @@ import importlib
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.distributed.launch import launch
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -274,7 +275,7 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, script):
         *[a for a in COMMON if a != "--use_cpu"],
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(cmd, timeout=600, env=env, fresh=out)  # retried once on gloo's teardown abort
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = read(out / "all_results.json")
     assert results["world_size"] == 2

@@ -10,12 +10,11 @@ tests/test_sharding_*.py's.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
-from tests.distributed.launch import ROOT, worker_env
+from tests.distributed.launch import ROOT, launch
 
 ENGAGED = {
     "zero2": "deepspeed.runtime.zero.stage_1_and_2.DeepSpeedZeroOptimizer",
@@ -32,7 +31,7 @@ def test_trainer_sharded_on_cpu_hands_the_mean_loss(tmp_path, mode):
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         str(ROOT / "tests" / "trainer_sharded_worker.py"), "--mode", mode, "--out", str(out),
     ]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env=worker_env(), capture_output=True, text=True, timeout=600)
+    proc = launch(cmd, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in range(2)]
     for r in ranks:
