@@ -4,8 +4,9 @@ weights and optimizer state, for a model known only by its config.
 The optimizer-state bytes come from :func:`hfoptim.memory.estimate`: the optimizer is built
 over the model's parameters on the ``meta`` device and each codec lays out its tensors there, so
 8-bit codes and scales, factored rows and columns, sign bits and counters are counted as a real
-step allocates them, without allocating anything. The strategy then says how each part is divided among devices
-(``P`` trainable parameters, ``N`` devices, ``S`` the optimizer state of the whole model):
+step allocates them, without allocating anything. The strategy then says how each part is
+divided among devices (``P`` trainable parameters, ``N`` devices, ``S`` the optimizer state of
+the whole model):
 
 ============  ==========  ==========  ===============  ==============  ===============
 strategy      parameters  gradients   fp32 grad part.  fp32 master     optimizer state

@@ -60,12 +60,17 @@ _FOREACH = {
 }
 
 
+def _is_number(arg) -> bool:
+    """A Python int or float (not a bool, not a tensor)."""
+    return isinstance(arg, (int, float)) and not isinstance(arg, bool)
+
+
 def _reciprocal(arg):
     """``1 / arg`` for a Python number or a list of them; None for anything else (tensors,
     TensorLists), which keep true division."""
-    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+    if _is_number(arg):
         return 1.0 / arg
-    if isinstance(arg, (list, tuple)) and arg and all(isinstance(v, (int, float)) for v in arg):
+    if isinstance(arg, (list, tuple)) and arg and all(_is_number(v) for v in arg):
         return [1.0 / v for v in arg]
     return None
 
@@ -157,7 +162,7 @@ class TensorList:
         ``weight`` is one number for every tensor."""
         if isinstance(weight, (list, tuple)) and _is_uniform(weight):
             weight = weight[0]
-        if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        if _is_number(weight):
             return self.add_(other, alpha=weight)
         return self.add_(other * weight)
 

@@ -37,12 +37,11 @@ def launch(cmd: list[str], timeout: float, env: dict | None = None, fresh: Path 
     """Run a multi-process launch; once more from scratch (``fresh``, its output folder, removed
     first) if a process died of the teardown abort, a failure that is not the code under test's."""
     env = env if env is not None else worker_env()
-    cwd = ROOT
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 and TEARDOWN_ABORT in proc.stdout + proc.stderr:
         if fresh is not None:
             shutil.rmtree(fresh, ignore_errors=True)
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return proc
 
 
