@@ -194,15 +194,13 @@ class LocalStats:
         a 2+-D tensor; a sharding backend completes blocks cut by a process boundary."""
         out = []
         for t, v in zip(tensors, views):
-            lines, length, lead = block_layout(v, block)
-            whole, rest = divmod(length, block)
-            if lead == 0 and rest and t.numel():
-                # lines ending in a short block: the whole blocks and the short ones reduced
-                # apart, without the zero padding inductor 2.13 miscompiles when fused
-                x = t.reshape(lines, length).abs()
-                parts = [x[:, whole * block :].amax(dim=1, keepdim=True)]
-                if whole:
-                    parts.insert(0, x[:, : whole * block].reshape(lines, whole, block).amax(dim=2))
+            if ends_in_short_block(v, block):
+                # the whole blocks and the short ones reduced apart, without the zero padding
+                # inductor 2.13 miscompiles when fused
+                head, tail = split_lines(t.abs(), v, block)
+                parts = [tail.amax(dim=1, keepdim=True)]
+                if head is not None:
+                    parts.insert(0, head.amax(dim=2))
                 out.append(torch.cat(parts, dim=1).reshape(-1))
                 continue
             blocks = blocked(t, v, block)
@@ -211,6 +209,25 @@ class LocalStats:
                 continue
             out.append(blocks.abs().amax(dim=1))
         return out
+
+
+def ends_in_short_block(view: ParamView, block: int) -> bool:
+    """Whether the local lines of ``view`` (see :func:`block_layout`) start on a block boundary
+    and end in a block shorter than ``block`` (rows of 300 elements, a vector of 3000)."""
+    lines, length, lead = block_layout(view, block)
+    return lead == 0 and length % block != 0 and lines * length > 0
+
+
+def split_lines(x: torch.Tensor, view: ParamView, block: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The lines of the local tensor ``x`` of a view that :func:`ends_in_short_block`, cut into
+    their whole blocks, ``(lines, whole, block)`` (``None`` when a line is shorter than one
+    block), and their short last blocks, ``(lines, rest)``: two parts that broadcast against
+    per-block values without zero padding or per-element index arithmetic."""
+    lines, length, _ = block_layout(view, block)
+    whole = length // block
+    x = x.reshape(lines, length)
+    tail = x[:, whole * block :]
+    return (x[:, : whole * block].reshape(lines, whole, block) if whole else None), tail
 
 
 def block_layout(view: ParamView, block: int) -> tuple[int, int, int]:

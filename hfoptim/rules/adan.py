@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import torch
+
 from ..core.hparams import HP, betas
 from ..core.rule import BUFFER, FIRST_MOMENT, SECOND_MOMENT, Rule, Slot
+
+
+def _after_first_step(t):
+    """0 at a parameter's first step, 1 after; on the compiled path ``t`` is a traced 0-d tensor
+    and the comparison stays a tensor (a Python branch on it would break the graph)."""
+    if isinstance(t, torch.Tensor):
+        return (t > 1).to(torch.float32)
+    return 0.0 if t == 1 else 1.0
 
 
 class AdanRule(Rule):
@@ -60,7 +70,7 @@ class AdanRule(Rule):
     def update(self, ctx, p, g, s):
         b1, b2, b3 = ctx.group["betas"]
         # d_1 = 0: the stored previous gradient does not exist yet at a parameter's first step
-        has_previous = ctx.per_step(lambda t: 0.0 if t == 1 else 1.0)
+        has_previous = ctx.per_step(_after_first_step)
         d = g - s.prev_grad
         if not isinstance(has_previous, float) or has_previous != 1.0:  # a first step, or traced
             d.mul_(has_previous)
@@ -68,8 +78,11 @@ class AdanRule(Rule):
 
         s.exp_avg.lerp_(g, 1 - b1)
         s.exp_avg_diff.lerp_(d, 1 - b2)
-        nesterov_grad = d.mul_(b2).add_(g)  # g + b2 d (d is not needed any more)
-        s.exp_avg_sq.mul_(b3).addcmul_(nesterov_grad, nesterov_grad, value=1 - b3)
+        if b2 > 0:  # (g + b2 d)^2 as b2^2 (d + g / b2)^2: one pass over d (not needed any more), not two
+            d.add_(g, alpha=1.0 / b2)
+            s.exp_avg_sq.mul_(b3).addcmul_(d, d, value=(1 - b3) * b2 * b2)
+        else:
+            s.exp_avg_sq.mul_(b3).addcmul_(g, g, value=1 - b3)
 
         num = (s.exp_avg / ctx.bias_correction(b1)).add_scaled_(
             s.exp_avg_diff, ctx.per_step(lambda t: b2 / (1.0 - b2**t))

@@ -41,7 +41,7 @@ import math
 import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
-from ..core.stats import LocalStats, ParamView, block_layout, blocked, unblocked
+from ..core.stats import LocalStats, ParamView, block_layout, blocked, ends_in_short_block, split_lines, unblocked
 from .codec import Codec
 from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode, decode_codes, encode_normalized
 
@@ -73,8 +73,7 @@ def _split(view: ParamView) -> bool:
     vector of 3000): coded as two parts, the whole blocks and the short ones, each with its
     scales broadcast -- no zero padding and no per-element index arithmetic, the two forms that
     inductor 2.13 miscompiles when the producer is fused (tests/test_state_compiled.py)."""
-    lines, length, lead = block_layout(view, BLOCK)
-    return lead == 0 and length % BLOCK != 0 and lines * length > 0
+    return ends_in_short_block(view, BLOCK)
 
 
 def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
@@ -89,14 +88,13 @@ def _by_parts(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op) -> torc
     """``op(x, s)`` with ``s`` each element's block scale, for :func:`_split` views: the whole
     blocks of each line as a ``(lines, blocks, BLOCK)`` tensor against ``(lines, blocks, 1)``
     scales, the short last blocks as ``(lines, rest)`` against ``(lines, 1)``."""
-    lines, length, _ = block_layout(view, BLOCK)
-    whole = length // BLOCK
-    x = x.reshape(lines, length)
+    head, tail = split_lines(x, view, BLOCK)
+    lines, whole = tail.shape[0], 0 if head is None else head.shape[1]
     s = scale.reshape(lines, whole + 1)
-    tail = op(x[:, whole * BLOCK :], s[:, whole:])
-    if whole == 0:
+    tail = op(tail, s[:, whole:])
+    if head is None:
         return tail.reshape(view.local_shape)
-    head = op(x[:, : whole * BLOCK].reshape(lines, whole, BLOCK), s[:, :whole, None])
+    head = op(head, s[:, :whole, None])
     return torch.cat([head.reshape(lines, whole * BLOCK), tail], dim=1).reshape(view.local_shape)
 
 
