@@ -82,8 +82,14 @@ def test_amos_matches_pytorch_optimizer(foreach, momentum):
     theirs_p = [torch.nn.Parameter(x.clone()) for x in init]
     ours = hfoptim.Amos(ours_p, foreach=foreach, momentum=momentum, **HP)
     theirs = PoAmos(
-        theirs_p, foreach=foreach, lr=HP["lr"], beta=HP["beta"], momentum=momentum,
-        c_coef=HP["zeta"], d_coef=HP["zeta"], eps=0.0,
+        theirs_p,
+        foreach=foreach,
+        lr=HP["lr"],
+        beta=HP["beta"],
+        momentum=momentum,
+        c_coef=HP["zeta"],
+        d_coef=HP["zeta"],
+        eps=0.0,
     )
     for t in range(1, 31):
         grads = gradients([p.detach() for p in theirs_p], t)

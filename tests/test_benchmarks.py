@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {name: importlib.import_module(name) for name in ("_timing", "speed", "memory", "quality")}
+        yield {name: importlib.import_module(name) for name in ("_timing", "speed", "memory", "quality", "summary")}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -91,3 +91,42 @@ def test_plans_bound_the_large_sizes(bench):
     assert big and all(c.algorithm in speed.CORE for c in big)
     assert len(speed.plan("6M", everything, quick=False)) == len(everything)
     assert all(c.label in speed.QUICK for c in speed.plan("6M", everything, quick=True))
+
+
+def test_quality_compares_each_form_with_its_fp32_twin_paired_by_seed(bench):
+    quality = bench["quality"]
+    runs = [
+        quality.Run("adamw", 0, eval_steps=[10], eval_loss=[4.0], state_bytes=8, num_params=1),
+        quality.Run("adamw", 1, eval_steps=[10], eval_loss=[5.0], state_bytes=8, num_params=1),
+        quality.Run("adamw_smmf", 0, eval_steps=[10], eval_loss=[4.2], state_bytes=1, num_params=1),
+        quality.Run("adamw_smmf", 1, eval_steps=[10], eval_loss=[5.0], state_bytes=1, num_params=1),
+        quality.Run("adamw_8bit", 0, eval_steps=[10], eval_loss=[4.0], state_bytes=2, num_params=1),
+    ]
+    rows = {r["name"]: r for r in quality.summarize(runs, ["adamw", "adamw_smmf", "adamw_8bit"])}
+    assert "vs_twin" not in rows["adamw"]
+    assert rows["adamw_smmf"]["twin"] == "adamw" and rows["adamw_smmf"]["bar"] == 0.03
+    assert rows["adamw_smmf"]["vs_twin"] == pytest.approx((0.05 + 0.0) / 2)  # per seed, then the mean
+    assert rows["adamw_8bit"]["bar"] == 0.01 and rows["adamw_8bit"]["vs_twin"] == pytest.approx(0.0)
+    assert quality.twin_of("ademamix_factored") == ("ademamix", 0.03) and quality.twin_of("adan") is None
+
+
+def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
+    import json
+
+    machine = {"cpu": "cpu", "cores": 2, "torch": "2", "git_commit": "abc", "load_average_1_5_15": [1.0, 1, 1]}
+    rows = [
+        {"size": "25M", "label": "torch AdamW foreach", "ratio_foreach": 1.0},
+        {"size": "25M", "label": "adamw_8bit", "ratio_foreach": 1.5},
+        {"size": "100M", "label": "adamw_8bit", "ratio_foreach": 1.4},
+    ]
+    (tmp_path / "speed.json").write_text(json.dumps({"machine": machine, "rows": rows}))
+    memory = {"hfoptim": [{"name": "adamw_8bit", "bytes_per_param": 2.03}], "peers": []}
+    memory["peers"].append({"name": "torch AdamW", "bytes_per_param": 8.0})
+    (tmp_path / "memory.json").write_text(json.dumps({"machine": machine, **memory}))
+    summary = [{"name": "adamw_8bit", "final_mean": 4.5, "final_std": 0.1, "vs_twin": -0.002}]
+    (tmp_path / "quality.json").write_text(json.dumps({"machine": machine, "seeds": [0, 1, 2], "summary": summary}))
+    text = bench["summary"].table(tmp_path)
+    assert "| torch AdamW (foreach) | 8.00 | 1.00x |  |  |  |" in text
+    assert "| adamw_8bit | 2.03 | 1.50x | 1.40x | 4.500 ± 0.100 | -0.2% |" in text
+    assert "| adan |  |  |  |  |  |" in text  # in no result file: an empty row
+    assert "hfoptim abc" in text and "final val loss (3 seeds)" in text

@@ -104,8 +104,9 @@ def test_matches_pytorch_optimizer_lookahead(inner):
     """Anchor: pytorch_optimizer.Lookahead (pullback_momentum='none') over the same inner
     optimizer. Intended difference: it copies the slow weights in __init__, we at the first step;
     the values are the same when nothing moves the weights in between."""
-    make_inner = (lambda ps: hfoptim.AdamW(ps, **ADAMW)) if inner == "hfoptim" else (
-        lambda ps: torch.optim.AdamW(ps, **ADAMW))
+    make_inner = (
+        (lambda ps: hfoptim.AdamW(ps, **ADAMW)) if inner == "hfoptim" else (lambda ps: torch.optim.AdamW(ps, **ADAMW))
+    )
     compare_with_anchor(
         lambda ps: Lookahead(make_inner(ps), k=4, alpha=0.4),
         lambda ps: POLookahead(make_inner(ps), k=4, alpha=0.4),
@@ -181,8 +182,15 @@ def test_load_errors_are_clear():
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [({"k": 0}, "k"), ({"k": 2.5}, "k"), ({"k": True}, "k"), ({"alpha": 0.0}, "alpha"),
-     ({"alpha": 1.5}, "alpha"), ({"alpha": "0.5"}, "alpha"), ({"alpha": float("nan")}, "alpha")],
+    [
+        ({"k": 0}, "k"),
+        ({"k": 2.5}, "k"),
+        ({"k": True}, "k"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": "0.5"}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+    ],
 )
 def test_invalid_k_and_alpha(kwargs, name):
     with pytest.raises(hfoptim.HyperparameterError, match=f"Lookahead {name}="):
@@ -261,8 +269,9 @@ def test_trainer_resume_mid_period_equals_an_uninterrupted_run(tmp_path):
 
     common = dict(optim="adamw_lookahead", optim_args="lookahead_k=2,lookahead_alpha=0.5", max_steps=6)
     whole = train(tmp_path / "whole", save_strategy="steps", save_steps=3, **common)
-    resumed = train(tmp_path / "resumed", model=tiny_llama(seed=7), resume=str(tmp_path / "whole" / "checkpoint-3"),
-                    **common)
+    resumed = train(
+        tmp_path / "resumed", model=tiny_llama(seed=7), resume=str(tmp_path / "whole" / "checkpoint-3"), **common
+    )
     opt = inner_optimizer(resumed)
     assert isinstance(opt, Lookahead) and set(opt.steps.values()) == {6} and opt.k == 2
     assert_same_training_state(whole, resumed)

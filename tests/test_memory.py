@@ -124,8 +124,14 @@ def test_estimate_equals_the_measurement(name, kwargs):
 def test_estimate_from_a_transformers_config_allocates_nothing_and_matches_a_real_model():
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
     )
     predicted = memory.estimate(config, "ademamix_8bit")
     torch.manual_seed(0)

@@ -36,8 +36,10 @@ def test_adapnm_matches_paper_reference(amsgrad):
 def test_parity_is_per_parameter(make, make_ref, foreach):
     """A parameter that gets its first gradient one step late alternates on its own parity,
     even inside one multi-tensor bucket with parameters on the other parity."""
-    init = [torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i, s in
-            enumerate([(5,), (3, 4)])]
+    init = [
+        torch.randn(s, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+        for i, s in enumerate([(5,), (3, 4)])
+    ]
     params = [torch.nn.Parameter(x.clone()) for x in init]
     refs_p = [x.clone() for x in init]
     opt, refs = make(params, foreach), [make_ref(), make_ref()]
@@ -74,7 +76,12 @@ def test_defaults_follow_official_code():
     assert (g["betas"], g["weight_decay"], g["weight_decay_mode"]) == ((0.9, 1.0), 0.0, "decoupled")
     g = hfoptim.AdaPNM(p).param_groups[0]
     assert (g["lr"], g["betas"], g["eps"], g["amsgrad"], g["weight_decay_mode"]) == (
-        1e-3, (0.9, 0.999, 1.0), 1e-8, True, "decoupled")
+        1e-3,
+        (0.9, 0.999, 1.0),
+        1e-8,
+        True,
+        "decoupled",
+    )
 
 
 def test_pnm_matches_pytorch_optimizer():

@@ -25,12 +25,19 @@ from hfoptim.state.dynamic_code import SIGNED, UNSIGNED, decode_codes
 #: ending in a short block, rows shorter than a block
 SHAPES = [(64, 512), (48, 300), (4096,), (3000,), (40, 100)]
 HP = dict(lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
+#: non-default hyperparameters of the rules whose betas or options differ from AdamW's
+RULE_HP = {
+    "ademamix": dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0),
+    "adan": dict(HP, betas=(0.9, 0.9, 0.98)),
+    "adapnm": dict(HP, betas=(0.85, 0.98, 0.8)),
+    "adafactor": dict(lr=3e-3, weight_decay=0.05, beta1=0.9),
+}
 
 
 def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **kwargs):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
-    hp = dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0) if name.startswith("ademamix") else HP
+    hp = RULE_HP.get(name.rsplit("_", 1)[0], HP)
     opt = hfoptim.create_optimizer(params, name, compile=compile, state_min_numel=256, **hp, **kwargs)
     for t in range(1, steps + 1):
         gen = torch.Generator().manual_seed(t)
@@ -44,7 +51,12 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit", "adamw_bf16"])
+@pytest.mark.parametrize(
+    # adan: its first-step guard, adapnm: its step-parity swap and adafactor: its relative step
+    # read the step, which is a traced tensor here (a Python branch on it breaks the graph)
+    "name",
+    ["adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16"],
+)
 def test_compiled_path_agrees_with_the_plain_path(name):
     from torch._dynamo.utils import counters
 

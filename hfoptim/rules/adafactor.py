@@ -4,8 +4,18 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..core.hparams import HP
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Rule, Slot
+
+
+def _relative_step(t, lr):
+    """``min(lr, 1/sqrt(t))``; for a traced 0-d step tensor (the compiled path) as tensor
+    operations (``math.sqrt`` would read the tensor's value and break the traced graph)."""
+    if isinstance(t, torch.Tensor):
+        return t.to(torch.float32).rsqrt().clamp_max(lr)
+    return min(lr, 1.0 / math.sqrt(t))
 
 
 class AdafactorRule(Rule):
@@ -107,9 +117,9 @@ class AdafactorRule(Rule):
     def _step_size(ctx, p):
         """``alpha_t`` per tensor: the relative step, times ``max(eps2, RMS(X_{t-1}))``."""
         group = ctx.group
-        lr = float(group["lr"])
+        lr = ctx.lr  # group["lr"], or on the compiled path a traced 0-d tensor (no recompiling per schedule step)
         if group["relative_step"]:
-            rho = ctx.per_step(lambda t: min(lr, 1.0 / math.sqrt(t)))
+            rho = ctx.per_step(lambda t: _relative_step(t, lr))
         else:
             rho = lr
         if not group["scale_parameter"]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..core.hparams import HP
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Rule, Slot
 from ..core.tensorlist import TensorList
@@ -21,14 +23,31 @@ def _pn_betas(default: tuple) -> HP:
     return HP(default, kind="floats", low=0.0, length=len(default), check=check)
 
 
-def positive_negative(ctx, s, first: str, second: str) -> tuple[TensorList, TensorList]:
-    """Per parameter, by the parity of ITS step count: on odd steps slot ``first`` is the
-    positive momentum (updated now) and ``second`` the negative one; on even steps they swap.
-    The lists hold the slots' own tensors, so in-place updates reach the state."""
+def pnm_momentum(ctx, s, first: str, second: str, g: TensorList, beta1: float, beta0: float) -> TensorList:
+    """Update this step's momentum and return the combination
+    ``((1 + beta0) m_pos - beta0 m_neg) / noise_norm(beta0)``. Per parameter, by the parity of
+    ITS step count: on odd steps slot ``first`` is the positive momentum (updated now,
+    ``m <- beta1^2 m + (1 - beta1^2) g``) and ``second`` the negative one; on even steps they
+    swap.
+
+    On the compiled path (one parameter, its step a traced 0-d tensor) the choice is made by
+    arithmetic, not by a Python branch on the step (which would break the traced graph): both
+    slots take the EMA step with weight ``(1 - beta1^2)`` times 1 or 0 (a lerp by 0 leaves a value
+    as it is), and the combination weights are ``(1 + beta0, -beta0)`` or the reverse."""
     a, b = getattr(s, first), getattr(s, second)
-    pos = [x if t % 2 == 1 else y for t, x, y in zip(ctx.steps, a, b)]
-    neg = [y if t % 2 == 1 else x for t, x, y in zip(ctx.steps, a, b)]
-    return TensorList(pos, a.foreach), TensorList(neg, a.foreach)
+    weight = 1 - beta1**2
+    if not any(isinstance(t, torch.Tensor) for t in ctx.steps):
+        pos = TensorList([x if t % 2 == 1 else y for t, x, y in zip(ctx.steps, a, b)], a.foreach)
+        neg = TensorList([y if t % 2 == 1 else x for t, x, y in zip(ctx.steps, a, b)], a.foreach)
+        pos.lerp_(g, weight)
+        return (pos * (1 + beta0)).sub_(neg, alpha=beta0).div_(noise_norm(beta0))
+    (t,), (x,), (y,), (grad,) = ctx.steps, a.tensors, b.tensors, g.tensors
+    odd = (t % 2).to(grad.dtype)  # 1 on odd steps, 0 on even ones
+    x.lerp_(grad, weight * odd)
+    y.lerp_(grad, weight * (1 - odd))
+    on_first = odd * (1 + 2 * beta0) - beta0  # 1 + beta0 on odd steps, -beta0 on even ones (the weights sum to 1)
+    combined = (x * on_first).add_(y * (1 - on_first)).div_(noise_norm(beta0))
+    return TensorList([combined], a.foreach)
 
 
 def noise_norm(beta0: float) -> float:
@@ -69,9 +88,7 @@ class PNMRule(Rule):
 
     def update(self, ctx, p, g, s):
         b1, b0 = ctx.group["betas"]
-        pos, neg = positive_negative(ctx, s, "pos_momentum", "neg_momentum")
-        pos.lerp_(g, 1 - b1**2)
-        return (pos * (1 + b0)).sub_(neg, alpha=b0).div_(noise_norm(b0))
+        return pnm_momentum(ctx, s, "pos_momentum", "neg_momentum", g, b1, b0)
 
 
 class AdaPNMRule(Rule):
@@ -118,14 +135,12 @@ class AdaPNMRule(Rule):
 
     def update(self, ctx, p, g, s):
         b1, b2, b0 = ctx.group["betas"]
-        pos, neg = positive_negative(ctx, s, "exp_avg", "neg_exp_avg")
-        pos.lerp_(g, 1 - b1**2)
+        num = pnm_momentum(ctx, s, "exp_avg", "neg_exp_avg", g, b1, b0)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
         second = s.exp_avg_sq
         if ctx.group["amsgrad"]:
             s.max_exp_avg_sq.maximum_(s.exp_avg_sq)
             second = s.max_exp_avg_sq
-        num = (pos * (1 + b0)).sub_(neg, alpha=b0).div_(noise_norm(b0))
         num.div_(ctx.bias_correction(b1))
         v_hat = second / ctx.bias_correction(b2)
         return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
