@@ -1,6 +1,6 @@
 """Optimizer step time on transformer-shaped parameter sets, as ratios to torch AdamW.
 
-    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 10 minutes on 2 cores)
+    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 12 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick    # a smoke run: 6M, a few names, 3 rounds
 
 Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSNorm weights; see
@@ -17,8 +17,9 @@ Measured, to keep the run bounded:
   ``_shared`` forms; AdamW, AdEMAMix and Adan also with ``_8bit`` state and AdamW with ``_bf16``,
   on the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``), AdamW's also on
   the plain one (``compile=off``); every peer;
-* 25M: AdamW, AdEMAMix, Adan and Adafactor with their storage forms (bf16 aside) and their peers
-  (the other rules' ratios at 6M carry over: they are elementwise ``foreach`` steps like these);
+* 25M: AdamW, AdEMAMix, Adan and Adafactor with their storage forms (bf16 aside; AdamW's 8-bit
+  also on the plain path) and their peers (the other rules' ratios at 6M carry over: they are
+  elementwise ``foreach`` steps like these);
 * 100M: AdamW, AdEMAMix and Adan with default and 8-bit state, their fastest peers (``LARGE``).
 
 The other rules' 8-bit and bf16 forms are left out: each rule and form compiles for up to a
@@ -32,7 +33,8 @@ importable. Default hyperparameters everywhere except ``lr=1e-3``. One torch thr
 slower thread and step times swing by an order of magnitude, while single-threaded ratios repeat.
 
 Writes ``results/speed.json``, ``results/speed.md`` and ``results/speed_scaling.png``
-(``speed_quick.*`` with ``--quick``).
+(``speed_quick.*`` with ``--quick``), and in BENCHMARKS.md the speed section and the low-bit
+table (:func:`markdown_8bit`: hfoptim's 8-bit forms next to bitsandbytes and torchao).
 """
 
 from __future__ import annotations
@@ -265,7 +267,7 @@ def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]
             c
             for c in everything
             if (c.algorithm in CORE or c.algorithm == "adafactor")
-            and "compile=off" not in c.label
+            and ("compile=off" not in c.label or c.label == "adamw_8bit compile=off")
             and c.state != "bf16"
             and "for-loop" not in c.label
             and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8")
@@ -421,6 +423,40 @@ def markdown(record: dict, level: int = 1, details: bool = False, plot_path: str
     return "\n".join(lines) + "\n"
 
 
+def markdown_8bit(record: dict, level: int = 3) -> str:
+    """The low-bit rows of the run in one table: hfoptim's 8-bit forms (compiled, and AdamW's on
+    the plain path) next to bitsandbytes' and torchao's low-bit optimizers and the same algorithms
+    with fp32 state, as ratios to torch AdamW foreach at every size."""
+    rows = [Row(**r) for r in record["rows"]]
+    sizes = record["sizes"]
+
+    def wanted(r: Row) -> bool:
+        dense_core = r.state in ("default", "fp32") and r.algorithm in CORE and "for-loop" not in r.label
+        return r.state in ("8bit", "4bit", "fp8") or dense_core
+
+    by_label: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        if wanted(r):
+            by_label.setdefault(r.label, {})[r.size] = r
+    lines = [
+        f"{'#' * level} Low-bit optimizer step time (ratio to torch AdamW foreach)",
+        "",
+        f'From the run above (`{record["command"]}`). "first step s" is the largest set\'s first step,',
+        "compilation included (hfoptim: one kernel per rule and tensor shape; torchao: one per tensor).",
+        "",
+        "| optimizer | library | state | "
+        + " | ".join(f"{s} ({_numel(rows, s)})" for s in sizes)
+        + " | first step s |",
+        "|---|---|---|" + "---:|" * len(sizes) + "---:|",
+    ]
+    for label, per in by_label.items():
+        first = next(iter(per.values()))
+        last = per[max(per, key=sizes.index)]
+        cells = [_cell(per.get(s)) for s in sizes] + [_fmt(last.first_step_s, ".1f")]
+        lines.append(f"| {label} | {first.library} | {first.state} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _numel(rows: list[Row], size: str) -> str:
     n = next(r.numel for r in rows if r.size == size)
     return f"{n / 1e6:.1f}M"
@@ -535,6 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         relative = f"benchmarks/results/{png.name}" if len(sizes) > 1 else None
         if update_report("speed", markdown(record, level=3, details=True, plot_path=relative)):
             log("updated the speed section of BENCHMARKS.md")
+        if update_report("speed_8bit", markdown_8bit(record)):
+            log("updated the low-bit speed section of BENCHMARKS.md")
     print(markdown(record))
     log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
     return 0

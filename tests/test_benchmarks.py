@@ -91,6 +91,28 @@ def test_plans_bound_the_large_sizes(bench):
     assert big and all(c.algorithm in speed.CORE for c in big)
     assert len(speed.plan("6M", everything, quick=False)) == len(everything)
     assert all(c.label in speed.QUICK for c in speed.plan("6M", everything, quick=True))
+    mid = {c.label for c in speed.plan("25M", everything, quick=False)}
+    assert {"adamw_8bit", "adamw_8bit compile=off", "ademamix_8bit", "adan_8bit", "adafactor"} <= mid
+    assert not any(label.startswith(("lamb", "adamw_bf16")) for label in mid)
+
+
+def test_low_bit_table_shows_the_8bit_rows_and_their_dense_twins_at_every_size(bench):
+    speed = bench["speed"]
+
+    def row(size, label, library, algorithm, state, ratio):
+        return speed.asdict(speed.Row(size, 10**6, label, library, algorithm, state, ratio_foreach=ratio))
+
+    rows = [
+        row("6M", "torch AdamW foreach", "torch", "adamw", "fp32", 1.0),
+        row("6M", "adamw_8bit", "hfoptim", "adamw", "8bit", 1.5),
+        row("25M", "adamw_8bit", "hfoptim", "adamw", "8bit", 1.4),
+        row("6M", "lamb", "hfoptim", "lamb", "default", 2.0),
+        row("6M", "torchao AdamW4bit", "torchao", "adamw", "4bit", 9.0),
+    ]
+    text = speed.markdown_8bit({"rows": rows, "sizes": ["6M", "25M"], "command": "python benchmarks/speed.py"})
+    assert "| adamw_8bit | hfoptim | 8bit | 1.50 | 1.40 |" in text
+    assert "| torchao AdamW4bit | torchao | 4bit | 9.00 |  |" in text
+    assert "| torch AdamW foreach |" in text and "lamb" not in text
 
 
 def test_quality_compares_each_form_with_its_fp32_twin_paired_by_seed(bench):
