@@ -439,10 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(record, png)
     text = markdown(record, plot_path=png.name)
     (out / f"{stem}.md").write_text(text)
-    if not args.quick and not args.names and out.resolve() == RESULTS_DIR.resolve():
-        section = "quality_long" if args.long else "quality"
-        if update_report(section, markdown(record, level=3, plot_path=f"benchmarks/results/{png.name}")):
-            log(f"updated the {section} section of BENCHMARKS.md")
+    if not args.quick and not args.long and not args.names and out.resolve() == RESULTS_DIR.resolve():
+        if update_report("quality", markdown(record, level=3, plot_path=f"benchmarks/results/{png.name}")):
+            log("updated the quality section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
     return 0
