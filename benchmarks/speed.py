@@ -385,9 +385,7 @@ def markdown(record: dict, level: int = 1, details: bool = False, plot_path: str
         f"{hh} How the cost grows with size (ratio to torch AdamW foreach)",
         "",
     ]
-    by_label: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        by_label.setdefault(r.label, {})[r.size] = r
+    by_label = _by_label(rows)
     shown = [label for label, per in by_label.items() if len(per) == len(sizes) or len(sizes) == 1]
     lines.append("| optimizer | state | " + " | ".join(f"{s} ({_numel(rows, s)})" for s in sizes) + " |")
     lines.append("|---|---|" + "---:|" * len(sizes))
@@ -434,10 +432,7 @@ def markdown_8bit(record: dict, level: int = 3) -> str:
         dense_core = r.state in ("default", "fp32") and r.algorithm in CORE and "for-loop" not in r.label
         return r.state in ("8bit", "4bit", "fp8") or dense_core
 
-    by_label: dict[str, dict[str, Row]] = {}
-    for r in rows:
-        if wanted(r):
-            by_label.setdefault(r.label, {})[r.size] = r
+    by_label = _by_label([r for r in rows if wanted(r)])
     lines = [
         f"{'#' * level} Low-bit optimizer step time (ratio to torch AdamW foreach)",
         "",
@@ -455,6 +450,14 @@ def markdown_8bit(record: dict, level: int = 3) -> str:
         cells = [_cell(per.get(s)) for s in sizes] + [_fmt(last.first_step_s, ".1f")]
         lines.append(f"| {label} | {first.library} | {first.state} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _by_label(rows: list[Row]) -> dict[str, dict[str, Row]]:
+    """label -> size -> row, labels in their first appearance's order."""
+    out: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        out.setdefault(r.label, {})[r.size] = r
+    return out
 
 
 def _numel(rows: list[Row], size: str) -> str:
