@@ -204,21 +204,31 @@ def interleaved(
     min_rounds: int = 3,
 ) -> Paired:
     """Time ``candidate`` and every baseline in ``rounds`` rounds; within a round each runs a
-    block of steps back to back, the order rotating from round to round. With
-    ``budget_seconds``, slow candidates get fewer rounds (never fewer than ``min_rounds``)."""
+    block of steps back to back (about ``target_seconds`` long; one step when it is 0, with no
+    calibration call), the order rotating from round to round. With ``budget_seconds``, slow
+    candidates get fewer rounds (never fewer than ``min_rounds``), judged by a calibration call
+    or, without one, by the first round."""
     runners = {"": candidate, **baselines}
-    calibrated = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
-    steps = {k: n for k, (n, _) in calibrated.items()}
-    if budget_seconds is not None:
+    if target_seconds > 0:
+        calibrated = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
+        steps = {k: n for k, (n, _) in calibrated.items()}
         round_seconds = sum(n * once for n, once in calibrated.values())
-        rounds = max(min(rounds, min_rounds), min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
+    else:
+        steps = dict.fromkeys(runners, 1)
+        round_seconds = None
     out = Paired(baselines={k: [] for k in baselines})
     keys = list(runners)
-    for r in range(rounds):
+    r = 0
+    while r < rounds:
         order = keys[r % len(keys) :] + keys[: r % len(keys)]
         for k in order:
             seconds = time_steps(runners[k], steps[k])
             (out.candidate if k == "" else out.baselines[k]).append(seconds)
+        if r == 0 and budget_seconds is not None:
+            if round_seconds is None:
+                round_seconds = out.candidate[0] + sum(v[0] for v in out.baselines.values())
+            rounds = max(min(rounds, min_rounds), min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
+        r += 1
     return out
 
 

@@ -11,7 +11,8 @@
    and the two must agree (a mismatch is printed in the table). The peers (torch AdamW,
    pytorch_optimizer, bitsandbytes 32-bit and 8-bit, torchao low-bit AdamW when importable) are
    measured on the real tensors by walking ``optimizer.state`` (tensor subclasses such as
-   torchao's by their inner tensors). Tensors below 4096 elements keep
+   torchao's by their inner tensors; torchao's step runs uncompiled here, see
+   :func:`uncompiled`). Tensors below 4096 elements keep
    fp32 state in hfoptim and bitsandbytes alike, so the 8-bit numbers include those.
 2. **Estimated per GPU**: a Llama-3.2-1B-shaped and a Llama-2-7B-shaped config built from
    ``LlamaConfig`` on the meta device (nothing allocated, nothing downloaded), bf16 mixed
@@ -25,12 +26,14 @@ Writes ``results/memory.json`` and ``results/memory.md`` (``memory_quick.*`` wit
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
 import warnings
 from functools import partial
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -230,6 +233,16 @@ def _inner_needs_loss(optimizer) -> bool:
     return bool(getattr(getattr(inner, "rule", None), "needs_loss", False))
 
 
+@contextlib.contextmanager
+def uncompiled():
+    """Run code that calls ``torch.compile(fn, ...)(...)`` in its step (torchao's low-bit
+    optimizers do, per parameter) with ``fn`` itself. The state it allocates is the same tensor
+    subclasses either way; compiling them would cost about 25 seconds per optimizer and shape
+    here, for one step whose numbers are not what is measured."""
+    with mock.patch.object(torch, "compile", lambda fn, **options: fn):
+        yield
+
+
 def measure_peers(labels: list[str], params: list[torch.nn.Parameter], log) -> list[dict]:
     numel = sum(p.numel() for p in params)
     available = peers()
@@ -238,7 +251,7 @@ def measure_peers(labels: list[str], params: list[torch.nn.Parameter], log) -> l
         library, algorithm, factory = available[label]
         row = {"name": label, "library": library, "algorithm": algorithm, "params": numel}
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), uncompiled() if library == "torchao" else contextlib.nullcontext():
                 warnings.simplefilter("ignore")
                 optimizer = factory(params)
                 optimizer.step()

@@ -11,20 +11,24 @@ the median over rounds of (candidate time / baseline time in the same round). Ab
 milliseconds are reported too but move with the machine's load and malloc settings; the ratios
 are what to compare.
 
-Measured, to keep the run bounded:
+Measured, to keep the run bounded (about 11 minutes of timing and 4 of compiling from an empty
+inductor cache):
 
 * 6M: every hfoptim base name with its default state and its ``_factored``, ``_smmf`` and
-  ``_shared`` forms; AdamW, AdEMAMix and Adan also with ``_8bit`` state and AdamW with ``_bf16``,
-  on the default compiled path (``compile="auto"``, see ``hfoptim.core.fused``), AdamW's also on
-  the plain one (``compile=off``); every peer;
-* 25M: AdamW, AdEMAMix, Adan and Adafactor with their storage forms (bf16 aside; AdamW's 8-bit
-  also on the plain path) and their peers (the other rules' ratios at 6M carry over: they are
-  elementwise ``foreach`` steps like these);
+  ``_shared`` forms; AdamW also with ``_8bit`` and ``_bf16`` state, on the default compiled path
+  (``compile="auto"``, see ``hfoptim.core.fused``) and on the plain one (``compile=off``); every
+  peer, torchao's three low-bit AdamWs included;
+* 25M: AdamW, AdEMAMix, Adan and Adafactor with their default, ``_8bit`` (compiled),
+  ``_factored`` and ``_smmf`` state, and their peers (torchao: AdamW8bit). The other rules'
+  ratios at 6M carry over: they are elementwise ``foreach`` steps like these;
 * 100M: AdamW, AdEMAMix and Adan with default and 8-bit state, their fastest peers (``LARGE``).
 
-The other rules' 8-bit and bf16 forms are left out: each rule and form compiles for up to a
-minute per tensor shape, and their codec cost is the one the core rules show. "first step s"
-includes that compilation (the inductor cache on disk makes a second run's much shorter).
+Left out because each costs compile time or minutes of slow steps without a new finding: the other
+rules' 8-bit and bf16 forms (each rule and form compiles for up to a minute per tensor shape, and
+their codec cost is the one the core rules show); AdEMAMix's and Adan's 8-bit forms at 6M; the
+plain 8-bit path above 6M (its cost grows like the other plain steps); torchao at 100M (a minute
+of compiling and 4 s steps; its ratio at 6M and 25M is 7-10x). "first step s" includes the
+compilation (the inductor cache on disk makes a second run's much shorter).
 Rounds: 5 / 5 / 3 by size, fewer (never under 3) for a candidate whose rounds would exceed the
 size's time budget. Peers implementing the same algorithm: torch.optim, pytorch_optimizer
 (``foreach=True``), bitsandbytes (32-bit and 8-bit) and torchao's low-bit AdamW when
@@ -249,26 +253,27 @@ LARGE = (
     "pytorch_optimizer AdEMAMix",
     "pytorch_optimizer Adan",
     "bitsandbytes AdamW8bit",
-    "bitsandbytes AdEMAMix 32-bit",
     "bitsandbytes AdEMAMix8bit",
-    "torchao AdamW8bit",
 )
+#: compiled forms timed only from 25M on (at 6M AdamW's show the compiled path against the plain one)
+NOT_AT_6M = ("ademamix_8bit", "adan_8bit")
 
 
 def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]:
-    """Which candidates run at ``size``: everything at 6M; at 25M AdamW, AdEMAMix, Adan and
-    Adafactor with their storage forms (compiled path only) and their peers; at 100M :data:`LARGE`."""
+    """Which candidates run at ``size`` (see the module docstring): everything but
+    :data:`NOT_AT_6M` at 6M; at 25M AdamW, AdEMAMix, Adan and Adafactor with their default,
+    8-bit (compiled), factored and SMMF state and their peers; at 100M :data:`LARGE`."""
     if quick:
         return [c for c in everything if c.label in QUICK]
     if size == "6M":
-        return everything
+        return [c for c in everything if c.label not in NOT_AT_6M]
     if size == "25M":
         return [
             c
             for c in everything
             if (c.algorithm in CORE or c.algorithm == "adafactor")
-            and ("compile=off" not in c.label or c.label == "adamw_8bit compile=off")
-            and c.state != "bf16"
+            and "compile=off" not in c.label
+            and c.state not in ("bf16", "shared")
             and "for-loop" not in c.label
             and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8")
         ]
@@ -384,9 +389,12 @@ def markdown(record: dict, level: int = 1, details: bool = False, plot_path: str
         "",
         f"{hh} How the cost grows with size (ratio to torch AdamW foreach)",
         "",
+        "Every optimizer timed at two sizes or more; a blank cell was not timed at that size (see "
+        "`benchmarks/speed.py` for what runs where).",
+        "",
     ]
     by_label = _by_label(rows)
-    shown = [label for label, per in by_label.items() if len(per) == len(sizes) or len(sizes) == 1]
+    shown = [label for label, per in by_label.items() if len(per) >= min(2, len(sizes))]
     lines.append("| optimizer | state | " + " | ".join(f"{s} ({_numel(rows, s)})" for s in sizes) + " |")
     lines.append("|---|---|" + "---:|" * len(sizes))
     for label in shown:
