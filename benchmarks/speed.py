@@ -1,6 +1,6 @@
 """Optimizer step time on transformer-shaped parameter sets, as ratios to torch AdamW.
 
-    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 12 minutes on 2 quiet cores)
+    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 9 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick    # a smoke run: 6M, a few names, 3 rounds
 
 Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSNorm weights; see
@@ -11,15 +11,14 @@ the median over rounds of (candidate time / baseline time in the same round). Ab
 milliseconds are reported too but move with the machine's load and malloc settings; the ratios
 are what to compare.
 
-Measured, to keep the run bounded (about 11 minutes of timing and 4 of compiling from an empty
-inductor cache):
+Measured, to keep the run bounded:
 
 * 6M: every hfoptim base name with its default state and its ``_factored``, ``_smmf`` and
   ``_shared`` forms; AdamW also with ``_8bit`` and ``_bf16`` state, on the default compiled path
   (``compile="auto"``, see ``hfoptim.core.fused``) and on the plain one (``compile=off``); every
   peer, torchao's three low-bit AdamWs included;
 * 25M: AdamW, AdEMAMix, Adan and Adafactor with their default, ``_8bit`` (compiled),
-  ``_factored`` and ``_smmf`` state, and their peers (torchao: AdamW8bit). The other rules'
+  ``_factored``, ``_smmf`` and ``_shared`` state, and their peers (torchao: AdamW8bit). The other rules'
   ratios at 6M carry over: they are elementwise ``foreach`` steps like these;
 * 100M: AdamW, AdEMAMix and Adan with default and 8-bit state, their fastest peers (``LARGE``).
 
@@ -262,7 +261,7 @@ NOT_AT_6M = ("ademamix_8bit", "adan_8bit")
 def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]:
     """Which candidates run at ``size`` (see the module docstring): everything but
     :data:`NOT_AT_6M` at 6M; at 25M AdamW, AdEMAMix, Adan and Adafactor with their default,
-    8-bit (compiled), factored and SMMF state and their peers; at 100M :data:`LARGE`."""
+    8-bit (compiled), factored, SMMF and shared-v state and their peers; at 100M :data:`LARGE`."""
     if quick:
         return [c for c in everything if c.label in QUICK]
     if size == "6M":
@@ -273,7 +272,7 @@ def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]
             for c in everything
             if (c.algorithm in CORE or c.algorithm == "adafactor")
             and "compile=off" not in c.label
-            and c.state not in ("bf16", "shared")
+            and c.state != "bf16"
             and "for-loop" not in c.label
             and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8")
         ]

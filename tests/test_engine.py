@@ -248,3 +248,21 @@ def test_pickle_round_trip():
     run("adamw_cautious", opt, params, 2, start=3)
     run("adamw_cautious", loaded, loaded_params, 2, start=3)
     assert all(torch.equal(p, q) for p, q in zip(params, loaded_params))
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_tensorlist_in_place_forms_write_into_self_and_match_the_plain_ops(foreach):
+    from hfoptim.core.tensorlist import TensorList
+
+    gen = torch.Generator().manual_seed(0)
+    a = [torch.randn(5, 7, generator=gen), torch.randn(3, generator=gen)]
+    b = [torch.rand(5, 7, generator=gen) + 0.5, torch.rand(3, generator=gen) + 0.5]
+    x = TensorList([t.clone() for t in b], foreach)
+    ptrs = [t.data_ptr() for t in x]
+    x.rsub_(TensorList(a, foreach))  # x = a - b
+    assert [t.data_ptr() for t in x] == ptrs
+    assert all(torch.equal(t, ai - bi) for t, ai, bi in zip(x, a, b))
+    y = TensorList([t.clone() for t in b], foreach).rdiv_(TensorList(a, foreach))  # a / b
+    assert all(torch.equal(t, ai / bi) for t, ai, bi in zip(y, a, b))
+    z = TensorList([torch.empty_like(t) for t in a], foreach).set_scaled_(TensorList(a, foreach), [2.0, 0.5])
+    assert torch.equal(z[0], a[0] * 2.0) and torch.equal(z[1], a[1] * 0.5)

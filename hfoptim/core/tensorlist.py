@@ -124,7 +124,10 @@ class TensorList:
 
     def _run(self, name: str, inplace: bool, *args, **kwargs):
         """Apply ``torch.<name>`` (or its ``_foreach`` form) to every tensor."""
-        if self.foreach and name in _FOREACH:
+        # under torch.compile a 0-d tensor argument (a traced step or learning rate) turns some
+        # foreach kernels into a graph break (.item()); the loop traces, and inductor fuses it
+        traced_scalar = torch.compiler.is_compiling() and any(isinstance(a, torch.Tensor) for a in args)
+        if self.foreach and name in _FOREACH and not traced_scalar:
             fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
             fargs = [self._foreach_arg(a) for a in args]
             try:
@@ -168,6 +171,24 @@ class TensorList:
 
     def mul_(self, other: Arg) -> TensorList:
         return self._run("mul", True, other)
+
+    def rsub_(self, other: TensorList) -> TensorList:
+        """``self = other - self`` in one pass, in self's memory (no temporary)."""
+        for t, o in zip(self.tensors, other.tensors):
+            torch.sub(o, t, out=t)
+        return self
+
+    def rdiv_(self, other: TensorList) -> TensorList:
+        """``self = other / self`` in one pass, in self's memory (no temporary)."""
+        for t, o in zip(self.tensors, other.tensors):
+            torch.div(o, t, out=t)
+        return self
+
+    def set_scaled_(self, other: TensorList, scale: Arg) -> TensorList:
+        """``self = other * scale`` in one pass, in self's memory (no temporary)."""
+        for i, (t, o) in enumerate(zip(self.tensors, other.tensors)):
+            torch.mul(o, self._item(scale, i), out=t)
+        return self
 
     def div_(self, other: Arg) -> TensorList:
         inverse = _reciprocal(other)

@@ -45,9 +45,8 @@ class AdamWRule(Rule):
         b1, b2 = ctx.group["betas"]
         s.exp_avg.lerp_(g, 1 - b1)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-        if ctx.group["nesterov"]:
-            num = nesterov_numerator(ctx, s.exp_avg, g, b1)
-        else:
-            num = s.exp_avg / ctx.bias_correction(b1)
+        if not ctx.group["nesterov"]:
+            return ctx.adam_direction(s.exp_avg, s.exp_avg_sq, b1, b2, ctx.group["eps"])
+        num = nesterov_numerator(ctx, s.exp_avg, g, b1)
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
         return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

@@ -69,16 +69,18 @@ class AdanRule(Rule):
 
     def update(self, ctx, p, g, s):
         b1, b2, b3 = ctx.group["betas"]
+        # d = g - g_prev in the buffer of the previous gradient, which serves below as the
+        # denominator's scratch and takes g at the end: no full-size temporary but the update
+        # itself (a fresh temporary per tensor costs more than a pass over it: page faults)
+        d = s.prev_grad.rsub_(g)
         # d_1 = 0: the stored previous gradient does not exist yet at a parameter's first step
         has_previous = ctx.per_step(_after_first_step)
-        d = g - s.prev_grad
         if not isinstance(has_previous, float) or has_previous != 1.0:  # a first step, or traced
             d.mul_(has_previous)
-        s.prev_grad.copy_(g)
 
         s.exp_avg.lerp_(g, 1 - b1)
         s.exp_avg_diff.lerp_(d, 1 - b2)
-        if b2 > 0:  # (g + b2 d)^2 as b2^2 (d + g / b2)^2: one pass over d (not needed any more), not two
+        if b2 > 0:  # (g + b2 d)^2 as b2^2 (d + g / b2)^2: one pass over d, not two
             d.add_(g, alpha=1.0 / b2)
             s.exp_avg_sq.mul_(b3).addcmul_(d, d, value=(1 - b3) * b2 * b2)
         else:
@@ -87,5 +89,7 @@ class AdanRule(Rule):
         num = (s.exp_avg / ctx.bias_correction(b1)).add_scaled_(
             s.exp_avg_diff, ctx.per_step(lambda t: b2 / (1.0 - b2**t))
         )
-        v_hat = s.exp_avg_sq / ctx.bias_correction(b3)
-        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
+        v_hat = d.set_scaled_(s.exp_avg_sq, ctx.per_step(lambda t: 1.0 / (1.0 - b3**t)))
+        u = ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
+        s.prev_grad.copy_(g)
+        return u
