@@ -492,13 +492,14 @@ def plot(record: dict, path: Path) -> None:
     for r in rows:
         by_label.setdefault(r.label, {})[r.size] = r
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for label, per in by_label.items():
-        if len(per) < 2:
-            continue
+    shown = [(label, per) for label, per in by_label.items() if len(per) >= 2]
+    colors = plt.get_cmap("tab20").colors  # 20 colours x 4 markers: no two lines look alike
+    for i, (label, per) in enumerate(shown):
         xs = [per[s].numel / 1e6 for s in sizes if s in per]
         ys = [per[s].ratio_foreach for s in sizes if s in per]
         style = "-" if per[next(iter(per))].library == "hfoptim" else "--"
-        ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+        marker = "os^D"[(i // len(colors)) % 4]
+        ax.plot(xs, ys, style, color=colors[i % len(colors)], marker=marker, markersize=3, label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.axhline(1.0, color="black", linewidth=0.8)
