@@ -212,23 +212,25 @@ def interleaved(
     if target_seconds > 0:
         calibrated = {k: calibrate(f, target_seconds, max_steps) for k, f in runners.items()}
         steps = {k: n for k, (n, _) in calibrated.items()}
-        round_seconds = sum(n * once for n, once in calibrated.values())
     else:
         steps = dict.fromkeys(runners, 1)
-        round_seconds = None
     out = Paired(baselines={k: [] for k in baselines})
     keys = list(runners)
-    r = 0
-    while r < rounds:
-        order = keys[r % len(keys) :] + keys[: r % len(keys)]
-        for k in order:
+
+    def one_round(r: int) -> None:
+        for k in keys[r % len(keys) :] + keys[: r % len(keys)]:
             seconds = time_steps(runners[k], steps[k])
             (out.candidate if k == "" else out.baselines[k]).append(seconds)
-        if r == 0 and budget_seconds is not None:
-            if round_seconds is None:
-                round_seconds = out.candidate[0] + sum(v[0] for v in out.baselines.values())
-            rounds = max(min(rounds, min_rounds), min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
-        r += 1
+
+    one_round(0)
+    if budget_seconds is not None:
+        if target_seconds > 0:
+            round_seconds = sum(n * once for n, once in calibrated.values())
+        else:
+            round_seconds = out.candidate[0] + sum(v[0] for v in out.baselines.values())
+        rounds = max(min(rounds, min_rounds), min(rounds, int(budget_seconds / max(round_seconds, 1e-9))))
+    for r in range(1, rounds):
+        one_round(r)
     return out
 
 
