@@ -29,6 +29,7 @@ from transformers import HfArgumentParser, set_seed
 
 import hfoptim
 from hfoptim import embedded
+from hfoptim.integrations.transformers.sharding import requested_sharding
 from hfoptim.memory import state_bytes
 
 logger = logging.getLogger("hfoptim.recipes")
@@ -116,8 +117,9 @@ def parse_args(script_dataclasses: tuple, argv: list[str] | None = None):
 def _multi_process_cpu() -> None:
     """Launched with several processes on a machine without an accelerator (accelerate_configs/
     multi_cpu.yaml, torchrun): make the processes one gloo group on CPU instead of N independent
-    single-process runs."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+    single-process runs. With a DeepSpeed / FSDP config (deepspeed_zero*.yaml, fsdp2.yaml) the
+    arguments set up that sharding on CPU instead (``HFOptimTrainingArguments.cpu_sharding``)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() and requested_sharding() is None:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 

@@ -11,6 +11,7 @@ from .callbacks import OptimizerStateCallback
 from .loss import LossHandoff, find_engines
 from .names import OptimChoice, resolve_optim
 from .optim_args import AUTO, OptimArgsError, format_optim_args, parse_optim_args
+from .sharding import Sharding, ShardingNotEngaged, check_sharding, requested_sharding, setup_cpu_sharding
 from .trainer import HFOptimTrainer
 
 __all__ = [
@@ -25,5 +26,10 @@ __all__ = [
     "find_engines",
     "format_optim_args",
     "parse_optim_args",
+    "Sharding",
+    "ShardingNotEngaged",
+    "check_sharding",
+    "requested_sharding",
     "resolve_optim",
+    "setup_cpu_sharding",
 ]

@@ -23,6 +23,7 @@ from transformers import TrainingArguments
 from .names import TRANSFORMERS_PREFIX, OptimChoice, resolve_optim
 from .optim_args import format_optim_args, parse_optim_args
 from .plan import Override, check_plan, split_optim_args
+from .sharding import setup_cpu_sharding
 
 OPTIM_HELP = (
     "The optimizer: any hfoptim name (hfoptim.list_optimizers(), e.g. 'ademamix', 'adamw_8bit', "
@@ -34,6 +35,11 @@ OPTIM_ARGS_HELP = (
     "for values that follow the run (t_alpha=auto: total steps); '<selector>:<option>=<value>' for "
     "some parameters ('embeddings:state=fp32', 'lm_head:weight_decay=0'). For built-in optimizers, "
     "as in transformers."
+)
+CPU_SHARDING_HELP = (
+    "Without a GPU, run the DeepSpeed ZeRO / FSDP config of `accelerate launch` (or --deepspeed / --fsdp) really "
+    "sharded over the launched processes (gloo on CPU) instead of accelerate's silent DDP fallback. "
+    "See hfoptim.integrations.transformers.sharding."
 )
 
 
@@ -83,23 +89,44 @@ def normalize_optim(optim: Any, optim_args: Any, deepspeed: Any = None) -> tuple
     return choice, (format_optim_args(parsed) or None)
 
 
+def _with_configured_state(accelerator_config: Any) -> Any:
+    """``accelerator_config`` with ``use_configured_state=True`` (the state :func:`setup_cpu_sharding` made)."""
+    if accelerator_config is None:
+        return {"use_configured_state": True}
+    if isinstance(accelerator_config, str):
+        with open(accelerator_config, encoding="utf-8") as f:
+            accelerator_config = json.load(f)
+    if isinstance(accelerator_config, dict):
+        return {**accelerator_config, "use_configured_state": True}
+    accelerator_config.use_configured_state = True  # an AcceleratorConfig
+    return accelerator_config
+
+
 @dataclass
 class HFOptimTrainingArguments(TrainingArguments):
     """``TrainingArguments`` with hfoptim optimizers by name and typed ``optim_args``.
 
     ``optim`` accepts every hfoptim name and every transformers built-in (the built-ins behave
     exactly as in transformers; where both use a name it is hfoptim's, and the built-in is
-    ``"transformers:<name>"``). ``optim_args`` for an hfoptim name is a string (or a dict, stored
-    as the canonical string) of typed options: see :mod:`hfoptim.integrations.transformers.optim_args`
-    and :mod:`hfoptim.integrations.transformers.plan` for what the Trainer builds from them.
+    ``"transformers:<name>"``). ``cpu_sharding`` (default True): on a machine without a GPU, a
+    DeepSpeed / FSDP config runs really sharded over the launched CPU processes
+    (:mod:`hfoptim.integrations.transformers.sharding`). ``optim_args`` for an hfoptim name is a
+    string (or a dict, stored as the canonical string) of typed options: see
+    :mod:`hfoptim.integrations.transformers.optim_args` and
+    :mod:`hfoptim.integrations.transformers.plan` for what the Trainer builds from them.
     """
 
     optim: str = field(default=TrainingArguments.default_optim, metadata={"help": OPTIM_HELP})
     optim_args: str | None = field(default=None, metadata={"help": OPTIM_ARGS_HELP})
+    cpu_sharding: bool = field(default=True, metadata={"help": CPU_SHARDING_HELP})
 
     def __post_init__(self):
         choice, optim_args = normalize_optim(self.optim, self.optim_args, self.deepspeed)
         self.optim_args = optim_args
+        if self.cpu_sharding and setup_cpu_sharding(self) is not None:
+            # the configured gloo state is on CPU; use_cpu=True would make accelerate drop the plugin
+            self.use_cpu = False
+            self.accelerator_config = _with_configured_state(self.accelerator_config)
         # the base class checks optim against transformers' closed enum: show it a built-in, then
         # store the real choice
         self.optim = choice.builtin if not choice.is_hfoptim else TrainingArguments.default_optim

@@ -12,7 +12,10 @@ For an hfoptim ``optim`` it
   DeepSpeed, where the step runs inside ``backward``;
 - refuses a DeepSpeed config with its own ``optimizer`` section (DeepSpeed would silently build
   its own optimizer instead);
-- logs the optimizer's state bytes (:mod:`.callbacks`).
+- logs the optimizer's state bytes (:mod:`.callbacks`);
+- checks at the first training step that the DeepSpeed ZeRO / FSDP sharding the run asks for is
+  engaged, and stops with :class:`~.sharding.ShardingNotEngaged` naming the config and the cause
+  otherwise (:mod:`.sharding`).
 
 A transformers built-in ``optim`` behaves exactly as with ``Trainer``.
 """
@@ -32,6 +35,7 @@ from .loss import LossHandoff, loss_driven
 from .names import resolve_optim
 from .optim_args import parse_optim_args
 from .plan import build_param_groups, check_plan, optimizer_kwargs, overrides_from, split_optim_args
+from .sharding import check_sharding, requested_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ class HFOptimTrainer(Trainer):
         self.param_overrides = overrides_from(param_overrides)
         self.loss_handoff = LossHandoff()
         super().__init__(*args, **kwargs)
+        self._sharding_to_check = requested_sharding(self.args)
         choice = resolve_optim(self.args.optim)
         if choice.is_hfoptim and self.param_overrides:
             check_plan(choice.spec, {}, self.param_overrides, f"optim={choice.name!r}, param_overrides")
@@ -126,6 +131,9 @@ class HFOptimTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss hand-off
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._sharding_to_check is not None:  # the first step: model and optimizer are wrapped by now
+            requested, self._sharding_to_check = self._sharding_to_check, None
+            check_sharding(requested, self.accelerator, model, self.optimizer)
         engines = loss_driven(self.optimizer)
         if not engines:
             return super().training_step(model, inputs, num_items_in_batch)
