@@ -146,15 +146,29 @@ def parse_options(text: str | None) -> dict:
     return out
 
 
+def _check_options(spec, options: dict) -> None:
+    """Build the optimizer once on a one-element parameter: a bad ``--optim-args`` value ends the
+    command with the optimizer's own message, one line, instead of failing inside the estimate."""
+    import torch
+
+    from .core.hparams import HyperparameterError
+
+    try:
+        spec([torch.nn.Parameter(torch.zeros(1))], **options)
+    except (HyperparameterError, TypeError, ValueError) as error:
+        raise SystemExit(f"--optim-args: {error}") from None
+
+
 def cmd_memory(args: argparse.Namespace) -> int:
     from .footprint import compare, model_on_meta
     from .registry import get_optimizer
 
     try:
-        get_optimizer(args.optim)
+        spec = get_optimizer(args.optim)
     except ValueError as error:
         raise SystemExit(str(error)) from None
     options = parse_options(args.optim_args)
+    _check_options(spec, options)
     strategy = _strategy(args)
     with status(f"building {args.model} on the meta device"):
         try:

@@ -250,3 +250,13 @@ def test_tables_rich_on_a_terminal_plain_otherwise():
     with pytest.raises(ValueError, match="align"):
         plain_table(["a", "b"], [["x", "y"]], align="l")
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(12) == "12 B"
+
+
+def test_memory_bad_optim_args_end_in_one_line(capsys):
+    """A bad --optim-args value ends with the optimizer's own message, not a traceback."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(["memory", TINY_LLAMA, "--optim", "adamw", "--optim-args", "betas=(0.9,)"])
+    message = str(info.value)
+    assert message.startswith("--optim-args: invalid betas=(0.9,): expected 2 numbers") and "\n" not in message
+    with pytest.raises(SystemExit, match=r"--optim-args: .*unknown hyperparameter\(s\) 'nosuch'"):
+        cli.main(["memory", TINY_LLAMA, "--optim", "adamw", "--optim-args", "nosuch=1"])

@@ -199,6 +199,35 @@ def test_bad_optim_args_fail_at_construction(optim, optim_args, problem):
         make(optim=optim, optim_args=optim_args)
 
 
+@pytest.mark.parametrize(
+    "optim, optim_args, problem",
+    [
+        ("adamw_8bit", "state=bf16", r"state='bf16' contradicts the name 'adamw_8bit', which sets state='8bit'"),
+        ("adamw_cautious", "cautious=false", r"cautious=False contradicts the name 'adamw_cautious'"),
+        ("adamw_8bit", "state=auto", r"state='auto' contradicts the name 'adamw_8bit'"),
+    ],
+)
+def test_optim_args_contradicting_the_name_are_refused(optim, optim_args, problem):
+    with pytest.raises(OptimArgsError, match=problem):
+        make(optim=optim, optim_args=optim_args)
+    # the same value is no contradiction; per-parameter entries may differ (documented)
+    make(optim="adamw_8bit", optim_args="state=8bit,embeddings:state=fp32")
+
+
+def test_auto_is_a_value_of_state_and_compile():
+    args = make(optim="adamw", optim_args="compile=auto,state=auto,embeddings:state=auto")
+    assert args.optim_args == "compile=auto,state=auto,embeddings:state=auto"
+    assert args.hfoptim_options[0] == {"compile": AUTO, "state": AUTO}
+    from hfoptim.integrations.transformers.plan import resolve_auto
+
+    assert resolve_auto({"compile": AUTO, "state": AUTO}, None, "here") == {"compile": "auto", "state": "auto"}
+    parser = HfArgumentParser(HFOptimTrainingArguments)
+    (parsed,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "unused_out", "--use_cpu", "--optim", "adamw_8bit", "--optim_args", "compile=auto"]
+    )
+    assert parsed.optim_args == "compile=auto"
+
+
 def test_deepspeed_optimizer_section_conflicts_with_an_hfoptim_name(tmp_path):
     config = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
     path = tmp_path / "ds.json"

@@ -1,5 +1,6 @@
-"""HFOptimTrainer sharded on CPU: DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 really engaged (accelerate
-configured explicitly, see ``configure_cpu_sharding``), 2 processes, and the loss of each step
+"""HFOptimTrainer sharded on CPU: DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 really engaged (by
+``HFOptimTrainingArguments(cpu_sharding=True)``, the default: see
+hfoptim/integrations/transformers/sharding.py), 2 processes, and the loss of each step
 reaching the optimizer as the mean over ranks — under DeepSpeed from inside ``backward``.
 
 What this proves is the Trainer plumbing (the hfoptim optimizer is the one DeepSpeed / FSDP2

@@ -211,3 +211,34 @@ def test_an_optimizer_passed_explicitly_wins_with_a_warning(tmp_path, caplog):
         trainer = HFOptimTrainer(model=model, args=args, train_dataset=TokenData(), optimizers=(mine, None))
     assert "optim='ademamix' unused: the optimizer given with optimizers= wins" in caplog.text
     assert trainer.create_optimizer() is mine
+
+
+# ---------------------------------------------------------------- names transformers also uses
+def test_adafactor_through_the_trainer_steps_with_the_learning_rate_as_transformers(tmp_path, caplog):
+    """optim="adafactor" takes transformers' Trainer settings (relative_step=False,
+    scale_parameter=False, lr=learning_rate), with a warning naming hfoptim's own defaults: one
+    step moves the weights as transformers' built-in adafactor does (the two differ only in how
+    the factored second moment is rounded), 26x more than the relative step would at lr=1e-3."""
+    with caplog.at_level(logging.WARNING):
+        ours = train(tmp_path / "ours", optim="adafactor", max_steps=1, learning_rate=1e-3)
+    assert "relative_step=False, scale_parameter=False" in caplog.text
+    assert "hfoptim.Adafactor's own defaults are relative_step=True, scale_parameter=True" in caplog.text
+    group = inner_optimizer(ours).param_groups[0]
+    assert group["relative_step"] is False and group["scale_parameter"] is False
+    theirs = train(tmp_path / "theirs", optim="transformers:adafactor", max_steps=1, learning_rate=1e-3)
+    start = tiny_llama()
+    for (name, p), q, p0 in zip(ours.model.named_parameters(), theirs.model.parameters(), start.parameters()):
+        assert not torch.equal(p, p0), name
+        torch.testing.assert_close(p - p0, q - p0, rtol=1e-4, atol=1e-8, msg=name)
+
+    explicit = train(tmp_path / "explicit", optim="adafactor", optim_args="relative_step=true", max_steps=1)
+    assert inner_optimizer(explicit).param_groups[0]["relative_step"] is True  # optim_args win
+
+
+def test_optim_args_betas_replacing_the_arguments_are_logged(tmp_path, caplog):
+    args = HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="betas=(0.8,0.95)", adam_beta1=0.7))
+    trainer = HFOptimTrainer(model=tiny_llama(), args=args, train_dataset=TokenData())
+    with caplog.at_level(logging.WARNING):
+        opt = trainer.create_optimizer()
+    assert opt.param_groups[0]["betas"] == (0.8, 0.95)
+    assert "optim_args betas=(0.8, 0.95) replace adam_beta1=0.7, adam_beta2=0.999" in caplog.text

@@ -82,27 +82,3 @@ class LossProbeRule(Rule):
 def lossprobe_entries() -> dict:
     """What to put into ``hfoptim.registry.RULES`` / ``CLASSES`` to make ``optim="lossprobe"`` exist."""
     return {"rule": LossProbeRule, "class": optimizer_class(LossProbeRule, "LossProbe")}
-
-
-def configure_cpu_sharding(kind: str):
-    """Make accelerate run the Trainer sharded on CPU, in a process started by torchrun.
-
-    On CPU accelerate silently falls back: with a DeepSpeed config it reports one process
-    (``num_processes=1``) while DeepSpeed sees the whole world, and FSDP is only set up for GPU-like
-    process types, so the Trainer runs as DDP. Configured explicitly instead: a gloo process group
-    over the torchrun world (``PartialState(cpu=True)``), then the type accelerate would pick on
-    GPUs — ``DEEPSPEED`` (with ``DS_ACCELERATOR=cpu``), or ``MULTI_GPU`` for FSDP, the branch in
-    which ``AcceleratorState`` sets up the FSDP plugin. The Trainer must then be given
-    ``use_cpu=False`` and ``accelerator_config={"use_configured_state": True}``.
-    """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
-    state = PartialState(cpu=True)
-    if kind == "deepspeed":
-        state.distributed_type = DistributedType.DEEPSPEED
-    elif kind == "fsdp":
-        state.distributed_type = DistributedType.MULTI_GPU
-    else:
-        raise ValueError(f"kind must be 'deepspeed' or 'fsdp', got {kind!r}")
-    return state

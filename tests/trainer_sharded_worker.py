@@ -18,7 +18,6 @@ from hfoptim.integrations.transformers import find_engines
 from tests.trainer_setup import (
     LossProbeRule,
     TokenData,
-    configure_cpu_sharding,
     lossprobe_entries,
     run_args,
     tiny_llama,
@@ -34,15 +33,13 @@ def main() -> None:
     hfoptim.registry.RULES["lossprobe"] = entries["rule"]
     hfoptim.registry.CLASSES["lossprobe"] = entries["class"]
 
-    configure_cpu_sharding("fsdp" if opts.mode == "fsdp2" else "deepspeed")
     kw = run_args(
         os.path.join(os.path.dirname(opts.out), "trainer_out"),
         optim="lossprobe",
         max_steps=3,
         gradient_accumulation_steps=2,
         per_device_train_batch_size=2,
-        use_cpu=False,
-        accelerator_config={"use_configured_state": True},
+        use_cpu=True,  # as a CPU user would write; cpu_sharding (the default) engages the sharding anyway
     )
     if opts.mode == "fsdp2":
         kw.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
@@ -54,7 +51,7 @@ def main() -> None:
             "train_batch_size": "auto",
             "gradient_clipping": "auto",
         }
-    args = HFOptimTrainingArguments(**kw)
+    args = HFOptimTrainingArguments(**kw)  # cpu_sharding=True: DeepSpeed / FSDP2 on gloo CPU processes
     trainer = HFOptimTrainer(model=tiny_llama(), args=args, train_dataset=TokenData())
 
     accelerator = trainer.accelerator

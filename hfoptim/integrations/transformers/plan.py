@@ -6,9 +6,14 @@ What the Trainer builds for an hfoptim name:
   transformers decays (``Trainer.get_decay_parameter_names``: not biases, not norms) and 0 on the
   others; ``betas[:2]`` and ``eps`` come from ``args.adam_beta1/adam_beta2/adam_epsilon`` for the
   rules where they mean Adam's (:data:`ADAM_ARGUMENT_RULES`), and nowhere else;
-- every option in ``optim_args`` overrides those (``lr=...``, ``betas=(0.9,0.99,0.9999)``, ...);
+- names whose rule has :data:`TRAINER_DEFAULTS` get them (``adafactor``: ``relative_step=False,
+  scale_parameter=False``, as transformers' built-in, so the learning rate drives the step);
+- every option in ``optim_args`` overrides those (``lr=...``, ``betas=(0.9,0.99,0.9999)``, ...;
+  betas / eps that replace ``adam_beta1/2`` / ``adam_epsilon`` are logged); an option that
+  contradicts the name's suffix (``adamw_8bit`` with ``state=bf16``) is refused;
 - ``auto`` values follow the run: :data:`AUTO_TOTAL_STEPS` become the total number of optimizer
-  steps (AdEMAMix's warm-up lengths, as the paper sets them);
+  steps (AdEMAMix's warm-up lengths, as the paper sets them); for ``state`` and ``compile``,
+  ``auto`` is their own value ``"auto"``;
 - ``<selector>:<option>=<value>`` entries (or the Trainer's ``param_overrides``) set options for
   some parameters: ``selector`` is ``embeddings`` (parameters of ``nn.Embedding`` modules) or a
   regular expression searched in the parameter name, e.g. ``embeddings:state=fp32`` (32-bit
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...core.engine import engine_hyperparams
 from ...core.hparams import HyperparameterError
 from ...registry import OptimizerSpec
 from .optim_args import AUTO, OptimArgsError
@@ -40,6 +46,13 @@ ADAM_ARGUMENT_RULES = frozenset({"adamw", "ademamix", "adanorm", "adapnm", "diff
 
 #: options that accept ``auto``: the total number of optimizer steps of the run
 AUTO_TOTAL_STEPS = frozenset({"t_alpha", "t_beta3"})
+
+#: what the Trainer sets, for names whose rule is the key, unless ``optim_args`` says otherwise:
+#: transformers' ``optim="adafactor"`` builds its Adafactor with ``relative_step=False,
+#: scale_parameter=False`` and the learning rate of the arguments, so through the Trainer the
+#: learning rate the user sets drives the step (hfoptim.Adafactor's own defaults are the paper's
+#: relative step; a warning at construction says so)
+TRAINER_DEFAULTS: dict[str, dict[str, Any]] = {"adafactor": {"relative_step": False, "scale_parameter": False}}
 
 #: the ``embeddings`` selector: parameters of these module types
 EMBEDDING_SELECTOR = "embeddings"
@@ -88,15 +101,25 @@ def overrides_from(mapping: dict[str, dict] | None) -> list[Override]:
 def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], where: str) -> None:
     """Validate options and overrides without a model: every key known, every value accepted.
 
-    Raises :class:`OptimArgsError` naming the problem and listing the accepted options."""
+    Raises :class:`OptimArgsError` naming the problem and listing the accepted options; also for an
+    option that contradicts what the name's suffixes set (``adamw_8bit`` with ``state=bf16``)."""
+    for key, given in options.items():
+        value, named = literal_auto(spec, key, given), spec.options.get(key)
+        if key in spec.options and value != named:
+            raise OptimArgsError(
+                f"{where}: {key}={value!r} contradicts the name {spec.name!r}, which sets {key}={named!r}. "
+                f"Choose one: a name without that suffix with {key}={value!r} in optim_args, or the name alone "
+                f"(per-parameter '<selector>:{key}=...' entries may still differ)"
+            )
     for bag, label in [(options, "")] + [(o.options, f"{o.selector}:") for o in overrides]:
         for key, value in bag.items():
             if key in RESERVED:
                 raise OptimArgsError(f"{where}: {label}{key} is not an optimizer option")
-            if value is AUTO and key not in AUTO_TOTAL_STEPS:
+            if value is AUTO and key not in AUTO_TOTAL_STEPS and not _auto_is_a_value(spec, key):
                 raise OptimArgsError(
                     f"{where}: {label}{key}=auto: 'auto' is accepted for {', '.join(sorted(AUTO_TOTAL_STEPS))} "
-                    f"(set from the total number of training steps)"
+                    f"(set from the total number of training steps) and for options whose value can be 'auto' "
+                    f"(state, compile)"
                 )
     for o in overrides:
         if o.selector != EMBEDDING_SELECTOR:
@@ -109,7 +132,7 @@ def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], wh
                 ) from None
 
     def probe(values: dict) -> dict:  # 'auto' stands in as a valid step count
-        return {k: (1 if v is AUTO else v) for k, v in values.items()}
+        return {k: (1 if v is AUTO and k in AUTO_TOTAL_STEPS else literal_auto(spec, k, v)) for k, v in values.items()}
 
     groups = [{"params": [nn.Parameter(torch.zeros(1))]}]
     groups += [{"params": [nn.Parameter(torch.zeros(1))], **probe(o.options)} for o in overrides]
@@ -117,6 +140,19 @@ def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], wh
         spec(groups, **probe(options))
     except (HyperparameterError, TypeError) as error:
         raise OptimArgsError(f"{where}: {error}") from None
+
+
+def _auto_is_a_value(spec: OptimizerSpec, key: str) -> bool:
+    """Whether the string ``"auto"`` is a value of option ``key`` (``state=auto``, ``compile=auto``)."""
+    hp = engine_hyperparams(spec.rule).get(key)
+    return hp is not None and hp.kind == "str" and (not hp.choices or "auto" in hp.choices)
+
+
+def literal_auto(spec: OptimizerSpec | None, key: str, value: Any) -> Any:
+    """``auto`` as the string ``"auto"`` for options that take it as a value, else ``value``."""
+    if value is AUTO and key not in AUTO_TOTAL_STEPS and (spec is None or _auto_is_a_value(spec, key)):
+        return "auto"
+    return value
 
 
 def adam_arguments(args, spec: OptimizerSpec) -> dict[str, Any]:
@@ -145,6 +181,9 @@ def adam_arguments(args, spec: OptimizerSpec) -> dict[str, Any]:
 
 
 def resolve_auto(values: dict, total_steps: int | None, where: str) -> dict:
+    """``auto`` values: the total number of steps for :data:`AUTO_TOTAL_STEPS`, the string
+    ``"auto"`` for the other options (``state``, ``compile``; :func:`check_plan` allowed them)."""
+    values = {k: literal_auto(None, k, v) for k, v in values.items()}
     if not any(v is AUTO for v in values.values()):
         return values
     if not total_steps or total_steps <= 0:
@@ -155,11 +194,52 @@ def resolve_auto(values: dict, total_steps: int | None, where: str) -> dict:
     return {k: (int(total_steps) if v is AUTO else v) for k, v in values.items()}
 
 
+def _log_overridden_arguments(args, spec: OptimizerSpec, from_args: dict, options: dict) -> None:
+    """A warning where ``optim_args`` replace betas / eps the arguments set (``--adam_beta1`` ...)."""
+    sources = {"betas": ("adam_beta1", "adam_beta2"), "eps": ("adam_epsilon",)}
+    for key, names in sources.items():
+        if key not in from_args or key not in options:
+            continue
+        given = tuple(options[key])[: len(names)] if key == "betas" else (options[key],)
+        taken = tuple(getattr(args, n) for n in names)
+        if tuple(given) != taken:
+            logger.warning(
+                "%s: optim_args %s=%r replace %s from the arguments",
+                spec.name,
+                key,
+                options[key],
+                ", ".join(f"{n}={v}" for n, v in zip(names, taken)),
+            )
+
+
+def trainer_defaults(spec: OptimizerSpec, options: dict) -> dict[str, Any]:
+    """:data:`TRAINER_DEFAULTS` for ``spec``'s rule that neither ``optim_args`` nor the name set;
+    a warning says where they differ from the optimizer class's own defaults."""
+    defaults = {
+        k: v for k, v in TRAINER_DEFAULTS.get(spec.rule.name, {}).items() if k not in options and k not in spec.options
+    }
+    if defaults:
+        own = {k: spec.rule.hyperparams[k].default for k in defaults}
+        logger.warning(
+            "%s through the Trainer: %s, as transformers' built-in %r, so the learning rate drives the step "
+            "(hfoptim.%s's own defaults are %s; set them in optim_args to use those)",
+            spec.name,
+            ", ".join(f"{k}={v}" for k, v in defaults.items()),
+            spec.rule.name,
+            spec.rule.class_name,
+            ", ".join(f"{k}={v}" for k, v in own.items()),
+        )
+    return defaults
+
+
 def optimizer_kwargs(args, spec: OptimizerSpec, options: dict, total_steps: int | None) -> dict[str, Any]:
-    """Group defaults for the optimizer: the arguments' lr / weight decay / Adam betas, then
-    ``optim_args`` on top, ``auto`` resolved."""
+    """Group defaults for the optimizer: the arguments' lr / weight decay / Adam betas and
+    :data:`TRAINER_DEFAULTS`, then ``optim_args`` on top, ``auto`` resolved."""
     kwargs: dict[str, Any] = {"lr": args.learning_rate, "weight_decay": args.weight_decay}
-    kwargs.update(adam_arguments(args, spec))
+    from_args = adam_arguments(args, spec)
+    _log_overridden_arguments(args, spec, from_args, options)
+    kwargs.update(from_args)
+    kwargs.update(trainer_defaults(spec, options))
     kwargs.update(options)
     return resolve_auto(kwargs, total_steps, f"optim={spec.name!r}")
 
