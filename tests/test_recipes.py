@@ -12,6 +12,8 @@ import importlib
 import json
 import math
 import os
+import re
+import shlex
 import sys
 from pathlib import Path
 
@@ -281,6 +283,60 @@ def test_two_cpu_processes_with_accelerate_launch(tmp_path, script):
     assert results["world_size"] == 2
     assert math.isfinite(results["eval_loss"])
     assert (out / ("model.safetensors" if script == "pretrain_clm.py" else "adapter_model.safetensors")).exists()
+
+
+#: what each sharded command of the README must engage (the line HFOptimTrainer logs at the first step)
+README_SHARDED = {
+    "deepspeed_zero2.yaml": "hfoptim: sharding engaged: DeepSpeed ZeRO-2 over 2 processes "
+    "(DeepSpeedZeroOptimizer wraps Adan)",
+    "deepspeed_zero3.yaml": "hfoptim: sharding engaged: DeepSpeed ZeRO-3 over 2 processes "
+    "(DeepSpeedZeroOptimizer_Stage3 wraps Adan)",
+    "fsdp2.yaml": "hfoptim: sharding engaged: FSDP2 over 2 processes (DTensor parameters)",
+}
+#: appended to the README's commands: a smaller corpus and 2 steps (later flags win in argparse)
+README_FAST = ["--max_steps", "2", "--embedded_max_bytes", "300000", "--block_size", "64", "--max_eval_samples", "16"]
+README_FAST += ["--report_to", "none", "--save_strategy", "no", "--dataloader_num_workers", "0"]
+
+
+def readme_sharded_commands() -> dict[str, str]:
+    """The README's ``accelerate launch`` lines with a DeepSpeed or FSDP2 config, by config file."""
+    out = {}
+    for line in (ROOT / "README.md").read_text().splitlines():
+        found = re.search(r"accelerate launch --config_file accelerate_configs/(\S+)", line)
+        if found and found.group(1) in README_SHARDED:
+            out[found.group(1)] = line.strip()
+    return out
+
+
+def test_the_readme_has_every_sharded_command():
+    commands = readme_sharded_commands()
+    assert set(commands) == set(README_SHARDED)
+    for config, line in commands.items():
+        assert "--num_processes 2" in line and ("DS_ACCELERATOR=cpu" in line) == config.startswith("deepspeed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(README_SHARDED))
+def test_readme_sharded_command_really_shards(tmp_path, config):
+    """The README's command, as written (environment, launcher, config, script, flags), with
+    its output folder in tmp_path and a shorter run: it exits 0 and the log says the requested
+    sharding was engaged over the 2 processes."""
+    words = shlex.split(readme_sharded_commands()[config])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    while "=" in words[0]:  # leading VAR=value assignments
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
+    assert words[:2] == ["accelerate", "launch"]
+    out = tmp_path / "out"
+    words[words.index("--output_dir") + 1] = str(out)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *words[2:], *README_FAST]
+    proc = launch(cmd, timeout=900, env=env, fresh=out)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert log.count(README_SHARDED[config]) == 1, log[-4000:]  # logged once, by the main process
+    results = read(out / "all_results.json")
+    assert results["world_size"] == 2 and math.isfinite(results["eval_loss"])
+    assert results["optim"] == "adan_8bit" and results["optimizer_state_bytes"] > 0
 
 
 def test_demo_runs_end_to_end(tmp_path):

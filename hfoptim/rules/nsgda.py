@@ -9,7 +9,7 @@ from ..core.rule import FIRST_MOMENT, Rule, Slot
 class NSGDARule(Rule):
     r"""Normalized SGD with momentum (nSGDA), as studied in Jelassi, Mensch, Gidel & Li 2022,
     "Adam is no better than normalized SGD: Dissecting how adaptivity improves GAN performance";
-    the update is the seed material's version (``/work/shared/ALGORITHMS.md``).
+    the update is the version of the article the project started from (docs/ALGORITHMS.md, nSGDA).
 
     With coupled weight decay (``weight_decay_mode="l2"``, the default) folded into the gradient:
 
@@ -25,7 +25,7 @@ class NSGDARule(Rule):
     that way: every step moves each tensor by ``lr`` in L2 norm (less while ``||m||`` is near
     eps). ``weight_decay_mode="decoupled"``/``"cautious"`` decay the parameter instead.
 
-    Defaults (seed material): ``lr=4e-5``, ``momentum=0.9``, ``weight_decay=1e-2``, ``eps=1e-8``.
+    Defaults (that article): ``lr=4e-5``, ``momentum=0.9``, ``weight_decay=1e-2``, ``eps=1e-8``.
     State: ``exp_avg`` (m).
     """
 

@@ -33,8 +33,13 @@ class SMMFRule(Rule):
     we follow the code, -0.5. Without ``beta1`` (None) the rule keeps no first moment and divides
     the gradient itself, as the authors' code.
 
-    Weight decay: decoupled (the authors' ``weight_decay_mode='adamw'``, default) or ``"l2"``
-    (their ``'adam'``); also ``"cautious"``. The authors' ``vector_reshape=False`` (dense state for
+    Weight decay: decoupled (the authors' ``weight_decay_mode='adamw'``, default), ``"l2"`` or
+    ``"cautious"``. ``"l2"`` is the paper's coupled decay (``G <- G + wd p`` before both moments);
+    it is **not** what the authors' ``'adam'`` mode does: their ``step`` computes the decayed
+    gradient into a local variable that is never used (``_factorized_adam`` and ``_adam`` read
+    ``params.grad`` again), so their ``'adam'`` mode applies no decay at all
+    (KwangryeolPark/Official.SMMF, ``SMMF/SMMF.py`` at commit 9735ca33eb4694cb9602821f64de3b8b0d12de46).
+    To reproduce their ``'adam'`` runs, use ``weight_decay=0``. The authors' ``vector_reshape=False`` (dense state for
     1-D tensors) is not an option: pick another storage form for those instead.
 
     Defaults (authors' code): ``lr=1e-3``, ``beta1=0.9``, ``eps=1e-8``, ``weight_decay=0``,

@@ -2,7 +2,7 @@ import torch
 
 
 class NSGDARef:
-    """Normalized SGD with momentum, the seed material's form (/work/shared/ALGORITHMS.md):
+    """Normalized SGD with momentum, the form in docs/ALGORITHMS.md (nSGDA):
     m = mu m + (1 - mu)(g + wd p);  p -= lr m / (||m / bc|| bc + eps), norm over the whole tensor."""
 
     def __init__(self, lr, momentum, eps, weight_decay, weight_decay_mode="l2"):
