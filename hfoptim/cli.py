@@ -198,6 +198,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
                     "grad_partition": f.grad_partition,
                     "master": f.master,
                     "state": f.state,
+                    "gathered": f.gathered,
                     "total": f.total,
                     "state_total": f.state_total,
                     "state_bytes_per_param": f.state_per_param,
@@ -217,6 +218,7 @@ def cmd_memory(args: argparse.Namespace) -> int:
         ("fp32 gradient partition", "grad_partition"),
         ("fp32 master weights", "master"),
         ("optimizer state", "state"),
+        ("largest layer, gathered", "gathered"),
         ("total", "total"),
     ):
         rows.append([label, *[format_bytes(getattr(f, attr)) if getattr(f, attr) else "-" for f in results]])

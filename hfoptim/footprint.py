@@ -24,10 +24,19 @@ ZeRO-1/2 keep an fp32 clone of their partition of the weights (even in fp32 runs
 gradient partition for the step, so mixed-precision AdamW under ZeRO-2 is ``2P + 18P/N`` exactly
 as ``deepspeed.runtime.zero.stage_1_and_2.estimate_zero2_model_states_mem_needs`` counts it
 (2 + 2 + 12 bytes per parameter on one device, as in the ZeRO paper, plus the 4-byte gradient
-partition). (*) ZeRO-3 keeps a separate fp32 master only under bf16/fp16. Unlike DeepSpeed's ZeRO-3
-estimator this counts the 16-bit gradient partition buffer (``grad_partitions_flat_buffer``) and
-not the largest layer's gather buffer. (**) FSDP2's fp32 parameter shards are the master weights.
-Activations, temporary all-gathers and communication buckets are not counted.
+partition). (*) ZeRO-3 keeps a separate fp32 master only under bf16/fp16. (**) FSDP2's fp32
+parameter shards are the master weights.
+
+ZeRO-3 also gathers each layer's full parameters for its forward and backward: counted as
+DeepSpeed's estimator counts it, ``4 L`` bytes for the largest layer (``L`` its parameters, the
+most any one module holds directly). Against
+``deepspeed.runtime.zero.stage3.estimate_zero3_model_states_mem_needs`` (no offload:
+``18 P / N + 4 L``), mixed-precision AdamW here is ``20 P / N + 4 L``: the same 18 as its ZeRO-2
+estimator (2 for the 16-bit gradient partition, 4 for the fp32 gradient of the step, 4 for the
+fp32 master, 8 for the moments) plus the 16-bit partition of the parameters themselves
+(``ds_tensor``, 2 bytes per parameter / N), which ZeRO-3 keeps on the device and DeepSpeed's
+ZeRO-3 estimator leaves out. ``hfoptim memory`` prints DeepSpeed's number next to this one.
+Activations and communication buckets are not counted.
 """
 
 from __future__ import annotations
@@ -58,11 +67,12 @@ class Footprint:
     grad_partition: int = 0
     master: int = 0
     state: int = 0
+    gathered: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        return self.params + self.grads + self.grad_partition + self.master + self.state
+        return self.params + self.grads + self.grad_partition + self.master + self.state + self.gathered
 
     @property
     def state_per_param(self) -> float:
@@ -81,9 +91,11 @@ def footprint(
     strategy: str = "ddp",
     world_size: int = 1,
     mixed_precision: str = "no",
+    largest_layer: int = 0,
 ) -> Footprint:
     """Per-device memory for ``num_params`` trainable parameters whose optimizer state is
-    ``state_total`` bytes, under ``strategy`` (see the module docstring)."""
+    ``state_total`` bytes, under ``strategy`` (see the module docstring); ``largest_layer``: the
+    parameters of the largest layer, gathered whole under ZeRO-3."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if mixed_precision not in PRECISIONS:
@@ -110,6 +122,16 @@ def footprint(
         f.state = _ceil_div(state_total, n)
         if stage < 3 and not half:
             f.notes.append("ZeRO-1/2 keep an fp32 clone of each weight partition even in fp32 runs")
+        if stage == 3:
+            f.gathered = 4 * largest_layer
+            deepspeed = 18 * p // n + 4 * largest_layer
+            f.notes.append(
+                f"DeepSpeed's own estimator (estimate_zero3_model_states_mem_needs, which assumes 16-bit weights "
+                f"and Adam) gives 18 B/param / N + 4 B x the largest layer ({largest_layer:,} params) = "
+                f"{deepspeed:,} bytes per device. Its 18 is the count of its ZeRO-2 estimator (16-bit gradient 2, "
+                f"fp32 gradient 4, fp32 master 4, Adam moments 8); this table adds the 16-bit parameter partition "
+                f"ZeRO-3 keeps on each device (2 B/param / N)"
+            )
     return f
 
 
@@ -145,8 +167,16 @@ def compare(
     """One :class:`Footprint` per optimizer name for ``model``'s trainable parameters."""
     params = trainable_parameters(model)
     num = sum(p.numel() for p in params)
+    layer = largest_layer(model)
     out = []
     for name in optims:
         state = estimate(params, name, **(options or {})).total
-        out.append(footprint(name, num, state, strategy, world_size, mixed_precision))
+        out.append(footprint(name, num, state, strategy, world_size, mixed_precision, layer))
     return out
+
+
+def largest_layer(model: torch.nn.Module) -> int:
+    """The most trainable parameters one module holds directly (DeepSpeed's ``model_to_params``
+    counts the same per module): the largest set ZeRO-3 gathers whole."""
+    sizes = [sum(p.numel() for p in m.parameters(recurse=False) if p.requires_grad) for m in model.modules()]
+    return max(sizes, default=0)

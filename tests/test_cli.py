@@ -133,6 +133,29 @@ def test_memory_zero2_matches_deepspeeds_own_estimator(capsys):
         assert ours == pytest.approx(gpu, rel=2e-4), (ours, gpu)  # the difference: 4-byte step counters
 
 
+def test_memory_zero3_against_deepspeeds_own_estimator(capsys):
+    """Mixed-precision AdamW under ZeRO-3: DeepSpeed estimates 18P/N + 4 x the largest layer per
+    GPU; the table counts the same largest layer and 2 bytes/param/N more (the 16-bit parameter
+    partition, which that estimator leaves out), and its output says so with DeepSpeed's number."""
+    stage3 = pytest.importorskip("deepspeed.runtime.zero.stage3")
+    capsys.readouterr()
+    model = model_from_config(tiny_llama_config(), device="meta")
+    _, largest = stage3.model_to_params(model)
+    for n in (1, 8):
+        argv = ["memory", TINY_LLAMA, "--optim", "adamw", "--zero", "3", "--world-size", str(n)]
+        out = run_json(capsys, *argv, "--mixed-precision", "bf16")
+        p = out["trainable_params"]
+        _, gpu, _ = stage3.estimate_zero3_model_states_mem_needs(
+            p, largest, num_gpus_per_node=n, cpu_offload=False, cpu_offload_params=False
+        )
+        ours = out["per_device"]["adamw"]
+        assert ours["gathered"] == 4 * largest
+        assert ours["params"] == math.ceil(2 * p / n)
+        assert ours["total"] - ours["params"] == pytest.approx(gpu, rel=2e-4)  # the difference: step counters
+        table = run(capsys, *argv, "--mixed-precision", "bf16")
+        assert "estimate_zero3_model_states_mem_needs" in table and f"{gpu:,} bytes per device" in table
+
+
 def test_memory_estimate_matches_a_real_step_within_1_percent(capsys):
     name = memory_efficient_name()
     out = run_json(capsys, "memory", TINY_LLAMA, "--optim", name, "--measure")
