@@ -182,5 +182,6 @@ def test_trainer_callback_logs_the_skips(caplog):
     assert SKIPS_KEY not in logs  # reported when the count grows
 
 
+@pytest.mark.slow
 def test_fsdp2_every_process_skips_when_one_shard_holds_the_nan(tmp_path):
     run_worker(torchrun(2), "nonfinite_worker.py", [], tmp_path / "out.json", timeout=240)

@@ -429,7 +429,9 @@ class Engine(torch.optim.Optimizer):
         for pid, pstate in states.items():
             p = id_to_param[pid]
             for key, value in pstate.items():
-                if isinstance(value, torch.Tensor) and key != "step":
+                if key == "step" and isinstance(value, torch.Tensor):  # stepped in place: never the caller's
+                    self.state[p][key] = value.detach().clone()
+                elif isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
         self.nonfinite_skips = int(tag.get("nonfinite_skips", 0))
         self.layout.after_load(self)
