@@ -11,7 +11,13 @@
    time through the same rule code;
 4. bf16/fp16 parameters are computed in fp32 (fp64 stays fp64); ``p.grad`` is never written;
 5. per step: gradient modifiers -> rule (state decoded, updated, encoded) -> update modifiers ->
-   weight decay and ``p <- p - lr u``.
+   weight decay and ``p <- p - lr u``;
+6. with ``skip_nonfinite`` (on by default for compressed state) a step whose gradients hold a
+   NaN or an infinity anywhere in the optimizer is skipped before anything is written, by every
+   process of a sharded run together (the flag goes through the layout's statistics), and
+   counted in ``nonfinite_skips``;
+7. ``load_state_dict`` converts state saved in another storage form to the current one and
+   validates the saved parameter groups (see its docstring).
 """
 
 from __future__ import annotations
