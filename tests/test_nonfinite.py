@@ -14,7 +14,8 @@ What is proven here:
 * Lookahead does not count a step the inner optimizer skipped;
 * the Trainer callback puts the count into the log entry;
 * under FSDP2 on 2 processes, a NaN held by ONE process's shard makes EVERY process skip
-  (tests/distributed/nonfinite_worker.py).
+  (tests/distributed/nonfinite_worker.py); the same worker checks that a sharded load into
+  another storage form is refused, saying how to proceed.
 """
 
 from __future__ import annotations

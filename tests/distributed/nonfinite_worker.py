@@ -6,6 +6,9 @@ whose gradient holds a NaN (then an infinity) in ONE element that only the LAST 
 Every process must skip that step -- its parameters and every state tensor bit-identical to
 before, ``nonfinite_skips`` counted -- and the next finite step must move the parameters again
 exactly like a single-process optimizer that never saw the bad step.
+
+Also ("refuse_conversion"): loading fp32 AdamW state into 8-bit AdamW over the same sharded
+parameters is refused with a message saying how to proceed (a process holds only shards).
 """
 
 from __future__ import annotations
@@ -90,13 +93,41 @@ def run_case(name: str, failures: list, detail: dict) -> None:
     detail["collectives"] = opt.layout.stats.collectives
 
 
+def refuse_conversion(name: str, failures: list, detail: dict) -> None:
+    """A sharded run holds only shards of the saved state: loading fp32 AdamW state into an
+    8-bit AdamW over the same FSDP2 parameters is refused, saying how to proceed."""
+    model = Model()
+    shard(model)
+    params = [p for _, p in model.named_leaves()]
+    opt = hfoptim.create_optimizer(params, "adamw", state_min_numel=0)
+    grads = gradients([p.full_tensor().detach() for p in params], 1)
+    for p, g in zip(params, grads):
+        p.grad = sharded_grad(p, g)
+    opt.step()
+    state_dict = opt.state_dict()
+    other = hfoptim.create_optimizer(params, "adamw_8bit", state_min_numel=0)
+    try:
+        other.load_state_dict(state_dict)
+    except ValueError as error:
+        if "sharded run" not in str(error) or "on one process" not in str(error):
+            failures.append(f"unclear refusal: {error}")
+    else:
+        failures.append("a sharded load into another storage form was not refused")
+    same = hfoptim.create_optimizer(params, "adamw", state_min_numel=0)
+    same.load_state_dict(state_dict)  # the same form loads
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
     dist.init_process_group("gloo")
-    status = run_cases(list(CASES), run_case, args.out)
+
+    def one(name, failures, detail):
+        (refuse_conversion if name == "refuse_conversion" else run_case)(name, failures, detail)
+
+    status = run_cases([*CASES, "refuse_conversion"], one, args.out)
     finish(status)
     return status
 
