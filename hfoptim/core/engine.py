@@ -84,6 +84,7 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         doc="skip a step whose gradients hold a NaN or an infinity (any parameter of the optimizer, all "
         "processes together), leaving parameters and state untouched: True, False, or None (default: on "
         "when the group keeps compressed state, whose blocks or factors one NaN would spoil)",
+        check=lambda v: None if v is None or isinstance(v, bool) else "True, False or None, not a number",
     )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
