@@ -5,6 +5,7 @@
 >>> hfoptim.list_optimizers("adan*")
 """
 
+from .convert import convert_state_dict
 from .core.engine import Engine
 from .core.hparams import HyperparameterError
 from .lookahead import Lookahead
@@ -29,6 +30,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Engine",
+    "convert_state_dict",
     *TRAINER_NAMES,
     "HyperparameterError",
     "Lookahead",

@@ -20,6 +20,14 @@ GradScaler, accelerate and the HF Trainer drive it like the inner optimizer.
 * Each parameter counts its own steps (the steps in which it had a gradient) and syncs after
   every k-th of them, like the engine's per-parameter step counter: DeepSpeed ZeRO-3 calls
   ``step()`` once per sub-group, so one counter of ``step()`` calls would sync too often.
+* A step the inner optimizer skips (an hfoptim optimizer's ``skip_nonfinite``: a gradient was
+  not finite) is no step for Lookahead either: no slow weights are created, no count advances.
+* Hooks behave as on any torch optimizer: hooks registered on the wrapper with
+  ``register_step_pre_hook`` / ``register_state_dict_pre_hook`` / ... run around its
+  ``step`` / ``state_dict`` / ``load_state_dict``; global step hooks
+  (``torch.optim.optimizer.register_optimizer_step_pre_hook``) fire once per Lookahead step
+  (with the wrapper as the optimizer), not a second time for the inner step; hooks registered on
+  the inner optimizer still run.
 * ``state_dict()`` is the inner optimizer's, plus ``"lookahead_slow"`` (slow weights) and
   ``"lookahead_step"`` (the parameter's count) in each parameter's ``state`` entry and
   ``lookahead_k`` / ``lookahead_alpha`` in every ``param_groups`` entry, so tools that reshard
@@ -144,6 +152,32 @@ class Lookahead(torch.optim.Optimizer):
         dtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
         return p.detach().to(dtype=dtype, copy=True)
 
+    @property
+    def nonfinite_skips(self) -> int:
+        """Steps the inner optimizer skipped for non-finite gradients (0 for one that never skips)."""
+        return getattr(self.optimizer, "nonfinite_skips", 0)
+
+    def _inner_step(self, closure, kwargs):
+        """The inner optimizer's step with its own hooks but without the global ones: those fired
+        for this wrapper's step already (torch wraps every optimizer class's ``step``)."""
+        inner = self.optimizer
+        args = (inner, closure)
+        step = type(inner).step
+        raw = getattr(step, "__wrapped__", None) if getattr(step, "hooked", False) else None
+        if raw is None or "step" in vars(inner):  # not torch's wrapper, or patched on the instance
+            return inner.step(closure, **kwargs) if kwargs else inner.step(closure)
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            result = hook(inner, args, kwargs)
+            if result is not None:
+                if not (isinstance(result, tuple) and len(result) == 2):
+                    raise RuntimeError(f"a step pre-hook must return None or (args, kwargs), got {result!r}")
+                args, kwargs = result
+        out = raw(*args, **kwargs)
+        inner._optimizer_step_code()
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, args, kwargs)
+        return out
+
     def step(self, closure=None, **kwargs):
         """One inner step; a parameter that has taken k more steps since its last sync then gets
         ``slow += alpha (fast - slow)`` and ``fast = slow``."""
@@ -152,7 +186,10 @@ class Lookahead(torch.optim.Optimizer):
         # slow weights and keep the copies of those that got a gradient
         new = [p for p in self._params() if p not in self.slow and (closure is not None or p.grad is not None)]
         copies = [self._copy(p) for p in new]
-        result = self.optimizer.step(closure, **kwargs) if kwargs else self.optimizer.step(closure)
+        skips = self.nonfinite_skips
+        result = self._inner_step(closure, kwargs)
+        if self.nonfinite_skips != skips:  # the inner optimizer skipped: nothing moved
+            return result
         for p, copy in zip(new, copies):
             if p.grad is not None:
                 self.slow[p] = copy
@@ -185,6 +222,18 @@ class Lookahead(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict with the Lookahead entries (see the module
+        docstring); state-dict hooks registered on this wrapper run as torch runs them."""
+        for hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            hook(self)
+        sd = self._state_dict()
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            result = hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def _state_dict(self) -> dict[str, Any]:
         sd = self.optimizer.state_dict()
         state = dict(sd["state"])
         index = 0
@@ -200,7 +249,17 @@ class Lookahead(torch.optim.Optimizer):
         return {**sd, "state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict saved by a Lookahead over the same parameters (see the module docstring)."""
+        """Load a state dict saved by a Lookahead over the same parameters (see the module
+        docstring); load-state-dict hooks registered on this wrapper run as torch runs them."""
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         groups = state_dict.get("param_groups")
         if not groups or any(key not in g for g in groups for key in GROUP_KEYS):
             raise ValueError(

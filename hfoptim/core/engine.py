@@ -11,7 +11,13 @@
    time through the same rule code;
 4. bf16/fp16 parameters are computed in fp32 (fp64 stays fp64); ``p.grad`` is never written;
 5. per step: gradient modifiers -> rule (state decoded, updated, encoded) -> update modifiers ->
-   weight decay and ``p <- p - lr u``.
+   weight decay and ``p <- p - lr u``;
+6. with ``skip_nonfinite`` (on by default for compressed state) a step whose gradients hold a
+   NaN or an infinity anywhere in the optimizer is skipped before anything is written, by every
+   process of a sharded run together (the flag goes through the layout's statistics), and
+   counted in ``nonfinite_skips``;
+7. ``load_state_dict`` converts state saved in another storage form to the current one and
+   validates the saved parameter groups (see its docstring).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import torch
 
 from ..modifiers import GRAD, MODIFIERS, UPDATE
 from ..modifiers.weight_decay import add_l2, apply_update
-from ..state import resolve
+from ..state import convert, resolve
 from ..state.codec import decode_all, encode_all
+from ..state.convert import STORAGE_KEYS
 from . import fused
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
@@ -43,6 +50,10 @@ PASSTHROUGH_GROUP_KEYS = frozenset({"params", "param_names", "name", "initial_lr
 DECODE_CHUNK_NUMEL = 1 << 22
 
 STATE_DICT_TAG = "hfoptim"
+
+#: group options about how this run executes (not the algorithm): a resume keeps the current
+#: optimizer's values, as it keeps its storage options (``STORAGE_KEYS``)
+RUN_KEYS = ("compile", "skip_nonfinite")
 
 
 def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
@@ -67,6 +78,14 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         "elements, when it works here), on, off (see hfoptim.core.fused)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
+    spec["skip_nonfinite"] = HP(
+        None,
+        choices=(None, True, False),
+        doc="skip a step whose gradients hold a NaN or an infinity (any parameter of the optimizer, all "
+        "processes together), leaving parameters and state untouched: True, False, or None (default: on "
+        "when the group keeps compressed state, whose blocks or factors one NaN would spoil)",
+        check=lambda v: None if v is None or isinstance(v, bool) else "True, False or None, not a number",
+    )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
     return spec
@@ -98,6 +117,8 @@ class Engine(torch.optim.Optimizer):
         defaults = self._validate_group(hyperparameters, where=f"{type(self).__name__}()")
         self.layout = LocalLayout(foreach=self.foreach)
         self._handed_loss: Any = None
+        #: steps skipped because a gradient was not finite (``skip_nonfinite``); saved in state_dict
+        self.nonfinite_skips = 0
         super().__init__(params, defaults)
 
     #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
@@ -111,6 +132,7 @@ class Engine(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("nonfinite_skips", 0)
         self._spec = engine_hyperparams(type(self.rule))
         if "layout" in self.__dict__:
             return  # torch's load_state_dict calls __setstate__ too: keep the (sharded) layout
@@ -136,21 +158,41 @@ class Engine(torch.optim.Optimizer):
         return values
 
     def add_param_group(self, param_group: dict) -> None:
-        options = {k: v for k, v in param_group.items() if k not in PASSTHROUGH_GROUP_KEYS}
+        """Add a parameter group, validated. ``params`` may hold tensors or ``(name, tensor)``
+        pairs (``model.named_parameters()``, as torch >= 2.6 accepts: the names go to
+        ``param_names``). ``foreach`` (True, False or None: the optimizer's) chooses the path of
+        this group, as torch's optimizers accept it per group."""
+        options = {k: v for k, v in param_group.items() if k not in PASSTHROUGH_GROUP_KEYS and k != "foreach"}
         for key, value in self.defaults.items():
             options.setdefault(key, value)
         index = len(self.param_groups)
-        checked = self._validate_group(options, where=f"{type(self).__name__} parameter group {index}")
+        where = f"{type(self).__name__} parameter group {index}"
+        checked = self._validate_group(options, where=where)
+        foreach = param_group.get("foreach")
+        if foreach not in (None, True, False):
+            raise HyperparameterError(f"{where}: invalid foreach={foreach!r}: expected True, False or None")
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for p in params:
+        for item in params:
+            p = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(
+                    f"{where}: expected tensors or (name, tensor) pairs as parameters, got {type(item).__name__}"
+                )
             if p.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
         group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
         group["params"] = params
         group.update(checked)
-        super().add_param_group(group)
-        self.layout.register(params)
+        if "foreach" in param_group:
+            group["foreach"] = foreach
+        super().add_param_group(group)  # torch splits (name, tensor) pairs into params and param_names
+        self.layout.register(self.param_groups[-1]["params"])
+
+    def group_foreach(self, group: dict) -> bool:
+        """The path of ``group``: its own ``foreach`` if it set one, else the optimizer's."""
+        foreach = group.get("foreach")
+        return self.foreach if foreach is None else foreach
 
     # ------------------------------------------------------------------ layout (sharding hook)
     def param_view(self, p: torch.Tensor) -> ParamView:
@@ -195,14 +237,33 @@ class Engine(torch.optim.Optimizer):
         self.layout = self.layout.for_step(self)
         if loss_value is not None:
             loss_value = self.layout.mean_loss(loss_value)
-        for group in self.param_groups:
-            units = self.layout.units(self, group)
+        plan = [(group, self.layout.units(self, group)) for group in self.param_groups]
+        for _, units in plan:
             for unit in units:
                 self._check_grad(unit)
-            for bucket in self._buckets(units):
+        if self._skips_nonfinite() and not self._grads_finite([u for _, units in plan for u in units]):
+            self.nonfinite_skips += 1
+            return closure_loss
+        for group, units in plan:
+            for bucket in self._buckets(units, self.group_foreach(group)):
                 for chunk in self._chunks(group, bucket):
                     self._step_bucket(group, chunk, loss_value)
         return closure_loss
+
+    def _skips_nonfinite(self) -> bool:
+        """Whether a non-finite gradient skips the step: ``skip_nonfinite`` of any group, None
+        meaning on for a group that keeps compressed state."""
+        for group in self.param_groups:
+            skip = group["skip_nonfinite"]
+            if skip or (skip is None and not resolve.all_dense(self.rule, group)):
+                return True
+        return False
+
+    def _grads_finite(self, units: list[Unit]) -> bool:
+        """True when every gradient this process holds is finite, agreed by all the processes
+        that share a parameter: the flag goes through the layout's statistics (one MAX
+        all-reduce per process group under sharding), so every process skips together."""
+        return not bool(self.layout.stats.any_nonfinite([u.grad for u in units], [u.view for u in units]))
 
     def _check_grad(self, unit: Unit) -> None:
         g = unit.grad
@@ -213,8 +274,8 @@ class Engine(torch.optim.Optimizer):
         if g.shape != unit.param.shape:
             raise RuntimeError(f"gradient of shape {tuple(g.shape)} for a parameter of shape {tuple(unit.param.shape)}")
 
-    def _buckets(self, units: list[Unit]) -> list[list[Unit]]:
-        if not self.foreach:
+    def _buckets(self, units: list[Unit], foreach: bool) -> list[list[Unit]]:
+        if not foreach:
             return [[u] for u in units]
         buckets: dict[tuple, list] = defaultdict(list)
         for u in units:
@@ -250,7 +311,7 @@ class Engine(torch.optim.Optimizer):
         return state
 
     def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
-        rule, foreach = self.rule, self.foreach
+        rule, foreach = self.rule, self.group_foreach(group)
         states = [self._init_state(u, group) for u in units]
         for s in states:
             s["step"] += 1
@@ -289,23 +350,41 @@ class Engine(torch.optim.Optimizer):
             for saved, group in zip(sd["param_groups"], self.param_groups)
             for pid, p in zip(saved["params"], group["params"])
         }
-        sd[STATE_DICT_TAG] = {"rule": self.rule.name, "format": 1, "shapes": shapes}
+        sd[STATE_DICT_TAG] = {
+            "rule": self.rule.name,
+            "format": 1,
+            "shapes": shapes,
+            "nonfinite_skips": self.nonfinite_skips,
+        }
         return self.layout.export_state(self, sd)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict saved by an optimizer of the same rule over the same shapes.
 
+        * The storage options of this optimizer (``state``, ``state_min_numel``) and its run
+          options (``compile``, ``skip_nonfinite``, ``foreach``) stay as they are: state saved in
+          another form is converted to this optimizer's (decoded with the saved form, encoded with
+          the current one; see :mod:`hfoptim.state.convert` for what each conversion loses). A
+          sharded run holds only shards of the saved state and refuses a conversion, saying how
+          to proceed. The rule's hyperparameters (``lr``, ``betas``, ...) come from the state
+          dict, as torch does.
+        * Every saved parameter group is validated now: a missing or bad hyperparameter raises
+          ``ValueError`` naming it, not a ``KeyError`` at the next step.
+        * A ``step`` saved as a plain number (torch allows it) is loaded as a tensor.
+
         Raises ``ValueError`` naming the problem for a state dict of another optimizer, another
-        rule, another state form or other parameter shapes. State tensors keep the dtype they
-        were saved with (torch would cast them to the parameter's dtype, losing fp32 state of
-        bf16 parameters)."""
+        rule or other parameter shapes (``hfoptim.convert_state_dict`` turns torch's and
+        bitsandbytes' Adam/AdamW state dicts into ones this method loads). State tensors keep
+        the dtype they were saved with (torch would cast them to the parameter's dtype, losing
+        fp32 state of bf16 parameters)."""
         self.layout = self.layout.for_step(self)
         state_dict = self.layout.import_state(self, state_dict)  # sharded state: back to this run's shards
         tag = state_dict.get(STATE_DICT_TAG)
         if tag is None:
             raise ValueError(
                 f"this state_dict was not saved by an hfoptim optimizer (no {STATE_DICT_TAG!r} entry); "
-                f"{type(self).__name__} cannot load it"
+                f"{type(self).__name__} cannot load it as it is. For torch.optim.Adam/AdamW or "
+                f"bitsandbytes' Adam/AdamW 8-bit state, use hfoptim.convert_state_dict(state_dict, optimizer)"
             )
         if tag.get("rule") != self.rule.name:
             raise ValueError(
@@ -332,22 +411,77 @@ class Engine(torch.optim.Optimizer):
                     f"state_dict was saved for a parameter {pid} of shape {tuple(shape)}, the optimizer's "
                     f"parameter has shape {tuple(self.param_view(p).global_shape)}"
                 )
+        checked_groups = [
+            self._checked_saved_group(gi, saved, group)
+            for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups))
+        ]
+        group_of = {pid: gi for gi, saved in enumerate(saved_groups) for pid in saved["params"]}
+        states = {}
         for pid, pstate in state_dict["state"].items():
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"state_dict has state for unknown parameter id {pid}")
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-            saved_group = saved_groups[self.param_groups.index(group)]
-            options = {k: v for k, v in saved_group.items() if k in self._spec}
-            self.layout.check_param_state(self, pid, p, pstate, {**group, **options})
-        originals = {pid: dict(pstate) for pid, pstate in state_dict["state"].items()}
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_DICT_TAG})
-        for pid, pstate in originals.items():
+            gi = group_of[pid]
+            checked, saved_storage = checked_groups[gi]
+            as_saved = {**self.param_groups[gi], **checked, **saved_storage}
+            self.layout.check_param_state(self, pid, p, pstate, as_saved)
+            pstate = dict(pstate)
+            if "step" in pstate and not isinstance(pstate["step"], torch.Tensor):
+                pstate["step"] = torch.tensor(float(pstate["step"]), dtype=torch.float32)
+            states[pid] = self._converted(pid, p, pstate, as_saved, {**self.param_groups[gi], **checked})
+        groups = [{**saved, **checked} for saved, (checked, _) in zip(saved_groups, checked_groups)]
+        super().load_state_dict(
+            {**{k: v for k, v in state_dict.items() if k != STATE_DICT_TAG}, "state": states, "param_groups": groups}
+        )
+        for pid, pstate in states.items():
             p = id_to_param[pid]
             for key, value in pstate.items():
-                if isinstance(value, torch.Tensor) and key != "step":
+                if key == "step" and isinstance(value, torch.Tensor):  # stepped in place: never the caller's
+                    self.state[p][key] = value.detach().clone()
+                elif isinstance(value, torch.Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+        self.nonfinite_skips = int(tag.get("nonfinite_skips", 0))
         self.layout.after_load(self)
+
+    def _checked_saved_group(self, index: int, saved: dict, group: dict) -> tuple[dict, dict]:
+        """The options of saved parameter group ``index`` validated, with this optimizer's
+        storage and run options (see :meth:`load_state_dict`); and the saved storage options.
+        Raises ``ValueError`` naming a missing or bad hyperparameter."""
+        kept = (*STORAGE_KEYS, *RUN_KEYS)
+        missing = [k for k in self._spec if k not in saved and k not in kept]
+        if missing:
+            raise ValueError(
+                f"parameter group {index} of this state_dict lacks {', '.join(missing)}: it was not saved by "
+                f"{type(self).__name__} of this version. Add the values to state_dict['param_groups'][{index}] "
+                f"(defaults: {', '.join(f'{k}={self._spec[k].default!r}' for k in missing)}) before loading"
+            )
+        options = {k: v for k, v in saved.items() if k not in PASSTHROUGH_GROUP_KEYS and k not in kept}
+        options.update({k: group[k] for k in kept if k in self._spec})
+        checked = self._validate_group(options, where=f"state_dict parameter group {index}")
+        if "foreach" in group:
+            checked["foreach"] = group["foreach"]
+        as_saved = {k: saved[k] for k in STORAGE_KEYS if k in saved}
+        return checked, as_saved
+
+    def _converted(self, pid, p: torch.Tensor, pstate: dict, saved_group: dict, group: dict) -> dict:
+        """``pstate`` in the storage forms of ``group`` (see :mod:`hfoptim.state.convert`)."""
+        if all(saved_group[k] == group[k] for k in STORAGE_KEYS):
+            return pstate
+        view = self.param_view(p)
+        if isinstance(self.layout, LocalLayout) and not convert.needs_conversion(self.rule, saved_group, group, view):
+            return pstate
+        if not isinstance(self.layout, LocalLayout):
+            raise ValueError(
+                f"parameter {pid} was saved with state={saved_group['state']!r} "
+                f"(state_min_numel={saved_group['state_min_numel']}), this optimizer keeps state={group['state']!r} "
+                f"(state_min_numel={group['state_min_numel']}); a sharded run holds only shards of the saved state "
+                f"and cannot convert it. Resume with state={saved_group['state']!r}, or load the full state_dict into "
+                f"{type(self).__name__}(..., state={group['state']!r}) on one process (it converts) and save it"
+            )
+        device = p.device if p.device.type != "meta" else torch.device("cpu")
+        return convert.convert_param_state(
+            self.rule, pstate, saved_group, group, view, self.compute_dtype(p), device, self.layout.stats
+        )
 
     def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
         view = self.param_view(p)

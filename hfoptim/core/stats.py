@@ -173,6 +173,19 @@ class LocalStats:
         """Sums over the first dimension of a 2-D view: shape ``(cols,)``."""
         return matrix.sum(dim=0)
 
+    def any_nonfinite(self, tensors: list[torch.Tensor], views: list[ParamView]) -> torch.Tensor:
+        """A 0-d bool tensor: True when some element of some tensor is NaN or infinite. Computed
+        from each tensor's largest magnitude (the infinity norm; NaN propagates), so no
+        full-size temporary is made."""
+        tensors = [t for t in tensors if t.numel()]  # the infinity norm of an empty tensor is an error
+        if not tensors:
+            return torch.tensor(False)
+        if self.foreach:
+            maxima = torch._foreach_norm(tensors, float("inf"))
+        else:
+            maxima = [torch.linalg.vector_norm(t, float("inf")) for t in tensors]
+        return ~torch.stack([m.to(device=maxima[0].device, dtype=torch.float32) for m in maxima]).isfinite().all()
+
     # the list forms: a sharding backend combines the statistics of all the tensors in one
     # collective, so code that needs a statistic of many tensors (codecs) should call these
     def row_sums(self, tensors: list[torch.Tensor], views: list[ParamView], square: bool = False) -> list:

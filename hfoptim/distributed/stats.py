@@ -161,6 +161,26 @@ class ShardedStats(LocalStats):
             return super().sum(tensors, views)
         return self.all_reduce([(owned(t, v) if v.sharded else t).sum() for t, v in zip(tensors, views)], views)
 
+    def any_nonfinite(self, tensors, views) -> torch.Tensor:
+        """True on every process when some process owns a NaN or an infinity in a tensor it
+        shares: the local flag of each process group's tensors, combined with one MAX
+        all-reduce per distinct group (every process holds a unit, possibly empty, for every
+        parameter, so all take part)."""
+        if not any(v.sharded for v in views):
+            return super().any_nonfinite(tensors, views)
+        local = [owned(t, v) if v.sharded else t for t, v in zip(tensors, views)]
+        flags, flag_views = [], []
+        by_group: dict = {}
+        for x, v in zip(local, views):
+            by_group.setdefault(id(v.group), (v, []))[1].append(x)
+        for v, xs in by_group.values():
+            xs = [x for x in xs if x.numel()]
+            flag = LocalStats.any_nonfinite(self, xs, [v] * len(xs)) if xs else torch.tensor(False)
+            flags.append(flag.to(torch.float32).reshape(1))
+            flag_views.append(v)
+        combined = self.all_reduce(flags, flag_views, op=dist.ReduceOp.MAX)
+        return torch.stack([f.reshape(()) for f in combined]).gt(0).any()
+
     # ------------------------------------------------------------------ rows and columns
     def row_sums(self, tensors, views, square: bool = False) -> list[torch.Tensor]:
         """:meth:`row_sum` (or ``row_sum_sq``) of many tensors with one collective."""

@@ -29,7 +29,18 @@ BLOCK = 256
 
 #: every public LocalStats method and how it is checked here; a method added to LocalStats without
 #: an entry fails the run (give it a sharded version and a check)
-CHECKED = {"sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "row_sums", "col_sums", "block_absmax"}
+CHECKED = {
+    "sum_sq",
+    "norm",
+    "sum",
+    "row_sum",
+    "row_sum_sq",
+    "col_sum",
+    "row_sums",
+    "col_sums",
+    "block_absmax",
+    "any_nonfinite",
+}
 
 
 def full_tensors(seed: int) -> list[torch.Tensor]:
@@ -150,7 +161,28 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
     for g, (_, _, full) in zip(got, mats):
         want = ref.col_sums([full.reshape(full.shape[0], -1)], [ParamView(full.shape)])[0]
         close(f"col_sums[{tuple(full.shape)}]", g, want)
+    check_nonfinite(kind, tensors, views, sharded, failures)
     detail["collectives"] = sharded.collectives
+
+
+def check_nonfinite(kind, tensors, views, sharded, failures) -> None:
+    """``any_nonfinite``: False although the padding of cut rows is NaN (never owned); True on
+    EVERY process, with one collective, when one element owned by the last process only is NaN
+    or infinite."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    before = sharded.collectives
+    if bool(sharded.any_nonfinite(tensors, views)):
+        failures.append(f"{kind} any_nonfinite: True for finite tensors (the NaN padding leaked)")
+    if sharded.collectives - before != 1:
+        failures.append(f"{kind} any_nonfinite: {sharded.collectives - before} collectives for one call")
+    for bad in (float("nan"), float("inf")):
+        spoiled = [t.clone() for t in tensors]
+        index = max(range(len(views)), key=lambda i: views[i].global_numel)
+        a, b = views[index].valid_range
+        if rank == world - 1 and b > a:
+            spoiled[index].view(-1)[b - 1] = bad
+        if not bool(sharded.any_nonfinite(spoiled, views)):
+            failures.append(f"{kind} any_nonfinite: False on rank {rank} when rank {world - 1} holds a {bad}")
 
 
 def check_refusals(failures: list, detail: dict) -> None:

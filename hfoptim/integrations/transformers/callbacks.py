@@ -8,6 +8,17 @@ Trainer log entry (``trainer_state.json``'s ``log_history``, the console and eve
 - ``optimizer_state_bytes``: total bytes of optimizer state, all processes together;
 - ``optimizer_state_bytes_per_param``: those bytes per parameter element the optimizer updates.
 
+It also reports steps the optimizer skipped because a gradient was not finite (hfoptim's
+``skip_nonfinite``, on by default for compressed state): whenever the count grew since the
+last log entry, the entry gets
+
+- ``optimizer_nonfinite_skips``: steps skipped so far in this run (every process skips together,
+  so the count is the same on each),
+
+and a warning goes to the Python log. (With fp16 and a GradScaler, a step whose scaled
+gradients overflow is skipped by the scaler before the optimizer sees it: the scaler lowers its
+scale and the optimizer counts nothing, so no step is counted twice.)
+
 ``HFOptimTrainer`` installs it first among the callbacks (so reporters see the values); with a
 plain ``Trainer`` use ``trainer.callback_handler.callbacks.insert(0, OptimizerStateCallback())``.
 """
@@ -23,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 BYTES_KEY = "optimizer_state_bytes"
 PER_PARAM_KEY = "optimizer_state_bytes_per_param"
+SKIPS_KEY = "optimizer_nonfinite_skips"
 
 
 def innermost_optimizer(optimizer):
@@ -73,6 +85,7 @@ class OptimizerStateCallback(TrainerCallback):
     def __init__(self) -> None:
         self.metrics: dict[str, float] | None = None
         self._pending = False
+        self._skips_logged = 0
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         if self.metrics is not None or optimizer is None:
@@ -90,13 +103,36 @@ class OptimizerStateCallback(TrainerCallback):
             self.metrics[PER_PARAM_KEY],
         )
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._pending or logs is None:
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None:
             return
-        logs.update(self.metrics)
+        entry = {}
+        if self._pending:
+            entry.update(self.metrics)
+            self._pending = False
+        skips = nonfinite_skips(optimizer)
+        if skips > self._skips_logged:
+            logger.warning(
+                "the optimizer skipped %d step(s) with non-finite gradients (%d in this run so far)",
+                skips - self._skips_logged,
+                skips,
+            )
+            entry[SKIPS_KEY] = skips
+            self._skips_logged = skips
+        if not entry:
+            return
+        logs.update(entry)
         if state.log_history:
-            state.log_history[-1].update(self.metrics)
-        self._pending = False
+            state.log_history[-1].update(entry)
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         self.metrics, self._pending = None, False
+        self._skips_logged = nonfinite_skips(optimizer)
+
+
+def nonfinite_skips(optimizer) -> int:
+    """Steps the optimizer under the wrappers skipped for non-finite gradients (0 if it never
+    skips)."""
+    if optimizer is None:
+        return 0
+    return int(getattr(innermost_optimizer(optimizer), "nonfinite_skips", 0))
