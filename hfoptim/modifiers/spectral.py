@@ -3,8 +3,6 @@ spectral norm."""
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from ..core.hparams import HP
@@ -18,12 +16,19 @@ DEFAULT_TAU = 0.05
 DEFAULT_ITERS = 5
 
 
-@lru_cache(maxsize=256)
-def _start(n: int) -> torch.Tensor:
-    """The power iteration's start vector for matrices of ``n`` columns: fixed pseudo-random
-    numbers (the same on every process and every step), unit length, float64 on the CPU."""
-    v = torch.randn(n, generator=torch.Generator().manual_seed(0x5EC7 + n), dtype=torch.float64)
-    return v / v.norm()
+#: the golden ratio's fractional part: the start vector's components are frac(i * GOLDEN)
+GOLDEN = 0.6180339887498949
+
+
+def start_vector(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The power iteration's start vector for matrices of ``n`` columns: ``frac(i * GOLDEN)``,
+    ``i = 1 .. n``, scaled to unit length (computed in float64, returned in ``like``'s dtype and
+    device). Spread over (0, 1) like uniform noise but pure arithmetic: the same on every process
+    and step, and no random generator inside a ``torch.compile`` graph (one would break it). It is
+    far from orthogonal to the all-ones direction (a constant gradient's singular vector)."""
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=like.device)
+    v = torch.frac(i * GOLDEN)
+    return (v / v.norm()).to(like.dtype)
 
 
 def top_singular_values(
@@ -40,7 +45,7 @@ def top_singular_values(
     whole matrix's, equal on every process; two small all-reduces per iteration for the whole
     list of matrices."""
     flat = [m.reshape(v.rows, v.row_len) for m, v in zip(matrices, views)]
-    vecs = [_start(v.row_len).to(device=m.device, dtype=m.dtype) for m, v in zip(flat, views)]
+    vecs = [start_vector(v.row_len, m) for m, v in zip(flat, views)]
     for _ in range(iters):
         rows = stats.row_sums([a * x for a, x in zip(flat, vecs)], views)
         cols = stats.col_sums([a * y[:, None] for a, y in zip(flat, rows)], views)

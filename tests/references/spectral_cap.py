@@ -1,7 +1,7 @@
 """AdamW^2's step control (arXiv 2505.21910) on AdamW, float64, one tensor at a time:
 lr_t = min(lr, tau sigma1(W_{t-1}) / sigma1(u_t)) for tensors of 2+ dims (as rows x rest),
-sigma1 by power iteration on A^T A from the library's documented start vector (unit-length
-randn(n) drawn with seed 0x5EC7 + n), sigma1 ~ ||A v_K||; no cap where sigma1(W) = 0."""
+sigma1 by power iteration on A^T A from the library's documented start vector (v_i =
+frac(i * 0.618...), i = 1..n, unit length), sigma1 ~ ||A v_K||; no cap where sigma1(W) = 0."""
 
 import torch
 
@@ -9,7 +9,7 @@ from tests.references.adamw import AdamWRef
 
 
 def start_vector(n: int) -> torch.Tensor:
-    v = torch.randn(n, generator=torch.Generator().manual_seed(0x5EC7 + n), dtype=torch.float64)
+    v = torch.tensor([(i * (5**0.5 - 1) / 2) % 1.0 for i in range(1, n + 1)], dtype=torch.float64)
     return v / v.norm()
 
 
