@@ -18,6 +18,7 @@ from .core.engine import Engine, optimizer_class
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
 from .modifiers import MODIFIERS
+from .modifiers.spectral import DEFAULT_TAU
 from .rules import RULES
 from .state.codec import CODECS
 
@@ -31,6 +32,8 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "adam_atan2": ("adamw", {"denominator": "atan2"}),
     "nadamw": ("adamw", {"nesterov": True}),
     "lamb": ("adamw", {"trust_ratio": True}),
+    # issue 16: AdamW^2 (arXiv 2505.21910), the paper's name for AdamW with the spectral step cap
+    "adamw2": ("adamw", {"spectral_cap": DEFAULT_TAU}),
 }
 
 #: suffix -> the options it sets (codecs give "_<form>": "_8bit", "_factored", ...)

@@ -35,6 +35,8 @@ def _stepped(name: str, shapes, dtype=torch.float32, **kwargs):
         ("ademamix_8bit", 3 * (1 + 4 / 256)),  # 3.046875: "about 3.06"
         ("ademamix_bf16", 6.0),
         ("adamw_lookahead", 12.0),  # + the fp32 slow weights
+        ("adagl", 48.0),  # issue 16: m, v and 10 past gradients
+        ("adagl_8bit", 12 * (1 + 4 / 256)),  # the history in 8 bits too
     ],
 )
 def test_measured_bytes_match_the_theory_on_a_large_matrix(name, bytes_per_param):

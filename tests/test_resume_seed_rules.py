@@ -15,6 +15,9 @@ CASES = {
     "nsgda": dict(lr=1e-2, momentum=0.7),
     "adalo": dict(kappa=2.0, mode="compliant"),
     "amos": dict(lr=0.05, momentum=0.5),
+    # issue 16: the G-L gradient history (shifted every step), eps accumulated into v
+    "adagl": dict(lr=1e-2, alpha=0.6, history=3, weight_decay=0.1),
+    "adamomentum": dict(lr=1e-2, eps=1e-6, weight_decay=0.1),
 }
 
 

@@ -31,6 +31,10 @@ RULE_HP = {
     "adan": dict(HP, betas=(0.9, 0.9, 0.98)),
     "adapnm": dict(HP, betas=(0.85, 0.98, 0.8)),
     "adafactor": dict(lr=3e-3, weight_decay=0.05, beta1=0.9),
+    # issue 16
+    "adagl": dict(HP, alpha=0.6, history=3, step_control="mean"),
+    "adamomentum": dict(HP, eps_mode="accumulate"),
+    "adamw_spectralcap": dict(HP, spectral_cap=1e-3, spectral_cap_iters=3),
 }
 
 
@@ -55,7 +59,11 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
     # adan: its first-step guard, adapnm: its step-parity swap and adafactor: its relative step
     # read the step, which is a traced tensor here (a Python branch on it breaks the graph)
     "name",
-    ["adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16"],
+    [
+        *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16"),
+        # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
+        *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit"),
+    ],
 )
 def test_compiled_path_agrees_with_the_plain_path(name):
     from torch._dynamo.utils import counters

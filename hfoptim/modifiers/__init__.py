@@ -2,6 +2,7 @@
 
 from .base import GRAD, UPDATE, Modifier
 from .gradient import AdaptiveGradientClipping, GradientCentralization, SoftClip
+from .spectral import SpectralCap
 from .update import CautiousMask, TrustRatio
 
 #: every modifier, in the order applied within its stage
@@ -11,6 +12,8 @@ MODIFIERS: tuple[Modifier, ...] = (
     GradientCentralization(),
     CautiousMask(),
     TrustRatio(),
+    # issue 16: last, so it caps the step the other update modifiers produced
+    SpectralCap(),
 )
 
 __all__ = ["GRAD", "UPDATE", "MODIFIERS", "Modifier"]
