@@ -157,8 +157,8 @@ def pack(codes: torch.Tensor, view: ParamView) -> torch.Tensor:
 def unpack(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
     """Inverse of :func:`pack`: the codes (uint8) in the local shape."""
     lines, length, _ = block_layout(view, 1)
-    x = packed.reshape(lines, -1)
-    both = torch.stack([x & 15, x >> 4], dim=2).reshape(lines, -1)
+    x = packed.reshape(lines, -(-length // 2))
+    both = torch.stack([x & 15, x >> 4], dim=2).reshape(lines, 2 * x.shape[1])
     if both.shape[1] != length:
         both = both[:, :length]
     return both.reshape(view.local_shape)
