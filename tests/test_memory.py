@@ -33,6 +33,8 @@ def _stepped(name: str, shapes, dtype=torch.float32, **kwargs):
         ("adamw_8bit", 2 * (1 + 4 / 256)),  # codes + one fp32 scale per 256
         ("ademamix", 12.0),
         ("ademamix_8bit", 3 * (1 + 4 / 256)),  # 3.046875: "about 3.06"
+        ("adamw_4bit", 1 / 2 + 4 / 128 + 1 / 2 + 4 * 2048 / 1024**2),  # 1.0391: codes, 128-block and rank-1 scales
+        ("ademamix_4bit", 2 * (1 / 2 + 4 / 128) + 1 / 2 + 4 * 2048 / 1024**2),
         ("ademamix_bf16", 6.0),
         ("adamw_lookahead", 12.0),  # + the fp32 slow weights
         ("adagl", 48.0),  # issue 16: m, v and 10 past gradients
@@ -105,6 +107,8 @@ SHAPES = [(300, 70), (4096,), (5000,), (7,), (3, 4, 5), (64, 256), (2, 3, 64, 64
         ("adamw_8bit", {}),
         ("adamw_8bit", {"state_min_numel": 0}),
         ("ademamix_8bit", {"state_min_numel": 100}),
+        ("adamw_4bit", {"state_min_numel": 0}),
+        ("ademamix_4bit", {}),
         ("adan_bf16", {}),
         ("adamw_factored", {}),
         ("adamw_shared", {}),

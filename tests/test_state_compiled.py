@@ -60,7 +60,7 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
     # read the step, which is a traced tensor here (a Python branch on it breaks the graph)
     "name",
     [
-        *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16"),
+        *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16", "adamw_4bit"),
         # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
         *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit"),
     ],
@@ -111,6 +111,34 @@ def test_compiled_quantize_and_dequantize_equal_eager(shape, view):
         q = lambda v, s, code=code: quantize(v, s, view, code)  # noqa: E731
         assert torch.equal(dq(codes, scale), torch.compile(dq, dynamic=False)(codes, scale))
         assert torch.equal(q(x, scale), torch.compile(q, dynamic=False)(x, scale))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(64, 512), (48, 300), (1, 3000), (40, 100), (3000,), (5, 7, 41)])
+def test_compiled_4bit_encode_and_decode_equal_eager(shape):
+    """The 4-bit form's encode (block or rank-1 maxima, nearest level, packing) and decode,
+    compiled alone, give the eager bytes and values exactly, first and second moments."""
+    from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
+    from hfoptim.core.stats import LocalStats
+    from hfoptim.state import CODECS
+
+    codec, view = CODECS["4bit"], ParamView(global_shape=torch.Size(shape))
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for slot, value in ((Slot("m", FIRST_MOMENT), x), (Slot("v", SECOND_MOMENT), x.square())):
+
+        def roundtrip(value, slot=slot):
+            stored = {
+                k: torch.zeros(s, dtype=torch.uint8 if k.endswith(".packed") else torch.float32)
+                for k, s in codec.shapes(slot, view, value).items()
+            }
+            codec.encode(slot, stored, value, view, stats=LocalStats())
+            return stored, codec.decode(slot, stored, view, torch.float32)
+
+        eager, eager_value = roundtrip(value)
+        compiled, compiled_value = torch.compile(roundtrip, dynamic=False)(value)
+        for key in eager:
+            assert torch.equal(eager[key], compiled[key]), key
+        assert torch.equal(eager_value, compiled_value)
 
 
 @pytest.mark.slow

@@ -169,6 +169,7 @@ def assert_same_training_state(a: HFOptimTrainer, b: HFOptimTrainer) -> None:
         ("ademamix", "t_alpha=auto,t_beta3=auto,weight_decay=0.1"),
         ("adamw_factored", "state_min_numel=0,embeddings:state=fp32"),
         ("ademamix_8bit", "state_min_numel=0,t_alpha=auto"),
+        ("adamw_4bit", "state_min_numel=0"),
         ("adafactor", "beta1=0.9"),
     ],
 )
@@ -185,7 +186,12 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, optim, optim_args):
     assert [e["step"] for e in resumed.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]  # 1-3: checkpoint
     assert_same_training_state(whole, resumed)
     keys = set().union(*(s.keys() for s in inner_optimizer(whole).state.values()))
-    form = {"adamw_factored": "exp_avg_sq.row", "ademamix_8bit": "exp_avg_slow.codes", "adafactor": "exp_avg_sq.col"}
+    form = {
+        "adamw_factored": "exp_avg_sq.row",
+        "ademamix_8bit": "exp_avg_slow.codes",
+        "adamw_4bit": "exp_avg_sq.max1",
+        "adafactor": "exp_avg_sq.col",
+    }
     assert form.get(optim, "exp_avg") in keys  # the storage form really was used
 
 

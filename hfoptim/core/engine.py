@@ -68,7 +68,8 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     spec["state"] = HP(
         "auto",
         kind="str",
-        doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, bf16, factored, smmf, shared",
+        doc="storage form of the state: auto (the rule's own), fp32 (all dense), 8bit, 4bit, bf16, factored, smmf, "
+        "shared",
     )
     spec["compile"] = HP(
         "auto",

@@ -11,8 +11,8 @@ processes, loaded by 3), and ``load_state_dict()`` takes it back:
   count) stay plain tensors (DCP saves them once);
 * tensors that are neither (SMMF's factors of the flattened tensor, sign bits, the 8-bit scales
   of a vector whose blocks a boundary cuts) are replaced by the DECODED slot as a DTensor under
-  ``"<slot>.decoded"`` and encoded again on load for the new shards (8-bit: the same codes;
-  SMMF: the same factors to float rounding).
+  ``"<slot>.decoded"`` (``Codec.export_value``) and encoded again on load for the new shards
+  (8-bit and 4-bit: the same codes and scales; SMMF: the same factors to float rounding).
 
 The decisions come from the codec's ``shapes()`` evaluated for shards of 1, 2 and 5 rows, so a
 new codec is handled without code here. The hfoptim tag (rule, parameter shapes) is also copied
@@ -117,7 +117,7 @@ def export_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         for slot in decoded_slots:
             codec = resolve.codec_for(optimizer.rule, slot, group, view)
             dtype = optimizer.compute_dtype(p._local_tensor)
-            value = codec.decode(slot, pstate, view, dtype, stats=stats).reshape(view.local_shape)
+            value = codec.export_value(slot, pstate, view, dtype, stats=stats).reshape(view.local_shape)
             if len(view.global_shape) == 0:
                 out[slot.name + DECODED] = value
             else:

@@ -19,8 +19,9 @@ A statistic is asked of either
 Row statistics of rows held whole are local (FSDP2 shards whole rows: no communication); rows
 cut by a boundary (ZeRO) are completed by adding the partial sums of every process in one
 all-reduce of one number per cut row. Column statistics and totals are always all-reduced.
-Block maxima (8-bit blocks, laid on rows) are local except for the blocks a boundary cuts,
-which are completed with one MAX all-reduce.
+Block maxima (8-bit and 4-bit blocks, laid on rows) are local except for the blocks a boundary
+cuts, which are completed with one MAX all-reduce; so are the per-dimension maxima of the 4-bit
+second moment (rank-1 normalization): rows cut by a boundary, and every other dimension.
 
 ``collectives`` and ``bytes_reduced`` count what was communicated (tests, benchmarks).
 """
@@ -32,7 +33,7 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from ..core.stats import LocalStats, ParamView, block_layout, blocked
+from ..core.stats import LocalStats, ParamView, block_layout, blocked, local_dim_absmax
 
 
 class ShardingError(RuntimeError):
@@ -251,6 +252,38 @@ class ShardedStats(LocalStats):
             if w is not None and piece.numel():
                 index, held = w
                 maxima[index[held]] = piece[held]
+        return out
+
+    # ------------------------------------------------------------------ 4-bit rank-1 maxima
+    def dim_absmax(self, tensors, views) -> list[list[torch.Tensor]]:
+        """Per-dimension maxima of ``|x|`` (:meth:`LocalStats.dim_absmax`) over the WHOLE
+        tensors: each process reduces the elements it owns; the maxima along dimension 0 of rows
+        cut by a process boundary and the maxima along every other dimension (each process holds
+        a part of every column) are completed with one MAX all-reduce for the whole list."""
+        out, pieces, where = [], [], []
+        for t, v in zip(tensors, views):
+            if not v.sharded:
+                out.append(local_dim_absmax(t))
+                pieces.append(t.new_zeros(0))
+                where.append(None)
+                continue
+            x = masked_rows(t, v).reshape(v.local_shape) if v.valid is not None else t
+            maxima = local_dim_absmax(x)
+            rows = cut_rows(v)
+            index = torch.tensor([r - v.row_start for r in rows], dtype=torch.long, device=x.device)
+            held = (index >= 0) & (index < v.rows)
+            cut = torch.zeros(len(rows), dtype=x.dtype, device=x.device)
+            cut[held] = maxima[0][index[held]]
+            out.append(maxima)
+            pieces.append(torch.cat([cut, *maxima[1:]]))
+            where.append((index, held, len(rows)))
+        for maxima, piece, w in zip(out, self.all_reduce(pieces, views, op=dist.ReduceOp.MAX), where):
+            if w is None or not piece.numel():
+                continue
+            index, held, n = w
+            maxima[0][index[held]] = piece[:n][held]
+            for k, part in enumerate(piece[n:].split([m.numel() for m in maxima[1:]]), start=1):
+                maxima[k] = part
         return out
 
 

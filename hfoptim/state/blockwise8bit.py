@@ -43,7 +43,7 @@ import torch
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import LocalStats, ParamView, block_layout, blocked, ends_in_short_block, split_lines, unblocked
 from .codec import Codec
-from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode, decode_codes, encode_normalized
+from .dynamic_code import BLOCK, SIGNED, UNSIGNED, DynamicCode
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -53,73 +53,83 @@ def code_of(slot: Slot) -> DynamicCode:
     return SIGNED if slot.kind == FIRST_MOMENT else UNSIGNED
 
 
-def scale_shape(view: ParamView) -> tuple[int, ...]:
+def scale_shape(view: ParamView, block: int = BLOCK) -> tuple[int, ...]:
     """Shape of the scales of the local tensor: ``(rows, blocks per row)`` or ``(blocks,)``."""
-    lines, length, lead = block_layout(view, BLOCK)
-    per_line = math.ceil((lead + length) / BLOCK)
+    lines, length, lead = block_layout(view, block)
+    per_line = math.ceil((lead + length) / block)
     if len(view.global_shape) >= 2:
         return (lines, per_line)
     return (per_line,)
 
 
-def _aligned(view: ParamView) -> bool:
+def aligned(view: ParamView, block: int = BLOCK) -> bool:
     """Every line is a whole number of blocks (no short last block, no lead)."""
-    _, length, lead = block_layout(view, BLOCK)
-    return lead == 0 and length % BLOCK == 0
+    _, length, lead = block_layout(view, block)
+    return lead == 0 and length % block == 0
 
 
-def _split(view: ParamView) -> bool:
+def split(view: ParamView, block: int = BLOCK) -> bool:
     """Lines that start on a block boundary and end in a short block (rows of 300 elements, a
     vector of 3000): coded as two parts, the whole blocks and the short ones, each with its
     scales broadcast -- no zero padding and no per-element index arithmetic, the two forms that
     inductor 2.13 miscompiles when the producer is fused (tests/test_state_compiled.py)."""
-    return ends_in_short_block(view, BLOCK)
+    return ends_in_short_block(view, block)
 
 
-def scale_per_element(scale: torch.Tensor, view: ParamView) -> torch.Tensor:
+def scale_per_element(scale: torch.Tensor, view: ParamView, block: int = BLOCK) -> torch.Tensor:
     """Each element's block scale, in the local tensor's shape, for lines that are whole blocks:
-    element ``j`` of line ``i`` belongs to block ``(i, j // BLOCK)``."""
-    lines, length, _ = block_layout(view, BLOCK)
-    column = torch.arange(length, device=scale.device) // BLOCK
-    return scale.reshape(lines, length // BLOCK).index_select(1, column).reshape(view.local_shape)
+    element ``j`` of line ``i`` belongs to block ``(i, j // block)``."""
+    lines, length, _ = block_layout(view, block)
+    column = torch.arange(length, device=scale.device) // block
+    return scale.reshape(lines, length // block).index_select(1, column).reshape(view.local_shape)
 
 
-def _by_parts(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op) -> torch.Tensor:
-    """``op(x, s)`` with ``s`` each element's block scale, for :func:`_split` views: the whole
-    blocks of each line as a ``(lines, blocks, BLOCK)`` tensor against ``(lines, blocks, 1)``
+def _by_parts(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op, block: int) -> torch.Tensor:
+    """``op(x, s)`` with ``s`` each element's block scale, for :func:`split` views: the whole
+    blocks of each line as a ``(lines, blocks, block)`` tensor against ``(lines, blocks, 1)``
     scales, the short last blocks as ``(lines, rest)`` against ``(lines, 1)``."""
-    head, tail = split_lines(x, view, BLOCK)
+    head, tail = split_lines(x, view, block)
     lines, whole = tail.shape[0], 0 if head is None else head.shape[1]
     s = scale.reshape(lines, whole + 1)
     tail = op(tail, s[:, whole:])
     if head is None:
         return tail.reshape(view.local_shape)
     head = op(head, s[:, :whole, None])
-    return torch.cat([head.reshape(lines, whole * BLOCK), tail], dim=1).reshape(view.local_shape)
+    return torch.cat([head.reshape(lines, whole * block), tail], dim=1).reshape(view.local_shape)
 
 
-def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
-    """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima.
+def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code, block: int = BLOCK) -> torch.Tensor:
+    """Codes (uint8, the local shape) of the fp32 local tensor ``value`` given its block maxima,
+    with ``code`` (an object with ``encode(y)`` for ``|y| <= 1``: a :class:`DynamicCode`, or a
+    4-bit code of :mod:`hfoptim.state.fourbit`) and blocks of ``block`` elements.
 
     Lines of whole blocks are coded in place with per-element scales; lines ending in a short
-    block by parts (:func:`_split`); a 0-/1-D shard starting inside a block through the
-    zero-padded ``(blocks, BLOCK)`` matrix. All three divide each element by its block's scale."""
-    if _aligned(view):
-        return encode_normalized(value / scale_per_element(scale, view).clamp_min(_TINY), code)
-    if _split(view):
-        return encode_normalized(_by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY)), code)
-    blocks = blocked(value, view, BLOCK) / scale.reshape(-1, 1).clamp_min(_TINY)
-    return unblocked(encode_normalized(blocks, code), view, BLOCK)
+    block by parts (:func:`split`); a 0-/1-D shard starting inside a block through the
+    zero-padded ``(blocks, block)`` matrix. All three divide each element by its block's scale."""
+    if aligned(view, block):
+        return code.encode(value / scale_per_element(scale, view, block).clamp_min(_TINY))
+    if split(view, block):
+        return code.encode(_by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), block))
+    blocks = blocked(value, view, block) / scale.reshape(-1, 1).clamp_min(_TINY)
+    return unblocked(code.encode(blocks), view, block)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code: DynamicCode) -> torch.Tensor:
-    """The fp32 values (the local shape) of ``codes`` with their block scales."""
-    if _aligned(view):
-        return decode_codes(codes, code) * scale_per_element(scale, view)
-    if _split(view):
-        return _by_parts(decode_codes(codes, code), scale, view, lambda x, s: x * s)
-    values = decode_codes(blocked(codes, view, BLOCK), code) * scale.reshape(-1, 1)
-    return unblocked(values, view, BLOCK)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code, block: int = BLOCK) -> torch.Tensor:
+    """The fp32 values (the local shape) of ``codes`` with their block scales (``code.decode``)."""
+    if aligned(view, block):
+        return code.decode(codes) * scale_per_element(scale, view, block)
+    if split(view, block):
+        return _by_parts(code.decode(codes), scale, view, lambda x, s: x * s, block)
+    values = code.decode(blocked(codes, view, block)) * scale.reshape(-1, 1)
+    return unblocked(values, view, block)
+
+
+def fusable_blocks(view: ParamView, block: int = BLOCK) -> bool:
+    """Only lines of whole blocks take the compiled path: inductor 2.13 miscompiles the padded
+    form of a short last block when its producer is fused into it (tested in
+    tests/test_state_compiled.py): tensors coded whole or by parts take the compiled path, a
+    shard starting inside a block (held by a sharding backend, never compiled) does not."""
+    return aligned(view, block) or split(view, block)
 
 
 class Blockwise8bit(Codec):
@@ -131,11 +141,8 @@ class Blockwise8bit(Codec):
 
     @staticmethod
     def fusable_for(view: ParamView) -> bool:
-        """Only lines of whole blocks take the compiled path: inductor 2.13 miscompiles the
-        padded form of a short last block when its producer is fused into it (tested in
-        tests/test_state_compiled.py): tensors coded whole or by parts take the compiled path, a
-        shard starting inside a block (held by a sharding backend, never compiled) does not."""
-        return _aligned(view) or _split(view)
+        """See :func:`fusable_blocks`."""
+        return fusable_blocks(view)
 
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 

@@ -51,6 +51,13 @@ class Codec:
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError
 
+    def export_value(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype, *, stats=None):
+        """The slot as a checkpoint carries it when its stored tensors cannot be resharded
+        (:mod:`hfoptim.distributed.checkpoint` saves it and calls :meth:`init` with it on load): a
+        tensor from which :meth:`init` rebuilds the same stored tensors. :meth:`decode` by default
+        (exact for codes whose decode-encode is the identity)."""
+        return self.decode(slot, stored, view, dtype, stats=stats)
+
     # The engine decodes and encodes all the tensors of a bucket that share a codec at once. A
     # codec that reduces over its tensors overrides these to ask ``stats`` once for all of them
     # (the list forms ``stats.sum``, ``row_sums``, ``col_sums``, ...): under sharding that is one

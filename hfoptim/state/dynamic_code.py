@@ -112,6 +112,14 @@ class DynamicCode:
     def levels(self) -> int:
         return self.table.numel()
 
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        """:func:`encode_normalized` (the interface the blockwise helpers call)."""
+        return encode_normalized(y, self)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """:func:`decode_codes`."""
+        return decode_codes(codes, self)
+
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decode table, encode table)`` on ``device``."""
         key = str(device)

@@ -13,6 +13,7 @@ import fnmatch
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -202,6 +203,17 @@ def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failure
             w = unpack_bits(want, view.global_numel)[view.offset + a : view.offset + b]
             compare(f"{what} state {key!r}", unpack_bits(got, view.local_numel)[a:b], w, dtype, failures, detail)
             continue
+        if key.endswith(".packed"):  # 4-bit codes, two per byte: per element
+            from hfoptim.core.stats import ParamView
+            from hfoptim.state.fourbit import unpack
+
+            w = unpack(want, ParamView(view.global_shape)).reshape(-1)[view.offset + a : view.offset + b]
+            g = unpack(got, view).reshape(-1)[a:b]
+            compare(f"{what} state {key!r}", g, w, dtype, failures, detail)
+            continue
+        if re.fullmatch(r".*\.max[1-9][0-9]*", key):  # 4-bit rank-1 maxima along a dim > 0: whole
+            compare(f"{what} state {key!r}", got, want, dtype, failures, detail)
+            continue
         grows = view.global_rows
         if want.dim() >= 1 and want.shape[0] == grows and got.dim() == want.dim() and got.shape[1:] == want.shape[1:]:
             if got.shape[0] == view.rows:
@@ -217,8 +229,10 @@ def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failure
                 continue
         if key.endswith(".scale") and len(view.global_shape) <= 1 and want.dim() == 1:
             from hfoptim.state.dynamic_code import BLOCK  # 8-bit scales of a vector: blocks along it
+            from hfoptim.state.fourbit import BLOCK4
 
-            first = view.row_start // BLOCK
+            block = BLOCK4 if key[: -len(".scale")] + ".packed" in ref_state else BLOCK
+            first = view.row_start // block
             compare(f"{what} state {key!r}", got, want[first : first + got.numel()], dtype, failures, detail)
             continue
         if want.numel() == view.global_numel and got.numel() == view.local_numel and want.dim() == 1:
