@@ -47,11 +47,34 @@ def top_singular_values(
     flat = [m.reshape(v.rows, v.row_len) for m, v in zip(matrices, views)]
     vecs = [start_vector(v.row_len, m) for m, v in zip(flat, views)]
     for _ in range(iters):
-        rows = stats.row_sums([a * x for a, x in zip(flat, vecs)], views)
-        cols = stats.col_sums([a * y[:, None] for a, y in zip(flat, rows)], views)
+        cols = _rmatvec(stats, flat, _matvec(stats, flat, vecs, views), views)
         vecs = [c / c.norm().clamp_min(torch.finfo(c.dtype).tiny) for c in cols]
-    rows = stats.row_sums([a * x for a, x in zip(flat, vecs)], views)
+    rows = _matvec(stats, flat, vecs, views)
     return [s.sqrt() for s in stats.sum_sq(rows, views)]
+
+
+def _matvec(stats: LocalStats, flat: list, vecs: list, views: list[ParamView]) -> list[torch.Tensor]:
+    """``A x`` per matrix: a matrix product where the matrix is held whole, per-row sums of
+    ``A * x`` through the statistics backend for shards (one collective for all of them)."""
+    out = [a @ x if not v.sharded else None for a, x, v in zip(flat, vecs, views)]
+    shards = [i for i, v in enumerate(views) if v.sharded]
+    if shards:
+        sums = stats.row_sums([flat[i] * vecs[i] for i in shards], [views[i] for i in shards])
+        for i, y in zip(shards, sums):
+            out[i] = y
+    return out
+
+
+def _rmatvec(stats: LocalStats, flat: list, rows: list, views: list[ParamView]) -> list[torch.Tensor]:
+    """``A^T y`` per matrix (``y`` one value per local row), likewise: column sums of
+    ``A * y[:, None]`` for shards, so rows cut by a partition boundary count once."""
+    out = [y @ a if not v.sharded else None for a, y, v in zip(flat, rows, views)]
+    shards = [i for i, v in enumerate(views) if v.sharded]
+    if shards:
+        sums = stats.col_sums([flat[i] * rows[i][:, None] for i in shards], [views[i] for i in shards])
+        for i, c in zip(shards, sums):
+            out[i] = c
+    return out
 
 
 class SpectralCap(Modifier):

@@ -108,6 +108,9 @@ def case_kwargs(name: str) -> dict:
         # issue 16: a tau small enough that the cap fires at the default lr (step/matrix sigma1 ~ 2e-3
         # here), so the sharded power iteration decides the step, not only its no-op branch
         options["spectral_cap"] = 1e-3
+    if spec.rule.name == "adagl":
+        # issue 16: the per-tensor mean of |g_t - g_(t-1)| is a statistic (elementwise is shard-safe)
+        options.update(step_control="mean", history=4, alpha=0.6)
     return options
 
 
