@@ -31,6 +31,9 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "adam_atan2": ("adamw", {"denominator": "atan2"}),
     "nadamw": ("adamw", {"nesterov": True}),
     "lamb": ("adamw", {"trust_ratio": True}),
+    # issue 16 (i16a): AdamW with stable weight decay (its authors' default strength) / with CPR
+    "adams": ("adamw", {"weight_decay_mode": "stable", "weight_decay": 1e-4}),
+    "adamcpr": ("adamw", {"weight_decay_mode": "cpr", "weight_decay": 1.0}),
 }
 
 #: suffix -> the options it sets (codecs give "_<form>": "_8bit", "_factored", ...)
@@ -40,6 +43,8 @@ SUFFIXES: dict[str, dict] = {
     "atan2": {"denominator": "atan2"},
     "softplus": {"denominator": "softplus"},
     "nesterov": {"nesterov": True},
+    # issue 16 (i16a): stable weight decay (AdamS) on any preconditioned rule
+    "swd": {"weight_decay_mode": "stable", "weight_decay": 1e-4},
 }
 
 LOOKAHEAD_SUFFIX = "lookahead"

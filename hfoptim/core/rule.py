@@ -62,6 +62,12 @@ class Slot:
         return torch.zeros(self.shape_for(p.shape), dtype=dtype, device=p.device)
 
 
+#: slots that group options add to every rule's state (CPR's per-tensor multiplier and bound,
+#: ``weight_decay_mode="cpr"``); the modifiers package fills it from its modifiers' ``slots``,
+#: each slot's ``when`` deciding from the group whether it exists
+OPTION_SLOTS: list[Slot] = []
+
+
 class Rule:
     """Base class of every algorithm. Subclasses set the class attributes and ``update``."""
 
@@ -88,8 +94,9 @@ class Rule:
     paper: ClassVar[str] = ""
 
     def active_slots(self, group: dict) -> tuple[Slot, ...]:
-        """The slots kept for parameters of ``group`` (see :attr:`Slot.when`)."""
-        return tuple(slot for slot in self.slots if slot.active(group))
+        """The slots kept for parameters of ``group`` (see :attr:`Slot.when`), the rule's own and
+        those of the group's options (:data:`OPTION_SLOTS`)."""
+        return tuple(slot for slot in (*self.slots, *OPTION_SLOTS) if slot.active(group))
 
     def update(self, ctx, p: TensorList, g: TensorList, s: SimpleNamespace) -> TensorList:
         """Advance the state ``s`` (one TensorList per slot, decoded, updated in place) with the

@@ -1,0 +1,192 @@
+"""Issue 16 regularizers against float64 references (tests/references/regularizers.py), non-default
+values, both engine paths: gradient normalization, Norm Loss, CPR (every kappa init; the authors'
+single-tensor inflection-point reading and the sampled one), stable weight decay (AdamS) over all
+groups."""
+
+import pytest
+import torch
+
+import hfoptim
+from tests.harness import SHAPES, check_parity, gradients
+from tests.references.regularizers import RegularizedAdamWRef, adams_step
+
+HP = dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.1)
+
+
+def test_gradient_normalization_matches_reference():
+    opts = dict(normalize_grad=True, normalize_grad_eps=0.5)
+    check_parity(
+        lambda ps, foreach: hfoptim.AdamW(ps, foreach=foreach, **HP, **opts), lambda: RegularizedAdamWRef(**HP, **opts)
+    )
+
+
+def test_gradnorm_suffix_sets_the_option_and_leaves_p_grad_alone():
+    spec = hfoptim.get_optimizer("adamw_gradnorm")
+    assert spec.options == {"normalize_grad": True}
+    check_parity(
+        lambda ps, foreach: hfoptim.create_optimizer(ps, "adamw_gradnorm", foreach=foreach, **HP),
+        lambda: RegularizedAdamWRef(**HP, normalize_grad=True),
+        steps=5,
+    )
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.1])
+def test_norm_loss_matches_reference(decay):
+    opts = dict(norm_loss=0.3, norm_loss_eps=1e-3)
+    hp = {**HP, "weight_decay": decay}
+    check_parity(
+        lambda ps, foreach: hfoptim.AdamW(ps, foreach=foreach, **hp, **opts), lambda: RegularizedAdamWRef(**hp, **opts)
+    )
+
+
+def test_norm_loss_pulls_rows_toward_unit_norm():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.cat([torch.randn(3, 50) * 2.0, torch.randn(3, 50) * 0.01]))
+    opt = hfoptim.create_optimizer([w], "adamw_normloss", lr=0.1, norm_loss=0.5, weight_decay=0.0)
+    before = w.detach().norm(dim=1)
+    for _ in range(20):
+        w.grad = torch.zeros_like(w)
+        opt.step()
+    after = w.detach().norm(dim=1)
+    assert bool(((after - 1).abs() < (before - 1).abs()).all())
+    assert hfoptim.get_optimizer("adamw_normloss").options == {"norm_loss": 1e-4}
+
+
+CPR = dict(mu=0.02, step_size=3, ema_decay=0.6, by_lr=False, kappa=None, warm_start=None)
+
+
+def _cpr_kwargs(c):
+    out = {
+        "weight_decay_mode": "cpr",
+        "weight_decay": 1.0,
+        "cpr_kappa_init": c["kappa_init"],
+        "cpr_mu": c["mu"],
+        "cpr_step_size": c["step_size"],
+        "cpr_ema_decay": c["ema_decay"],
+        "cpr_by_lr": c["by_lr"],
+    }
+    if c["kappa"] is not None:
+        out["cpr_kappa"] = c["kappa"]
+    if c["warm_start"] is not None:
+        out["cpr_warm_start"] = c["warm_start"]
+    return out
+
+
+CPR_CASES = {
+    "constant": {**CPR, "kappa_init": "constant", "kappa": 2.0},
+    "dependent": {**CPR, "kappa_init": "dependent", "kappa": 0.8},
+    "dependent_by_lr": {**CPR, "kappa_init": "dependent", "kappa": 0.8, "by_lr": True, "mu": 0.5},
+    "warm_start": {**CPR, "kappa_init": "warm_start", "warm_start": 4},
+    "inflection_sampled": {**CPR, "kappa_init": "inflection_point", "ip_reading": "sampled"},
+    # the authors' single-tensor code: detector every step, EMA not stored; equal to ours at
+    # step_size 1 and ema_decay 0
+    "inflection_authors": {**CPR, "kappa_init": "inflection_point", "step_size": 1, "ema_decay": 0.0},
+}
+
+
+def _growing_grads(params, step, seed):
+    """Gradients that first push the parameters outward (R grows, then slows): the detector fires."""
+    gen = torch.Generator().manual_seed(seed * 1000 + step)
+    return [-p.detach() * (1.5 / step) + 0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+
+
+@pytest.mark.parametrize("case", list(CPR_CASES))
+def test_cpr_matches_reference(case):
+    c = CPR_CASES[case]
+    hp = {k: v for k, v in HP.items() if k != "weight_decay"}
+    check_parity(
+        lambda ps, foreach: hfoptim.AdamW(ps, foreach=foreach, **hp, **_cpr_kwargs(c)),
+        lambda: RegularizedAdamWRef(**hp, weight_decay=0.0, cpr={"ip_reading": "authors", **c}),
+        steps=24,
+        grads_fn=_growing_grads,
+        skip_state=("cpr_ema",) if case == "inflection_authors" else (),  # the authors' code keeps none
+    )
+
+
+def test_cpr_bounds_get_set_and_constrain():
+    """The detector fires and lambda grows once R exceeds its bound (the test is not vacuous)."""
+    c = CPR_CASES["inflection_sampled"]
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in SHAPES]
+    opt = hfoptim.AdamW(params, lr=3e-2, **_cpr_kwargs(c))
+    for t in range(1, 25):
+        for p, g in zip(params, _growing_grads(params, t, 0)):
+            p.grad = g
+        opt.step()
+    kappas = [float(opt.state[p]["cpr_kappa"]) for p in params]
+    assert all(k > 0 for k in kappas), kappas
+    assert any(float(opt.state[p]["cpr_lambda"]) > 0 for p in params)
+
+
+def test_adamcpr_alias_and_suffix():
+    assert hfoptim.get_optimizer("adamcpr").options == {"weight_decay_mode": "cpr", "weight_decay": 1.0}
+    assert hfoptim.get_optimizer("sm3_cpr").options["weight_decay_mode"] == "cpr"
+    assert "adamcpr" in hfoptim.list_optimizers() and "adamw_cpr" in hfoptim.list_optimizers()
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [
+        ({"cpr_kappa_init": "constant"}, "needs cpr_kappa"),
+        ({"cpr_kappa_init": "warm_start"}, "needs cpr_warm_start"),
+        ({"cpr_kappa_init": "warm_start", "cpr_warm_start": 2.5}, "whole number"),
+        ({"cpr_kappa": 3.0}, "constant' or 'dependent' only"),
+    ],
+)
+def test_cpr_options_are_checked(options, match):
+    with pytest.raises(ValueError, match=match):
+        hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamcpr", **options)
+
+
+def test_cpr_options_without_cpr_mode_are_refused():
+    with pytest.raises(ValueError, match="need weight_decay_mode='cpr'"):
+        hfoptim.AdamW([torch.nn.Parameter(torch.zeros(3))], cpr_kappa=2.0)
+
+
+def test_cpr_with_every_group_at_zero_weight_decay_says_nothing_is_constrained():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = hfoptim.create_optimizer([p], "adamcpr", weight_decay=0.0)
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="nothing would be constrained"):
+        opt.step()
+
+
+# ---------------------------------------------------------------- stable weight decay (AdamS)
+@pytest.mark.parametrize("foreach", [True, False])
+def test_adams_matches_reference_over_all_groups(foreach):
+    """Two groups (different lr, betas, weight decay; one of them 0): the mean second moment is
+    over every tensor of both groups, params and state compared every step."""
+    gen = torch.Generator().manual_seed(5)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    ours = [torch.nn.Parameter(x.clone()) for x in init]
+    ref = [x.clone() for x in init]
+    g0 = dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.3)
+    g1 = dict(lr=5e-3, betas=(0.7, 0.9), eps=1e-7, weight_decay=0.0)
+    opt = hfoptim.create_optimizer(
+        [{"params": ours[:2], **g0}, {"params": ours[2:], **g1}], "adams", foreach=foreach, lr=1.0
+    )
+    groups = [g0, g0, g1, g1]
+    states = [{} for _ in ref]
+    for t in range(1, 16):
+        grads = gradients(ref, t)
+        for p, g in zip(ours, grads):
+            p.grad = g.clone()
+        opt.step()
+        adams_step(ref, [g.clone() for g in grads], states, groups, t)
+        for p, r, st, g in zip(ours, ref, states, grads):
+            assert torch.equal(p.grad, g)
+            torch.testing.assert_close(p.detach(), r, rtol=1e-10, atol=1e-12)
+            torch.testing.assert_close(opt.state[p]["exp_avg_sq"], st["exp_avg_sq"], rtol=1e-10, atol=1e-12)
+
+
+def test_swd_suffix_works_for_other_preconditioned_rules_and_is_refused_otherwise():
+    assert hfoptim.get_optimizer("adan_swd").options["weight_decay_mode"] == "stable"
+    for name in ("adafactor_swd", "ademamix_swd"):
+        p = torch.nn.Parameter(torch.randn(6, 5))
+        opt = hfoptim.create_optimizer([p], name)
+        p.grad = torch.randn(6, 5)
+        before = p.detach().clone()
+        opt.step()
+        assert not torch.equal(before, p.detach())
+    with pytest.raises(ValueError, match="weight_decay_mode"):
+        hfoptim.get_optimizer("sm3_swd")
