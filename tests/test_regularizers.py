@@ -103,19 +103,22 @@ def test_cpr_matches_reference(case):
     )
 
 
-def test_cpr_bounds_get_set_and_constrain():
-    """The detector fires and lambda grows once R exceeds its bound (the test is not vacuous)."""
-    c = CPR_CASES["inflection_sampled"]
-    torch.manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in SHAPES]
-    opt = hfoptim.AdamW(params, lr=3e-2, **_cpr_kwargs(c))
+@pytest.mark.parametrize("case", list(CPR_CASES))
+def test_cpr_bounds_get_set_and_constrain(case):
+    """In every parity case each bound gets set and each multiplier becomes positive at some
+    step (the parity tests above are not vacuous)."""
+    c = CPR_CASES[case]
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in SHAPES]
+    opt = hfoptim.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-6, **_cpr_kwargs(c))
+    peak = [0.0] * len(params)
     for t in range(1, 25):
         for p, g in zip(params, _growing_grads(params, t, 0)):
             p.grad = g
         opt.step()
-    kappas = [float(opt.state[p]["cpr_kappa"]) for p in params]
-    assert all(k > 0 for k in kappas), kappas
-    assert any(float(opt.state[p]["cpr_lambda"]) > 0 for p in params)
+        peak = [max(x, float(opt.state[p]["cpr_lambda"])) for x, p in zip(peak, params)]
+    assert all(float(opt.state[p]["cpr_kappa"]) > 0 for p in params)
+    assert all(x > 0 for x in peak), peak
 
 
 def test_adamcpr_alias_and_suffix():
