@@ -1,4 +1,11 @@
-"""SM3 (arXiv 1901.11150): paper-literal reference, pytorch_optimizer's SM3, storage forms."""
+"""SM3 (arXiv 1901.11150): paper-literal reference, pytorch_optimizer's SM3, storage forms.
+
+The authors' code, google-research/google-research sm3/sm3.py (TensorFlow 1, read at commit
+0c1bbe5fc971a1de1a427debc814e66ab4f1e7fa, not run: no TensorFlow here), computes
+``nu = min_d acc_d + g^2``, ``u = (1-m) g rsqrt(nu + 1e-30)``, ``b <- m b + u``, ``acc_d = max nu``
+over the other dims, Adagrad for rank <= 1: the paper reference below with ``beta = 0`` and
+``eps = 1e-30`` (the first parity case family), so it is covered by it. It has no EMA ``beta``.
+"""
 
 import pytest
 import torch

@@ -38,17 +38,17 @@ class SM3Rule(Rule):
     ``R_i = max_j nu_ij``, ``C_j = max_i nu_ij``. Tensors of 0 or 1 dimensions are their own
     cover: Adagrad, ``nu_t = nu_{t-1} + g_t^2`` per element.
 
-    ``beta = 0`` (default) is the paper's SM3-II above (sums of squares, no decay). ``beta > 0``
-    is the exponential-moving-average form of google-research's sm3 and pytorch_optimizer's SM3,
-    ``nu_t = beta min_d mu + (1 - beta) g^2``; as there, the accumulators then keep their
-    maximum, ``mu_t = max(mu_{t-1}, max nu_t)``.
-    ``eps`` (1e-30, pytorch_optimizer's) only keeps ``g / sqrt(nu)`` finite where a gradient and
-    its accumulators are all zero; the paper has none. Momentum is pytorch_optimizer's
-    ``lerp`` (google-research sm3 also scales the new term by ``1 - m``).
+    ``beta = 0`` (default) is the paper's SM3-II above (sums of squares, no decay), as in
+    google-research's sm3/sm3.py (TensorFlow 1, read at 0c1bbe5: ``u = (1-m) g rsqrt(nu + 1e-30)``,
+    ``b <- m b + u``, the same update). ``beta > 0`` is pytorch_optimizer's exponential-moving-
+    average form, ``nu_t = beta min_d mu + (1 - beta) g^2``, whose accumulators then keep their
+    maximum, ``mu_t = max(mu_{t-1}, max nu_t)``. ``eps`` (1e-30, as both codes) only keeps
+    ``g / sqrt(nu)`` finite where a gradient and its accumulators are all zero; the paper has
+    none. Momentum as both codes: ``b = m b + (1 - m) u``.
 
-    Defaults (pytorch_optimizer, the paper's experiments): ``lr=0.1``, ``momentum=0``,
-    ``beta=0``, ``eps=1e-30``, ``weight_decay=0``. The authors warm the learning rate up
-    quadratically over the first ~5% of steps and do not decay it.
+    Defaults (pytorch_optimizer's): ``lr=0.1``, ``momentum=0``, ``beta=0``, ``eps=1e-30``,
+    ``weight_decay=0`` (google-research's code has no defaults). The authors' README warms the
+    learning rate up quadratically over the first ~5% of steps and does not decay it.
 
     **Sharding.** The row maxima of the rows a process holds are local; the maxima of the other
     dimensions are maxima over all rows, combined with one MAX all-reduce for all the tensors of
