@@ -193,3 +193,29 @@ def test_swd_suffix_works_for_other_preconditioned_rules_and_is_refused_otherwis
         assert not torch.equal(before, p.detach())
     with pytest.raises(ValueError, match="weight_decay_mode"):
         hfoptim.get_optimizer("sm3_swd")
+
+
+@pytest.mark.parametrize("name", ["ademamix", "diffgrad"])
+def test_stable_decay_on_other_rules_is_decoupled_decay_by_the_mean_second_moment(name):
+    """On any preconditioned rule ``_swd`` equals decoupled decay with strength
+    ``wd / sqrt(v_bar)``, ``v_bar`` the mean of ``exp_avg_sq / (1 - b2^t)`` over all tensors after
+    the step (these rules' moments depend on the gradients only, so a twin run with the decay
+    set by hand from the first run's state must match)."""
+    gen = torch.Generator().manual_seed(2)
+    init = [torch.randn(s, generator=gen, dtype=torch.float64) for s in SHAPES]
+    a = [torch.nn.Parameter(x.clone()) for x in init]
+    b = [torch.nn.Parameter(x.clone()) for x in init]
+    wd, betas = 0.2, (0.8, 0.9, 0.99) if name == "ademamix" else (0.8, 0.9)
+    opt_a = hfoptim.create_optimizer(a, f"{name}_swd", lr=1e-2, betas=betas, weight_decay=wd)
+    opt_b = hfoptim.create_optimizer(b, name, lr=1e-2, betas=betas, weight_decay_mode="decoupled")
+    for t in range(1, 6):
+        grads = gradients(b, t)
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        opt_a.step()
+        v_bar = sum(float(opt_a.state[p]["exp_avg_sq"].sum()) for p in a) / sum(p.numel() for p in a)
+        v_bar /= 1 - betas[1] ** t
+        opt_b.param_groups[0]["weight_decay"] = wd / v_bar**0.5
+        opt_b.step()
+        for p, q in zip(a, b):
+            torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
