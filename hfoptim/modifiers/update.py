@@ -88,7 +88,8 @@ class NormLoss(Modifier):
     the step context's row statistics, exact when rows are split by sharding. Unlike
     pytorch_optimizer's ``unit_norm`` (dimension 1 only for 3-D tensors) a unit here is always a
     whole output row. Ranger21's original code applied it once per parameter group to the
-    whole concatenation; not copied.
+    whole concatenation; not copied. With ``weight_decay_mode="cautious"`` the decay's mask
+    ``1[u p >= 0]`` sees the update with this pull included.
     """
 
     name = "normloss"

@@ -10,8 +10,9 @@
   element): ``p <- p (1 - lr wd / sqrt(v_bar)) - lr u``, ``v_bar = sum_p sum(v_hat_p) / sum_p numel(p)``
   with ``v_hat`` the second moment the rule divides by in this step (after its update), no eps
   (as the authors' code). Any rule that divides by a second moment (``Rule.preconditioned``). The
-  engine advances every bucket first, then applies the updates (one more parameter-sized
-  temporary, the update direction, is held until then).
+  engine advances every bucket first, then applies the updates (the update directions, and the
+  fp32 working copies of bf16/fp16 parameters, are held until then: about 4 more bytes per
+  parameter at the peak).
 * ``cpr`` (constrained parameter regularization, :mod:`hfoptim.modifiers.cpr`): no decay here;
   a per-tensor constraint applied after the update
 """
