@@ -219,3 +219,22 @@ def test_stable_decay_on_other_rules_is_decoupled_decay_by_the_mean_second_momen
         opt_b.step()
         for p, q in zip(a, b):
             torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["adams_8bit", "adamcpr_8bit"])
+def test_stable_and_cpr_take_the_plain_path_even_with_compile_on(name):
+    """A deferred (stable) step records every tensor's second moment and CPR decides per tensor
+    each step: neither runs on the compiled per-parameter path, so compile='on' changes nothing."""
+    runs = []
+    for mode in ("on", "off"):
+        gen = torch.Generator().manual_seed(4)
+        ps = [torch.nn.Parameter(torch.randn(64, 96, generator=gen)), torch.nn.Parameter(torch.randn(7, generator=gen))]
+        extra = {"cpr_kappa_init": "constant", "cpr_kappa": 1.0} if "cpr" in name else {}
+        opt = hfoptim.create_optimizer(ps, name, compile=mode, state_min_numel=0, **extra)
+        for t in range(1, 4):
+            for p, g in zip(ps, gradients([p.detach() for p in ps], t)):
+                p.grad = g
+            opt.step()
+        runs.append([p.detach().clone() for p in ps])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)

@@ -288,7 +288,8 @@ class Engine(torch.optim.Optimizer):
         states = [self._init_state(u, group) for u in units]
         for s in states:
             s["step"] += 1
-        units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
+        if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
+            units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
         if not units:
             return
         params = [u.param for u in units]
