@@ -1,7 +1,24 @@
 """Issue 16 regularizers against float64 references (tests/references/regularizers.py), non-default
 values, both engine paths: gradient normalization, Norm Loss, CPR (every kappa init; the authors'
 single-tensor inflection-point reading and the sampled one), stable weight decay (AdamS) over all
-groups."""
+groups.
+
+Authors' code:
+
+* AdamS: zeke-xie/stable-weight-decay-regularization swd_optim/adams.py at e0abb1d, read; the
+  reference :func:`adams_step` follows its two passes (no amsgrad). Not importable here (not a
+  package), so not run.
+* CPR: automl/CPR pytorch_cpr/adamcpr.py at 82843ea, read and run once outside the suite (its
+  ``torch.jit.script`` helpers fail to compile on torch 2.13, so run without the decorator, the
+  single-tensor path, groups with ``regularize=True``), 24 steps of these shapes and gradients:
+  uniform/dependent/warm_start/inflection point (step size 1, EMA 0)/reg_by_lr agree with
+  ``adamcpr`` to 6e-5 relative (its multiplier and bound are fp32 tensors), every bound set at
+  the same step. Not vendored, so not a test here; the reference's "authors" reading is that code's
+  single-tensor semantics.
+* Norm Loss: no code by the paper's authors found; the decoupled form follows Ranger21
+  (lessw2020/Ranger21, pytorch_optimizer's ranger21.py), where it is fused with other changes.
+* Gradient normalization: the seed's formula; no source code.
+"""
 
 import pytest
 import torch
