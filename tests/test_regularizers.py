@@ -6,8 +6,9 @@ groups.
 Authors' code:
 
 * AdamS: zeke-xie/stable-weight-decay-regularization swd_optim/adams.py at e0abb1d, read; the
-  reference :func:`adams_step` follows its two passes (no amsgrad). Not importable here (not a
-  package), so not run.
+  reference :func:`adams_step` follows its two passes (no amsgrad). Run once outside the suite
+  against ``adams`` with the two groups of the test below, 30 steps, both paths: parameters
+  equal to 6e-14 relative. Not vendored, so not a test here.
 * CPR: automl/CPR pytorch_cpr/adamcpr.py at 82843ea, read and run once outside the suite (its
   ``torch.jit.script`` helpers fail to compile on torch 2.13, so run without the decorator, the
   single-tensor path, groups with ``regularize=True``), 24 steps of these shapes and gradients:
