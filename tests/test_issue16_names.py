@@ -8,6 +8,7 @@ import torch
 
 import hfoptim
 from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
+from hfoptim.distributed.zero import FlatGroup, ZeroLayout
 from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
 
 NAMES = ["sm3", "adams", "adamcpr", "adamw_swd", "adamw_cpr", "adamw_normloss", "adamw_gradnorm", "sm3_gradnorm"]
@@ -68,3 +69,12 @@ def test_stable_decay_refuses_a_layout_that_steps_part_of_the_parameters():
     p.grad = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="mean second moment over ALL parameters, but DeepSpeed ZeRO-2"):
         opt.step()
+
+
+def test_zero_layout_says_whether_one_step_sees_every_parameter():
+    """DeepSpeed steps one flat partition per step() call: stable decay is exact with one only."""
+    flats = [torch.zeros(4), torch.zeros(3)]
+    one = ZeroLayout([FlatGroup(flats[0], [], None, [])], None, kind="ZeRO-2")
+    two = ZeroLayout([FlatGroup(f, [], None, []) for f in flats], None, kind="ZeRO-3")
+    assert one.steps_all_parameters and not two.steps_all_parameters
+    assert "sub_group_size" in two.partial_step_reason and "ZeRO-3" in two.partial_step_reason
