@@ -38,7 +38,8 @@ def stable_scale(contexts: list) -> float:
                 "weight_decay_mode='stable' needs the rule to divide by its second moment through the step context "
                 "(ctx.precondition / ctx.adam_direction) once per step"
             )
-        total += float(sum(float(x) for x in sums))
+        if sums:  # one host sync per bucket, not per tensor
+            total += float(torch.stack([x.reshape(()).to(torch.float64) for x in sums]).sum())
         numel += sum(ctx.numel(i) for i in range(len(ctx.views)))
     if numel == 0:
         return 0.0
