@@ -34,6 +34,9 @@ ALIASES: dict[str, tuple[str, dict]] = {
     "lamb": ("adamw", {"trust_ratio": True}),
     # issue 16: AdamW^2 (arXiv 2505.21910), the paper's name for AdamW with the spectral step cap
     "adamw2": ("adamw", {"spectral_cap": DEFAULT_TAU}),
+    # issue 16 (i16a): AdamW with stable weight decay (its authors' default strength) / with CPR
+    "adams": ("adamw", {"weight_decay_mode": "stable", "weight_decay": 1e-4}),
+    "adamcpr": ("adamw", {"weight_decay_mode": "cpr", "weight_decay": 1.0}),
 }
 
 #: suffix -> the options it sets (codecs give "_<form>": "_8bit", "_factored", ...)
@@ -43,6 +46,8 @@ SUFFIXES: dict[str, dict] = {
     "atan2": {"denominator": "atan2"},
     "softplus": {"denominator": "softplus"},
     "nesterov": {"nesterov": True},
+    # issue 16 (i16a): stable weight decay (AdamS) on any preconditioned rule
+    "swd": {"weight_decay_mode": "stable", "weight_decay": 1e-4},
 }
 
 LOOKAHEAD_SUFFIX = "lookahead"

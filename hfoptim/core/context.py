@@ -51,6 +51,10 @@ class StepContext:
         #: set by the engine once the slots are decoded: ``store(values, slot_name)`` encodes the
         #: slot now and decodes it back into ``values`` in place (see :meth:`stored`)
         self.store = None
+        #: the decoded slots (``s``), for post modifiers with state (CPR); set by the engine
+        self.slots = None
+        #: a list to record ``sum(v_hat)`` of each tensor in (stable weight decay), or None
+        self.second_moment_sums: list | None = None
 
     # ------------------------------------------------------------------ schedules
     def per_step(self, fn) -> PerTensor:
@@ -108,10 +112,17 @@ class StepContext:
         folds them the same way). Equal up to rounding."""
         if self.group["denominator"] != "eps":
             return self.precondition(m / self.bias_correction(b1), v / self.bias_correction(b2), eps, scratch=True)
+        if self.second_moment_sums is not None:
+            self._record(self.stats.sum(v.tensors, self.views), self.bias_correction(b2))
         scale = self.per_step(lambda t: (1.0 - b1**t) / (1.0 - b2**t) ** 0.5)
         shift = self.per_step(lambda t: eps * (1.0 - b1**t))
         root = v.sqrt()
         return root.mul_(scale).add_(shift).rdiv_(m)
+
+    def _record(self, sums: list, divisor: PerTensor) -> None:
+        """Keep ``sum(v_hat)`` per tensor (``sums / divisor``) for stable weight decay."""
+        divisors = divisor if isinstance(divisor, list) else [divisor] * len(sums)
+        self.second_moment_sums[:] = [x / d for x, d in zip(sums, divisors)]
 
     def precondition(self, num: TensorList, v_hat: TensorList, eps: PerTensor, scratch: bool = False) -> TensorList:
         """Divide by the root second moment in the form the group asked for.
@@ -126,6 +137,8 @@ class StepContext:
         ``scratch=True`` says ``num`` and ``v_hat`` are temporaries of the rule: they are
         overwritten instead of copied (two fewer full-size allocations per step).
         """
+        if self.second_moment_sums is not None:
+            self._record(self.stats.sum(v_hat.tensors, self.views), 1.0)
         form = self.group["denominator"]
         root = v_hat.sqrt_() if scratch else v_hat.sqrt()
         if form == "eps":

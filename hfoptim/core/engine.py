@@ -29,8 +29,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..modifiers import GRAD, MODIFIERS, UPDATE
-from ..modifiers.weight_decay import add_l2, apply_update
+from ..modifiers import GRAD, MODIFIERS, POST, UPDATE
+from ..modifiers.weight_decay import add_l2, apply_update, stable_scale
 from ..state import convert, resolve
 from ..state.codec import decode_all, encode_all
 from ..state.convert import STORAGE_KEYS
@@ -59,7 +59,7 @@ RUN_KEYS = ("compile", "skip_nonfinite")
 def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     """Every option a parameter group of ``rule`` accepts: the rule's, the modifiers', the engine's."""
     spec: dict[str, HP] = dict(rule.hyperparams)
-    spec["weight_decay_mode"] = HP(rule.weight_decay_modes[0], kind="str", choices=rule.weight_decay_modes)
+    spec["weight_decay_mode"] = HP(rule.weight_decay_modes[0], kind="str", choices=weight_decay_modes(rule))
     spec["maximize"] = HP(False, kind="bool")
     spec["denominator"] = HP("eps", kind="str", choices=("eps", "atan2", "softplus"))
     spec["softplus_beta"] = HP(
@@ -90,6 +90,13 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
     return spec
+
+
+def weight_decay_modes(rule: type[Rule]) -> tuple[str, ...]:
+    """The rule's own weight-decay forms, CPR (any rule: a constraint applied after the update)
+    and, for rules that divide by a second moment, stable weight decay (AdamS)."""
+    extra = ("cpr", "stable") if rule.preconditioned else ("cpr",)
+    return tuple(rule.weight_decay_modes) + tuple(m for m in extra if m not in rule.weight_decay_modes)
 
 
 class Engine(torch.optim.Optimizer):
@@ -155,6 +162,9 @@ class Engine(torch.optim.Optimizer):
                 reason = modifier.incompatible(rule)
                 if reason:
                     raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
+            problem = modifier.check_options(values)
+            if problem:
+                raise HyperparameterError(f"{where}: {problem}")
         resolve.check_state_option(rule, values, where)
         return values
 
@@ -238,6 +248,10 @@ class Engine(torch.optim.Optimizer):
         self.layout = self.layout.for_step(self)
         if loss_value is not None:
             loss_value = self.layout.mean_loss(loss_value)
+        self._check_global_modes()
+        # stable weight decay needs a statistic of every parameter's new second moment before any
+        # parameter moves: every bucket is advanced first, the updates applied after
+        deferred: list | None = [] if any(g["weight_decay_mode"] == "stable" for g in self.param_groups) else None
         plan = [(group, self.layout.units(self, group)) for group in self.param_groups]
         for _, units in plan:
             for unit in units:
@@ -248,7 +262,11 @@ class Engine(torch.optim.Optimizer):
         for group, units in plan:
             for bucket in self._buckets(units, self.group_foreach(group)):
                 for chunk in self._chunks(group, bucket):
-                    self._step_bucket(group, chunk, loss_value)
+                    self._step_bucket(group, chunk, loss_value, deferred)
+        if deferred:
+            scale = stable_scale([d.ctx for d in deferred])
+            for d in deferred:
+                d.finish(scale)
         return closure_loss
 
     def _skips_nonfinite(self) -> bool:
@@ -265,6 +283,22 @@ class Engine(torch.optim.Optimizer):
         that share a parameter: the flag goes through the layout's statistics (one MAX
         all-reduce per process group under sharding), so every process skips together."""
         return not bool(self.layout.stats.any_nonfinite([u.grad for u in units], [u.view for u in units]))
+
+    def _check_global_modes(self) -> None:
+        """Weight-decay forms that need every parameter at once, or a switch on some group."""
+        modes = {g["weight_decay_mode"] for g in self.param_groups}
+        if "stable" in modes and not self.layout.steps_all_parameters:
+            raise RuntimeError(
+                f"{type(self).__name__}: weight_decay_mode='stable' divides the decay by the mean second moment over "
+                f"ALL parameters, but {self.layout.partial_step_reason}"
+            )
+        if "cpr" in modes and all(g["weight_decay"] == 0 for g in self.param_groups if g["weight_decay_mode"] == "cpr"):
+            raise ValueError(
+                f"{type(self).__name__}: weight_decay_mode='cpr' constrains the parameter groups whose weight_decay is "
+                f"non-zero (its value is only the switch, as in automl/CPR), and every such group has weight_decay=0: "
+                f"nothing would be constrained. Set weight_decay (e.g. 1.0; the HF Trainer: --weight_decay 1) on the "
+                f"groups to constrain"
+            )
 
     def _check_grad(self, unit: Unit) -> None:
         g = unit.grad
@@ -311,12 +345,13 @@ class Engine(torch.optim.Optimizer):
                 state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
 
-    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
+    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None, deferred: list | None = None) -> None:
         rule, foreach = self.rule, self.group_foreach(group)
         states = [self._init_state(u, group) for u in units]
         for s in states:
             s["step"] += 1
-        units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
+        if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
+            units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
         if not units:
             return
         params = [u.param for u in units]
@@ -332,13 +367,23 @@ class Engine(torch.optim.Optimizer):
             g = -g
 
         ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
-        advance(rule, group, ctx, p_work, g, states, views, dtype)
-        if low_precision:
-            for p, w in zip(params, p_work):
-                p.copy_(w)
-        for unit in units:
-            if unit.writeback is not None:
-                unit.writeback()
+
+        def done() -> None:
+            if low_precision:
+                for p, w in zip(params, p_work):
+                    p.copy_(w)
+            for unit in units:
+                if unit.writeback is not None:
+                    unit.writeback()
+
+        if deferred is not None:
+            ctx.second_moment_sums = []  # the rule's preconditioner records sum(v_hat) per tensor
+        pending = advance(rule, group, ctx, p_work, g, states, views, dtype, defer=deferred is not None)
+        if pending is None:
+            done()
+            return
+        pending.done = done
+        deferred.append(pending)
 
     # ------------------------------------------------------------------ state dict
     def state_dict(self) -> dict[str, Any]:
@@ -518,11 +563,15 @@ def advance(
     states: list[dict],
     views: list[ParamView],
     dtype: torch.dtype,
-) -> None:
+    defer: bool = False,
+) -> PendingUpdate | None:
     """One step of the tensors of a bucket after the bookkeeping: gradient modifiers -> l2 decay
     -> decode the slots -> ``rule.update`` -> encode -> update modifiers -> weight decay and
-    ``p <- p - lr u`` (``p_work`` in place). The plain path calls it for a bucket; the compiled
-    path (:mod:`hfoptim.core.fused`) traces it for one parameter."""
+    ``p <- p - lr u`` (``p_work`` in place) -> post modifiers (CPR). The plain path calls it for a
+    bucket; the compiled path (:mod:`hfoptim.core.fused`) traces it for one parameter. With
+    ``defer`` everything up to the update direction runs now and the rest is returned as a
+    :class:`PendingUpdate` (stable weight decay: the engine applies it once every bucket has
+    its second moment)."""
     for modifier in MODIFIERS:
         if modifier.stage == GRAD and modifier.enabled(group):
             g = modifier.apply(ctx, g, g, p_work)
@@ -548,6 +597,7 @@ def advance(
         stored_early.add(name)
 
     ctx.store = store
+    ctx.slots = slots
     u = rule.update(ctx, p_work, g, slots)
     for slot in active:
         if slot.name in stored_early:
@@ -557,9 +607,37 @@ def advance(
     for modifier in MODIFIERS:
         if modifier.stage == UPDATE and modifier.enabled(group):
             u = modifier.apply(ctx, u, g, p_work)
-    wd = group["weight_decay"]
-    mode = group["weight_decay_mode"]
-    apply_update(p_work, u, ctx.lr, 0.0 if mode == "l2" else wd, mode)
+    pending = PendingUpdate(ctx, p_work, u, g)
+    if defer:
+        return pending
+    pending.finish(None)
+    return None
+
+
+class PendingUpdate:
+    """The end of a bucket's step: weight decay, ``p <- p - lr u``, post modifiers, then
+    ``done`` (the engine's copy back to low-precision parameters and ZeRO write-back)."""
+
+    def __init__(self, ctx: StepContext, p: TensorList, u: TensorList, g: TensorList):
+        self.ctx, self.p, self.u, self.g = ctx, p, u, g
+        self.done: Callable[[], None] | None = None
+
+    def finish(self, stable) -> None:
+        """Apply the update; ``stable`` is ``1/sqrt(mean v_hat)`` over all parameters (stable
+        weight decay), or None when no group uses it."""
+        ctx, group, p = self.ctx, self.ctx.group, self.p
+        posts = [m for m in MODIFIERS if m.stage == POST and m.enabled(group)]
+        before = [m.prepare(ctx, p) for m in posts]
+        wd, mode = group["weight_decay"], group["weight_decay_mode"]
+        if mode == "stable":  # AdamS: decoupled decay scaled by 1/sqrt(mean v_hat)
+            wd, mode = wd * stable, "decoupled"
+        elif mode in ("l2", "cpr"):
+            wd = 0.0  # l2: already in the gradient; cpr: the constraint below replaces the decay
+        apply_update(p, self.u, ctx.lr, wd, mode)
+        for modifier, prepared in zip(posts, before):
+            modifier.apply(ctx, prepared, self.g, p)
+        if self.done is not None:
+            self.done()
 
 
 def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:

@@ -42,6 +42,11 @@ class Layout:
 
     stats: LocalStats
 
+    #: False when a ``step()`` call may see only some of the parameters (DeepSpeed steps its
+    #: parameter groups / ZeRO-3 sub-groups one at a time); ``partial_step_reason`` says why
+    steps_all_parameters: bool = True
+    partial_step_reason: str = ""
+
     def view(self, p: torch.Tensor) -> ParamView:
         raise NotImplementedError
 

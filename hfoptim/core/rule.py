@@ -23,6 +23,8 @@ FIRST_MOMENT = "first_moment"  # signed EMA of gradients (8-bit signed code, SMM
 SECOND_MOMENT = "second_moment"  # non-negative EMA of squared gradients (8-bit unsigned, factored)
 BUFFER = "buffer"  # any other per-element tensor (kept dense)
 SCALAR = "scalar"  # one value per tensor (kept dense fp32)
+STATISTIC = "statistic"  # a small tensor of another shape than the parameter (kept dense fp32), e.g.
+# SM3's per-dimension accumulators: ``Slot.shape`` gives its shape
 
 
 @dataclass(frozen=True)
@@ -40,17 +42,30 @@ class Slot:
     kind: str
     init: Callable[[torch.Tensor], torch.Tensor] | None = None
     when: Callable[[dict], bool] | None = None
+    #: the slot's shape from the (local) parameter's shape, for slots shaped otherwise than the
+    #: parameter (STATISTIC); None: the parameter's shape (``()`` for SCALAR)
+    shape: Callable[[tuple], tuple] | None = None
 
     def active(self, group: dict) -> bool:
         """True when the parameter group keeps this slot."""
         return self.when is None or bool(self.when(group))
 
+    def shape_for(self, p_shape: tuple) -> tuple:
+        """The shape of this slot for a parameter (or shard) of shape ``p_shape``."""
+        if self.shape is not None:
+            return tuple(self.shape(tuple(p_shape)))
+        return () if self.kind == SCALAR else tuple(p_shape)
+
     def initial(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.init is not None:
             return self.init(p).to(dtype)
-        if self.kind == SCALAR:
-            return torch.zeros((), dtype=dtype, device=p.device)
-        return torch.zeros(p.shape, dtype=dtype, device=p.device)
+        return torch.zeros(self.shape_for(p.shape), dtype=dtype, device=p.device)
+
+
+#: slots that group options add to every rule's state (CPR's per-tensor multiplier and bound,
+#: ``weight_decay_mode="cpr"``); the modifiers package fills it from its modifiers' ``slots``,
+#: each slot's ``when`` deciding from the group whether it exists
+OPTION_SLOTS: list[Slot] = []
 
 
 class Rule:
@@ -79,8 +94,9 @@ class Rule:
     paper: ClassVar[str] = ""
 
     def active_slots(self, group: dict) -> tuple[Slot, ...]:
-        """The slots kept for parameters of ``group`` (see :attr:`Slot.when`)."""
-        return tuple(slot for slot in self.slots if slot.active(group))
+        """The slots kept for parameters of ``group`` (see :attr:`Slot.when`), the rule's own and
+        those of the group's options (:data:`OPTION_SLOTS`)."""
+        return tuple(slot for slot in (*self.slots, *OPTION_SLOTS) if slot.active(group))
 
     def update(self, ctx, p: TensorList, g: TensorList, s: SimpleNamespace) -> TensorList:
         """Advance the state ``s`` (one TensorList per slot, decoded, updated in place) with the

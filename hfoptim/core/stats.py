@@ -197,6 +197,16 @@ class LocalStats:
         """:meth:`col_sum` of each matrix."""
         return [self.col_sum(m, v) for m, v in zip(matrices, views)]
 
+    def cover_maxima(
+        self, tensors: list[torch.Tensor], views: list[ParamView]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """SM3's cover statistics of non-negative tensors of two or more dimensions (shape
+        ``(n_0, n_1, ..., n_{k-1})``): per tensor ``(rows, rest)`` with ``rows`` the maximum over
+        every dimension but the first (shape ``(rows,)``, this process's rows) and ``rest`` the
+        maxima over every dimension but ``d`` for ``d = 1 .. k-1``, concatenated (shape
+        ``(n_1 + ... + n_{k-1},)``, of the whole tensor)."""
+        return [_cover_maxima(t, v) for t, v in zip(tensors, views)]
+
     def block_absmax(self, tensors: list[torch.Tensor], views: list[ParamView], block: int) -> list[torch.Tensor]:
         """Max of ``|x|`` over each block of the 8-bit state layout (see
         :func:`block_layout`): ``block`` consecutive elements of a row of the 2-D view
@@ -240,6 +250,18 @@ def local_dim_absmax(t: torch.Tensor) -> list[torch.Tensor]:
     if x.dim() == 1:
         return [x]
     return [x.amax(dim=[d for d in range(x.dim()) if d != k]) for k in range(x.dim())]
+
+
+def _cover_maxima(t: torch.Tensor, view: ParamView) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`LocalStats.cover_maxima` of one local tensor (all of it counts)."""
+    shape = tuple(view.global_shape)
+    rest_len = sum(shape[1:])
+    if t.numel() == 0:
+        return t.new_zeros(t.shape[0] if t.dim() else 0), t.new_zeros(rest_len)
+    rows = t.reshape(t.shape[0], -1).amax(dim=1)
+    dims = range(t.dim())
+    rest = [t.amax(dim=tuple(e for e in dims if e != d)) for d in range(1, t.dim())]
+    return rows, torch.cat(rest) if rest else t.new_zeros(0)
 
 
 def ends_in_short_block(view: ParamView, block: int) -> bool:

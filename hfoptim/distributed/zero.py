@@ -165,6 +165,14 @@ class ZeroLayout(Layout):
         self.dp_group = dp_group
         self.flat_groups = {id(fg.flat): fg for fg in flat_groups}
         self._pieces: dict[int, list[_Piece]] = {}
+        # DeepSpeed calls step() once per flat tensor (ZeRO-1/2: per parameter group, ZeRO-3: per
+        # sub-group), so a step sees all the parameters only when there is one
+        self.steps_all_parameters = len(flat_groups) <= 1
+        self.partial_step_reason = (
+            f"DeepSpeed {kind} steps its {len(flat_groups)} flat partitions (parameter groups, or ZeRO-3 "
+            f"sub-groups) one step() call at a time: give the optimizer one parameter group (and, under ZeRO-3, "
+            f"a zero_optimization.sub_group_size above the parameter count)"
+        )
 
     def for_step(self, optimizer) -> Layout:
         return self

@@ -10,10 +10,12 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..core.hparams import HP
+from ..core.rule import Slot
 from ..core.tensorlist import TensorList
 
 GRAD = "grad"  # applied to the gradient before the rule
 UPDATE = "update"  # applied to the rule's update direction
+POST = "post"  # applied to the parameter after the update (a constraint with state: CPR)
 
 
 class Modifier:
@@ -25,6 +27,9 @@ class Modifier:
     switch: ClassVar[str] = ""
     #: what the registry-name suffix (e.g. "_cautious") sets
     suffix_kwargs: ClassVar[dict] = {}
+    #: per-tensor state the modifier keeps (in ``optimizer.state[p]``, next to the rule's); each
+    #: slot's ``when`` must say whether the group enables the modifier
+    slots: ClassVar[tuple[Slot, ...]] = ()
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]
@@ -34,7 +39,18 @@ class Modifier:
         """Why this modifier cannot run with ``rule``, or None."""
         return None
 
+    def check_options(self, group: dict) -> str | None:
+        """What is wrong with the group's options for this modifier (an option given that it
+        would not use, one it needs that is missing), or None. Called for every group."""
+        return None
+
     def apply(self, ctx, x: TensorList, g: TensorList, p: TensorList) -> TensorList:
         """Return the modified ``x`` (the gradient, or the update) as a new list; never write
-        into ``x``, ``g`` or ``p``."""
+        into ``x``, ``g`` or ``p``. (A POST modifier writes ``p`` in place instead: ``x`` is then
+        what :meth:`prepare` returned, ``g`` the gradient.)"""
         raise NotImplementedError
+
+    def prepare(self, ctx, p: TensorList):
+        """POST modifiers: called before the update with the parameters as they were; the result
+        is handed to :meth:`apply` after it."""
+        return None

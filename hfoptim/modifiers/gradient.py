@@ -111,3 +111,27 @@ class GradientCentralization(Modifier):
             else:
                 out.append(t)
         return TensorList(out, x.foreach)
+
+
+class GradientNormalization(Modifier):
+    """Gradient normalization per tensor: ``g <- g / (||g||_2 + eps)``.
+
+    The norm is the whole tensor's L2 norm (through the step context, so exact when the
+    parameter is sharded); the result is a new tensor, never ``p.grad``. Applied last among the
+    gradient modifiers (after clipping and centralization). Ranger21 and pytorch_optimizer's
+    ``normalize_gradient`` divide by the standard deviation instead (``g / (std(g) + 1e-8)``,
+    tensors of 3+ elements only): a different statistic, not this option.
+    """
+
+    name = "gradnorm"
+    stage = GRAD
+    switch = "normalize_grad"
+    hyperparams = {
+        "normalize_grad": HP(False, kind="bool"),
+        "normalize_grad_eps": HP(1e-8, low=0.0, doc="added to the gradient's norm"),
+    }
+    suffix_kwargs = {"normalize_grad": True}
+
+    def apply(self, ctx, x, g, p):
+        eps = ctx.group["normalize_grad_eps"]
+        return x / [n + eps for n in ctx.norm(x)]

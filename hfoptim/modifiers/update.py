@@ -65,3 +65,50 @@ class TrustRatio(Modifier):
             ratio = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
             out.append(r * ratio - p[i] * wd if decay_inside else r * ratio)
         return TensorList(out, x.foreach)
+
+
+class NormLoss(Modifier):
+    r"""Norm Loss (Georgiou et al. 2021, "Norm Loss: An efficient yet effective regularization
+    method for deep neural networks", arXiv 2103.06583): the loss
+    :math:`f \sum_i (1 - \lVert w_i \rVert)^2` over the output units ``w_i`` of a tensor (rows of a
+    2+-D tensor over all their other dimensions, the whole tensor for 0-/1-D), applied as a
+    decoupled step like AdamW's weight decay (the seed's form, as in Ranger21):
+
+    .. math::
+        p \leftarrow p\,\Big(1 - \mathrm{lr}\; 2 f \big(1 - \tfrac{1}{\lVert w_i \rVert + \epsilon}\big)\Big)
+        \;-\; \mathrm{lr}\, u
+
+    with the norms of the parameter before this step. It pulls every row toward unit norm
+    (shrinks rows longer than 1, grows shorter ones). Implemented as the last update modifier,
+    ``u <- u + 2 f (1 - 1/(||w_i|| + eps)) p``, so the engine's ``p - lr u`` takes the step and any
+    per-tensor step size a rule sets (Adafactor) applies to it as to the update.
+
+    ``norm_loss`` is ``f`` (the ``_normloss`` suffix sets Ranger21's 1e-4; the paper's value is
+    unconfirmed), ``norm_loss_eps`` 1e-8 (Ranger21 uses its Adam eps, 1e-8). Row norms come from
+    the step context's row statistics, exact when rows are split by sharding. Unlike
+    pytorch_optimizer's ``unit_norm`` (dimension 1 only for 3-D tensors) a unit here is always a
+    whole output row. Ranger21's original code applied it once per parameter group to the
+    whole concatenation; not copied. With ``weight_decay_mode="cautious"`` the decay's mask
+    ``1[u p >= 0]`` sees the update with this pull included.
+    """
+
+    name = "normloss"
+    stage = UPDATE
+    switch = "norm_loss"
+    hyperparams = {
+        "norm_loss": HP(None, kind="optional_float", low=0.0, low_open=True, doc="factor f of the norm loss"),
+        "norm_loss_eps": HP(1e-8, low=0.0, doc="added to each row norm"),
+    }
+    suffix_kwargs = {"norm_loss": 1e-4}
+
+    def apply(self, ctx, x, g, p):
+        f, eps = ctx.group["norm_loss"], ctx.group["norm_loss_eps"]
+        whole = ctx.norm(p)
+        out = []
+        for i, (u, pi) in enumerate(zip(x, p)):
+            if pi.dim() > 1:
+                norm = ctx.stats.row_sum_sq(pi, ctx.views[i]).sqrt().view(-1, *([1] * (pi.dim() - 1)))
+            else:
+                norm = whole[i]
+            out.append(u + pi * ((1.0 - 1.0 / (norm + eps)) * (2.0 * f)))
+        return TensorList(out, x.foreach)

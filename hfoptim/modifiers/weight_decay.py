@@ -4,6 +4,17 @@
 * ``cautious`` (arXiv 2510.12402): ``p <- p - lr (u + wd 1[u p >= 0] p)``
 * ``proximal`` (Adan's default): ``p <- (p - lr u) / (1 + lr wd)``
 * ``l2`` (coupled): ``g <- g + wd p`` before the rule, then ``p <- p - lr u``
+* ``stable`` (AdamS, Xie et al., NeurIPS 2023, arXiv 2011.11152; zeke-xie/stable-weight-decay-
+  regularization ``swd_optim/adams.py``): decoupled with the strength divided by the root of the
+  mean bias-corrected second moment over ALL the optimizer's parameters (every group, every
+  element): ``p <- p (1 - lr wd / sqrt(v_bar)) - lr u``, ``v_bar = sum_p sum(v_hat_p) / sum_p numel(p)``
+  with ``v_hat`` the second moment the rule divides by in this step (after its update), no eps
+  (as the authors' code). Any rule that divides by a second moment (``Rule.preconditioned``). The
+  engine advances every bucket first, then applies the updates (the update directions, and the
+  fp32 working copies of bf16/fp16 parameters, are held until then: about 4 more bytes per
+  parameter at the peak).
+* ``cpr`` (constrained parameter regularization, :mod:`hfoptim.modifiers.cpr`): no decay here;
+  a per-tensor constraint applied after the update
 """
 
 from __future__ import annotations
@@ -12,7 +23,33 @@ import torch
 
 from ..core.tensorlist import TensorList
 
-MODES = ("decoupled", "cautious", "proximal", "l2")
+MODES = ("decoupled", "cautious", "proximal", "l2", "stable", "cpr")
+
+
+def stable_scale(contexts: list) -> float:
+    """``1 / sqrt(v_bar)`` for stable weight decay, from the sums of ``v_hat`` each context's
+    preconditioner recorded (whole-tensor sums: exact when the tensors are sharded, and the same
+    on every process)."""
+    total, numel = 0.0, 0
+    for ctx in contexts:
+        sums = ctx.second_moment_sums
+        if sums is None or len(sums) != len(ctx.views):
+            raise RuntimeError(
+                "weight_decay_mode='stable' needs the rule to divide by its second moment through the step context "
+                "(ctx.precondition / ctx.adam_direction) once per step"
+            )
+        if sums:  # one host sync per bucket, not per tensor
+            total += float(torch.stack([x.reshape(()).to(torch.float64) for x in sums]).sum())
+        numel += sum(ctx.numel(i) for i in range(len(ctx.views)))
+    if numel == 0:
+        return 0.0
+    mean = total / numel
+    if not mean > 0:
+        raise RuntimeError(
+            f"weight_decay_mode='stable': the mean second moment over all parameters is {mean} (all gradients "
+            f"zero so far), and stable weight decay divides by its square root"
+        )
+    return mean**-0.5
 
 
 def add_l2(g: TensorList, p: TensorList, wd: float) -> TensorList:

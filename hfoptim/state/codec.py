@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import torch
 
-from ..core.rule import SCALAR, Slot
+from ..core.rule import SCALAR, STATISTIC, Slot
 from ..core.stats import ParamView
 
 
@@ -109,11 +109,11 @@ class Dense(Codec):
     """The slot kept as an ordinary tensor of the compute dtype (fp32, or fp64 for fp64 params)."""
 
     name = "fp32"
-    kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR})
+    kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR, STATISTIC})
     identity = True
 
     def shapes(self, slot, view, p):
-        return {slot.name: () if slot.kind == SCALAR else tuple(p.shape)}
+        return {slot.name: slot.shape_for(p.shape)}
 
     def init(self, slot, value, view, *, stats=None):
         return {slot.name: value}

@@ -40,7 +40,7 @@ SHAPES = [
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
 #: rule, the factored rule, LAMB (trust ratio)
-FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf"]
+FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3"]
 
 
 class Leaf(torch.nn.Module):
@@ -84,8 +84,8 @@ def all_cases(scope: str) -> list[str]:
             except ValueError:
                 continue
             names.add(name)
-    if scope == "all":
-        names.update(hfoptim.list_optimizers())
+    if scope not in ("fast", "forms"):  # "all", or a pattern over every listed name too
+        names.update(n for n in hfoptim.list_optimizers() if not n.endswith("lookahead") or scope == "all")
     out = sorted(names)
     if scope == "fast":
         listed = set(hfoptim.list_optimizers()) | names
@@ -111,6 +111,10 @@ def case_kwargs(name: str) -> dict:
     if spec.rule.name == "adagl":
         # issue 16: the per-tensor mean of |g_t - g_(t-1)| is a statistic (elementwise is shard-safe)
         options.update(step_control="mean", history=4, alpha=0.6)
+    if spec.options.get("weight_decay_mode") == "cpr":  # a bound from step 1 that binds at once
+        options.update(cpr_kappa_init="dependent", cpr_kappa=0.9)
+    if spec.options.get("norm_loss"):  # a pull large enough to be seen in a few steps
+        options["norm_loss"] = 0.1
     return options
 
 
