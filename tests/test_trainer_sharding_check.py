@@ -117,5 +117,9 @@ def test_fsdp_without_dtensor_parameters_is_refused(env):
     with pytest.raises(ShardingNotEngaged, match="no FSDP plugin"):
         check_sharding(requested, _accelerator(), torch.nn.Linear(2, 2), None)
     plugin = SimpleNamespace(fsdp_version=1)
-    with pytest.raises(ShardingNotEngaged, match=r"FSDP1 with trainable parameters of type \['Parameter'\]"):
+    with pytest.raises(ShardingNotEngaged, match="not wrapped in FullyShardedDataParallel"):
+        check_sharding(requested, _accelerator(fsdp_plugin=plugin), torch.nn.Linear(2, 2), None)
+    requested = Sharding("fsdp", "TrainingArguments.fsdp", fsdp_version=2)
+    plugin = SimpleNamespace(fsdp_version=2)
+    with pytest.raises(ShardingNotEngaged, match=r"trainable parameters of type \['Parameter'\]"):
         check_sharding(requested, _accelerator(fsdp_plugin=plugin), torch.nn.Linear(2, 2), None)

@@ -38,6 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +152,6 @@ def setup_cpu_sharding(args: Any = None):
     ``accelerator_config={"use_configured_state": True}`` (``HFOptimTrainingArguments`` does all
     of it when ``cpu_sharding=True``).
     """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
     sharding = cpu_sharding_applies(args)
     if sharding is None:
         return None
@@ -230,13 +230,15 @@ def check_sharding(requested: Sharding | None, accelerator, model, optimizer) ->
         wrapper = type(getattr(model, "optimizer", None)).__name__
         inner = type(getattr(getattr(model, "optimizer", None), "optimizer", optimizer)).__name__
         line = f"{ENGAGED_PREFIX} DeepSpeed ZeRO-{stage} over {launched} processes ({wrapper} wraps {inner})"
+    elif accelerator.state.fsdp_plugin.fsdp_version == 1:  # a built-in optimizer may run under FSDP1
+        if not isinstance(model, FullyShardedDataParallel):
+            raise ShardingNotEngaged(f"{fail} the model is not wrapped in FullyShardedDataParallel.")
+        line = f"{ENGAGED_PREFIX} FSDP1 over {launched} processes (hfoptim optimizers need FSDP2)"
     else:
-        version = accelerator.state.fsdp_plugin.fsdp_version
         types = _trainable_param_types(model)
-        if version != 2 or types != {"DTensor"}:
+        if types != {"DTensor"}:
             raise ShardingNotEngaged(
-                f"{fail} FSDP{version} with trainable parameters of type {sorted(types)} (FSDP2 shards them as "
-                f"DTensor; hfoptim supports FSDP2 only: set fsdp_version: 2)."
+                f"{fail} trainable parameters of type {sorted(types)} (FSDP2 shards them as DTensor)."
             )
         line = f"{ENGAGED_PREFIX} FSDP2 over {launched} processes (DTensor parameters)"
     logger.info(line)
