@@ -88,6 +88,8 @@ def test_deepspeed_configs(stage):
     _, args, defaults = launch_args(path)
     assert defaults.distributed_type == DistributedType.DEEPSPEED
     assert args.use_deepspeed and args.zero_stage == stage
+    # precision follows the Trainer's --bf16: bf16 here without --bf16 makes the Trainer refuse the config
+    assert defaults.mixed_precision == "no"
     env = _plugin_env(args)
     assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
     with mock.patch.dict(os.environ, env, clear=True):
@@ -107,6 +109,7 @@ def test_fsdp2_config():
 
     _, args, defaults = launch_args(CONFIGS / "fsdp2.yaml")
     assert defaults.distributed_type == DistributedType.FSDP and args.use_fsdp
+    assert defaults.mixed_precision == "no"  # precision follows the Trainer's --bf16
     env = _plugin_env(args)
     assert env["ACCELERATE_USE_FSDP"] == "true"
     with mock.patch.dict(os.environ, env, clear=True):

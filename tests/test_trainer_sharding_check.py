@@ -14,6 +14,7 @@ from hfoptim import HFOptimTrainingArguments
 from hfoptim.integrations.transformers.sharding import (
     Sharding,
     ShardingNotEngaged,
+    check_accelerator,
     check_sharding,
     cpu_sharding_applies,
     requested_sharding,
@@ -78,10 +79,9 @@ def test_single_process_arguments_are_left_alone(env, tmp_path):
     assert args.cpu_sharding and args.use_cpu and not args.accelerator_config.use_configured_state
 
 
-def _accelerator(distributed_type="DistributedType.MULTI_CPU", num_processes=2, fsdp_plugin=None):
-    return SimpleNamespace(
-        distributed_type=distributed_type, num_processes=num_processes, state=SimpleNamespace(fsdp_plugin=fsdp_plugin)
-    )
+def _accelerator(distributed_type="DistributedType.MULTI_CPU", num_processes=2, fsdp_plugin=None, ds_plugin=None):
+    state = SimpleNamespace(fsdp_plugin=fsdp_plugin, deepspeed_plugin=ds_plugin)
+    return SimpleNamespace(distributed_type=distributed_type, num_processes=num_processes, state=state)
 
 
 def test_nothing_requested_nothing_checked():
@@ -95,14 +95,20 @@ def test_independent_copies_are_refused(env):
         check_sharding(requested, _accelerator("DistributedType.NO", 1), torch.nn.Linear(2, 2), None)
     message = str(info.value)
     assert "ACCELERATE_USE_FSDP" in message and "asks for FSDP2" in message
-    assert "2 processes were launched" in message and "its own copy" in message
+    assert "accelerate joined 1 of the 2 launched processes" in message
+    with pytest.raises(ShardingNotEngaged, match="joined 1 of the 2"):  # already when the Trainer is built
+        check_accelerator(requested, _accelerator("DistributedType.NO", 1))
 
 
 def test_ddp_under_a_deepspeed_config_is_refused(env):
     env.setenv("WORLD_SIZE", "2")
     requested = Sharding("deepspeed", "the accelerate config's deepspeed_config", zero_stage=2)
+    with pytest.raises(ShardingNotEngaged, match="asks for DeepSpeed ZeRO-2.*set up no DeepSpeed plugin"):
+        check_accelerator(requested, _accelerator())
+    accelerator = _accelerator(ds_plugin=SimpleNamespace())
+    check_accelerator(requested, accelerator)
     with pytest.raises(ShardingNotEngaged, match="asks for DeepSpeed ZeRO-2.*not wrapped in a DeepSpeed engine"):
-        check_sharding(requested, _accelerator(), torch.nn.Linear(2, 2), None)
+        check_sharding(requested, accelerator, torch.nn.Linear(2, 2), None)
 
 
 def test_fsdp_without_dtensor_parameters_is_refused(env):
@@ -111,5 +117,9 @@ def test_fsdp_without_dtensor_parameters_is_refused(env):
     with pytest.raises(ShardingNotEngaged, match="no FSDP plugin"):
         check_sharding(requested, _accelerator(), torch.nn.Linear(2, 2), None)
     plugin = SimpleNamespace(fsdp_version=1)
-    with pytest.raises(ShardingNotEngaged, match=r"FSDP1 with trainable parameters of type \['Parameter'\]"):
+    with pytest.raises(ShardingNotEngaged, match="not wrapped in FullyShardedDataParallel"):
+        check_sharding(requested, _accelerator(fsdp_plugin=plugin), torch.nn.Linear(2, 2), None)
+    requested = Sharding("fsdp", "TrainingArguments.fsdp", fsdp_version=2)
+    plugin = SimpleNamespace(fsdp_version=2)
+    with pytest.raises(ShardingNotEngaged, match=r"trainable parameters of type \['Parameter'\]"):
         check_sharding(requested, _accelerator(fsdp_plugin=plugin), torch.nn.Linear(2, 2), None)

@@ -11,7 +11,14 @@ from .callbacks import OptimizerStateCallback
 from .loss import LossHandoff, find_engines
 from .names import OptimChoice, resolve_optim
 from .optim_args import AUTO, OptimArgsError, format_optim_args, parse_optim_args
-from .sharding import Sharding, ShardingNotEngaged, check_sharding, requested_sharding, setup_cpu_sharding
+from .sharding import (
+    Sharding,
+    ShardingNotEngaged,
+    check_accelerator,
+    check_sharding,
+    requested_sharding,
+    setup_cpu_sharding,
+)
 from .trainer import HFOptimTrainer
 
 __all__ = [
@@ -28,6 +35,7 @@ __all__ = [
     "parse_optim_args",
     "Sharding",
     "ShardingNotEngaged",
+    "check_accelerator",
     "check_sharding",
     "requested_sharding",
     "resolve_optim",

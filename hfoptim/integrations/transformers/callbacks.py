@@ -61,14 +61,26 @@ def _local_numel(optimizer) -> int:
     return total
 
 
-def measure(optimizer) -> dict[str, float]:
-    """Optimizer-state bytes of this process, summed over processes when distributed."""
+def _trainable_numel(model) -> int:
+    """Elements of the model's trainable parameters, each once, whole: a DTensor's ``numel()`` and
+    a ZeRO-3 parameter's ``ds_numel`` are the whole parameter's."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += int(getattr(p, "ds_numel", p.numel()))
+    return total
+
+
+def measure(optimizer, model=None) -> dict[str, float]:
+    """Optimizer-state bytes of this process, summed over processes when distributed; per
+    parameter element of ``model``'s trainable parameters (else of the optimizer's groups, summed
+    over processes; ZeRO-3 empties those between steps)."""
     from ...memory import state_bytes
 
     inner = innermost_optimizer(optimizer)
-    report = state_bytes(inner)
-    total = float(report.total)
-    numel = total / float(report.per_param) if report.per_param else float(_local_numel(inner))
+    total = float(state_bytes(inner).total)
+    numel = float(_local_numel(inner))
     dist = torch.distributed
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         backend = dist.get_backend()
@@ -76,6 +88,8 @@ def measure(optimizer) -> dict[str, float]:
         both = torch.tensor([total, numel], dtype=torch.float64, device=device)
         dist.all_reduce(both)
         total, numel = both.tolist()
+    if model is not None:
+        numel = float(_trainable_numel(model))
     return {BYTES_KEY: int(total), PER_PARAM_KEY: (total / numel) if numel else 0.0}
 
 
@@ -87,11 +101,11 @@ class OptimizerStateCallback(TrainerCallback):
         self._pending = False
         self._skips_logged = 0
 
-    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+    def on_step_end(self, args, state, control, optimizer=None, model=None, **kwargs):
         if self.metrics is not None or optimizer is None:
             return
         try:
-            self.metrics = measure(optimizer)
+            self.metrics = measure(optimizer, model)
         except ImportError as error:  # hfoptim.memory not available in this install
             logger.warning("optimizer state bytes not logged: %s", error)
             self.metrics = {}

@@ -22,10 +22,11 @@ True}``. :class:`~hfoptim.HFOptimTrainingArguments` does all of this by itself
 really run ZeRO-2 over 2 CPU processes. With a plain ``TrainingArguments``, call
 :func:`setup_cpu_sharding` before building them and pass the two settings above.
 
-:func:`check_sharding` is what ``HFOptimTrainer`` runs at the first training step: the DeepSpeed
-engine with the requested ZeRO stage, or FSDP2 ``DTensor`` parameters, over every launched
-process; otherwise it raises :class:`ShardingNotEngaged` naming the config and the cause. Engaged,
-it logs one line, ``hfoptim: sharding engaged: ...``.
+:func:`check_accelerator` is what ``HFOptimTrainer`` checks when it is built (accelerate joined
+every launched process and set up the DeepSpeed / FSDP plugin), :func:`check_sharding` what it
+checks at the first training step: the DeepSpeed engine with the requested ZeRO stage, or FSDP2
+``DTensor`` parameters. Otherwise they raise :class:`ShardingNotEngaged` naming the config and the
+cause. Engaged, the first step logs one line, ``hfoptim: sharding engaged: ...``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 logger = logging.getLogger(__name__)
 
@@ -148,9 +152,6 @@ def setup_cpu_sharding(args: Any = None):
     ``accelerator_config={"use_configured_state": True}`` (``HFOptimTrainingArguments`` does all
     of it when ``cpu_sharding=True``).
     """
-    from accelerate import PartialState
-    from accelerate.utils import DistributedType
-
     sharding = cpu_sharding_applies(args)
     if sharding is None:
         return None
@@ -190,19 +191,35 @@ def _trainable_param_types(model) -> set[str]:
     return {type(p).__name__ for p in model.parameters() if p.requires_grad}
 
 
+def check_accelerator(requested: Sharding | None, accelerator) -> None:
+    """What can be checked when the Trainer is built: accelerate joined every launched process
+    and set up the DeepSpeed / FSDP plugin. Raises :class:`ShardingNotEngaged` otherwise."""
+    if requested is None:
+        return
+    launched = _world_size()
+    running = f"{accelerator.distributed_type} over {accelerator.num_processes} process(es)"
+    fail = f"{requested.source} asks for {requested.describe()}, but the Trainer runs {running}:"
+    if accelerator.num_processes != launched:
+        raise ShardingNotEngaged(
+            f"{fail} accelerate joined {accelerator.num_processes} of the {launched} launched processes."
+            + _cause_hint()
+        )
+    plugin = "deepspeed_plugin" if requested.kind == "deepspeed" else "fsdp_plugin"
+    if getattr(accelerator.state, plugin, None) is None:
+        what = "DeepSpeed" if requested.kind == "deepspeed" else "FSDP"
+        raise ShardingNotEngaged(f"{fail} accelerate set up no {what} plugin." + _cause_hint())
+
+
 def check_sharding(requested: Sharding | None, accelerator, model, optimizer) -> str | None:
     """Raise :class:`ShardingNotEngaged` unless ``requested`` is what runs: the DeepSpeed engine
     with that ZeRO stage, or FSDP2 with ``DTensor`` parameters, over every launched process.
     Returns the line logged when engaged (``None`` when nothing was requested)."""
     if requested is None:
         return None
+    check_accelerator(requested, accelerator)
     launched = _world_size()
     running = f"{accelerator.distributed_type} over {accelerator.num_processes} process(es)"
     fail = f"{requested.source} asks for {requested.describe()}, but the Trainer runs {running}:"
-    if accelerator.num_processes != launched:
-        raise ShardingNotEngaged(
-            f"{fail} {launched} processes were launched, so each runs its own copy of the training." + _cause_hint()
-        )
     if requested.kind == "deepspeed":
         engine = _deepspeed_engine(model)
         if engine is None:
@@ -213,15 +230,15 @@ def check_sharding(requested: Sharding | None, accelerator, model, optimizer) ->
         wrapper = type(getattr(model, "optimizer", None)).__name__
         inner = type(getattr(getattr(model, "optimizer", None), "optimizer", optimizer)).__name__
         line = f"{ENGAGED_PREFIX} DeepSpeed ZeRO-{stage} over {launched} processes ({wrapper} wraps {inner})"
+    elif accelerator.state.fsdp_plugin.fsdp_version == 1:  # a built-in optimizer may run under FSDP1
+        if not isinstance(model, FullyShardedDataParallel):
+            raise ShardingNotEngaged(f"{fail} the model is not wrapped in FullyShardedDataParallel.")
+        line = f"{ENGAGED_PREFIX} FSDP1 over {launched} processes (hfoptim optimizers need FSDP2)"
     else:
-        version = getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", None)
-        if version is None:
-            raise ShardingNotEngaged(f"{fail} accelerate set up no FSDP plugin." + _cause_hint())
         types = _trainable_param_types(model)
-        if version != 2 or types != {"DTensor"}:
+        if types != {"DTensor"}:
             raise ShardingNotEngaged(
-                f"{fail} FSDP{version} with trainable parameters of type {sorted(types)} (FSDP2 shards them as "
-                f"DTensor; hfoptim supports FSDP2 only: set fsdp_version: 2)."
+                f"{fail} trainable parameters of type {sorted(types)} (FSDP2 shards them as DTensor)."
             )
         line = f"{ENGAGED_PREFIX} FSDP2 over {launched} processes (DTensor parameters)"
     logger.info(line)

@@ -13,8 +13,8 @@ For an hfoptim ``optim`` it
 - refuses a DeepSpeed config with its own ``optimizer`` section (DeepSpeed would silently build
   its own optimizer instead);
 - logs the optimizer's state bytes (:mod:`.callbacks`);
-- checks at the first training step that the DeepSpeed ZeRO / FSDP sharding the run asks for is
-  engaged, and stops with :class:`~.sharding.ShardingNotEngaged` naming the config and the cause
+- checks when it is built and at the first training step that the DeepSpeed ZeRO / FSDP sharding
+  the run asks for is engaged, and stops with :class:`~.sharding.ShardingNotEngaged` naming the config and the cause
   otherwise (:mod:`.sharding`).
 
 A transformers built-in ``optim`` behaves exactly as with ``Trainer``.
@@ -35,7 +35,7 @@ from .loss import LossHandoff, loss_driven
 from .names import resolve_optim
 from .optim_args import parse_optim_args
 from .plan import build_param_groups, check_plan, optimizer_kwargs, overrides_from, split_optim_args
-from .sharding import check_sharding, requested_sharding
+from .sharding import check_accelerator, check_sharding, requested_sharding
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,7 @@ class HFOptimTrainer(Trainer):
         self.loss_handoff = LossHandoff()
         super().__init__(*args, **kwargs)
         self._sharding_to_check = requested_sharding(self.args)
+        check_accelerator(self._sharding_to_check, self.accelerator)
         choice = resolve_optim(self.args.optim)
         if choice.is_hfoptim and self.param_overrides:
             check_plan(choice.spec, {}, self.param_overrides, f"optim={choice.name!r}, param_overrides")
