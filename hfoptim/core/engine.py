@@ -146,11 +146,16 @@ class Engine(torch.optim.Optimizer):
         for p in params:
             if p.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
-        group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
-        group["params"] = params
-        group.update(checked)
-        super().add_param_group(group)
-        self.layout.register(params)
+        names = param_group.get("param_names")
+        by_id = dict(zip(map(id, params), names)) if names is not None else None
+        for options, part in self.rule.split_group(checked, params):
+            group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
+            group["params"] = part
+            if by_id is not None:
+                group["param_names"] = [by_id[id(p)] for p in part]
+            group.update(options)
+            super().add_param_group(group)
+            self.layout.register(part)
 
     # ------------------------------------------------------------------ layout (sharding hook)
     def param_view(self, p: torch.Tensor) -> ParamView:

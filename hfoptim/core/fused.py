@@ -119,6 +119,8 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
     mode = group.get("compile", "off")
     if mode == "off" or not units or engine.rule.needs_loss or type(engine.layout.stats) is not LocalStats:
         return units
+    if not engine.rule.compiles(group):
+        return units
     if not compile_available(units[0].param.device):
         return units
     from ..state import resolve
