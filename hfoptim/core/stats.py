@@ -153,10 +153,10 @@ class LocalStats:
     ) -> list[torch.Tensor]:
         """``fn`` applied ONCE to each WHOLE parameter seen as the matrix ``(rows, row_len)``
         (a 4-D convolution kernel as ``(out, in*k*k)``), returning for each tensor the part of
-        ``fn``'s result that the local tensor holds, in the local shape and ``fn``'s dtype.
+        ``fn``'s result that the local tensor holds, in the local shape.
 
         ``fn`` is a whole-matrix operation that no shard can compute (Muon's Newton-Schulz
-        orthogonalization); it must return a matrix of the input's shape. Here every tensor is
+        orthogonalization); it must return a matrix of the input's shape and dtype. Here every tensor is
         held whole. A sharding backend gathers each matrix on one owner process, runs ``fn``
         there once, and sends every process its rows of the result."""
         out = [fn(t.reshape(v.global_rows, v.row_len)).reshape(t.shape) for t, v in zip(tensors, views)]
