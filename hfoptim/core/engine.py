@@ -341,8 +341,9 @@ class Engine(torch.optim.Optimizer):
             p = id_to_param.get(pid)
             if p is None:
                 raise ValueError(f"state_dict has state for unknown parameter id {pid}")
-            group = next(g for g in self.param_groups if any(q is p for q in g["params"]))
-            saved_group = saved_groups[self.param_groups.index(group)]
+            # by identity: list.index compares the group dicts, and with them tensors, by value
+            gi = next(i for i, g in enumerate(self.param_groups) if any(q is p for q in g["params"]))
+            group, saved_group = self.param_groups[gi], saved_groups[gi]
             options = {k: v for k, v in saved_group.items() if k in self._spec}
             self.layout.check_param_state(self, pid, p, pstate, {**group, **options})
         originals = {pid: dict(pstate) for pid, pstate in state_dict["state"].items()}
