@@ -147,6 +147,6 @@ def compare(
     num = sum(p.numel() for p in params)
     out = []
     for name in optims:
-        state = estimate(params, name, **(options or {})).total
+        state = estimate(model, name, **(options or {})).total  # by role for Muon
         out.append(footprint(name, num, state, strategy, world_size, mixed_precision))
     return out
