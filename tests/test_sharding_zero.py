@@ -70,3 +70,14 @@ def test_zero_muon_orthogonalizes_each_matrix_whole_once(tmp_path, stage, nproc)
     for result in summary["results"]:
         assert result["detail"]["matrices_mapped"] == 5 * 3  # 5 matrices, 3 steps
         assert result["detail"]["bytes_sent_all_ranks"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "flag"), [(2, "--offload"), (3, "--offload"), (1, "--bf16")])
+def test_zero_muon_with_cpu_offload_and_bf16_master_weights(tmp_path, stage, flag):
+    """Muon's exchange on CPU-offloaded state and on DeepSpeed's bf16 optimizer's fp32 master
+    partitions, 2 processes."""
+    args = ["--stage", str(stage), flag, "--cases", "muon,muon_8bit"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=400)
+    assert summary["ran"] == ["muon", "muon_8bit"]
+    assert all(r["detail"]["matrices_mapped"] == 5 * 3 for r in summary["results"])
