@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import sys
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
@@ -10,6 +13,7 @@ import hfoptim
 from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
 from hfoptim.integrations.transformers import OptimArgsError
 from hfoptim.roles import model_roles, muon_options
+from tests.distributed.launch import ROOT, launch
 from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
 
 
@@ -97,3 +101,43 @@ def test_trainer_refuses_role_options_for_other_rules_and_bad_patterns(tmp_path)
         HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="adamw_params=(lm_head)"))
     with pytest.raises(OptimArgsError, match="not a regular expression"):
         HFOptimTrainingArguments(**run_args(tmp_path, optim="muon", optim_args="adamw_params=*x"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp2", "zero2", "zero3"])
+def test_trainer_muon_sharded_on_cpu_equals_one_process(tmp_path, mode):
+    """HFOptimTrainer, optim="muon_8bit", 2 processes under FSDP2 / ZeRO-2 / ZeRO-3
+    (tests/trainer_muon_sharded_worker.py): the roles survive the wrapping (embeddings, head and
+    norms AdamW, the 14 projections Muon), every matrix is orthogonalized once per step over both
+    processes, and the logged losses equal a one-process run over the same global batches."""
+    out = tmp_path / "result.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(ROOT / "tests" / "trainer_muon_sharded_worker.py"), "--mode", mode, "--out", str(out),
+    ]  # fmt: skip
+    proc = launch(cmd, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    ranks = [json.loads((tmp_path / f"result.json.rank{r}").read_text()) for r in range(2)]
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = False
+    args = HFOptimTrainingArguments(
+        **run_args(
+            tmp_path / "one",
+            optim="muon_8bit",
+            optim_args="state_min_numel=0,ns_dtype=fp32",
+            per_device_train_batch_size=4,
+        )
+    )
+    one = HFOptimTrainer(model=model, args=args, train_dataset=TokenData())
+    one.train()
+    want = [e["loss"] for e in one.state.log_history if "loss" in e]
+    for r in ranks:
+        assert r["layout"] == ("DTensorLayout" if mode == "fsdp2" else "ZeroLayout")
+        by_algorithm = {g["algorithm"]: set(g["names"]) for g in r["groups"]}
+        assert "model.embed_tokens.weight" in by_algorithm["adamw"] and "lm_head.weight" in by_algorithm["adamw"]
+        assert "model.norm.weight" in by_algorithm["adamw"] and len(by_algorithm["muon"]) == 14
+        assert r["runs_over_ranks"] == [1] * (14 * 3)
+        assert r["logged"] == pytest.approx(want, rel=1e-5)
+    if mode != "zero2":  # every matrix is split between the two processes: rows crossed
+        assert sum(r["bytes_sent"] for r in ranks) > 0
