@@ -20,7 +20,8 @@ rule's code is the same code the plain path runs; nothing is written twice.
   the codec's ``fusable_for(view)`` agrees: 8-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
   in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
-  and the rule does not need the loss.
+  the rule does not need the loss, and the rule allows it for the group (``Rule.compiles``:
+  Muon's matrices are orthogonalized whole, outside a per-parameter kernel).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 

@@ -88,7 +88,9 @@ class MuonRule(Rule):
     rows sent back (:meth:`hfoptim.core.stats.LocalStats.matrix_map`), never from a shard.
 
     Other parameters (``algorithm="adamw"``): AdamW with ``betas`` (Moonlight's (0.9, 0.95)),
-    ``eps``, the same ``lr`` and decoupled ``weight_decay``. ``algorithm="auto"`` (default) splits
+    ``eps``, the same ``lr`` and decoupled ``weight_decay``; ``denominator="atan2"/"softplus"``
+    changes this AdamW part only (Muon divides by nothing). Modifiers (``cautious``, ``agc``,
+    ``trust_ratio``, ...) apply to both parts as to any rule. ``algorithm="auto"`` (default) splits
     each group when it is added: parameters of two or more dimensions take Muon, the others AdamW.
     ``weight_layout="in_out"`` marks matrices stored ``(in, out)`` (transformers' ``Conv1D``):
     Newton-Schulz commutes with the transpose, only the ``original`` scale reads the orientation.
