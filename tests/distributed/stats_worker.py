@@ -1,6 +1,7 @@
 """ShardedStats and the refusals, on N processes: ``torchrun --nproc_per_node N stats_worker.py``.
 
-1. Every statistic of :class:`ShardedStats` over ZeRO-style flat partitions (parameters cut
+1. Every statistic of :class:`ShardedStats` (and its whole-matrix map, Muon's gather to one
+   owner) over ZeRO-style flat partitions (parameters cut
    anywhere, inside rows; the padding of cut rows filled with NaN, which must never leak) and
    over FSDP2-style row shards equals :class:`LocalStats` on the whole tensors; each call issues
    at most one collective per process group, whatever the number of tensors.
@@ -29,7 +30,9 @@ BLOCK = 256
 
 #: every public LocalStats method and how it is checked here; a method added to LocalStats without
 #: an entry fails the run (give it a sharded version and a check)
-CHECKED = {"sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "row_sums", "col_sums", "block_absmax"}
+CHECKED = {
+    "sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "row_sums", "col_sums", "block_absmax", "matrix_map",
+}  # fmt: skip
 
 
 def full_tensors(seed: int) -> list[torch.Tensor]:
@@ -150,7 +153,41 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
     for g, (_, _, full) in zip(got, mats):
         want = ref.col_sums([full.reshape(full.shape[0], -1)], [ParamView(full.shape)])[0]
         close(f"col_sums[{tuple(full.shape)}]", g, want)
+    check_matrix_map(kind, sharded, tensors, views, fulls, failures)
     detail["collectives"] = sharded.collectives
+
+
+def whole_matrix_fn(m: torch.Tensor) -> torch.Tensor:
+    """A map no shard can compute: every output element depends on the whole matrix."""
+    return m @ (m.T @ m) / m.norm() + m.sum(dim=0)
+
+
+def check_matrix_map(kind, sharded, tensors, views, fulls, failures) -> None:
+    """matrix_map gives each process its rows of fn(whole matrix), fn running once per matrix
+    over all processes, with at most three collectives (the spans' all-gather, two all-to-alls)."""
+    index = [i for i, full in enumerate(fulls) if full.dim() >= 2]
+    calls = [0]
+
+    def counted(m):
+        calls[0] += 1
+        return whole_matrix_fn(m)
+
+    before = sharded.collectives
+    got = sharded.matrix_map(counted, [tensors[i] for i in index], [views[i] for i in index])
+    if sharded.collectives - before > 3:
+        failures.append(f"{kind} matrix_map: {sharded.collectives - before} collectives for one call")
+    total = torch.tensor([calls[0]])
+    dist.all_reduce(total)
+    if int(total) != len(index):
+        failures.append(f"{kind} matrix_map: fn ran {int(total)} times over the processes for {len(index)} matrices")
+    for out, i in zip(got, index):
+        full, v = fulls[i], views[i]
+        want = whole_matrix_fn(full.reshape(full.shape[0], -1)).reshape(-1)
+        a, b = v.valid_range
+        try:
+            torch.testing.assert_close(out.reshape(-1)[a:b], want[v.offset + a : v.offset + b], rtol=1e-12, atol=1e-12)
+        except AssertionError as error:
+            failures.append(f"{kind} matrix_map[{tuple(full.shape)}]: {str(error).splitlines()[:4]}")
 
 
 def check_refusals(failures: list, detail: dict) -> None:
