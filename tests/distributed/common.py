@@ -72,8 +72,9 @@ class Model(torch.nn.Module):
 
 
 def all_cases(scope: str) -> list[str]:
-    """Every registered base name with every storage form (and, for "all", every single-suffix
-    name hfoptim lists); "fast": the FAST_PATTERNS subset; else shell patterns, comma-separated."""
+    """Every registered base name with every storage form (and, for "all" and patterns, every
+    single-suffix name hfoptim lists); "fast": the FAST_PATTERNS subset; else shell patterns,
+    comma-separated."""
     names = set()
     for base in _bases():
         for form in CODECS:
@@ -83,7 +84,7 @@ def all_cases(scope: str) -> list[str]:
             except ValueError:
                 continue
             names.add(name)
-    if scope == "all":
+    if scope not in ("fast", "forms"):  # "all" and patterns: every listed name too
         names.update(hfoptim.list_optimizers())
     out = sorted(names)
     if scope == "fast":
