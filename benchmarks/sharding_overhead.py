@@ -9,7 +9,9 @@ the same on every step), alternating with AdamW under the same sharding, and cou
 
 * ``step ms``: median step time (max over processes); ``x AdamW``: median of the per-round ratio
   to AdamW timed in the same rounds;
-* ``coll/step``, ``KiB/step``: all-reduces of statistics per step and their payload (AdamW: 0);
+* ``coll/step``, ``KiB/step``: collectives per step (all-reduces of statistics; Muon's
+  all-to-alls, which gather each matrix on its owner and send the result rows back) and the bytes
+  this process sends in them (all-reduce payload, all-to-all bytes to other processes; AdamW: 0);
 * ``comm ms/step``: wall time spent inside those all-reduces (the extra time exactness costs,
   beyond the optimizer's own arithmetic). It includes waiting for the slowest process: a
   collective is a synchronization point, so uneven work per process (ZeRO partitions hold
@@ -38,6 +40,7 @@ DEFAULT_NAMES = [
     "adamw", "adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_smmf", "adamw_shared",
     "adamw_agc", "adamw_cautious", "adamw_gc", "adamw_softclip", "lamb",
     "adafactor", "smmf", "ademamix", "adan", "nsgda", "amos", "adalo", "adanorm", "diffgrad", "pnm",
+    "muon", "muon_8bit",
 ]  # fmt: skip
 
 
@@ -79,6 +82,16 @@ def worker(args) -> int:
             comm_seconds[0] += time.perf_counter() - start
 
     ShardedStats.all_reduce = timed
+    original_exchange = ShardedStats._all_to_all
+
+    def timed_exchange(self, *exchange_args):
+        start = time.perf_counter()
+        try:
+            return original_exchange(self, *exchange_args)
+        finally:
+            comm_seconds[0] += time.perf_counter() - start
+
+    ShardedStats._all_to_all = timed_exchange
     rank, world = None, None
     backends = args.backends.split(",")
     if "zero2" in backends:
@@ -148,6 +161,9 @@ def worker(args) -> int:
         step()  # state created, layout chosen
         return step, engine
 
+    def sent_bytes(stats) -> int:
+        return getattr(stats, "bytes_reduced", 0) + getattr(stats, "bytes_sent", 0)
+
     def timed_block(step, n):
         dist.barrier()
         start = time.perf_counter()
@@ -168,7 +184,7 @@ def worker(args) -> int:
                 rows.append({"backend": backend, "name": name, "error": str(error).splitlines()[0][:200]})
                 continue
             stats = engine.layout.stats
-            c0, b0 = getattr(stats, "collectives", 0), getattr(stats, "bytes_reduced", 0)
+            c0, b0 = getattr(stats, "collectives", 0), sent_bytes(stats)
             comm_seconds[0] = 0.0
             cand, base = [], []
             for r in range(args.rounds):
@@ -179,7 +195,7 @@ def worker(args) -> int:
             comm = torch.tensor([comm_seconds[0] / n], dtype=torch.float64)
             dist.all_reduce(comm, op=dist.ReduceOp.MAX)
             params = sum(p.numel() for p in Net().parameters())
-            nbytes = (getattr(stats, "bytes_reduced", 0) - b0) / n
+            nbytes = (sent_bytes(stats) - b0) / n
             rows.append(
                 {
                     "backend": backend,
@@ -200,7 +216,9 @@ def worker(args) -> int:
                     f"{r['comm_ms_per_step']:6.2f} ms comm",
                     flush=True,
                 )
-    if rank == 0:
+    if rank == 0 and args.print_only:
+        print(json.dumps(rows, indent=1))
+    elif rank == 0:
         info = machine_info()
         record = {
             "machine": info,
@@ -245,6 +263,7 @@ def main() -> int:
     parser.add_argument("--names", default="", help="comma-separated optimizer names (default: a representative set)")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--print-only", action="store_true", help="print the rows, write no result files")
     args = parser.parse_args()
     return worker(args) if args.worker or "LOCAL_RANK" in os.environ else launch(args)
 

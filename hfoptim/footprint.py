@@ -170,7 +170,7 @@ def compare(
     layer = largest_layer(model)
     out = []
     for name in optims:
-        state = estimate(params, name, **(options or {})).total
+        state = estimate(model, name, **(options or {})).total  # by role for Muon
         out.append(footprint(name, num, state, strategy, world_size, mixed_precision, layer))
     return out
 

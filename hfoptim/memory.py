@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from . import roles
+
 COUNTER = "counter"
 WRAPPER = "wrapper"
 OTHER = "other"
@@ -204,14 +206,31 @@ def state_bytes(optimizer) -> StateReport:
 
 
 # ------------------------------------------------------------------------------------ estimating
-def _parameters(source) -> list[torch.Tensor]:
-    """Trainable parameters (each once) of a module, a transformers config, or an iterable of
-    tensors / parameter groups."""
+def _as_model(source):
+    """A transformers config as its model built on the meta device; anything else unchanged."""
     if hasattr(source, "to_dict") and hasattr(source, "model_type"):  # a transformers config
         from transformers import AutoModelForCausalLM
 
         with torch.device("meta"):
-            source = AutoModelForCausalLM.from_config(source)
+            return AutoModelForCausalLM.from_config(source)
+    return source
+
+
+def _role_groups(model: torch.nn.Module, metas: dict[int, torch.Tensor], options: dict) -> list[dict]:
+    """Muon's parameter groups by role (:mod:`hfoptim.roles`) over the meta copies ``metas``
+    (by the id of the model's parameter)."""
+    groups: dict[tuple, dict] = {}
+    for name, opts in roles.muon_options(model, **options).items():
+        meta = metas.get(id(model.get_parameter(name)))
+        if meta is not None:
+            groups.setdefault(tuple(sorted(opts.items())), {"params": [], **opts})["params"].append(meta)
+    return list(groups.values())
+
+
+def _parameters(source) -> list[torch.Tensor]:
+    """Trainable parameters (each once) of a module, a transformers config, or an iterable of
+    tensors / parameter groups."""
+    source = _as_model(source)
     if isinstance(source, torch.nn.Module):
         params = [p for p in source.parameters() if p.requires_grad]
     else:
@@ -238,7 +257,9 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
     allocating: ``source`` is a model, a transformers config (built on the meta device) or an
     iterable of parameters; ``optimizer`` a registry name (``"ademamix_8bit"``), an
     :class:`~hfoptim.registry.OptimizerSpec` or an hfoptim optimizer class; ``kwargs`` its
-    options (``state="8bit"``, ``state_min_numel=...``, ``lookahead_k``...)."""
+    options (``state="8bit"``, ``state_min_numel=...``, ``lookahead_k``...). Muon over a model
+    (or config) gives each parameter its role (:mod:`hfoptim.roles`: AdamW's two moments for
+    embeddings, head, norms and biases; one momentum for matrices)."""
     from .core.engine import Engine
     from .registry import OptimizerSpec, get_optimizer
     from .state import resolve
@@ -251,11 +272,20 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
         spec = OptimizerSpec(optimizer.rule_class.name, optimizer.rule_class, {})
     else:
         raise TypeError(f"estimate() needs an optimizer name, an OptimizerSpec or an hfoptim class, got {optimizer!r}")
-    metas = [_meta(p) for p in _parameters(source)]
+    source = _as_model(source)
+    params = _parameters(source)
+    metas = [_meta(p) for p in params]
     report = StateReport(params=sum(p.numel() for p in metas))
     if not metas:
         return report
-    built = spec(metas, **kwargs)  # validates the options; allocates nothing (state is lazy)
+    targets: list = metas
+    by_name = {k: kwargs.pop(k) for k in roles.ROLE_OPTIONS if k in kwargs}
+    if "algorithm" in spec.rule.hyperparams and isinstance(source, torch.nn.Module):
+        # Muon from a model: by role, as create_optimizer and the Trainer build it
+        targets = _role_groups(source, {id(p): m for p, m in zip(params, metas)}, by_name)
+    elif by_name:
+        raise ValueError(f"{', '.join(by_name)} choose Muon's parameter roles from a model; not for {spec.name!r}")
+    built = spec(targets, **kwargs)  # validates the options; allocates nothing (state is lazy)
     engine = next(o for o in _chain(built) if isinstance(o, Engine))
     rule = engine.rule
     slots = [(slot.name, slot.kind) for slot in rule.slots]

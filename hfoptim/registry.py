@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import roles
 from .core.engine import Engine, optimizer_class
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
@@ -186,9 +187,27 @@ def _valid(rule: type[Rule], options: dict) -> bool:
 def create_optimizer(model_or_params: Any, name: str, **kwargs) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` for a model (its trainable parameters) or an iterable of
     parameters / parameter groups. ``kwargs`` are the optimizer's hyperparameters and options,
-    e.g. ``create_optimizer(model, "ademamix", lr=1e-4, state="8bit")``."""
-    if isinstance(model_or_params, torch.nn.Module):
-        params = [p for p in model_or_params.parameters() if p.requires_grad]
-    else:
-        params = model_or_params
-    return get_optimizer(name)(params, **kwargs)
+    e.g. ``create_optimizer(model, "ademamix", lr=1e-4, state="8bit")``.
+
+    Muon from a model chooses by role (:mod:`hfoptim.roles`: embeddings, the output head, norms
+    and biases take AdamW); ``adamw_params=[regex, ...]`` / ``muon_params=[...]`` move parameters
+    by name. From a plain parameter list: >= 2-D Muon, the rest AdamW."""
+    spec = get_optimizer(name)
+    by_name = {k: kwargs.pop(k) for k in roles.ROLE_OPTIONS if k in kwargs}
+    takes_roles = "algorithm" in spec.rule.hyperparams
+    if by_name and not takes_roles:
+        raise ValueError(f"{', '.join(by_name)} choose Muon's parameter roles; {name!r} has none")
+    if not isinstance(model_or_params, torch.nn.Module):
+        if by_name:
+            raise ValueError(
+                f"{', '.join(by_name)} select parameters by name: pass the model, not a list of parameters"
+            )
+        return spec(model_or_params, **kwargs)
+    if not takes_roles:
+        return spec([p for p in model_or_params.parameters() if p.requires_grad], **kwargs)
+    groups: dict[tuple, dict] = {}
+    for pname, options in roles.muon_options(model_or_params, **by_name).items():
+        group = groups.setdefault(tuple(sorted(options.items())), {"params": [], "param_names": [], **options})
+        group["params"].append(model_or_params.get_parameter(pname))
+        group["param_names"].append(pname)
+    return spec(list(groups.values()), **kwargs)

@@ -39,6 +39,9 @@ def _stepped(name: str, shapes, dtype=torch.float32, **kwargs):
         ("adamw_lookahead", 12.0),  # + the fp32 slow weights
         ("adagl", 48.0),  # issue 16: m, v and 10 past gradients
         ("adagl_8bit", 12 * (1 + 4 / 256)),  # the history in 8 bits too
+        ("muon", 4.0),  # one fp32 momentum per matrix
+        ("muon_bf16", 2.0),
+        ("muon_8bit", 1 + 4 / 256),
     ],
 )
 def test_measured_bytes_match_the_theory_on_a_large_matrix(name, bytes_per_param):
@@ -115,6 +118,8 @@ SHAPES = [(300, 70), (4096,), (5000,), (7,), (3, 4, 5), (64, 256), (2, 3, 64, 64
         ("smmf", {}),
         ("adafactor", {}),
         ("ademamix_lookahead", {}),
+        ("muon", {}),  # matrices one momentum, vectors AdamW's two moments
+        ("muon_8bit", {"state_min_numel": 0}),
     ],
 )
 def test_estimate_equals_the_measurement(name, kwargs):
@@ -152,3 +157,34 @@ def test_estimate_from_a_transformers_config_allocates_nothing_and_matches_a_rea
     # the same estimate from the model itself, and from meta parameters of any size
     assert memory.estimate(model, "ademamix_8bit").total == measured.total
     assert memory.per_param("ademamix_8bit") == pytest.approx(3.046875, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["muon", "muon_8bit", "muon_bf16"])
+def test_muon_estimate_from_a_config_follows_roles(name):
+    """Muon over a model gives embeddings, head and norms AdamW's two moments: the estimate from
+    the config equals the measurement after a real step of the model built by role."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    predicted = memory.estimate(config, name)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    opt = hfoptim.create_optimizer(model, name)
+    ids = torch.randint(0, 512, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    measured = memory.state_bytes(opt)
+    assert predicted.total == measured.total and predicted.by_key == measured.by_key
+    assert "exp_avg" in " ".join(predicted.by_key) and "momentum_buffer" in " ".join(predicted.by_key)
+    # embeddings and head (2 x 512 x 64) keep two moments: more than one momentum per parameter
+    embed_head = 2 * 512 * 64
+    if name == "muon":
+        assert measured.total >= 4 * predicted.params + 4 * embed_head

@@ -30,3 +30,17 @@ def test_fsdp2_matches_one_process_fast_subset(tmp_path):
 def test_fsdp2_matches_one_process_every_optimizer(tmp_path, nproc):
     summary = run_worker(torchrun(nproc), "fsdp2_worker.py", ["--cases", "all"], tmp_path / "out.json", timeout=900)
     assert len(summary["ran"]) == len(summary["cases"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_fsdp2_muon_orthogonalizes_each_matrix_whole_once(tmp_path, nproc):
+    """Muon and Muon with 8-bit momentum: each matrix gathered on one owner, orthogonalized there
+    once (the worker sums the per-process counts: 1 per matrix and step), rows really crossed
+    processes, and parameters and state equal the one-process run."""
+    args = ["--cases", "muon,muon_8bit"]
+    summary = run_worker(torchrun(nproc), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=300)
+    assert summary["ran"] == ["muon", "muon_8bit"]
+    for result in summary["results"]:
+        assert result["detail"]["matrices_mapped"] == 5 * 4  # 5 matrices (emb, lin_w, conv, big, row1), 4 steps
+        assert result["detail"]["bytes_sent_all_ranks"] > 0

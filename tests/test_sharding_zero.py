@@ -56,3 +56,28 @@ def test_zero_bf16_master_weights_match_one_process(tmp_path, stage):
     args = ["--stage", str(stage), "--cases", "fast", "--bf16"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
     assert len(summary["ran"]) >= 10
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_muon_orthogonalizes_each_matrix_whole_once(tmp_path, stage, nproc):
+    """Muon and Muon with 8-bit momentum under ZeRO-1/2/3 (rows cut by partition boundaries):
+    each matrix orthogonalized once on one owner, rows crossed processes, equal to one process."""
+    args = ["--stage", str(stage), "--cases", "muon,muon_8bit"]
+    summary = run_worker(torchrun(nproc), "zero_worker.py", args, tmp_path / "out.json", timeout=400)
+    assert summary["ran"] == ["muon", "muon_8bit"]
+    for result in summary["results"]:
+        assert result["detail"]["matrices_mapped"] == 5 * 3  # 5 matrices, 3 steps
+        assert result["detail"]["bytes_sent_all_ranks"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "flag"), [(2, "--offload"), (3, "--offload"), (1, "--bf16")])
+def test_zero_muon_with_cpu_offload_and_bf16_master_weights(tmp_path, stage, flag):
+    """Muon's exchange on CPU-offloaded state and on DeepSpeed's bf16 optimizer's fp32 master
+    partitions, 2 processes."""
+    args = ["--stage", str(stage), flag, "--cases", "muon,muon_8bit"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=400)
+    assert summary["ran"] == ["muon", "muon_8bit"]
+    assert all(r["detail"]["matrices_mapped"] == 5 * 3 for r in summary["results"])

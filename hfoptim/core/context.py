@@ -85,6 +85,12 @@ class StepContext:
     def mean(self, x: TensorList) -> list[torch.Tensor]:
         return [s / self.numel(i) for i, s in enumerate(self.stats.sum(x.tensors, self.views))]
 
+    def matrix_map(self, fn, x: TensorList) -> TensorList:
+        """``fn`` applied once to each whole parameter seen as a matrix ``(rows, row_len)``, the
+        local rows of the result returned (see :meth:`LocalStats.matrix_map`); under sharding
+        the matrix is gathered on one process, never computed from a shard."""
+        return TensorList(self.stats.matrix_map(fn, x.tensors, self.views), self.foreach)
+
     # ------------------------------------------------------------------ storage
     def stored(self, s, name: str) -> TensorList:
         """Slot ``name`` of ``s`` as its storage keeps it: encoded now, decoded back in place.

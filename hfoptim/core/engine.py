@@ -192,13 +192,23 @@ class Engine(torch.optim.Optimizer):
                 )
             if p.is_complex():
                 raise TypeError(f"{type(self).__name__} does not support complex parameters (got {p.dtype})")
-        group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
-        group["params"] = params
-        group.update(checked)
-        if "foreach" in param_group:
-            group["foreach"] = foreach
-        super().add_param_group(group)  # torch splits (name, tensor) pairs into params and param_names
-        self.layout.register(self.param_groups[-1]["params"])
+        names = param_group.get("param_names")
+        pairs = [isinstance(item, tuple) for item in params]
+        if any(pairs):
+            if not all(pairs):
+                raise ValueError(f"{where}: give every parameter as a (name, tensor) pair or none of them")
+            names, params = [n for n, _ in params], [t for _, t in params]
+        by_id = dict(zip(map(id, params), names)) if names is not None else None
+        for options, part in self.rule.split_group(checked, params):
+            group = {k: v for k, v in param_group.items() if k in PASSTHROUGH_GROUP_KEYS}
+            group["params"] = part
+            if by_id is not None:
+                group["param_names"] = [by_id[id(p)] for p in part]
+            group.update(options)
+            if "foreach" in param_group:
+                group["foreach"] = foreach
+            super().add_param_group(group)
+            self.layout.register(part)
 
     def group_foreach(self, group: dict) -> bool:
         """The path of ``group``: its own ``foreach`` if it set one, else the optimizer's."""

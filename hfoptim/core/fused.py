@@ -20,8 +20,10 @@ rule's code is the same code the plain path runs; nothing is written twice.
   the codec's ``fusable_for(view)`` agrees: 8-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
   in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
-  the rule does not need the loss, its group does not use CPR (a per-tensor decision each step) and
-  no group uses stable weight decay (the engine then defers every update; see :func:`advance`).
+  the rule does not need the loss, the rule allows it for the group (``Rule.compiles``: Muon's
+  matrices are orthogonalized whole, outside a per-parameter kernel), its group does not use CPR (a
+  per-tensor decision each step) and no group uses stable weight decay (the engine then defers every
+  update; see :func:`advance`).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -121,6 +123,8 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
     if mode == "off" or not units or engine.rule.needs_loss or type(engine.layout.stats) is not LocalStats:
         return units
     if group["weight_decay_mode"] == "cpr":  # per-tensor decisions on the bound each step
+        return units
+    if not engine.rule.compiles(group):
         return units
     if not compile_available(units[0].param.device):
         return units

@@ -98,6 +98,20 @@ class Rule:
         those of the group's options (:data:`OPTION_SLOTS`)."""
         return tuple(slot for slot in (*self.slots, *OPTION_SLOTS) if slot.active(group))
 
+    def split_group(self, options: dict, params: list[torch.Tensor]) -> list[tuple[dict, list[torch.Tensor]]]:
+        """The parameter groups one group the user gives becomes: ``(options, params)`` pairs.
+
+        One group, unchanged, for most rules. A rule that runs different updates by parameter
+        role (Muon: orthogonalized matrices, AdamW for the rest) splits here, when the group is
+        added, so that every group the engine steps has one update and one set of slots."""
+        return [(options, params)]
+
+    def compiles(self, group: dict) -> bool:
+        """Whether parameters of ``group`` may take the compiled per-parameter path
+        (:mod:`hfoptim.core.fused`): False for an update that needs the whole matrix at once
+        through a collective (Muon's orthogonalization)."""
+        return True
+
     def update(self, ctx, p: TensorList, g: TensorList, s: SimpleNamespace) -> TensorList:
         """Advance the state ``s`` (one TensorList per slot, decoded, updated in place) with the
         gradient ``g`` (read-only) and return the update direction ``u``; the engine then applies

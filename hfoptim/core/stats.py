@@ -9,6 +9,7 @@ all-reduce, so no statistic is ever computed on a shard as if it were the tensor
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,6 +144,24 @@ class LocalStats:
 
     def __init__(self, foreach: bool = True):
         self.foreach = foreach
+        #: one entry per :meth:`matrix_map` call: for each of its tensors, 1 where this process
+        #: ran ``fn`` on the whole matrix, else 0 (summed over processes: 1 each, tests check it)
+        self.matrix_runs: list[list[int]] = []
+
+    def matrix_map(
+        self, fn: Callable[[torch.Tensor], torch.Tensor], tensors: list[torch.Tensor], views: list[ParamView]
+    ) -> list[torch.Tensor]:
+        """``fn`` applied ONCE to each WHOLE parameter seen as the matrix ``(rows, row_len)``
+        (a 4-D convolution kernel as ``(out, in*k*k)``), returning for each tensor the part of
+        ``fn``'s result that the local tensor holds, in the local shape.
+
+        ``fn`` is a whole-matrix operation that no shard can compute (Muon's Newton-Schulz
+        orthogonalization); it must return a matrix of the input's shape and dtype. Here every tensor is
+        held whole. A sharding backend gathers each matrix on one owner process, runs ``fn``
+        there once, and sends every process its rows of the result."""
+        out = [fn(t.reshape(v.global_rows, v.row_len)).reshape(t.shape) for t, v in zip(tensors, views)]
+        self.matrix_runs.append([1] * len(tensors))
+        return out
 
     def sum_sq(self, tensors: list[torch.Tensor], views: list[ParamView]) -> list[torch.Tensor]:
         """Sum of squares of each tensor, as 0-d tensors."""

@@ -107,6 +107,9 @@ class ShardedStats(LocalStats):
         super().__init__(foreach=foreach)
         self.collectives = 0
         self.bytes_reduced = 0
+        #: bytes this process sent to others in whole-matrix exchanges (:meth:`matrix_map`)
+        self.bytes_sent = 0
+        self._spans: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ communication
     def all_reduce(self, pieces: list[torch.Tensor], views: list[ParamView], op=dist.ReduceOp.SUM) -> list:
@@ -137,6 +140,117 @@ class ShardedStats(LocalStats):
             for i, part in zip(index, buf.split([pieces[i].numel() for i in index])):
                 out[i] = part.view(pieces[i].shape).to(pieces[i].dtype)
         return out
+
+    # ------------------------------------------------------------------ whole matrices
+    def matrix_map(self, fn, tensors, views) -> list[torch.Tensor]:
+        """``fn`` once per WHOLE matrix, on one owner process (see :class:`LocalStats.matrix_map`).
+
+        Per process group, for the whole list: each matrix gets an owner (the process that holds
+        all of it, else the least loaded one, the same choice everywhere); one all-to-all sends
+        every process's owned elements of each matrix to its owner, which assembles the matrix
+        and runs ``fn``; a second all-to-all sends each process its elements of the result. The
+        flat ranges each process owns are exchanged once per list of views (cached)."""
+        out: list = [None] * len(tensors)
+        runs = [0] * len(tensors)
+        groups: dict[int, tuple] = {}
+        for i, (t, v) in enumerate(zip(tensors, views)):
+            if v.group is None:
+                out[i] = fn(t.reshape(v.global_rows, v.row_len)).reshape(t.shape)
+                runs[i] = 1
+            else:
+                groups.setdefault(id(v.group), (v.group, []))[1].append(i)
+        for group, index in groups.values():
+            self._matrix_map_group(fn, group, index, tensors, views, out, runs)
+        self.matrix_runs.append(runs)
+        return out
+
+    def _matrix_map_group(self, fn, group, index, tensors, views, out, runs) -> None:
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        mine = [views[i] for i in index]
+        spans = self._owned_spans(group, mine)  # (world, n, 2): flat [start, stop) of each process
+        owners = matrix_owners(spans, [v.global_numel for v in mine])
+        sizes = (spans[:, :, 1] - spans[:, :, 0]).tolist()  # sizes[r][k]
+        # the same answer on every process: does any element live away from its matrix's owner?
+        crossing = any(sizes[r][k] and owners[k] != r for r in range(world) for k in range(len(mine)))
+        spans = spans.tolist()
+        dtype = tensors[index[0]].dtype
+        local = [tensors[i].reshape(-1)[slice(*views[i].valid_range)].to(dtype) for i in index]
+        # first exchange: my owned elements of each matrix to its owner
+        send = [torch.cat([x for x, o in zip(local, owners) if o == r] or [local[0][:0]]) for r in range(world)]
+        owned_by_me = [k for k, o in enumerate(owners) if o == rank]
+        recv_sizes = [sum(sizes[r][k] for k in owned_by_me) for r in range(world)]
+        received = self._all_to_all(send, recv_sizes, group, rank, crossing).split(recv_sizes)
+        results = {}
+        for r, chunk in enumerate(received):
+            for k, part in zip(owned_by_me, chunk.split([sizes[r][k] for k in owned_by_me])):
+                results.setdefault(k, [None] * world)[r] = part
+        for k in owned_by_me:
+            v = mine[k]
+            whole = torch.empty(v.global_numel, dtype=dtype, device=local[k].device)
+            for r, part in enumerate(results[k]):
+                whole[spans[r][k][0] : spans[r][k][1]] = part
+            results[k] = fn(whole.view(v.global_rows, v.row_len)).reshape(-1).to(dtype)
+            runs[index[k]] = 1
+        # second exchange: each process's elements of the results back from the owners
+        back = [
+            torch.cat([results[k][spans[r][k][0] : spans[r][k][1]] for k in owned_by_me] or [local[0][:0]])
+            for r in range(world)
+        ]
+        back_sizes = [sum(sizes[rank][k] for k, o in enumerate(owners) if o == r) for r in range(world)]
+        pieces = self._all_to_all(back, back_sizes, group, rank, crossing).split(back_sizes)
+        per_owner = [
+            iter(p.split([sizes[rank][k] for k, o in enumerate(owners) if o == r])) for r, p in enumerate(pieces)
+        ]
+        for k, i in enumerate(index):
+            part = next(per_owner[owners[k]])
+            t, v = tensors[i], views[i]
+            a, b = v.valid_range
+            if (a, b) == (0, t.numel()):
+                out[i] = part.reshape(t.shape)
+            else:
+                full = t.new_zeros(t.numel(), dtype=dtype)
+                full[a:b] = part
+                out[i] = full.view(t.shape)
+
+    def _all_to_all(self, send: list, recv_sizes: list[int], group, rank: int, crossing: bool) -> torch.Tensor:
+        """One ``all_to_all_single``: ``send[r]`` to process ``r``; returns what came, in process
+        order. Skipped on every process alike when nothing crosses processes (``crossing``
+        False: each matrix is held whole by its owner)."""
+        if not crossing:
+            return send[rank]
+        buf = torch.cat(send)
+        device = _collective_device(group, buf.device)  # CPU state over NCCL: exchange on the GPU
+        wire = buf.to(device)
+        out = wire.new_empty(sum(recv_sizes))
+        dist.all_to_all_single(out, wire, recv_sizes, [x.numel() for x in send], group=group)
+        self.collectives += 1
+        self.bytes_sent += sum(x.numel() * x.element_size() for r, x in enumerate(send) if r != rank)
+        return out.to(buf.device)
+
+    def _owned_spans(self, group, views: list[ParamView]) -> torch.Tensor:
+        """``(world, n, 2)``: the global flat range ``[start, stop)`` each process owns of each
+        view's parameter (one all-gather per distinct list of views, then cached)."""
+        key = (id(group), tuple(views))
+        spans = self._spans.get(key)
+        if spans is None:
+            mine = torch.tensor(
+                [[v.offset + v.valid_range[0], v.offset + v.valid_range[1]] for v in views], dtype=torch.long
+            )
+            world = dist.get_world_size(group)
+            device = _collective_device(group, mine.device)
+            gathered = [torch.empty_like(mine, device=device) for _ in range(world)]
+            dist.all_gather(gathered, mine.to(device), group=group)
+            self.collectives += 1
+            spans = torch.stack([x.cpu() for x in gathered])
+            for k, v in enumerate(views):
+                lengths = spans[:, k, 1] - spans[:, k, 0]
+                if int(lengths.sum()) != v.global_numel:
+                    raise ShardingError(
+                        f"the processes own {int(lengths.sum())} elements of a parameter of shape "
+                        f"{tuple(v.global_shape)} ({v.global_numel}): its matrix cannot be assembled"
+                    )
+            self._spans[key] = spans
+        return spans
 
     # ------------------------------------------------------------------ whole-tensor reductions
     def _partials(self, tensors, views, fn) -> list[torch.Tensor]:
@@ -319,6 +433,23 @@ class ShardedStats(LocalStats):
             for k, part in enumerate(piece[n:].split([m.numel() for m in maxima[1:]]), start=1):
                 maxima[k] = part
         return out
+
+
+def matrix_owners(spans: torch.Tensor, numels: list[int]) -> list[int]:
+    """The process that orthogonalizes each matrix: the one holding all of it when there is one
+    (no communication), else the least loaded so far (by elements, largest matrices first). The
+    same on every process (computed from the exchanged spans)."""
+    world = spans.shape[0]
+    lengths = (spans[:, :, 1] - spans[:, :, 0]).tolist()
+    load = [0] * world
+    owners = [0] * len(numels)
+    order = sorted(range(len(numels)), key=lambda k: -numels[k])
+    for k in order:
+        whole = [r for r in range(world) if lengths[r][k] == numels[k]]
+        r = whole[0] if whole else min(range(world), key=lambda q: (load[q], q))
+        owners[k] = r
+        load[r] += numels[k]
+    return owners
 
 
 @lru_cache(maxsize=65536)

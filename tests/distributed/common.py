@@ -73,8 +73,9 @@ class Model(torch.nn.Module):
 
 
 def all_cases(scope: str) -> list[str]:
-    """Every registered base name with every storage form (and, for "all", every single-suffix
-    name hfoptim lists); "fast": the FAST_PATTERNS subset."""
+    """Every registered base name with every storage form (and, for "all" and patterns, every
+    single-suffix name hfoptim lists); "fast": the FAST_PATTERNS subset; else shell patterns,
+    comma-separated."""
     names = set()
     for base in _bases():
         for form in CODECS:
@@ -92,9 +93,9 @@ def all_cases(scope: str) -> list[str]:
         out = sorted(n for n in listed if any(fnmatch.fnmatch(n, p) for p in FAST_PATTERNS))
         out = [n for n in out if not n.endswith("lookahead")]
     elif scope not in ("all", "forms"):
-        # a pattern selects among every listed name too (modifier suffixes: "*_spectralcap")
+        # comma-separated shell patterns, over every listed name too (modifier suffixes: "*_spectralcap")
         listed = set(hfoptim.list_optimizers()) | names
-        out = sorted(n for n in listed if fnmatch.fnmatch(n, scope))
+        out = sorted(n for n in listed if any(fnmatch.fnmatch(n, p) for p in scope.split(",")))
     return out
 
 
@@ -259,6 +260,32 @@ def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failure
             compare(f"{what} state {key!r}", got, want, dtype, failures, detail)
             continue
         detail.setdefault("uncompared", []).append(key)
+
+
+def check_whole_matrices(engine, failures: list, detail: dict) -> None:
+    """For a rule that maps whole matrices (Muon's orthogonalization): over all processes, every
+    matrix of every call was mapped exactly once (on one owner), and rows really crossed
+    processes (the sharded exchange engaged). Collective: every process calls it in every case."""
+    stats = engine.layout.stats
+    runs = torch.tensor([x for call in stats.matrix_runs for x in call] or [0], dtype=torch.long)
+    length = torch.tensor([runs.numel()], dtype=torch.long)
+    longest = length.clone()
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    if int(longest) != int(length):
+        failures.append(f"processes mapped different numbers of matrices ({int(length)} here, {int(longest)} max)")
+        return
+    total = runs.clone()
+    dist.all_reduce(total)
+    sent = torch.tensor([float(getattr(stats, "bytes_sent", 0))])
+    dist.all_reduce(sent)
+    if not stats.matrix_runs:
+        return
+    detail["matrices_mapped"] = int(runs.numel())
+    detail["bytes_sent_all_ranks"] = int(sent)
+    if not bool((total == 1).all()):
+        failures.append(f"a matrix was orthogonalized {total.tolist()} times over the processes, not once each")
+    if engine.rule.name == "muon" and float(sent) <= 0:
+        failures.append("no matrix rows crossed processes: the whole-matrix exchange did not engage")
 
 
 NONFINITE = "the single-process reference itself is not finite"

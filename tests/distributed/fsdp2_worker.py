@@ -27,6 +27,7 @@ from tests.distributed.common import (  # noqa: E402
     Model,
     all_cases,
     case_kwargs,
+    check_whole_matrices,
     compare,
     compare_state,
     finish,
@@ -95,6 +96,7 @@ def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, buil
     if type(layout).__name__ != "DTensorLayout":
         failures.append(f"the optimizer stepped with {type(layout).__name__}, not the FSDP2 layout")
     detail["collectives"] = layout.stats.collectives
+    check_whole_matrices(engine, failures, detail)
     detail["bytes"] = layout.stats.bytes_reduced
     for (pname, p), ref_p in zip(model.named_leaves(), ref_params):
         compare(f"param {pname}", p.full_tensor().detach(), ref_p.detach(), dtype, failures, detail)

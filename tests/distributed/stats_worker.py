@@ -1,6 +1,7 @@
 """ShardedStats and the refusals, on N processes: ``torchrun --nproc_per_node N stats_worker.py``.
 
-1. Every statistic of :class:`ShardedStats` over ZeRO-style flat partitions (parameters cut
+1. Every statistic of :class:`ShardedStats` (and its whole-matrix map, Muon's gather to one
+   owner) over ZeRO-style flat partitions (parameters cut
    anywhere, inside rows; the padding of cut rows filled with NaN, which must never leak) and
    over FSDP2-style row shards equals :class:`LocalStats` on the whole tensors; each call issues
    at most one collective per process group, whatever the number of tensors.
@@ -41,6 +42,7 @@ CHECKED = {
     "block_absmax",
     "any_nonfinite",
     "cover_maxima",
+    "matrix_map",
 }
 
 
@@ -173,6 +175,7 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
         (want_rows, want_rest) = ref.cover_maxima([full], [ParamView(full.shape)])[0]
         close(f"cover_maxima rows[{tuple(full.shape)}]", rows, want_rows[v.row_start : v.row_start + v.rows])
         close(f"cover_maxima rest[{tuple(full.shape)}]", rest, want_rest)
+    check_matrix_map(kind, sharded, tensors, views, fulls, failures)
     detail["collectives"] = sharded.collectives
 
 
@@ -194,6 +197,39 @@ def check_nonfinite(kind, tensors, views, sharded, failures) -> None:
             spoiled[index].view(-1)[b - 1] = bad
         if not bool(sharded.any_nonfinite(spoiled, views)):
             failures.append(f"{kind} any_nonfinite: False on rank {rank} when rank {world - 1} holds a {bad}")
+
+
+def whole_matrix_fn(m: torch.Tensor) -> torch.Tensor:
+    """A map no shard can compute: every output element depends on the whole matrix."""
+    return m @ (m.T @ m) / m.norm() + m.sum(dim=0)
+
+
+def check_matrix_map(kind, sharded, tensors, views, fulls, failures) -> None:
+    """matrix_map gives each process its rows of fn(whole matrix), fn running once per matrix
+    over all processes, with at most three collectives (the spans' all-gather, two all-to-alls)."""
+    index = [i for i, full in enumerate(fulls) if full.dim() >= 2]
+    calls = [0]
+
+    def counted(m):
+        calls[0] += 1
+        return whole_matrix_fn(m)
+
+    before = sharded.collectives
+    got = sharded.matrix_map(counted, [tensors[i] for i in index], [views[i] for i in index])
+    if sharded.collectives - before > 3:
+        failures.append(f"{kind} matrix_map: {sharded.collectives - before} collectives for one call")
+    total = torch.tensor([calls[0]])
+    dist.all_reduce(total)
+    if int(total) != len(index):
+        failures.append(f"{kind} matrix_map: fn ran {int(total)} times over the processes for {len(index)} matrices")
+    for out, i in zip(got, index):
+        full, v = fulls[i], views[i]
+        want = whole_matrix_fn(full.reshape(full.shape[0], -1)).reshape(-1)
+        a, b = v.valid_range
+        try:
+            torch.testing.assert_close(out.reshape(-1)[a:b], want[v.offset + a : v.offset + b], rtol=1e-12, atol=1e-12)
+        except AssertionError as error:
+            failures.append(f"{kind} matrix_map[{tuple(full.shape)}]: {str(error).splitlines()[:4]}")
 
 
 def check_refusals(failures: list, detail: dict) -> None:

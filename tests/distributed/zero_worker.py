@@ -31,6 +31,7 @@ from tests.distributed.common import (  # noqa: E402
     Model,
     all_cases,
     case_kwargs,
+    check_whole_matrices,
     coarse,
     compare,
     compare_state,
@@ -122,6 +123,7 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
     if any(p is q for p in flats for q in (p for _, p in model.named_leaves())):
         failures.append("param_groups hold model parameters, not flat partitions")
     detail["collectives"] = layout.stats.collectives
+    check_whole_matrices(engine, failures, detail)
     detail["bytes"] = layout.stats.bytes_reduced
     leaves = [p for _, p in model.named_leaves()]
     if bf16:

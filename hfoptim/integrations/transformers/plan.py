@@ -18,7 +18,11 @@ What the Trainer builds for an hfoptim name:
   some parameters: ``selector`` is ``embeddings`` (parameters of ``nn.Embedding`` modules) or a
   regular expression searched in the parameter name, e.g. ``embeddings:state=fp32`` (32-bit
   state for embeddings under an 8-bit name) or ``lm_head:weight_decay=0``. Later entries win.
-- only parameters with ``requires_grad`` are given to the optimizer (peft/LoRA: the adapters).
+- only parameters with ``requires_grad`` are given to the optimizer (peft/LoRA: the adapters);
+- Muon (a rule with an ``algorithm`` option) gets each parameter's role from the model
+  (:mod:`hfoptim.roles`: embeddings, output head, norms, biases -> AdamW), moved by name with
+  ``adamw_params=(regex,...)`` / ``muon_params=(...)`` in ``optim_args``; a
+  ``<selector>:algorithm=...`` override still wins.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import roles
 from ...core.engine import engine_hyperparams
 from ...core.hparams import HyperparameterError
 from ...registry import OptimizerSpec
@@ -103,6 +108,7 @@ def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], wh
 
     Raises :class:`OptimArgsError` naming the problem and listing the accepted options; also for an
     option that contradicts what the name's suffixes set (``adamw_8bit`` with ``state=bf16``)."""
+    options = take_role_options(spec, options, where)[0]
     for key, given in options.items():
         value, named = literal_auto(spec, key, given), spec.options.get(key)
         if key in spec.options and value != named:
@@ -153,6 +159,28 @@ def literal_auto(spec: OptimizerSpec | None, key: str, value: Any) -> Any:
     if value is AUTO and key not in AUTO_TOTAL_STEPS and (spec is None or _auto_is_a_value(spec, key)):
         return "auto"
     return value
+
+
+def take_role_options(spec: OptimizerSpec, options: dict, where: str) -> tuple[dict, dict]:
+    """``options`` without the role options (``adamw_params``, ``muon_params``), and those, checked:
+    only for a rule that chooses by role (Muon), regular expressions only."""
+    by_name = {k: v for k, v in options.items() if k in roles.ROLE_OPTIONS}
+    if not by_name:
+        return options, {}
+    if "algorithm" not in spec.rule.hyperparams:
+        raise OptimArgsError(f"{where}: {', '.join(by_name)} choose Muon's parameter roles; {spec.name!r} has none")
+    try:
+        checked = {k: roles.patterns(v, k) for k, v in by_name.items()}
+    except ValueError as error:
+        raise OptimArgsError(f"{where}: {error}") from None
+    return {k: v for k, v in options.items() if k not in by_name}, checked
+
+
+def role_options(model: nn.Module, spec: OptimizerSpec, by_name: dict) -> dict[str, dict] | None:
+    """Per-parameter options by role for a rule that takes them (Muon), else None."""
+    if "algorithm" not in spec.rule.hyperparams:
+        return None
+    return roles.muon_options(model, **by_name)
 
 
 def adam_arguments(args, spec: OptimizerSpec) -> dict[str, Any]:
@@ -259,8 +287,10 @@ def build_param_groups(
     weight_decay: float,
     overrides: list[Override],
     total_steps: int | None = None,
+    by_role: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """Parameter groups: transformers' decay / no-decay split, then the overrides.
+    """Parameter groups: transformers' decay / no-decay split, the options ``by_role`` (per
+    parameter name, :func:`role_options`), then the overrides.
 
     One group per distinct set of options, each with ``param_names``: transformers' decay and
     no-decay groups first, then groups changed by overrides. Only ``requires_grad`` parameters are included."""
@@ -274,6 +304,8 @@ def build_param_groups(
     used = set()
     for name, p in ordered:
         options = {"weight_decay": weight_decay if name in decay else 0.0}
+        if by_role is not None:
+            options.update(by_role.get(name, {"algorithm": "muon" if p.dim() >= 2 else "adamw"}))
         matched = tuple(i for i, o in enumerate(overrides) if o.matches(name, embeddings))
         for i in matched:
             options.update(resolve_auto(overrides[i].options, total_steps, f"override {overrides[i].selector!r}"))

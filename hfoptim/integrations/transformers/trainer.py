@@ -34,7 +34,15 @@ from .callbacks import OptimizerStateCallback
 from .loss import LossHandoff, loss_driven
 from .names import resolve_optim
 from .optim_args import parse_optim_args
-from .plan import build_param_groups, check_plan, optimizer_kwargs, overrides_from, split_optim_args
+from .plan import (
+    build_param_groups,
+    check_plan,
+    optimizer_kwargs,
+    overrides_from,
+    role_options,
+    split_optim_args,
+    take_role_options,
+)
 from .sharding import check_accelerator, check_sharding, requested_sharding
 
 logger = logging.getLogger(__name__)
@@ -113,11 +121,17 @@ class HFOptimTrainer(Trainer):
 
     def _build_hfoptim(self, choice, model):
         options, overrides = split_optim_args(parse_optim_args(self.args.optim_args))
+        options, by_name = take_role_options(choice.spec, options, f"optim={choice.name!r}")
         overrides = overrides + self.param_overrides
         total = self.total_training_steps()
         kwargs = optimizer_kwargs(self.args, choice.spec, options, total)
         groups = build_param_groups(
-            model, self.get_decay_parameter_names(model), kwargs["weight_decay"], overrides, total
+            model,
+            self.get_decay_parameter_names(model),
+            kwargs["weight_decay"],
+            overrides,
+            total,
+            by_role=role_options(model, choice.spec, by_name),
         )
         groups = _split_by_mesh(groups)
         optimizer = choice.spec(groups, **kwargs)
