@@ -219,8 +219,8 @@ def init_state(optimizer) -> None:
     engine = hfoptim_engine(optimizer)
     engine.layout = engine.layout.for_step(engine)
     layout = engine.layout
-    for group in engine.param_groups:
-        for unit in _all_units(layout, engine, group):
+    for gi, group in enumerate(engine.param_groups):
+        for unit in engine._canonical(gi, group, _all_units(layout, engine, group)):
             engine._init_state(unit, group)
 
 

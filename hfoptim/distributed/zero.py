@@ -196,6 +196,10 @@ class ZeroLayout(Layout):
             self._pieces[id(flat)] = cached
         return cached
 
+    def _source(self, flat: torch.Tensor, piece: _Piece) -> torch.Tensor:
+        """The model parameter a segment belongs to (its layout is looked up by it)."""
+        return self._flat_group(flat).params[piece.segment.index]
+
     def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
         """Every segment's unit, gradient or not (to create state without a step)."""
         units = []
@@ -204,7 +208,8 @@ class ZeroLayout(Layout):
             for piece in self.pieces(flat):
                 piece.refresh()
                 state = segments.setdefault(piece.segment.index, {})
-                units.append(Unit(piece.param, piece.param, state, piece.view, flat, None))
+                source = self._source(flat, piece)
+                units.append(Unit(piece.param, piece.param, state, piece.view, flat, None, source=source))
         return units
 
     # ------------------------------------------------------------------ checkpoints
@@ -271,7 +276,8 @@ class ZeroLayout(Layout):
                 piece.refresh()
                 state = segments.setdefault(piece.segment.index, {})
                 writeback = piece.writeback if piece.padded else None
-                units.append(Unit(piece.param, piece.grad(flat.grad), state, piece.view, flat, writeback))
+                grad, source = piece.grad(flat.grad), self._source(flat, piece)
+                units.append(Unit(piece.param, grad, state, piece.view, flat, writeback, source))
         return units
 
 
