@@ -7,6 +7,7 @@
 
 from .core.engine import Engine
 from .core.hparams import HyperparameterError
+from .core.param_layout import ParamLayout
 from .lookahead import Lookahead
 from .registry import CLASSES, OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
 
@@ -33,6 +34,7 @@ __all__ = [
     "HyperparameterError",
     "Lookahead",
     "OptimizerSpec",
+    "ParamLayout",
     "create_optimizer",
     "get_optimizer",
     "list_optimizers",

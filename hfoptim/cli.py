@@ -257,7 +257,7 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
         model = model_from_config(config, device="cpu")
         params = trainable_parameters(model)
         _real_backward(model, config)
-        optimizer = create_optimizer(params, name, **_measure_options(name, options))
+        optimizer = create_optimizer(model, name, **_measure_options(name, options))
         start = time.perf_counter()
         if getattr(getattr(optimizer, "rule", None), "needs_loss", False):
             optimizer.step(loss=1.0)
@@ -265,7 +265,7 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
             optimizer.step()
         seconds = time.perf_counter() - start
         measured = state_bytes(optimizer).total
-        estimated = estimate(params, name, **options).total
+        estimated = estimate(model, name, **options).total
         out["optimizers"][name] = {
             "params": sum(p.numel() for p in params),
             "measured_state_bytes": measured,

@@ -143,10 +143,9 @@ def compare(
     options: dict | None = None,
 ) -> list[Footprint]:
     """One :class:`Footprint` per optimizer name for ``model``'s trainable parameters."""
-    params = trainable_parameters(model)
-    num = sum(p.numel() for p in params)
+    num = sum(p.numel() for p in trainable_parameters(model))
     out = []
     for name in optims:
-        state = estimate(params, name, **(options or {})).total
+        state = estimate(model, name, **(options or {})).total  # the model: its layouts are detected
         out.append(footprint(name, num, state, strategy, world_size, mixed_precision))
     return out

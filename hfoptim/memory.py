@@ -35,6 +35,11 @@ from typing import Any
 
 import torch
 
+from .core import param_layout
+from .core.param_layout import ParamLayout
+from .core.stats import ParamView
+from .embedded import model_from_config
+
 COUNTER = "counter"
 WRAPPER = "wrapper"
 OTHER = "other"
@@ -204,15 +209,15 @@ def state_bytes(optimizer) -> StateReport:
 
 
 # ------------------------------------------------------------------------------------ estimating
-def _parameters(source) -> list[torch.Tensor]:
+def _parameters(source, model_class=None) -> tuple[list[torch.Tensor], dict[int, ParamLayout]]:
     """Trainable parameters (each once) of a module, a transformers config, or an iterable of
-    tensors / parameter groups."""
+    tensors / parameter groups; and the layouts detected for them (by ``id``; a module's only)."""
     if hasattr(source, "to_dict") and hasattr(source, "model_type"):  # a transformers config
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            source = AutoModelForCausalLM.from_config(source)
+        source = model_from_config(source, device="meta", model_class=model_class)
+    layouts: dict[int, ParamLayout] = {}
     if isinstance(source, torch.nn.Module):
+        named = dict(source.named_parameters())
+        layouts = {id(named[n]): layout for n, layout in param_layout.detect(source).items() if n in named}
         params = [p for p in source.parameters() if p.requires_grad]
     else:
         params = []
@@ -226,19 +231,22 @@ def _parameters(source) -> list[torch.Tensor]:
         if id(p) not in seen:
             seen.add(id(p))
             out.append(p)
-    return out
+    return out, layouts
 
 
 def _meta(p: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
 
 
-def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
+def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) -> StateReport:
     """Predict what :func:`state_bytes` would report for ``optimizer`` over ``source``, without
-    allocating: ``source`` is a model, a transformers config (built on the meta device) or an
-    iterable of parameters; ``optimizer`` a registry name (``"ademamix_8bit"``), an
-    :class:`~hfoptim.registry.OptimizerSpec` or an hfoptim optimizer class; ``kwargs`` its
-    options (``state="8bit"``, ``state_min_numel=...``, ``lookahead_k``...)."""
+    allocating: ``source`` is a model, a transformers config (built on the meta device as
+    ``model_class``, by default the class the config is for:
+    :func:`hfoptim.embedded.model_class_for`) or an iterable of parameters; ``optimizer`` a
+    registry name (``"ademamix_8bit"``), an :class:`~hfoptim.registry.OptimizerSpec` or an
+    hfoptim optimizer class; ``kwargs`` its options (``state="8bit"``, ``state_min_numel=...``,
+    ``lookahead_k``, ``param_layouts``...). A model's parameter layouts (Conv1D, fused experts)
+    are detected as :func:`hfoptim.create_optimizer` does."""
     from .core.engine import Engine
     from .registry import OptimizerSpec, get_optimizer
     from .state import resolve
@@ -251,11 +259,14 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
         spec = OptimizerSpec(optimizer.rule_class.name, optimizer.rule_class, {})
     else:
         raise TypeError(f"estimate() needs an optimizer name, an OptimizerSpec or an hfoptim class, got {optimizer!r}")
-    metas = [_meta(p) for p in _parameters(source)]
+    params, detected = _parameters(source, model_class)
+    metas = [_meta(p) for p in params]
     report = StateReport(params=sum(p.numel() for p in metas))
     if not metas:
         return report
-    built = spec(metas, **kwargs)  # validates the options; allocates nothing (state is lazy)
+    declared = {m: detected[id(p)] for p, m in zip(params, metas) if id(p) in detected}
+    declared.update(kwargs.pop("param_layouts", None) or {})
+    built = spec(metas, param_layouts=declared, **kwargs)  # validates; allocates nothing (state is lazy)
     engine = next(o for o in _chain(built) if isinstance(o, Engine))
     rule = engine.rule
     slots = [(slot.name, slot.kind) for slot in rule.slots]
@@ -263,12 +274,16 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
         for p in group["params"]:
             view = engine.param_view(p)
             dtype = Engine.compute_dtype(p)
-            report.add("step", COUNTER, 4)  # the per-parameter fp32 counter
+            # stepped through its canonical view: the state of one matrix, once per matrix
+            stepped = engine.stepped_as(group, engine.layout_of(p), view.global_shape)
+            matrices, one = (1, p) if stepped is None else (stepped[0], _meta(torch.empty(stepped[1], device="meta")))
+            one_view = engine.param_view(p) if stepped is None else ParamView.of(one)
+            report.add("step", COUNTER, 4 * matrices)  # the fp32 step counter of each matrix
             for slot in rule.active_slots(group):
-                codec = resolve.codec_for(rule, slot, group, view)
-                stored = codec.init(slot, slot.initial(p, dtype), view, stats=engine.layout.stats)
+                codec = resolve.codec_for(rule, slot, group, one_view)
+                stored = codec.init(slot, slot.initial(one, dtype), one_view, stats=engine.layout.stats)
                 for key, t in stored.items():
-                    report.add(key, kind_of(key, slots), _nbytes(t))
+                    report.add(key, kind_of(key, slots), _nbytes(t) * matrices)
     if spec.lookahead:
         for p in metas:
             copy_dtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype

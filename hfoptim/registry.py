@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .core import param_layout
 from .core.engine import Engine, optimizer_class
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
@@ -178,9 +179,25 @@ def _valid(rule: type[Rule], options: dict) -> bool:
 def create_optimizer(model_or_params: Any, name: str, **kwargs) -> torch.optim.Optimizer:
     """Build the optimizer ``name`` for a model (its trainable parameters) or an iterable of
     parameters / parameter groups. ``kwargs`` are the optimizer's hyperparameters and options,
-    e.g. ``create_optimizer(model, "ademamix", lr=1e-4, state="8bit")``."""
+    e.g. ``create_optimizer(model, "ademamix", lr=1e-4, state="8bit")``.
+
+    From a model, the layout of each parameter is detected from its module
+    (:func:`hfoptim.core.param_layout.detect`: ``Conv1D`` weights, fused experts); ``param_layouts``
+    in ``kwargs`` adds to or overrides it (by tensor or name)."""
     if isinstance(model_or_params, torch.nn.Module):
         params = [p for p in model_or_params.parameters() if p.requires_grad]
+        named = dict(model_or_params.named_parameters())
+        by_name = dict(kwargs.pop("param_layouts", None) or {})
+        declared: dict = {named[n]: layout for n, layout in param_layout.detect(model_or_params).items()}
+        keep = {id(p) for p in params}
+        declared = {p: layout for p, layout in declared.items() if id(p) in keep}
+        for key, layout in by_name.items():
+            if isinstance(key, str):
+                if key not in named:
+                    raise ValueError(f"param_layouts names {key!r}, which is not a parameter of the model")
+                key = named[key]
+            declared[key] = layout
+        kwargs["param_layouts"] = declared
     else:
         params = model_or_params
     return get_optimizer(name)(params, **kwargs)

@@ -26,6 +26,7 @@ from collections import defaultdict
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
+from ...core import param_layout
 from .arguments import DeepSpeedOptimizerConflict, deepspeed_conflict_message
 from .callbacks import OptimizerStateCallback
 from .loss import LossHandoff, loss_driven
@@ -114,7 +115,9 @@ class HFOptimTrainer(Trainer):
             model, self.get_decay_parameter_names(model), kwargs["weight_decay"], overrides, total
         )
         groups = _split_by_mesh(groups)
-        optimizer = choice.spec(groups, **kwargs)
+        named = {n for g in groups for n in g["param_names"]}
+        layouts = {n: layout for n, layout in param_layout.detect(model).items() if n in named}
+        optimizer = choice.spec(groups, param_layouts=layouts, **kwargs)
         logger.info(
             "hfoptim: %s (%s) with %s; groups: %s",
             choice.name,
