@@ -264,7 +264,7 @@ class Engine(torch.optim.Optimizer):
         view = self.param_view(p) if view is None else view
         stepped = self.stepped_as(group, self.layout_of(p), view.global_shape)
         if stepped is None:
-            matrices, one_view, one_p = None, view, p
+            matrices, one_view, one_p = None, view, torch.empty(view.local_shape, device="meta")
         else:
             _, one = stepped
             inner = view.local_shape[self.layout_of(p).batch :]

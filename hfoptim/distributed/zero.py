@@ -243,7 +243,7 @@ class ZeroLayout(Layout):
                             f"{len(by_index)} parameters here (saved with another model or partitioning)"
                         )
                     where = f"{pid} (segment {index}, shape {tuple(piece.view.global_shape)})"
-                    check_local_state(optimizer, piece.view, piece.param, where, seg_state, merged)
+                    check_local_state(optimizer, piece.view, self._source(flat, piece), where, seg_state, merged)
                 self._loaded[id(flat)] = (flat, segments)
         return state_dict
 
