@@ -267,8 +267,10 @@ class Engine(torch.optim.Optimizer):
             matrices, one_view, one_p = None, view, torch.empty(view.local_shape, device="meta")
         else:
             _, one = stepped
-            inner = view.local_shape[self.layout_of(p).batch :]
-            matrices = math.prod(view.local_shape) // max(math.prod(inner), 1) if math.prod(inner) else 0
+            batch = self.layout_of(p).batch
+            inner = view.local_shape[batch:]
+            # a batch of matrices keeps its state stacked; a transposed matrix, of the canonical shape
+            matrices = (math.prod(view.local_shape) // math.prod(inner) if math.prod(inner) else 0) if batch else None
             one_view = ParamView(global_shape=torch.Size(one))
             one_p = torch.empty(one, device="meta")
         expected = {"step": ()}
