@@ -219,22 +219,31 @@ class Engine(torch.optim.Optimizer):
                     return layout
         return OUT_IN
 
-    def elementwise(self, group: dict, matrix: ParamView) -> bool:
-        """True when the group's step of a matrix seen through ``matrix`` treats each element on
-        its own (the rule and every storage form elementwise, no modifier): the parameter's layout
-        then changes nothing and it is stepped as stored."""
-        if not self.rule.elementwise or any(m.enabled(group) for m in MODIFIERS):
+    def layout_free(self, group: dict, layout: ParamLayout, matrix: ParamView) -> bool:
+        """True when ``layout`` cannot change the group's step of a matrix seen through ``matrix``,
+        so the parameter is stepped as stored: every storage form elementwise, and
+
+        * with batch axes (fused experts): an elementwise rule and no modifier (a whole-tensor
+          norm would span the matrices);
+        * transposed only (Conv1D): a rule that is elementwise or uses whole-tensor statistics
+          only (``Rule.orientation_free``: norms are the same for the transpose) and no modifier
+          with per-unit statistics (``Modifier.per_unit``)."""
+        rule = self.rule
+        if not all(resolve.codec_for(rule, s, group, matrix).elementwise for s in rule.active_slots(group)):
             return False
-        return all(resolve.codec_for(self.rule, s, group, matrix).elementwise for s in self.rule.active_slots(group))
+        enabled = [m for m in MODIFIERS if m.enabled(group)]
+        if layout.batch:
+            return rule.elementwise and not enabled
+        return (rule.elementwise or rule.orientation_free) and not any(m.per_unit for m in enabled)
 
     def stepped_as(self, group: dict, layout: ParamLayout, shape) -> tuple[int, tuple] | None:
         """How a parameter of (global) ``shape`` is stepped: ``(matrices, shape of one)`` through its
-        canonical view, or None when it is stepped as stored (default layout, or an elementwise
-        step on which the layout has no effect)."""
+        canonical view, or None when it is stepped as stored (default layout, or a step on which
+        the layout has no effect: :meth:`layout_free`)."""
         if layout.is_default:
             return None
         one = layout.canonical_shape(shape)
-        if self.elementwise(group, ParamView(global_shape=torch.Size(one))):
+        if self.layout_free(group, layout, ParamView(global_shape=torch.Size(one))):
             return None
         return layout.batch_size(shape), one
 
@@ -257,17 +266,18 @@ class Engine(torch.optim.Optimizer):
         for key in per[0]:
             state[key] = torch.stack([s[key] for s in per])
 
-    def expected_state_shapes(self, p: torch.Tensor, group: dict, view: ParamView | None = None) -> dict[str, tuple]:
+    def expected_state_shapes(self, p: torch.Tensor | None, group: dict, view: ParamView | None = None) -> dict:
         """The shape of every state tensor kept for ``p`` (its local part ``view``) in ``group``:
         the codecs' shapes for the parameter as stored, or for one canonical matrix stacked over
-        the local matrices (see :meth:`stepped_as`)."""
+        the local matrices (see :meth:`stepped_as`). ``p=None``: a matrix of its own (``view``)."""
         view = self.param_view(p) if view is None else view
-        stepped = self.stepped_as(group, self.layout_of(p), view.global_shape)
+        layout = OUT_IN if p is None else self.layout_of(p)
+        stepped = self.stepped_as(group, layout, view.global_shape)
         if stepped is None:
             matrices, one_view, one_p = None, view, torch.empty(view.local_shape, device="meta")
         else:
             _, one = stepped
-            batch = self.layout_of(p).batch
+            batch = layout.batch
             inner = view.local_shape[batch:]
             # a batch of matrices keeps its state stacked; a transposed matrix, of the canonical shape
             matrices = (math.prod(view.local_shape) // math.prod(inner) if math.prod(inner) else 0) if batch else None

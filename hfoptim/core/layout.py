@@ -137,7 +137,7 @@ def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_bat
     for unit in units:
         source = unit.source if unit.source is not None else unit.owner
         layout = layouts.get(id(source))
-        if layout is None or layout.is_default:
+        if layout is None or layout.is_default or unit.canonical:
             out.append(unit)
             continue
         shape = tuple(unit.view.global_shape)
@@ -150,9 +150,11 @@ def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_bat
             raise ParamLayoutError(
                 f"a parameter of shape {shape} with layout {layout.spelling!r} ({layout.kind}) is sharded {how}: "
                 f"its per-output-unit and per-matrix statistics would be computed on a slice. hfoptim steps such a "
-                f"parameter exactly when it is held whole or, for fused experts, sharded by expert (FSDP2). Use an "
-                f"elementwise step there (adamw, ademamix, adan, ... with fp32 state and no gc/agc/soft_clip/"
-                f"cautious/trust_ratio option), or declare param_layouts={{name: 'out_in'}} to step it as stored"
+                f"parameter exactly when it is held whole or, for fused experts, sharded by expert. Steps the layout "
+                f"cannot change run on any shard: fp32 state with an elementwise rule (adamw, ademamix, adan, ...) "
+                f"or, for a Conv1D weight, also nsgda/adanorm and the cautious/trust_ratio (lamb) options. Else "
+                f"declare param_layouts={{name: 'out_in'}} to step it as stored (per-row statistics then run "
+                f"along its stored rows)"
             )
         if layout.batch == 0:
             p, g = unit.param.transpose(0, 1), unit.grad.transpose(0, 1)

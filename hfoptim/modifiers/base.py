@@ -25,6 +25,9 @@ class Modifier:
     switch: ClassVar[str] = ""
     #: what the registry-name suffix (e.g. "_cautious") sets
     suffix_kwargs: ClassVar[dict] = {}
+    #: True when it takes statistics per output unit (row) or per matrix, which follow the
+    #: parameter's layout; False when its statistics are over the whole tensor only
+    per_unit: ClassVar[bool] = True
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

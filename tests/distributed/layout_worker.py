@@ -4,9 +4,10 @@
   experts over 2 or 3 processes, uneven) is stepped exactly as E separate ``Linear`` matrices on
   one process (float64): parameters and every state tensor (the local experts' rows of the
   stacked state).
-* A ``Conv1D`` weight ``(in, out)`` sharded along its input features: an elementwise step (adamw)
-  runs as stored and equals the transposed ``Linear`` run; a step with per-output-unit statistics
-  (adamw_gc) is refused with a message naming the layout, on every process alike.
+* A ``Conv1D`` weight ``(in, out)`` sharded along its input features: a step its layout cannot
+  change (adamw; lamb and nsgda, whose norms are of the whole tensor) runs as stored and equals
+  the transposed ``Linear`` run; a step with per-output-unit statistics or 8-bit rows (adamw_gc,
+  adamw_8bit) is refused with a message naming the layout, on every process alike.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tests.distributed.fsdp2_worker import sharded_grad  # noqa: E402
 
 EXPERTS, OUT, IN = 5, 6, 40
 EXPERT_CASES = ("adamw_gc", "adamw_agc", "adamw_shared", "adamw_8bit", "adafactor", "nsgda", "amos", "lamb", "smmf")
-CONV_CASES = ("conv_adamw", "conv_adamw_gc_refused")
+CONV_CASES = ("conv_adamw", "conv_lamb", "conv_nsgda", "conv_adamw_gc_refused", "conv_adamw_8bit_refused")
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
 
 
@@ -80,7 +81,7 @@ def run_experts(name: str, failures: list, steps: int) -> None:
 
 
 def run_conv(name: str, failures: list, steps: int) -> None:
-    optimizer = "adamw_gc" if name.endswith("refused") else "adamw"
+    optimizer = name.removeprefix("conv_").removesuffix("_refused")
     w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     lin = torch.nn.Parameter(w.clone())
     ref = hfoptim.create_optimizer([lin], optimizer, **OPTIONS)
