@@ -27,9 +27,7 @@ NAMES = sorted(
         "ademamix_8bit",
         "adan_cautious_factored",
         "nsgda_gc",
-        "amos_shared",
     }
-    - {"amos_shared"}
 )
 
 

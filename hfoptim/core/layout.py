@@ -8,6 +8,10 @@ local tensor (written in place), its gradient (read-only), the optimizer state k
 adds layouts for FSDP2 (DTensor shards), DeepSpeed ZeRO-1/2 (segments of a flat partition) and
 ZeRO-3 (per-parameter partitions), each with the matching statistics backend, so rules never
 know whether they run sharded.
+
+:func:`canonical_units` then shows each unit to the rules through its parameter's layout
+(:mod:`hfoptim.core.param_layout`): a Conv1D weight transposed, a fused expert tensor as one unit
+per expert.
 """
 
 from __future__ import annotations

@@ -177,13 +177,3 @@ def _layout_of(module: torch.nn.Module, name: str, p: torch.Tensor) -> ParamLayo
     while ones < p.dim() - 2 and p.shape[ones] == 1:
         ones += 1
     return ParamLayout(batch=ones, kind="batched") if ones else None
-
-
-def of_params(model: torch.nn.Module, params=None) -> dict[int, ParamLayout]:
-    """:func:`detect` keyed by ``id`` of the parameter tensors (of ``params`` when given)."""
-    named = dict(model.named_parameters())
-    layouts = {id(named[name]): layout for name, layout in detect(model).items() if name in named}
-    if params is not None:
-        keep = {id(p) for p in params}
-        layouts = {k: v for k, v in layouts.items() if k in keep}
-    return layouts
