@@ -266,3 +266,30 @@ def test_mixtral_8x7b_factored_state_per_expert():
     experts = 2 * n * ((2 * f + h) + (h + f)) * 4  # rows + columns of gate_up (2f, h) and down (h, f)
     assert experts < report.by_key["exp_avg_sq.row"] + report.by_key["exp_avg_sq.col"] < experts + 3 * 2**20
     assert report.total * 16 < 60 * 2**20  # all 32 layers: well under 60 MiB
+
+
+# ---------------------------------------------------------------------------------- Trainer
+def test_trainer_detects_layouts_and_takes_declarations(tmp_path):
+    """The Trainer detects GPT-2's Conv1D weights; ``<selector>:layout=...`` in ``optim_args``
+    overrides the detection; ``layout`` without a selector is refused at construction."""
+    from transformers import GPT2Config
+
+    from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
+    from hfoptim.integrations.transformers.optim_args import OptimArgsError
+    from tests.trainer_setup import run_args
+
+    def build(optim_args: str):
+        model = tiny(GPT2Config, n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)
+        args = HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw_gc", optim_args=optim_args))
+        return model, HFOptimTrainer(model=model, args=args).create_optimizer()
+
+    model, opt = build("")
+    attn = model.transformer.h[0].attn
+    assert opt.layout_of(attn.c_attn.weight) == IN_OUT
+    model, opt = build("c_attn:layout=out_in,weight_decay=0.0")
+    attn = model.transformer.h[0].attn
+    assert opt.layout_of(attn.c_attn.weight).is_default and opt.layout_of(attn.c_proj.weight) == IN_OUT
+    with pytest.raises(OptimArgsError, match="needs a selector"):
+        HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="layout=out_in"))
+    with pytest.raises(OptimArgsError, match="unknown parameter layout"):
+        HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="c_attn:layout=sideways"))

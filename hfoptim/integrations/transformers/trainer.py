@@ -26,13 +26,20 @@ from collections import defaultdict
 from transformers import Trainer
 from transformers.training_args import OptimizerNames
 
-from ...core import param_layout
 from .arguments import DeepSpeedOptimizerConflict, deepspeed_conflict_message
 from .callbacks import OptimizerStateCallback
 from .loss import LossHandoff, loss_driven
 from .names import resolve_optim
 from .optim_args import parse_optim_args
-from .plan import build_param_groups, check_plan, optimizer_kwargs, overrides_from, split_optim_args
+from .plan import (
+    build_param_groups,
+    check_plan,
+    declared_layouts,
+    optimizer_kwargs,
+    overrides_from,
+    split_layouts,
+    split_optim_args,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +118,12 @@ class HFOptimTrainer(Trainer):
         overrides = overrides + self.param_overrides
         total = self.total_training_steps()
         kwargs = optimizer_kwargs(self.args, choice.spec, options, total)
+        overrides, layout_rules = split_layouts(options, overrides, f"optim={choice.name!r}")
         groups = build_param_groups(
             model, self.get_decay_parameter_names(model), kwargs["weight_decay"], overrides, total
         )
         groups = _split_by_mesh(groups)
-        named = {n for g in groups for n in g["param_names"]}
-        layouts = {n: layout for n, layout in param_layout.detect(model).items() if n in named}
+        layouts = declared_layouts(model, {n for g in groups for n in g["param_names"]}, layout_rules)
         optimizer = choice.spec(groups, param_layouts=layouts, **kwargs)
         logger.info(
             "hfoptim: %s (%s) with %s; groups: %s",
