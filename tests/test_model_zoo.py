@@ -42,12 +42,13 @@ def tied(model) -> list[tuple[str, str]]:
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", list(configs()))
 def test_zoo(model_name):
-    config = configs()[model_name]
+    torch.manual_seed(0)
+    model = model_from_config(configs()[model_name])  # built once (the MoE models take seconds)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ties = tied(model)
+    params = [p for p in model.parameters() if p.requires_grad]
     for name in NAMES:
-        torch.manual_seed(0)
-        model = model_from_config(config)
-        ties = tied(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+        model.load_state_dict(initial)
         opt = hfoptim.create_optimizer(model, name, lr=1e-3, state_min_numel=256, compile="off")
         gen = torch.Generator().manual_seed(1)
         for _ in range(2):

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -117,7 +118,7 @@ class Engine(torch.optim.Optimizer):
         #: the layout of each parameter, by group and position (positions survive FSDP2's swap of
         #: the parameters for DTensors), and by ``id`` of the tensor the optimizer was built with
         self.param_layouts: list[list[ParamLayout]] = []
-        self._layout_by_id: dict[int, ParamLayout] = {}
+        self._layout_by_id: dict[int, tuple] = {}  # id -> (weakref to the tensor, layout)
         super().__init__(params, defaults)
         unused = sorted(set(self._declared_by_name) - self._used_names)
         if unused:
@@ -142,7 +143,7 @@ class Engine(torch.optim.Optimizer):
         self._spec = engine_hyperparams(type(self.rule))
         if "_layout_by_id" not in self.__dict__:  # copied or unpickled: the tensors are new
             self._layout_by_id = {
-                id(p): layout
+                id(p): (weakref.ref(p), layout)
                 for group, layouts in zip(self.param_groups, self.__dict__.get("param_layouts", []))
                 for p, layout in zip(group["params"], layouts)
             }
@@ -187,7 +188,7 @@ class Engine(torch.optim.Optimizer):
         super().add_param_group(group)
         self.param_layouts.append(layouts)
         for p, layout in zip(params, layouts):
-            self._layout_by_id[id(p)] = layout
+            self._layout_by_id[id(p)] = (weakref.ref(p), layout)
         self.layout.register(params)
 
     def _declared_layouts(self, params: list, names, index: int) -> list[ParamLayout]:
@@ -210,14 +211,17 @@ class Engine(torch.optim.Optimizer):
     def layout_of(self, p: torch.Tensor) -> ParamLayout:
         """The :class:`~hfoptim.core.param_layout.ParamLayout` of parameter ``p`` (torch's
         ``(out, in)`` unless detected or declared)."""
-        layout = self._layout_by_id.get(id(p))
-        if layout is not None:
-            return layout
         for group, layouts in zip(self.param_groups, self.param_layouts):
             for q, layout in zip(group["params"], layouts):
                 if q is p:
                     return layout
-        return OUT_IN
+        return self._built_with(p) or OUT_IN
+
+    def _built_with(self, p: torch.Tensor) -> ParamLayout | None:
+        """The layout of ``p`` if the optimizer was built with this very tensor (DeepSpeed keeps
+        the model's parameters while the groups hold its flat partitions)."""
+        known = self._layout_by_id.get(id(p))
+        return known[1] if known is not None and known[0]() is p else None
 
     def layout_free(self, group: dict, layout: ParamLayout, matrix: ParamView) -> bool:
         """True when ``layout`` cannot change the group's step of a matrix seen through ``matrix``,
@@ -253,7 +257,7 @@ class Engine(torch.optim.Optimizer):
         positions = dict(zip((id(p) for p in group["params"]), positional))
         for unit in units:
             source = unit.source if unit.source is not None else unit.owner
-            layout = self._layout_by_id.get(id(source)) or positions.get(id(source))
+            layout = positions.get(id(source)) or self._built_with(source)
             if layout is not None and self.stepped_as(group, layout, unit.view.global_shape) is not None:
                 layouts[id(source)] = layout
         if not layouts:
