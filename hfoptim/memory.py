@@ -265,7 +265,9 @@ def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) ->
     if not metas:
         return report
     declared = {m: detected[id(p)] for p, m in zip(params, metas) if id(p) in detected}
-    declared.update(kwargs.pop("param_layouts", None) or {})
+    meta_of = {id(p): m for p, m in zip(params, metas)}
+    for key, layout in (kwargs.pop("param_layouts", None) or {}).items():  # the user's tensors -> their metas
+        declared[meta_of.get(id(key), key) if isinstance(key, torch.Tensor) else key] = layout
     built = spec(metas, param_layouts=declared, **kwargs)  # validates; allocates nothing (state is lazy)
     engine = next(o for o in _chain(built) if isinstance(o, Engine))
     rule = engine.rule

@@ -214,7 +214,13 @@ def test_declared_by_name_and_errors():
         hfoptim.AdamW([lin.bias], param_layouts={lin.bias: "in_out"})
     with pytest.raises(ValueError, match="not a parameter of the model"):
         hfoptim.create_optimizer(lin, "adamw", param_layouts={"nope": "in_out"})
+    with pytest.raises(ValueError, match="not among the parameters"):
+        hfoptim.AdamW([w], param_layouts={torch.zeros(2, 2): "in_out"})
     assert ParamLayout(batch=1, transposed=True).spelling == "batch_in_out"
+    # estimate maps declared tensors onto its meta copies: per-expert factoring of (3, 40, 50)
+    experts = torch.nn.Parameter(torch.zeros(3, 40, 50))
+    assert estimate([experts], "adafactor", param_layouts={experts: EXPERTS}).total == 3 * (40 + 50) * 4 + 3 * 4
+    assert estimate([experts], "adafactor").total == (3 + 2000) * 4 + 4
 
 
 # ---------------------------------------------------------------------------------- state dict

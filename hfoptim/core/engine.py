@@ -115,11 +115,17 @@ class Engine(torch.optim.Optimizer):
         self._handed_loss: Any = None
         self._declared_by_id, self._declared_by_name = _split_declared(param_layouts or {})
         self._used_names: set[str] = set()
+        self._used_ids: set[int] = set()
         #: the layout of each parameter, by group and position (positions survive FSDP2's swap of
         #: the parameters for DTensors), and by ``id`` of the tensor the optimizer was built with
         self.param_layouts: list[list[ParamLayout]] = []
         self._layout_by_id: dict[int, tuple] = {}  # id -> (weakref to the tensor, layout)
         super().__init__(params, defaults)
+        if set(self._declared_by_id) - self._used_ids:
+            raise ValueError(
+                f"{type(self).__name__}(): param_layouts has {len(set(self._declared_by_id) - self._used_ids)} "
+                f"tensor key(s) that are not among the parameters given to the optimizer"
+            )
         unused = sorted(set(self._declared_by_name) - self._used_names)
         if unused:
             raise ValueError(
@@ -127,7 +133,7 @@ class Engine(torch.optim.Optimizer):
                 f"groups carry names under 'param_names' (build them from model.named_parameters()), or key "
                 f"param_layouts by the parameter tensors"
             )
-        del self._declared_by_id, self._declared_by_name, self._used_names
+        del self._declared_by_id, self._declared_by_name, self._used_names, self._used_ids
 
     #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
     #: identity; a sharded layout is found again at the next step)
@@ -198,6 +204,8 @@ class Engine(torch.optim.Optimizer):
         out = []
         for i, (p, name) in enumerate(zip(params, names)):
             layout = by_id.get(id(p))
+            if layout is not None:
+                self._used_ids.add(id(p))
             if name is not None and name in by_name:
                 self._used_names.add(name)
                 layout = by_name[name]
