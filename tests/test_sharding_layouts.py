@@ -28,3 +28,13 @@ def test_zero_experts_and_conv1d(tmp_path, stage, nproc):
     args = ["--stage", str(stage)]
     summary = run_worker(torchrun(nproc), "zero_layout_worker.py", args, tmp_path / "out.json", timeout=600)
     assert len(summary["ran"]) == len(summary["cases"]) == 12
+
+
+def test_fsdp2_expert_state_checkpoint_from_2_processes_resumes_on_3(tmp_path):
+    """The stacked per-expert state saved with DCP on 2 processes, resharded onto 3, resumes exactly."""
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    base = ["--dir", str(folder)]
+    run_worker(torchrun(2), "layout_worker.py", ["--phase", "save", *base], tmp_path / "save.json", timeout=300)
+    summary = run_worker(torchrun(3), "layout_worker.py", ["--phase", "load", *base], tmp_path / "load.json", 300)
+    assert len(summary["ran"]) == len(summary["cases"]) == 5
