@@ -299,3 +299,23 @@ def test_trainer_detects_layouts_and_takes_declarations(tmp_path):
         HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="layout=out_in"))
     with pytest.raises(OptimArgsError, match="unknown parameter layout"):
         HFOptimTrainingArguments(**run_args(tmp_path, optim="adamw", optim_args="c_attn:layout=sideways"))
+
+
+def test_state_min_numel_is_decided_per_matrix():
+    """Experts of 2000 elements under the 4096 threshold keep dense state, as 8 separate matrices
+    of that size would, although the fused tensor (16000) is over it."""
+    w = torch.randn(8, 40, 50, dtype=torch.float64)
+    fused = torch.nn.Parameter(w.clone())
+    seps = [torch.nn.Parameter(w[e].clone()) for e in range(8)]
+    opt = hfoptim.create_optimizer([fused], "adamw_8bit", param_layouts={fused: EXPERTS})
+    ref = hfoptim.create_optimizer(seps, "adamw_8bit")
+    for g in grads(w.shape):
+        fused.grad = g.clone()
+        for e in range(8):
+            seps[e].grad = g[e].clone()
+        opt.step()
+        ref.step()
+    assert set(opt.state[fused]) == {"step", "exp_avg", "exp_avg_sq"} == set(ref.state[seps[0]])
+    for e in range(8):
+        close(fused.detach()[e], seps[e].detach(), f"expert {e}")
+    assert estimate([fused], "adamw_8bit", param_layouts={fused: EXPERTS}).total == state_bytes(opt).total

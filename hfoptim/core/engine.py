@@ -231,9 +231,11 @@ class Engine(torch.optim.Optimizer):
         known = self._layout_by_id.get(id(p))
         return known[1] if known is not None and known[0]() is p else None
 
-    def layout_free(self, group: dict, layout: ParamLayout, matrix: ParamView) -> bool:
-        """True when ``layout`` cannot change the group's step of a matrix seen through ``matrix``,
-        so the parameter is stepped as stored: every storage form elementwise, and
+    def layout_free(self, group: dict, layout: ParamLayout, shape) -> bool:
+        """True when ``layout`` cannot change the group's step of a parameter of (global) ``shape``,
+        so it is stepped as stored: every storage form elementwise, both for the parameter as
+        stored and for one of its canonical matrices (``state_min_numel`` may choose other forms
+        for the two sizes), and
 
         * with batch axes (fused experts): an elementwise rule and no modifier (a whole-tensor
           norm would span the matrices);
@@ -241,7 +243,11 @@ class Engine(torch.optim.Optimizer):
           only (``Rule.orientation_free``: norms are the same for the transpose) and no modifier
           with per-unit statistics (``Modifier.per_unit``)."""
         rule = self.rule
-        if not all(resolve.codec_for(rule, s, group, matrix).elementwise for s in rule.active_slots(group)):
+        views = (
+            ParamView(global_shape=torch.Size(shape)),
+            ParamView(global_shape=torch.Size(layout.canonical_shape(shape))),
+        )
+        if not all(resolve.codec_for(rule, s, group, v).elementwise for s in rule.active_slots(group) for v in views):
             return False
         enabled = [m for m in MODIFIERS if m.enabled(group)]
         if layout.batch:
@@ -255,7 +261,7 @@ class Engine(torch.optim.Optimizer):
         if layout.is_default:
             return None
         one = layout.canonical_shape(shape)
-        if self.layout_free(group, layout, ParamView(global_shape=torch.Size(one))):
+        if self.layout_free(group, layout, shape):
             return None
         return layout.batch_size(shape), one
 
