@@ -23,7 +23,10 @@ def test_fsdp2_experts_and_conv1d(tmp_path, nproc):
     assert len(summary["ran"]) == len(summary["cases"]) == 14
 
 
-@pytest.mark.parametrize(("stage", "nproc"), [(3, 2), (3, 3), (2, 3)])
+@pytest.mark.parametrize(
+    ("stage", "nproc"),
+    [(3, 2), pytest.param(3, 3, marks=pytest.mark.slow), pytest.param(2, 3, marks=pytest.mark.slow)],
+)
 def test_zero_experts_and_conv1d(tmp_path, stage, nproc):
     args = ["--stage", str(stage)]
     summary = run_worker(torchrun(nproc), "zero_layout_worker.py", args, tmp_path / "out.json", timeout=600)
