@@ -101,7 +101,7 @@ def compile_available(device: torch.device) -> bool:
 
 def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
     p = unit.param
-    if unit.writeback is not None or unit.view.sharded or unit.canonical or p.device.type not in ("cpu", "cuda"):
+    if unit.writeback is not None or unit.view.sharded or p.device.type not in ("cpu", "cuda"):
         return False
     if mode == "auto" and p.numel() < AUTO_MIN_NUMEL:
         return False
