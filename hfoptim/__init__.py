@@ -8,6 +8,7 @@
 from .convert import convert_state_dict
 from .core.engine import Engine
 from .core.hparams import HyperparameterError
+from .core.param_layout import ParamLayout
 from .lookahead import Lookahead
 from .registry import CLASSES, OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
 
@@ -35,6 +36,7 @@ __all__ = [
     "HyperparameterError",
     "Lookahead",
     "OptimizerSpec",
+    "ParamLayout",
     "create_optimizer",
     "get_optimizer",
     "list_optimizers",

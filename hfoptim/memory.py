@@ -36,6 +36,10 @@ from typing import Any
 import torch
 
 from . import roles
+from .core import param_layout
+from .core.param_layout import ParamLayout
+from .core.stats import ParamView
+from .embedded import model_from_config
 
 COUNTER = "counter"
 WRAPPER = "wrapper"
@@ -206,16 +210,6 @@ def state_bytes(optimizer) -> StateReport:
 
 
 # ------------------------------------------------------------------------------------ estimating
-def _as_model(source):
-    """A transformers config as its model built on the meta device; anything else unchanged."""
-    if hasattr(source, "to_dict") and hasattr(source, "model_type"):  # a transformers config
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(source)
-    return source
-
-
 def _role_groups(model: torch.nn.Module, metas: dict[int, torch.Tensor], options: dict) -> list[dict]:
     """Muon's parameter groups by role (:mod:`hfoptim.roles`) over the meta copies ``metas``
     (by the id of the model's parameter)."""
@@ -227,11 +221,13 @@ def _role_groups(model: torch.nn.Module, metas: dict[int, torch.Tensor], options
     return list(groups.values())
 
 
-def _parameters(source) -> list[torch.Tensor]:
-    """Trainable parameters (each once) of a module, a transformers config, or an iterable of
-    tensors / parameter groups."""
-    source = _as_model(source)
+def _parameters(source) -> tuple[list[torch.Tensor], dict[int, ParamLayout]]:
+    """Trainable parameters (each once) of a module or an iterable of tensors / parameter groups;
+    and the layouts detected for them (by ``id``; a module's only)."""
+    layouts: dict[int, ParamLayout] = {}
     if isinstance(source, torch.nn.Module):
+        named = dict(source.named_parameters())
+        layouts = {id(named[n]): layout for n, layout in param_layout.detect(source).items() if n in named}
         params = [p for p in source.parameters() if p.requires_grad]
     else:
         params = []
@@ -245,21 +241,24 @@ def _parameters(source) -> list[torch.Tensor]:
         if id(p) not in seen:
             seen.add(id(p))
             out.append(p)
-    return out
+    return out, layouts
 
 
 def _meta(p: torch.Tensor) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
 
 
-def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
+def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) -> StateReport:
     """Predict what :func:`state_bytes` would report for ``optimizer`` over ``source``, without
-    allocating: ``source`` is a model, a transformers config (built on the meta device) or an
-    iterable of parameters; ``optimizer`` a registry name (``"ademamix_8bit"``), an
-    :class:`~hfoptim.registry.OptimizerSpec` or an hfoptim optimizer class; ``kwargs`` its
-    options (``state="8bit"``, ``state_min_numel=...``, ``lookahead_k``...). Muon over a model
-    (or config) gives each parameter its role (:mod:`hfoptim.roles`: AdamW's two moments for
-    embeddings, head, norms and biases; one momentum for matrices)."""
+    allocating: ``source`` is a model, a transformers config (built on the meta device as
+    ``model_class``, by default the class the config is for:
+    :func:`hfoptim.embedded.model_class_for`) or an iterable of parameters; ``optimizer`` a
+    registry name (``"ademamix_8bit"``), an :class:`~hfoptim.registry.OptimizerSpec` or an
+    hfoptim optimizer class; ``kwargs`` its options (``state="8bit"``, ``state_min_numel=...``,
+    ``lookahead_k``, ``param_layouts``...). A model's parameter layouts (Conv1D, fused experts)
+    are detected as :func:`hfoptim.create_optimizer` does. Muon over a model (or config) gives
+    each parameter its role (:mod:`hfoptim.roles`: AdamW's two moments for embeddings, head, norms
+    and biases; one momentum for matrices)."""
     from .core.engine import Engine
     from .registry import OptimizerSpec, get_optimizer
     from .state import resolve
@@ -272,20 +271,25 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
         spec = OptimizerSpec(optimizer.rule_class.name, optimizer.rule_class, {})
     else:
         raise TypeError(f"estimate() needs an optimizer name, an OptimizerSpec or an hfoptim class, got {optimizer!r}")
-    source = _as_model(source)
-    params = _parameters(source)
+    if hasattr(source, "to_dict") and hasattr(source, "model_type"):  # a transformers config
+        source = model_from_config(source, device="meta", model_class=model_class)
+    params, detected = _parameters(source)
     metas = [_meta(p) for p in params]
     report = StateReport(params=sum(p.numel() for p in metas))
     if not metas:
         return report
+    declared = {m: detected[id(p)] for p, m in zip(params, metas) if id(p) in detected}
+    meta_of = {id(p): m for p, m in zip(params, metas)}
+    for key, layout in (kwargs.pop("param_layouts", None) or {}).items():  # the user's tensors -> their metas
+        declared[meta_of.get(id(key), key) if isinstance(key, torch.Tensor) else key] = layout
     targets: list = metas
     by_name = {k: kwargs.pop(k) for k in roles.ROLE_OPTIONS if k in kwargs}
     if "algorithm" in spec.rule.hyperparams and isinstance(source, torch.nn.Module):
         # Muon from a model: by role, as create_optimizer and the Trainer build it
-        targets = _role_groups(source, {id(p): m for p, m in zip(params, metas)}, by_name)
+        targets = _role_groups(source, meta_of, by_name)
     elif by_name:
         raise ValueError(f"{', '.join(by_name)} choose Muon's parameter roles from a model; not for {spec.name!r}")
-    built = spec(targets, **kwargs)  # validates the options; allocates nothing (state is lazy)
+    built = spec(targets, param_layouts=declared, **kwargs)  # validates; allocates nothing (state is lazy)
     engine = next(o for o in _chain(built) if isinstance(o, Engine))
     rule = engine.rule
     slots = [(slot.name, slot.kind) for slot in rule.slots]
@@ -293,12 +297,16 @@ def estimate(source, optimizer: Any = "adamw", **kwargs) -> StateReport:
         for p in group["params"]:
             view = engine.param_view(p)
             dtype = Engine.compute_dtype(p)
-            report.add("step", COUNTER, 4)  # the per-parameter fp32 counter
+            # stepped through its canonical view: the state of one matrix, once per matrix
+            stepped = engine.stepped_as(group, engine.layout_of(p), view.global_shape)
+            matrices, one = (1, p) if stepped is None else (stepped[0], _meta(torch.empty(stepped[1], device="meta")))
+            one_view = engine.param_view(p) if stepped is None else ParamView.of(one)
+            report.add("step", COUNTER, 4 * matrices)  # the fp32 step counter of each matrix
             for slot in rule.active_slots(group):
-                codec = resolve.codec_for(rule, slot, group, view)
-                stored = codec.init(slot, slot.initial(p, dtype), view, stats=engine.layout.stats)
+                codec = resolve.codec_for(rule, slot, group, one_view)
+                stored = codec.init(slot, slot.initial(one, dtype), one_view, stats=engine.layout.stats)
                 for key, t in stored.items():
-                    report.add(key, kind_of(key, slots), _nbytes(t))
+                    report.add(key, kind_of(key, slots), _nbytes(t) * matrices)
     if spec.lookahead:
         for p in metas:
             copy_dtype = torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from . import roles
+from .core import param_layout
 from .core.engine import Engine, optimizer_class
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
@@ -191,7 +192,11 @@ def create_optimizer(model_or_params: Any, name: str, **kwargs) -> torch.optim.O
 
     Muon from a model chooses by role (:mod:`hfoptim.roles`: embeddings, the output head, norms
     and biases take AdamW); ``adamw_params=[regex, ...]`` / ``muon_params=[...]`` move parameters
-    by name. From a plain parameter list: >= 2-D Muon, the rest AdamW."""
+    by name. From a plain parameter list: >= 2-D Muon, the rest AdamW.
+
+    From a model, the layout of each parameter is detected from its module
+    (:func:`hfoptim.core.param_layout.detect`: ``Conv1D`` weights, fused experts); ``param_layouts``
+    in ``kwargs`` adds to or overrides it (by tensor or name)."""
     spec = get_optimizer(name)
     by_name = {k: kwargs.pop(k) for k in roles.ROLE_OPTIONS if k in kwargs}
     takes_roles = "algorithm" in spec.rule.hyperparams
@@ -203,11 +208,23 @@ def create_optimizer(model_or_params: Any, name: str, **kwargs) -> torch.optim.O
                 f"{', '.join(by_name)} select parameters by name: pass the model, not a list of parameters"
             )
         return spec(model_or_params, **kwargs)
+    model = model_or_params
+    params = [p for p in model.parameters() if p.requires_grad]
+    named = dict(model.named_parameters())
+    keep = {id(p) for p in params}
+    declared: dict = {named[n]: layout for n, layout in param_layout.detect(model).items() if id(named[n]) in keep}
+    for key, layout in dict(kwargs.pop("param_layouts", None) or {}).items():
+        if isinstance(key, str):
+            if key not in named:
+                raise ValueError(f"param_layouts names {key!r}, which is not a parameter of the model")
+            key = named[key]
+        declared[key] = layout
+    kwargs["param_layouts"] = declared
     if not takes_roles:
-        return spec([p for p in model_or_params.parameters() if p.requires_grad], **kwargs)
+        return spec(params, **kwargs)
     groups: dict[tuple, dict] = {}
-    for pname, options in roles.muon_options(model_or_params, **by_name).items():
+    for pname, options in roles.muon_options(model, **by_name).items():
         group = groups.setdefault(tuple(sorted(options.items())), {"params": [], "param_names": [], **options})
-        group["params"].append(model_or_params.get_parameter(pname))
+        group["params"].append(model.get_parameter(pname))
         group["param_names"].append(pname)
     return spec(list(groups.values()), **kwargs)

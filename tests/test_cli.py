@@ -283,3 +283,19 @@ def test_memory_bad_optim_args_end_in_one_line(capsys):
     assert message.startswith("--optim-args: invalid betas=(0.9,): expected 2 numbers") and "\n" not in message
     with pytest.raises(SystemExit, match=r"--optim-args: .*unknown hyperparameter\(s\) 'nosuch'"):
         cli.main(["memory", TINY_LLAMA, "--optim", "adamw", "--optim-args", "nosuch=1"])
+
+
+def test_memory_mixtral_8x7b_factors_each_expert(capsys, tmp_path):
+    """``hfoptim memory`` on a Mixtral-8x7B config (its dimensions; 2 of its 32 layers, to stay
+    fast on the meta device): Adafactor's state is each expert's rows and columns, as transformers'
+    own Adafactor keeps it (21 GiB before per-expert layouts: a full out*in column per tensor)."""
+    from transformers import MixtralConfig
+
+    config = MixtralConfig(num_hidden_layers=2)
+    config.architectures = ["MixtralForCausalLM"]
+    config.save_pretrained(tmp_path)
+    out = run_json(capsys, "memory", str(tmp_path), "--optim", "adafactor")
+    h, f, e = config.hidden_size, config.intermediate_size, config.num_local_experts
+    experts = 2 * e * ((2 * f + h) + (h + f)) * 4  # rows + columns of gate_up (2f, h) and down (h, f)
+    state = out["per_device"]["adafactor"]["state"]
+    assert experts < state < experts + 3 * 2**20  # plus attention, norms, embeddings: under 3 MiB

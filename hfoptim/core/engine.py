@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -34,10 +35,11 @@ from ..modifiers.weight_decay import add_l2, apply_update, stable_scale
 from ..state import convert, resolve
 from ..state.codec import decode_all, encode_all
 from ..state.convert import STORAGE_KEYS
-from . import fused
+from . import fused, param_layout
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
-from .layout import LocalLayout, Unit
+from .layout import LocalLayout, Unit, canonical_units
+from .param_layout import OUT_IN, ParamLayout
 from .rule import Rule
 from .stats import ParamView
 from .tensorlist import TensorList
@@ -108,6 +110,11 @@ class Engine(torch.optim.Optimizer):
             fix it.
         foreach: True (default) for the multi-tensor path, False for the per-parameter
             reference path.
+        param_layouts: the layout of parameters that are not torch's ``(out, in)``
+            (:mod:`hfoptim.core.param_layout`), keyed by parameter tensor or by name (names need
+            parameter groups with ``param_names``, e.g. built from ``model.named_parameters()``);
+            values are :class:`~hfoptim.core.param_layout.ParamLayout` or ``"in_out"``,
+            ``"batch_out_in"``, ... :func:`hfoptim.create_optimizer` fills it from the model.
         **hyperparameters: the rule's hyperparameters and the shared options (``weight_decay``,
             ``weight_decay_mode``, ``maximize``, ``denominator``, ``state``, ``cautious``,
             ``agc``, ``soft_clip``, ``centralize``, ``trust_ratio``, ...).
@@ -115,7 +122,15 @@ class Engine(torch.optim.Optimizer):
 
     rule_class: ClassVar[type[Rule] | None] = None
 
-    def __init__(self, params, rule: type[Rule] | None = None, *, foreach: bool | None = None, **hyperparameters):
+    def __init__(
+        self,
+        params,
+        rule: type[Rule] | None = None,
+        *,
+        foreach: bool | None = None,
+        param_layouts: dict | None = None,
+        **hyperparameters,
+    ):
         rule = rule or self.rule_class
         if rule is None:
             raise TypeError("Engine needs a rule: use an optimizer class such as hfoptim.AdamW")
@@ -127,11 +142,31 @@ class Engine(torch.optim.Optimizer):
         self._handed_loss: Any = None
         #: steps skipped because a gradient was not finite (``skip_nonfinite``); saved in state_dict
         self.nonfinite_skips = 0
+        self._declared_by_id, self._declared_by_name = _split_declared(param_layouts or {})
+        self._used_names: set[str] = set()
+        self._used_ids: set[int] = set()
+        #: the layout of each parameter, by group and position (positions survive FSDP2's swap of
+        #: the parameters for DTensors), and by ``id`` of the tensor the optimizer was built with
+        self.param_layouts: list[list[ParamLayout]] = []
+        self._layout_by_id: dict[int, tuple] = {}  # id -> (weakref to the tensor, layout)
         super().__init__(params, defaults)
+        if set(self._declared_by_id) - self._used_ids:
+            raise ValueError(
+                f"{type(self).__name__}(): param_layouts has {len(set(self._declared_by_id) - self._used_ids)} "
+                f"tensor key(s) that are not among the parameters given to the optimizer"
+            )
+        unused = sorted(set(self._declared_by_name) - self._used_names)
+        if unused:
+            raise ValueError(
+                f"{type(self).__name__}(): param_layouts names {unused}, which no parameter group holds; parameter "
+                f"groups carry names under 'param_names' (build them from model.named_parameters()), or key "
+                f"param_layouts by the parameter tensors"
+            )
+        del self._declared_by_id, self._declared_by_name, self._used_names, self._used_ids
 
     #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
     #: identity; a sharded layout is found again at the next step)
-    _REBUILT = frozenset({"_spec", "layout"})
+    _REBUILT = frozenset({"_spec", "layout", "_layout_by_id"})
 
     def __getstate__(self) -> dict[str, Any]:
         """For copy.deepcopy and pickle: everything but the hooks (as torch) and the rebuilt
@@ -142,6 +177,12 @@ class Engine(torch.optim.Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_skips", 0)
         self._spec = engine_hyperparams(type(self.rule))
+        if "_layout_by_id" not in self.__dict__:  # copied or unpickled: the tensors are new
+            self._layout_by_id = {
+                id(p): (weakref.ref(p), layout)
+                for group, layouts in zip(self.param_groups, self.__dict__.get("param_layouts", []))
+                for p, layout in zip(group["params"], layouts)
+            }
         if "layout" in self.__dict__:
             return  # torch's load_state_dict calls __setstate__ too: keep the (sharded) layout
         self.layout = LocalLayout(foreach=self.foreach)
@@ -207,13 +248,129 @@ class Engine(torch.optim.Optimizer):
             group.update(options)
             if "foreach" in param_group:
                 group["foreach"] = foreach
+            layouts = self._declared_layouts(part, group.get("param_names"), len(self.param_groups))
             super().add_param_group(group)
+            self.param_layouts.append(layouts)
+            for p, layout in zip(part, layouts):
+                self._layout_by_id[id(p)] = (weakref.ref(p), layout)
             self.layout.register(part)
 
     def group_foreach(self, group: dict) -> bool:
         """The path of ``group``: its own ``foreach`` if it set one, else the optimizer's."""
         foreach = group.get("foreach")
         return self.foreach if foreach is None else foreach
+
+    def _declared_layouts(self, params: list, names, index: int) -> list[ParamLayout]:
+        by_id = getattr(self, "_declared_by_id", {})
+        by_name = getattr(self, "_declared_by_name", {})
+        names = list(names) if names is not None else [None] * len(params)
+        out = []
+        for i, (p, name) in enumerate(zip(params, names)):
+            layout = by_id.get(id(p))
+            if layout is not None:
+                self._used_ids.add(id(p))
+            if name is not None and name in by_name:
+                self._used_names.add(name)
+                layout = by_name[name]
+            layout = OUT_IN if layout is None else layout
+            label = f"parameter {name!r}" if name is not None else f"parameter {i} of group {index}"
+            layout.check(p.shape, f"{type(self).__name__}: {label}")
+            out.append(layout)
+        return out
+
+    # ------------------------------------------------------------------ parameter layouts
+    def layout_of(self, p: torch.Tensor) -> ParamLayout:
+        """The :class:`~hfoptim.core.param_layout.ParamLayout` of parameter ``p`` (torch's
+        ``(out, in)`` unless detected or declared)."""
+        for group, layouts in zip(self.param_groups, self.param_layouts):
+            for q, layout in zip(group["params"], layouts):
+                if q is p:
+                    return layout
+        return self._built_with(p) or OUT_IN
+
+    def _built_with(self, p: torch.Tensor) -> ParamLayout | None:
+        """The layout of ``p`` if the optimizer was built with this very tensor (DeepSpeed keeps
+        the model's parameters while the groups hold its flat partitions)."""
+        known = self._layout_by_id.get(id(p))
+        return known[1] if known is not None and known[0]() is p else None
+
+    def layout_free(self, group: dict, layout: ParamLayout, shape) -> bool:
+        """True when ``layout`` cannot change the group's step of a parameter of (global) ``shape``,
+        so it is stepped as stored: every storage form elementwise, both for the parameter as
+        stored and for one of its canonical matrices (``state_min_numel`` may choose other forms
+        for the two sizes), and
+
+        * with batch axes (fused experts): an elementwise rule and no modifier (a whole-tensor
+          norm would span the matrices);
+        * transposed only (Conv1D): a rule that is elementwise or uses whole-tensor statistics
+          only (``Rule.orientation_free``: norms are the same for the transpose) and no modifier
+          with per-unit statistics (``Modifier.per_unit``)."""
+        rule = self.rule
+        views = (
+            ParamView(global_shape=torch.Size(shape)),
+            ParamView(global_shape=torch.Size(layout.canonical_shape(shape))),
+        )
+        if not all(resolve.codec_for(rule, s, group, v).elementwise for s in rule.active_slots(group) for v in views):
+            return False
+        enabled = [m for m in MODIFIERS if m.enabled(group)]
+        if layout.batch:
+            return rule.elementwise and not enabled
+        return (rule.elementwise or rule.orientation_free) and not any(m.per_unit for m in enabled)
+
+    def stepped_as(self, group: dict, layout: ParamLayout, shape) -> tuple[int, tuple] | None:
+        """How a parameter of (global) ``shape`` is stepped: ``(matrices, shape of one)`` through its
+        canonical view, or None when it is stepped as stored (default layout, or a step on which
+        the layout has no effect: :meth:`layout_free`)."""
+        if layout.is_default:
+            return None
+        one = layout.canonical_shape(shape)
+        if self.layout_free(group, layout, shape):
+            return None
+        return layout.batch_size(shape), one
+
+    def _canonical(self, gi: int, group: dict, units: list[Unit]) -> list[Unit]:
+        layouts: dict[int, ParamLayout] = {}
+        positional = self.param_layouts[gi] if gi < len(self.param_layouts) else []
+        positions = dict(zip((id(p) for p in group["params"]), positional))
+        for unit in units:
+            source = unit.source if unit.source is not None else unit.owner
+            layout = positions.get(id(source)) or self._built_with(source)
+            if layout is not None and self.stepped_as(group, layout, unit.view.global_shape) is not None:
+                layouts[id(source)] = layout
+        if not layouts:
+            return units
+        return canonical_units(units, layouts, lambda state, subs: self._init_batched(state, subs, group))
+
+    def _init_batched(self, state: dict, subs: list[Unit], group: dict) -> None:
+        """The state of a batch of matrices: each matrix's initial state, stacked."""
+        per = [self._init_state(Unit(u.param, u.grad, {}, u.view, u.owner), group) for u in subs]
+        for key in per[0]:
+            state[key] = torch.stack([s[key] for s in per])
+
+    def expected_state_shapes(self, p: torch.Tensor | None, group: dict, view: ParamView | None = None) -> dict:
+        """The shape of every state tensor kept for ``p`` (its local part ``view``) in ``group``:
+        the codecs' shapes for the parameter as stored, or for one canonical matrix stacked over
+        the local matrices (see :meth:`stepped_as`). ``p=None``: a matrix of its own (``view``)."""
+        view = self.param_view(p) if view is None else view
+        layout = OUT_IN if p is None else self.layout_of(p)
+        stepped = self.stepped_as(group, layout, view.global_shape)
+        if stepped is None:
+            matrices, one_view, one_p = None, view, torch.empty(view.local_shape, device="meta")
+        else:
+            _, one = stepped
+            batch = layout.batch
+            inner = view.local_shape[batch:]
+            # a batch of matrices keeps its state stacked; a transposed matrix, of the canonical shape
+            matrices = (math.prod(view.local_shape) // math.prod(inner) if math.prod(inner) else 0) if batch else None
+            one_view = ParamView(global_shape=torch.Size(one))
+            one_p = torch.empty(one, device="meta")
+        expected = {"step": ()}
+        for slot in self.rule.active_slots(group):
+            codec = resolve.codec_for(self.rule, slot, group, one_view)
+            expected.update(codec.shapes(slot, one_view, one_p))
+        if matrices is None:
+            return expected
+        return {k: (matrices, *shape) for k, shape in expected.items()}
 
     # ------------------------------------------------------------------ layout (sharding hook)
     def param_view(self, p: torch.Tensor) -> ParamView:
@@ -262,7 +419,10 @@ class Engine(torch.optim.Optimizer):
         # stable weight decay needs a statistic of every parameter's new second moment before any
         # parameter moves: every bucket is advanced first, the updates applied after
         deferred: list | None = [] if any(g["weight_decay_mode"] == "stable" for g in self.param_groups) else None
-        plan = [(group, self.layout.units(self, group)) for group in self.param_groups]
+        plan = [
+            (group, self._canonical(gi, group, self.layout.units(self, group)))
+            for gi, group in enumerate(self.param_groups)
+        ]
         for _, units in plan:
             for unit in units:
                 self._check_grad(unit)
@@ -330,14 +490,18 @@ class Engine(torch.optim.Optimizer):
     def _chunks(self, group: dict, bucket: list[Unit]) -> list[list[Unit]]:
         if len(bucket) == 1 or resolve.all_dense(self.rule, group):
             return [bucket]
+        # the global size of the sharded units, so every process of a sharded run cuts the same
+        # chunks around the units whose statistics take collectives (units held whole here, such
+        # as the local experts of an FSDP2 shard, differ from process to process and do not count)
+        sharded = any(u.view.sharded for u in bucket)
         chunks, current, size = [], [], 0
         for u in bucket:
-            # the global size, so every process of a sharded run cuts the same chunks
-            if current and size + u.view.global_numel > DECODE_CHUNK_NUMEL:
+            numel = u.view.global_numel if u.view.sharded or not sharded else 0
+            if current and numel and size + numel > DECODE_CHUNK_NUMEL:
                 chunks.append(current)
                 current, size = [], 0
             current.append(u)
-            size += u.view.global_numel
+            size += numel
         chunks.append(current)
         return chunks
 
@@ -540,11 +704,9 @@ class Engine(torch.optim.Optimizer):
         )
 
     def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
-        view = self.param_view(p)
-        expected = {"step": ()}
-        for slot in self.rule.active_slots(group):
-            codec = resolve.codec_for(self.rule, slot, group, view)
-            expected.update(codec.shapes(slot, view, p))
+        if not pstate:
+            return  # read before its first step (optimizer.state[p] is a defaultdict): torch loads it
+        expected = self.expected_state_shapes(p, group)
         if set(pstate) != set(expected):
             raise ValueError(
                 f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(self).__name__} "
@@ -654,3 +816,19 @@ def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type
     """A named optimizer class for ``rule``: ``hfoptim.AdEMAMix(params, lr=...)``."""
     cls = type(name, (Engine,), {"rule_class": rule, "__doc__": doc or rule.__doc__, "__module__": "hfoptim"})
     return cls
+
+
+def _split_declared(declared: dict) -> tuple[dict[int, ParamLayout], dict[str, ParamLayout]]:
+    """``param_layouts`` split into layouts by tensor ``id`` and by parameter name."""
+    if not isinstance(declared, dict):
+        raise TypeError(f"param_layouts must be a dict (parameter name or tensor -> layout), got {type(declared)}")
+    by_id, by_name = {}, {}
+    for key, value in declared.items():
+        layout = param_layout.parse(value, f"param_layouts[{key if isinstance(key, str) else 'tensor'!r}]")
+        if isinstance(key, str):
+            by_name[key] = layout
+        elif isinstance(key, torch.Tensor):
+            by_id[id(key)] = layout
+        else:
+            raise TypeError(f"param_layouts keys are parameter names or tensors, got {type(key).__name__}")
+    return by_id, by_name

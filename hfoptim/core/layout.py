@@ -8,6 +8,10 @@ local tensor (written in place), its gradient (read-only), the optimizer state k
 adds layouts for FSDP2 (DTensor shards), DeepSpeed ZeRO-1/2 (segments of a flat partition) and
 ZeRO-3 (per-parameter partitions), each with the matching statistics backend, so rules never
 know whether they run sharded.
+
+:func:`canonical_units` then shows each unit to the rules through its parameter's layout
+(:mod:`hfoptim.core.param_layout`): a Conv1D weight transposed, a fused expert tensor as one unit
+per expert.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .param_layout import ParamLayout
 from .stats import LocalStats, ParamView
 
 
@@ -34,6 +39,11 @@ class Unit:
     #: called after the update when ``param`` is a working copy (a ZeRO row cut by a partition
     #: boundary is padded to whole rows): writes the owned elements back
     writeback: Callable[[], None] | None = None
+    #: the model parameter this unit belongs to when ``owner`` is not it (a ZeRO flat partition)
+    source: torch.Tensor | None = None
+    #: True for a unit seen through its parameter's canonical layout (a transposed Conv1D weight,
+    #: one matrix of a fused expert tensor): see :func:`canonical_units`
+    canonical: bool = False
 
 
 class Layout:
@@ -109,3 +119,72 @@ class LocalLayout(Layout):
     def units(self, optimizer, group: dict) -> list[Unit]:
         """Units of the parameters of ``group`` that have a gradient this step."""
         return [Unit(p, p.grad, optimizer.state[p], self.view(p), p) for p in group["params"] if p.grad is not None]
+
+
+class ParamLayoutError(RuntimeError):
+    """A parameter whose layout (Conv1D, fused experts) cannot be stepped exactly as it is held."""
+
+
+def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_batched) -> list[Unit]:
+    """The units as the rules see them: each unit whose parameter has a non-default layout (looked
+    up in ``layouts`` by ``id`` of its source parameter; absent: stepped as stored) replaced by its
+    canonical view (:mod:`hfoptim.core.param_layout`):
+
+    * ``transposed`` without batch axes (``Conv1D``): one unit over the transposed views of the
+      parameter and its gradient (``(out, in)``; writes reach the parameter), with state of the
+      canonical shape;
+    * batch axes (fused experts): one unit per matrix, over views of the parameter and gradient
+      (transposed when the layout is), whose state is a dict of views into the parameter's state,
+      which keeps every matrix's state stacked on one leading axis (``init_batched(state,
+      units)`` creates it).
+
+    A sharded unit (FSDP2 rows, ZeRO segments) is viewed so only when that is exact: FSDP2 shards a
+    fused expert tensor by whole experts (dim 0), so each local expert is a whole matrix; a
+    transposed shard (a Conv1D weight sharded along its input features) or a ZeRO segment
+    (cut anywhere) raise :class:`ParamLayoutError`."""
+    out: list[Unit] = []
+    for unit in units:
+        source = unit.source if unit.source is not None else unit.owner
+        layout = layouts.get(id(source))
+        if layout is None or layout.is_default or unit.canonical:
+            out.append(unit)
+            continue
+        shape = tuple(unit.view.global_shape)
+        if unit.view.sharded and (layout.batch == 0 or unit.view.valid is not None or unit.writeback is not None):
+            how = (
+                "by flat segments (DeepSpeed ZeRO)"
+                if unit.source is not None or unit.view.valid is not None
+                else "along its first stored axis (FSDP2 Shard(0)), which is not a batch of whole matrices"
+            )
+            raise ParamLayoutError(
+                f"a parameter of shape {shape} with layout {layout.spelling!r} ({layout.kind}) is sharded {how}: "
+                f"its per-output-unit and per-matrix statistics would be computed on a slice. hfoptim steps such a "
+                f"parameter exactly when it is held whole or, for fused experts, sharded by expert. Steps the layout "
+                f"cannot change run on any shard: fp32 state with an elementwise rule (adamw, ademamix, adan, ...) "
+                f"or, for a Conv1D weight, also nsgda/adanorm and the cautious/trust_ratio (lamb) options. Else "
+                f"declare param_layouts={{name: 'out_in'}} to step it as stored (per-row statistics then run "
+                f"along its stored rows)"
+            )
+        if layout.batch == 0:
+            p, g = unit.param.transpose(0, 1), unit.grad.transpose(0, 1)
+            view = ParamView.of(p)
+            out.append(Unit(p, g, unit.state, view, unit.owner, source=unit.source, canonical=True))
+            continue
+        inner = shape[layout.batch :]
+        local = unit.param.view(-1, *inner)
+        grads = unit.grad.view(-1, *inner)
+        if layout.transposed:
+            local, grads = local.transpose(1, 2), grads.transpose(1, 2)
+        subs = [
+            Unit(local[e], grads[e], {}, ParamView.of(local[e]), unit.owner, source=unit.source, canonical=True)
+            for e in range(local.shape[0])
+        ]
+        if not subs:
+            continue
+        stacked = unit.state
+        if not stacked:
+            init_batched(stacked, subs)
+        for e, sub in enumerate(subs):
+            sub.state.update({k: v[e] for k, v in stacked.items()})
+        out.extend(subs)
+    return out

@@ -92,6 +92,14 @@ class Rule:
     default_state: ClassVar[dict[str, str]] = {}
     #: the paper (title, arXiv id) the rule follows
     paper: ClassVar[str] = ""
+    #: True when each element's update depends only on that element's own values and history (no
+    #: norm, row or shape of the tensor): a parameter's layout (:mod:`hfoptim.core.param_layout`)
+    #: then cannot change the step, and the parameter is stepped as stored
+    elementwise: ClassVar[bool] = False
+    #: True when the rule's step of a matrix is the same for its transpose (elementwise, or the
+    #: only statistics are over the whole tensor: nSGDA's norm): a Conv1D weight is then stepped
+    #: as stored
+    orientation_free: ClassVar[bool] = False
 
     def active_slots(self, group: dict) -> tuple[Slot, ...]:
         """The slots kept for parameters of ``group`` (see :attr:`Slot.when`), the rule's own and

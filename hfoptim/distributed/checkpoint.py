@@ -51,20 +51,18 @@ def _probe_view(view: ParamView, rows: int) -> ParamView:
     return ParamView(view.global_shape, row_start=0, local_rows=rows, cuts=view.cuts, group=view.group)
 
 
-def key_kinds(optimizer, group: dict, view: ParamView) -> dict[str, tuple]:
-    """For every stored key of a sharded parameter, with the slot it belongs to:
+def key_kinds(optimizer, group: dict, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
+    """For every stored key of a sharded parameter ``p``, with the slot it belongs to:
     ``("rows", slot, per_row_shape)`` (the tensor is ``(rows, *per_row_shape)`` up to a reshape),
-    ``("replicated", slot)`` or ``("local", slot)``."""
+    ``("replicated", slot)`` or ``("local", slot)``. The state of a parameter stepped as a batch of
+    matrices (fused experts) is stacked per matrix: every key, the step counter too, follows rows."""
     kinds: dict[str, tuple] = {"step": ("replicated", None)}
-    for slot in optimizer.rule.active_slots(group):
-        codec = resolve.codec_for(optimizer.rule, slot, group, view)
-        probes = []
-        for rows in _PROBE_ROWS:
-            pview = _probe_view(view, rows)
-            probes.append(codec.shapes(slot, pview, torch.empty(pview.local_shape, device="meta")))
-        for key in probes[0]:
-            sizes = [math.prod(p[key]) for p in probes]
-            shapes = [tuple(p[key]) for p in probes]
+    probes = [optimizer.expected_state_shapes(p, group, _probe_view(view, rows)) for rows in _PROBE_ROWS]
+    for slot in [None, *optimizer.rule.active_slots(group)]:
+        keys = ["step"] if slot is None else [k for k in probes[0] if k == slot.name or k.startswith(slot.name + ".")]
+        for key in keys:
+            sizes = [math.prod(q[key]) for q in probes]
+            shapes = [tuple(q[key]) for q in probes]
             if len(set(shapes)) == 1:
                 kinds[key] = ("replicated", slot)
             elif all(s == sizes[0] * r for s, r in zip(sizes, _PROBE_ROWS)) and all(len(s) >= 1 for s in shapes):
@@ -100,7 +98,7 @@ def export_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         if view is None or not view.sharded:
             continue
         pstate = state_dict["state"][pid]
-        kinds = key_kinds(optimizer, group, view)
+        kinds = key_kinds(optimizer, group, view, p)
         out = {}
         decoded_slots = []  # slots with a tensor that is neither per-row nor shard-independent
         for kind in kinds.values():
@@ -157,10 +155,7 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         saved_group = next((s for s, g in zip(groups, optimizer.param_groups) if g is group), group)
         options = {k: v for k, v in saved_group.items() if k in optimizer._spec}
         merged = {**group, **options}
-        expected = {}
-        for slot in optimizer.rule.active_slots(merged):
-            codec = resolve.codec_for(optimizer.rule, slot, merged, view)
-            expected.update(codec.shapes(slot, view, p._local_tensor))
+        expected = optimizer.expected_state_shapes(p, merged, view)
         out = {}
         for key, value in pstate.items():
             if key.endswith(DECODED):
@@ -186,12 +181,12 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
     return state_dict
 
 
-def check_local_state(optimizer, view: ParamView, local_p: torch.Tensor, pid, pstate: dict, group: dict) -> None:
-    """The engine's state check for the state of a shard (shapes of the local tensors)."""
-    expected = {"step": ()}
-    for slot in optimizer.rule.active_slots(group):
-        codec = resolve.codec_for(optimizer.rule, slot, group, view)
-        expected.update(codec.shapes(slot, view, local_p))
+def check_local_state(optimizer, view: ParamView, param: torch.Tensor, pid, pstate: dict, group: dict) -> None:
+    """The engine's state check for the state of a shard (shapes of the local tensors); ``param``
+    is the parameter the shard belongs to (its layout decides the state's shapes)."""
+    if not pstate:
+        return  # read before its first step: torch loads it
+    expected = optimizer.expected_state_shapes(param, group, view)
     if set(pstate) != set(expected):
         raise ValueError(
             f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(optimizer).__name__} "
@@ -219,8 +214,8 @@ def init_state(optimizer) -> None:
     engine = hfoptim_engine(optimizer)
     engine.layout = engine.layout.for_step(engine)
     layout = engine.layout
-    for group in engine.param_groups:
-        for unit in _all_units(layout, engine, group):
+    for gi, group in enumerate(engine.param_groups):
+        for unit in engine._canonical(gi, group, _all_units(layout, engine, group)):
             engine._init_state(unit, group)
 
 

@@ -128,4 +128,4 @@ class DTensorLayout(Layout):
     def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:
         from .checkpoint import check_local_state
 
-        check_local_state(optimizer, self.view(p), local_of(p), pid, pstate, group)
+        check_local_state(optimizer, self.view(p), p, pid, pstate, group)

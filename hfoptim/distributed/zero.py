@@ -41,14 +41,47 @@ SEGMENTS = "segments"
 @dataclass(frozen=True)
 class Segment:
     """Parameter ``index`` (shape ``shape``) owns its flat elements ``[start, stop)`` on this
-    process, stored from ``pos`` on in the flat tensor; ``cuts``: where ownership changes."""
+    process, stored from ``pos`` on in the flat tensor; ``cuts``: where ownership changes. One
+    matrix of a fused expert tensor (:func:`matrix_segments`) has the index ``"<index>.<e>"``
+    and ``param`` the index of the parameter."""
 
-    index: int
+    index: int | str
     shape: torch.Size
     start: int
     stop: int
     pos: int
     cuts: tuple[int, ...]
+    param: int | None = None
+
+    @property
+    def param_index(self) -> int:
+        """The position of the parameter this segment belongs to in its DeepSpeed group."""
+        return self.index if self.param is None else self.param
+
+
+def matrix_segments(segment: Segment, batch: int) -> list[Segment]:
+    """The segment of a parameter whose ``batch`` leading axes index independent matrices (a fused
+    expert tensor ``(E, out, in)``) cut into one segment per matrix, of the matrix's shape: each
+    matrix is then stepped as a parameter of its own, exactly, wherever the partition boundaries
+    fall (a matrix this process holds nothing of gets an empty segment, as any parameter)."""
+    shape = tuple(segment.shape)
+    inner = shape[batch:]
+    size = _numel(inner)
+    out = []
+    for e in range(_numel(shape[:batch])):
+        lo = e * size
+        start = min(max(segment.start - lo, 0), size)
+        stop = min(max(segment.stop - lo, 0), size)
+        cuts = tuple(c - lo for c in segment.cuts if lo < c < lo + size)
+        pos = segment.pos + lo + start - segment.start if stop > start else 0
+        stop = max(stop, start)
+        out.append(Segment(f"{segment.index}.{e}", torch.Size(inner), start, stop, pos, cuts, segment.index))
+    return out
+
+
+def segment_key(index) -> int | str:
+    """A segment's key in the state as saved (an int, or ``"<index>.<e>"`` for one matrix)."""
+    return int(index) if isinstance(index, int) or str(index).isdigit() else str(index)
 
 
 def flat_group_segments(shapes, offsets, partition_size: int, world: int, rank: int) -> list[Segment]:
@@ -196,23 +229,47 @@ class ZeroLayout(Layout):
             )
         return fg
 
-    def pieces(self, flat: torch.Tensor) -> list[_Piece]:
+    def pieces(self, flat: torch.Tensor, optimizer=None, group: dict | None = None) -> list[_Piece]:
+        """The pieces of ``flat``; with ``optimizer`` and ``group``, the parameters stepped as a
+        batch of matrices (fused experts, :meth:`~hfoptim.core.engine.Engine.stepped_as`) come
+        as one piece per matrix."""
         fg = self._flat_group(flat)
-        cached = self._pieces.get(id(flat))
+        split = self._batched(fg, optimizer, group) if optimizer is not None else {}
+        key = (id(flat), tuple(sorted(split.items())))
+        cached = self._pieces.get(key)
         if cached is None or (cached and cached[0].flat.data_ptr() != flat.data_ptr()):
-            cached = [_Piece(s, flat, fg.group) for s in fg.segments]
-            self._pieces[id(flat)] = cached
+            segments = []
+            for s in fg.segments:
+                segments.extend(matrix_segments(s, split[s.index]) if s.index in split else [s])
+            cached = [_Piece(s, flat, fg.group) for s in segments]
+            self._pieces[key] = cached
         return cached
+
+    @staticmethod
+    def _batched(fg: FlatGroup, optimizer, group: dict) -> dict[int, int]:
+        """Segment index -> batch axes, for the parameters of ``fg`` stepped as a batch of matrices
+        (not transposed ones: a cut transposed matrix cannot be viewed as ``(out, in)``)."""
+        out = {}
+        for s in fg.segments:
+            layout = optimizer.layout_of(fg.params[s.index])
+            if layout.batch and not layout.transposed and optimizer.stepped_as(group, layout, s.shape) is not None:
+                out[s.index] = layout.batch
+        return out
+
+    def _source(self, flat: torch.Tensor, piece: _Piece) -> torch.Tensor:
+        """The model parameter a segment belongs to (its layout is looked up by it)."""
+        return self._flat_group(flat).params[piece.segment.param_index]
 
     def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
         """Every segment's unit, gradient or not (to create state without a step)."""
         units = []
         for flat in group["params"]:
             segments = optimizer.state[flat].setdefault(SEGMENTS, {})
-            for piece in self.pieces(flat):
+            for piece in self.pieces(flat, optimizer, group):
                 piece.refresh()
                 state = segments.setdefault(piece.segment.index, {})
-                units.append(Unit(piece.param, piece.param, state, piece.view, flat, None))
+                source, one = self._source(flat, piece), piece.segment.param is not None
+                units.append(Unit(piece.param, piece.param, state, piece.view, flat, None, source, one))
         return units
 
     # ------------------------------------------------------------------ checkpoints
@@ -237,16 +294,18 @@ class ZeroLayout(Layout):
                     )
                 from .checkpoint import check_local_state
 
-                by_index = {piece.segment.index: piece for piece in self.pieces(flat)}
+                by_index = {piece.segment.index: piece for piece in self.pieces(flat, optimizer, merged)}
                 for index, seg_state in segments.items():
-                    piece = by_index.get(int(index))
+                    piece = by_index.get(segment_key(index))
                     if piece is None:
                         raise ValueError(
                             f"state_dict has state for segment {index} of flat partition {pid}, which holds "
                             f"{len(by_index)} parameters here (saved with another model or partitioning)"
                         )
                     where = f"{pid} (segment {index}, shape {tuple(piece.view.global_shape)})"
-                    check_local_state(optimizer, piece.view, piece.param, where, seg_state, merged)
+                    # one matrix of a fused tensor is checked as a parameter of its own (no layout)
+                    param = self._source(flat, piece) if piece.segment.param is None else None
+                    check_local_state(optimizer, piece.view, param, where, seg_state, merged)
                 self._loaded[id(flat)] = (flat, segments)
         return state_dict
 
@@ -257,7 +316,7 @@ class ZeroLayout(Layout):
         """Put the saved segment tensors back as they were saved (dtype included)."""
         for flat, segments in getattr(self, "_loaded", {}).values():
             optimizer.state[flat][SEGMENTS] = {
-                int(index): {
+                segment_key(index): {
                     k: v.to(flat.device, copy=True) if isinstance(v, torch.Tensor) else v for k, v in seg.items()
                 }
                 for index, seg in segments.items()
@@ -267,7 +326,7 @@ class ZeroLayout(Layout):
     def units(self, optimizer, group: dict) -> list[Unit]:
         units = []
         for flat in group["params"]:
-            pieces = self.pieces(flat)
+            pieces = self.pieces(flat, optimizer, group)
             if flat.grad is None:
                 continue
             if flat.grad.numel() != flat.numel():
@@ -279,7 +338,9 @@ class ZeroLayout(Layout):
                 piece.refresh()
                 state = segments.setdefault(piece.segment.index, {})
                 writeback = piece.writeback if piece.padded else None
-                units.append(Unit(piece.param, piece.grad(flat.grad), state, piece.view, flat, writeback))
+                grad, source = piece.grad(flat.grad), self._source(flat, piece)
+                one = piece.segment.param is not None  # one matrix of a fused tensor: already canonical
+                units.append(Unit(piece.param, grad, state, piece.view, flat, writeback, source, one))
         return units
 
 

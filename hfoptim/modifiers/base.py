@@ -30,6 +30,9 @@ class Modifier:
     #: per-tensor state the modifier keeps (in ``optimizer.state[p]``, next to the rule's); each
     #: slot's ``when`` must say whether the group enables the modifier
     slots: ClassVar[tuple[Slot, ...]] = ()
+    #: True when it takes statistics per output unit (row) or per matrix, which follow the
+    #: parameter's layout; False when its statistics are over the whole tensor only
+    per_unit: ClassVar[bool] = True
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

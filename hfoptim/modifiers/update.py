@@ -20,6 +20,7 @@ class CautiousMask(Modifier):
     name = "cautious"
     stage = UPDATE
     switch = "cautious"
+    per_unit = False  # the mean of the mask over the whole tensor
     hyperparams = {"cautious": HP(False, kind="bool")}
     suffix_kwargs = {"cautious": True}
 
@@ -45,6 +46,7 @@ class TrustRatio(Modifier):
     name = "trust"
     stage = UPDATE
     switch = "trust_ratio"
+    per_unit = False  # norms of the whole tensor
     hyperparams = {
         "trust_ratio": HP(False, kind="bool"),
         "trust_clamp": HP(10.0, kind="optional_float", low=0.0, low_open=True),

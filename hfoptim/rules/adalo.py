@@ -70,6 +70,7 @@ class AdaLoRule(Rule):
     ``betas=(0.9, 0.999)``, ``kappa=3``, ``weight_decay=1e-2``, ``eps=1e-8``.
     """
 
+    elementwise = True
     name = "adalo"
     class_name = "AdaLo"
     paper = "AdaLo: Adaptive learning rate optimizer with loss for classification, Information Sciences 2024"

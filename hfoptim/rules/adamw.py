@@ -28,6 +28,7 @@ class AdamWRule(Rule):
     ``b1 m_t/(1-b1^(t+1)) + (1-b1) g_t/(1-b1^t)`` (optax's form). Defaults as torch.optim.AdamW.
     """
 
+    elementwise = True
     name = "adamw"
     class_name = "AdamW"
     paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"

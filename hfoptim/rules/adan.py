@@ -49,6 +49,7 @@ class AdanRule(Rule):
     ``sqrt(v/bc3)`` (equal up to rounding).
     """
 
+    elementwise = True
     name = "adan"
     class_name = "Adan"
     paper = "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models, arXiv 2208.06677"

@@ -41,6 +41,7 @@ class AdaNormRule(Rule):
     we follow the paper's update.
     """
 
+    orientation_free = True  # the norm of the whole tensor
     name = "adanorm"
     class_name = "AdaNorm"
     paper = "AdaNorm: Adaptive Gradient Norm Correction based Optimizer for CNNs, arXiv 2210.06364"

@@ -69,6 +69,7 @@ class AdEMAMixRule(Rule):
     would fall below ``b3`` after ``t_beta3``), ``b1 = 0`` uses the formula's limit.
     """
 
+    elementwise = True
     name = "ademamix"
     class_name = "AdEMAMix"
     paper = "The AdEMAMix Optimizer: Better, Faster, Older, arXiv 2409.03137"

@@ -33,6 +33,7 @@ class DiffGradRule(Rule):
     two agree exactly at eps = 0 and differ by eps-sized terms otherwise (tested both ways).
     """
 
+    elementwise = True
     name = "diffgrad"
     class_name = "DiffGrad"
     paper = "diffGrad: An Optimization Method for Convolutional Neural Networks, arXiv 1909.11015"

@@ -29,6 +29,7 @@ class NSGDARule(Rule):
     State: ``exp_avg`` (m).
     """
 
+    orientation_free = True  # the norm of the whole tensor
     name = "nsgda"
     class_name = "NSGDA"
     paper = "Adam is no better than normalized SGD: Dissecting how adaptivity improves GAN performance"

@@ -75,6 +75,7 @@ class PNMRule(Rule):
     as pytorch_optimizer's ``PNM``.
     """
 
+    elementwise = True
     name = "pnm"
     class_name = "PNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"
@@ -114,6 +115,7 @@ class AdaPNMRule(Rule):
     (``ams_bound`` is our ``amsgrad``), adding 1e-15 to the second moment before the root.
     """
 
+    elementwise = True
     name = "adapnm"
     class_name = "AdaPNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"

@@ -83,6 +83,9 @@ class BF16(Codec):
     #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
     fusable = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT, BUFFER})
+    #: not elementwise: the rounding noise is drawn by flat position, so a Conv1D or fused expert
+    #: weight is stored through its canonical view to round exactly as the same Linear matrices
+    elementwise = False
 
     @staticmethod
     def key(slot: Slot) -> str:

@@ -34,6 +34,9 @@ class Codec:
     kinds: ClassVar[frozenset] = frozenset()
     #: True when ``decode`` returns the stored tensor itself and ``encode`` does nothing
     identity: ClassVar[bool] = False
+    #: True when each element is stored on its own (no block, row or tensor statistic): the
+    #: parameter's layout then cannot change what is stored
+    elementwise: ClassVar[bool] = False
 
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
@@ -111,6 +114,7 @@ class Dense(Codec):
     name = "fp32"
     kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR, STATISTIC})
     identity = True
+    elementwise = True
 
     def shapes(self, slot, view, p):
         return {slot.name: slot.shape_for(p.shape)}

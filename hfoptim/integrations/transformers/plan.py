@@ -18,6 +18,10 @@ What the Trainer builds for an hfoptim name:
   some parameters: ``selector`` is ``embeddings`` (parameters of ``nn.Embedding`` modules) or a
   regular expression searched in the parameter name, e.g. ``embeddings:state=fp32`` (32-bit
   state for embeddings under an 8-bit name) or ``lm_head:weight_decay=0``. Later entries win.
+- ``<selector>:layout=<layout>`` declares the layout of the parameters a selector picks
+  (:mod:`hfoptim.core.param_layout`: ``out_in``, ``in_out``, ``batch_out_in``, ``batch_in_out``)
+  over the one detected from their modules, e.g. ``c_attn|c_proj|c_fc:layout=out_in`` steps
+  GPT-2's Conv1D weights as stored.
 - only parameters with ``requires_grad`` are given to the optimizer (peft/LoRA: the adapters);
 - Muon (a rule with an ``algorithm`` option) gets each parameter's role from the model
   (:mod:`hfoptim.roles`: embeddings, output head, norms, biases -> AdamW), moved by name with
@@ -36,8 +40,10 @@ import torch
 from torch import nn
 
 from ... import roles
+from ...core import param_layout
 from ...core.engine import engine_hyperparams
 from ...core.hparams import HyperparameterError
+from ...core.param_layout import ParamLayout
 from ...registry import OptimizerSpec
 from .optim_args import AUTO, OptimArgsError
 
@@ -64,6 +70,9 @@ EMBEDDING_SELECTOR = "embeddings"
 
 #: keys that are not options
 RESERVED = frozenset({"params", "param_names", "name", "initial_lr"})
+
+#: the per-parameter entry that declares a layout (not a hyperparameter): ``<selector>:layout=...``
+LAYOUT_OPTION = "layout"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +101,40 @@ def split_optim_args(parsed: dict[str, Any]) -> tuple[dict[str, Any], list[Overr
     return options, [Override(s, o) for s, o in overrides.items()]
 
 
+def split_layouts(options: dict, overrides: list[Override], where: str) -> tuple[list[Override], list[tuple]]:
+    """The overrides without their ``layout`` entries, and the ``(selector, ParamLayout)`` pairs in
+    the order given. A ``layout`` without a selector is refused (it would apply to every tensor)."""
+    if LAYOUT_OPTION in options:
+        raise OptimArgsError(
+            f"{where}: layout={options[LAYOUT_OPTION]!r} needs a selector: '<regex on parameter names>:layout=...', "
+            f"e.g. 'c_attn|c_proj|c_fc:layout=out_in'"
+        )
+    rest, layouts = [], []
+    for o in overrides:
+        if LAYOUT_OPTION in o.options:
+            try:
+                layouts.append((o.selector, param_layout.parse(o.options[LAYOUT_OPTION], f"{where}: {o.selector}")))
+            except ValueError as error:
+                raise OptimArgsError(str(error)) from None
+        others = {k: v for k, v in o.options.items() if k != LAYOUT_OPTION}
+        if others or LAYOUT_OPTION not in o.options:
+            rest.append(Override(o.selector, others))
+    return rest, layouts
+
+
+def declared_layouts(model: nn.Module, names: set[str], layouts: list[tuple]) -> dict[str, ParamLayout]:
+    """The layout of each parameter named in ``names``: detected from its module, then the
+    ``(selector, layout)`` declarations in order (later ones win)."""
+    out = {n: layout for n, layout in param_layout.detect(model).items() if n in names}
+    if layouts:
+        embeddings = embedding_parameter_names(model)
+        for name in names:
+            for selector, layout in layouts:
+                if Override(selector, {}).matches(name, embeddings):
+                    out[name] = layout
+    return out
+
+
 def overrides_from(mapping: dict[str, dict] | None) -> list[Override]:
     """``{"embeddings": {"state": "fp32"}, "lm_head": {"weight_decay": 0.0}}`` as overrides."""
     if not mapping:
@@ -109,6 +152,7 @@ def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], wh
     Raises :class:`OptimArgsError` naming the problem and listing the accepted options; also for an
     option that contradicts what the name's suffixes set (``adamw_8bit`` with ``state=bf16``)."""
     options = take_role_options(spec, options, where)[0]
+    overrides, _ = split_layouts(options, overrides, where)
     for key, given in options.items():
         value, named = literal_auto(spec, key, given), spec.options.get(key)
         if key in spec.options and value != named:

@@ -37,9 +37,11 @@ from .optim_args import parse_optim_args
 from .plan import (
     build_param_groups,
     check_plan,
+    declared_layouts,
     optimizer_kwargs,
     overrides_from,
     role_options,
+    split_layouts,
     split_optim_args,
     take_role_options,
 )
@@ -125,6 +127,7 @@ class HFOptimTrainer(Trainer):
         overrides = overrides + self.param_overrides
         total = self.total_training_steps()
         kwargs = optimizer_kwargs(self.args, choice.spec, options, total)
+        overrides, layout_rules = split_layouts(options, overrides, f"optim={choice.name!r}")
         groups = build_param_groups(
             model,
             self.get_decay_parameter_names(model),
@@ -134,7 +137,8 @@ class HFOptimTrainer(Trainer):
             by_role=role_options(model, choice.spec, by_name),
         )
         groups = _split_by_mesh(groups)
-        optimizer = choice.spec(groups, **kwargs)
+        layouts = declared_layouts(model, {n for g in groups for n in g["param_names"]}, layout_rules)
+        optimizer = choice.spec(groups, param_layouts=layouts, **kwargs)
         logger.info(
             "hfoptim: %s (%s) with %s; groups: %s",
             choice.name,
