@@ -101,7 +101,8 @@ def muon_options(
 ) -> dict[str, dict]:
     """Muon's group options per trainable parameter name: ``algorithm`` ("muon" for matrices,
     "adamw" for the other roles and names matching ``adamw_params``, "muon" for names matching
-    ``muon_params``) and ``weight_layout="in_out"`` for ``Conv1D`` weights."""
+    ``muon_params``). A ``Conv1D`` weight's orientation is its parameter layout's
+    (:mod:`hfoptim.core.param_layout`), not an option here."""
     to_adamw = patterns(adamw_params, "adamw_params")
     to_muon = patterns(muon_params, "muon_params")
     params = dict(model.named_parameters())
@@ -118,7 +119,5 @@ def muon_options(
                 )
             muon = True
         options = {"algorithm": "muon" if muon else "adamw"}
-        if muon and role == MATRIX_IN_OUT:
-            options["weight_layout"] = "in_out"
         out[name] = options
     return out

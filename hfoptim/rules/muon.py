@@ -41,17 +41,14 @@ def newton_schulz(x: torch.Tensor, steps: int, coefficients: tuple, eps: float) 
     return X.T if tall else X
 
 
-def update_scale(shape: torch.Size, form: str, layout: str = "out_in") -> float:
+def update_scale(shape: torch.Size, form: str) -> float:
     """The factor on the orthogonalized update of a ``(A, B)`` matrix (``B`` = elements per row;
-    ``layout="in_out"``: the weight is stored transposed, as transformers' ``Conv1D``, so ``A`` and
-    ``B`` swap):
+    the matrix as its parameter layout presents it, ``(out, in)``):
     ``match_rms_adamw``: ``0.2 sqrt(max(A, B))`` (Liu et al., arXiv 2502.16982: update RMS about
     0.2, AdamW's, so AdamW's lr and weight decay carry over); ``original``: ``sqrt(max(1, A/B))``
     (Keller Jordan's, torch.optim.Muon's default)."""
     rows = shape[0]
     cols = math.prod(shape[1:])
-    if layout == "in_out":
-        rows, cols = cols, rows
     if form == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     return math.sqrt(max(1.0, rows / cols))
@@ -92,8 +89,10 @@ class MuonRule(Rule):
     changes this AdamW part only (Muon divides by nothing). Modifiers (``cautious``, ``agc``,
     ``trust_ratio``, ...) apply to both parts as to any rule. ``algorithm="auto"`` (default) splits
     each group when it is added: parameters of two or more dimensions take Muon, the others AdamW.
-    ``weight_layout="in_out"`` marks matrices stored ``(in, out)`` (transformers' ``Conv1D``):
-    Newton-Schulz commutes with the transpose, only the ``original`` scale reads the orientation.
+    A matrix stored ``(in, out)`` (transformers' ``Conv1D``) is stepped through its ``(out, in)``
+    view by its parameter layout (:mod:`hfoptim.core.param_layout`, detected from the model or
+    declared with ``param_layouts``): Newton-Schulz commutes with the transpose, only the
+    ``original`` scale reads the orientation.
     ``hfoptim.create_optimizer(model, "muon")`` and the Trainer choose by role instead (see
     :mod:`hfoptim.roles`: embeddings, the output head, norms and biases take AdamW).
 
@@ -123,13 +122,6 @@ class MuonRule(Rule):
         "ns_eps": HP(1e-7, low=0.0, low_open=True, doc="floor of the Frobenius norm before Newton-Schulz"),
         "ns_dtype": HP("bf16", kind="str", choices=("bf16", "fp32", "param")),
         "update_scale": HP("match_rms_adamw", kind="str", choices=("match_rms_adamw", "original")),
-        "weight_layout": HP(
-            "out_in",
-            kind="str",
-            choices=("out_in", "in_out"),
-            doc="how matrices are stored: (out, in) as nn.Linear, or (in, out) as transformers' Conv1D "
-            "(orients the 'original' scale; set by role for Conv1D weights)",
-        ),
         "betas": betas((0.9, 0.95), doc="AdamW's betas for the non-matrix parameters"),
         "eps": HP(1e-8, low=0.0, doc="AdamW's eps for the non-matrix parameters"),
     }
@@ -186,5 +178,5 @@ class MuonRule(Rule):
         wire = NS_DTYPES.get(group["ns_dtype"], compute)
         ns = partial(newton_schulz, steps=group["ns_steps"], coefficients=group["ns_coefficients"], eps=group["ns_eps"])
         ortho = ctx.matrix_map(ns, direction.to(wire)).to(compute)
-        scales = [update_scale(v.global_shape, group["update_scale"], group["weight_layout"]) for v in ctx.views]
+        scales = [update_scale(v.global_shape, group["update_scale"]) for v in ctx.views]
         return ortho.mul_(scales[0] if all(x == scales[0] for x in scales) else scales)
