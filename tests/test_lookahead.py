@@ -276,3 +276,42 @@ def test_trainer_resume_mid_period_equals_an_uninterrupted_run(tmp_path):
     assert isinstance(opt, Lookahead) and set(opt.steps.values()) == {6} and opt.k == 2
     assert_same_training_state(whole, resumed)
     assert all(torch.equal(a, b) for a, b in zip(inner_optimizer(whole).slow.values(), opt.slow.values()))
+
+
+def test_hooks_run_as_on_any_torch_optimizer():
+    """Global step hooks fire once per Lookahead step (with the wrapper), the inner optimizer's
+    own hooks still run, and the wrapper's state-dict hooks run around state_dict and
+    load_state_dict."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    param = torch.nn.Parameter(torch.randn(4, 3))
+    inner = hfoptim.AdamW([param])
+    opt = Lookahead(inner, k=2)
+    seen = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: seen.append(("global_pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: seen.append(("global_post", type(o).__name__))),
+        inner.register_step_pre_hook(lambda o, a, k: seen.append(("inner_pre", type(o).__name__))),
+        opt.register_step_post_hook(lambda o, a, k: seen.append(("post", type(o).__name__))),
+    ]
+    try:
+        param.grad = torch.randn_like(param)
+        opt.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen == [
+        ("global_pre", "Lookahead"),
+        ("inner_pre", "AdamW"),
+        ("post", "Lookahead"),
+        ("global_post", "Lookahead"),
+    ]
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: {**sd, "extra": 1})
+    opt.register_load_state_dict_pre_hook(lambda o, sd: {k: v for k, v in sd.items() if k != "extra"})
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    state_dict = opt.state_dict()
+    assert state_dict["extra"] == 1
+    opt.load_state_dict(state_dict)
+    assert calls == ["pre", "load_post"]

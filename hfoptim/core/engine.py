@@ -649,7 +649,10 @@ class Engine(torch.optim.Optimizer):
             if "step" in pstate and not isinstance(pstate["step"], torch.Tensor):
                 pstate["step"] = torch.tensor(float(pstate["step"]), dtype=torch.float32)
             states[pid] = self._converted(pid, p, pstate, as_saved, {**self.param_groups[gi], **checked})
-        groups = [{**saved, **checked} for saved, (checked, _) in zip(saved_groups, checked_groups)]
+        groups = [
+            {**{k: v for k, v in saved.items() if k != "foreach"}, **checked}
+            for saved, (checked, _) in zip(saved_groups, checked_groups)
+        ]
         super().load_state_dict(
             {**{k: v for k, v in state_dict.items() if k != STATE_DICT_TAG}, "state": states, "param_groups": groups}
         )
@@ -675,7 +678,7 @@ class Engine(torch.optim.Optimizer):
                 f"{type(self).__name__} of this version. Add the values to state_dict['param_groups'][{index}] "
                 f"(defaults: {', '.join(f'{k}={self._spec[k].default!r}' for k in missing)}) before loading"
             )
-        options = {k: v for k, v in saved.items() if k not in PASSTHROUGH_GROUP_KEYS and k not in kept}
+        options = {k: v for k, v in saved.items() if k not in PASSTHROUGH_GROUP_KEYS and k not in (*kept, "foreach")}
         options.update({k: group[k] for k in kept if k in self._spec})
         checked = self._validate_group(options, where=f"state_dict parameter group {index}")
         if "foreach" in group:
