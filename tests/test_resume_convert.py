@@ -72,8 +72,13 @@ def saved(opt) -> dict:
     return torch.load(buffer, weights_only=True)
 
 
+def group_of(opt, p) -> dict:
+    """The parameter group holding ``p`` (Muon splits a group into its matrices and the rest)."""
+    return next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+
+
 def decoded(opt, p, slot) -> torch.Tensor:
-    group = opt.param_groups[0]
+    group = group_of(opt, p)
     codec = resolve.codec_for(opt.rule, slot, group, ParamView.of(p))
     return codec.decode(slot, opt.state[p], ParamView.of(p), torch.float32, stats=LocalStats())
 
@@ -93,13 +98,14 @@ def test_load_converts_between_storage_forms(name, a, b):
     reference_params = make_params(seed=1)
     reference = cls(reference_params, state=b, state_min_numel=0)
     run(reference, reference_params, 1)
-    stats, group_b = LocalStats(), opt_b.param_groups[0]
+    stats = LocalStats()
     for p_a, p_b, p_ref in zip(params_a, params_b, reference_params):
+        group_b = group_of(opt_b, p_b)
         assert set(opt_b.state[p_b]) == set(reference.state[p_ref]), "the loaded state is not in the form asked"
         assert torch.equal(opt_b.state[p_b]["step"], opt_a.state[p_a]["step"])
         view = ParamView.of(p_b)
         for slot in opt_b.rule.active_slots(group_b):
-            codec_a = resolve.codec_for(opt_a.rule, slot, opt_a.param_groups[0], view)
+            codec_a = resolve.codec_for(opt_a.rule, slot, group_of(opt_a, p_a), view)
             codec_b = resolve.codec_for(opt_b.rule, slot, group_b, view)
             value_a = decoded(opt_a, p_a, slot)
             if codec_a is codec_b:

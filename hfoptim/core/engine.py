@@ -97,7 +97,7 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
 def weight_decay_modes(rule: type[Rule]) -> tuple[str, ...]:
     """The rule's own weight-decay forms, CPR (any rule: a constraint applied after the update)
     and, for rules that divide by a second moment, stable weight decay (AdamS)."""
-    extra = ("cpr", "stable") if rule.preconditioned else ("cpr",)
+    extra = ("cpr", "stable") if rule.preconditioned and rule.stable_decay_applies else ("cpr",)
     return tuple(rule.weight_decay_modes) + tuple(m for m in extra if m not in rule.weight_decay_modes)
 
 
@@ -190,7 +190,11 @@ class Engine(torch.optim.Optimizer):
             self.layout.register(group["params"])
 
     # ------------------------------------------------------------------ validation
-    def _validate_group(self, options: dict, where: str) -> dict:
+    def _validate_group(self, options: dict, where: str, check_storage: bool = True) -> dict:
+        """``options`` validated (a copy with every default); ``check_storage=False`` skips the
+        check that the storage form fits the group's slots (a loaded group keeps the current
+        optimizer's storage options, checked when its groups were built: a group a rule split
+        off, such as Muon's matrices, may hold none of the slots the form compresses)."""
         values = validate_all(self._spec, options, where)
         rule = self.rule
         if values["denominator"] != "eps" and not rule.preconditioned:
@@ -206,7 +210,8 @@ class Engine(torch.optim.Optimizer):
             problem = modifier.check_options(values)
             if problem:
                 raise HyperparameterError(f"{where}: {problem}")
-        resolve.check_state_option(rule, values, where)
+        if check_storage:
+            resolve.check_state_option(rule, values, where)
         return values
 
     def add_param_group(self, param_group: dict) -> None:
@@ -680,7 +685,7 @@ class Engine(torch.optim.Optimizer):
             )
         options = {k: v for k, v in saved.items() if k not in PASSTHROUGH_GROUP_KEYS and k not in (*kept, "foreach")}
         options.update({k: group[k] for k in kept if k in self._spec})
-        checked = self._validate_group(options, where=f"state_dict parameter group {index}")
+        checked = self._validate_group(options, where=f"state_dict parameter group {index}", check_storage=False)
         if "foreach" in group:
             checked["foreach"] = group["foreach"]
         as_saved = {k: saved[k] for k in STORAGE_KEYS if k in saved}

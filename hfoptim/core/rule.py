@@ -84,6 +84,9 @@ class Rule:
     #: True when the rule divides by a root second moment through ``ctx.precondition``
     #: (then ``denominator="atan2"`` / ``"softplus"`` apply)
     preconditioned: ClassVar[bool] = False
+    #: False when some parameters' steps divide by no second moment although the rule is
+    #: ``preconditioned`` (Muon's matrices): stable weight decay (AdamS) does not apply then
+    stable_decay_applies: ClassVar[bool] = True
     #: True when the rule needs the training loss (``step(closure)`` or ``step(loss=...)``)
     needs_loss: ClassVar[bool] = False
     #: storage forms this rule refuses, each with the reason (a combination that cannot work)

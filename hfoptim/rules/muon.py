@@ -132,6 +132,8 @@ class MuonRule(Rule):
     )
     preconditioned = True  # the AdamW part takes denominator="atan2"/"softplus"
 
+    stable_decay_applies = False  # the matrices' steps divide by no second moment
+
     def split_group(self, options, params):
         algorithm = options["algorithm"]
         if algorithm == "auto":
