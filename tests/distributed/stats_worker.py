@@ -29,7 +29,18 @@ BLOCK = 256
 
 #: every public LocalStats method and how it is checked here; a method added to LocalStats without
 #: an entry fails the run (give it a sharded version and a check)
-CHECKED = {"sum_sq", "norm", "sum", "row_sum", "row_sum_sq", "col_sum", "row_sums", "col_sums", "block_absmax"}
+CHECKED = {
+    "sum_sq",
+    "norm",
+    "sum",
+    "row_sum",
+    "row_sum_sq",
+    "col_sum",
+    "row_sums",
+    "col_sums",
+    "block_absmax",
+    "dim_absmax",
+}
 
 
 def full_tensors(seed: int) -> list[torch.Tensor]:
@@ -150,6 +161,19 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
     for g, (_, _, full) in zip(got, mats):
         want = ref.col_sums([full.reshape(full.shape[0], -1)], [ParamView(full.shape)])[0]
         close(f"col_sums[{tuple(full.shape)}]", g, want)
+    # 4-bit rank-1 maxima: dimension 0 on this process's rows, the others whole; one collective
+    before = sharded.collectives
+    got = sharded.dim_absmax(
+        [t for t, v, full in zip(tensors, views, fulls) if full.dim() >= 2],
+        [v for v, full in zip(views, fulls) if full.dim() >= 2],
+    )
+    if sharded.collectives - before > 1:
+        failures.append(f"{kind} dim_absmax: {sharded.collectives - before} collectives for one call")
+    for g, (_, v, full) in zip(got, mats):
+        want = ref.dim_absmax([full], [ParamView(full.shape)])[0]
+        close(f"dim_absmax[{tuple(full.shape)}] dim 0", g[0], want[0][v.row_start : v.row_start + v.rows])
+        for k in range(1, full.dim()):
+            close(f"dim_absmax[{tuple(full.shape)}] dim {k}", g[k], want[k])
     detail["collectives"] = sharded.collectives
 
 
