@@ -55,7 +55,7 @@ QUICK_NAMES = ["adamw", "ademamix_8bit", BNB_ADEMAMIX8]
 LONG_NAMES = ["adamw", "adamw_smmf", "adamw_shared", "ademamix", "ademamix_smmf", "adan", "adan_smmf"]
 LONG_STEPS = 600
 #: how close a storage form must end to its fp32 twin (relative final validation loss, issue 3)
-BARS = {"_8bit": 0.01, "_bf16": 0.01, "_factored": 0.03, "_smmf": 0.03, "_shared": 0.03}
+BARS = {"_8bit": 0.01, "_4bit": 0.01, "_bf16": 0.01, "_factored": 0.03, "_smmf": 0.03, "_shared": 0.03}
 
 
 def twin_of(name: str) -> tuple[str, float] | None:
@@ -120,7 +120,7 @@ def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Opti
         options["betas"] = (0.9, 0.95)
     elif spec.rule.name == "ademamix":
         options.update(betas=(0.9, 0.95, 0.999), t_alpha=args.steps, t_beta3=args.steps)
-    if spec.options.get("state") in ("8bit", "bf16"):
+    if spec.options.get("state") in ("8bit", "4bit", "bf16"):
         options["compile"] = "off"
     return spec(groups, **options)
 

@@ -21,7 +21,9 @@ What is proven here:
 * a state_dict round trip mid-run changes nothing (bit-identical continuation);
 * bytes: AdamW keeps 1/2 + 4/128 + 1/2 + 4 (rows + cols) / numel bytes per parameter (1.033 on a
   4096x4096 matrix), measured equal to ``hfoptim.memory.estimate``;
-* against torchao's AdamW4bit when torchao is installed (it is not a dependency).
+* against torchao's AdamW4bit (measured here: final losses 1.156 ours, 1.154 torchao, 1.142
+  fp32 AdamW; each 0.20 of the distance travelled from fp32 AdamW, 0.18 from each other; 1.039
+  vs 1.063 state bytes per parameter on a 1024x1024 matrix).
 
 Exactness under FSDP2 and ZeRO is proven by the sharding matrix (tests/distributed: every
 ``*_4bit`` name is a case; codes compared element by element with one process).
@@ -307,6 +309,7 @@ def test_foreach_and_per_tensor_paths_agree(name):
 
 
 # ---------------------------------------------------------------------------------- fp32 twin
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, hp, param_bound, state_bounds",
     [
@@ -381,7 +384,7 @@ def test_bytes_per_parameter_measured_and_estimated():
 
 # ------------------------------------------------------------------------------------- torchao
 def test_trajectory_and_bytes_against_torchao_adamw4bit():
-    """Anchor: torchao's AdamW4bit (when installed; not a dependency of hfoptim): 4-bit codes in
+    """Anchor: torchao's AdamW4bit (a dev dependency, not a dependency of hfoptim): 4-bit codes in
     flat blocks of 128 for BOTH moments (the authors' maps: dynamic exponent, linear without
     zero for the second moment), no rank-1 normalization, fp32 kept below 4096 elements; its
     step run uncompiled here (same arithmetic). Same data, same non-default hyperparameters, 80

@@ -77,7 +77,7 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         "auto",
         kind="str",
         choices=("auto", "on", "off"),
-        doc="fuse decode-update-encode of 8-bit/bf16 state with torch.compile: auto (tensors of 65536+ "
+        doc="fuse decode-update-encode of 8-bit/4-bit/bf16 state with torch.compile: auto (tensors of 65536+ "
         "elements, when it works here), on, off (see hfoptim.core.fused)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")

@@ -1,4 +1,4 @@
-"""The compiled path: one fused kernel per parameter for compressed (8-bit, bf16) state.
+"""The compiled path: one fused kernel per parameter for compressed (8-bit, 4-bit, bf16) state.
 
 With state stored in 8 bits, the plain path decodes each slot into an fp32 tensor, runs the
 rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
@@ -17,7 +17,7 @@ rule's code is the same code the plain path runs; nothing is written twice.
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
   every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
-  the codec's ``fusable_for(view)`` agrees: 8-bit state needs rows of whole blocks), it is
+  the codec's ``fusable_for(view)`` agrees: 8-/4-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
   in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
   the rule does not need the loss, the rule allows it for the group (``Rule.compiles``: Muon's

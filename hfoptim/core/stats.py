@@ -253,21 +253,25 @@ class LocalStats:
         return out
 
     def dim_absmax(self, tensors: list[torch.Tensor], views: list[ParamView]) -> list[list[torch.Tensor]]:
-        """Per-dimension maxima of ``|x|`` (the rank-1 normalization of 4-bit second moments,
-        arXiv 2309.01507): for a tensor of ``d >= 1`` dimensions, ``d`` vectors, the ``k``-th the
-        max over every dimension but ``k`` (of the local rows for ``k = 0``, of the whole
-        tensor for the others). A sharding backend completes rows cut by a process boundary
-        and the other dimensions with one MAX all-reduce for the whole list."""
-        return [local_dim_absmax(t) for t in tensors]
+        """Per-dimension maxima of ``|x|`` of tensors of two or more dimensions (the rank-1
+        normalization of 4-bit second moments, arXiv 2309.01507): for a tensor of ``d``
+        dimensions, ``d`` vectors, the ``k``-th the max over every dimension but ``k`` (of the
+        local rows for ``k = 0``, of the whole tensor for the others). A sharding backend
+        completes rows cut by a process boundary and the other dimensions with one MAX
+        all-reduce for the whole list."""
+        return [local_dim_absmax(t, v) for t, v in zip(tensors, views)]
 
 
-def local_dim_absmax(t: torch.Tensor) -> list[torch.Tensor]:
+def local_dim_absmax(t: torch.Tensor, view: ParamView) -> list[torch.Tensor]:
     """:meth:`LocalStats.dim_absmax` of one local tensor (zeros along an empty dimension)."""
+    if len(view.global_shape) < 2:
+        raise ValueError(
+            f"per-dimension maxima are kept for tensors of two or more dimensions, not of shape "
+            f"{tuple(view.global_shape)}"
+        )
     x = t.abs()
     if x.numel() == 0:
         return [x.new_zeros(size) for size in x.shape]
-    if x.dim() == 1:
-        return [x]
     return [x.amax(dim=[d for d in range(x.dim()) if d != k]) for k in range(x.dim())]
 
 

@@ -411,12 +411,12 @@ class ShardedStats(LocalStats):
         out, pieces, where = [], [], []
         for t, v in zip(tensors, views):
             if not v.sharded:
-                out.append(local_dim_absmax(t))
+                out.append(local_dim_absmax(t, v))
                 pieces.append(t.new_zeros(0))
                 where.append(None)
                 continue
             x = masked_rows(t, v).reshape(v.local_shape) if v.valid is not None else t
-            maxima = local_dim_absmax(x)
+            maxima = local_dim_absmax(x, v)
             rows = cut_rows(v)
             index = torch.tensor([r - v.row_start for r in rows], dtype=torch.long, device=x.device)
             held = (index >= 0) & (index < v.rows)

@@ -43,6 +43,7 @@ CHECKED = {
     "any_nonfinite",
     "cover_maxima",
     "matrix_map",
+    "dim_absmax",
 }
 
 
@@ -176,6 +177,19 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
         close(f"cover_maxima rows[{tuple(full.shape)}]", rows, want_rows[v.row_start : v.row_start + v.rows])
         close(f"cover_maxima rest[{tuple(full.shape)}]", rest, want_rest)
     check_matrix_map(kind, sharded, tensors, views, fulls, failures)
+    # 4-bit rank-1 maxima: dimension 0 on this process's rows, the others whole; one collective
+    before = sharded.collectives
+    got = sharded.dim_absmax(
+        [t for t, v, full in zip(tensors, views, fulls) if full.dim() >= 2],
+        [v for v, full in zip(views, fulls) if full.dim() >= 2],
+    )
+    if sharded.collectives - before > 1:
+        failures.append(f"{kind} dim_absmax: {sharded.collectives - before} collectives for one call")
+    for g, (_, v, full) in zip(got, mats):
+        want = ref.dim_absmax([full], [ParamView(full.shape)])[0]
+        close(f"dim_absmax[{tuple(full.shape)}] dim 0", g[0], want[0][v.row_start : v.row_start + v.rows])
+        for k in range(1, full.dim()):
+            close(f"dim_absmax[{tuple(full.shape)}] dim {k}", g[k], want[k])
     detail["collectives"] = sharded.collectives
 
 
