@@ -5,8 +5,9 @@
     python benchmarks/quality.py --long     # SMMF and shared v against their twins, 600 steps (about 20 minutes)
     python benchmarks/quality.py --study    # each optimizer at its own best lr, 2000 steps, 3 seeds (see below)
     python benchmarks/quality.py --study --tables-only   # the study's tables and plot again, from its results
+    python benchmarks/quality.py --finetune # the same protocol for fine-tuning, full and LoRA (``_finetune.py``)
 
-``--study`` (not part of ``make bench``): the tuned protocol of ``study.py`` -- a sweep of four
+``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
 peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
 ``--sweep-steps`` (default a quarter of ``--steps``), then ``--seeds`` at the best lr for
 ``--steps`` (default 2000, 10x the default budget); the same data, model, schedule and settings as
@@ -47,6 +48,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -57,7 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import study  # noqa: E402
+import _study as study  # noqa: E402
 from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, update_report, write_json  # noqa: E402
 
 BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
@@ -394,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names", nargs="+", help=f"optimizers (default: {' '.join(DEFAULT_NAMES)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--study", action="store_true", help="each optimizer at its own best lr (quality_study.*)")
+    parser.add_argument("--finetune", action="store_true", help="the fine-tuning study (_finetune.py; its own options)")
     study.add_arguments(parser)
     parser.add_argument("--steps", type=int, help=f"default 200, {STUDY_STEPS} with --study")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -410,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--finetune" in argv:  # its own script and options (a separate file keeps it out of make bench)
+        script = Path(__file__).resolve().with_name("_finetune.py")
+        return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
     if args.study or args.smoke or args.tables_only:
         return study_main(args, argv)
@@ -569,6 +576,8 @@ def study_main(args, argv: list[str] | None) -> int:
         f"{sum(len(v) for v in plan.values())} sweep runs of {args.sweep_steps} + {len(plan) * len(args.seeds)} "
         f"seed runs of {args.steps} steps / {args.workers} workers = {estimate / 60:.0f} min"
     )
+    if args.estimate_only:
+        return 0
     runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = study.summarize(runs, names)
@@ -592,7 +601,8 @@ def study_main(args, argv: list[str] | None) -> int:
     }
     write_json(out / f"{stem}.json", record)
     print(study_outputs(record, out, stem, default_dir))
-    log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min (estimate {estimate / 60:.0f})")
+    minutes = record["elapsed_s"] / 60
+    log(f"wrote {out / stem}.json/.md/_curves.png in {minutes:.1f} min (estimate {estimate / 60:.0f})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The tuned-study protocol shared by ``quality.py --study`` and ``finetune.py``: a learning-rate
+"""The tuned-study protocol shared by ``quality.py --study`` and ``--finetune`` (``_finetune.py``): a learning-rate
 sweep per optimizer on a short budget, then several seeds at each optimizer's best learning rate
 on the full budget, compared best against best.
 
@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of the study commands beyond the usual ones (``--names``, ``--seeds``, ``--steps``)."""
     parser.add_argument("--smoke", action="store_true", help="tiny budget: 2 lrs, 1 seed, a few steps")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables and plot from the results file")
-    parser.add_argument("--sweep-steps", type=int, help="budget of each sweep run (default: a quarter of --steps)")
+    parser.add_argument("--sweep-steps", type=int, help="budget of each sweep run")
+    parser.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate and stop")
 
 
 def smoke(args: argparse.Namespace, steps: int = 6) -> None:

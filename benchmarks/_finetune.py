@@ -1,8 +1,11 @@
 """Fine-tuning quality: each optimizer at its own best learning rate, full fine-tuning and LoRA.
 
-    python benchmarks/finetune.py                 # the study (not part of make bench)
-    python benchmarks/finetune.py --smoke         # 2 lrs, 1 seed, a few steps (finetune_smoke.*)
-    python benchmarks/finetune.py --tables-only   # the tables and plots again, from finetune.json
+    python benchmarks/quality.py --finetune                 # the study (not part of make bench)
+    python benchmarks/quality.py --finetune --smoke         # 2 lrs, 1 seed, a few steps (finetune_smoke.*)
+    python benchmarks/quality.py --finetune --tables-only   # the tables and plots again, from finetune.json
+    python benchmarks/quality.py --finetune --estimate-only # the wall-time estimate alone
+
+(``quality.py --finetune`` runs this file, which ``make bench`` leaves out: its name starts with ``_``.)
 
 The base model: the embedded tiny Llama pretrained once with torch's AdamW on the train split of
 the embedded corpus (``--pretrain-steps`` at ``--pretrain-lr``, the quality benchmark's schedule)
@@ -14,12 +17,13 @@ docstring -> function pairs, taken from the corpus's *validation* files, which p
 saw (every eligible standard-library file outside the embedded corpus's train split); one pair in
 five (by a hash of the prompt) is held out for the validation loss.
 
-Protocol (``study.py``): per optimizer and mode (full, LoRA), a sweep of four peak learning rates
+Protocol (``_study.py``): per optimizer and mode (full, LoRA), a sweep of four peak learning rates
 spanning 10x around the optimizer's centre (``study.CENTRES`` x :data:`MODE_SCALE`) for
 ``--sweep-steps``, then ``--seeds`` at the best lr for ``--steps``; warm-up 10%, cosine to 10%,
 clipping 1.0, ``--weight-decay`` on matrices. Writes ``results/finetune.json`` (every run: mode,
 phase, lr, seed, curve; machine and commit), ``finetune.md``, ``finetune_<mode>_curves.png`` and
-the ``finetune`` section of BENCHMARKS.md. It prints a wall-time estimate first.
+the ``finetune`` section of BENCHMARKS.md. It prints a wall-time estimate before the sweep (after
+pretraining the base on first use, which it does not count).
 """
 
 from __future__ import annotations
@@ -44,8 +48,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "recipes"))
+import _study as study  # noqa: E402
 import quality  # noqa: E402
-import study  # noqa: E402
 from _timing import RESULTS_DIR, library_versions, machine_info, update_report, write_json  # noqa: E402
 from sft_lora import PadCollator, SFTArguments, SFTDataset, add_lora  # noqa: E402
 
@@ -328,14 +332,17 @@ def main(argv: list[str] | None = None) -> int:
         probe = train_one("adamw", 0, study._with(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed))
         probes[mode] = probe["seconds"] / timed
     estimate = sum(study.estimate(probes[m], plans[m], args) for m in args.modes)
-    log(f"estimate: {', '.join(f'{m} {s:.3f} s/step' for m, s in probes.items())} -> {estimate / 60:.0f} min")
+    per_step = ", ".join(f"{m} {s:.3f} s/step" for m, s in probes.items())
+    log(f"estimate (the base pretrained): {per_step} (adamw, {timed} timed steps) -> {estimate / 60:.0f} min")
+    if args.estimate_only:
+        return 0
     modes = {}
     for mode in args.modes:
         job = copy.copy(args)
         job.mode = mode
         runs = study.run_study(plans[mode], job, train_one, _init_worker, (data, 1), log)
         modes[mode] = {"summary": study.summarize(runs, names), "runs": runs}
-    command = "python benchmarks/finetune.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python benchmarks/quality.py --finetune " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {
         "machine": machine_info(),
         "libraries": library_versions(),
