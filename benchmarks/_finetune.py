@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     timed = 4 if args.smoke else 10
     probes = {}
     for mode in args.modes:
-        probe = train_one("adamw", 0, study._with(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed))
+        probe = train_one("adamw", 0, study.probe_args(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed))
         probes[mode] = probe["seconds"] / timed
     estimate = sum(study.estimate(probes[m], plans[m], args) for m in args.modes)
     per_step = ", ".join(f"{m} {s:.3f} s/step" for m, s in probes.items())

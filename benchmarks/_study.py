@@ -97,10 +97,18 @@ def estimate(seconds_per_step: float, plan: dict[str, list[float]], args) -> flo
     return seconds_per_step * steps / max(1, args.workers)
 
 
-def _with(args, lr: float, steps: int):
+def _with(args, lr: float, steps: int, **changes):
     job = copy.copy(args)
     job.lr, job.steps = lr, steps
+    for key, value in changes.items():
+        setattr(job, key, value)
     return job
+
+
+def probe_args(args, lr: float, steps: int):
+    """A short timed run's arguments: ``steps`` steps and one evaluation (at the end), so the
+    seconds per step lean high (model set-up and one evaluation over few steps)."""
+    return _with(args, lr, steps, evals=1)
 
 
 def run_study(

@@ -568,7 +568,7 @@ def study_main(args, argv: list[str] | None) -> int:
     log(f"data: {data['describe']}")
     _init_worker(data, 1)
     timed = 4 if args.smoke else 20
-    probe = train_one("adamw", 0, study._with(args, 1.5e-3, timed))
+    probe = train_one("adamw", 0, study.probe_args(args, 1.5e-3, timed))
     seconds_per_step = probe.seconds / timed
     estimate = study.estimate(seconds_per_step, plan, args)
     log(
