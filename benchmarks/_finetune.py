@@ -19,11 +19,12 @@ five (by a hash of the prompt) is held out for the validation loss.
 
 Protocol (``_study.py``): per optimizer and mode (full, LoRA), a sweep of four peak learning rates
 spanning 10x around the optimizer's centre (``study.CENTRES`` x :data:`MODE_SCALE`) for
-``--sweep-steps``, then ``--seeds`` at the best lr for ``--steps``; warm-up 10%, cosine to 10%,
-clipping 1.0, ``--weight-decay`` on matrices. Writes ``results/finetune.json`` (every run: mode,
-phase, lr, seed, curve; machine and commit), ``finetune.md``, ``finetune_<mode>_curves.png`` and
-the ``finetune`` section of BENCHMARKS.md. It prints a wall-time estimate before the sweep (after
-pretraining the base on first use, which it does not count).
+``--sweep-steps`` (default half of ``--steps``), then ``--seeds`` at the best lr for ``--steps``;
+warm-up 10%, cosine to 10%, clipping 1.0, ``--weight-decay`` on matrices. Writes
+``results/finetune.json`` (every run: mode, phase, lr, seed, curve; machine and commit),
+``finetune.md``, ``finetune_<mode>_curves.png`` and the ``finetune`` section of BENCHMARKS.md.
+It prints a wall-time estimate before the sweep (after pretraining the base on first use, which
+it does not count).
 """
 
 from __future__ import annotations
