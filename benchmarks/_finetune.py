@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     if "adamw" not in names:
         names = ["adamw", *names]
     started = time.perf_counter()
+    torch.set_num_threads(1)  # as in the workers (the base's pretraining and the timing probes)
     base, pretrain_data = base_model(args, log)
     data = {**sft_data(args), "base": str(base)}
     log(f"fine-tuning data: {data['describe']}: {len(data['train'])} train / {len(data['validation'])} validation")
