@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--names", nargs="+", help=f"optimizers (default: {' '.join(NAMES)}, those registered)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=400, help="fine-tuning steps of each seed run")
+    parser.add_argument("--steps", type=int, default=200, help="fine-tuning steps of each seed run")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
     parser.add_argument("--pretrain-lr", type=float, default=1.5e-3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -328,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         scaled = {n: c * MODE_SCALE[mode] for n, c in centres.items()}
         plans[mode] = {n: study.grid(n, factors, scaled) for n in names}
     _init_worker(data, 1)
-    timed = 4 if args.smoke else 10
+    timed = 4 if args.smoke else 20
     probes = {}
     for mode in args.modes:
         probe = train_one("adamw", 0, study.probe_args(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed))
