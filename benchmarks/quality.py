@@ -3,6 +3,20 @@
     python benchmarks/quality.py            # 14 optimizers x 3 seeds (about 15 minutes on 2 quiet cores)
     python benchmarks/quality.py --quick    # a smoke run: 3 optimizers, 1 seed, 20 steps
     python benchmarks/quality.py --long     # SMMF and shared v against their twins, 600 steps (about 20 minutes)
+    python benchmarks/quality.py --study    # each optimizer at its own best lr, 2000 steps, 3 seeds (see below)
+    python benchmarks/quality.py --study --tables-only   # the study's tables and plot again, from its results
+    python benchmarks/quality.py --finetune # the same protocol for fine-tuning, full and LoRA (``_finetune.py``)
+
+``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
+peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
+``--sweep-steps`` (default a quarter of ``--steps``), then ``--seeds`` at the best lr for
+``--steps`` (default 2000, 10x the default budget); the same data, model, schedule and settings as
+below otherwise. The list (:data:`STUDY_NAMES`) takes the rules a user would try for LLMs and the
+8-bit and factored forms of AdamW and AdEMAMix; names not in the registry at run time are skipped
+with a note. It prints the wall-time estimate (a short timed run x steps x runs / workers) first.
+Writes ``results/quality_study.json`` (every run: phase, lr, seed, curve; the machine and commit),
+``.md`` and ``_curves.png``, and the ``quality-study`` section of BENCHMARKS.md; ``--smoke`` runs
+2 lrs, 1 seed and a few steps into ``quality_study_smoke.*``.
 
 The embedded default (``hfoptim.embedded``): the tiny Llama-style causal LM (about 1M parameters)
 pretrained from scratch on the Python standard library's source with the embedded BPE tokenizer;
@@ -31,8 +45,10 @@ torch thread each.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -43,6 +59,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _study as study  # noqa: E402
 from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, update_report, write_json  # noqa: E402
 
 BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
@@ -54,6 +71,9 @@ QUICK_NAMES = ["adamw", "ademamix_8bit", BNB_ADEMAMIX8]
 #: --long: the forms that lag early (SMMF, shared v) against their fp32 twins, three times the budget
 LONG_NAMES = ["adamw", "adamw_smmf", "adamw_shared", "ademamix", "ademamix_smmf", "adan", "adan_smmf"]
 LONG_STEPS = 600
+#: --study: every optimizer with a sweep centre (the ones not registered yet are skipped at run time)
+STUDY_NAMES = list(study.CENTRES)
+STUDY_STEPS = 2000
 #: how close a storage form must end to its fp32 twin (relative final validation loss, issue 3)
 BARS = {"_8bit": 0.01, "_4bit": 0.01, "_bf16": 0.01, "_factored": 0.03, "_smmf": 0.03, "_shared": 0.03}
 
@@ -375,20 +395,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--names", nargs="+", help=f"optimizers (default: {' '.join(DEFAULT_NAMES)})")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--study", action="store_true", help="each optimizer at its own best lr (quality_study.*)")
+    parser.add_argument("--finetune", action="store_true", help="the fine-tuning study (_finetune.py; its own options)")
+    study.add_arguments(parser)
+    parser.add_argument("--steps", type=int, help=f"default 200, {STUDY_STEPS} with --study")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate for every optimizer")
     parser.add_argument("--weight-decay", type=float, default=0.1)
-    parser.add_argument("--evals", type=int, default=10, help="validation evaluations per run")
+    parser.add_argument("--evals", type=int, help="validation evaluations per run (default 10, 20 with --study)")
     parser.add_argument("--eval-blocks", type=int, default=48)
-    parser.add_argument("--workers", type=int, default=2, help="parallel processes, one torch thread each")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="parallel processes, one torch thread each (0: in this process)"
+    )
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--finetune" in argv:  # its own script and options (a separate file keeps it out of make bench)
+        script = Path(__file__).resolve().with_name("_finetune.py")
+        return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
+    if args.study or args.smoke or args.tables_only:
+        return study_main(args, argv)
+    args.steps, args.evals = args.steps or 200, args.evals or 10
     if args.quick:
         args.seeds, args.steps, args.evals = args.seeds[:1], 20, 4
     if args.long:
@@ -444,6 +476,133 @@ def main(argv: list[str] | None = None) -> int:
             log("updated the quality section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- --study
+def train_record(name: str, seed: int, args) -> dict:
+    """:func:`train_one` as a plain dict (the study's run records)."""
+    return asdict(train_one(name, seed, args))
+
+
+def add_twins(rows: list[dict], runs: list[dict]) -> None:
+    """Each storage form's paired relative difference to its fp32 twin, both at their best lr."""
+    finals = {(r["name"], r["seed"]): r["eval_loss"][-1] for r in runs if r["phase"] == "seed" and not r["error"]}
+    for row in rows:
+        twin = twin_of(row["name"])
+        if twin is None:
+            continue
+        pairs = [
+            (v, finals[(twin[0], s)]) for (n, s), v in finals.items() if n == row["name"] and (twin[0], s) in finals
+        ]
+        if pairs:
+            row.update(twin=twin[0], bar=twin[1], vs_twin=statistics.fmean(a / b - 1 for a, b in pairs))
+
+
+def study_markdown(record: dict, level: int = 3, plot_path: str | None = None) -> str:
+    a = record["args"]
+    tokens = a["steps"] * a["batch_size"] * a["block_size"]
+    describe = [
+        f"Data: {record['data']}. Model: tiny Llama, {record['num_params'] / 1e6:.2f}M parameters, trained from "
+        f"scratch. Budget: {a['steps']} steps x {a['batch_size']} x {a['block_size']} = {tokens:,} tokens per seed "
+        f"run; validation loss on {record['eval_tokens']:,} held-out tokens, {a['evals']} evaluations per run. "
+        "Warm-up 10%, cosine to 10% of the peak, clipping 1.0, weight decay "
+        f"{a['weight_decay']} on matrices; AdamW/LAMB betas (0.9, 0.95), AdEMAMix (0.9, 0.95, 0.999) with its "
+        "warm-ups over the run; the other rules keep their defaults.",
+        "What this says: which optimizer trains this small model furthest in this budget when each gets its own "
+        "tuned peak lr (one sweep seed). What it does not say: how they rank at 100x the parameters or tokens, "
+        "or with other betas, schedules or batch sizes.",
+    ]
+    twins = [r for r in record["summary"] if "vs_twin" in r]
+    text = study.markdown(record, "Training quality, each optimizer at its best learning rate", describe, level)
+    if twins:
+        text += (
+            "\nStorage forms against their fp32 twin (paired by seed, each at its own best lr): "
+            + "; ".join(f"{r['name']} {100 * r['vs_twin']:+.1f}% vs {r['twin']}" for r in twins)
+            + ".\n"
+        )
+    if plot_path:
+        text += f"\n![validation loss at each optimizer's best lr]({plot_path})\n"
+    return text
+
+
+def study_outputs(record: dict, out: Path, stem: str, default_dir: bool) -> str:
+    png = out / f"{stem}_curves.png"
+    study.plot(record, png, "validation loss at each optimizer's best lr (mean over seeds, band min-max)")
+    text = study_markdown(record, level=1, plot_path=png.name)
+    (out / f"{stem}.md").write_text(text)
+    if default_dir and stem == "quality_study":
+        section = study_markdown(record, level=3, plot_path=f"benchmarks/results/{png.name}")
+        if update_report("quality-study", section):
+            print("updated the quality-study section of BENCHMARKS.md", file=sys.stderr)
+    return text
+
+
+def study_main(args, argv: list[str] | None) -> int:
+    from hfoptim.registry import list_optimizers
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    out = Path(args.output_dir)
+    stem = "quality_study_smoke" if args.smoke else "quality_study"
+    default_dir = out.resolve() == RESULTS_DIR.resolve()
+    if args.tables_only:
+        record = json.loads((out / f"{stem}.json").read_text())
+        print(study_outputs(record, out, stem, default_dir))
+        return 0
+    args.steps = args.steps or STUDY_STEPS
+    args.sweep_steps = args.sweep_steps or max(1, args.steps // 4)
+    factors = study.LR_FACTORS
+    if args.smoke:
+        study.smoke(args)
+        factors = study.SMOKE_FACTORS
+    args.evals = args.evals or 20
+    known = set(list_optimizers())
+    names = study.available(args.names or STUDY_NAMES, known.__contains__, log)
+    if "adamw" not in names:
+        names = ["adamw", *names]
+    plan = {name: study.grid(name, factors) for name in names}
+    started = time.perf_counter()
+    data = prepare_data(args.block_size, args.eval_blocks)
+    log(f"data: {data['describe']}")
+    _init_worker(data, 1)
+    timed = 4 if args.smoke else 20
+    probe = train_one("adamw", 0, study.probe_args(args, 1.5e-3, timed))
+    seconds_per_step = probe.seconds / timed
+    estimate = study.estimate(seconds_per_step, plan, args)
+    log(
+        f"estimate: {seconds_per_step:.3f} s/step (adamw, {timed} timed steps) x "
+        f"{sum(len(v) for v in plan.values())} sweep runs of {args.sweep_steps} + {len(plan) * len(args.seeds)} "
+        f"seed runs of {args.steps} steps / {args.workers} workers = {estimate / 60:.0f} min"
+    )
+    if args.estimate_only:
+        return 0
+    runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log)
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    summary = study.summarize(runs, names)
+    add_twins(summary, runs)
+    record = {
+        "machine": machine_info(),
+        "libraries": library_versions(),
+        "command": command.strip(),
+        "args": vars(args),
+        "seeds": args.seeds,
+        "factors": list(factors),
+        "reference": "adamw",
+        "data": data["describe"],
+        "num_params": next((r["num_params"] for r in runs if r["num_params"]), 0),
+        "eval_tokens": int(data["validation"].numel()),
+        "seconds_per_step_probe": seconds_per_step,
+        "estimate_s": estimate,
+        "elapsed_s": time.perf_counter() - started,
+        "summary": summary,
+        "runs": runs,
+    }
+    write_json(out / f"{stem}.json", record)
+    print(study_outputs(record, out, stem, default_dir))
+    minutes = record["elapsed_s"] / 60
+    log(f"wrote {out / stem}.json/.md/_curves.png in {minutes:.1f} min (estimate {estimate / 60:.0f})")
     return 0
 
 

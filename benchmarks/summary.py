@@ -4,11 +4,13 @@ results the other benchmarks wrote, into the README.
     python benchmarks/summary.py          # after memory.py, quality.py and speed.py (a second)
 
 Reads ``results/memory.json`` (bytes per parameter on the 6.8M set), ``results/speed.json``
-(ratio to torch AdamW foreach on the 25M and 100M sets) and ``results/quality.json`` (final
+(ratio to torch AdamW foreach on the 25M and 100M sets) and the quality results (final
 validation loss, mean and standard deviation over seeds, and the paired difference to the fp32
-twin), and rewrites the part of ``README.md`` between ``<!-- headline:begin -->`` and
-``<!-- headline:end -->``. ``make bench`` runs it last (scripts run in name order). A result
-file that is missing leaves its column empty; results from different commits are named.
+twin): ``results/quality_study.json`` (each optimizer at its own best lr, ``quality.py --study``)
+when it exists, ``results/quality.json`` (one lr for all) otherwise; and rewrites the part of
+``README.md`` between ``<!-- headline:begin -->`` and ``<!-- headline:end -->``. ``make bench``
+runs it last (scripts run in name order). A result file that is missing leaves its column empty;
+results from different commits are named.
 """
 
 from __future__ import annotations
@@ -45,15 +47,18 @@ def _load(folder: Path, stem: str) -> dict | None:
 
 
 def table(folder: Path = RESULTS_DIR) -> str:
-    speed, quality, memory = (_load(folder, s) for s in ("speed", "quality", "memory"))
+    speed, memory = _load(folder, "speed"), _load(folder, "memory")
+    tuned = _load(folder, "quality_study")
+    quality = tuned or _load(folder, "quality")
     rows = (speed or {}).get("rows", [])
     ratio = {(r["size"], r["label"]): r["ratio_foreach"] for r in rows if r.get("ratio_foreach")}
     bpp = {r["name"]: r["bytes_per_param"] for r in (memory or {}).get("hfoptim", []) + (memory or {}).get("peers", [])}
     summary = {r["name"]: r for r in (quality or {}).get("summary", []) if "final_mean" in r}
     seeds = len((quality or {}).get("seeds", []))
     lines = [
-        f"| optimizer | state bytes / param | step time, 24M set | step time, 95M set | final val loss ({seeds} seeds) "
-        "| vs fp32 twin |",
+        f"| optimizer | state bytes / param | step time, 24M set | step time, 95M set | final val loss ({seeds} seeds"
+        + (", each at its best lr" if tuned else "")
+        + ") | vs fp32 twin |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label in ROWS:

@@ -17,7 +17,8 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 def bench():
     sys.path.insert(0, str(BENCH))
     try:
-        yield {name: importlib.import_module(name) for name in ("_timing", "speed", "memory", "quality", "summary")}
+        names = ("_timing", "speed", "memory", "quality", "summary", "_study", "_finetune")
+        yield {name: importlib.import_module(name) for name in names}
     finally:
         sys.path.remove(str(BENCH))
 
@@ -172,3 +173,130 @@ def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
     assert "| adamw_8bit | 2.03 | 1.50x | 1.40x | 4.500 ± 0.100 | -0.2% |" in text
     assert "| adan |  |  |  |  |  |" in text  # in no result file: an empty row
     assert "hfoptim abc" in text and "final val loss (3 seeds)" in text
+
+
+# ---------------------------------------------------------------------------------------- tuned studies
+def test_study_grids_span_10x_around_each_centre_and_unknown_names_are_skipped_with_a_note(bench):
+    study = bench["_study"]
+    assert set(bench["quality"].STUDY_NAMES) >= {"adamw", "ademamix", "adan", "adafactor", "lamb", "amos", "nsgda"}
+    assert {"smmf", "adamw_8bit", "adamw_factored", "ademamix_8bit", "ademamix_factored", "muon"} <= set(study.CENTRES)
+    for name in study.CENTRES:
+        lrs = study.grid(name, study.LR_FACTORS)
+        assert len(lrs) >= 4 and lrs == sorted(lrs) and lrs[-1] / lrs[0] >= 10 * 0.99
+        assert min(lrs) < study.CENTRES[name] < max(lrs)
+    assert set(bench["_finetune"].NAMES) <= set(study.CENTRES)
+    with pytest.raises(ValueError, match="add it to study.CENTRES"):
+        study.grid("no_such_rule", study.LR_FACTORS)
+    notes = []
+    assert study.available(["adamw", "sm3", "adan"], {"adamw", "adan"}.__contains__, notes.append) == ["adamw", "adan"]
+    assert notes == ["note: 'sm3' is not in this hfoptim's registry yet; skipped"]
+
+
+def _run(name, phase, lr, seed, losses, error=None):
+    return {"name": name, "phase": phase, "lr": lr, "seed": seed, "eval_steps": [10, 20, 30][: len(losses)],
+            "eval_loss": losses, "error": error, "seconds": 1.0}  # fmt: skip
+
+
+def test_study_picks_the_best_sweep_lr_and_compares_best_against_best_paired_by_seed(bench):
+    study = bench["_study"]
+    runs = [
+        _run("adamw", "sweep", 1e-3, 0, [5.0, 4.0, 3.5]),
+        _run("adamw", "sweep", 3e-3, 0, [5.0, 4.0, 3.0]),
+        _run("adan", "sweep", 1e-3, 0, [5.0, 4.0, 3.2]),
+        _run("adan", "sweep", 3e-3, 0, [], error="FloatingPointError: loss became nan"),  # counts as worst
+        _run("adan", "sweep", 9e-3, 0, [5.0, 4.0, float("nan")]),
+    ]
+    assert study.best_lrs(runs) == {"adamw": 3e-3, "adan": 1e-3}
+    runs += [
+        _run("adamw", "seed", 3e-3, 0, [5.0, 4.0, 3.0]),
+        _run("adamw", "seed", 3e-3, 1, [5.0, 4.0, 3.2]),
+        _run("adan", "seed", 1e-3, 0, [5.0, 3.0, 2.8]),
+        _run("adan", "seed", 1e-3, 1, [4.0, 3.6, 3.4]),
+    ]
+    rows = {r["name"]: r for r in study.summarize(runs, ["adamw", "adan"])}
+    assert rows["adamw"]["lr"] == 3e-3 and rows["adamw"]["at_edge"]  # the top of its grid
+    assert rows["adan"]["lr"] == 1e-3 and rows["adan"]["at_edge"]
+    assert rows["adan"]["sweep"] == [[1e-3, 3.2], [3e-3, None], [9e-3, None]]
+    assert rows["adan"]["final_mean"] == pytest.approx(3.1) and rows["adan"]["final_std"] == pytest.approx(0.4243, 1e-3)
+    assert rows["adan"]["diff_vs_reference"] == pytest.approx(((2.8 - 3.0) + (3.4 - 3.2)) / 2)
+    # seed 0 reaches adamw's 3.0 between steps 10 (5.0) and 20 (3.0): at 20; seed 1 never reaches 3.2
+    assert rows["adan"]["steps_to_reference"] == [20.0, None]
+
+
+def _smoke_args(tmp_path):
+    return ["--smoke", "--workers", "0", "--output-dir", str(tmp_path), "--batch-size", "2"]
+
+
+def test_quality_study_smoke_runs_end_to_end_and_its_tables_regenerate_byte_for_byte(bench, tmp_path, capsys):
+    import json
+
+    quality, threads = bench["quality"], torch.get_num_threads()
+    try:
+        args = ["--study", *_smoke_args(tmp_path), "--names", "adamw", "adamw_8bit", "no_such_rule"]
+        assert quality.main([*args, "--block-size", "32", "--eval-blocks", "4"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert "'no_such_rule' is not in this hfoptim's registry yet; skipped" in capsys.readouterr().err
+    record = json.loads((tmp_path / "quality_study_smoke.json").read_text())
+    assert record["machine"]["cpu"] and record["machine"]["git_commit"]
+    runs = record["runs"]
+    assert [(r["phase"], r["name"]) for r in runs] == [
+        ("sweep", "adamw"), ("sweep", "adamw"), ("sweep", "adamw_8bit"), ("sweep", "adamw_8bit"),
+        ("seed", "adamw"), ("seed", "adamw_8bit"),
+    ]  # fmt: skip
+    assert all(r["error"] is None and len(r["eval_loss"]) == 2 and r["steps"] == list(range(1, 7)) for r in runs)
+    assert {r["lr"] for r in runs if r["name"] == "adamw" and r["phase"] == "sweep"} == {7.5e-4, 3e-3}
+    rows = {r["name"]: r for r in record["summary"]}
+    assert rows["adamw_8bit"]["twin"] == "adamw" and "vs_twin" in rows["adamw_8bit"]
+    md = tmp_path / "quality_study_smoke.md"
+    before = md.read_bytes()
+    assert "| adamw_8bit |" in before.decode() and (tmp_path / "quality_study_smoke_curves.png").stat().st_size
+    md.unlink()
+    assert quality.main(["--tables-only", "--smoke", "--output-dir", str(tmp_path)]) == 0
+    assert md.read_bytes() == before
+    # the README headline takes its quality column from the tuned study
+    (tmp_path / "quality_study.json").write_text((tmp_path / "quality_study_smoke.json").read_text())
+    headline = bench["summary"].table(tmp_path)
+    assert "final val loss (1 seeds, each at its best lr)" in headline
+    mean, sd = rows["adamw"]["final_mean"], rows["adamw"]["final_std"]
+    assert f"| adamw |  |  |  | {mean:.3f} ± {sd:.3f} |  |" in headline
+
+
+def test_finetune_smoke_pretrains_the_base_once_and_its_tables_regenerate_byte_for_byte(bench, tmp_path, capsys):
+    import json
+
+    quality, finetune, threads = bench["quality"], bench["_finetune"], torch.get_num_threads()
+    base = tmp_path / "base"
+    small = [*_smoke_args(tmp_path), "--names", "adamw", "--pretrain-steps", "2", "--cache-dir", str(base)]
+    small += ["--max-seq-length", "48", "--eval-examples", "4", "--block-size", "32", "--eval-blocks", "4"]
+    try:
+        assert finetune.main(small) == 0
+        assert "pretraining into" in capsys.readouterr().err
+        assert finetune.main([*small, "--estimate-only"]) == 0
+        assert "(cached)" in capsys.readouterr().err  # the second command reuses the base
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list(base.iterdir())) == 1
+    record = json.loads((tmp_path / "finetune_smoke.json").read_text())
+    assert set(record["modes"]) == {"full", "lora"} and record["machine"]["git_commit"]
+    for mode, scale in (("full", 1 / 3), ("lora", 1.0)):
+        runs = record["modes"][mode]["runs"]
+        assert [r["phase"] for r in runs] == ["sweep", "sweep", "seed"] and all(r["error"] is None for r in runs)
+        assert sorted(r["lr"] for r in runs[:2]) == bench["_study"].grid("adamw", (0.5 * scale, 2.0 * scale))
+    lora, full = record["modes"]["lora"]["runs"][0], record["modes"]["full"]["runs"][0]
+    assert lora["num_params"] < full["num_params"] / 5  # LoRA trains the adapters only
+    md = tmp_path / "finetune_smoke.md"
+    before = md.read_bytes()
+    assert b"## LoRA" in before and b"## Full fine-tuning" in before
+    md.unlink()
+    assert finetune.main(["--tables-only", "--smoke", "--output-dir", str(tmp_path)]) == 0
+    assert md.read_bytes() == before
+    # quality.py --finetune hands its other arguments to the fine-tuning script
+    calls = []
+    original = quality.subprocess.call
+    quality.subprocess.call = lambda cmd: calls.append(cmd) or 0
+    try:
+        assert quality.main(["--finetune", "--smoke"]) == 0
+    finally:
+        quality.subprocess.call = original
+    assert calls[0][1].endswith("_finetune.py") and calls[0][2:] == ["--smoke"]
