@@ -6,6 +6,7 @@ No training here (see test_trainer_train.py): every check is on construction.
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 from hypothesis import given, settings
@@ -205,6 +206,7 @@ def test_bad_optim_args_fail_at_construction(optim, optim_args, problem):
         ("adamw_8bit", "state=bf16", r"state='bf16' contradicts the name 'adamw_8bit', which sets state='8bit'"),
         ("adamw_cautious", "cautious=false", r"cautious=False contradicts the name 'adamw_cautious'"),
         ("adamw_8bit", "state=auto", r"state='auto' contradicts the name 'adamw_8bit'"),
+        ("adamw_agc", "agc=0", r"agc=0 contradicts the name 'adamw_agc'"),
     ],
 )
 def test_optim_args_contradicting_the_name_are_refused(optim, optim_args, problem):
@@ -212,6 +214,13 @@ def test_optim_args_contradicting_the_name_are_refused(optim, optim_args, proble
         make(optim=optim, optim_args=optim_args)
     # the same value is no contradiction; per-parameter entries may differ (documented)
     make(optim="adamw_8bit", optim_args="state=8bit,embeddings:state=fp32")
+
+
+def test_optim_args_tune_the_strength_a_name_sets(caplog):
+    """A name's numeric strength (AGC's clip, AdamW^2's tau) is tuned, not contradicted: logged."""
+    with caplog.at_level(logging.INFO):
+        make(optim="adamw_agc", optim_args="agc=0.05")
+    assert "agc=0.05 over the 0.01 of the name 'adamw_agc'" in caplog.text
 
 
 def test_auto_is_a_value_of_state_and_compile():

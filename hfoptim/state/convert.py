@@ -19,7 +19,11 @@ loses at every step anyway:
 * ``8bit``: the blockwise dynamic code (one byte per element, one scale per 256);
 * ``factored`` (second moments): the rank-1 row/column approximation ``R C / 1^T R``;
 * ``smmf``: the rank-1 approximation of ``|m|`` and ``v`` of the square-matricized tensor;
-* ``shared`` (second moments): the row means (per tensor for 0-/1-D tensors).
+* ``shared`` (second moments): the row means (per tensor for 0-/1-D tensors);
+* ``4bit``: the 4-bit codes (16 levels); its signed first-moment levels reach +1 but not -1, so
+  re-encoding a decoded block whose largest magnitude is negative takes a slightly smaller scale
+  (a ``4bit`` -> ``fp32`` -> ``4bit`` round trip may move such a block's codes by one level; a
+  sharded checkpoint, which must re-encode exactly, uses :meth:`Codec.export_value` instead).
 
 Every pair of forms the rule supports converts (each codec decodes to the dense value and
 every codec can be initialized from a dense value); what cannot be converted is refused by the

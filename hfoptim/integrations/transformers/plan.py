@@ -10,7 +10,9 @@ What the Trainer builds for an hfoptim name:
   scale_parameter=False``, as transformers' built-in, so the learning rate drives the step);
 - every option in ``optim_args`` overrides those (``lr=...``, ``betas=(0.9,0.99,0.9999)``, ...;
   betas / eps that replace ``adam_beta1/2`` / ``adam_epsilon`` are logged); an option that
-  contradicts the name's suffix (``adamw_8bit`` with ``state=bf16``) is refused;
+  contradicts the name's suffix (``adamw_8bit`` with ``state=bf16``, ``adamw_cautious`` with
+  ``cautious=false``, ``adamw_agc`` with ``agc=0``) is refused, while a strength the name sets
+  (``adamw2``'s ``spectral_cap``, ``adams``' ``weight_decay``) may be tuned (logged);
 - ``auto`` values follow the run: :data:`AUTO_TOTAL_STEPS` become the total number of optimizer
   steps (AdEMAMix's warm-up lengths, as the paper sets them); for ``state`` and ``compile``,
   ``auto`` is their own value ``"auto"``;
@@ -146,6 +148,14 @@ def overrides_from(mapping: dict[str, dict] | None) -> list[Override]:
     return [Override(str(s), dict(o)) for s, o in mapping.items()]
 
 
+def _tunes(named: Any, value: Any) -> bool:
+    """Whether ``value`` tunes the strength a name sets (a non-zero number over a non-zero
+    number), rather than contradicting its choice (a form, a mode, a switch, or switching off)."""
+    numbers = (int, float)
+    is_number = isinstance(named, numbers) and not isinstance(named, bool)
+    return is_number and isinstance(value, numbers) and not isinstance(value, bool) and bool(named) and bool(value)
+
+
 def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], where: str) -> None:
     """Validate options and overrides without a model: every key known, every value accepted.
 
@@ -155,7 +165,11 @@ def check_plan(spec: OptimizerSpec, options: dict, overrides: list[Override], wh
     overrides, _ = split_layouts(options, overrides, where)
     for key, given in options.items():
         value, named = literal_auto(spec, key, given), spec.options.get(key)
-        if key in spec.options and value != named:
+        if key not in spec.options or value == named:
+            continue
+        if _tunes(named, value):
+            logger.info("hfoptim: optim_args sets %s=%r over the %r of the name %r", key, value, named, spec.name)
+        else:
             raise OptimArgsError(
                 f"{where}: {key}={value!r} contradicts the name {spec.name!r}, which sets {key}={named!r}. "
                 f"Choose one: a name without that suffix with {key}={value!r} in optim_args, or the name alone "
