@@ -467,7 +467,9 @@ class Engine(torch.optim.Optimizer):
                 f"{type(self).__name__}: weight_decay_mode='stable' divides the decay by the mean second moment over "
                 f"ALL parameters, but {self.layout.partial_step_reason}"
             )
-        if "cpr" in modes and all(g["weight_decay"] == 0 for g in self.param_groups if g["weight_decay_mode"] == "cpr"):
+        # DeepSpeed's ZeRO steps one parameter group a call: a no-decay group alone proves nothing
+        cpr_groups = [g for g in self.param_groups if g["weight_decay_mode"] == "cpr"]
+        if cpr_groups and self.layout.steps_all_parameters and all(g["weight_decay"] == 0 for g in cpr_groups):
             raise ValueError(
                 f"{type(self).__name__}: weight_decay_mode='cpr' constrains the parameter groups whose weight_decay is "
                 f"non-zero (its value is only the switch, as in automl/CPR), and every such group has weight_decay=0: "
