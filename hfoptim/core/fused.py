@@ -10,10 +10,17 @@ rule's code is the same code the plain path runs; nothing is written twice.
 
 * One compilation per rule and distinct parameter shape (static shapes; a transformer has a
   handful), each in its own copy of the traced function so dynamo's per-function recompile
-  limit never applies across shapes. The
-  learning rate is a traced float input and the step counter the 0-d tensor kept in the state
-  (:class:`TracedStepContext`), so neither a learning-rate schedule nor the step count
-  recompiles; other hyperparameters are baked in (changing one recompiles).
+  limit never applies across shapes. The learning rate is a traced 0-d tensor input and the
+  step counter the 0-d tensor kept in the state (:class:`TracedStepContext`), so neither a
+  learning-rate schedule nor the step count recompiles. The traced function never sees the
+  parameter group itself: it gets :func:`hyperparameters`, a copy of the group's validated
+  options without ``lr`` (and without ``params``, ``initial_lr`` and whatever else a scheduler
+  or the Trainer keeps there), so dynamo cannot guard on the learning rate's value. The other
+  hyperparameters are baked in (changing one recompiles).
+* Compiling is announced on the ``hfoptim.core.fused`` logger: a warning before the first
+  compilation of the process (the first step is slow), an info line per compiled shape with the
+  time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later
+  process skips inductor's code generation (dynamo still traces once per shape and process).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
   every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
@@ -31,6 +38,8 @@ midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the d
 
 from __future__ import annotations
 
+import logging
+import time
 import types
 import warnings
 from typing import Any
@@ -46,6 +55,11 @@ AUTO_MIN_NUMEL = 1 << 16
 
 _compiled: dict[tuple, Any] = {}
 _failed: str | None = None
+#: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
+#: check that the compiled path ran)
+calls: dict[tuple, int] = {}
+
+logger = logging.getLogger(__name__)
 
 
 class TracedStepContext(StepContext):
@@ -57,10 +71,19 @@ class TracedStepContext(StepContext):
         return fn(self.steps[0])
 
 
+def hyperparameters(engine, group: dict) -> dict:
+    """What the traced function may read of ``group``: the validated options of the rule,
+    modifiers and engine, without ``lr`` (a traced input instead). Dynamo guards on every value
+    the traced code reads from a dict it is given (and, for some dicts, on all of them); the
+    group itself holds the learning rate a scheduler changes every step, the parameters and
+    keys of other libraries, so passing it would recompile at every learning-rate change."""
+    return {key: group[key] for key in engine._spec if key != "lr" and key in group}
+
+
 def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, stats, loss, lr: torch.Tensor):
-    """The engine's flow for one parameter held whole (traced by torch.compile). ``lr`` comes as
-    a 0-d tensor, an input of the graph (a float, like ``group["lr"]``, would be baked in and
-    recompile with every learning-rate change)."""
+    """The engine's flow for one parameter held whole (traced by torch.compile). ``group`` is
+    :func:`hyperparameters` (no ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a
+    float would be baked in and recompile with every learning-rate change)."""
     from .engine import advance
 
     view = ParamView.of(p)
@@ -86,6 +109,27 @@ def _compiled_fn(key: tuple = ()):
         fn = torch.compile(copy, dynamic=False, options={"assert_indirect_indexing": False})
         _compiled[key] = fn
     return fn
+
+
+def _run(key: tuple, *args) -> None:
+    """Call the kernel of ``key``; the first call of a key compiles it, announced on the logger."""
+    fn = _compiled_fn(key)
+    if key in calls:
+        fn(*args)
+        calls[key] += 1
+        return
+    rule, shape, dtype = key[0].name, key[1], key[2]
+    what = f"{rule} step for a {tuple(shape)} {str(dtype).replace('torch.', '')} tensor"
+    if not calls:
+        logger.warning(
+            "hfoptim: compiling the fused optimizer step (torch.compile, once per rule and parameter shape); "
+            "the first step is slower, later runs reuse inductor's disk cache. compile='off' skips it."
+        )
+    logger.info("hfoptim: compiling the fused %s", what)
+    start = time.perf_counter()
+    fn(*args)
+    calls[key] = 1
+    logger.info("hfoptim: compiled the fused %s in %.1f s", what, time.perf_counter() - start)
 
 
 def compile_available(device: torch.device) -> bool:
@@ -125,6 +169,8 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
 
     rest = []
     slots = engine.rule.active_slots(group)
+    options = hyperparameters(engine, group)
+    lr_value = float(group["lr"])
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
         if _failed is not None or not _eligible(engine, group, unit, mode, codecs):
@@ -136,18 +182,18 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
         # per shape); in-place updates of the detached alias reach the parameter
         work = p.to(dtype) if p.dtype != dtype else p.detach()
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
+        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device)
         try:
-            lr = torch.tensor(float(group["lr"]), dtype=dtype, device=p.device)
-            key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device)
-            _compiled_fn(key)(engine.rule, group, work, grad, unit.state, engine.layout.stats, loss, lr)
+            lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
+            _run(key, engine.rule, options, work, grad, unit.state, engine.layout.stats, loss, lr)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            warnings.warn(
+            message = (
                 f"hfoptim: torch.compile failed ({_failed}); compressed optimizer state runs the plain "
-                f"(slower) path. Set compile='off' to skip the attempt.",
-                RuntimeWarning,
-                stacklevel=3,
+                f"(slower) path from now on. Set compile='off' to skip the attempt."
             )
+            logger.warning(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
             rest.append(unit)
             continue
         if p.dtype != dtype:
@@ -159,5 +205,6 @@ def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
     global _failed
     _compiled.clear()
+    calls.clear()
     _failed = None
     torch._dynamo.reset()
