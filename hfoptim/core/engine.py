@@ -8,7 +8,8 @@
    group-level counter would run too fast);
 3. parameters are bucketed by device and dtype; the multi-tensor path runs each bucket through
    ``torch._foreach_*`` kernels, the reference path (``foreach=False``) runs one parameter at a
-   time through the same rule code;
+   time through the same rule code; a bucket is stepped in chunks, large tensors in row pieces,
+   so the step's temporaries stay within ``chunk_bytes`` (:mod:`hfoptim.core.chunking`);
 4. bf16/fp16 parameters are computed in fp32 (fp64 stays fp64); ``p.grad`` is never written;
 5. per step: gradient modifiers -> rule (state decoded, updated, encoded) -> update modifiers ->
    weight decay and ``p <- p - lr u``.
@@ -27,7 +28,7 @@ from ..modifiers import GRAD, MODIFIERS, UPDATE
 from ..modifiers.weight_decay import add_l2, apply_update
 from ..state import resolve
 from ..state.codec import decode_all, encode_all
-from . import fused
+from . import chunking, fused
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit
@@ -37,10 +38,6 @@ from .tensorlist import TensorList
 
 #: keys torch or other libraries put into parameter groups; carried, never interpreted
 PASSTHROUGH_GROUP_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
-
-#: a bucket whose state is not stored densely is processed this many elements at a time, so the
-#: decoded fp32 state of a whole model never exists at once
-DECODE_CHUNK_NUMEL = 1 << 22
 
 STATE_DICT_TAG = "hfoptim"
 
@@ -67,6 +64,13 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         "elements, when it works here), on, off (see hfoptim.core.fused)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
+    spec["chunk_bytes"] = HP(
+        chunking.DEFAULT_CHUNK_BYTES,
+        kind="int",
+        low=0,
+        doc="bound on the step's temporary memory: tensors are stepped in groups of at most chunk_bytes/64 "
+        "elements, large ones in pieces of whole rows where the rule allows (0: no bound; see hfoptim.core.chunking)",
+    )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
     return spec
@@ -200,8 +204,10 @@ class Engine(torch.optim.Optimizer):
             for unit in units:
                 self._check_grad(unit)
             for bucket in self._buckets(units):
-                for chunk in self._chunks(group, bucket):
-                    self._step_bucket(group, chunk, loss_value)
+                for unit in bucket:
+                    self._init_state(unit, group)["step"] += 1
+                for chunk, stats in chunking.plan(self, group, bucket):
+                    self._step_bucket(group, chunk, loss_value, stats)
         return closure_loss
 
     def _check_grad(self, unit: Unit) -> None:
@@ -221,20 +227,6 @@ class Engine(torch.optim.Optimizer):
             buckets[(u.param.device, u.param.dtype, u.grad.dtype)].append(u)
         return list(buckets.values())
 
-    def _chunks(self, group: dict, bucket: list[Unit]) -> list[list[Unit]]:
-        if len(bucket) == 1 or resolve.all_dense(self.rule, group):
-            return [bucket]
-        chunks, current, size = [], [], 0
-        for u in bucket:
-            # the global size, so every process of a sharded run cuts the same chunks
-            if current and size + u.view.global_numel > DECODE_CHUNK_NUMEL:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(u)
-            size += u.view.global_numel
-        chunks.append(current)
-        return chunks
-
     @staticmethod
     def compute_dtype(p: torch.Tensor) -> torch.dtype:
         return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
@@ -249,12 +241,12 @@ class Engine(torch.optim.Optimizer):
                 state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
 
-    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None) -> None:
+    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None, stats) -> None:
+        """Step ``units`` (state initialised, step counters advanced) with the statistics
+        backend ``stats`` (the layout's, or :class:`~hfoptim.core.stats.PieceStats` for a row
+        piece)."""
         rule, foreach = self.rule, self.foreach
-        states = [self._init_state(u, group) for u in units]
-        for s in states:
-            s["step"] += 1
-        units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
+        units = fused.step_compiled(self, group, units, loss, stats)  # compressed state: one kernel each
         if not units:
             return
         params = [u.param for u in units]
@@ -269,7 +261,7 @@ class Engine(torch.optim.Optimizer):
         if group["maximize"]:
             g = -g
 
-        ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
+        ctx = StepContext(group, steps, views, stats, foreach, loss, states)
         advance(rule, group, ctx, p_work, g, states, views, dtype)
         if low_precision:
             for p, w in zip(params, p_work):

@@ -46,8 +46,9 @@ from typing import Any
 
 import torch
 
+from ..state import resolve
 from .context import StepContext
-from .stats import LocalStats, ParamView
+from .stats import LocalStats, ParamView, PieceStats
 from .tensorlist import TensorList
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
@@ -80,13 +81,16 @@ def hyperparameters(engine, group: dict) -> dict:
     return {key: group[key] for key in engine._spec if key != "lr" and key in group}
 
 
-def _advance_one(rule, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict, stats, loss, lr: torch.Tensor):
-    """The engine's flow for one parameter held whole (traced by torch.compile). ``group`` is
-    :func:`hyperparameters` (no ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a
-    float would be baked in and recompile with every learning-rate change)."""
+def _advance_one(rule, group: dict, p, grad, state: dict, stats, loss, lr: torch.Tensor, global_shape: tuple):
+    """The engine's flow for one parameter held whole, or a row piece of one (traced by
+    torch.compile). ``group`` is :func:`hyperparameters` (no ``lr``); ``lr`` comes as a 0-d
+    tensor, an input of the graph (a float would be baked in and recompile with every
+    learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
+    chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
+    forms cannot tell from its true place (one kernel for all the pieces of one shape)."""
     from .engine import advance
 
-    view = ParamView.of(p)
+    view = ParamView(global_shape=torch.Size(global_shape), local_rows=p.shape[0] if p.dim() else None)
     ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
@@ -144,29 +148,40 @@ def compile_available(device: torch.device) -> bool:
 
 
 def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
-    p = unit.param
-    if unit.writeback is not None or unit.view.sharded or p.device.type not in ("cpu", "cuda"):
+    p, view = unit.param, unit.view
+    if unit.writeback is not None or view.sharded or p.device.type not in ("cpu", "cuda"):
         return False
-    if mode == "auto" and p.numel() < AUTO_MIN_NUMEL:
+    if mode == "auto" and view.global_numel < AUTO_MIN_NUMEL:
         return False
-    if tuple(unit.view.global_shape) != tuple(p.shape):
+    if tuple(view.local_shape) != tuple(p.shape):
         return False
+    if view.local_rows is not None and not all(c.offset_free for c in codecs):
+        return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
     fusing = [c for c in codecs if getattr(c, "fusable", False)]
-    view = unit.view
     return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
 
 
-def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
+def takes(engine, group: dict, unit, stats) -> bool:
+    """Whether ``unit`` would take the compiled path with the statistics backend ``stats``."""
+    mode = group.get("compile", "off")
+    if mode == "off" or engine.rule.needs_loss or type(stats) not in (LocalStats, PieceStats):
+        return False
+    if _failed is not None or not compile_available(unit.param.device):
+        return False
+    codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in engine.rule.active_slots(group)]
+    return _eligible(engine, group, unit, mode, codecs)
+
+
+def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     """Step the units of a bucket that take the compiled path (their state is initialised and
-    their step counters already advanced); return the others, for the plain path."""
+    their step counters already advanced) with the statistics backend ``stats``; return the
+    others, for the plain path."""
     global _failed
     mode = group.get("compile", "off")
-    if mode == "off" or not units or engine.rule.needs_loss or type(engine.layout.stats) is not LocalStats:
+    if mode == "off" or not units or engine.rule.needs_loss or type(stats) not in (LocalStats, PieceStats):
         return units
     if not compile_available(units[0].param.device):
         return units
-    from ..state import resolve
-
     rest = []
     slots = engine.rule.active_slots(group)
     options = hyperparameters(engine, group)
@@ -182,10 +197,11 @@ def step_compiled(engine, group: dict, units: list, loss: Any) -> list:
         # per shape); in-place updates of the detached alias reach the parameter
         work = p.to(dtype) if p.dtype != dtype else p.detach()
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
-        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device)
+        global_shape = tuple(unit.view.global_shape)
+        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape)
         try:
             lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
-            _run(key, engine.rule, options, work, grad, unit.state, engine.layout.stats, loss, lr)
+            _run(key, engine.rule, options, work, grad, unit.state, stats, loss, lr, global_shape)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             message = (

@@ -77,6 +77,10 @@ class Rule:
     default_state: ClassVar[dict[str, str]] = {}
     #: the paper (title, arXiv id) the rule follows
     paper: ClassVar[str] = ""
+    #: True when each element's update depends only on that element's gradient, parameter and
+    #: state and on per-step numbers (no statistic of the whole tensor): the engine may then step
+    #: a large tensor in pieces of whole rows to bound its temporaries (``chunk_bytes``)
+    elementwise: ClassVar[bool] = False
 
     def active_slots(self, group: dict) -> tuple[Slot, ...]:
         """The slots kept for parameters of ``group`` (see :attr:`Slot.when`)."""

@@ -25,6 +25,9 @@ class Modifier:
     switch: ClassVar[str] = ""
     #: what the registry-name suffix (e.g. "_cautious") sets
     suffix_kwargs: ClassVar[dict] = {}
+    #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
+    #: statistics at most): the engine may then step a large tensor in pieces of whole rows
+    row_local: ClassVar[bool] = False
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

@@ -29,6 +29,7 @@ class AdamWRule(Rule):
     """
 
     name = "adamw"
+    elementwise = True
     class_name = "AdamW"
     paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"
     hyperparams = {

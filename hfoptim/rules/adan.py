@@ -50,6 +50,7 @@ class AdanRule(Rule):
     """
 
     name = "adan"
+    elementwise = True
     class_name = "Adan"
     paper = "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models, arXiv 2208.06677"
     hyperparams = {

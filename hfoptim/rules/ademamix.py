@@ -70,6 +70,7 @@ class AdEMAMixRule(Rule):
     """
 
     name = "ademamix"
+    elementwise = True
     class_name = "AdEMAMix"
     paper = "The AdEMAMix Optimizer: Better, Faster, Older, arXiv 2409.03137"
     hyperparams = {

@@ -76,6 +76,7 @@ class PNMRule(Rule):
     """
 
     name = "pnm"
+    elementwise = True
     class_name = "PNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"
     hyperparams = {
@@ -115,6 +116,7 @@ class AdaPNMRule(Rule):
     """
 
     name = "adapnm"
+    elementwise = True
     class_name = "AdaPNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"
     hyperparams = {

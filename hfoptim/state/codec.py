@@ -34,6 +34,16 @@ class Codec:
     kinds: ClassVar[frozenset] = frozenset()
     #: True when ``decode`` returns the stored tensor itself and ``encode`` does nothing
     identity: ClassVar[bool] = False
+    #: True when what is stored for a run of whole rows of a 2+-D parameter does not depend on
+    #: where the run starts (the compiled path may then step a row piece as a tensor of its own)
+    offset_free: ClassVar[bool] = False
+
+    def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
+        """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
+        that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
+        reach the whole tensors); None when this form cannot be cut into rows (its state mixes
+        rows: factored, SMMF, shared, per-tensor scalars)."""
+        return None
 
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
@@ -104,6 +114,10 @@ class Dense(Codec):
     name = "fp32"
     kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR})
     identity = True
+    offset_free = True
+
+    def rows(self, slot, stored, view, start, stop):
+        return None if slot.kind == SCALAR else {slot.name: stored[slot.name][start:stop]}
 
     def shapes(self, slot, view, p):
         return {slot.name: () if slot.kind == SCALAR else tuple(p.shape)}
