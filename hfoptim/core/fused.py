@@ -26,8 +26,9 @@ rule's code is the same code the plain path runs; nothing is written twice.
   every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
   the codec's ``fusable_for(view)`` agrees: 8-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
-  in one collective, which a per-parameter kernel would split), it is on a CPU or CUDA device,
-  and the rule does not need the loss.
+  in one collective, which a per-parameter kernel would split) or is a row piece of such a
+  tensor (:mod:`hfoptim.core.chunking`; stepped as rows from 0, so only storage forms marked
+  ``offset_free``), it is on a CPU or CUDA device, and the rule does not need the loss.
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
