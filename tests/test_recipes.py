@@ -362,11 +362,12 @@ def test_sharding_not_engaged_stops_at_the_first_step(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """python -m hfoptim.demo, shortened: both runs train, the table's numbers, the plot and the
+    """python -m hfoptim.demo, shortened: every run trains, the table's numbers, the plot and the
     saved models are written."""
     from hfoptim import demo
 
-    optim = demo.default_optimizer()
+    optims = demo.default_optimizers()
+    assert optims == ["adamw_8bit", "ademamix_8bit"]
     argv = [
         "--steps",
         "2",
@@ -385,9 +386,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert demo.main(argv) == 0
     record = read(tmp_path / "results.json")
     runs = {r["optim"]: r for r in record["runs"]}
-    assert set(runs) == {demo.TORCH_ADAMW, optim}
+    assert set(runs) == {demo.TORCH_ADAMW, *optims}
     assert runs[demo.TORCH_ADAMW]["state_bytes_per_param"] == pytest.approx(8.0, abs=0.01)
-    assert runs[optim]["state_bytes"] < runs[demo.TORCH_ADAMW]["state_bytes"]
+    for optim in optims:
+        assert runs[optim]["state_bytes"] < runs[demo.TORCH_ADAMW]["state_bytes"]
     for r in runs.values():
         assert len(r["train_loss"]) == 2 and r["eval_steps"] == [1, 2]
         assert math.isfinite(r["final_eval_loss"])

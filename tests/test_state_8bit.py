@@ -26,7 +26,6 @@ import torch
 
 import hfoptim
 from hfoptim import memory
-from hfoptim.core import engine as engine_module
 from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from hfoptim.core.stats import LocalStats, ParamView
 from hfoptim.state import CODECS, resolve
@@ -133,13 +132,12 @@ def _params(seed=0):
     return [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in [(40, 300), (5000,), (7,), (3, 4, 5)]]
 
 
-def test_fp32_form_is_bit_identical_to_the_default_and_to_a_threshold_fallback(monkeypatch):
+def test_fp32_form_is_bit_identical_to_the_default_and_to_a_threshold_fallback():
     """state='fp32', the default state, and state='8bit' on tensors all below the threshold must
     run exactly the same arithmetic (the last one also through the chunked path: chunks forced
-    small)."""
-    monkeypatch.setattr(engine_module, "DECODE_CHUNK_NUMEL", 1000)
+    small: groups of 1000 elements, larger tensors in row pieces)."""
     runs = []
-    for options in ({"state": "fp32"}, {}, {"state": "8bit", "state_min_numel": 10**9}):
+    for options in ({"state": "fp32"}, {}, {"state": "8bit", "state_min_numel": 10**9, "chunk_bytes": 64 * 1000}):
         params = _params()
         opt = hfoptim.AdamW(params, **HP, **options)
         for t in range(1, 8):

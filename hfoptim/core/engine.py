@@ -8,7 +8,8 @@
    group-level counter would run too fast);
 3. parameters are bucketed by device and dtype; the multi-tensor path runs each bucket through
    ``torch._foreach_*`` kernels, the reference path (``foreach=False``) runs one parameter at a
-   time through the same rule code;
+   time through the same rule code; a bucket is stepped in chunks, large tensors in row pieces,
+   so the step's temporaries stay within ``chunk_bytes`` (:mod:`hfoptim.core.chunking`);
 4. bf16/fp16 parameters are computed in fp32 (fp64 stays fp64); ``p.grad`` is never written;
 5. per step: gradient modifiers -> rule (state decoded, updated, encoded) -> update modifiers ->
    weight decay and ``p <- p - lr u``;
@@ -35,7 +36,7 @@ from ..modifiers.weight_decay import add_l2, apply_update, stable_scale
 from ..state import convert, resolve
 from ..state.codec import decode_all, encode_all
 from ..state.convert import STORAGE_KEYS
-from . import fused, param_layout
+from . import chunking, fused, param_layout
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit, canonical_units
@@ -46,10 +47,6 @@ from .tensorlist import TensorList
 
 #: keys torch or other libraries put into parameter groups; carried, never interpreted
 PASSTHROUGH_GROUP_KEYS = frozenset({"params", "param_names", "name", "initial_lr"})
-
-#: a bucket whose state is not stored densely is processed this many elements at a time, so the
-#: decoded fp32 state of a whole model never exists at once
-DECODE_CHUNK_NUMEL = 1 << 22
 
 STATE_DICT_TAG = "hfoptim"
 
@@ -88,6 +85,13 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         "processes together), leaving parameters and state untouched: True, False, or None (default: on "
         "when the group keeps compressed state, whose blocks or factors one NaN would spoil)",
         check=lambda v: None if v is None or isinstance(v, bool) else "True, False or None, not a number",
+    )
+    spec["chunk_bytes"] = HP(
+        chunking.DEFAULT_CHUNK_BYTES,
+        kind="int",
+        low=0,
+        doc="bound on the step's temporary memory: tensors are stepped in groups of at most chunk_bytes/64 "
+        "elements, large ones in pieces of whole rows where the rule allows (0: no bound; see hfoptim.core.chunking)",
     )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
@@ -436,8 +440,10 @@ class Engine(torch.optim.Optimizer):
             return closure_loss
         for group, units in plan:
             for bucket in self._buckets(units, self.group_foreach(group)):
-                for chunk in self._chunks(group, bucket):
-                    self._step_bucket(group, chunk, loss_value, deferred)
+                for unit in bucket:
+                    self._init_state(unit, group)["step"] += 1
+                for chunk, stats in chunking.plan(self, group, bucket):
+                    self._step_bucket(group, chunk, loss_value, stats, deferred)
         if deferred:
             scale = stable_scale([d.ctx for d in deferred])
             for d in deferred:
@@ -494,24 +500,6 @@ class Engine(torch.optim.Optimizer):
             buckets[(u.param.device, u.param.dtype, u.grad.dtype)].append(u)
         return list(buckets.values())
 
-    def _chunks(self, group: dict, bucket: list[Unit]) -> list[list[Unit]]:
-        if len(bucket) == 1 or resolve.all_dense(self.rule, group):
-            return [bucket]
-        # the global size of the sharded units, so every process of a sharded run cuts the same
-        # chunks around the units whose statistics take collectives (units held whole here, such
-        # as the local experts of an FSDP2 shard, differ from process to process and do not count)
-        sharded = any(u.view.sharded for u in bucket)
-        chunks, current, size = [], [], 0
-        for u in bucket:
-            numel = u.view.global_numel if u.view.sharded or not sharded else 0
-            if current and numel and size + numel > DECODE_CHUNK_NUMEL:
-                chunks.append(current)
-                current, size = [], 0
-            current.append(u)
-            size += numel
-        chunks.append(current)
-        return chunks
-
     @staticmethod
     def compute_dtype(p: torch.Tensor) -> torch.dtype:
         return torch.float32 if p.dtype in (torch.bfloat16, torch.float16) else p.dtype
@@ -526,13 +514,16 @@ class Engine(torch.optim.Optimizer):
                 state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
 
-    def _step_bucket(self, group: dict, units: list[Unit], loss: float | None, deferred: list | None = None) -> None:
+    def _step_bucket(
+        self, group: dict, units: list[Unit], loss: float | None, stats, deferred: list | None = None
+    ) -> None:
+        """Step ``units`` (state initialised, step counters advanced) with the statistics
+        backend ``stats`` (the layout's, or :class:`~hfoptim.core.stats.PieceStats` for a row
+        piece); with ``deferred`` (stable weight decay) the update is recorded there, applied once
+        every bucket has advanced."""
         rule, foreach = self.rule, self.group_foreach(group)
-        states = [self._init_state(u, group) for u in units]
-        for s in states:
-            s["step"] += 1
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
-            units = fused.step_compiled(self, group, units, loss)  # compressed state: one kernel each
+            units = fused.step_compiled(self, group, units, loss, stats)  # compressed state: one kernel each
         if not units:
             return
         params = [u.param for u in units]
@@ -547,7 +538,7 @@ class Engine(torch.optim.Optimizer):
         if group["maximize"]:
             g = -g
 
-        ctx = StepContext(group, steps, views, self.layout.stats, foreach, loss, states)
+        ctx = StepContext(group, steps, views, stats, foreach, loss, states)
 
         def done() -> None:
             if low_precision:

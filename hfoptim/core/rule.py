@@ -95,9 +95,11 @@ class Rule:
     default_state: ClassVar[dict[str, str]] = {}
     #: the paper (title, arXiv id) the rule follows
     paper: ClassVar[str] = ""
-    #: True when each element's update depends only on that element's own values and history (no
-    #: norm, row or shape of the tensor): a parameter's layout (:mod:`hfoptim.core.param_layout`)
-    #: then cannot change the step, and the parameter is stepped as stored
+    #: True when each element's update depends only on that element's gradient, parameter and
+    #: state and on per-step numbers (no norm, row, shape or other statistic of the tensor): a
+    #: parameter's layout (:mod:`hfoptim.core.param_layout`) then cannot change the step (it is
+    #: stepped as stored), and the engine may step a large tensor in pieces of whole rows to bound
+    #: its temporaries (``chunk_bytes``)
     elementwise: ClassVar[bool] = False
     #: True when the rule's step of a matrix is the same for its transpose (elementwise, or the
     #: only statistics are over the whole tensor: nSGDA's norm): a Conv1D weight is then stepped

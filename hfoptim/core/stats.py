@@ -340,3 +340,18 @@ def unblocked(x: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
     if lead or per_line * block != length:
         x = x[:, lead : lead + length]
     return x.reshape(view.local_shape)
+
+
+class PieceStats(LocalStats):
+    """Statistics for row pieces of tensors held whole (the engine's ``chunk_bytes``): per-row
+    and per-block statistics of a piece are those of its rows in the whole tensor, so they are
+    allowed; a statistic of the whole tensor is not in a piece, and asking for one is an error
+    (only rules and modifiers that need none are stepped in pieces)."""
+
+    def _whole(self, *args, **kwargs):
+        raise RuntimeError(
+            "hfoptim internal error: a statistic of the whole tensor was asked for a row piece; the rule "
+            "or a modifier needs whole-tensor statistics and must not be marked elementwise/row_local"
+        )
+
+    sum_sq = norm = sum = col_sum = _whole

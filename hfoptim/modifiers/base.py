@@ -33,6 +33,9 @@ class Modifier:
     #: True when it takes statistics per output unit (row) or per matrix, which follow the
     #: parameter's layout; False when its statistics are over the whole tensor only
     per_unit: ClassVar[bool] = True
+    #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
+    #: statistics at most): the engine may then step a large tensor in pieces of whole rows
+    row_local: ClassVar[bool] = False
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

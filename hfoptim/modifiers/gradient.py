@@ -99,6 +99,7 @@ class GradientCentralization(Modifier):
     name = "gc"
     stage = GRAD
     switch = "centralize"
+    row_local = True  # row means only
     hyperparams = {"centralize": HP(False, kind="bool")}
     suffix_kwargs = {"centralize": True}
 

@@ -30,6 +30,7 @@ class AdamWRule(Rule):
 
     elementwise = True
     name = "adamw"
+    elementwise = True
     class_name = "AdamW"
     paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"
     hyperparams = {

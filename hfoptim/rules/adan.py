@@ -51,6 +51,7 @@ class AdanRule(Rule):
 
     elementwise = True
     name = "adan"
+    elementwise = True
     class_name = "Adan"
     paper = "Adan: Adaptive Nesterov Momentum Algorithm for Faster Optimizing Deep Models, arXiv 2208.06677"
     hyperparams = {

@@ -71,6 +71,7 @@ class AdEMAMixRule(Rule):
 
     elementwise = True
     name = "ademamix"
+    elementwise = True
     class_name = "AdEMAMix"
     paper = "The AdEMAMix Optimizer: Better, Faster, Older, arXiv 2409.03137"
     hyperparams = {

@@ -35,6 +35,7 @@ class DiffGradRule(Rule):
 
     elementwise = True
     name = "diffgrad"
+    elementwise = True
     class_name = "DiffGrad"
     paper = "diffGrad: An Optimization Method for Convolutional Neural Networks, arXiv 1909.11015"
     hyperparams = {

@@ -77,6 +77,7 @@ class PNMRule(Rule):
 
     elementwise = True
     name = "pnm"
+    elementwise = True
     class_name = "PNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"
     hyperparams = {
@@ -117,6 +118,7 @@ class AdaPNMRule(Rule):
 
     elementwise = True
     name = "adapnm"
+    elementwise = True
     class_name = "AdaPNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"
     hyperparams = {

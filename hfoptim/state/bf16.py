@@ -91,6 +91,11 @@ class BF16(Codec):
     def key(slot: Slot) -> str:
         return f"{slot.name}.bf16"
 
+    def rows(self, slot, stored, view, start, stop):
+        # the rounding bits of an element come from its global index (view.offset): a piece's
+        # view keeps its row_start, so the piece rounds exactly as the whole tensor would
+        return {self.key(slot): stored[self.key(slot)][start:stop]}
+
     def shapes(self, slot, view, p):
         return {self.key(slot): tuple(view.local_shape)}
 

@@ -145,10 +145,16 @@ class Blockwise8bit(Codec):
         return fusable_blocks(view)
 
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
+    #: a block never crosses a row of a 2+-D tensor: rows are coded on their own
+    offset_free = True
 
     @staticmethod
     def keys(slot: Slot) -> tuple[str, str]:
         return f"{slot.name}.codes", f"{slot.name}.scale"
+
+    def rows(self, slot, stored, view, start, stop):
+        codes, scale = self.keys(slot)
+        return {codes: stored[codes][start:stop], scale: stored[scale][start:stop]}
 
     def shapes(self, slot, view, p):
         codes, scale = self.keys(slot)

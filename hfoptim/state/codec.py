@@ -37,6 +37,16 @@ class Codec:
     #: True when each element is stored on its own (no block, row or tensor statistic): the
     #: parameter's layout then cannot change what is stored
     elementwise: ClassVar[bool] = False
+    #: True when what is stored for a run of whole rows of a 2+-D parameter does not depend on
+    #: where the run starts (the compiled path may then step a row piece as a tensor of its own)
+    offset_free: ClassVar[bool] = False
+
+    def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
+        """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
+        that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
+        reach the whole tensors); None when this form cannot be cut into rows (its state mixes
+        rows: factored, SMMF, shared, per-tensor scalars)."""
+        return None
 
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
@@ -115,6 +125,11 @@ class Dense(Codec):
     kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR, STATISTIC})
     identity = True
     elementwise = True
+
+    offset_free = True
+
+    def rows(self, slot, stored, view, start, stop):
+        return None if slot.kind == SCALAR else {slot.name: stored[slot.name][start:stop]}
 
     def shapes(self, slot, view, p):
         return {slot.name: slot.shape_for(p.shape)}

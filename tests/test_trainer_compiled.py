@@ -1,0 +1,67 @@
+"""The compiled path (hfoptim.core.fused) under a real ``HFOptimTrainer`` with a learning-rate
+schedule.
+
+The Trainer's scheduler writes a new ``group["lr"]`` at every step (warm-up, then decay). The
+traced step must take the learning rate as a tensor input: one compilation per parameter shape
+for the whole run, and the compiled kernel used at every step. Before the fix dynamo guarded on
+``group['lr'] == <value>`` and recompiled at every step until its recompile limit sent the step
+to uncompiled code; this test runs more steps than that limit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
+from hfoptim.core import fused
+from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
+
+
+@pytest.mark.slow
+def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(tmp_path, monkeypatch, caplog):
+    steps = torch._dynamo.config.recompile_limit + 4
+    # hitting the limit would raise (and the engine fall back to the plain path with a warning)
+    # instead of silently running the traced function uncompiled
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    fused.reset()
+    counters.clear()
+    args = HFOptimTrainingArguments(
+        **run_args(
+            tmp_path,
+            optim="adamw_8bit",
+            optim_args="compile=on,state_min_numel=1024",
+            max_steps=steps,
+            warmup_steps=3,
+            lr_scheduler_type="cosine",
+            weight_decay=0.1,
+        )
+    )
+    trainer = HFOptimTrainer(model=tiny_llama(), args=args, train_dataset=TokenData(n=4 * steps))
+    lrs = []
+    with caplog.at_level(logging.INFO, logger="hfoptim.core.fused"):
+        trainer.train()
+        lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    opt = inner_optimizer(trainer)
+    assert len(set(lrs)) == steps  # warm-up and decay: a new learning rate at every step
+
+    # the parameters with 8-bit state (at least 1024 elements) take the compiled path
+    eligible = [p for g in opt.param_groups for p in g["params"] if "exp_avg.codes" in opt.state[p]]
+    shapes = Counter(tuple(p.shape) for p in eligible)
+    assert len(shapes) >= 3 and len(eligible) > len(shapes)  # several shapes, shapes shared by parameters
+    assert fused._failed is None
+    # every eligible parameter at every step went through the compiled kernel of its shape ...
+    assert {key[1]: n for key, n in fused.calls.items()} == {s: n * steps for s, n in shapes.items()}
+    # ... which was traced and compiled once: no recompilation for the learning rate or the step
+    assert counters["stats"]["unique_graphs"] == len(shapes), dict(counters["stats"])
+    assert counters["frames"]["total"] == len(shapes), dict(counters["frames"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    # compiling is announced: once as a warning, then per shape with its time
+    messages = [r.getMessage() for r in caplog.records if r.name == "hfoptim.core.fused"]
+    assert sum("compiling the fused optimizer step" in m for m in messages) == 1
+    assert sum(m.startswith("hfoptim: compiled the fused adamw step") for m in messages) == len(shapes)
+    fused.reset()
