@@ -27,7 +27,8 @@ SHAPES = [(64, 512), (48, 300), (4096,), (3000,), (40, 100)]
 HP = dict(lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
 #: non-default hyperparameters of the rules whose betas or options differ from AdamW's
 RULE_HP = {
-    "ademamix": dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0),
+    # the warm-ups of alpha and beta3 read the (traced) step; T = 3 < steps: past the end too
+    "ademamix": dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0, t_alpha=3.0, t_beta3=3.0),
     "adan": dict(HP, betas=(0.9, 0.9, 0.98)),
     "adapnm": dict(HP, betas=(0.85, 0.98, 0.8)),
     "adafactor": dict(lr=3e-3, weight_decay=0.05, beta1=0.9),

@@ -4,16 +4,28 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..core.hparams import HP, betas
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Rule, Slot
 
 
+def _at_most(x, cap: float):
+    """``min(x, cap)`` for a number, or a 0-d tensor (the compiled path traces the step as one:
+    Python's ``min`` would branch on its value and break the graph)."""
+    return x.clamp(max=cap) if isinstance(x, torch.Tensor) else min(x, cap)
+
+
+def _exp(x):
+    return x.exp() if isinstance(x, torch.Tensor) else math.exp(x)
+
+
 def alpha_at(t: int, alpha: float, t_alpha: float | None) -> float:
     """Linear warm-up of the mixing weight: ``min(t alpha / T_alpha, alpha)``; ``alpha`` when
-    ``T_alpha`` is None."""
+    ``T_alpha`` is None. ``t`` may be a 0-d tensor (then so is the result)."""
     if t_alpha is None:
         return alpha
-    return min(t * alpha / t_alpha, alpha)
+    return _at_most(t * alpha / t_alpha, alpha)
 
 
 def beta3_at(t: int, beta1: float, beta3: float, t_beta3: float | None) -> float:
@@ -29,9 +41,9 @@ def beta3_at(t: int, beta1: float, beta3: float, t_beta3: float | None) -> float
         return beta3
     s = t / t_beta3
     if beta1 == 0.0:
-        return min(beta3 ** (1.0 / s), beta3)
+        return _at_most(beta3 ** (1.0 / s), beta3)
     ln1, ln3 = math.log(beta1), math.log(beta3)
-    return min(math.exp(ln1 * ln3 / ((1.0 - s) * ln3 + s * ln1)), beta3)
+    return _at_most(_exp(ln1 * ln3 / ((1.0 - s) * ln3 + s * ln1)), beta3)
 
 
 class AdEMAMixRule(Rule):
