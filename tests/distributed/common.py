@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import hfoptim
+from hfoptim.modifiers import GRAD, MODIFIERS
 from hfoptim.registry import _bases
 from hfoptim.state.codec import CODECS
 
@@ -116,6 +117,12 @@ def case_kwargs(name: str) -> dict:
         options.update(cpr_kappa_init="dependent", cpr_kappa=0.9)
     if spec.options.get("norm_loss"):  # a pull large enough to be seen in a few steps
         options["norm_loss"] = 0.1
+    pre_ns = [m for m in MODIFIERS if m.stage == GRAD and m.switch in spec.options and m.enabled(spec.options)]
+    if spec.rule.name == "muon" and pre_ns:
+        # a gradient statistic before Newton-Schulz (a norm, row sums) differs from one process's in
+        # its last fp32 bit (the order of the sum); bf16 Newton-Schulz turns that into a bf16 ulp
+        # (2**-8) where a value sits on a rounding boundary: compare the fp32 iteration
+        options["ns_dtype"] = "fp32"
     return options
 
 
