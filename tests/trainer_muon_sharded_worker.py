@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
 from hfoptim.integrations.transformers import find_engines
-from tests.trainer_setup import TokenData, configure_cpu_sharding, run_args, tiny_llama
+from tests.trainer_setup import TokenData, run_args, tiny_llama
 
 
 def main() -> None:
@@ -23,15 +23,13 @@ def main() -> None:
     parser.add_argument("--mode", choices=["zero2", "zero3", "fsdp2"], required=True)
     parser.add_argument("--out", required=True)
     opts = parser.parse_args()
-    configure_cpu_sharding("fsdp" if opts.mode == "fsdp2" else "deepspeed")
     kw = run_args(
         os.path.join(os.path.dirname(opts.out), "trainer_out"),
         optim="muon_8bit",
         optim_args="state_min_numel=0,ns_dtype=fp32",
         max_steps=3,
         per_device_train_batch_size=2,
-        use_cpu=False,
-        accelerator_config={"use_configured_state": True},
+        use_cpu=True,  # as a CPU user would write; cpu_sharding (the default) engages the sharding
     )
     if opts.mode == "fsdp2":
         kw.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2})
