@@ -24,10 +24,10 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m hfoptim.demo
+	$(PY) -m hfoptim.app.demo
 
 bench: setup
-	$(PY) -m hfoptim.cli bench
+	$(PY) -m hfoptim.app.bench
 
 lint: setup
 	$(VENV)/bin/ruff check hfoptim tests benchmarks recipes

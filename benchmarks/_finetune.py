@@ -54,7 +54,8 @@ import quality  # noqa: E402
 from _timing import RESULTS_DIR, library_versions, machine_info, update_report, write_json  # noqa: E402
 from sft_lora import PadCollator, SFTArguments, SFTDataset, add_lora  # noqa: E402
 
-from hfoptim import embedded  # noqa: E402
+from hfoptim.app.corpus import Corpus, embedded_tokenizer, function_examples, stdlib_corpus  # noqa: E402
+from hfoptim.models import model_from_config  # noqa: E402
 
 MODES = ("full", "lora")
 #: the sweep centre in each mode relative to the pretraining centre (study.CENTRES): full
@@ -83,7 +84,7 @@ EVAL_EVERY = 5
 
 
 # ---------------------------------------------------------------------------------------- base model
-def base_key(config, corpus: embedded.Corpus, args) -> str:
+def base_key(config, corpus: Corpus, args) -> str:
     """The cache key of the pretrained base: model config, corpus and pretraining settings."""
     settings = {k: getattr(args, k) for k in ("pretrain_steps", "pretrain_lr", "batch_size", "block_size")}
     config_dict = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
@@ -94,7 +95,7 @@ def base_key(config, corpus: embedded.Corpus, args) -> str:
 def pretrain(data: dict, args, folder: Path, log) -> None:
     """Pretrain the embedded model with torch's AdamW (seed 0) and save it to ``folder``."""
     torch.manual_seed(0)
-    model = embedded.model_from_config(data["config"])
+    model = model_from_config(data["config"])
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, args.pretrain_steps // 10)
@@ -124,7 +125,7 @@ def pretrain(data: dict, args, folder: Path, log) -> None:
 def base_model(args, log) -> tuple[Path, dict]:
     """The cached base (pretrained on first use) and the embedded data it was trained on."""
     data = quality.prepare_data(args.block_size, args.eval_blocks)
-    corpus = embedded.stdlib_corpus()
+    corpus = stdlib_corpus()
     folder = Path(args.cache_dir) / f"tiny-llama-{base_key(data['config'], corpus, args)}"
     if folder.exists():
         log(f"base model: {folder} (cached)")
@@ -134,21 +135,21 @@ def base_model(args, log) -> tuple[Path, dict]:
     return folder, data
 
 
-def held_out_corpus() -> embedded.Corpus:
+def held_out_corpus() -> Corpus:
     """The standard-library files pretraining never trained on: every eligible file outside the
     embedded corpus's train split (its strided subset leaves most of the library out)."""
-    seen = set(embedded.stdlib_corpus().train_files)
-    everything = embedded.stdlib_corpus(max_bytes=10**12)
+    seen = set(stdlib_corpus().train_files)
+    everything = stdlib_corpus(max_bytes=10**12)
     files = tuple(f for f in (*everything.train_files, *everything.validation_files) if f not in seen)
-    return embedded.Corpus(everything.root, files, ())
+    return Corpus(everything.root, files, ())
 
 
 def sft_data(args) -> dict:
     """The SFT pairs of the held-out files, tokenised by the recipe; one in :data:`EVAL_EVERY`
     (by a hash of the prompt) for validation."""
     corpus = held_out_corpus()
-    tokenizer = embedded.embedded_tokenizer()
-    pairs = embedded.function_examples(corpus, "train")
+    tokenizer = embedded_tokenizer()
+    pairs = function_examples(corpus, "train")
     held = [p for p in pairs if zlib.crc32(p["prompt"].encode()) % EVAL_EVERY == 0]
     train = [p for p in pairs if zlib.crc32(p["prompt"].encode()) % EVAL_EVERY != 0]
     sft = SFTArguments(max_seq_length=args.max_seq_length)

@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: the machine, transformer-shaped parameter sets, and
 interleaved timing against a baseline measured in the same process.
 
-Not a benchmark itself (``hfoptim bench`` skips files starting with ``_``). Import it from a
+Not a benchmark itself (``python -m hfoptim.app.bench`` skips files starting with ``_``). Import it from a
 script in this folder with ``from _timing import ...`` (each script puts this folder on
 ``sys.path``).
 

@@ -49,6 +49,8 @@ from _timing import (  # noqa: E402
     write_json,
 )
 
+from hfoptim.models import LLAMA_2_7B  # noqa: E402
+
 GiB = 1024**3
 WORLD_SIZE = 8
 MIXED_PRECISION = "bf16"
@@ -67,15 +69,7 @@ LLAMA_CONFIGS = {
         head_dim=64,
         tie_word_embeddings=True,
     ),
-    "Llama-2-7B": dict(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        tie_word_embeddings=False,
-    ),
+    "Llama-2-7B": LLAMA_2_7B,
 }
 
 #: names shown in the per-GPU table (the measured table has every name)

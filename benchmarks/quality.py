@@ -18,8 +18,9 @@ Writes ``results/quality_study.json`` (every run: phase, lr, seed, curve; the ma
 ``.md`` and ``_curves.png``, and the ``quality-study`` section of BENCHMARKS.md; ``--smoke`` runs
 2 lrs, 1 seed and a few steps into ``quality_study_smoke.*``.
 
-The embedded default (``hfoptim.embedded``): the tiny Llama-style causal LM (about 1M parameters)
-pretrained from scratch on the Python standard library's source with the embedded BPE tokenizer;
+The embedded default: the tiny Llama-style causal LM (``hfoptim.models.tiny_llama_config``, about
+1M parameters) pretrained from scratch on the Python standard library's source with the embedded
+BPE tokenizer (``hfoptim.app.corpus``);
 validation on held-out files. Every optimizer gets the same fixed token budget (steps x batch x
 block), the same initial weights and batch order for a given seed, the same schedule (linear
 warm-up over 10% of the steps, cosine to 10% of the peak), gradient clipping at 1.0, weight
@@ -102,16 +103,17 @@ class Run:
 
 # ---------------------------------------------------------------------------------------- data
 def prepare_data(block_size: int, eval_blocks: int) -> dict:
-    from hfoptim import embedded
+    from hfoptim.app.corpus import BlockDataset, corpus_token_ids, embedded_tokenizer, stdlib_corpus
+    from hfoptim.models import tiny_llama_config
 
-    corpus = embedded.stdlib_corpus()
-    tokenizer = embedded.embedded_tokenizer(corpus=corpus)
-    train_ids = embedded.corpus_token_ids(tokenizer, "train", corpus)
-    val_ids = embedded.corpus_token_ids(tokenizer, "validation", corpus)
+    corpus = stdlib_corpus()
+    tokenizer = embedded_tokenizer(corpus=corpus)
+    train_ids = corpus_token_ids(tokenizer, "train", corpus)
+    val_ids = corpus_token_ids(tokenizer, "validation", corpus)
     return {
-        "train": embedded.BlockDataset(train_ids, block_size).blocks,
-        "validation": embedded.BlockDataset(val_ids, block_size, max_blocks=eval_blocks).blocks,
-        "config": embedded.tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, block_size)),
+        "train": BlockDataset(train_ids, block_size).blocks,
+        "validation": BlockDataset(val_ids, block_size, max_blocks=eval_blocks).blocks,
+        "config": tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, block_size)),
         "describe": (
             f"{len(corpus.train_files)} train / {len(corpus.validation_files)} validation files of the Python "
             f"standard library, {train_ids.numel():,} train tokens, vocabulary {len(tokenizer)}"
@@ -182,14 +184,14 @@ def _init_worker(data: dict, threads: int) -> None:
 
 
 def train_one(name: str, seed: int, args) -> Run:
-    from hfoptim import embedded
+    from hfoptim.models import model_from_config
 
     data = _DATA
     run = Run(name, seed)
     start = time.perf_counter()
     try:
         torch.manual_seed(seed)
-        model = embedded.model_from_config(data["config"])
+        model = model_from_config(data["config"])
         model.train()
         run.num_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(name, model, args)

@@ -1,21 +1,19 @@
-"""The ``hfoptim`` command: list the optimizers, predict their memory, run the benchmarks.
+"""The ``hfoptim`` command: list the optimizers and predict their memory.
 
 hfoptim list                        every optimizer name, its state bytes per parameter
 hfoptim memory MODEL --optim NAME   per-device memory for a model config, next to AdamW
-hfoptim bench                       run the scripts in benchmarks/
+
+(The benchmark runner belongs to the application: ``python -m hfoptim.app.bench``.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from .tables import format_bytes, print_table, progress, status
+from .console import format_bytes, print_table, progress, status
 
 BASELINE = "adamw"
 
@@ -26,7 +24,6 @@ examples:
   hfoptim memory tiny-llama --optim ademamix_8bit --measure
   hfoptim memory meta-llama/Llama-3.1-8B --optim adan_8bit --zero 2 --world-size 8 --mixed-precision bf16
   hfoptim memory ./my-model --optim adamw_factored --fsdp --world-size 4
-  hfoptim bench --list                           the benchmarks that `hfoptim bench` runs
 """
 
 
@@ -248,9 +245,9 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
     the estimate for that same model."""
     import torch
 
-    from .embedded import TINY_LLAMA, load_config, model_from_config
     from .footprint import trainable_parameters
     from .memory import estimate, state_bytes
+    from .models import TINY_LLAMA, load_config, model_from_config
     from .registry import create_optimizer
 
     source = args.model
@@ -341,65 +338,6 @@ def _print_measured(measured: dict) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------- bench
-def default_bench_dir() -> Path:
-    """``./benchmarks`` when run from a checkout, else the one next to the installed package."""
-    here = Path.cwd() / "benchmarks"
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def discover_benchmarks(folder: Path) -> dict[str, Path]:
-    """Benchmark scripts: ``*.py`` files in ``folder`` not starting with ``_`` (helpers)."""
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.glob("*.py")) if not p.name.startswith("_")}
-
-
-def _describe(path: Path) -> str:
-    import ast
-
-    try:
-        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-    except (SyntaxError, OSError):
-        doc = None
-    return (doc or "").strip().splitlines()[0] if doc else ""
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    folder = Path(args.dir) if args.dir else default_bench_dir()
-    found = discover_benchmarks(folder)
-    if not found:
-        print(f"no benchmark scripts in {folder}", file=sys.stderr)
-        return 1
-    if args.list:
-        print_table(
-            ["benchmark", "what it measures"],
-            [[k, _describe(v)] for k, v in found.items()],
-            title=f"benchmarks in {folder}",
-            align="ll",
-        )
-        return 0
-    chosen = args.names or list(found)
-    unknown = [n for n in chosen if n not in found]
-    if unknown:
-        print(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(found)}", file=sys.stderr)
-        return 2
-    extra = list(getattr(args, "extra", []))
-    results = []
-    for i, name in enumerate(chosen, 1):
-        cmd = [sys.executable, str(found[name]), *extra]
-        print(f"[{i}/{len(chosen)}] {' '.join(cmd)}", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=folder.parent, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        results.append([name, "ok" if rc == 0 else f"failed (exit {rc})", f"{time.perf_counter() - start:.1f} s"])
-        if rc != 0 and args.fail_fast:
-            break
-    print_table(["benchmark", "result", "time"], results, title="hfoptim bench", align="llr")
-    return 0 if all(r[1] == "ok" for r in results) else 1
-
-
 # ---------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -468,31 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_memory)
 
-    p = sub.add_parser(
-        "bench",
-        help="run the benchmark scripts in benchmarks/",
-        description="Run benchmark scripts (every benchmarks/*.py not starting with '_', or the NAMEs given), "
-        "each in its own process; arguments after '--' are passed to every script.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  hfoptim bench --list\n  hfoptim bench\n  hfoptim bench memory -- --quick",
-    )
-    p.add_argument("names", nargs="*", metavar="NAME", help="benchmarks to run (default: all)")
-    p.add_argument("--list", action="store_true", help="list the benchmarks and exit")
-    p.add_argument("--dir", help="folder of benchmark scripts (default: ./benchmarks)")
-    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing benchmark")
-    p.set_defaults(func=cmd_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:  # everything after "--" goes to the benchmark scripts
-        cut = argv.index("--")
-        argv, extra = argv[:cut], argv[cut + 1 :]
     args = parser.parse_args(argv)
-    args.extra = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .memory import estimate
+from .models import TINY_LLAMA, load_config, model_from_config
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 PRECISIONS = ("no", "bf16", "fp16")
@@ -139,8 +140,6 @@ def footprint(
 def model_on_meta(name_or_path: str, trust_remote_code: bool = False):
     """A model built from its config on the meta device: ``"tiny-llama"``, a local folder with a
     ``config.json`` or a hub name (the config is read, no weights are downloaded)."""
-    from .embedded import TINY_LLAMA, load_config, model_from_config
-
     kwargs = {} if name_or_path == TINY_LLAMA else {"trust_remote_code": trust_remote_code}
     config = load_config(name_or_path, **kwargs)
     return model_from_config(config, device="meta")

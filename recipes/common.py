@@ -28,9 +28,10 @@ import transformers
 from transformers import HfArgumentParser, set_seed
 
 import hfoptim
-from hfoptim import embedded
+from hfoptim.app.corpus import DEFAULT_MAX_BYTES, embedded_tokenizer
 from hfoptim.integrations.transformers.sharding import requested_sharding
 from hfoptim.memory import state_bytes
+from hfoptim.models import TINY_LLAMA, load_config, tiny_llama_config
 
 logger = logging.getLogger("hfoptim.recipes")
 
@@ -51,7 +52,7 @@ class ModelArguments:
         metadata={"help": "Pretrained weights to start from: a hub name or a local folder. Unset: a fresh model."},
     )
     config_name: str = field(
-        default=embedded.TINY_LLAMA,
+        default=TINY_LLAMA,
         metadata={"help": "Config of a fresh model (ignored with --model_name_or_path): 'tiny-llama', hub or folder."},
     )
     config_overrides: str | None = field(
@@ -86,7 +87,7 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Cap on training examples/blocks."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Cap on validation examples/blocks."})
     embedded_max_bytes: int = field(
-        default=embedded.DEFAULT_MAX_BYTES,
+        default=DEFAULT_MAX_BYTES,
         metadata={"help": "Embedded default only: bytes of standard-library source to read."},
     )
 
@@ -148,10 +149,10 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments):
     from transformers import AutoTokenizer
 
     name = model_args.tokenizer_name or model_args.model_name_or_path
-    if name is None and model_args.config_name != embedded.TINY_LLAMA:
+    if name is None and model_args.config_name != TINY_LLAMA:
         name = model_args.config_name
     if name is None:
-        return embedded.embedded_tokenizer(max_bytes=data_args.embedded_max_bytes)
+        return embedded_tokenizer(max_bytes=data_args.embedded_max_bytes)
     tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -170,10 +171,10 @@ def load_model(model_args: ModelArguments, tokenizer):
         )
     else:
         overrides = parse_overrides(model_args.config_overrides)
-        if model_args.config_name == embedded.TINY_LLAMA:
-            config = embedded.tiny_llama_config(tokenizer=tokenizer, **overrides)
+        if model_args.config_name == TINY_LLAMA:
+            config = tiny_llama_config(tokenizer=tokenizer, **overrides)
         else:
-            config = embedded.load_config(model_args.config_name, trust_remote_code=model_args.trust_remote_code)
+            config = load_config(model_args.config_name, trust_remote_code=model_args.trust_remote_code)
             for key, value in overrides.items():
                 if not hasattr(config, key):
                     raise ValueError(f"--config_overrides: {type(config).__name__} has no field {key!r}")

@@ -39,7 +39,7 @@ from common import (  # noqa: E402
 )
 from transformers import default_data_collator  # noqa: E402
 
-from hfoptim import embedded  # noqa: E402
+from hfoptim.app.corpus import BlockDataset, corpus_token_ids, stdlib_corpus, tokenize_documents  # noqa: E402
 
 
 @dataclass
@@ -52,22 +52,22 @@ def build_datasets(data_args: DataArguments, pre_args: PretrainArguments, tokeni
     records = load_records(data_args, training_args)
     with training_args.main_process_first(desc="tokenizing"):
         if records is None:
-            corpus = embedded.stdlib_corpus(data_args.embedded_max_bytes)
-            train_ids = embedded.corpus_token_ids(tokenizer, "train", corpus)
-            val_ids = embedded.corpus_token_ids(tokenizer, "validation", corpus)
+            corpus = stdlib_corpus(data_args.embedded_max_bytes)
+            train_ids = corpus_token_ids(tokenizer, "train", corpus)
+            val_ids = corpus_token_ids(tokenizer, "validation", corpus)
             logger.info(
                 "embedded corpus: %d train / %d validation files", len(corpus.train_files), len(corpus.validation_files)
             )
         else:
             train, validation = records
             column = data_args.text_column
-            train_ids = embedded.tokenize_documents(tokenizer, [r[column] for r in train])
-            val_ids = embedded.tokenize_documents(tokenizer, [r[column] for r in validation])
+            train_ids = tokenize_documents(tokenizer, [r[column] for r in train])
+            val_ids = tokenize_documents(tokenizer, [r[column] for r in validation])
     block = pre_args.block_size
     if block > tokenizer.model_max_length:
         logger.warning("block_size %d exceeds the tokenizer's model_max_length %d", block, tokenizer.model_max_length)
-    train_ds = embedded.BlockDataset(train_ids, block, data_args.max_train_samples)
-    val_ds = embedded.BlockDataset(val_ids, block, data_args.max_eval_samples)
+    train_ds = BlockDataset(train_ids, block, data_args.max_train_samples)
+    val_ds = BlockDataset(val_ids, block, data_args.max_eval_samples)
     logger.info("%d train blocks, %d validation blocks of %d tokens", len(train_ds), len(val_ds), block)
     return train_ds, val_ds
 

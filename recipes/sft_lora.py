@@ -43,7 +43,7 @@ from common import (  # noqa: E402
     shutdown,
 )
 
-from hfoptim import embedded  # noqa: E402
+from hfoptim.app.corpus import function_examples, stdlib_corpus  # noqa: E402
 
 IGNORE = -100
 
@@ -121,9 +121,9 @@ class PadCollator:
 def build_datasets(data_args: DataArguments, sft: SFTArguments, tokenizer, training_args):
     records = load_records(data_args, training_args)
     if records is None:
-        corpus = embedded.stdlib_corpus(data_args.embedded_max_bytes)
-        train = embedded.function_examples(corpus, "train")
-        validation = embedded.function_examples(corpus, "validation")
+        corpus = stdlib_corpus(data_args.embedded_max_bytes)
+        train = function_examples(corpus, "train")
+        validation = function_examples(corpus, "validation")
         logger.info("embedded SFT pairs: %d train / %d validation functions", len(train), len(validation))
     else:
         train, validation = records
@@ -140,7 +140,13 @@ def build_datasets(data_args: DataArguments, sft: SFTArguments, tokenizer, train
 
 
 def add_lora(model, sft: SFTArguments):
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError(
+            "LoRA (the default; --full_finetune trains without it) needs the package 'peft', which the "
+            "library does not install; install the recipes' extra: pip install 'hfoptim[recipes]'"
+        ) from error
 
     targets = sft.lora_target_modules
     config = LoraConfig(

@@ -1,5 +1,5 @@
 """The ``hfoptim`` command: help, list, memory (estimate vs a real step, AdamW's known bytes,
-DeepSpeed's own accounting) and bench discovery."""
+DeepSpeed's own accounting) and its tables."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import hfoptim
 from hfoptim import cli, footprint, memory
-from hfoptim.embedded import TINY_LLAMA, model_from_config, tiny_llama_config
+from hfoptim.models import LLAMA_2_7B, TINY_LLAMA, model_from_config, tiny_llama_config
 
 
 def run(capsys, *argv) -> str:
@@ -29,7 +29,7 @@ def memory_efficient_name() -> str:
 
 
 # ---------------------------------------------------------------------------------------- help
-@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["memory", "--help"], ["bench", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["list", "--help"], ["memory", "--help"]])
 def test_help_reads_well(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
@@ -190,15 +190,7 @@ def test_memory_for_a_real_model_config_folder(capsys, tmp_path):
     """A local folder holding a real config (Llama-2-7B's public shapes): built on meta, no weights."""
     from transformers import LlamaConfig
 
-    LlamaConfig(
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        tie_word_embeddings=False,
-    ).save_pretrained(tmp_path)
+    LlamaConfig(**LLAMA_2_7B).save_pretrained(tmp_path)
     name = memory_efficient_name()
     out = run_json(
         capsys,
@@ -237,28 +229,10 @@ def test_footprint_rejects_bad_strategy():
         footprint.footprint("adamw", 10, 80, world_size=0)
 
 
-# ---------------------------------------------------------------------------------------- bench
-def test_bench_discovers_and_runs_scripts(capsys, tmp_path):
-    bench = tmp_path / "benchmarks"
-    bench.mkdir()
-    (bench / "ok.py").write_text('"""Says hello."""\nimport sys\nprint("hello", sys.argv[1:])\n')
-    (bench / "bad.py").write_text('"""Fails."""\nraise SystemExit(3)\n')
-    (bench / "_helper.py").write_text("x = 1\n")
-    assert set(cli.discover_benchmarks(bench)) == {"ok", "bad"}
-    listing = run(capsys, "bench", "--dir", str(bench), "--list")
-    assert "Says hello." in listing and "_helper" not in listing
-    assert cli.main(["bench", "--dir", str(bench), "ok", "--", "--quick"]) == 0
-    out = capsys.readouterr()
-    assert "ok" in out.out
-    assert cli.main(["bench", "--dir", str(bench)]) == 1
-    assert "failed (exit 3)" in capsys.readouterr().out
-    assert cli.main(["bench", "--dir", str(bench), "nope"]) == 2
-
-
 def test_tables_rich_on_a_terminal_plain_otherwise():
     import io
 
-    from hfoptim.tables import format_bytes, plain_table, print_table
+    from hfoptim.console import format_bytes, plain_table, print_table
 
     class Terminal(io.StringIO):
         def isatty(self):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.embedded import model_from_config
 from hfoptim.memory import estimate, state_bytes
+from hfoptim.models import model_from_config
 
 NAMES = ["adamw", "adamw_8bit", "adafactor", "ademamix", "adamw_gc", "adamw_shared", "amos", "nsgda", "lamb"]
 

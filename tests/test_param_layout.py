@@ -245,7 +245,7 @@ def test_empty_state_entry_loads(name):
 def test_estimate_builds_the_class_the_config_is_for():
     from transformers import BertConfig, T5Config, ViTConfig
 
-    from hfoptim.embedded import model_class_for
+    from hfoptim.models import model_class_for
 
     bert = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     t5 = T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8, vocab_size=50)

@@ -120,12 +120,12 @@ def test_pretrain_evaluation_matches_a_hand_computed_loss(pretrained):
     """eval_loss is the mean next-token cross-entropy over the validation blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hfoptim import embedded
+    from hfoptim.app.corpus import BlockDataset, corpus_token_ids, stdlib_corpus
 
     model = AutoModelForCausalLM.from_pretrained(pretrained).eval()
     tokenizer = AutoTokenizer.from_pretrained(pretrained)
-    corpus = embedded.stdlib_corpus(300000)
-    blocks = embedded.BlockDataset(embedded.corpus_token_ids(tokenizer, "validation", corpus), 64, 16).blocks
+    corpus = stdlib_corpus(300000)
+    blocks = BlockDataset(corpus_token_ids(tokenizer, "validation", corpus), 64, 16).blocks
     with torch.no_grad():
         logits = model(input_ids=blocks).logits[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), blocks[:, 1:].reshape(-1))
@@ -226,9 +226,9 @@ def test_sft_full_finetune(pretrained, tmp_path):
 
 def test_sft_dataset_masks_the_prompt():
     sft_lora = recipe("sft_lora")
-    from hfoptim import embedded
+    from hfoptim.app.corpus import embedded_tokenizer
 
-    tokenizer = embedded.embedded_tokenizer(max_bytes=300000)
+    tokenizer = embedded_tokenizer(max_bytes=300000)
     args = sft_lora.SFTArguments(max_seq_length=64)
     ds = sft_lora.SFTDataset(
         [{"prompt": "add two numbers", "response": "def add(a, b):\n    return a + b"}], tokenizer, args
@@ -362,9 +362,9 @@ def test_sharding_not_engaged_stops_at_the_first_step(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """python -m hfoptim.demo, shortened: every run trains, the table's numbers, the plot and the
+    """python -m hfoptim.app.demo, shortened: every run trains, the table's numbers, the plot and the
     saved models are written."""
-    from hfoptim import demo
+    from hfoptim.app import demo
 
     optims = demo.default_optimizers()
     assert optims == ["adamw_8bit", "ademamix_8bit"]
@@ -398,17 +398,17 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def test_embedded_corpus_is_deterministic_capped_and_split_by_file():
-    from hfoptim import embedded
+    from hfoptim.app.corpus import _is_validation, function_examples, stdlib_corpus
 
-    a, b = embedded.stdlib_corpus(300000), embedded.stdlib_corpus(300000)
+    a, b = stdlib_corpus(300000), stdlib_corpus(300000)
     assert a == b and a.fingerprint == b.fingerprint
     assert not set(a.train_files) & set(a.validation_files)
     size = sum((a.root / f).stat().st_size for f in a.train_files + a.validation_files)
     assert size <= 300000
-    assert all(embedded._is_validation(f) for f in a.validation_files)
-    big = embedded.stdlib_corpus()
+    assert all(_is_validation(f) for f in a.validation_files)
+    big = stdlib_corpus()
     assert len(big.train_files) > len(a.train_files)
-    pairs = embedded.function_examples(a, "validation")
+    pairs = function_examples(a, "validation")
     assert pairs and all(p["response"].startswith("def ") for p in pairs)
     for pair in pairs:  # the docstring is in the prompt, not in the code to write
         (function,) = ast.parse(pair["response"]).body

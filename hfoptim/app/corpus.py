@@ -1,4 +1,4 @@
-"""The embedded default: real text, a tokenizer and a small model, with no download.
+"""The demo's data: real text and a tokenizer with no download, and datasets built from them.
 
 Everything here exists on every machine that has Python:
 
@@ -6,15 +6,14 @@ Everything here exists on every machine that has Python:
   a deterministic, size-capped subset (:func:`stdlib_corpus`), split into train and validation
   *by file* with a stable hash of the file's relative path, so no file is in both;
 * **tokenizer**: a byte-level BPE (vocabulary 2048) trained on the train split with
-  ``tokenizers`` on first use and cached under ``$HFOPTIM_CACHE`` (default
+  ``tokenizers`` (the ``app`` extra) on first use and cached under ``$HFOPTIM_CACHE`` (default
   ``~/.cache/hfoptim``) (:func:`embedded_tokenizer`);
-* **model**: a small Llama-style causal LM built from a ``LlamaConfig`` ("tiny-llama", about
-  1M parameters; :func:`tiny_llama_config`);
 * **datasets**: token blocks for pretraining (:class:`BlockDataset`) and docstring -> function
   pairs for supervised fine-tuning (:func:`function_examples`).
 
-The recipes, ``hfoptim memory tiny-llama`` and ``python -m hfoptim.demo`` all use it; real users
-pass their own model and data instead.
+With the library's small Llama config (:func:`hfoptim.models.tiny_llama_config`) this is the
+embedded default that the recipes, the benchmarks and ``python -m hfoptim.app.demo`` train on;
+real users pass their own model and data instead.
 """
 
 from __future__ import annotations
@@ -33,11 +32,12 @@ from pathlib import Path
 
 import torch
 
-#: the name of the embedded model config wherever a model name or path is accepted
-TINY_LLAMA = "tiny-llama"
+from ..models import TINY_LLAMA_VOCAB_SIZE
+from . import require
+
 #: default cap on the text read from the standard library (bytes of source)
 DEFAULT_MAX_BYTES = 2_000_000
-DEFAULT_VOCAB_SIZE = 2048
+DEFAULT_VOCAB_SIZE = TINY_LLAMA_VOCAB_SIZE
 #: one file in this many goes to the validation split
 VALIDATION_EVERY = 10
 
@@ -136,6 +136,7 @@ def stdlib_corpus(max_bytes: int = DEFAULT_MAX_BYTES, root: str | None = None) -
 # ---------------------------------------------------------------------------------------- tokenizer
 def train_tokenizer(texts: list[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     """A byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``."""
+    require("tokenizers", "training the embedded BPE tokenizer")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -174,8 +175,7 @@ def _atomic_dir(target: Path, write) -> Path:
 
 
 def _tokenizer_dir(corpus: Corpus, vocab_size: int) -> Path:
-    import tokenizers
-
+    tokenizers = require("tokenizers", "training the embedded BPE tokenizer")
     key = hashlib.sha256(f"{corpus.fingerprint}:{vocab_size}:{tokenizers.__version__}:v1".encode()).hexdigest()[:16]
     return cache_dir() / f"tokenizer-bpe{vocab_size}-{key}"
 
@@ -280,94 +280,3 @@ def function_examples(corpus: Corpus, split: str, max_chars: int = 1200) -> list
                 if pair is not None:
                     out.append(pair)
     return out
-
-
-# ---------------------------------------------------------------------------------------- model
-def tiny_llama_config(
-    vocab_size: int = DEFAULT_VOCAB_SIZE,
-    hidden_size: int = 128,
-    num_hidden_layers: int = 4,
-    num_attention_heads: int = 4,
-    intermediate_size: int = 352,
-    max_position_embeddings: int = 512,
-    tokenizer=None,
-    **overrides,
-):
-    """A small Llama-style config (about 1M parameters at the defaults). With ``tokenizer`` the
-    vocabulary and special-token ids follow it."""
-    from transformers import LlamaConfig
-
-    ids = {}
-    if tokenizer is not None:
-        vocab_size = len(tokenizer)
-        ids = {
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-        }
-    else:
-        ids = {"bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1}
-    values = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_attention_heads,
-        intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        **ids,
-    )
-    values.update(overrides)
-    return LlamaConfig(**values)
-
-
-def load_config(name_or_path: str, **kwargs):
-    """A model config: ``"tiny-llama"`` (embedded), a local folder or a hub name."""
-    if name_or_path == TINY_LLAMA:
-        return tiny_llama_config(**kwargs)
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(name_or_path, **kwargs)
-
-
-def model_class_for(config):
-    """The transformers class a config is for: the first of its ``architectures`` that
-    transformers has; else, by the Auto mappings, a causal LM for a decoder config (GPT-2, Llama,
-    Mixtral, ...; not an encoder that merely has an LM-head variant, such as BERT without
-    ``is_decoder``), a seq2seq LM for an encoder-decoder (T5), an image classifier for a vision
-    config (ViT), and ``AutoModel`` (the bare model) otherwise."""
-    import transformers
-    from transformers import (
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForImageClassification,
-        AutoModelForSeq2SeqLM,
-    )
-    from transformers.models.auto import modeling_auto as auto
-
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if isinstance(cls, type):
-            return cls
-    kind = config.model_type  # the mappings by name: nothing is imported to decide
-    masked = kind in auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES
-    if getattr(config, "is_encoder_decoder", False) and kind in auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
-        return AutoModelForSeq2SeqLM
-    if kind in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and (getattr(config, "is_decoder", False) or not masked):
-        return AutoModelForCausalLM
-    if kind in auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        return AutoModelForImageClassification
-    return AutoModel
-
-
-def model_from_config(config, device: str | None = None, dtype: torch.dtype | None = None, model_class=None):
-    """A randomly initialised model for ``config`` (``device="meta"`` allocates nothing), of
-    ``model_class`` (a transformers class or Auto class) or :func:`model_class_for` the config."""
-    kwargs = {} if dtype is None else {"dtype": dtype}
-    cls = model_class or model_class_for(config)
-    with torch.device(device or "cpu"):
-        if hasattr(cls, "_from_config"):  # a model class (PreTrainedModel)
-            return cls._from_config(config, **kwargs)
-        return cls.from_config(config, **kwargs)

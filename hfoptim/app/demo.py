@@ -1,6 +1,6 @@
 """The main job: a short pretraining run with memory-efficient optimizers next to AdamW.
 
-    python -m hfoptim.demo            (what `make demo` runs: three runs of 240 steps, with progress bars)
+    python -m hfoptim.app.demo        (what `make demo` runs: three runs of 240 steps, with progress bars)
 
 Every run trains the embedded default (a small Llama-style model on the Python standard
 library's own source, a tokenizer trained on the spot; nothing is downloaded) from the same
@@ -32,9 +32,13 @@ from pathlib import Path
 
 import torch
 
-from . import embedded
-from .memory import estimate, state_bytes
-from .tables import format_bytes, print_table, progress, status
+from ..cli import parse_options
+from ..console import format_bytes, print_table, progress, status
+from ..memory import estimate, state_bytes
+from ..models import LLAMA_2_7B, model_from_config, tiny_llama_config
+from ..registry import get_optimizer, list_optimizers
+from . import require
+from .corpus import DEFAULT_MAX_BYTES, BlockDataset, corpus_token_ids, embedded_tokenizer, stdlib_corpus
 
 #: the hfoptim optimizers the demo runs by default: the same algorithm as the baseline at a
 #: quarter of the state, and AdEMAMix, an algorithm for long runs, in 8 bits
@@ -47,22 +51,10 @@ ADEMAMIX_NOTE = (
     "Its gains (Pagliardini et al. 2024, arXiv 2409.03137) come from remembering gradients over 10k+ steps; "
     "in a few hundred steps the slow EMA has barely started, so expect it at or behind AdamW here."
 )
-#: public Llama-2-7B shapes, to show what the state bytes mean at scale (built on the meta device)
-LLAMA_7B = dict(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    tie_word_embeddings=False,
-)
 
 
 def default_optimizers() -> list[str]:
     """:data:`DEFAULT_OPTIMS` that this install has (``["adamw"]`` if none)."""
-    from .registry import list_optimizers
-
     names = set(list_optimizers())
     return [name for name in DEFAULT_OPTIMS if name in names] or ["adamw"]
 
@@ -94,8 +86,6 @@ def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace)
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if name == TORCH_ADAMW:
         return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), foreach=True)
-    from .registry import get_optimizer
-
     spec = get_optimizer(name)
     options = {"lr": args.lr}
     hyper = spec.rule.hyperparams
@@ -106,8 +96,6 @@ def build_optimizer(name: str, model: torch.nn.Module, args: argparse.Namespace)
     for warmup in ("t_alpha", "t_beta3"):
         if warmup in hyper:
             options[warmup] = float(args.steps)
-    from .cli import parse_options
-
     options.update(parse_options(args.optim_args))
     return spec(groups, **options)
 
@@ -134,7 +122,7 @@ def evaluate(model: torch.nn.Module, blocks: torch.Tensor, batch_size: int) -> f
 
 def train_one(name: str, data: dict, args: argparse.Namespace) -> RunResult:
     torch.manual_seed(args.seed)
-    model = embedded.model_from_config(data["config"])
+    model = model_from_config(data["config"])
     model.train()
     optimizer = build_optimizer(name, model, args)
     warmup = max(1, args.steps // 10)
@@ -181,15 +169,15 @@ def sample_text(model, tokenizer, prompt: str = "def ", tokens: int = 32) -> str
 
 def prepare_data(args: argparse.Namespace) -> dict:
     with status("reading the standard library and training the tokenizer (cached after the first run)"):
-        corpus = embedded.stdlib_corpus(args.max_bytes)
-        tokenizer = embedded.embedded_tokenizer(corpus=corpus)
-        train_ids = embedded.corpus_token_ids(tokenizer, "train", corpus)
-        val_ids = embedded.corpus_token_ids(tokenizer, "validation", corpus)
-    train = embedded.BlockDataset(train_ids, args.block_size).blocks
-    validation = embedded.BlockDataset(val_ids, args.block_size, max_blocks=args.eval_blocks).blocks
+        corpus = stdlib_corpus(args.max_bytes)
+        tokenizer = embedded_tokenizer(corpus=corpus)
+        train_ids = corpus_token_ids(tokenizer, "train", corpus)
+        val_ids = corpus_token_ids(tokenizer, "validation", corpus)
+    train = BlockDataset(train_ids, args.block_size).blocks
+    validation = BlockDataset(val_ids, args.block_size, max_blocks=args.eval_blocks).blocks
     generator = torch.Generator().manual_seed(args.seed)
     order = torch.randperm(train.shape[0], generator=generator)
-    config = embedded.tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, args.block_size))
+    config = tiny_llama_config(tokenizer=tokenizer, max_position_embeddings=max(512, args.block_size))
     print(
         f"data: {len(corpus.train_files)} train / {len(corpus.validation_files)} validation files from "
         f"{corpus.root}; {train_ids.numel():,} train tokens, {validation.numel():,} validation tokens "
@@ -210,7 +198,7 @@ def at_scale(names: list[str]) -> list[list[str]]:
     """State bytes of each optimizer for Llama-2-7B shapes (meta device, nothing allocated)."""
     from transformers import LlamaConfig
 
-    model = embedded.model_from_config(LlamaConfig(**LLAMA_7B), device="meta")
+    model = model_from_config(LlamaConfig(**LLAMA_2_7B), device="meta")
     params = list(model.parameters())
     rows = []
     for name in names:
@@ -220,8 +208,7 @@ def at_scale(names: list[str]) -> list[list[str]]:
 
 
 def plot(results: list[RunResult], path: Path) -> None:
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the demo's loss-curve plot")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -253,7 +240,7 @@ def plot(results: list[RunResult], path: Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m hfoptim.demo",
+        prog="python -m hfoptim.app.demo",
         description="Pretrain the embedded tiny Llama on Python stdlib source with a memory-efficient optimizer "
         "and with torch AdamW; print a comparison table and write a loss-curve plot.",
     )
@@ -271,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--eval-every", type=int, default=40)
     parser.add_argument("--eval-blocks", type=int, default=64, help="validation blocks evaluated (default 64)")
-    parser.add_argument("--max-bytes", type=int, default=embedded.DEFAULT_MAX_BYTES, help="stdlib text cap")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="stdlib text cap")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="outputs/demo")
     parser.add_argument("--no-scale", action="store_true", help="skip the 7B-parameter extrapolation")
