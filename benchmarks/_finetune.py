@@ -33,7 +33,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -98,21 +97,18 @@ def pretrain(data: dict, args, folder: Path, log) -> None:
     model = model_from_config(data["config"])
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.pretrain_lr, betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, args.pretrain_steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: quality.lr_factor(s, args.pretrain_steps, warmup))
     train = data["train"]
     order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(0))
-    for step in range(args.pretrain_steps):
-        idx = order[(step * args.batch_size) % len(order) :][: args.batch_size]
-        batch = train[idx if idx.numel() == args.batch_size else order[: args.batch_size]]
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        schedule.step()
-        if (step + 1) % max(1, args.pretrain_steps // 5) == 0:
-            log(f"pretraining the base: step {step + 1}/{args.pretrain_steps}, loss {loss.item():.3f}")
+
+    def batch_at(step: int) -> dict:
+        batch = quality.block_batch(train, order, step, args.batch_size)
+        return {"input_ids": batch, "labels": batch}
+
+    def after_step(step: int, loss: float) -> None:
+        if step % max(1, args.pretrain_steps // 5) == 0:
+            log(f"pretraining the base: step {step}/{args.pretrain_steps}, loss {loss:.3f}")
+
+    quality.train_steps(model, optimizer, args.pretrain_steps, batch_at, after_step)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
     try:
@@ -205,28 +201,20 @@ def train_one(name: str, seed: int, args) -> dict:
         model.train()
         run.num_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         optimizer = quality.build_optimizer(name, model, args)
-        warmup = max(1, args.steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: quality.lr_factor(s, args.steps, warmup))
         collate = PadCollator(data["pad"])
         train = data["train"]
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        eval_every = max(1, args.steps // args.evals)
-        for step in range(args.steps):
+
+        def batch_at(step: int) -> dict:
             start_at = (step * args.batch_size) % len(order)
             idx = (order + order)[start_at : start_at + args.batch_size]
-            loss = model(**_batch([train[i] for i in idx], collate)).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            run.steps.append(step + 1)
-            run.train_loss.append(loss.item())
-            if not math.isfinite(run.train_loss[-1]):
-                raise FloatingPointError(f"loss became {run.train_loss[-1]} at step {step + 1}")
-            if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-                run.eval_steps.append(step + 1)
-                run.eval_loss.append(evaluate(model, data["validation"], collate, args.batch_size * 2))
+            return _batch([train[i] for i in idx], collate)
+
+        def evaluate_now() -> float:
+            return evaluate(model, data["validation"], collate, args.batch_size * 2)
+
+        after_step = quality.recorder(run, args.steps, args.evals, evaluate_now)
+        quality.train_steps(model, optimizer, args.steps, batch_at, after_step)
         run.state_bytes = quality.state_bytes(optimizer)
     except Exception as error:
         run.error = f"{type(error).__name__}: {error}"

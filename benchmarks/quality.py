@@ -163,6 +163,48 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def block_batch(blocks: torch.Tensor, order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+    """The blocks of ``step``: the next ``batch_size`` of the seed's shuffled ``order``, cycling;
+    a tail shorter than a batch is replaced by the first batch of the order."""
+    idx = order[(step * batch_size) % len(order) :][:batch_size]
+    return blocks[idx if idx.numel() == batch_size else order[:batch_size]]
+
+
+def train_steps(model, optimizer, steps: int, batch_at, after_step) -> None:
+    """The training loop of the quality benchmarks (pretraining and fine-tuning): for each step,
+    forward and backward on ``batch_at(step)`` (the model's keyword arguments), gradients of the
+    trainable parameters clipped to norm 1, the optimizer step and the schedule (:func:`lr_factor`,
+    warm-up over the first 10% of ``steps``); then ``after_step(step + 1, loss)``."""
+    warmup = max(1, steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, warmup))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for step in range(steps):
+        loss = model(**batch_at(step)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        after_step(step + 1, loss.item())
+
+
+def recorder(run: Run, steps: int, evals: int, evaluate_now):
+    """The ``after_step`` of a benchmark run: every training loss into ``run`` (a non-finite one
+    ends the run), and ``evaluate_now()`` ``evals`` times, at the last step included."""
+    eval_every = max(1, steps // evals)
+
+    def after_step(step: int, loss: float) -> None:
+        run.steps.append(step)
+        run.train_loss.append(loss)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss} at step {step}")
+        if step % eval_every == 0 or step == steps:
+            run.eval_steps.append(step)
+            run.eval_loss.append(evaluate_now())
+
+    return after_step
+
+
 @torch.no_grad()
 def evaluate(model, blocks: torch.Tensor, batch_size: int) -> float:
     model.eval()
@@ -195,29 +237,17 @@ def train_one(name: str, seed: int, args) -> Run:
         model.train()
         run.num_params = sum(p.numel() for p in model.parameters())
         optimizer = build_optimizer(name, model, args)
-        warmup = max(1, args.steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, args.steps, warmup))
         train = data["train"]
         order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-        eval_every = max(1, args.steps // args.evals)
-        for step in range(args.steps):
-            idx = order[(step * args.batch_size) % len(order) :][: args.batch_size]
-            if idx.numel() < args.batch_size:
-                idx = order[: args.batch_size]
-            batch = train[idx]
-            loss = model(input_ids=batch, labels=batch).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            schedule.step()
-            run.steps.append(step + 1)
-            run.train_loss.append(loss.item())
-            if not math.isfinite(run.train_loss[-1]):
-                raise FloatingPointError(f"loss became {run.train_loss[-1]} at step {step + 1}")
-            if (step + 1) % eval_every == 0 or step + 1 == args.steps:
-                run.eval_steps.append(step + 1)
-                run.eval_loss.append(evaluate(model, data["validation"], args.batch_size * 4))
+
+        def batch_at(step: int) -> dict:
+            batch = block_batch(train, order, step, args.batch_size)
+            return {"input_ids": batch, "labels": batch}
+
+        def evaluate_now() -> float:
+            return evaluate(model, data["validation"], args.batch_size * 4)
+
+        train_steps(model, optimizer, args.steps, batch_at, recorder(run, args.steps, args.evals, evaluate_now))
         run.state_bytes = state_bytes(optimizer)
     except Exception as error:
         run.error = f"{type(error).__name__}: {error}"
