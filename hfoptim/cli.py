@@ -24,6 +24,8 @@ examples:
   hfoptim memory tiny-llama --optim ademamix_8bit --measure
   hfoptim memory meta-llama/Llama-3.1-8B --optim adan_8bit --zero 2 --world-size 8 --mixed-precision bf16
   hfoptim memory ./my-model --optim adamw_factored --fsdp --world-size 4
+
+the application (pip install 'hfoptim[app]'): python -m hfoptim.app.demo, python -m hfoptim.app.bench
 """
 
 
