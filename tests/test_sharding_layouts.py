@@ -31,7 +31,7 @@ def test_fsdp2_experts_and_conv1d(tmp_path, nproc):
 def test_zero_experts_and_conv1d(tmp_path, stage, nproc):
     args = ["--stage", str(stage)]
     summary = run_worker(torchrun(nproc), "zero_layout_worker.py", args, tmp_path / "out.json", timeout=600)
-    assert len(summary["ran"]) == len(summary["cases"]) == 45
+    assert len(summary["ran"]) == len(summary["cases"]) == 46
 
 
 def test_fsdp2_expert_and_conv1d_state_checkpoint_from_2_processes_resumes_on_3(tmp_path):

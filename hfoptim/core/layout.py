@@ -164,9 +164,7 @@ def transposed_view(view: ParamView) -> ParamView:
     return ParamView(global_shape=canonical, row_start=start, local_rows=stop - start, cuts=cuts, group=view.group)
 
 
-def canonical_units(
-    units: list[Unit], layouts: dict[int, ParamLayout], init_batched, regroup=None
-) -> list[Unit]:
+def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_batched, regroup=None) -> list[Unit]:
     """The units as the rules see them: each unit whose parameter has a non-default layout (looked
     up in ``layouts`` by ``id`` of its source parameter; absent: stepped as stored) replaced by its
     canonical view (:mod:`hfoptim.core.param_layout`):

@@ -8,6 +8,8 @@
   exactly as the same ``Linear`` weight ``(7, 301)`` on one process by every rule, storage form and
   modifier (the cases of layout_worker.py): parameters (gathered) and every state tensor, kept
   for this process's whole output units.
+* A fused expert tensor stored ``(E, in, out)`` whose partition cuts an expert is refused with
+  an error naming the layout, on every process alike.
 
 Gradients come through a real DeepSpeed backward, exact as in zero_worker.py (coarse values, only
 process 0 contributes ``world * g``).
@@ -30,13 +32,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import hfoptim  # noqa: E402
-from hfoptim.core.layout import transposed_view  # noqa: E402
+from hfoptim.core.layout import ParamLayoutError, transposed_view  # noqa: E402
 from tests.distributed.common import coarse, compare, compare_state, finish, run_cases, setup_threads  # noqa: E402
 from tests.distributed.layout_worker import CONV_CASES, conv_options, conv_step  # noqa: E402
 from tests.distributed.zero_worker import ds_config  # noqa: E402
 
 E, OUT, IN = 5, 7, 43  # 1505 elements: partitions of 753 (2 processes) or 502 (3) cut experts inside rows
 EXPERT_CASES = ("adamw_gc", "adamw_agc", "adamw_shared", "adamw_8bit", "adafactor", "nsgda", "amos", "lamb", "smmf")
+#: a fused expert tensor stored (E, in, out) that a partition cuts inside an expert: refused
+REFUSED_CASES = ("experts_in_out_adamw_gc_refused",)
 CONV_IN = 301  # stored (301, 7): 2107 elements, partitions of 1054 (2 processes) or 703 (3) cut rows
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
 DTYPE = torch.float32
@@ -78,7 +82,7 @@ def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> N
     config = ds_config(stage, round_robin=False, sub_group_size=None, offload=False)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     engine = hfoptim.integrations.deepspeed.hfoptim_engine(ds_engine.optimizer.optimizer)
-    for t, g in enumerate(grads(w.shape if conv else w.shape, steps), 1):
+    for t, g in enumerate(grads(w.shape, steps), 1):
         for e, p in enumerate(refs):
             p.grad = (g if conv else g[e]).clone()
         conv_step(ref, optimizer, t)
@@ -121,6 +125,24 @@ def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> N
     ds_engine.destroy()
 
 
+def run_refused(name: str, failures: list, *, stage: int) -> None:
+    """The one sharded layout hfoptim refuses: every process raises the same clear error."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    w = torch.randn(E, IN, OUT, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    model = Holder(w)
+    opt = hfoptim.create_optimizer([model.weight], "adamw_gc", param_layouts={model.weight: "batch_in_out"}, **OPTIONS)
+    config = ds_config(stage, round_robin=False, sub_group_size=None, offload=False)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    ds_engine.backward(ds_engine(torch.ones_like(w), float(world) if rank == 0 else 0.0))
+    try:
+        ds_engine.step()
+        failures.append(f"{name}: a fused (E, in, out) tensor cut inside an expert was stepped, not refused")
+    except ParamLayoutError as error:
+        if "batch_in_out" not in str(error) or "ZeRO" not in str(error):
+            failures.append(f"{name}: the refusal does not name the layout and the sharding: {error}")
+    ds_engine.destroy()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, default=3)
@@ -134,9 +156,12 @@ def main() -> int:
     deepspeed.init_distributed(dist_backend="gloo")
 
     def one(name, failures, detail):
-        run(name, failures, detail, stage=args.stage, steps=args.steps)
+        if name in REFUSED_CASES:
+            run_refused(name, failures, stage=args.stage)
+        else:
+            run(name, failures, detail, stage=args.stage, steps=args.steps)
 
-    cases = [*EXPERT_CASES, *CONV_CASES]
+    cases = [*EXPERT_CASES, *CONV_CASES, *REFUSED_CASES]
     if args.only:
         cases = [c for c in cases if c in args.only.split(",")]
     status = run_cases(cases, one, args.out)
