@@ -7,7 +7,7 @@
 * A ``Conv1D`` weight ``(301, 7)`` (partition boundaries inside its stored rows) is stepped
   exactly as the same ``Linear`` weight ``(7, 301)`` on one process by every rule, storage form and
   modifier (the cases of layout_worker.py): parameters (gathered) and every state tensor, kept
-  for this process's whole output units.
+  for this process's whole output units, unchanged through DeepSpeed's checkpoint.
 * A fused expert tensor stored ``(E, in, out)`` whose partition cuts an expert is refused with
   an error naming the layout, on every process alike.
 
@@ -41,6 +41,8 @@ E, OUT, IN = 5, 7, 43  # 1505 elements: partitions of 753 (2 processes) or 502 (
 EXPERT_CASES = ("adamw_gc", "adamw_agc", "adamw_shared", "adamw_8bit", "adafactor", "nsgda", "amos", "lamb", "smmf")
 #: a fused expert tensor stored (E, in, out) that a partition cuts inside an expert: refused
 REFUSED_CASES = ("experts_in_out_adamw_gc_refused",)
+#: Conv1D cases whose state (kept for whole output units) also goes through DeepSpeed's checkpoint
+CHECKPOINTED = ("conv_adamw_8bit", "conv_adamw_4bit", "conv_adafactor", "conv_smmf", "conv_adamw_gc")
 CONV_IN = 301  # stored (301, 7): 2107 elements, partitions of 1054 (2 processes) or 703 (3) cut rows
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
 DTYPE = torch.float32
@@ -62,7 +64,7 @@ def grads(shape, steps: int) -> list[torch.Tensor]:
     return coarse([torch.randn(shape, generator=gen, dtype=DTYPE) for _ in range(steps)])
 
 
-def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> None:
+def run(name: str, failures: list, detail: dict, *, stage: int, steps: int, folder: str | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     conv = name.startswith("conv_")
     optimizer = name.removeprefix("conv_")
@@ -111,6 +113,22 @@ def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> N
                 state = segments.get(piece.segment.index, {})
                 view = transposed_view(piece.view)
                 compare_state(name, state, ref.state[refs[0]], view, DTYPE, failures, detail)
+        if name in CHECKPOINTED and folder is not None:
+            before = {
+                flat: {
+                    i: {k: v.clone() for k, v in seg.items() if isinstance(v, torch.Tensor)}
+                    for i, seg in engine.state[flat]["segments"].items()
+                }
+                for flat in engine.state
+            }
+            ds_engine.save_checkpoint(folder, tag=name)
+            ds_engine.load_checkpoint(folder, tag=name)
+            for flat, segments in before.items():
+                for index, state in segments.items():
+                    for key, value in state.items():
+                        got = engine.state[flat]["segments"][index][key]
+                        if not torch.equal(got, value):
+                            failures.append(f"{name}: state {key!r} changed through DeepSpeed's checkpoint")
     else:
         for e in range(E):
             compare(f"{name}: expert {e}", full[e], refs[e].detach(), DTYPE, failures, detail)
@@ -159,7 +177,8 @@ def main() -> int:
         if name in REFUSED_CASES:
             run_refused(name, failures, stage=args.stage)
         else:
-            run(name, failures, detail, stage=args.stage, steps=args.steps)
+            folder = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ckpt") if args.out else None
+            run(name, failures, detail, stage=args.stage, steps=args.steps, folder=folder)
 
     cases = [*EXPERT_CASES, *CONV_CASES, *REFUSED_CASES]
     if args.only:
