@@ -4,7 +4,8 @@ FSDP2 (tests/distributed/layout_worker.py): a fused expert tensor sharded by exp
 separate matrices on one process (params, state, state_dict round trip) for the layout-sensitive
 names; a Conv1D weight sharded along its input features equals the same Linear weight on one
 process for every rule, storage form and modifier (params, state kept for whole output units,
-state_dict round trip), and both kinds of state reshard through DCP (saved on 2, resumed on 3).
+state_dict round trip), a tiny GPT-2 under fully_shard equals one process, and both kinds of
+state reshard through DCP (saved on 2, resumed on 3).
 
 DeepSpeed ZeRO (tests/distributed/zero_layout_worker.py): a fused expert tensor whose partition
 boundaries fall inside experts and rows equals E separate matrices (each expert a segment of its
@@ -21,7 +22,7 @@ from tests.distributed.launch import run_worker, torchrun
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_fsdp2_experts_and_conv1d(tmp_path, nproc):
     summary = run_worker(torchrun(nproc), "layout_worker.py", [], tmp_path / "out.json", timeout=300)
-    assert len(summary["ran"]) == len(summary["cases"]) == 45
+    assert len(summary["ran"]) == len(summary["cases"]) == 49
 
 
 @pytest.mark.parametrize(

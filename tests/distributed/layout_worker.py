@@ -13,6 +13,8 @@
   weight on one process (float64) by every rule, storage form and modifier (:data:`CONV_CASES`):
   parameters, every state tensor (kept for this process's whole output units), and the state
   through ``state_dict()``/``load_state_dict()``.
+* A tiny GPT-2 under ``fully_shard``, its optimizer built from the model (Conv1D weights detected):
+  equal to the same model on one process.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ CONV_NAMES = (
     "muon_gc",
 )
 CONV_CASES = tuple(f"conv_{name}" for name in CONV_NAMES)
+#: a tiny GPT-2 (Conv1D attention and MLP weights, detected from its modules) under fully_shard
+GPT2_CASES = ("gpt2_adamw_8bit", "gpt2_adamw_gc", "gpt2_adafactor", "gpt2_amos")
 CHECKPOINT_CASES = ("adamw_gc", "adamw_8bit", "adafactor", "amos", "smmf")
 CONV_CHECKPOINT_CASES = ("conv_adamw_gc", "conv_adamw_8bit", "conv_adamw_4bit", "conv_adafactor", "conv_smmf")
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
@@ -199,6 +203,42 @@ def run_conv(name: str, failures: list, detail: dict, steps: int) -> None:
         compare(f"{name}: state {key!r} through state_dict()", got, value, torch.float64, failures, detail)
 
 
+def run_gpt2(name: str, failures: list, steps: int) -> None:
+    """A tiny GPT-2, each block and the model ``fully_shard``-ed, with the optimizer built from the
+    model (its Conv1D weights detected): equal to the same model stepped on one process with the
+    same gradients (float64)."""
+    import transformers as tf
+
+    optimizer = name.removeprefix("gpt2_")
+    config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    ref_model = tf.GPT2LMHeadModel(config).double().eval()  # no dropout: the same forward everywhere
+    model = tf.GPT2LMHeadModel(config).double().eval()
+    model.load_state_dict(ref_model.state_dict())
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    options = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
+    ref = hfoptim.create_optimizer(ref_model, optimizer, **options)
+    opt = hfoptim.create_optimizer(model, optimizer, **options)
+    conv = [n for n, p in model.named_parameters() if opt.layout_of(p).transposed]
+    if len(conv) != 4 * config.n_layer:
+        failures.append(f"{name}: {len(conv)} Conv1D weights detected, expected {4 * config.n_layer}")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    want = dict(ref_model.named_parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, p in model.named_parameters():  # the same gradients (FSDP2's mean over 3 processes
+            want[n].grad = p.grad.full_tensor()  # can differ from one backward in the last bit)
+        ref.step()
+        opt.step()
+    for n, p in model.named_parameters():
+        err = (p.full_tensor().detach() - want[n].detach()).abs().max().item()
+        if err > 1e-10:
+            failures.append(f"{name}: {n} differs from one process by {err:.3e}")
+
+
 def run_conv_checkpoint(name: str, failures: list, phase: str, folder: str, steps: int) -> None:
     """A sharded ``Conv1D`` weight's state (kept for whole output units) saved with DCP on N
     processes, loaded on M, resumed: equal to the ``Linear`` weight stepped without interruption."""
@@ -252,10 +292,12 @@ def main() -> int:
             run_checkpoint(name, failures, args.phase, args.dir, args.steps)
         elif name in CONV_CASES:
             run_conv(name, failures, detail, args.steps)
+        elif name in GPT2_CASES:
+            run_gpt2(name, failures, args.steps)
         else:
             run_experts(name, failures, args.steps)
 
-    cases = [*CHECKPOINT_CASES, *CONV_CHECKPOINT_CASES] if args.phase else [*EXPERT_CASES, *CONV_CASES]
+    cases = [*CHECKPOINT_CASES, *CONV_CHECKPOINT_CASES] if args.phase else [*EXPERT_CASES, *CONV_CASES, *GPT2_CASES]
     if args.only:
         cases = [c for c in cases if c in args.only.split(",")]
     status = run_cases(cases, one, args.out)
