@@ -319,3 +319,21 @@ def test_state_min_numel_is_decided_per_matrix():
     for e in range(8):
         close(fused.detach()[e], seps[e].detach(), f"expert {e}")
     assert estimate([fused], "adamw_8bit", param_layouts={fused: EXPERTS}).total == state_bytes(opt).total
+
+
+def test_output_units_of_a_sharded_conv1d_are_split_like_fsdp2_shard0():
+    """A sharded Conv1D weight is stepped over whole rows of ``(out, in)`` split like FSDP2's
+    Shard(0), so its state exports as a Shard(0) DTensor of the canonical matrix that DCP
+    reshards (tests/test_sharding_layouts.py runs the exchange itself)."""
+    from torch.distributed.tensor import Shard
+
+    from hfoptim.core.layout import split_rows
+
+    for rows in range(0, 13):
+        for world in range(1, 6):
+            for rank in range(world):
+                size, offset = Shard.local_shard_size_and_offset(rows, world, rank)
+                start, stop = split_rows(rows, world, rank)
+                assert stop - start == size, (rows, world, rank)
+                if size:
+                    assert start == offset, (rows, world, rank)

@@ -39,7 +39,7 @@ from ..state.convert import STORAGE_KEYS
 from . import chunking, fused, param_layout
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
-from .layout import LocalLayout, Unit, canonical_units
+from .layout import LocalLayout, Unit, canonical_units, transposed_view
 from .param_layout import OUT_IN, ParamLayout
 from .rule import Rule
 from .stats import ParamView
@@ -337,7 +337,11 @@ class Engine(torch.optim.Optimizer):
             return None
         return layout.batch_size(shape), one
 
-    def _canonical(self, gi: int, group: dict, units: list[Unit]) -> list[Unit]:
+    def _canonical(self, gi: int, group: dict, units: list[Unit], returns: list | None = None) -> list[Unit]:
+        """The units of ``group`` as the rules see them (:func:`~hfoptim.core.layout.canonical_units`);
+        a sharded transposed weight is moved to whole output units by the layout, and a callable
+        that sends its update back is appended to ``returns`` (None: nothing is written, state is
+        only created)."""
         layouts: dict[int, ParamLayout] = {}
         positional = self.param_layouts[gi] if gi < len(self.param_layouts) else []
         positions = dict(zip((id(p) for p in group["params"]), positional))
@@ -348,7 +352,12 @@ class Engine(torch.optim.Optimizer):
                 layouts[id(source)] = layout
         if not layouts:
             return units
-        return canonical_units(units, layouts, lambda state, subs: self._init_batched(state, subs, group))
+        return canonical_units(
+            units,
+            layouts,
+            lambda state, subs: self._init_batched(state, subs, group),
+            lambda moved: self.layout.regroup_transposed(moved, returns),
+        )
 
     def _init_batched(self, state: dict, subs: list[Unit], group: dict) -> None:
         """The state of a batch of matrices: each matrix's initial state, stacked."""
@@ -359,7 +368,9 @@ class Engine(torch.optim.Optimizer):
     def expected_state_shapes(self, p: torch.Tensor | None, group: dict, view: ParamView | None = None) -> dict:
         """The shape of every state tensor kept for ``p`` (its local part ``view``) in ``group``:
         the codecs' shapes for the parameter as stored, or for one canonical matrix stacked over
-        the local matrices (see :meth:`stepped_as`). ``p=None``: a matrix of its own (``view``)."""
+        the local matrices (see :meth:`stepped_as`), or, for a sharded transposed weight, for this
+        process's whole output units (:func:`~hfoptim.core.layout.transposed_view`). ``p=None``: a
+        matrix of its own (``view``)."""
         view = self.param_view(p) if view is None else view
         layout = OUT_IN if p is None else self.layout_of(p)
         stepped = self.stepped_as(group, layout, view.global_shape)
@@ -372,7 +383,9 @@ class Engine(torch.optim.Optimizer):
             # a batch of matrices keeps its state stacked; a transposed matrix, of the canonical shape
             matrices = (math.prod(view.local_shape) // math.prod(inner) if math.prod(inner) else 0) if batch else None
             one_view = ParamView(global_shape=torch.Size(one))
-            one_p = torch.empty(one, device="meta")
+            if view.sharded and not batch:  # a sharded Conv1D weight: kept for whole output units
+                one_view = transposed_view(view)
+            one_p = torch.empty(one_view.local_shape, device="meta")
         expected = {"step": ()}
         for slot in self.rule.active_slots(group):
             codec = resolve.codec_for(self.rule, slot, group, one_view)
@@ -428,8 +441,9 @@ class Engine(torch.optim.Optimizer):
         # stable weight decay needs a statistic of every parameter's new second moment before any
         # parameter moves: every bucket is advanced first, the updates applied after
         deferred: list | None = [] if any(g["weight_decay_mode"] == "stable" for g in self.param_groups) else None
+        returns: list = []  # sharded transposed weights stepped over whole output units: sent back after
         plan = [
-            (group, self._canonical(gi, group, self.layout.units(self, group)))
+            (group, self._canonical(gi, group, self.layout.units(self, group), returns))
             for gi, group in enumerate(self.param_groups)
         ]
         for _, units in plan:
@@ -448,6 +462,8 @@ class Engine(torch.optim.Optimizer):
             scale = stable_scale([d.ctx for d in deferred])
             for d in deferred:
                 d.finish(scale)
+        for send_back in returns:
+            send_back()
         return closure_loss
 
     def _skips_nonfinite(self) -> bool:

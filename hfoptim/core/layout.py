@@ -16,6 +16,7 @@ per expert.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -65,6 +66,14 @@ class Layout:
 
     def register(self, params: list[torch.Tensor]) -> None:
         """Parameters the optimizer was given (``add_param_group``)."""
+
+    def regroup_transposed(self, units: list[Unit], returns: list | None) -> list[Unit]:
+        """Sharded transposed weights (``Conv1D``) over whole output units (see
+        :func:`canonical_units`); a layout that shards parameters provides it."""
+        raise ParamLayoutError(
+            f"hfoptim internal error: {type(self).__name__} holds sharded transposed weights but cannot move them "
+            f"to whole output units"
+        )
 
     def for_step(self, optimizer) -> Layout:
         """The layout to step with (a layout may hand over to another, e.g. when FSDP2 swapped
@@ -125,24 +134,58 @@ class ParamLayoutError(RuntimeError):
     """A parameter whose layout (Conv1D, fused experts) cannot be stepped exactly as it is held."""
 
 
-def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_batched) -> list[Unit]:
+def split_rows(rows: int, world: int, rank: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of ``rows`` that process ``rank`` of ``world`` holds when they are
+    split like ``torch.chunk`` (FSDP2's ``Shard(0)``: ``ceil(rows / world)`` each, the last ones
+    shorter or empty)."""
+    size = -(-rows // world) if world else rows
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def transposed_view(view: ParamView) -> ParamView:
+    """Where the canonical ``(out, in, *kernel)`` matrix of a sharded transposed parameter
+    (stored ``(in, out, *kernel)``, a ``Conv1D`` weight) is stepped: this process's run of whole
+    canonical rows (output units), split over the view's process group like ``torch.chunk``.
+
+    The stored shard (whole input rows under FSDP2, a flat segment under ZeRO) holds a slice of
+    every output unit's column; :func:`canonical_units` moves the elements so that each process
+    holds whole output units instead, which every per-output-unit statistic, 8-bit row and
+    whole-matrix operation then sees as an ordinary row shard."""
+    import torch.distributed as dist
+
+    shape = tuple(view.global_shape)
+    canonical = torch.Size((shape[1], shape[0], *shape[2:]))
+    world, rank = dist.get_world_size(view.group), dist.get_rank(view.group)
+    start, stop = split_rows(canonical[0], world, rank)
+    row_len = math.prod(canonical[1:])
+    starts = {split_rows(canonical[0], world, r)[0] for r in range(world)}
+    cuts = tuple(sorted(s * row_len for s in starts if 0 < s < canonical[0]))
+    return ParamView(global_shape=canonical, row_start=start, local_rows=stop - start, cuts=cuts, group=view.group)
+
+
+def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_batched, regroup=None) -> list[Unit]:
     """The units as the rules see them: each unit whose parameter has a non-default layout (looked
     up in ``layouts`` by ``id`` of its source parameter; absent: stepped as stored) replaced by its
     canonical view (:mod:`hfoptim.core.param_layout`):
 
     * ``transposed`` without batch axes (``Conv1D``): one unit over the transposed views of the
       parameter and its gradient (``(out, in)``; writes reach the parameter), with state of the
-      canonical shape;
+      canonical shape. Sharded (FSDP2 shards a Conv1D weight along its input features, ZeRO cuts
+      it anywhere), its elements are first moved so that each process holds whole output units
+      (:func:`transposed_view`): ``regroup(units)`` (the sharding layer's, one exchange for all
+      of them) returns the units over those rows, the update is sent back after the step;
     * batch axes (fused experts): one unit per matrix, over views of the parameter and gradient
       (transposed when the layout is), whose state is a dict of views into the parameter's state,
       which keeps every matrix's state stacked on one leading axis (``init_batched(state,
       units)`` creates it).
 
-    A sharded unit (FSDP2 rows, ZeRO segments) is viewed so only when that is exact: FSDP2 shards a
-    fused expert tensor by whole experts (dim 0), so each local expert is a whole matrix; a
-    transposed shard (a Conv1D weight sharded along its input features) or a ZeRO segment
-    (cut anywhere) raise :class:`ParamLayoutError`."""
+    A sharded batch of matrices is viewed so only when that is exact: FSDP2 shards a fused expert
+    tensor by whole experts (dim 0), so each local expert is a whole matrix (the ZeRO layout cuts
+    its segments at matrix boundaries itself); a transposed fused expert tensor cut by a ZeRO
+    segment raises :class:`ParamLayoutError`."""
     out: list[Unit] = []
+    moved: list[int] = []
     for unit in units:
         source = unit.source if unit.source is not None else unit.owner
         layout = layouts.get(id(source))
@@ -150,20 +193,23 @@ def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_bat
             out.append(unit)
             continue
         shape = tuple(unit.view.global_shape)
-        if unit.view.sharded and (layout.batch == 0 or unit.view.valid is not None or unit.writeback is not None):
-            how = (
-                "by flat segments (DeepSpeed ZeRO)"
-                if unit.source is not None or unit.view.valid is not None
-                else "along its first stored axis (FSDP2 Shard(0)), which is not a batch of whole matrices"
-            )
+        if unit.view.sharded and layout.batch == 0:
+            if regroup is None:
+                raise ParamLayoutError(
+                    f"hfoptim internal error: a sharded parameter of shape {shape} with layout {layout.spelling!r} "
+                    f"reached a layout that cannot move its elements to whole output units"
+                )
+            moved.append(len(out))
+            out.append(unit)
+            continue
+        if unit.view.sharded and (unit.view.valid is not None or unit.writeback is not None):
             raise ParamLayoutError(
-                f"a parameter of shape {shape} with layout {layout.spelling!r} ({layout.kind}) is sharded {how}: "
-                f"its per-output-unit and per-matrix statistics would be computed on a slice. hfoptim steps such a "
-                f"parameter exactly when it is held whole or, for fused experts, sharded by expert. Steps the layout "
-                f"cannot change run on any shard: fp32 state with an elementwise rule (adamw, ademamix, adan, ...) "
-                f"or, for a Conv1D weight, also nsgda/adanorm and the cautious/trust_ratio (lamb) options. Else "
-                f"declare param_layouts={{name: 'out_in'}} to step it as stored (per-row statistics then run "
-                f"along its stored rows)"
+                f"a parameter of shape {shape} with layout {layout.spelling!r} ({layout.kind}) is sharded by flat "
+                f"segments (DeepSpeed ZeRO) that cut its transposed matrices: their per-output-unit and per-matrix "
+                f"statistics would be computed on a slice. hfoptim steps a fused expert tensor stored (E, in, out) "
+                f"exactly when it is held whole or sharded by expert (FSDP2). Steps the layout cannot change run "
+                f"on any shard: fp32 state with an elementwise rule (adamw, ademamix, adan, ...). Else declare "
+                f"param_layouts={{name: 'batch_out_in'}} to step each matrix as stored"
             )
         if layout.batch == 0:
             p, g = unit.param.transpose(0, 1), unit.grad.transpose(0, 1)
@@ -187,4 +233,7 @@ def canonical_units(units: list[Unit], layouts: dict[int, ParamLayout], init_bat
         for e, sub in enumerate(subs):
             sub.state.update({k: v[e] for k, v in stacked.items()})
         out.extend(subs)
+    if moved:
+        for i, unit in zip(moved, regroup([out[i] for i in moved])):
+            out[i] = unit
     return out

@@ -34,7 +34,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..core.layout import Unit
+from ..core.layout import Unit, transposed_view
 from ..core.stats import ParamView
 from ..state import resolve
 
@@ -73,6 +73,19 @@ def key_kinds(optimizer, group: dict, view: ParamView, p: torch.Tensor) -> dict[
     return kinds
 
 
+def state_view(optimizer, group: dict, p: torch.Tensor, view: ParamView) -> tuple[ParamView, torch.Tensor | None]:
+    """The view of the part of ``p`` whose state this process keeps, and the parameter whose layout
+    shapes that state (None: a matrix of its own). A sharded ``Conv1D`` weight stepped through its
+    canonical view keeps state for whole output units (:func:`hfoptim.core.layout.transposed_view`,
+    split like ``Shard(0)`` of the ``(out, in)`` matrix): its state is exported as DTensors of the
+    canonical shape, which DCP reshards like any row-sharded state."""
+    layout = optimizer.layout_of(p)
+    if view.sharded and layout.transposed and not layout.batch:
+        if optimizer.stepped_as(group, layout, view.global_shape) is not None:
+            return transposed_view(view), None
+    return view, p
+
+
 def _dtensor_like(p: DTensor, local: torch.Tensor, global_rows: int) -> DTensor:
     shape = torch.Size((global_rows, *local.shape[1:]))
     stride = torch.empty(shape, device="meta").stride()
@@ -98,7 +111,8 @@ def export_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         if view is None or not view.sharded:
             continue
         pstate = state_dict["state"][pid]
-        kinds = key_kinds(optimizer, group, view, p)
+        view, shaped = state_view(optimizer, group, p, view)
+        kinds = key_kinds(optimizer, group, view, shaped)
         out = {}
         decoded_slots = []  # slots with a tensor that is neither per-row nor shard-independent
         for kind in kinds.values():
@@ -155,7 +169,8 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         saved_group = next((s for s, g in zip(groups, optimizer.param_groups) if g is group), group)
         options = {k: v for k, v in saved_group.items() if k in optimizer._spec}
         merged = {**group, **options}
-        expected = optimizer.expected_state_shapes(p, merged, view)
+        view, shaped = state_view(optimizer, merged, p, view)
+        expected = optimizer.expected_state_shapes(shaped, merged, view)
         out = {}
         for key, value in pstate.items():
             if key.endswith(DECODED):

@@ -114,6 +114,12 @@ class DTensorLayout(Layout):
         """Every parameter's unit, gradient or not (to create state without a step)."""
         return [Unit(local_of(p), local_of(p), optimizer.state[p], self.view(p), p) for p in group["params"]]
 
+    def regroup_transposed(self, units: list[Unit], returns: list | None) -> list[Unit]:
+        """Sharded ``Conv1D`` weights over whole output units (:mod:`hfoptim.distributed.transpose`)."""
+        from .transpose import regroup
+
+        return regroup(units, self.stats, returns)
+
     # ------------------------------------------------------------------ checkpoints
     def export_state(self, optimizer, state_dict: dict) -> dict:
         from .checkpoint import export_dtensor_state

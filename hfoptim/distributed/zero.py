@@ -272,6 +272,12 @@ class ZeroLayout(Layout):
                 units.append(Unit(piece.param, piece.param, state, piece.view, flat, None, source, one))
         return units
 
+    def regroup_transposed(self, units: list[Unit], returns: list | None) -> list[Unit]:
+        """Sharded ``Conv1D`` weights over whole output units (:mod:`hfoptim.distributed.transpose`)."""
+        from .transpose import regroup
+
+        return regroup(units, self.stats, returns)
+
     # ------------------------------------------------------------------ checkpoints
     def import_state(self, optimizer, state_dict: dict) -> dict:
         """Check every segment's state against this run's segments (DeepSpeed's own checkpoint

@@ -4,13 +4,17 @@
   experts over 2 or 3 processes, uneven) is stepped exactly as E separate ``Linear`` matrices on
   one process (float64): parameters and every state tensor (the local experts' rows of the
   stacked state).
-* ``--phase save`` / ``--phase load --dir D``: the fused tensor's stacked state saved with
-  torch.distributed.checkpoint on N processes, loaded on M (DCP reshards the experts), and the run
-  continued: equal to E separate matrices stepped without interruption.
-* A ``Conv1D`` weight ``(in, out)`` sharded along its input features: a step its layout cannot
-  change (adamw; lamb and nsgda, whose norms are of the whole tensor) runs as stored and equals
-  the transposed ``Linear`` run; a step with per-output-unit statistics or 8-bit rows (adamw_gc,
-  adamw_8bit) is refused with a message naming the layout, on every process alike.
+* ``--phase save`` / ``--phase load --dir D``: the fused tensor's stacked state, and a sharded
+  ``Conv1D`` weight's state, saved with torch.distributed.checkpoint on N processes, loaded on M
+  (DCP reshards the experts and the output units), and the run continued: equal to E separate
+  matrices, or the ``Linear`` weight, stepped without interruption.
+* A ``Conv1D`` weight ``(in, out)`` sharded along its input features (Shard(0) of the stored
+  tensor, uneven: 7 output units over 2 or 3 processes) is stepped exactly as the same ``Linear``
+  weight on one process (float64) by every rule, storage form and modifier (:data:`CONV_CASES`):
+  parameters, every state tensor (kept for this process's whole output units), and the state
+  through ``state_dict()``/``load_state_dict()``.
+* A tiny GPT-2 under ``fully_shard``, its optimizer built from the model (Conv1D weights detected):
+  equal to the same model on one process.
 """
 
 from __future__ import annotations
@@ -28,15 +32,31 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import hfoptim  # noqa: E402
-from hfoptim.core.layout import ParamLayoutError  # noqa: E402
+from hfoptim.core.layout import transposed_view  # noqa: E402
 from hfoptim.distributed import checkpoint as hckpt  # noqa: E402
-from tests.distributed.common import finish, run_cases, setup_threads  # noqa: E402
+from hfoptim.rules import RULES  # noqa: E402
+from tests.distributed.common import compare, compare_state, finish, run_cases, setup_threads  # noqa: E402
 from tests.distributed.fsdp2_worker import sharded_grad  # noqa: E402
 
-EXPERTS, OUT, IN = 5, 6, 40
+EXPERTS, OUT, IN = 5, 7, 300  # rows of 300: an 8-bit row ends in a short block
 EXPERT_CASES = ("adamw_gc", "adamw_agc", "adamw_shared", "adamw_8bit", "adafactor", "nsgda", "amos", "lamb", "smmf")
-CONV_CASES = ("conv_adamw", "conv_lamb", "conv_nsgda", "conv_adamw_gc_refused", "conv_adamw_8bit_refused")
+#: every rule, AdamW with every storage form and modifier, and a few combinations
+CONV_NAMES = (
+    *sorted(RULES),
+    "lamb",
+    *(f"adamw_{form}" for form in ("8bit", "4bit", "bf16", "factored", "smmf", "shared")),
+    *(f"adamw_{m}" for m in ("gc", "agc", "softclip", "cautious", "gradnorm", "normloss", "cpr", "swd")),
+    "adamw2",
+    "ademamix_8bit",
+    "adan_cautious_factored",
+    "nsgda_gc",
+    "muon_gc",
+)
+CONV_CASES = tuple(f"conv_{name}" for name in CONV_NAMES)
+#: a tiny GPT-2 (Conv1D attention and MLP weights, detected from its modules) under fully_shard
+GPT2_CASES = ("gpt2_adamw_8bit", "gpt2_adamw_gc", "gpt2_adafactor", "gpt2_amos")
 CHECKPOINT_CASES = ("adamw_gc", "adamw_8bit", "adafactor", "amos", "smmf")
+CONV_CHECKPOINT_CASES = ("conv_adamw_gc", "conv_adamw_8bit", "conv_adamw_4bit", "conv_adafactor", "conv_smmf")
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
 
 
@@ -130,31 +150,128 @@ def run_checkpoint(name: str, failures: list, phase: str, folder: str, steps: in
                 failures.append(f"{name}: state {key!r} after resuming differs from the separate matrices")
 
 
-def run_conv(name: str, failures: list, steps: int) -> None:
-    optimizer = name.removeprefix("conv_").removesuffix("_refused")
+def conv_options(name: str) -> dict:
+    out = dict(OPTIONS)
+    if hfoptim.get_optimizer(name).rule.name == "adalo":
+        out.pop("lr")  # AdaLo sets its step size from the loss
+    if "agc" in name:
+        out["agc"] = 0.05  # clips on these gradients
+    return out
+
+
+def conv_step(opt, name: str, t: int) -> None:
+    if hfoptim.get_optimizer(name).rule.needs_loss:
+        opt.step(loss=2.0 / t)
+    else:
+        opt.step()
+
+
+def run_conv(name: str, failures: list, detail: dict, steps: int) -> None:
+    """A ``Conv1D`` weight sharded along its input features against the same ``Linear`` weight
+    on one process: parameters and state after every step, and the state's round trip."""
+    optimizer = name.removeprefix("conv_")
     w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     lin = torch.nn.Parameter(w.clone())
-    ref = hfoptim.create_optimizer([lin], optimizer, **OPTIONS)
+    ref = hfoptim.create_optimizer([lin], optimizer, **conv_options(optimizer))
     module = Holder(w.t().contiguous())  # Conv1D stores (in, out): FSDP2 shards the input features
     fully_shard(module)
     p = module.weight
-    opt = hfoptim.create_optimizer([p], optimizer, param_layouts={p: "in_out"}, **OPTIONS)
-    for g in grads(w.shape, steps):
+    opt = hfoptim.create_optimizer([p], optimizer, param_layouts={p: "in_out"}, **conv_options(optimizer))
+    for t, g in enumerate(grads(w.shape, steps), 1):
         lin.grad = g.clone()
         p.grad = sharded_grad(p, g.t().contiguous())
-        ref.step()
-        try:
-            opt.step()
-        except ParamLayoutError as error:
-            if not name.endswith("refused") or "in_out" not in str(error):
-                failures.append(f"{name}: unexpected refusal: {error}")
-            return
-    if name.endswith("refused"):
-        failures.append(f"{name}: a sharded Conv1D weight with per-output-unit statistics was stepped, not refused")
+        before = p.grad.to_local().clone()
+        conv_step(ref, optimizer, t)
+        conv_step(opt, optimizer, t)
+        if not torch.equal(p.grad.to_local(), before):
+            failures.append(f"{name}: p.grad was modified")
+        err = (p.full_tensor().detach().t() - lin.detach()).abs().max().item()
+        if err > 1e-12:
+            failures.append(f"{name} step {t}: differs from the Linear run by {err:.3e}")
+    if opt.stepped_as(opt.param_groups[0], opt.layout_of(p), p.shape) is None:
+        detail["stepped_as_stored"] = True  # the layout cannot change this step: state as stored
         return
+    view = transposed_view(opt.layout.view(p))
+    compare_state(name, opt.state[p], ref.state[lin], view, torch.float64, failures, detail)
+    saved = opt.state_dict()  # exported as DTensors over the output units, loaded back
+    fresh = hfoptim.create_optimizer([p], optimizer, param_layouts={p: "in_out"}, **conv_options(optimizer))
+    fresh.load_state_dict(saved)
+    for key, value in opt.state[p].items():
+        got = fresh.state[p][key]
+        if not isinstance(value, torch.Tensor):
+            continue
+        compare(f"{name}: state {key!r} through state_dict()", got, value, torch.float64, failures, detail)
+
+
+def run_gpt2(name: str, failures: list, steps: int) -> None:
+    """A tiny GPT-2, each block and the model ``fully_shard``-ed, with the optimizer built from the
+    model (its Conv1D weights detected): equal to the same model stepped on one process with the
+    same gradients (float64)."""
+    import transformers as tf
+
+    optimizer = name.removeprefix("gpt2_")
+    config = tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    torch.manual_seed(0)
+    ref_model = tf.GPT2LMHeadModel(config).double().eval()  # no dropout: the same forward everywhere
+    model = tf.GPT2LMHeadModel(config).double().eval()
+    model.load_state_dict(ref_model.state_dict())
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    options = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
+    ref = hfoptim.create_optimizer(ref_model, optimizer, **options)
+    opt = hfoptim.create_optimizer(model, optimizer, **options)
+    conv = [n for n, p in model.named_parameters() if opt.layout_of(p).transposed]
+    if len(conv) != 4 * config.n_layer:
+        failures.append(f"{name}: {len(conv)} Conv1D weights detected, expected {4 * config.n_layer}")
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    want = dict(ref_model.named_parameters())
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        for n, p in model.named_parameters():  # the same gradients (FSDP2's mean over 3 processes
+            want[n].grad = p.grad.full_tensor()  # can differ from one backward in the last bit)
+        ref.step()
+        opt.step()
+    for n, p in model.named_parameters():
+        err = (p.full_tensor().detach() - want[n].detach()).abs().max().item()
+        if err > 1e-10:
+            failures.append(f"{name}: {n} differs from one process by {err:.3e}")
+
+
+def run_conv_checkpoint(name: str, failures: list, phase: str, folder: str, steps: int) -> None:
+    """A sharded ``Conv1D`` weight's state (kept for whole output units) saved with DCP on N
+    processes, loaded on M, resumed: equal to the ``Linear`` weight stepped without interruption."""
+    optimizer = name.removeprefix("conv_")
+    w = torch.randn(OUT, IN, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    module = Holder(w.t().contiguous() if phase == "save" else torch.zeros(IN, OUT, dtype=torch.float64))
+    fully_shard(module)
+    p = module.weight
+    opt = hfoptim.create_optimizer([p], optimizer, param_layouts={p: "in_out"}, **conv_options(optimizer))
+    path = os.path.join(folder, name)
+    all_grads = grads(w.shape, 2 * steps)
+    if phase == "save":
+        for t, g in enumerate(all_grads[:steps], 1):
+            p.grad = sharded_grad(p, g.t().contiguous())
+            conv_step(opt, optimizer, t)
+        state = {"model": get_model_state_dict(module), "optim": hckpt.get_state_dict(module, opt)}
+        dcp.save(state, checkpoint_id=path)
+        return
+    state = {"model": get_model_state_dict(module), "optim": hckpt.get_state_dict(module, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(module, state["model"])
+    hckpt.set_state_dict(module, opt, state["optim"])
+    lin = torch.nn.Parameter(w.clone())
+    ref = hfoptim.create_optimizer([lin], optimizer, **conv_options(optimizer))
+    for t, g in enumerate(all_grads, 1):
+        lin.grad = g.clone()
+        conv_step(ref, optimizer, t)
+        if t > steps:
+            p.grad = sharded_grad(p, g.t().contiguous())
+            conv_step(opt, optimizer, t)
     err = (p.full_tensor().detach().t() - lin.detach()).abs().max().item()
     if err > 1e-12:
-        failures.append(f"{name}: differs from the transposed Linear run by {err:.3e}")
+        failures.append(f"{name}: after resuming differs from the Linear run by {err:.3e}")
 
 
 def main() -> int:
@@ -163,17 +280,26 @@ def main() -> int:
     parser.add_argument("--phase", choices=("save", "load"), default=None, help="checkpoint cases only")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated case names (debugging)")
     args = parser.parse_args()
     setup_threads()
     dist.init_process_group("gloo")
 
     def one(name, failures, detail):
-        if args.phase:
+        if args.phase and name in CONV_CHECKPOINT_CASES:
+            run_conv_checkpoint(name, failures, args.phase, args.dir, args.steps)
+        elif args.phase:
             run_checkpoint(name, failures, args.phase, args.dir, args.steps)
+        elif name in CONV_CASES:
+            run_conv(name, failures, detail, args.steps)
+        elif name in GPT2_CASES:
+            run_gpt2(name, failures, args.steps)
         else:
-            (run_conv if name in CONV_CASES else run_experts)(name, failures, args.steps)
+            run_experts(name, failures, args.steps)
 
-    cases = list(CHECKPOINT_CASES) if args.phase else [*EXPERT_CASES, *CONV_CASES]
+    cases = [*CHECKPOINT_CASES, *CONV_CHECKPOINT_CASES] if args.phase else [*EXPERT_CASES, *CONV_CASES, *GPT2_CASES]
+    if args.only:
+        cases = [c for c in cases if c in args.only.split(",")]
     status = run_cases(cases, one, args.out)
     finish(status)
     return status

@@ -4,9 +4,12 @@
 * A fused expert tensor ``(5, 7, 43)``, partitioned by ZeRO with boundaries inside experts and
   inside rows, is stepped exactly as 5 separate ``Linear`` matrices on one process (each expert
   is a segment of its own): parameters (gathered) and every expert's state.
-* A ``Conv1D`` weight ``(43, 7)``: a step its layout cannot change (adamw, lamb) runs on the
-  segments as stored and equals the transposed ``Linear`` run; adamw_gc is refused with an error
-  naming the layout, on every process alike.
+* A ``Conv1D`` weight ``(301, 7)`` (partition boundaries inside its stored rows) is stepped
+  exactly as the same ``Linear`` weight ``(7, 301)`` on one process by every rule, storage form and
+  modifier (the cases of layout_worker.py): parameters (gathered) and every state tensor, kept
+  for this process's whole output units, unchanged through DeepSpeed's checkpoint.
+* A fused expert tensor stored ``(E, in, out)`` whose partition cuts an expert is refused with
+  an error naming the layout, on every process alike.
 
 Gradients come through a real DeepSpeed backward, exact as in zero_worker.py (coarse values, only
 process 0 contributes ``world * g``).
@@ -29,13 +32,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import deepspeed  # noqa: E402
 
 import hfoptim  # noqa: E402
-from hfoptim.core.layout import ParamLayoutError  # noqa: E402
+from hfoptim.core.layout import ParamLayoutError, transposed_view  # noqa: E402
 from tests.distributed.common import coarse, compare, compare_state, finish, run_cases, setup_threads  # noqa: E402
+from tests.distributed.layout_worker import CONV_CASES, conv_options, conv_step  # noqa: E402
 from tests.distributed.zero_worker import ds_config  # noqa: E402
 
 E, OUT, IN = 5, 7, 43  # 1505 elements: partitions of 753 (2 processes) or 502 (3) cut experts inside rows
 EXPERT_CASES = ("adamw_gc", "adamw_agc", "adamw_shared", "adamw_8bit", "adafactor", "nsgda", "amos", "lamb", "smmf")
-CONV_CASES = ("conv_adamw", "conv_lamb", "conv_adamw_gc_refused")
+#: a fused expert tensor stored (E, in, out) that a partition cuts inside an expert: refused
+REFUSED_CASES = ("experts_in_out_adamw_gc_refused",)
+#: Conv1D cases whose state (kept for whole output units) also goes through DeepSpeed's checkpoint
+CHECKPOINTED = ("conv_adamw_8bit", "conv_adamw_4bit", "conv_adafactor", "conv_smmf", "conv_adamw_gc")
+CONV_IN = 301  # stored (301, 7): 2107 elements, partitions of 1054 (2 processes) or 703 (3) cut rows
 OPTIONS = {"lr": 0.01, "state_min_numel": 0, "weight_decay": 0.1}
 DTYPE = torch.float32
 
@@ -56,39 +64,35 @@ def grads(shape, steps: int) -> list[torch.Tensor]:
     return coarse([torch.randn(shape, generator=gen, dtype=DTYPE) for _ in range(steps)])
 
 
-def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> None:
+def run(name: str, failures: list, detail: dict, *, stage: int, steps: int, folder: str | None = None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     conv = name.startswith("conv_")
-    optimizer = name.removeprefix("conv_").removesuffix("_refused")
-    w = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 0.5
+    optimizer = name.removeprefix("conv_")
     if conv:
-        refs = [torch.nn.Parameter(w[0].clone())]
-        stored, layout = w[0].t().contiguous(), "in_out"
+        w = torch.randn(OUT, CONV_IN, generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 0.5
+        refs = [torch.nn.Parameter(w.clone())]
+        stored, layout = w.t().contiguous(), "in_out"
+        options = conv_options(optimizer)
     else:
+        w = torch.randn(E, OUT, IN, generator=torch.Generator().manual_seed(3), dtype=DTYPE) * 0.5
         refs = [torch.nn.Parameter(w[e].clone()) for e in range(E)]
         stored, layout = w, "batch_out_in"
-    ref = hfoptim.create_optimizer(refs, optimizer, **OPTIONS)
+        options = OPTIONS
+    ref = hfoptim.create_optimizer(refs, optimizer, **options)
     model = Holder(stored)
-    opt = hfoptim.create_optimizer([model.weight], optimizer, param_layouts={model.weight: layout}, **OPTIONS)
+    opt = hfoptim.create_optimizer([model.weight], optimizer, param_layouts={model.weight: layout}, **options)
     config = ds_config(stage, round_robin=False, sub_group_size=None, offload=False)
     ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
     engine = hfoptim.integrations.deepspeed.hfoptim_engine(ds_engine.optimizer.optimizer)
-    shape = w[0].shape if conv else w.shape
-    for g in grads(shape, steps):
+    for t, g in enumerate(grads(w.shape, steps), 1):
         for e, p in enumerate(refs):
             p.grad = (g if conv else g[e]).clone()
-        ref.step()
+        conv_step(ref, optimizer, t)
         scale = float(world) if rank == 0 else 0.0
+        if engine.rule.needs_loss:
+            engine.set_loss(2.0 / t)
         ds_engine.backward(ds_engine(g.t().contiguous() if conv else g, scale))
-        try:
-            ds_engine.step()
-        except ParamLayoutError as error:
-            if not name.endswith("refused") or "in_out" not in str(error):
-                failures.append(f"{name}: unexpected refusal: {error}")
-            ds_engine.destroy()
-            return
-    if name.endswith("refused"):
-        failures.append(f"{name}: a partitioned Conv1D weight with per-output-unit statistics was stepped")
+        ds_engine.step()
     if type(engine.layout).__name__ != "ZeroLayout":
         failures.append(f"stepped with {type(engine.layout).__name__}, not the ZeRO layout")
     if stage == 3:
@@ -96,12 +100,38 @@ def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> N
             full = model.weight.detach().clone()
     else:
         full = model.weight.detach().clone()
+    layout_ = engine.layout
     if conv:
         compare(f"{name}: parameter", full.t(), refs[0].detach(), DTYPE, failures, detail)
+        source = engine.layout_of(model.weight)
+        for fg in layout_.flat_groups.values():
+            segments = engine.state[fg.flat].get("segments", {})
+            for piece in layout_.pieces(fg.flat, engine, engine.param_groups[0]):
+                if engine.stepped_as(engine.param_groups[0], source, piece.view.global_shape) is None:
+                    detail["stepped_as_stored"] = True
+                    continue
+                state = segments.get(piece.segment.index, {})
+                view = transposed_view(piece.view)
+                compare_state(name, state, ref.state[refs[0]], view, DTYPE, failures, detail)
+        if name in CHECKPOINTED and folder is not None:
+            before = {
+                flat: {
+                    i: {k: v.clone() for k, v in seg.items() if isinstance(v, torch.Tensor)}
+                    for i, seg in engine.state[flat]["segments"].items()
+                }
+                for flat in engine.state
+            }
+            ds_engine.save_checkpoint(folder, tag=name)
+            ds_engine.load_checkpoint(folder, tag=name)
+            for flat, segments in before.items():
+                for index, state in segments.items():
+                    for key, value in state.items():
+                        got = engine.state[flat]["segments"][index][key]
+                        if not torch.equal(got, value):
+                            failures.append(f"{name}: state {key!r} changed through DeepSpeed's checkpoint")
     else:
         for e in range(E):
             compare(f"{name}: expert {e}", full[e], refs[e].detach(), DTYPE, failures, detail)
-        layout_ = engine.layout
         for fg in layout_.flat_groups.values():
             segments = engine.state[fg.flat].get("segments", {})
             pieces = layout_.pieces(fg.flat, engine, engine.param_groups[0])
@@ -113,11 +143,30 @@ def run(name: str, failures: list, detail: dict, *, stage: int, steps: int) -> N
     ds_engine.destroy()
 
 
+def run_refused(name: str, failures: list, *, stage: int) -> None:
+    """The one sharded layout hfoptim refuses: every process raises the same clear error."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    w = torch.randn(E, IN, OUT, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    model = Holder(w)
+    opt = hfoptim.create_optimizer([model.weight], "adamw_gc", param_layouts={model.weight: "batch_in_out"}, **OPTIONS)
+    config = ds_config(stage, round_robin=False, sub_group_size=None, offload=False)
+    ds_engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=config)
+    ds_engine.backward(ds_engine(torch.ones_like(w), float(world) if rank == 0 else 0.0))
+    try:
+        ds_engine.step()
+        failures.append(f"{name}: a fused (E, in, out) tensor cut inside an expert was stepped, not refused")
+    except ParamLayoutError as error:
+        if "batch_in_out" not in str(error) or "ZeRO" not in str(error):
+            failures.append(f"{name}: the refusal does not name the layout and the sharding: {error}")
+    ds_engine.destroy()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--stage", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--only", default=None, help="comma-separated case names (debugging)")
     args = parser.parse_args()
     setup_threads()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -125,9 +174,16 @@ def main() -> int:
     deepspeed.init_distributed(dist_backend="gloo")
 
     def one(name, failures, detail):
-        run(name, failures, detail, stage=args.stage, steps=args.steps)
+        if name in REFUSED_CASES:
+            run_refused(name, failures, stage=args.stage)
+        else:
+            folder = os.path.join(os.path.dirname(os.path.abspath(args.out)), "ckpt") if args.out else None
+            run(name, failures, detail, stage=args.stage, steps=args.steps, folder=folder)
 
-    status = run_cases([*EXPERT_CASES, *CONV_CASES], one, args.out)
+    cases = [*EXPERT_CASES, *CONV_CASES, *REFUSED_CASES]
+    if args.only:
+        cases = [c for c in cases if c in args.only.split(",")]
+    status = run_cases(cases, one, args.out)
     finish(status)
     return status
 
