@@ -319,7 +319,9 @@ def markdown(record: dict, level: int = 1, plot_path: str | None = None) -> str:
         + (f", {a['steps']} steps" if a.get("long") else ""),
         "",
         f"Machine: {machine_line(record['machine'])}.",
-        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes).",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes)"
+        + merged_note(record)
+        + ".",
         f"Data: {record['data']}. Model: tiny Llama, {record['num_params'] / 1e6:.2f}M parameters.",
         f"Budget: {a['steps']} steps x {a['batch_size']} x {a['block_size']} tokens = {tokens:,} tokens per run; "
         f"peak lr {a['lr']}; seeds {', '.join(map(str, record['seeds']))}; validation loss on "
@@ -357,6 +359,22 @@ def markdown(record: dict, level: int = 1, plot_path: str | None = None) -> str:
     if plot_path:
         lines += ["", f"![validation loss curves]({plot_path})"]
     return "\n".join(lines) + "\n"
+
+
+def merged_note(record: dict) -> str:
+    """Where the runs not trained by this command came from (``--merge``), commands oldest first."""
+    notes, earlier = [], record.get("merged_into")
+    while earlier:
+        machine = earlier.get("machine") or {}
+        notes.append(
+            f"`{earlier['command']}` ({earlier.get('elapsed_s', 0) / 60:.1f} min, hfoptim "
+            f"{machine.get('git_commit', '?')}, load average {(machine.get('load_average_1_5_15') or ['?'])[0]})"
+        )
+        earlier = earlier.get("merged_into")
+    if not notes:
+        return ""
+    retrained = ", ".join(record["args"]["names"])
+    return f"; it trained {retrained}, the other runs are from " + " and ".join(reversed(notes))
 
 
 def plot(record: dict, path: Path) -> None:
@@ -449,6 +467,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a separate comparison with its own results (results/quality_<preset>.*) and BENCHMARKS.md section: "
         + "; ".join(f"{k}: {' '.join(v['names'])}" for k, v in PRESETS.items()),
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --preset and --names: train only those names and add their runs to the preset's results "
+        "file (replacing earlier runs of the same names), paired with its AdamW runs",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--study", action="store_true", help="each optimizer at its own best lr (quality_study.*)")
     parser.add_argument("--finetune", action="store_true", help="the fine-tuning study (_finetune.py; its own options)")
@@ -473,8 +497,12 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(__file__).resolve().with_name("_finetune.py")
         return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
-    if args.preset and (args.study or args.smoke or args.long or args.quick or args.names):
-        raise SystemExit("--preset chooses its own names and budget: drop --study/--smoke/--long/--quick/--names")
+    if args.preset and (args.study or args.smoke or args.long or args.quick):
+        raise SystemExit("--preset chooses its own names and budget: drop --study/--smoke/--long/--quick")
+    if args.names and args.preset and not args.merge:
+        raise SystemExit("--preset chooses its own names; --names with --preset needs --merge (add those runs)")
+    if args.merge and not (args.preset and args.names):
+        raise SystemExit("--merge adds the runs of --names to a --preset's results file: give both")
     if args.study or args.smoke or (args.tables_only and not args.preset):
         return study_main(args, argv)
     if args.tables_only:
@@ -485,9 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.long:
         args.steps = LONG_STEPS
     names = args.names or (QUICK_NAMES if args.quick else LONG_NAMES if args.long else DEFAULT_NAMES)
-    if args.preset:
+    earlier = None
+    if args.merge:
+        earlier = merge_base(args, Path(args.output_dir))
+    elif args.preset:
         names = PRESETS[args.preset]["names"]
-    if "adamw" not in names:
+    if "adamw" not in names and earlier is None:
         names = ["adamw", *names]
     started = time.perf_counter()
 
@@ -512,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"[{i}/{len(jobs)}] {run.name} seed {run.seed}: {status} ({run.seconds:.0f} s)")
 
     command = "python benchmarks/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    if earlier is not None:  # --merge: the earlier runs of other names, then these
+        keep = [Run(**r) for r in earlier["runs"] if r["name"] not in names]
+        runs = keep + runs
+        names = [n for n in PRESETS[args.preset]["names"] if any(r.name == n for r in runs)]
+        names += [n for n in dict.fromkeys(r.name for r in runs) if n not in names]
     record = {
         "machine": machine_info(),
         "libraries": library_versions(),
@@ -525,6 +561,10 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(runs, names),
         "runs": [asdict(r) for r in runs],
     }
+    if earlier is not None:
+        record["merged_into"] = {
+            k: earlier.get(k) for k in ("command", "machine", "elapsed_s", "merged_into") if k in earlier
+        }
     out = Path(args.output_dir)
     if args.preset:
         write_json(out / f"{PRESETS[args.preset]['stem']}.json", record)
@@ -541,6 +581,24 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
     return 0
+
+
+def merge_base(args, out: Path) -> dict:
+    """``--merge``: the preset's earlier results, which must hold AdamW's run of every seed (the
+    paired reference; runs are deterministic per seed, so the earlier AdamW runs are this
+    commit's when the training code is unchanged) and the same budget."""
+    path = out / f"{PRESETS[args.preset]['stem']}.json"
+    if not path.exists():
+        raise SystemExit(f"--merge: no {path} to add to; run --preset {args.preset} first")
+    earlier = json.loads(path.read_text())
+    have = {r["seed"] for r in earlier["runs"] if r["name"] == "adamw" and not r["error"]}
+    if not set(args.seeds) <= have:
+        raise SystemExit(f"--merge: {path} has AdamW runs for seeds {sorted(have)}, not {args.seeds}")
+    budget = ("steps", "batch_size", "block_size", "lr", "weight_decay", "evals", "eval_blocks")
+    differs = [k for k in budget if earlier["args"].get(k) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"--merge: {path} was run with other {', '.join(differs)}; use the same budget")
+    return earlier
 
 
 def preset_tables(preset: str, out: Path, log=None) -> int:
