@@ -656,9 +656,10 @@ def main(argv: list[str] | None = None) -> int:
     stem = "speed_quick" if args.quick else "speed_muon" if args.muon else "speed_only" if args.only else "speed"
     write_json(out / f"{stem}.json", record)
     png = out / f"{stem}_scaling.png"
-    if len(sizes) > 1:
+    drawn = len(sizes) > 1 and not args.muon  # --muon: its section is the table
+    if drawn:
         plot(record, png)
-    (out / f"{stem}.md").write_text(markdown(record, plot_path=png.name if len(sizes) > 1 else None))
+    (out / f"{stem}.md").write_text(markdown(record, plot_path=png.name if drawn else None))
     if not args.quick and not args.only and out.resolve() == RESULTS_DIR.resolve():
         relative = f"benchmarks/results/{png.name}" if len(sizes) > 1 else None
         if update_report("speed", markdown(record, level=3, details=True, plot_path=relative)):
