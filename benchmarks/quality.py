@@ -47,6 +47,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -542,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
             status = run.error or f"final val loss {run.eval_loss[-1]:.4f}"
             log(f"[{i}/{len(jobs)}] {run.name} seed {run.seed}: {status} ({run.seconds:.0f} s)")
 
-    command = "python benchmarks/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     if earlier is not None:  # --merge: the earlier runs of other names, then these
         keep = [Run(**r) for r in earlier["runs"] if r["name"] not in names]
         runs = keep + runs

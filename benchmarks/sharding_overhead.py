@@ -57,6 +57,27 @@ DEFAULT_NAMES = [
 MUON_NAMES = ["muon", "muon_8bit"]
 
 
+def exchange_bytes(span_lists, element_size: int) -> tuple[int, int]:
+    """``(bytes over all processes, per step, of Muon's two all-to-alls; what an all-gather of
+    every matrix on every process would move)``. ``span_lists``: for each ``matrix_map`` call of
+    a step, the ``(world, n, 2)`` flat ranges each process owns of each of its ``n`` matrices (as
+    the exchange caches them in ``ShardedStats._spans``). Per matrix ``k`` of ``n_k`` elements
+    whose owner holds ``h_k``: ``2 (n_k - h_k)`` elements (rows to the owner, results back); no
+    exchange at all when every matrix is whole on its owner."""
+    from hfoptim.distributed.stats import matrix_owners
+
+    expected = gather_all = 0
+    for spans in span_lists:
+        world = spans.shape[0]
+        lengths = (spans[:, :, 1] - spans[:, :, 0]).tolist()
+        numels = [sum(col) for col in zip(*lengths)]
+        owners = matrix_owners(spans, numels)
+        if any(lengths[r][k] and owners[k] != r for r in range(world) for k in range(len(numels))):
+            expected += sum(2 * (n - lengths[o][k]) * element_size for k, (n, o) in enumerate(zip(numels, owners)))
+        gather_all += (world - 1) * sum(numels) * element_size
+    return expected, gather_all
+
+
 def launch(args) -> int:
     cmd = [
         sys.executable,
@@ -81,7 +102,7 @@ def worker(args) -> int:
     from _timing import MODEL_SHAPES, machine_info, machine_line, update_report, write_json
 
     import hfoptim
-    from hfoptim.distributed.stats import ShardedStats, matrix_owners
+    from hfoptim.distributed.stats import ShardedStats
 
     torch.set_num_threads(1)
     comm_seconds = [0.0]
@@ -176,21 +197,6 @@ def worker(args) -> int:
         step()  # state created, layout chosen
         return step, engine
 
-    def exchange_bytes(stats, element_size: int) -> tuple[int, int]:
-        """(expected bytes over all processes per step of Muon's two all-to-alls, what an
-        all-gather of every matrix on every process would move), from the owned spans cached by
-        the exchange (one list of views per ``matrix_map`` call, each called once a step)."""
-        expected = gather_all = 0
-        for spans in getattr(stats, "_spans", {}).values():
-            lengths = (spans[:, :, 1] - spans[:, :, 0]).tolist()
-            numels = [sum(col) for col in zip(*lengths)]
-            owners = matrix_owners(spans, numels)
-            crossing = any(lengths[r][k] and owners[k] != r for r in range(world) for k in range(len(numels)))
-            if crossing:  # else the exchange is skipped (every matrix whole on its owner)
-                expected += sum(2 * (n - lengths[o][k]) * element_size for k, (n, o) in enumerate(zip(numels, owners)))
-            gather_all += (world - 1) * sum(numels) * element_size
-        return expected, gather_all
-
     def sent_bytes(stats) -> int:
         return getattr(stats, "bytes_reduced", 0) + getattr(stats, "bytes_sent", 0)
 
@@ -243,7 +249,8 @@ def worker(args) -> int:
             )
             if engine.rule.name == "muon":
                 ns_dtype = next(g["ns_dtype"] for g in engine.param_groups if g["algorithm"] == "muon")
-                expected, gather_all = exchange_bytes(stats, 2 if ns_dtype == "bf16" else 4)
+                element_size = 2 if ns_dtype == "bf16" else 4
+                expected, gather_all = exchange_bytes(getattr(stats, "_spans", {}).values(), element_size)
                 rows[-1].update(
                     ns_dtype=ns_dtype,
                     exchange_bytes_measured=float(exchanged) / n,
