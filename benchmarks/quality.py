@@ -6,6 +6,16 @@
     python benchmarks/quality.py --study    # each optimizer at its own best lr, 2000 steps, 3 seeds (see below)
     python benchmarks/quality.py --study --tables-only   # the study's tables and plot again, from its results
     python benchmarks/quality.py --finetune # the same protocol for fine-tuning, full and LoRA (``_finetune.py``)
+    python benchmarks/quality.py --preset muon   # Muon against AdamW (results/quality_muon.*)
+    python benchmarks/quality.py --preset 4bit   # the 4-bit forms, torchao's AdamW4bit, fp32 twins (quality_4bit.*)
+    python benchmarks/quality.py --preset 4bit --merge --names "torchao AdamW4bit"  # add one name's runs
+    python benchmarks/quality.py --preset muon --tables-only   # a preset's tables and plot again, from its results
+
+``--preset`` (not part of ``make bench``): a fixed list (:data:`PRESETS`) on the protocol below,
+its own results files and BENCHMARKS.md section (``quality-<preset>``). Muon runs with the roles
+``create_optimizer(model, "muon")`` picks (:func:`muon_groups`) at the one peak lr: its default
+``match_rms_adamw`` scale is there so that AdamW's lr and weight decay carry over. torchao's
+AdamW4bit runs with its defaults and AdamW's betas.
 
 ``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
 peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
