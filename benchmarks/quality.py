@@ -103,8 +103,15 @@ PRESETS = {
 BARS = {"_8bit": 0.01, "_4bit": 0.01, "_bf16": 0.01, "_factored": 0.03, "_smmf": 0.03, "_shared": 0.03}
 
 
+#: peers with a compressed state and the fp32 run they are measured against (with its bar)
+PEER_TWINS = {TORCHAO_ADAMW4: ("adamw", 0.01)}
+
+
 def twin_of(name: str) -> tuple[str, float] | None:
-    """``(fp32 twin, bar)`` for an hfoptim storage-form name (``ademamix_smmf`` -> ``ademamix``)."""
+    """``(fp32 twin, bar)`` for an hfoptim storage-form name (``ademamix_smmf`` -> ``ademamix``)
+    or a peer of :data:`PEER_TWINS`."""
+    if name in PEER_TWINS:
+        return PEER_TWINS[name]
     for form, bar in BARS.items():
         if name.endswith(form):
             return name.removesuffix(form), bar
@@ -617,6 +624,9 @@ def preset_tables(preset: str, out: Path, log=None) -> int:
     file alone (``--preset X --tables-only`` rewrites them without training)."""
     stem = PRESETS[preset]["stem"]
     record = json.loads((out / f"{stem}.json").read_text())
+    # the summary again from the runs (what the analysis says today, e.g. a twin added since)
+    record["summary"] = summarize([Run(**r) for r in record["runs"]], [row["name"] for row in record["summary"]])
+    write_json(out / f"{stem}.json", record)
     png = out / f"{stem}_curves.png"
     plot(record, png)
     text = markdown(record, plot_path=png.name)
