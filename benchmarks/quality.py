@@ -407,7 +407,10 @@ def plot(record: dict, path: Path) -> None:
     styles["_smmf"] = (":", "tab:red")
     styles["_shared"] = ((0, (1, 1)), "tab:brown")
     styles["_4bit"] = ((0, (3, 1)), "tab:olive")
-    peers = {BNB_ADEMAMIX8: ("ademamix", (0, (5, 1, 1, 1)), "tab:purple"), TORCHAO_ADAMW4: ("adamw", "-.", "tab:purple")}
+    peers = {
+        BNB_ADEMAMIX8: ("ademamix", (0, (5, 1, 1, 1)), "tab:purple"),
+        TORCHAO_ADAMW4: ("adamw", "-.", "tab:purple"),
+    }
     names = [r["name"] for r in record["summary"]]
     families = {**FAMILIES, "muon": "Muon"}
     present = [b for b in families if b in names or any(n.startswith(b + "_") for n in names)]

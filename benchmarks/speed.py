@@ -516,7 +516,8 @@ def markdown_muon(record: dict, level: int = 4) -> str:
         + ", ".join(f"{base_ms[s]:.1f} ms ({s})" for s in sizes if base_ms.get(s) is not None)
         + " per step in this run.",
         "",
-        "| optimizer | " + " | ".join(f"{s} ({_numel(rows, s)}) ms/step | x AdamW foreach (min-max)" for s in sizes)
+        "| optimizer | "
+        + " | ".join(f"{s} ({_numel(rows, s)}) ms/step | x AdamW foreach (min-max)" for s in sizes)
         + " |",
         "|---|" + "---:|---|" * len(sizes),
     ]
@@ -527,7 +528,9 @@ def markdown_muon(record: dict, level: int = 4) -> str:
             if r is None or r.error:
                 cells += ["", "failed: " + r.error if r is not None else ""]
                 continue
-            spread = f" ({r.ratio_foreach_min:.2f}-{r.ratio_foreach_max:.2f})" if r.ratio_foreach_min is not None else ""
+            spread = (
+                f" ({r.ratio_foreach_min:.2f}-{r.ratio_foreach_max:.2f})" if r.ratio_foreach_min is not None else ""
+            )
             cells += [_fmt(r.ms, ".1f"), _fmt(r.ratio_foreach) + spread]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

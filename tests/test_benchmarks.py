@@ -327,7 +327,9 @@ def test_muon_runs_as_users_run_it_in_the_speed_and_quality_benchmarks(bench):
     model = embedded.model_from_config(embedded.tiny_llama_config(vocab_size=64, max_position_embeddings=32))
     groups = quality.muon_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
-    kinds = [(g["algorithm"], g["weight_decay"], sorted(names[id(p)].split(".")[-2] for p in g["params"])) for g in groups]
+    kinds = [
+        (g["algorithm"], g["weight_decay"], sorted(names[id(p)].split(".")[-2] for p in g["params"])) for g in groups
+    ]
     assert kinds[0][:2] == ("muon", 0.1) and "embed_tokens" not in kinds[0][2] and "q_proj" in kinds[0][2]
     assert kinds[1] == ("adamw", 0.1, ["embed_tokens"])
     assert kinds[2][:2] == ("adamw", 0.0) and all("norm" in n for n in kinds[2][2])
