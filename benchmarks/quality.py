@@ -6,6 +6,16 @@
     python benchmarks/quality.py --study    # each optimizer at its own best lr, 2000 steps, 3 seeds (see below)
     python benchmarks/quality.py --study --tables-only   # the study's tables and plot again, from its results
     python benchmarks/quality.py --finetune # the same protocol for fine-tuning, full and LoRA (``_finetune.py``)
+    python benchmarks/quality.py --preset muon   # Muon against AdamW (results/quality_muon.*)
+    python benchmarks/quality.py --preset 4bit   # the 4-bit forms, torchao's AdamW4bit, fp32 twins (quality_4bit.*)
+    python benchmarks/quality.py --preset 4bit --merge --names "torchao AdamW4bit"  # add one name's runs
+    python benchmarks/quality.py --preset muon --tables-only   # a preset's tables and plot again, from its results
+
+``--preset`` (not part of ``make bench``): a fixed list (:data:`PRESETS`) on the protocol below,
+its own results files and BENCHMARKS.md section (``quality-<preset>``). Muon runs with the roles
+``create_optimizer(model, "muon")`` picks (:func:`muon_groups`) at the one peak lr: its default
+``match_rms_adamw`` scale is there so that AdamW's lr and weight decay carry over. torchao's
+AdamW4bit runs with its defaults and AdamW's betas.
 
 ``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
 peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
@@ -48,6 +58,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import subprocess
 import sys
@@ -64,6 +75,7 @@ import _study as study  # noqa: E402
 from _timing import RESULTS_DIR, library_versions, machine_info, machine_line, update_report, write_json  # noqa: E402
 
 BNB_ADEMAMIX8 = "bitsandbytes AdEMAMix8bit"
+TORCHAO_ADAMW4 = "torchao AdamW4bit"
 FAMILIES = {"adamw": "AdamW", "ademamix": "AdEMAMix", "adan": "Adan"}
 FORMS = ("", "_8bit", "_factored", "_smmf")
 #: the shared second moment (Adam-mini style) only on AdamW, where it comes from
@@ -75,12 +87,32 @@ LONG_STEPS = 600
 #: --study: every optimizer with a sweep centre (the ones not registered yet are skipped at run time)
 STUDY_NAMES = list(study.CENTRES)
 STUDY_STEPS = 2000
+#: --preset: separate runs with their own results files (``results/<stem>.*``) and BENCHMARKS.md section
+PRESETS = {
+    "muon": {
+        "names": ["adamw", "muon"],
+        "stem": "quality_muon",
+        "title": "Muon against AdamW",
+    },
+    "4bit": {
+        "names": ["adamw", "adamw_4bit", TORCHAO_ADAMW4, "ademamix", "ademamix_4bit"],
+        "stem": "quality_4bit",
+        "title": "4-bit state against its fp32 twins",
+    },
+}
 #: how close a storage form must end to its fp32 twin (relative final validation loss, issue 3)
 BARS = {"_8bit": 0.01, "_4bit": 0.01, "_bf16": 0.01, "_factored": 0.03, "_smmf": 0.03, "_shared": 0.03}
 
 
+#: peers with a compressed state and the fp32 run they are measured against (with its bar)
+PEER_TWINS = {TORCHAO_ADAMW4: ("adamw", 0.01)}
+
+
 def twin_of(name: str) -> tuple[str, float] | None:
-    """``(fp32 twin, bar)`` for an hfoptim storage-form name (``ademamix_smmf`` -> ``ademamix``)."""
+    """``(fp32 twin, bar)`` for an hfoptim storage-form name (``ademamix_smmf`` -> ``ademamix``)
+    or a peer of :data:`PEER_TWINS`."""
+    if name in PEER_TWINS:
+        return PEER_TWINS[name]
     for form, bar in BARS.items():
         if name.endswith(form):
             return name.removesuffix(form), bar
@@ -126,6 +158,12 @@ def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Opti
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == TORCHAO_ADAMW4:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from torchao.optim import AdamW4bit
+
+        return AdamW4bit(groups, lr=args.lr, betas=(0.9, 0.95))
     if name == BNB_ADEMAMIX8:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -138,6 +176,8 @@ def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Opti
 
     spec = get_optimizer(name)
     options: dict = {"lr": args.lr}
+    if spec.rule.name == "muon":
+        groups = muon_groups(model, args.weight_decay)
     if spec.rule.name == "adamw":
         options["betas"] = (0.9, 0.95)
     elif spec.rule.name == "ademamix":
@@ -145,6 +185,25 @@ def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Opti
     if spec.options.get("state") in ("8bit", "4bit", "bf16"):
         options["compile"] = "off"
     return spec(groups, **options)
+
+
+def muon_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Muon's groups for the quality model: hidden matrices Muon, the (tied) embedding AdamW, both
+    with ``weight_decay``; norms AdamW without decay -- the roles of :mod:`hfoptim.roles` (what
+    ``create_optimizer(model, "muon")`` and the Trainer choose) and the decay split of the other runs."""
+    from hfoptim.roles import muon_options
+
+    algorithm = {name: o["algorithm"] for name, o in muon_options(model).items()}
+    groups = []
+    for kind, decay in (("muon", weight_decay), ("adamw", weight_decay), ("adamw", 0.0)):
+        params = [
+            p
+            for name, p in model.named_parameters()
+            if name in algorithm and algorithm[name] == kind and (p.dim() >= 2) == (decay > 0)
+        ]
+        if params:
+            groups.append({"params": params, "weight_decay": decay, "algorithm": kind})
+    return groups
 
 
 def state_bytes(optimizer) -> int:
@@ -304,11 +363,15 @@ def summarize(runs: list[Run], names: list[str]) -> list[dict]:
 def markdown(record: dict, level: int = 1, plot_path: str | None = None) -> str:
     a = record["args"]
     tokens = a["steps"] * a["batch_size"] * a["block_size"]
+    title = PRESETS[a["preset"]]["title"] + ", " if a.get("preset") else ""
     lines = [
-        f"{'#' * level} Training quality on the embedded default" + (f", {a['steps']} steps" if a.get("long") else ""),
+        f"{'#' * level} {title}Training quality on the embedded default"
+        + (f", {a['steps']} steps" if a.get("long") else ""),
         "",
         f"Machine: {machine_line(record['machine'])}.",
-        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes).",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes)"
+        + merged_note(record)
+        + ".",
         f"Data: {record['data']}. Model: tiny Llama, {record['num_params'] / 1e6:.2f}M parameters.",
         f"Budget: {a['steps']} steps x {a['batch_size']} x {a['block_size']} tokens = {tokens:,} tokens per run; "
         f"peak lr {a['lr']}; seeds {', '.join(map(str, record['seeds']))}; validation loss on "
@@ -348,6 +411,22 @@ def markdown(record: dict, level: int = 1, plot_path: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merged_note(record: dict) -> str:
+    """Where the runs not trained by this command came from (``--merge``), commands oldest first."""
+    notes, earlier = [], record.get("merged_into")
+    while earlier:
+        machine = earlier.get("machine") or {}
+        notes.append(
+            f"`{earlier['command']}` ({earlier.get('elapsed_s', 0) / 60:.1f} min, hfoptim "
+            f"{machine.get('git_commit', '?')}, load average {(machine.get('load_average_1_5_15') or ['?'])[0]})"
+        )
+        earlier = earlier.get("merged_into")
+    if not notes:
+        return ""
+    retrained = ", ".join(record["args"]["names"])
+    return f"; it trained {retrained}, the other runs are from " + " and ".join(reversed(notes))
+
+
 def plot(record: dict, path: Path) -> None:
     import matplotlib
 
@@ -359,11 +438,20 @@ def plot(record: dict, path: Path) -> None:
     styles = {"": ("-", "tab:blue"), "_8bit": ("--", "tab:orange"), "_factored": ("-.", "tab:green")}
     styles["_smmf"] = (":", "tab:red")
     styles["_shared"] = ((0, (1, 1)), "tab:brown")
+    styles["_4bit"] = ((0, (3, 1)), "tab:olive")
+    peers = {
+        BNB_ADEMAMIX8: ("ademamix", (0, (5, 1, 1, 1)), "tab:purple"),
+        TORCHAO_ADAMW4: ("adamw", "-.", "tab:purple"),
+    }
     names = [r["name"] for r in record["summary"]]
-    for ax, (base, title) in zip(axes.flat, FAMILIES.items()):
+    families = {**FAMILIES, "muon": "Muon"}
+    present = [b for b in families if b in names or any(n.startswith(b + "_") for n in names)]
+    for ax in axes.flat[len(present) : 3]:
+        ax.set_axis_off()
+    for ax, base in zip(axes.flat, present[:3]):
+        title = families[base]
         members = [n for n in names if n == base or (n.startswith(base + "_") and n.removeprefix(base) in styles)]
-        if base == "ademamix" and BNB_ADEMAMIX8 in names:
-            members.append(BNB_ADEMAMIX8)
+        members += [n for n in names if n in peers and peers[n][0] == base]
         if base != "adamw" and "adamw" in names:
             members.insert(0, "adamw")
         for name in members:
@@ -377,8 +465,8 @@ def plot(record: dict, path: Path) -> None:
             hi = [max(c[i] for c in curves) for i in range(len(steps))]
             if name == "adamw" and base != "adamw":
                 style, color = "-", "black"
-            elif name == BNB_ADEMAMIX8:
-                style, color = (0, (5, 1, 1, 1)), "tab:purple"
+            elif name in peers:
+                _, style, color = peers[name]
             else:
                 style, color = styles[name.removeprefix(base)]
             ax.plot(steps, mean, linestyle=style, color=color, label=name, linewidth=1.4)
@@ -426,6 +514,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the SMMF and shared forms against their fp32 twins over {LONG_STEPS} steps (quality_long.*)",
     )
     parser.add_argument("--names", nargs="+", help=f"optimizers (default: {' '.join(DEFAULT_NAMES)})")
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a separate comparison with its own results (results/quality_<preset>.*) and BENCHMARKS.md section: "
+        + "; ".join(f"{k}: {' '.join(v['names'])}" for k, v in PRESETS.items()),
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --preset and --names: train only those names and add their runs to the preset's results "
+        "file (replacing earlier runs of the same names), paired with its AdamW runs",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--study", action="store_true", help="each optimizer at its own best lr (quality_study.*)")
     parser.add_argument("--finetune", action="store_true", help="the fine-tuning study (_finetune.py; its own options)")
@@ -450,15 +550,28 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(__file__).resolve().with_name("_finetune.py")
         return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
-    if args.study or args.smoke or args.tables_only:
+    if args.preset and (args.study or args.smoke or args.long or args.quick):
+        raise SystemExit("--preset chooses its own names and budget: drop --study/--smoke/--long/--quick")
+    if args.names and args.preset and not args.merge:
+        raise SystemExit("--preset chooses its own names; --names with --preset needs --merge (add those runs)")
+    if args.merge and not (args.preset and args.names):
+        raise SystemExit("--merge adds the runs of --names to a --preset's results file: give both")
+    if args.study or args.smoke or (args.tables_only and not args.preset):
         return study_main(args, argv)
+    if args.tables_only:
+        return preset_tables(args.preset, Path(args.output_dir))
     args.steps, args.evals = args.steps or 200, args.evals or 10
     if args.quick:
         args.seeds, args.steps, args.evals = args.seeds[:1], 20, 4
     if args.long:
         args.steps = LONG_STEPS
     names = args.names or (QUICK_NAMES if args.quick else LONG_NAMES if args.long else DEFAULT_NAMES)
-    if "adamw" not in names:
+    earlier = None
+    if args.merge:
+        earlier = merge_base(args, Path(args.output_dir))
+    elif args.preset:
+        names = PRESETS[args.preset]["names"]
+    if "adamw" not in names and earlier is None:
         names = ["adamw", *names]
     started = time.perf_counter()
 
@@ -482,7 +595,12 @@ def main(argv: list[str] | None = None) -> int:
             status = run.error or f"final val loss {run.eval_loss[-1]:.4f}"
             log(f"[{i}/{len(jobs)}] {run.name} seed {run.seed}: {status} ({run.seconds:.0f} s)")
 
-    command = "python benchmarks/quality.py" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    command = shlex.join(["python", "benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    if earlier is not None:  # --merge: the earlier runs of other names, then these
+        keep = [Run(**r) for r in earlier["runs"] if r["name"] not in names]
+        runs = keep + runs
+        names = [n for n in PRESETS[args.preset]["names"] if any(r.name == n for r in runs)]
+        names += [n for n in dict.fromkeys(r.name for r in runs) if n not in names]
     record = {
         "machine": machine_info(),
         "libraries": library_versions(),
@@ -496,7 +614,14 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summarize(runs, names),
         "runs": [asdict(r) for r in runs],
     }
+    if earlier is not None:
+        record["merged_into"] = {
+            k: earlier.get(k) for k in ("command", "machine", "elapsed_s", "merged_into") if k in earlier
+        }
     out = Path(args.output_dir)
+    if args.preset:
+        write_json(out / f"{PRESETS[args.preset]['stem']}.json", record)
+        return preset_tables(args.preset, out, log)
     stem = "quality_quick" if args.quick else "quality_long" if args.long else "quality"
     write_json(out / f"{stem}.json", record)
     png = out / f"{stem}_curves.png"
@@ -508,6 +633,45 @@ def main(argv: list[str] | None = None) -> int:
             log("updated the quality section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
+    return 0
+
+
+def merge_base(args, out: Path) -> dict:
+    """``--merge``: the preset's earlier results, which must hold AdamW's run of every seed (the
+    paired reference; runs are deterministic per seed, so the earlier AdamW runs are this
+    commit's when the training code is unchanged) and the same budget."""
+    path = out / f"{PRESETS[args.preset]['stem']}.json"
+    if not path.exists():
+        raise SystemExit(f"--merge: no {path} to add to; run --preset {args.preset} first")
+    earlier = json.loads(path.read_text())
+    have = {r["seed"] for r in earlier["runs"] if r["name"] == "adamw" and not r["error"]}
+    if not set(args.seeds) <= have:
+        raise SystemExit(f"--merge: {path} has AdamW runs for seeds {sorted(have)}, not {args.seeds}")
+    budget = ("steps", "batch_size", "block_size", "lr", "weight_decay", "evals", "eval_blocks")
+    differs = [k for k in budget if earlier["args"].get(k) != getattr(args, k)]
+    if differs:
+        raise SystemExit(f"--merge: {path} was run with other {', '.join(differs)}; use the same budget")
+    return earlier
+
+
+def preset_tables(preset: str, out: Path, log=None) -> int:
+    """A preset's ``.md``, plot and BENCHMARKS.md section (``quality-<preset>``), from its results
+    file alone (``--preset X --tables-only`` rewrites them without training)."""
+    stem = PRESETS[preset]["stem"]
+    record = json.loads((out / f"{stem}.json").read_text())
+    # the summary again from the runs (what the analysis says today, e.g. a twin added since)
+    record["summary"] = summarize([Run(**r) for r in record["runs"]], [row["name"] for row in record["summary"]])
+    write_json(out / f"{stem}.json", record)
+    png = out / f"{stem}_curves.png"
+    plot(record, png)
+    text = markdown(record, plot_path=png.name)
+    (out / f"{stem}.md").write_text(text)
+    if out.resolve() == RESULTS_DIR.resolve():
+        if update_report(f"quality-{preset}", markdown(record, level=4, plot_path=f"benchmarks/results/{png.name}")):
+            print(f"updated the quality-{preset} section of BENCHMARKS.md", file=sys.stderr)
+    print(text)
+    if log:
+        log(f"wrote {out / stem}.json/.md/_curves.png in {record['elapsed_s'] / 60:.1f} min")
     return 0
 
 

@@ -19,6 +19,18 @@ the same on every step), alternating with AdamW under the same sharding, and cou
   the gradient the sharding layer itself reduces every step (4 bytes per parameter).
 
 Results: benchmarks/results/sharding_overhead.{json,md}.
+
+``--muon``: Muon and ``muon_8bit`` alone, against AdamW under the same sharding, into
+``results/sharding_muon.{json,md}`` and BENCHMARKS.md's ``sharding-muon`` section, with the
+whole-matrix exchange counted exactly: for each matrix ``k`` (``n_k`` elements, ``h_k`` of them
+held by its owner process) the momentum rows go to the owner and the orthogonalized rows come
+back, ``2 (n_k - h_k) e`` bytes over all processes per step (``e``: bytes per element of Muon's
+``ns_dtype``, 2 for bf16). The ``expected`` column is that sum, from the owned spans and owners
+the exchange itself computed (``ShardedStats._spans``, ``matrix_owners``); ``measured`` is the
+bytes the processes handed to ``all_to_all_single``, summed over processes; they must agree.
+``all-gather on every rank`` is what gathering every matrix on every process would move instead
+(``(world - 1) sum_k n_k e``). In both runs the embedding (the set's first tensor) takes AdamW, as
+``hfoptim.roles`` gives a model's embedding.
 """
 
 from __future__ import annotations
@@ -42,6 +54,28 @@ DEFAULT_NAMES = [
     "adafactor", "smmf", "ademamix", "adan", "nsgda", "amos", "adalo", "adanorm", "diffgrad", "pnm",
     "muon", "muon_8bit",
 ]  # fmt: skip
+MUON_NAMES = ["muon", "muon_8bit"]
+
+
+def exchange_bytes(span_lists, element_size: int) -> tuple[int, int]:
+    """``(bytes over all processes, per step, of Muon's two all-to-alls; what an all-gather of
+    every matrix on every process would move)``. ``span_lists``: for each ``matrix_map`` call of
+    a step, the ``(world, n, 2)`` flat ranges each process owns of each of its ``n`` matrices (as
+    the exchange caches them in ``ShardedStats._spans``). Per matrix ``k`` of ``n_k`` elements
+    whose owner holds ``h_k``: ``2 (n_k - h_k)`` elements (rows to the owner, results back); no
+    exchange at all when every matrix is whole on its owner."""
+    from hfoptim.distributed.stats import matrix_owners
+
+    expected = gather_all = 0
+    for spans in span_lists:
+        world = spans.shape[0]
+        lengths = (spans[:, :, 1] - spans[:, :, 0]).tolist()
+        numels = [sum(col) for col in zip(*lengths)]
+        owners = matrix_owners(spans, numels)
+        if any(lengths[r][k] and owners[k] != r for r in range(world) for k in range(len(numels))):
+            expected += sum(2 * (n - lengths[o][k]) * element_size for k, (n, o) in enumerate(zip(numels, owners)))
+        gather_all += (world - 1) * sum(numels) * element_size
+    return expected, gather_all
 
 
 def launch(args) -> int:
@@ -121,6 +155,8 @@ def worker(args) -> int:
         """(step function, the hfoptim engine) for ``name`` under ``backend``."""
         net = Net()
         kwargs = {}
+        if hfoptim.get_optimizer(name).rule.name == "muon":  # the embedding takes AdamW, as in a model
+            kwargs["adamw_params"] = [r"^blocks\.0\.weight$"]
         if backend == "fsdp2":
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.tensor import distribute_tensor
@@ -173,7 +209,7 @@ def worker(args) -> int:
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX)
         return float(seconds)
 
-    names = args.names.split(",") if args.names else DEFAULT_NAMES
+    names = args.names.split(",") if args.names else MUON_NAMES if args.muon else DEFAULT_NAMES
     rows = []
     for backend in backends:
         base_step, _ = build(backend, "adamw")
@@ -185,6 +221,7 @@ def worker(args) -> int:
                 continue
             stats = engine.layout.stats
             c0, b0 = getattr(stats, "collectives", 0), sent_bytes(stats)
+            bs0 = getattr(stats, "bytes_sent", 0)
             comm_seconds[0] = 0.0
             cand, base = [], []
             for r in range(args.rounds):
@@ -194,6 +231,8 @@ def worker(args) -> int:
             n = args.rounds * args.steps
             comm = torch.tensor([comm_seconds[0] / n], dtype=torch.float64)
             dist.all_reduce(comm, op=dist.ReduceOp.MAX)
+            exchanged = torch.tensor([getattr(stats, "bytes_sent", 0) - bs0], dtype=torch.float64)
+            dist.all_reduce(exchanged)  # over all processes
             params = sum(p.numel() for p in Net().parameters())
             nbytes = (sent_bytes(stats) - b0) / n
             rows.append(
@@ -208,6 +247,17 @@ def worker(args) -> int:
                     "bytes_over_grad_bytes": nbytes / (4 * params),
                 }
             )
+            if engine.rule.name == "muon":
+                ns_dtype = next(g["ns_dtype"] for g in engine.param_groups if g["algorithm"] == "muon")
+                element_size = 2 if ns_dtype == "bf16" else 4
+                expected, gather_all = exchange_bytes(getattr(stats, "_spans", {}).values(), element_size)
+                rows[-1].update(
+                    ns_dtype=ns_dtype,
+                    exchange_bytes_measured=float(exchanged) / n,
+                    exchange_bytes_expected=expected,
+                    gather_all_bytes=gather_all,
+                    matrix_runs=stats.matrix_runs[-1] if stats.matrix_runs else None,
+                )
             if rank == 0:
                 r = rows[-1]
                 print(
@@ -218,6 +268,8 @@ def worker(args) -> int:
                 )
     if rank == 0 and args.print_only:
         print(json.dumps(rows, indent=1))
+    elif rank == 0 and args.muon:
+        write_muon(rows, args, world, shape, machine_info(), machine_line, update_report, write_json)
     elif rank == 0:
         info = machine_info()
         record = {
@@ -254,6 +306,41 @@ def worker(args) -> int:
     return 0
 
 
+def write_muon(rows, args, world, shape, info, machine_line, update_report, write_json) -> None:
+    """``--muon``: results/sharding_muon.{json,md} and the sharding-muon section of BENCHMARKS.md."""
+    record = {"machine": info, "model": args.model, "world": world, "rounds": args.rounds,
+              "steps_per_round": args.steps, "rows": rows}  # fmt: skip
+    out = HERE / "results" / "sharding_muon.json"
+    write_json(out, record)
+    command = "python benchmarks/sharding_overhead.py " + " ".join(sys.argv[1:]).replace("--worker", "").strip()
+    lines = [
+        f"Muon's whole-matrix exchange, {args.model} parameter set ({shape.numel / 1e6:.1f}M; the embedding takes "
+        f"AdamW), {world} CPU processes (gloo), {machine_line(info)}.",
+        f"Command: `{command.strip()}`. Bytes are exact and machine-independent; step times are medians of "
+        f"{args.rounds} rounds of {args.steps} steps, alternating with AdamW.",
+        "",
+        "| backend | optimizer | step ms | x AdamW (same sharding) | collectives/step "
+        "| exchanged bytes/step, measured (all processes) | expected | all-gather on every rank | comm ms/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['backend']} | {r['name']} | refused: {r['error']} | | | | | | |")
+            continue
+        if "exchange_bytes_measured" not in r:
+            continue
+        exact = "" if r["exchange_bytes_measured"] == r["exchange_bytes_expected"] else " (DIFFERS)"
+        lines.append(
+            f"| {r['backend']} | {r['name']} | {r['step_ms']:.1f} | {r['ratio_adamw']:.2f} | "
+            f"{r['collectives_per_step']:.0f} | {r['exchange_bytes_measured']:,.0f}{exact} | "
+            f"{r['exchange_bytes_expected']:,} | {r['gather_all_bytes']:,} | {r['comm_ms_per_step']:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    (HERE / "results" / "sharding_muon.md").write_text(text)
+    update_report("sharding-muon", text)
+    print(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -264,6 +351,11 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--print-only", action="store_true", help="print the rows, write no result files")
+    parser.add_argument(
+        "--muon",
+        action="store_true",
+        help="muon and muon_8bit with their exchange bytes counted (results/sharding_muon.*)",
+    )
     args = parser.parse_args()
     return worker(args) if args.worker or "LOCAL_RANK" in os.environ else launch(args)
 

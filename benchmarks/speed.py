@@ -74,6 +74,10 @@ CORE = ("adamw", "ademamix", "adan")
 COMPILED_FORMS = ("8bit", "bf16")
 BASELINE_FOREACH = "torch AdamW foreach"
 BASELINE_FUSED = "torch AdamW fused"
+TORCH_MUON = "torch Muon (+AdamW)"
+#: --muon: Muon and its torch peer at 6M and 25M (results/speed_muon.*, BENCHMARKS.md's speed-muon)
+MUON = ("muon", TORCH_MUON)
+MUON_SIZES = ["6M", "25M"]
 
 
 @dataclass
@@ -110,6 +114,37 @@ def _construct(cls, params, **options):
     return cls(params, lr=LR, **options)
 
 
+def _hidden_matrices(params: list[torch.nn.Parameter]) -> tuple[list, list]:
+    """``(hidden matrices, the rest)`` of a :func:`_timing.make_params` set: its first tensor is
+    the (tied) embedding, which Muon leaves to AdamW as ``hfoptim.roles`` does in a model."""
+    hidden = [p for p in params[1:] if p.dim() >= 2]
+    return hidden, [params[0], *(p for p in params[1:] if p.dim() < 2)]
+
+
+def _muon(spec, params, **options):
+    """hfoptim Muon as ``create_optimizer(model, "muon")`` groups a model: hidden matrices Muon,
+    the embedding and norms AdamW, in one optimizer."""
+    hidden, rest = _hidden_matrices(params)
+    groups = [{"params": hidden, "algorithm": "muon"}, {"params": rest, "algorithm": "adamw"}]
+    return spec(groups, lr=LR, **options)
+
+
+class TorchMuonWithAdamW:
+    """torch.optim.Muon on the hidden matrices and torch AdamW (foreach) on the rest, one
+    ``step()``: the work of hfoptim's ``muon`` (torch's Muon takes 2-D parameters only), with
+    the same scale (``adjust_lr_fn="match_rms_adamw"``) and AdamW betas (0.9, 0.95)."""
+
+    def __init__(self, params):
+        hidden, rest = _hidden_matrices(params)
+        self.muon = torch.optim.Muon(hidden, lr=LR, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW(rest, lr=LR, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+        self.state = {**self.muon.state}
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+
 def hfoptim_candidates() -> list[Candidate]:
     """Every base name (rule or alias) and every base + storage form that builds."""
     from hfoptim.registry import ALIASES, get_optimizer, list_optimizers
@@ -126,6 +161,12 @@ def hfoptim_candidates() -> list[Candidate]:
             spec = get_optimizer(name)
             state = spec.options.get("state", "default")
             variants = [(name, {})]
+            if spec.rule.name == "muon":
+                # matrices Muon, embedding and norms AdamW (as from a model); only the default state
+                # (the compressed forms' codec cost is AdamW's)
+                if state == "default":
+                    out.append(Candidate(name, "hfoptim", base, state, partial(_muon, spec)))
+                continue
             if state in COMPILED_FORMS:
                 # AdamW, AdEMAMix and Adan in 8-bit, AdamW alone in bf16, on the default
                 # (compiled) path; the other rules' forms are left out (each compiles for up to a
@@ -159,6 +200,7 @@ def peer_candidates() -> list[Candidate]:
     that import)."""
     out = [
         Candidate(BASELINE_FUSED, "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True)),
+        Candidate(TORCH_MUON, "torch", "muon", "fp32", TorchMuonWithAdamW),
         Candidate(
             "torch AdamW for-loop", "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False)
         ),
@@ -270,7 +312,7 @@ def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]
         return [
             c
             for c in everything
-            if (c.algorithm in CORE or c.algorithm == "adafactor")
+            if (c.algorithm in CORE or c.algorithm in ("adafactor", "muon"))
             and "compile=off" not in c.label
             and c.state != "bf16"
             and "for-loop" not in c.label
@@ -459,6 +501,41 @@ def markdown_8bit(record: dict, level: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_muon(record: dict, level: int = 4) -> str:
+    """Muon's rows as ratios to torch AdamW foreach timed in the same rounds, next to torch's Muon
+    (``--muon``: these candidates alone; the full run times them too)."""
+    rows = [Row(**r) for r in record["rows"]]
+    sizes = record["sizes"]
+    by_label = _by_label([r for r in rows if r.algorithm == "muon" or r.label == BASELINE_FOREACH])
+    base_ms = {r.size: r.ms for r in rows if r.label == BASELINE_FOREACH}
+    lines = [
+        f"{'#' * level} Muon step time (ratio to torch AdamW foreach)",
+        "",
+        f"Machine: {machine_line(record['machine'])}.",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min). torch AdamW foreach took "
+        + ", ".join(f"{base_ms[s]:.1f} ms ({s})" for s in sizes if base_ms.get(s) is not None)
+        + " per step in this run.",
+        "",
+        "| optimizer | "
+        + " | ".join(f"{s} ({_numel(rows, s)}) ms/step | x AdamW foreach (min-max)" for s in sizes)
+        + " |",
+        "|---|" + "---:|---|" * len(sizes),
+    ]
+    for label, per in by_label.items():
+        cells = []
+        for s in sizes:
+            r = per.get(s)
+            if r is None or r.error:
+                cells += ["", "failed: " + r.error if r is not None else ""]
+                continue
+            spread = (
+                f" ({r.ratio_foreach_min:.2f}-{r.ratio_foreach_max:.2f})" if r.ratio_foreach_min is not None else ""
+            )
+            cells += [_fmt(r.ms, ".1f"), _fmt(r.ratio_foreach) + spread]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _by_label(rows: list[Row]) -> dict[str, dict[str, Row]]:
     """label -> size -> row, labels in their first appearance's order."""
     out: dict[str, dict[str, Row]] = {}
@@ -520,6 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="smoke run: 6M, a few names, 3 rounds")
     parser.add_argument("--sizes", nargs="+", choices=list(MODEL_SHAPES), help="default: all (6M only with --quick)")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="only these candidates (labels as in the table)")
+    parser.add_argument(
+        "--muon",
+        action="store_true",
+        help=f"only {', '.join(MUON)} at {', '.join(MUON_SIZES)} (results/speed_muon.*, the speed-muon section)",
+    )
     parser.add_argument("--rounds", type=int, help="interleaved rounds per candidate (default 7/5/3 by size)")
     parser.add_argument(
         "--threads",
@@ -547,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     torch._dynamo.config.accumulated_recompile_limit = max(1024, torch._dynamo.config.accumulated_recompile_limit)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.muon:
+        args.only, args.sizes = list(MUON), args.sizes or MUON_SIZES
     sizes = args.sizes or (["6M"] if args.quick else list(MODEL_SHAPES))
 
     def log(msg: str) -> None:
@@ -572,18 +656,22 @@ def main(argv: list[str] | None = None) -> int:
         "rows": [asdict(r) for r in rows],
     }
     out = Path(args.output_dir)
-    stem = "speed_quick" if args.quick else "speed"
+    stem = "speed_quick" if args.quick else "speed_muon" if args.muon else "speed_only" if args.only else "speed"
     write_json(out / f"{stem}.json", record)
     png = out / f"{stem}_scaling.png"
-    if len(sizes) > 1:
+    drawn = len(sizes) > 1 and not args.muon  # --muon: its section is the table
+    if drawn:
         plot(record, png)
-    (out / f"{stem}.md").write_text(markdown(record, plot_path=png.name if len(sizes) > 1 else None))
+    (out / f"{stem}.md").write_text(markdown(record, plot_path=png.name if drawn else None))
     if not args.quick and not args.only and out.resolve() == RESULTS_DIR.resolve():
         relative = f"benchmarks/results/{png.name}" if len(sizes) > 1 else None
         if update_report("speed", markdown(record, level=3, details=True, plot_path=relative)):
             log("updated the speed section of BENCHMARKS.md")
         if update_report("speed_8bit", markdown_8bit(record)):
             log("updated the low-bit speed section of BENCHMARKS.md")
+    if args.muon and out.resolve() == RESULTS_DIR.resolve():
+        if update_report("speed-muon", markdown_muon(record)):
+            log("updated the speed-muon section of BENCHMARKS.md")
     print(markdown(record))
     log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
     return 0

@@ -300,3 +300,86 @@ def test_finetune_smoke_pretrains_the_base_once_and_its_tables_regenerate_byte_f
     finally:
         quality.subprocess.call = original
     assert calls[0][1].endswith("_finetune.py") and calls[0][2:] == ["--smoke"]
+
+
+def test_muon_runs_as_users_run_it_in_the_speed_and_quality_benchmarks(bench):
+    """Speed: hidden matrices Muon, the embedding and norms AdamW, in hfoptim's ``muon`` and in its
+    torch peer (torch.optim.Muon + AdamW on the same split); quality: the roles of
+    ``hfoptim.roles`` with the other runs' weight-decay split."""
+    speed, quality = bench["speed"], bench["quality"]
+    everything = {c.label: c for c in speed.hfoptim_candidates() + speed.peer_candidates()}
+    for size in ("6M", "25M"):
+        assert set(speed.MUON) <= {c.label for c in speed.plan(size, list(everything.values()), quick=False)}
+    shape = speed.MODEL_SHAPES["6M"].__class__("t", vocab=64, hidden=16, layers=1, intermediate=24)
+    params = speed.make_params(shape)
+    hfo = everything["muon"].build(params)
+    assert [(g["algorithm"], len(g["params"])) for g in hfo.param_groups] == [("muon", 7), ("adamw", 4)]
+    assert hfo.param_groups[1]["params"][0] is params[0]  # the embedding
+    peer = everything[speed.TORCH_MUON].build(params)
+    assert len(peer.muon.param_groups[0]["params"]) == 7 and peer.adamw.param_groups[0]["params"][0] is params[0]
+    before = [p.detach().clone() for p in params]
+    hfo.step()
+    peer.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, params))
+
+    from hfoptim import embedded
+
+    model = embedded.model_from_config(embedded.tiny_llama_config(vocab_size=64, max_position_embeddings=32))
+    groups = quality.muon_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    kinds = [
+        (g["algorithm"], g["weight_decay"], sorted(names[id(p)].split(".")[-2] for p in g["params"])) for g in groups
+    ]
+    assert kinds[0][:2] == ("muon", 0.1) and "embed_tokens" not in kinds[0][2] and "q_proj" in kinds[0][2]
+    assert kinds[1] == ("adamw", 0.1, ["embed_tokens"])
+    assert kinds[2][:2] == ("adamw", 0.0) and all("norm" in n for n in kinds[2][2])
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_quality_preset_runs_end_to_end_and_its_tables_regenerate_byte_for_byte(bench, tmp_path):
+    import json
+
+    quality, threads = bench["quality"], torch.get_num_threads()
+    args = ["--preset", "muon", "--seeds", "0", "--steps", "4", "--evals", "2", "--workers", "0"]
+    args += ["--output-dir", str(tmp_path), "--batch-size", "2", "--block-size", "32", "--eval-blocks", "4"]
+    try:
+        assert quality.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    md = tmp_path / "quality_muon.md"
+    before = md.read_bytes()
+    assert "Muon against AdamW, Training quality" in before.decode()
+    assert "| muon | " in before.decode() and (tmp_path / "quality_muon_curves.png").stat().st_size
+    md.unlink()
+    assert quality.main(["--preset", "muon", "--tables-only", "--output-dir", str(tmp_path)]) == 0
+    assert md.read_bytes() == before
+    with pytest.raises(SystemExit, match="--names with --preset needs --merge"):
+        quality.main(["--preset", "4bit", "--names", "adamw"])
+    # --merge trains only the names given and pairs them with the file's AdamW runs
+    first = json.loads((tmp_path / "quality_muon.json").read_text())
+    with pytest.raises(SystemExit, match="other steps"):
+        quality.main([*args[:4], "--merge", "--names", "muon", "--steps", "5", *args[6:]])
+    try:
+        assert quality.main([*args, "--merge", "--names", "muon"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    merged = json.loads((tmp_path / "quality_muon.json").read_text())
+    assert [(r["name"], r["seed"]) for r in merged["runs"]] == [("adamw", 0), ("muon", 0)]
+    assert merged["runs"][0] == first["runs"][0]  # AdamW not retrained
+    assert merged["runs"][1]["eval_loss"] == first["runs"][1]["eval_loss"]  # deterministic per seed
+    assert "it trained muon, the other runs are from `python benchmarks/quality.py --preset muon" in md.read_text()
+
+
+def test_muon_exchange_bytes_count_the_rows_that_travel_to_each_owner_and_back(bench):
+    sys.path.insert(0, str(BENCH))
+    try:
+        sharding = importlib.import_module("sharding_overhead")
+    finally:
+        sys.path.remove(str(BENCH))
+    # two matrices of 12 and 8 elements over 2 processes: the first split 6/6, the second whole
+    # on process 1; the first's owner holds 6, so 6 elements go to it and 6 come back
+    spans = torch.tensor([[[0, 6], [0, 0]], [[6, 12], [12, 20]]])
+    assert sharding.exchange_bytes([spans], 2) == (2 * 6 * 2, 1 * 20 * 2)
+    # every matrix whole on one process: no exchange at all
+    whole = torch.tensor([[[0, 12], [0, 0]], [[0, 0], [12, 20]]])
+    assert sharding.exchange_bytes([whole], 4) == (0, 20 * 4)

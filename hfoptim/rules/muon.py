@@ -83,6 +83,14 @@ class MuonRule(Rule):
     Keller Jordan; ``fp32``; ``param``: the parameter's compute dtype, for float64 references).
     Under FSDP2 / ZeRO each matrix is gathered on one process, orthogonalized there once and its
     rows sent back (:meth:`hfoptim.core.stats.LocalStats.matrix_map`), never from a shard.
+    With a gradient modifier that reads a whole-tensor statistic before Newton-Schulz (``gradnorm``,
+    ``agc``, ``gc``, ``softclip``), the sharded statistic is the one-process value up to its last
+    fp32 bit (the processes sum in another order); the bf16 cast before Newton-Schulz can round
+    such a value to the neighbouring bf16 number (a relative 2^-8) and the iteration carries
+    that on, so the sharding equivalence tests run those combinations with ``ns_dtype="fp32"``
+    (tests/distributed/common.py) and the default bf16 iteration elsewhere. A sharded bf16 run is
+    the same algorithm; it differs from one process's by such roundings, not by a shard-local
+    computation.
 
     Other parameters (``algorithm="adamw"``): AdamW with ``betas`` (Moonlight's (0.9, 0.95)),
     ``eps``, the same ``lr`` and decoupled ``weight_decay``; ``denominator="atan2"/"softplus"``
