@@ -322,9 +322,9 @@ def test_muon_runs_as_users_run_it_in_the_speed_and_quality_benchmarks(bench):
     peer.step()
     assert all(not torch.equal(a, p) for a, p in zip(before, params))
 
-    from hfoptim import embedded
+    from hfoptim import models
 
-    model = embedded.model_from_config(embedded.tiny_llama_config(vocab_size=64, max_position_embeddings=32))
+    model = models.model_from_config(models.tiny_llama_config(vocab_size=64, max_position_embeddings=32))
     groups = quality.muon_groups(model, 0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     kinds = [
@@ -383,3 +383,30 @@ def test_muon_exchange_bytes_count_the_rows_that_travel_to_each_owner_and_back(b
     # every matrix whole on one process: no exchange at all
     whole = torch.tensor([[[0, 12], [0, 0]], [[0, 0], [12, 20]]])
     assert sharding.exchange_bytes([whole], 4) == (0, 20 * 4)
+
+def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
+    """benchmarks/layouts.py: the high-water-mark reading counts a step's temporary (memory the
+    allocator kept from an earlier step does not hide it), and the table has a row per result,
+    refusals included."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        layouts = importlib.import_module("layouts")
+        info = importlib.import_module("_timing").machine_info()
+    finally:
+        sys.path.remove(str(BENCH))
+    held = []
+
+    def step():  # a 64 MiB temporary, touched, then freed
+        held.append(torch.ones(16 << 20).sum())
+
+    step()
+    assert layouts.transient_bytes(step, torch.device("cpu")) >= 60 << 20
+    assert layouts.param_shapes("emb", smoke=False) == [(32000, 768)]
+    args = type("Args", (), {"nproc": 2, "device": "cpu", "cold_cache": False})()
+    row = {"set": "emb", "layout": "fsdp2", "name": "adamw_8bit", "first_step_s": 1.0, "step_ms": 2.0}
+    row.update(ratio_adamw=1.5, transient_bytes_per_param=0.5, adamw_transient_bytes_per_param=4.0)
+    row["compiled_params_first_step"] = 1
+    refused = {"set": "emb", "layout": "zero2", "name": "muon", "error": "refused"}
+    lines = layouts.report([row, refused], info, {"vector_flags": ["avx2"]}, args)
+    assert "avx2" in lines[0] and len(lines) == 4 + 2
+    assert lines[4].startswith("| emb | fsdp2 | adamw_8bit | 1.0 | 2.0 | 1.50 | 0.50 | 4.00 | 1 |")

@@ -44,3 +44,19 @@ def test_fsdp2_muon_orthogonalizes_each_matrix_whole_once(tmp_path, nproc):
     for result in summary["results"]:
         assert result["detail"]["matrices_mapped"] == 5 * 4  # 5 matrices (emb, lin_w, conv, big, row1), 4 steps
         assert result["detail"]["bytes_sent_all_ranks"] > 0
+
+
+@pytest.mark.slow
+def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path):
+    """compile='on' (sharded and one-process runs): the fused kernel steps the local rows of every
+    matrix (FSDP2 shards whole rows, so 8-bit blocks are whole) and the bf16 vectors; the 8-bit
+    vectors, whose blocks a boundary cuts, keep the plain path beside them. The worker counts the
+    kernels the sharded optimizer ran (hfoptim.core.fused.calls) and fails when none did;
+    parameters and state (8-bit codes exactly) equal the one-process run."""
+    args = ["--cases", "adamw_8bit,adamw_bf16", "--compile", "on"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_8bit", "adamw_bf16"]
+    counts = {r["case"]: r["detail"]["compiled_steps_all_ranks"] for r in summary["results"]}
+    # per step: emb, lin_w, conv, big on both processes, row1 on the one holding its row (4 steps)
+    assert counts["adamw_8bit"] == (4 + 4 + 1) * 4
+    assert counts["adamw_bf16"] > counts["adamw_8bit"]  # the vectors too

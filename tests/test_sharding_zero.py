@@ -81,3 +81,17 @@ def test_zero_muon_with_cpu_offload_and_bf16_master_weights(tmp_path, stage, fla
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=400)
     assert summary["ran"] == ["muon", "muon_8bit"]
     assert all(r["detail"]["matrices_mapped"] == 5 * 3 for r in summary["results"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_path, stage):
+    """compile='on' under ZeRO-1/2/3 on 2 processes, over shapes whose rows split evenly
+    (tests/distributed/common.py: ROW_ALIGNED_SHAPES): the fused kernel steps every segment of
+    whole rows and blocks (the worker fails when the sharded optimizer ran none), the ones a
+    boundary cuts inside a row take the plain path, and parameters and state (8-bit codes
+    exactly) equal the one-process run."""
+    args = ["--stage", str(stage), "--cases", "adamw_8bit,adamw_bf16", "--compile", "on", "--shapes", "rows"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_8bit", "adamw_bf16"]
+    assert all(r["detail"]["compiled_steps_all_ranks"] > 0 for r in summary["results"])

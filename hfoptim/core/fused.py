@@ -25,13 +25,23 @@ rule's code is the same code the plain path runs; nothing is written twice.
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
   every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
   the codec's ``fusable_for(view)`` agrees: 8-/4-bit state needs rows of whole blocks), it is
-  held whole by this process (the sharded statistics backends combine statistics of many tensors
-  in one collective, which a per-parameter kernel would split) or is a row piece of such a
-  tensor (:mod:`hfoptim.core.chunking`; stepped as rows from 0, so only storage forms marked
-  ``offset_free``), it is on a CPU or CUDA device, the rule does not need the loss, the rule
+  held whole by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`;
+  stepped as rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step
+  needs nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole
+  rows), it is on a CPU or CUDA device, the rule does not need the loss, the rule
   allows it for the group (``Rule.compiles``: Muon's matrices are orthogonalized whole, outside a
   per-parameter kernel), its group does not use CPR (a per-tensor decision each step) and no group
   uses stable weight decay (the engine then defers every update; see :func:`advance`).
+* Sharded parameters (FSDP2 ``Shard(0)``, DeepSpeed ZeRO-1/2 segments and ZeRO-3 partitions)
+  take the kernel on their local piece when the step of that piece needs no statistic of another
+  process (:func:`shard_local`): an ``elementwise`` rule, only ``row_local`` modifiers, every
+  process boundary on a row boundary (no padded working copy) and storage forms whose stored
+  values of a shard are computed from the shard alone (:meth:`~hfoptim.state.codec.Codec.
+  shard_local`: dense, bf16, 8-/4-bit blocks that no boundary cuts). The decision depends only on
+  what every process shares (options, global shape, boundaries), so all processes send the same
+  parameters to the plain path and its collectives still match. The kernel sees the piece as a
+  tensor of its own, with a statistics backend of local rows (:class:`~hfoptim.core.stats.
+  PieceStats`), at its true first row (bf16 draws its rounding bits by global index).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -50,6 +60,7 @@ from typing import Any
 
 import torch
 
+from ..modifiers import MODIFIERS
 from ..state import resolve
 from .context import StepContext
 from .stats import LocalStats, ParamView, PieceStats
@@ -85,16 +96,20 @@ def hyperparameters(engine, group: dict) -> dict:
     return {key: group[key] for key in engine._spec if key != "lr" and key in group}
 
 
-def _advance_one(rule, group: dict, p, grad, state: dict, stats, loss, lr: torch.Tensor, global_shape: tuple):
+def _advance_one(
+    rule, group: dict, p, grad, state: dict, stats, loss, lr: torch.Tensor, global_shape: tuple, row_start: int = 0
+):
     """The engine's flow for one parameter held whole, or a row piece of one (traced by
     torch.compile). ``group`` is :func:`hyperparameters` (no ``lr``); ``lr`` comes as a 0-d
     tensor, an input of the graph (a float would be baked in and recompile with every
     learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
     chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
-    forms cannot tell from its true place (one kernel for all the pieces of one shape)."""
+    forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
+    whose forms are not ``offset_free`` is seen at its first row ``row_start``."""
     from .engine import advance
 
-    view = ParamView(global_shape=torch.Size(global_shape), local_rows=p.shape[0] if p.dim() else None)
+    rows = p.shape[0] if p.dim() else None
+    view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
     ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
@@ -151,24 +166,61 @@ def compile_available(device: torch.device) -> bool:
     return torch._dynamo.is_dynamo_supported()
 
 
-def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
+def shard_local(engine, group: dict, view: ParamView, slots, codecs) -> bool:
+    """Whether the step of a shard ``view`` needs no statistic of another process, so the
+    kernel may step the local piece alone: the rule is ``elementwise``, every enabled modifier
+    ``row_local``, no weight-decay form with a statistic of the tensor (CPR) or of every tensor
+    (stable), every process boundary falls on a row boundary (whole rows everywhere: no ZeRO
+    padding, row statistics local) and every storage form computes a shard's stored values from
+    the shard alone (:meth:`~hfoptim.state.codec.Codec.shard_local`). Only what all processes
+    share decides (options, global shape, ``view.cuts``): they agree on which parameters take the
+    plain path, whose collectives then match."""
+    if not engine.rule.elementwise or group["weight_decay_mode"] in ("stable", "cpr"):
+        return False
+    if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
+        return False
+    if any(cut % view.row_len for cut in view.cuts):
+        return False
+    return all(getattr(codec, "shard_local", lambda s, v: False)(slot, view) for slot, codec in zip(slots, codecs))
+
+
+def kernel_stats(stats, view: ParamView):
+    """The statistics backend the traced step uses for a unit of ``view`` stepped with the
+    layout's ``stats``: as given for tensors held whole and row pieces; for a sharding backend
+    (a subclass of LocalStats whose statistics of tensors held whole are local), LocalStats for
+    a tensor held whole and PieceStats (local rows and blocks, nothing of the whole tensor) for a
+    shard that :func:`shard_local` allows. None: no kernel for this backend."""
+    if type(stats) in (LocalStats, PieceStats):
+        return stats
+    if not isinstance(stats, LocalStats):
+        return None
+    return PieceStats(foreach=stats.foreach) if view.sharded else LocalStats(foreach=stats.foreach)
+
+
+def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = False) -> bool:
+    """Whether ``unit`` takes the kernel; ``empty_shard``: whether ``unit`` is an empty shard of a
+    parameter whose non-empty shards take it (nothing to step here, nothing to share)."""
     p, view = unit.param, unit.view
-    if unit.writeback is not None or view.sharded or p.device.type not in ("cpu", "cuda"):
+    if unit.writeback is not None or p.device.type not in ("cpu", "cuda"):
+        return False
+    if view.sharded and not shard_local(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
     if mode == "auto" and view.global_numel < AUTO_MIN_NUMEL:
         return False
+    fusing = [c for c in codecs if getattr(c, "fusable", False)]
+    if empty_shard:
+        return bool(fusing)
     if tuple(view.local_shape) != tuple(p.shape):
         return False
-    if view.local_rows is not None and not all(c.offset_free for c in codecs):
+    if not view.sharded and view.local_rows is not None and not all(c.offset_free for c in codecs):
         return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
-    fusing = [c for c in codecs if getattr(c, "fusable", False)]
     return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
 
 
 def takes(engine, group: dict, unit, stats) -> bool:
     """Whether ``unit`` would take the compiled path with the statistics backend ``stats``."""
     mode = group.get("compile", "off")
-    if mode == "off" or engine.rule.needs_loss or type(stats) not in (LocalStats, PieceStats):
+    if mode == "off" or engine.rule.needs_loss or kernel_stats(stats, unit.view) is None:
         return False
     if _failed is not None or not compile_available(unit.param.device):
         return False
@@ -182,7 +234,7 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     others, for the plain path."""
     global _failed
     mode = group.get("compile", "off")
-    if mode == "off" or not units or engine.rule.needs_loss or type(stats) not in (LocalStats, PieceStats):
+    if mode == "off" or not units or engine.rule.needs_loss or not isinstance(stats, LocalStats):
         return units
     if group["weight_decay_mode"] == "cpr":  # per-tensor decisions on the bound each step
         return units
@@ -196,6 +248,9 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     lr_value = float(group["lr"])
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+        if unit.view.sharded and unit.param.numel() == 0 and _failed is None:
+            if _eligible(engine, group, unit, mode, codecs, empty_shard=True):
+                continue  # nothing of it here, and its other shards need nothing of this process
         if _failed is not None or not _eligible(engine, group, unit, mode, codecs):
             rest.append(unit)
             continue
@@ -206,10 +261,15 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         work = p.to(dtype) if p.dtype != dtype else p.detach()
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
         global_shape = tuple(unit.view.global_shape)
-        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape)
+        # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
+        # else at its true first row (one kernel per shape and first row)
+        offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
+        row_start = 0 if offset_free else unit.view.row_start
+        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape, row_start)
+        local_stats = kernel_stats(stats, unit.view)
         try:
             lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
-            _run(key, engine.rule, options, work, grad, unit.state, stats, loss, lr, global_shape)
+            _run(key, engine.rule, options, work, grad, unit.state, local_stats, loss, lr, global_shape, row_start)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             message = (

@@ -343,10 +343,13 @@ def unblocked(x: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
 
 
 class PieceStats(LocalStats):
-    """Statistics for row pieces of tensors held whole (the engine's ``chunk_bytes``): per-row
-    and per-block statistics of a piece are those of its rows in the whole tensor, so they are
-    allowed; a statistic of the whole tensor is not in a piece, and asking for one is an error
-    (only rules and modifiers that need none are stepped in pieces)."""
+    """Statistics for row pieces: of tensors held whole (the engine's ``chunk_bytes``), or the
+    shards of whole rows and whole blocks that the compiled path steps alone
+    (:func:`hfoptim.core.fused.shard_local`). Per-row and per-block statistics of a piece are
+    those of its rows in the whole tensor, so they are allowed; a statistic of the whole tensor
+    (a norm, a sum, column sums, the 4-bit per-dimension maxima) is not in a piece, and asking
+    for one is an error (only rules, modifiers and storage forms that need none are stepped in
+    pieces)."""
 
     def _whole(self, *args, **kwargs):
         raise RuntimeError(
@@ -354,4 +357,4 @@ class PieceStats(LocalStats):
             "or a modifier needs whole-tensor statistics and must not be marked elementwise/row_local"
         )
 
-    sum_sq = norm = sum = col_sum = _whole
+    sum_sq = norm = sum = col_sum = dim_absmax = _whole

@@ -91,6 +91,10 @@ class BF16(Codec):
     def key(slot: Slot) -> str:
         return f"{slot.name}.bf16"
 
+    def shard_local(self, slot, view):
+        """Each element is rounded on its own (its rounding bits from its global index)."""
+        return True
+
     def rows(self, slot, stored, view, start, stop):
         # the rounding bits of an element come from its global index (view.offset): a piece's
         # view keeps its row_start, so the piece rounds exactly as the whole tensor would

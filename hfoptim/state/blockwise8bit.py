@@ -132,6 +132,15 @@ def fusable_blocks(view: ParamView, block: int = BLOCK) -> bool:
     return aligned(view, block) or split(view, block)
 
 
+def blocks_whole(view: ParamView, block: int = BLOCK) -> bool:
+    """No process boundary of ``view`` (``view.cuts``) falls inside a block: each process holds
+    whole blocks and computes their scales alone (rows of 2+-D tensors cut at row boundaries, a
+    vector cut at multiples of ``block``)."""
+    if len(view.global_shape) >= 2:
+        return all((cut % view.row_len) % block == 0 for cut in view.cuts)
+    return all(cut % block == 0 for cut in view.cuts)
+
+
 class Blockwise8bit(Codec):
     """One byte per element and one fp32 scale per 256; see the module docstring."""
 
@@ -147,6 +156,10 @@ class Blockwise8bit(Codec):
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
     #: a block never crosses a row of a 2+-D tensor: rows are coded on their own
     offset_free = True
+
+    def shard_local(self, slot, view):
+        """Blocks no process boundary cuts (:func:`blocks_whole`) are scaled from the shard alone."""
+        return blocks_whole(view)
 
     @staticmethod
     def keys(slot: Slot) -> tuple[str, str]:

@@ -48,6 +48,13 @@ class Codec:
         rows: factored, SMMF, shared, per-tensor scalars)."""
         return None
 
+    def shard_local(self, slot: Slot, view: ParamView) -> bool:
+        """True when what is stored for the shard ``view`` of a parameter (whole rows; process
+        boundaries ``view.cuts`` on row boundaries) is computed from the shard alone, with no
+        statistic of another process (the compiled path may then step the shard by itself:
+        :func:`hfoptim.core.fused.shard_local`). Elementwise forms: always."""
+        return self.elementwise
+
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
         raise NotImplementedError

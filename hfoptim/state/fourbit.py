@@ -80,7 +80,7 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import LocalStats, ParamView, block_layout
-from .blockwise8bit import dequantize, fusable_blocks, quantize, scale_shape
+from .blockwise8bit import blocks_whole, dequantize, fusable_blocks, quantize, scale_shape
 from .codec import Codec
 
 #: elements per block of 4-bit first moments (and of 0-/1-D second moments)
@@ -216,6 +216,13 @@ class FourBit(Codec):
         """Rows of whole 128-blocks, or ending in one short block (as the 8-bit form: see
         :func:`hfoptim.state.blockwise8bit.fusable_blocks`); the rank-1 scales fuse always."""
         return fusable_blocks(view, BLOCK4)
+
+    def shard_local(self, slot, view):
+        """Blockwise scales of blocks no process boundary cuts come from the shard alone; the
+        rank-1 scales of a second moment span every row (a statistic of other processes)."""
+        if self._blockwise(slot, view):
+            return blocks_whole(view, BLOCK4)
+        return not view.sharded
 
     @staticmethod
     def packed_key(slot: Slot) -> str:

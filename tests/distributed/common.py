@@ -39,6 +39,29 @@ SHAPES = [
     ("vec", (5,)),
 ]
 
+#: SHAPES with the rows of every matrix split evenly in two, and a vector of two 8-bit blocks per
+#: half (``--shapes rows``): 2 processes of FSDP2 or ZeRO-3 hold whole rows and blocks of them,
+#: the shards the compiled kernel steps alone; "row1" and "vec" are still cut inside a row/block
+ROW_ALIGNED_SHAPES = [
+    ("emb", (12, 7)),
+    ("lin_w", (14, 7)),
+    ("lin_b", (1024,)),
+    ("conv", (6, 3, 2, 2)),
+    ("big", (68, 97)),
+    ("row1", (1, 9)),
+    ("vec", (5,)),
+]
+
+
+def use_shapes(which: str) -> None:
+    """Make :class:`Model` build ``which`` shapes: "default" (SHAPES as defined) or "rows"
+    (:data:`ROW_ALIGNED_SHAPES`); called once, before any model is built."""
+    if which == "rows":
+        SHAPES[:] = ROW_ALIGNED_SHAPES
+    elif which != "default":
+        raise ValueError(f"unknown --shapes {which!r}: default or rows")
+
+
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
 #: rule, the factored rule, LAMB (trust ratio)
 FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3"]
@@ -293,6 +316,25 @@ def check_whole_matrices(engine, failures: list, detail: dict) -> None:
         failures.append(f"a matrix was orthogonalized {total.tolist()} times over the processes, not once each")
     if engine.rule.name == "muon" and float(sent) <= 0:
         failures.append("no matrix rows crossed processes: the whole-matrix exchange did not engage")
+
+
+def kernel_calls() -> int:
+    """Parameters stepped by the compiled kernel so far in this process (every key)."""
+    from hfoptim.core import fused
+
+    return sum(fused.calls.values())
+
+
+def check_compiled(sharded_calls: int, failures: list, detail: dict) -> None:
+    """Record how many parameter steps of the SHARDED optimizer took the compiled kernel, here
+    and summed over the processes, and fail when none did (the run asked for ``compile='on'``,
+    so the compiled path must have engaged under the layout)."""
+    total = torch.tensor([float(sharded_calls)])
+    dist.all_reduce(total)
+    detail["compiled_steps"] = sharded_calls
+    detail["compiled_steps_all_ranks"] = int(total)
+    if int(total) == 0:
+        failures.append("compile='on', but no parameter of the sharded optimizer took the compiled kernel")
 
 
 NONFINITE = "the single-process reference itself is not finite"

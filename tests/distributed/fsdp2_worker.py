@@ -23,16 +23,19 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import hfoptim  # noqa: E402
+from tests.distributed import common  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     Model,
     all_cases,
     case_kwargs,
+    check_compiled,
     check_whole_matrices,
     compare,
     compare_state,
     finish,
     gradients,
     grouped,
+    kernel_calls,
     needs_loss,
     rank_loss,
     run_cases,
@@ -55,9 +58,13 @@ def shard(model: Model) -> None:
     fully_shard(model)
 
 
-def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, build_before: bool) -> None:
+def run_case(
+    name: str, failures: list, detail: dict, *, steps: int, dtype, build_before: bool, compile: str | None = None
+) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
+    if compile is not None:
+        kwargs["compile"] = compile
     ref_model = Model(dtype=dtype)
     ref_params = [p for _, p in ref_model.named_leaves()]
     two = build_before  # half the cases: the Trainer's two groups (no decay on vectors)
@@ -79,6 +86,7 @@ def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, buil
         failures.append("fully_shard did not produce DTensor parameters: the run would prove nothing")
         return
     loss_driven = needs_loss(ref_opt)
+    sharded_calls = 0
     for t in range(1, steps + 1):
         grads = gradients(ref_params, t)
         for p, g in zip(ref_params, grads):
@@ -87,10 +95,15 @@ def run_case(name: str, failures: list, detail: dict, *, steps: int, dtype, buil
             p.grad = sharded_grad(p, g)
         if loss_driven:
             ref_opt.step(loss=step_loss(t))
+            before = kernel_calls()
             opt.step(loss=rank_loss(t, rank, world))
         else:
             ref_opt.step()
+            before = kernel_calls()
             opt.step()
+        sharded_calls += kernel_calls() - before
+    if compile == "on":
+        check_compiled(sharded_calls, failures, detail)
     engine = getattr(opt, "optimizer", opt)
     layout = engine.layout
     if type(layout).__name__ != "DTensorLayout":
@@ -109,9 +122,14 @@ def main() -> int:
     parser.add_argument("--cases", default="fast", help="fast | forms | all | a shell pattern")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
+    parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
+    common.use_shapes(args.shapes)
+    if args.compile is not None:  # compiling a kernel per shape inside the worker takes minutes under load
+        common.CASE_TIMEOUT = 480
     dist.init_process_group("gloo")
     dtype = getattr(torch, args.dtype)
     cases = all_cases(args.cases)
@@ -120,7 +138,7 @@ def main() -> int:
     def one(name, failures, detail):
         before = next(counter) % 2 == 1
         detail["built_before_sharding"] = before
-        run_case(name, failures, detail, steps=args.steps, dtype=dtype, build_before=before)
+        run_case(name, failures, detail, steps=args.steps, dtype=dtype, build_before=before, compile=args.compile)
 
     status = run_cases(cases, one, args.out)
     finish(status)

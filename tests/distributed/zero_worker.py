@@ -27,10 +27,12 @@ import deepspeed  # noqa: E402
 
 import hfoptim  # noqa: E402
 from hfoptim.integrations.deepspeed import attach  # noqa: E402
+from tests.distributed import common  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     Model,
     all_cases,
     case_kwargs,
+    check_compiled,
     check_whole_matrices,
     coarse,
     compare,
@@ -38,6 +40,7 @@ from tests.distributed.common import (  # noqa: E402
     finish,
     gradients,
     grouped,
+    kernel_calls,
     needs_loss,
     rank_loss,
     run_cases,
@@ -74,9 +77,11 @@ def ds_config(
     }
 
 
-def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: bool) -> None:
+def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: bool, compile=None) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
+    if compile is not None:
+        kwargs["compile"] = compile
     dtype = torch.float32
     bf16 = variant.get("bf16", False)
     ref_model = Model(dtype=dtype)
@@ -102,6 +107,7 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
         return
     engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
     loss_driven = needs_loss(ref_opt)
+    sharded_calls = 0
     for t in range(1, steps + 1):
         grads = coarse(gradients(ref_params, t), bits=4 if bf16 else 10)
         for p, g in zip(ref_params, grads):
@@ -114,7 +120,11 @@ def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: 
             ref_opt.step(loss=step_loss(t))
         else:
             ref_opt.step()
+        before = kernel_calls()
         ds_engine.step()
+        sharded_calls += kernel_calls() - before
+    if compile == "on":
+        check_compiled(sharded_calls, failures, detail)
     layout = engine.layout
     if type(layout).__name__ != "ZeroLayout":
         failures.append(f"the optimizer stepped with {type(layout).__name__}, not the ZeRO layout")
@@ -167,9 +177,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 master weights")
+    parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
+    parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
+    common.use_shapes(args.shapes)
+    if args.compile is not None:  # compiling a kernel per shape inside the worker takes minutes under load
+        common.CASE_TIMEOUT = 480
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
     deepspeed.utils.logger.setLevel(logging.ERROR)
     deepspeed.init_distributed(dist_backend="gloo")
@@ -190,7 +205,14 @@ def main() -> int:
         }
         detail.update(variant)
         run_case(
-            name, failures, detail, stage=args.stage, steps=args.steps, variant=variant, explicit_attach=k % 3 != 2
+            name,
+            failures,
+            detail,
+            stage=args.stage,
+            steps=args.steps,
+            variant=variant,
+            explicit_attach=k % 3 != 2,
+            compile=args.compile,
         )
 
     status = run_cases(cases, one, args.out)

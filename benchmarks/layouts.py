@@ -1,0 +1,369 @@
+"""Step time, first step and step memory per storage form and layout (one process, FSDP2, ZeRO-2).
+
+Run ``python benchmarks/layouts.py`` (``--device cuda`` on a GPU machine; ``--smoke`` for a
+tiny check that everything runs). For every parameter set (``--sets``: ``100M``, the Llama-shaped
+set of benchmarks/_timing.py, and ``emb``, one 32000x768 tensor), every layout (``--layouts``:
+``one`` process, ``fsdp2`` = ``fully_shard`` and ``zero2`` = DeepSpeed ZeRO-2, each on
+``--nproc`` processes over gloo, NCCL on CUDA) and every optimizer name (``--names``), it
+measures, in a fresh process per layout:
+
+* ``first s``: the first ``optimizer.step()`` (state created, kernels compiled; inductor's disk
+  cache as found, reported in the ``cache`` column as the process found it: ``cold`` when
+  ``--cold-cache`` gave it an empty cache directory);
+* ``x AdamW``: the median over rounds of the step time divided by torch's ``AdamW(foreach=True)``
+  step timed in the same round under the same layout (max over processes of each);
+* ``transient B/param``: the step's peak memory beyond what was held before it, per parameter
+  this process holds (max over processes). On CPU: the process's high-water mark ``VmHWM``
+  (reset by writing 5 to ``/proc/self/clear_refs`` just before the step) minus ``VmRSS`` before
+  it, after ``malloc_trim`` returned the allocator's free memory; on CUDA:
+  ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
+* ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.fused.calls``).
+
+The CPU (``lscpu``'s model name and flags) and the load average are recorded with the results:
+timings on a loaded or different machine are not comparable. Results:
+benchmarks/results/layouts.{json,md} (not with ``--smoke``) and the ``layouts`` section of
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+DEFAULT_NAMES = [
+    "adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_4bit", "adamw_bf16",
+    "adamw_factored", "adamw_shared", "adamw_smmf",
+]  # fmt: skip
+SMOKE_NAMES = ["adamw_8bit", "adamw_bf16"]
+
+
+def lscpu() -> dict:
+    """``lscpu``'s model name and flags (the vector extensions decide how fast the kernels are)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    vector = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
+    return {"model_name": fields.get("Model name", "").strip(), "vector_flags": vector, "flags": flags}
+
+
+def param_shapes(label: str, smoke: bool) -> list[tuple[int, ...]]:
+    """The shapes of parameter set ``label`` (tiny ones with ``smoke``)."""
+    from _timing import MODEL_SHAPES, ModelShape
+
+    if label == "emb":
+        return [(512, 256)] if smoke else [(32000, 768)]
+    if smoke:
+        return ModelShape("tiny", vocab=512, hidden=128, layers=1, intermediate=512).shapes()
+    return MODEL_SHAPES[label].shapes()
+
+
+# ---------------------------------------------------------------------------------------- memory
+def _status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {key}")
+
+
+def _trim() -> None:
+    """Hand the allocator's free memory back to the system (glibc ``malloc_trim``), so memory
+    a previous step freed but the allocator kept does not hide this step's temporaries."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def transient_bytes(step, device) -> int:
+    """Peak bytes held during ``step()`` beyond what was held before it (see the docstring)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    _trim()
+    before = _status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    step()
+    return 1024 * max(0, _status_kib("VmHWM") - before)
+
+
+# ---------------------------------------------------------------------------------------- worker
+def worker(args) -> int:
+    """Measure every (set, name) under ``args.layout`` in this process (and its peers)."""
+    import logging
+
+    import torch
+    import torch.distributed as dist
+
+    import hfoptim
+    from hfoptim.core import fused
+
+    device = torch.device(args.device)
+    distributed = args.layout != "one"
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        device = torch.device("cuda", torch.cuda.current_device())
+    if distributed:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if args.layout == "zero2":
+            import deepspeed
+
+            deepspeed.utils.logger.setLevel(logging.ERROR)
+            deepspeed.init_distributed(dist_backend=backend)
+        else:
+            dist.init_process_group(backend)
+    rank = dist.get_rank() if distributed else 0
+    if device.type == "cpu":
+        torch.set_num_threads(1 if distributed else torch.get_num_threads())
+
+    def reduce_max(value: float) -> float:
+        if not distributed:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if distributed:
+            dist.barrier()
+
+    class Net(torch.nn.Module):
+        def __init__(self, shapes):
+            super().__init__()
+            gen = torch.Generator().manual_seed(0)
+            self.blocks = torch.nn.ModuleList()
+            for s in shapes:
+                m = torch.nn.Module()
+                m.weight = torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(device))
+                self.blocks.append(m)
+
+        def forward(self, x):
+            return sum(b.weight.sum() for b in self.blocks) * x
+
+    def build(shapes, name: str):
+        """(step function, tensors the optimizer steps here, their element count)."""
+        net = Net(shapes)
+        make = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)) if name == "torch_adamw" else None
+        if args.layout == "zero2":
+            import deepspeed
+
+            from hfoptim.integrations.deepspeed import attach
+
+            opt = make(net.parameters()) if make else hfoptim.create_optimizer(net, name)
+            config = {
+                "train_micro_batch_size_per_gpu": 1,
+                "gradient_clipping": 0.0,
+                "zero_optimization": {"stage": 2},
+                "zero_allow_untested_optimizer": True,
+                "zero_force_ds_cpu_optimizer": False,
+                "steps_per_print": 10**9,
+            }
+            ds_engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
+            opt = ds_engine.optimizer.optimizer if make else attach(ds_engine)
+            tensors = [flat for g in opt.param_groups for flat in g["params"]]
+            gen = torch.Generator().manual_seed(1 + rank)
+            for flat in tensors:
+                flat.grad = (torch.randn(flat.shape, generator=gen) * 1e-2).to(flat.device)
+            local = [flat for flat in tensors]
+        else:
+            if args.layout == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+                from torch.distributed.tensor import distribute_tensor
+
+                for b in net.blocks:
+                    fully_shard(b)
+                fully_shard(net)
+            opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, name)
+            gen = torch.Generator().manual_seed(1)
+            local = []
+            for p in net.parameters():
+                g = (torch.randn(p.shape, generator=gen) * 1e-2).to(device)
+                if args.layout == "fsdp2":
+                    g = distribute_tensor(g, p.device_mesh, p.placements)
+                    local.append(p._local_tensor)
+                else:
+                    local.append(p)
+                p.grad = g
+        return opt.step, sum(t.numel() for t in local)
+
+    def timed(step, n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync()
+        return reduce_max((time.perf_counter() - start) / n)
+
+    rows = []
+    for given in args.sets.split(","):
+        shapes = param_shapes(given, args.smoke)
+        label = f"{given} (smoke: tiny)" if args.smoke else given
+        base_step, _ = build(shapes, "torch_adamw")
+        base_step()
+        for name in args.names.split(","):
+            before_calls = sum(fused.calls.values())
+            try:
+                step, local_numel = build(shapes, name)
+                sync()
+                start = time.perf_counter()
+                step()
+                sync()
+                first = reduce_max(time.perf_counter() - start)
+            except Exception as error:  # a name this layout refuses: record it
+                rows.append({"set": label, "name": name, "error": str(error).splitlines()[0][:200]})
+                continue
+            compiled = sum(fused.calls.values()) - before_calls
+            step()  # a second step: no compilation left in what is timed
+            cand, base = [], []
+            for r in range(args.rounds):
+                order = [(step, cand), (base_step, base)] if r % 2 == 0 else [(base_step, base), (step, cand)]
+                for fn, out in order:
+                    out.append(timed(fn, args.steps))
+            sync()
+            per_param = reduce_max(transient_bytes(step, device) / max(1, local_numel))
+            sync()
+            base_per_param = reduce_max(transient_bytes(base_step, device) / max(1, local_numel))
+            rows.append(
+                {
+                    "set": label,
+                    "name": name,
+                    "first_step_s": first,
+                    "step_ms": 1e3 * statistics.median(cand),
+                    "adamw_step_ms": 1e3 * statistics.median(base),
+                    "ratio_adamw": statistics.median(c / b for c, b in zip(cand, base)),
+                    "transient_bytes_per_param": per_param,
+                    "adamw_transient_bytes_per_param": base_per_param,
+                    "compiled_params_first_step": reduce_max(compiled),
+                }
+            )
+            if rank == 0:
+                r = rows[-1]
+                print(
+                    f"{args.layout:6s} {label} {name:16s} first {r['first_step_s']:6.1f} s  "
+                    f"x{r['ratio_adamw']:.2f} AdamW  {r['transient_bytes_per_param']:5.2f} B/param transient "
+                    f"(AdamW {r['adamw_transient_bytes_per_param']:.2f})  "
+                    f"{r['compiled_params_first_step']:.0f} compiled",
+                    flush=True,
+                )
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(rows))
+    if distributed:
+        dist.barrier()
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- driver
+def run_layout(args, layout: str, out: Path) -> list[dict]:
+    """Measure ``layout`` in fresh processes; its rows (an ``error`` row when the launch failed)."""
+    own = [
+        "--worker", "--layout", layout, "--out", str(out), "--sets", args.sets, "--names", args.names,
+        "--rounds", str(args.rounds), "--steps", str(args.steps), "--device", args.device,
+    ] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    if layout == "one":
+        cmd = [sys.executable, __file__, *own]
+    else:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+        cmd = [*launcher, __file__, *own]
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
+    if args.device == "cpu":
+        env.setdefault("DS_ACCELERATOR", "cpu")
+        if layout != "one":
+            env["OMP_NUM_THREADS"] = "1"
+    if args.cold_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hfoptim-inductor-")
+    rc = subprocess.call(cmd, env=env, cwd=HERE.parent)
+    if rc != 0 or not out.exists():
+        return [{"layout": layout, "error": f"the {layout} launch failed (exit {rc})"}]
+    return [{"layout": layout, **row} for row in json.loads(out.read_text())]
+
+
+def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
+    world = f"{args.nproc} processes" if args.device == "cpu" else f"{args.nproc} GPUs"
+    lines = [
+        f"Step time, first step and step memory per layout (one process; FSDP2 and ZeRO-2 on {world}), "
+        f"device {args.device}, {info['cpu']} (lscpu flags: {' '.join(cpu.get('vector_flags', [])) or 'unknown'}), "
+        f"load average {info.get('load_average_1_5_15')}, torch {info['torch']}, hfoptim {info['git_commit']}, "
+        f"inductor cache {'cold' if args.cold_cache else 'as found'}",
+        "",
+        "| set | layout | optimizer | first step s | step ms | x AdamW foreach | transient B/param | AdamW B/param "
+        "| compiled tensors |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r.get('set', '')} | {r['layout']} | {r.get('name', '')} | {r['error']} | | | | | |")
+            continue
+        lines.append(
+            f"| {r['set']} | {r['layout']} | {r['name']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | "
+            f"{r['ratio_adamw']:.2f} | {r['transient_bytes_per_param']:.2f} | "
+            f"{r['adamw_transient_bytes_per_param']:.2f} | {r['compiled_params_first_step']:.0f} |"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--layout", default="one", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", default="one,fsdp2,zero2", help="comma-separated: one, fsdp2, zero2")
+    parser.add_argument("--sets", default="100M,emb", help="comma-separated: 100M (Llama-shaped), emb (32000x768)")
+    parser.add_argument("--names", default="", help="comma-separated optimizer names (default: every storage form)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--nproc", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--cold-cache", action="store_true", help="an empty inductor cache for each layout")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes and two names; writes no result files")
+    args = parser.parse_args()
+    if not args.names:
+        args.names = ",".join(SMOKE_NAMES if args.smoke else DEFAULT_NAMES)
+    if args.smoke:
+        args.rounds, args.steps = min(args.rounds, 2), 1
+    if args.worker:
+        return worker(args)
+
+    from _timing import machine_info, update_report, write_json
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for layout in args.layouts.split(","):
+            rows += run_layout(args, layout, Path(tmp) / f"{layout}.json")
+    info, cpu = machine_info(), lscpu()
+    lines = report(rows, info, cpu, args)
+    print("\n".join(lines))
+    if args.smoke:
+        return 0 if rows and not any("error" in r and "launch failed" in r["error"] for r in rows) else 1
+    record = {"machine": info, "lscpu": cpu, "device": args.device, "nproc": args.nproc, "rows": rows}
+    write_json(HERE / "results" / "layouts.json", record)
+    (HERE / "results" / "layouts.md").write_text("\n".join(lines) + "\n")
+    command = "python benchmarks/layouts.py " + " ".join(sys.argv[1:])
+    update_report("layouts", "\n".join([*lines, "", f"Command: `{command.strip()}`"]))
+    return 0 if not any("launch failed" in r.get("error", "") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

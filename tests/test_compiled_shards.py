@@ -1,0 +1,74 @@
+"""Which shards the compiled kernel may step alone (hfoptim.core.fused.shard_local).
+
+A shard takes the kernel only when its step needs nothing of another process; the decision
+must read only what every process shares (options, global shape, process boundaries), or the
+processes would send different parameters to the plain path and its collectives would not
+match. The multi-process runs that prove the numbers (compile='on' under FSDP2 and ZeRO-1/2/3,
+equal to one process) are in tests/test_sharding_fsdp2.py and tests/test_sharding_zero.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfoptim
+from hfoptim.core import fused
+from hfoptim.core.stats import ParamView, PieceStats
+from hfoptim.state import resolve
+
+GROUP = object()  # stands for a process group: only its presence matters here
+
+
+def shard(shape, row_start, rows, cuts):
+    return ParamView(global_shape=torch.Size(shape), row_start=row_start, local_rows=rows, cuts=cuts, group=GROUP)
+
+
+def local(name: str, view: ParamView, **options) -> bool:
+    p = torch.nn.Parameter(torch.zeros(view.global_shape))
+    opt = hfoptim.create_optimizer([p], name, state_min_numel=0, **options)
+    group = opt.param_groups[0]
+    slots = opt.rule.active_slots(group)
+    codecs = [resolve.codec_for(opt.rule, slot, group, view) for slot in slots]
+    return fused.shard_local(opt, group, view, slots, codecs)
+
+
+@pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_bf16"])
+def test_row_shards_of_elementwise_rules_step_alone(name):
+    # FSDP2 rows 0-33 | 34-66 of a (67, 300) matrix: rows and 8-bit blocks held whole
+    assert local(name, shard((67, 300), 0, 34, (34 * 300,)))
+    assert local(name, shard((67, 300), 34, 33, (34 * 300,)))
+
+
+def test_4bit_second_moments_of_matrices_need_every_process():
+    # normalized by per-column maxima of the whole tensor (rank-1 scales); vectors are blockwise
+    assert not local("adamw_4bit", shard((67, 300), 0, 34, (34 * 300,)))
+    assert local("adamw_4bit", shard((3000,), 0, 1024, (1024,)))
+
+
+def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():
+    # a ZeRO cut inside a row: padded rows, row statistics and the cut block span two processes
+    assert not local("adamw_8bit", shard((67, 300), 0, 35, (34 * 300 + 100,)))
+    assert not local("adamw_bf16", shard((67, 300), 0, 35, (34 * 300 + 100,)))
+    # vectors: 8-bit blocks run along the vector, whole when cut at multiples of 256
+    assert local("adamw_8bit", shard((3000,), 0, 512, (512, 1024)))
+    assert not local("adamw_8bit", shard((3000,), 0, 300, (300,)))
+    assert local("adamw_bf16", shard((3000,), 0, 300, (300,)))  # rounded element by element
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("adamw_factored", {}), ("adamw_shared", {}), ("adamw_smmf", {}), ("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1})],
+)
+def test_statistics_of_the_whole_tensor_keep_the_plain_path(name, options):
+    assert not local(name, shard((64, 256), 0, 32, (32 * 256,)), **options)
+
+
+def test_the_kernel_of_a_shard_refuses_statistics_of_the_whole_tensor():
+    stats = PieceStats()
+    x = torch.ones(4, 8)
+    view = ParamView(global_shape=torch.Size((8, 8)), local_rows=4)
+    assert torch.equal(stats.row_sums([x], [view])[0], torch.full((4,), 8.0))
+    for ask in (lambda: stats.sum([x], [view]), lambda: stats.dim_absmax([x], [view])):
+        with pytest.raises(RuntimeError, match="whole tensor"):
+            ask()
