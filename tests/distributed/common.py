@@ -41,7 +41,7 @@ SHAPES = [
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
 #: rule, the factored rule, LAMB (trust ratio)
-FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3"]
+FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3", "sgd_am"]
 
 
 class Leaf(torch.nn.Module):
