@@ -123,7 +123,14 @@ def prepare_data(block_size: int, eval_blocks: int) -> dict:
 def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    strength = args.weight_decay
+    if name != BNB_ADEMAMIX8:
+        from hfoptim.registry import get_optimizer
+
+        # a name that sets its own strength (adams: stable decay 1e-4, 1000x below AdamW's 0.1 because it
+        # is divided by sqrt(mean v_hat)) keeps it: the shared 0.1 would decay its matrices away
+        strength = get_optimizer(name).options.get("weight_decay", strength)
+    groups = [{"params": decay, "weight_decay": strength}, {"params": no_decay, "weight_decay": 0.0}]
     if name == BNB_ADEMAMIX8:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
