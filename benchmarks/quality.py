@@ -6,6 +6,7 @@
     python benchmarks/quality.py --study    # each optimizer at its own best lr, 2000 steps, 3 seeds (see below)
     python benchmarks/quality.py --study --tables-only   # the study's tables and plot again, from its results
     python benchmarks/quality.py --finetune # the same protocol for fine-tuning, full and LoRA (``_finetune.py``)
+    python benchmarks/quality.py --merge a.json b.json --stem quality_issue16   # tables from results files
 
 ``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
 peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
@@ -416,7 +417,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="parallel processes, one torch thread each (0: in this process)"
     )
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="JSON",
+        help="no training: the tables and plot from these results files (one, or runs of the same protocol "
+        "split by seed, e.g. --seeds 0 / 1 / 2 run side by side), written as --stem in --output-dir",
+    )
+    parser.add_argument("--stem", default="quality", help="file name stem for --merge (default quality)")
     return parser
+
+
+def merge_main(args) -> int:
+    """Rebuild one record from results files of the same protocol (runs concatenated, the summary
+    recomputed) and write its json, tables and plot."""
+    records = [json.loads(Path(f).read_text()) for f in args.merge]
+    first = records[0]
+    keys = ("steps", "batch_size", "block_size", "lr", "weight_decay", "evals", "eval_blocks")
+    for other in records[1:]:
+        if any(other["args"][k] != first["args"][k] for k in keys) or other["data"] != first["data"]:
+            raise SystemExit(f"--merge: {keys} and the data must be the same in every file")
+    runs = [Run(**r) for rec in records for r in rec["runs"]]
+    names = list(dict.fromkeys(r.name for r in runs))
+    names = ["adamw", *(n for n in names if n != "adamw")]
+    record = dict(first)
+    record.update(
+        command=" ; ".join(dict.fromkeys(rec["command"] for rec in records)),
+        seeds=sorted({s for rec in records for s in rec["seeds"]}),
+        elapsed_s=max(rec["elapsed_s"] for rec in records),
+        summary=summarize(runs, names),
+        runs=[asdict(r) for r in runs],
+        merged_from=[str(f) for f in args.merge],
+    )
+    out = Path(args.output_dir)
+    write_json(out / f"{args.stem}.json", record)
+    png = out / f"{args.stem}_curves.png"
+    plot(record, png)
+    text = markdown(record, plot_path=png.name)
+    (out / f"{args.stem}.md").write_text(text)
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(__file__).resolve().with_name("_finetune.py")
         return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return merge_main(args)
     if args.study or args.smoke or args.tables_only:
         return study_main(args, argv)
     args.steps, args.evals = args.steps or 200, args.evals or 10

@@ -300,3 +300,21 @@ def test_finetune_smoke_pretrains_the_base_once_and_its_tables_regenerate_byte_f
     finally:
         quality.subprocess.call = original
     assert calls[0][1].endswith("_finetune.py") and calls[0][2:] == ["--smoke"]
+
+
+def test_quality_merge_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
+    """Runs of one protocol split by seed (run side by side) merge into the table one run of all
+    seeds writes: the 4-bit results file split in two and merged back gives its committed table."""
+    import json
+
+    quality = bench["quality"]
+    record = json.loads((BENCH / "results" / "quality_4bit.json").read_text())
+    parts = []
+    for seeds in ([0], [1, 2]):
+        part = dict(record, seeds=seeds, runs=[r for r in record["runs"] if r["seed"] in seeds])
+        parts.append(tmp_path / f"part{seeds[0]}.json")
+        parts[-1].write_text(json.dumps(part))
+    assert quality.main(["--merge", *map(str, parts), "--stem", "merged", "--output-dir", str(tmp_path)]) == 0
+    merged = (tmp_path / "merged.md").read_text()
+    committed = (BENCH / "results" / "quality_4bit.md").read_text()
+    assert merged == committed.replace("quality_4bit_curves.png", "merged_curves.png")
