@@ -25,9 +25,7 @@ def test_am_sgd_matches_reference(lam):
 @pytest.mark.parametrize("lam", [0.0, 0.3])
 def test_am_adamw_matches_reference(lam):
     check_parity(
-        lambda params, foreach: hfoptim.create_optimizer(
-            params, "adamw_am", foreach=foreach, am_lambda=lam, **ADAM_HP
-        ),
+        lambda params, foreach: hfoptim.create_optimizer(params, "adamw_am", foreach=foreach, am_lambda=lam, **ADAM_HP),
         lambda: AMAdamWRef(**ADAM_HP, am_lambda=lam),
     )
 
@@ -99,12 +97,15 @@ def test_am_is_not_stepped_in_row_pieces():
 
 
 def test_names_options_and_refusals():
-    assert {"sgd", "sgd_am", "adamw_am", "sgd_am"} <= set(hfoptim.list_optimizers())
+    assert {"sgd", "sgd_am", "adamw_am"} <= set(hfoptim.list_optimizers())
     group = hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_am").param_groups[0]
     assert group["adaptive_memory"] is True and group["am_lambda"] == 0.0
     group = hfoptim.SGD([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay_mode"], group["adaptive_memory"]) == (
-        1e-2, 0.9, "l2", False
+        1e-2,
+        0.9,
+        "l2",
+        False,
     )
     with pytest.raises(ValueError, match="nesterov"):
         hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_am", nesterov=True)
