@@ -17,6 +17,9 @@ its own results files and BENCHMARKS.md section (``quality-<preset>``). Muon run
 ``match_rms_adamw`` scale is there so that AdamW's lr and weight decay carry over. torchao's
 AdamW4bit runs with its defaults and AdamW's betas.
 
+``--combine a.json b.json --stem quality_issue16``: no training, the tables and plot from results
+files of one protocol split by seed (runs side by side).
+
 ``--study`` (not part of ``make bench``): the tuned protocol of ``_study.py`` -- a sweep of four
 peak learning rates spanning 10x around each optimizer's own centre (``study.CENTRES``) for
 ``--sweep-steps`` (default a quarter of ``--steps``), then ``--seeds`` at the best lr for
@@ -157,7 +160,14 @@ def prepare_data(block_size: int, eval_blocks: int) -> dict:
 def build_optimizer(name: str, model: torch.nn.Module, args) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    strength = args.weight_decay
+    if name not in (BNB_ADEMAMIX8, TORCHAO_ADAMW4):
+        from hfoptim.registry import get_optimizer
+
+        # a name that sets its own strength (adams: stable decay 1e-4, 1000x below AdamW's 0.1 because it
+        # is divided by sqrt(mean v_hat)) keeps it: the shared 0.1 would decay its matrices away
+        strength = get_optimizer(name).options.get("weight_decay", strength)
+    groups = [{"params": decay, "weight_decay": strength}, {"params": no_decay, "weight_decay": 0.0}]
     if name == TORCHAO_ADAMW4:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -541,7 +551,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=2, help="parallel processes, one torch thread each (0: in this process)"
     )
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
+    parser.add_argument(
+        "--combine",
+        nargs="+",
+        metavar="JSON",
+        help="no training: the tables and plot from these results files (one, or runs of the same protocol "
+        "split by seed, e.g. --seeds 0 / 1 / 2 run side by side), written as --stem in --output-dir",
+    )
+    parser.add_argument("--stem", default="quality", help="file name stem for --combine (default quality)")
     return parser
+
+
+def merge_main(args) -> int:
+    """Rebuild one record from results files of the same protocol (runs concatenated, the summary
+    recomputed) and write its json, tables and plot."""
+    records = [json.loads(Path(f).read_text()) for f in args.combine]
+    first = records[0]
+    keys = ("steps", "batch_size", "block_size", "lr", "weight_decay", "evals", "eval_blocks")
+    for other in records[1:]:
+        if any(other["args"][k] != first["args"][k] for k in keys) or other["data"] != first["data"]:
+            raise SystemExit(f"--combine: {keys} and the data must be the same in every file")
+    runs = [Run(**r) for rec in records for r in rec["runs"]]
+    names = list(dict.fromkeys(r.name for r in runs))
+    names = ["adamw", *(n for n in names if n != "adamw")]
+    record = dict(first)
+    record.update(
+        command=" ; ".join(dict.fromkeys(rec["command"] for rec in records)),
+        seeds=sorted({s for rec in records for s in rec["seeds"]}),
+        elapsed_s=max(rec["elapsed_s"] for rec in records),
+        summary=summarize(runs, names),
+        runs=[asdict(r) for r in runs],
+        merged_from=[str(f) for f in args.combine],
+    )
+    out = Path(args.output_dir)
+    write_json(out / f"{args.stem}.json", record)
+    png = out / f"{args.stem}_curves.png"
+    plot(record, png)
+    text = markdown(record, plot_path=png.name)
+    (out / f"{args.stem}.md").write_text(text)
+    print(text)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
         script = Path(__file__).resolve().with_name("_finetune.py")
         return subprocess.call([sys.executable, str(script), *(a for a in argv if a != "--finetune")])
     args = build_parser().parse_args(argv)
+    if args.combine:
+        return merge_main(args)
     if args.preset and (args.study or args.smoke or args.long or args.quick):
         raise SystemExit("--preset chooses its own names and budget: drop --study/--smoke/--long/--quick")
     if args.names and args.preset and not args.merge:

@@ -410,3 +410,20 @@ def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
     lines = layouts.report([row, refused], info, {"vector_flags": ["avx2"]}, args)
     assert "avx2" in lines[0] and len(lines) == 4 + 2
     assert lines[4].startswith("| emb | fsdp2 | adamw_8bit | 1.0 | 2.0 | 1.50 | 0.50 | 4.00 | 1 |")
+
+def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
+    """Runs of one protocol split by seed (run side by side) merge into the table one run of all
+    seeds writes: the issue-16 results file split in two and combined back gives its committed table."""
+    import json
+
+    quality = bench["quality"]
+    record = json.loads((BENCH / "results" / "quality_issue16.json").read_text())
+    parts = []
+    for seeds in ([0], [1, 2]):
+        part = dict(record, seeds=seeds, runs=[r for r in record["runs"] if r["seed"] in seeds])
+        parts.append(tmp_path / f"part{seeds[0]}.json")
+        parts[-1].write_text(json.dumps(part))
+    assert quality.main(["--combine", *map(str, parts), "--stem", "merged", "--output-dir", str(tmp_path)]) == 0
+    merged = (tmp_path / "merged.md").read_text()
+    committed = (BENCH / "results" / "quality_issue16.md").read_text()
+    assert merged == committed.replace("quality_issue16_curves.png", "merged_curves.png")

@@ -36,6 +36,9 @@ RULE_HP = {
     "adagl": dict(HP, alpha=0.6, history=3, step_control="mean"),
     "adamomentum": dict(HP, eps_mode="accumulate"),
     "adamw_spectralcap": dict(HP, spectral_cap=1e-3, spectral_cap_iters=3),
+    # issue 16 (i16): adaptive memory, beta_t from whole-tensor inner products in the graph
+    "adamw_am": dict(HP, am_lambda=0.3),
+    "sgd_am": dict(lr=3e-3, weight_decay=0.05, am_lambda=0.5),
 }
 
 
@@ -63,7 +66,7 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
     [
         *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16", "adamw_4bit"),
         # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
-        *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit"),
+        *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit", "adamw_am_8bit", "sgd_am_8bit"),
     ],
 )
 def test_compiled_path_agrees_with_the_plain_path(name):

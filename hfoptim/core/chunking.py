@@ -49,7 +49,7 @@ def cuttable(engine, group: dict, unit: Unit) -> bool:
     p, view = unit.param, unit.view
     if type(engine.layout.stats) is not LocalStats or unit.writeback is not None or view.sharded:
         return False
-    if p.dim() < 2 or view.local_rows is not None or not engine.rule.elementwise:
+    if p.dim() < 2 or view.local_rows is not None or not engine.rule.is_elementwise(group):
         return False
     if group["weight_decay_mode"] in ("stable", "cpr"):  # a statistic of every tensor / of the whole tensor
         return False

@@ -206,6 +206,9 @@ class Engine(torch.optim.Optimizer):
                 f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
                 f"moment; {rule.name} does not"
             )
+        problem = rule.check_options(values)
+        if problem:
+            raise HyperparameterError(f"{where}: {problem}")
         for modifier in MODIFIERS:
             if modifier.enabled(values):
                 reason = modifier.incompatible(rule)
@@ -322,9 +325,10 @@ class Engine(torch.optim.Optimizer):
         if not all(resolve.codec_for(rule, s, group, v).elementwise for s in rule.active_slots(group) for v in views):
             return False
         enabled = [m for m in MODIFIERS if m.enabled(group)]
+        elementwise = rule.is_elementwise(group)
         if layout.batch:
-            return rule.elementwise and not enabled
-        return (rule.elementwise or rule.orientation_free) and not any(m.per_unit for m in enabled)
+            return elementwise and not enabled
+        return (elementwise or rule.orientation_free) and not any(m.per_unit for m in enabled)
 
     def stepped_as(self, group: dict, layout: ParamLayout, shape) -> tuple[int, tuple] | None:
         """How a parameter of (global) ``shape`` is stepped: ``(matrices, shape of one)`` through its

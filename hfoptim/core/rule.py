@@ -106,6 +106,15 @@ class Rule:
     #: as stored
     orientation_free: ClassVar[bool] = False
 
+    def is_elementwise(self, group: dict) -> bool:
+        """:attr:`elementwise` for parameters of ``group``: an option may add a whole-tensor
+        statistic to an elementwise rule (adaptive memory's inner products)."""
+        return self.elementwise
+
+    def check_options(self, group: dict) -> str | None:
+        """A problem with a combination of the group's (each valid) hyperparameters, or None."""
+        return None
+
     def active_slots(self, group: dict) -> tuple[Slot, ...]:
         """The slots kept for parameters of ``group`` (see :attr:`Slot.when`), the rule's own and
         those of the group's options (:data:`OPTION_SLOTS`)."""
