@@ -384,6 +384,7 @@ def test_muon_exchange_bytes_count_the_rows_that_travel_to_each_owner_and_back(b
     whole = torch.tensor([[[0, 12], [0, 0]], [[0, 0], [12, 20]]])
     assert sharding.exchange_bytes([whole], 4) == (0, 20 * 4)
 
+
 def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
     """benchmarks/layouts.py: the high-water-mark reading counts a step's temporary (memory the
     allocator kept from an earlier step does not hide it), and the table has a row per result,
@@ -410,6 +411,7 @@ def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
     lines = layouts.report([row, refused], info, {"vector_flags": ["avx2"]}, args)
     assert "avx2" in lines[0] and len(lines) == 4 + 2
     assert lines[4].startswith("| emb | fsdp2 | adamw_8bit | 1.0 | 2.0 | 1.50 | 0.50 | 4.00 | 1 |")
+
 
 def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
     """Runs of one protocol split by seed (run side by side) merge into the table one run of all
