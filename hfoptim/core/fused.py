@@ -1,8 +1,10 @@
-"""The compiled path: one fused kernel per parameter for compressed (8-bit, 4-bit, bf16) state.
+"""The compiled path: one fused kernel per parameter, for every storage form of the state.
 
 With state stored in 8 bits, the plain path decodes each slot into an fp32 tensor, runs the
 rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
-many temporary tensors, several times the cost of AdamW's step. Here the engine's per-bucket flow
+many temporary tensors, several times the cost of AdamW's step. Dense (fp32) state has no decode,
+but each ``foreach`` operation of a rule is still one pass over memory with its own temporary
+(AdamW's step is about eight; LAMB, diffGrad or AdEMAMix twice that). Here the engine's per-bucket flow
 (:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
 modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
@@ -23,8 +25,9 @@ rule's code is the same code the plain path runs; nothing is written twice.
   process skips inductor's code generation (dynamo still traces once per shape and process).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
-  every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
-  the codec's ``fusable_for(view)`` agrees: 8-/4-bit state needs rows of whole blocks), it is
+  every tensor; ``"off"``: never), every one of its slots is stored by a codec marked ``fusable``
+  (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
+  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is
   held whole by this process (the sharded statistics backends combine statistics of many tensors
   in one collective, which a per-parameter kernel would split) or is a row piece of such a
   tensor (:mod:`hfoptim.core.chunking`; stepped as rows from 0, so only storage forms marked
@@ -32,6 +35,8 @@ rule's code is the same code the plain path runs; nothing is written twice.
   allows it for the group (``Rule.compiles``: Muon's matrices are orthogonalized whole, outside a
   per-parameter kernel), its group does not use CPR (a per-tensor decision each step) and no group
   uses stable weight decay (the engine then defers every update; see :func:`advance`).
+  :func:`plain_reason` names the reason a whole group stays on the plain path: the exceptions
+  are exactly AdaLo (loss-driven), CPR, stable weight decay and Muon's matrices.
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -95,7 +100,10 @@ def _advance_one(rule, group: dict, p, grad, state: dict, stats, loss, lr: torch
     from .engine import advance
 
     view = ParamView(global_shape=torch.Size(global_shape), local_rows=p.shape[0] if p.dim() else None)
-    ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
+    # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
+    # taken in fp32 would round the bias corrections of an fp64 parameter to fp32
+    step = state["step"].to(p.dtype)
+    ctx = TracedStepContext(group, [step], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
         g = -g
@@ -161,8 +169,9 @@ def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
         return False
     if view.local_rows is not None and not all(c.offset_free for c in codecs):
         return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
-    fusing = [c for c in codecs if getattr(c, "fusable", False)]
-    return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
+    # every slot's storage form must trace (dense fp32, factored, SMMF, shared, and the 8-bit,
+    # 4-bit and bf16 forms where their blocks fit the rows); a rule without slots traces too
+    return all(c.fusable and (c.fusable_for(view) if hasattr(c, "fusable_for") else True) for c in codecs)
 
 
 def takes(engine, group: dict, unit, stats) -> bool:
@@ -176,17 +185,30 @@ def takes(engine, group: dict, unit, stats) -> bool:
     return _eligible(engine, group, unit, mode, codecs)
 
 
+def plain_reason(engine, group: dict) -> str | None:
+    """Why no parameter of ``group`` takes the compiled path, or None when its parameters may
+    (each then still by :func:`_eligible`: size, storage form, device, sharding)."""
+    rule = engine.rule
+    if group.get("compile", "off") == "off":
+        return "compile='off'"
+    if rule.needs_loss:
+        return f"{rule.name} sets its step size from the training loss, a new Python number each step"
+    if group["weight_decay_mode"] == "cpr":
+        return "CPR decides per tensor each step whether its bound holds (a Python branch on a tensor)"
+    if group["weight_decay_mode"] == "stable":
+        return "stable weight decay needs every tensor's second moment before any update (deferred updates)"
+    if not rule.compiles(group):
+        return f"{rule.name} updates this group's matrices whole (Muon's Newton-Schulz orthogonalization)"
+    return None
+
+
 def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     """Step the units of a bucket that take the compiled path (their state is initialised and
     their step counters already advanced) with the statistics backend ``stats``; return the
     others, for the plain path."""
     global _failed
     mode = group.get("compile", "off")
-    if mode == "off" or not units or engine.rule.needs_loss or type(stats) not in (LocalStats, PieceStats):
-        return units
-    if group["weight_decay_mode"] == "cpr":  # per-tensor decisions on the bound each step
-        return units
-    if not engine.rule.compiles(group):
+    if not units or type(stats) not in (LocalStats, PieceStats) or plain_reason(engine, group) is not None:
         return units
     if not compile_available(units[0].param.device):
         return units
@@ -213,7 +235,7 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             message = (
-                f"hfoptim: torch.compile failed ({_failed}); compressed optimizer state runs the plain "
+                f"hfoptim: torch.compile failed ({_failed}); the optimizer step runs the plain "
                 f"(slower) path from now on. Set compile='off' to skip the attempt."
             )
             logger.warning(message)
