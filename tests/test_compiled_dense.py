@@ -23,6 +23,11 @@ EXCEPTIONS = {
     "swd": "stable weight decay",  # every update waits for all second moments
     "adams": "stable weight decay",
     "muon": "Muon",  # matrices orthogonalized whole
+    # per-row statistics then the in-place update: inductor's C++ backend (torch 2.13) fails
+    "agc": "CPU code generator",
+    "softclip": "CPU code generator",
+    "gc": "CPU code generator",
+    "normloss": "CPU code generator",
 }
 DENSE_NAMES = [n for n in hfoptim.list_optimizers() if not n.endswith(COMPRESSED)]
 #: a matrix and a vector (the compile time of each shape is paid per test)
@@ -39,23 +44,20 @@ RULE_HP = {
     "adamomentum": dict(HP, eps_mode="accumulate"),
     "amos": dict(HP, momentum=0.9),
 }
-#: each rule with its own state, each modifier and each uncompressed storage form (on AdamW):
+#: each rule with its own state, each modifier that compiles and each uncompressed storage form (on AdamW):
 #: every other dense name is a combination of these traced pieces
 COMPILED = [
     *("adamw", "adafactor", "adagl", "adamomentum", "adam_atan2", "adamw2", "adan", "adanorm", "ademamix"),
     *("amos", "diffgrad", "lamb", "nadamw", "nsgda", "pnm", "adapnm", "sm3", "smmf"),
-    *("adamw_agc", "adamw_softclip", "adamw_gc", "adamw_gradnorm", "adamw_cautious", "adamw_trust"),
-    *("adamw_spectralcap", "adamw_normloss", "adamw_cwd", "adamw_atan2", "adamw_softplus", "adamw_nesterov"),
+    *("adamw_gradnorm", "adamw_cautious", "adamw_trust"),
+    *("adamw_spectralcap", "adamw_cwd", "adamw_atan2", "adamw_softplus", "adamw_nesterov"),
     *("adamw_lookahead", "adamw_factored", "adamw_smmf", "adamw_shared", "muon"),
 ]
 
 
-def _exception(name: str) -> str | None:
+def _exceptions(name: str) -> list[str]:
     parts = name.split("_")
-    for key, reason in EXCEPTIONS.items():
-        if parts[0] == key or key in parts[1:]:
-            return reason
-    return None
+    return [reason for key, reason in EXCEPTIONS.items() if parts[0] == key or key in parts[1:]]
 
 
 def _hp(name: str) -> dict:
@@ -68,14 +70,16 @@ def test_every_dense_name_compiles_or_is_a_named_exception():
         params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
         opt = hfoptim.create_optimizer(params, name, compile="on", **HP)
         engine = getattr(opt, "optimizer", opt)  # a Lookahead wraps the engine
-        reasons = {fused.plain_reason(engine, group) for group in engine.param_groups}
-        expected = _exception(name)
-        if expected is None:
+        reasons = {fused.plain_reason(engine, group, torch.device("cpu")) for group in engine.param_groups}
+        expected = _exceptions(name)
+        if not expected:
             assert reasons == {None}, (name, reasons)
-        elif expected == "Muon":  # Muon's vectors and matrices kept by its AdamW compile
-            assert None in reasons and any(r and expected in r for r in reasons), (name, reasons)
-        else:
-            assert len(reasons) == 1 and expected in reasons.pop(), (name, reasons)
+            continue
+        # each group on the plain path says why, with one of the name's exceptions
+        assert all(r is None or any(e in r for e in expected) for r in reasons), (name, reasons)
+        assert reasons != {None}, (name, reasons)
+        if "Muon" not in expected:  # Muon's vectors (kept by its AdamW) compile
+            assert None not in reasons, (name, reasons)
     assert set(COMPILED) <= set(DENSE_NAMES)
 
 

@@ -10,8 +10,8 @@ modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` fo
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* One compilation per rule and distinct parameter shape (static shapes; a transformer has a
-  handful), each in its own copy of the traced function so dynamo's per-function recompile
+* One compilation per rule, options and distinct parameter shape (static shapes; a transformer
+  has a handful), each in its own copy of the traced function so dynamo's per-function recompile
   limit never applies across shapes. The learning rate is a traced 0-d tensor input and the
   step counter the 0-d tensor kept in the state (:class:`TracedStepContext`), so neither a
   learning-rate schedule nor the step count recompiles. The traced function never sees the
@@ -36,7 +36,9 @@ rule's code is the same code the plain path runs; nothing is written twice.
   per-parameter kernel), its group does not use CPR (a per-tensor decision each step) and no group
   uses stable weight decay (the engine then defers every update; see :func:`advance`).
   :func:`plain_reason` names the reason a whole group stays on the plain path: the exceptions
-  are exactly AdaLo (loss-driven), CPR, stable weight decay and Muon's matrices.
+  are exactly AdaLo (loss-driven), CPR, stable weight decay, Muon's matrices and, on CPU, the
+  modifiers with per-row statistics (AGC, soft clipping, gradient centralization, norm loss),
+  whose compiled step inductor's C++ backend fails to generate (torch 2.13).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -111,7 +113,7 @@ def _advance_one(rule, group: dict, p, grad, state: dict, stats, loss, lr: torch
 
 
 def _compiled_fn(key: tuple = ()):
-    """The compiled kernel for ``key`` (rule, shape, dtypes, device). Each key gets its own copy
+    """The compiled kernel for ``key`` (rule, shape, dtypes, device, storage forms, options). Each key gets its own copy
     of :func:`_advance_one`'s code object, so that dynamo keeps one cache entry per copy: its
     recompile limit (8 per code object) then never sends a model with many shapes or a
     second optimizer to uncompiled code, and no call evaluates the guards of other shapes."""
@@ -185,9 +187,11 @@ def takes(engine, group: dict, unit, stats) -> bool:
     return _eligible(engine, group, unit, mode, codecs)
 
 
-def plain_reason(engine, group: dict) -> str | None:
-    """Why no parameter of ``group`` takes the compiled path, or None when its parameters may
-    (each then still by :func:`_eligible`: size, storage form, device, sharding)."""
+def plain_reason(engine, group: dict, device: torch.device) -> str | None:
+    """Why no parameter of ``group`` on ``device`` takes the compiled path, or None when its
+    parameters may (each then still by :func:`_eligible`: size, storage form, sharding)."""
+    from ..modifiers import MODIFIERS
+
     rule = engine.rule
     if group.get("compile", "off") == "off":
         return "compile='off'"
@@ -199,6 +203,13 @@ def plain_reason(engine, group: dict) -> str | None:
         return "stable weight decay needs every tensor's second moment before any update (deferred updates)"
     if not rule.compiles(group):
         return f"{rule.name} updates this group's matrices whole (Muon's Newton-Schulz orthogonalization)"
+    if device.type == "cpu":
+        failing = [m.name for m in MODIFIERS if not m.compiles_on_cpu and m.enabled(group)]
+        if failing:
+            return (
+                f"torch.compile's CPU code generator fails on the per-row statistics of {', '.join(failing)} "
+                f"followed by the in-place update (inductor's outer-loop fusion)"
+            )
     return None
 
 
@@ -208,13 +219,16 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     others, for the plain path."""
     global _failed
     mode = group.get("compile", "off")
-    if not units or type(stats) not in (LocalStats, PieceStats) or plain_reason(engine, group) is not None:
+    if not units or type(stats) not in (LocalStats, PieceStats):
+        return units
+    if plain_reason(engine, group, units[0].param.device) is not None:
         return units
     if not compile_available(units[0].param.device):
         return units
     rest = []
     slots = engine.rule.active_slots(group)
     options = hyperparameters(engine, group)
+    settings = repr(sorted(options.items()))
     lr_value = float(group["lr"])
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
@@ -228,7 +242,11 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         work = p.to(dtype) if p.dtype != dtype else p.detach()
         grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
         global_shape = tuple(unit.view.global_shape)
-        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape)
+        # the options and storage forms are part of the key: two optimizers of one rule (adamw and
+        # adamw_factored, two learning setups in one process) get their own kernels instead of
+        # recompiling one function on each other's guards until dynamo's limit sends them to eager
+        form = (tuple(c.name for c in codecs), settings)
+        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape, form)
         try:
             lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
             _run(key, engine.rule, options, work, grad, unit.state, stats, loss, lr, global_shape)
