@@ -4,7 +4,7 @@ With state stored in 8 bits, the plain path decodes each slot into an fp32 tenso
 rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
 many temporary tensors, several times the cost of AdamW's step. Dense (fp32) state has no decode,
 but each ``foreach`` operation of a rule is still one pass over memory with its own temporary
-(AdamW's step is about eight; LAMB, diffGrad or AdEMAMix twice that). Here the engine's per-bucket flow
+(counted for the plain path: about eight for AdamW, fourteen for diffGrad). Here the engine's per-bucket flow
 (:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
 modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
