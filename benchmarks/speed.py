@@ -13,21 +13,27 @@ are what to compare.
 
 Measured, to keep the run bounded:
 
-* 6M: every hfoptim base name with its default state and its ``_factored``, ``_smmf`` and
-  ``_shared`` forms; AdamW also with ``_8bit`` and ``_bf16`` state, on the default compiled path
-  (``compile="auto"``, see ``hfoptim.core.fused``) and on the plain one (``compile=off``); every
-  peer, torchao's three low-bit AdamWs included;
-* 25M: AdamW, AdEMAMix, Adan and Adafactor with their default, ``_8bit`` (compiled),
-  ``_factored``, ``_smmf`` and ``_shared`` state, and their peers (torchao: AdamW8bit). The other rules'
-  ratios at 6M carry over: they are elementwise ``foreach`` steps like these;
-* 100M: AdamW, AdEMAMix and Adan with default and 8-bit state, their fastest peers (``LARGE``).
+* both paths of the dense step for :data:`BOTH_PATHS` (AdamW, AdEMAMix, Adan, Adafactor, LAMB,
+  Adam-atan2, diffGrad, SMMF) at every size: the default compiled one (``compile="auto"``, one
+  torch.compile kernel per parameter, see ``hfoptim.core.fused``; labelled by the name) and the
+  plain ``foreach`` one (labelled ``compile=off``); next to torch AdamW fused and
+  ``torch.compile``'d (PyTorch's recipe, ``torch.compile(optimizer.step)``);
+* 6M: every other hfoptim base name with its default state and its ``_factored``, ``_smmf`` and
+  ``_shared`` forms on the plain path; AdamW also with ``_8bit`` and ``_bf16`` state on the
+  compiled path and on the plain one; every peer, torchao's three low-bit AdamWs included;
+* 25M: also AdamW's, AdEMAMix's, Adan's and Adafactor's ``_8bit`` (compiled), ``_factored``,
+  ``_smmf`` and ``_shared`` state (plain), and the peers of every algorithm timed (torchao:
+  AdamW8bit). The other rules' ratios at 6M carry over: they are elementwise steps like these;
+* 100M: the both-path rules, AdamW's, AdEMAMix's and Adan's 8-bit state, their fastest peers
+  (``LARGE``).
 
 Left out because each costs compile time or minutes of slow steps without a new finding: the other
-rules' 8-bit and bf16 forms (each rule and form compiles for up to a minute per tensor shape, and
-their codec cost is the one the core rules show); AdEMAMix's and Adan's 8-bit forms at 6M; the
-plain 8-bit path above 6M (its cost grows like the other plain steps); torchao at 100M (a minute
-of compiling and 4 s steps; its ratio at 6M and 25M is 7-10x). "first step s" includes the
-compilation (the inductor cache on disk makes a second run's much shorter).
+rules' compiled steps (each name compiles for seconds to a minute per tensor shape; the both-path
+rules show what compiling buys), the other rules' 8-bit and bf16 forms (their codec cost is the one
+the core rules show); AdEMAMix's and Adan's 8-bit forms at 6M; the plain 8-bit path above 6M (its
+cost grows like the other plain steps); torchao at 100M (a minute of compiling and 4 s steps; its
+ratio at 6M and 25M is 7-10x). "first step s" includes the compilation (the inductor cache on disk
+makes a second run's much shorter).
 Rounds: 5 / 5 / 3 by size, fewer (never under 3) for a candidate whose rounds would exceed the
 size's time budget. Peers implementing the same algorithm: torch.optim, pytorch_optimizer
 (``foreach=True``), bitsandbytes (32-bit and 8-bit) and torchao's low-bit AdamW when
@@ -70,8 +76,14 @@ from _timing import (  # noqa: E402
 LR = 1e-3
 #: the algorithms measured at every size (with their storage forms and peers)
 CORE = ("adamw", "ademamix", "adan")
-#: storage forms whose step hfoptim compiles by default (compile="auto"; see hfoptim.core.fused)
+#: compressed storage forms timed on the default (compiled) path for the CORE algorithms
 COMPILED_FORMS = ("8bit", "bf16")
+#: the rules whose dense step is timed on both paths at every size: compiled (the default,
+#: ``compile="auto"``) and plain (``compile=off``); every other name and form is timed on the
+#: plain path only (each compiled name costs a compilation per tensor shape, seconds to a minute)
+BOTH_PATHS = ("adamw", "ademamix", "adan", "adafactor", "lamb", "adam_atan2", "diffgrad", "smmf")
+PLAIN = " compile=off"
+BASELINE_COMPILED = "torch AdamW compiled"
 BASELINE_FOREACH = "torch AdamW foreach"
 BASELINE_FUSED = "torch AdamW fused"
 TORCH_MUON = "torch Muon (+AdamW)"
@@ -160,13 +172,18 @@ def hfoptim_candidates() -> list[Candidate]:
         for name in names:
             spec = get_optimizer(name)
             state = spec.options.get("state", "default")
-            variants = [(name, {})]
             if spec.rule.name == "muon":
                 # matrices Muon, embedding and norms AdamW (as from a model); only the default state
                 # (the compressed forms' codec cost is AdamW's)
                 if state == "default":
                     out.append(Candidate(name, "hfoptim", base, state, partial(_muon, spec)))
                 continue
+            if name in BOTH_PATHS:  # the default (compiled) path and the plain one
+                variants = [(name, {}), (name + PLAIN, {"compile": "off"})]
+            elif state not in COMPILED_FORMS:  # the plain path only
+                variants = [(name + PLAIN, {"compile": "off"})]
+            else:
+                variants = [(name, {})]
             if state in COMPILED_FORMS:
                 # AdamW, AdEMAMix and Adan in 8-bit, AdamW alone in bf16, on the default
                 # (compiled) path; the other rules' forms are left out (each compiles for up to a
@@ -174,7 +191,7 @@ def hfoptim_candidates() -> list[Candidate]:
                 if base not in CORE or (state == "bf16" and base != "adamw"):
                     continue
                 if base == "adamw":  # the plain path once, for comparison
-                    variants.append((f"{name} compile=off", {"compile": "off"}))
+                    variants.append((name + PLAIN, {"compile": "off"}))
             for label, options in variants:
                 out.append(
                     Candidate(
@@ -195,12 +212,28 @@ def _quiet_import(module: str):
         return __import__(module, fromlist=["_"])
 
 
+class CompiledStep:
+    """An optimizer whose ``step`` is ``torch.compile(optimizer.step)`` (PyTorch's recipe for a
+    compiled optimizer step; the first call compiles)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.step = torch.compile(optimizer.step)
+
+
 def peer_candidates() -> list[Candidate]:
     """The same algorithms from torch.optim, pytorch_optimizer, bitsandbytes and torchao (those
     that import)."""
     out = [
         Candidate(BASELINE_FUSED, "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, fused=True)),
         Candidate(TORCH_MUON, "torch", "muon", "fp32", TorchMuonWithAdamW),
+        Candidate(
+            BASELINE_COMPILED,
+            "torch",
+            "adamw",
+            "fp32",
+            lambda ps: CompiledStep(torch.optim.AdamW(ps, lr=LR, foreach=True)),
+        ),
         Candidate(
             "torch AdamW for-loop", "torch", "adamw", "fp32", lambda ps: torch.optim.AdamW(ps, lr=LR, foreach=False)
         ),
@@ -274,6 +307,7 @@ def peer_candidates() -> list[Candidate]:
 #: the smoke run (--quick): one name per kind of path
 QUICK = (
     "adamw",
+    "adamw compile=off",
     "ademamix_8bit",
     "adan_factored",
     BASELINE_FUSED,
@@ -282,17 +316,22 @@ QUICK = (
 )
 
 
-#: the 100M set: the three core algorithms (default and 8-bit state) and their fastest peers
+#: the 100M set: the BOTH_PATHS rules on both paths, the core algorithms' 8-bit state, and the
+#: fastest peers
 LARGE = (
-    "adamw",
-    "ademamix",
-    "adan",
+    *BOTH_PATHS,
+    *(name + PLAIN for name in BOTH_PATHS),
     "adamw_8bit",
     "ademamix_8bit",
     "adan_8bit",
     BASELINE_FUSED,
+    BASELINE_COMPILED,
     "pytorch_optimizer AdEMAMix",
     "pytorch_optimizer Adan",
+    "pytorch_optimizer AdaFactor",
+    "pytorch_optimizer Lamb",
+    "pytorch_optimizer DiffGrad",
+    "torch Adafactor foreach",
     "bitsandbytes AdamW8bit",
     "bitsandbytes AdEMAMix8bit",
 )
@@ -300,24 +339,31 @@ LARGE = (
 NOT_AT_6M = ("ademamix_8bit", "adan_8bit")
 
 
+def _at_25m(c: Candidate) -> bool:
+    """The 25M set: :data:`BOTH_PATHS` on both paths; the peers of those algorithms; hfoptim's
+    other forms of the core algorithms and Adafactor (8-bit compiled, factored, SMMF, shared)."""
+    if c.label in BOTH_PATHS or c.label.removesuffix(PLAIN) in BOTH_PATHS or c.algorithm == "muon":
+        return True
+    if c.library != "hfoptim":
+        return (
+            c.algorithm in (*CORE, "adafactor", "lamb", "diffgrad")
+            and "for-loop" not in c.label
+            and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8")
+        )
+    if c.state in COMPILED_FORMS:
+        return c.algorithm in CORE and c.state != "bf16" and PLAIN not in c.label
+    return c.algorithm in (*CORE, "adafactor") and c.state != "default"
+
+
 def plan(size: str, everything: list[Candidate], quick: bool) -> list[Candidate]:
     """Which candidates run at ``size`` (see the module docstring): everything but
-    :data:`NOT_AT_6M` at 6M; at 25M AdamW, AdEMAMix, Adan and Adafactor with their default,
-    8-bit (compiled), factored, SMMF and shared-v state and their peers; at 100M :data:`LARGE`."""
+    :data:`NOT_AT_6M` at 6M; at 25M :func:`_at_25m`; at 100M :data:`LARGE`."""
     if quick:
         return [c for c in everything if c.label in QUICK]
     if size == "6M":
         return [c for c in everything if c.label not in NOT_AT_6M]
     if size == "25M":
-        return [
-            c
-            for c in everything
-            if (c.algorithm in CORE or c.algorithm in ("adafactor", "muon"))
-            and "compile=off" not in c.label
-            and c.state != "bf16"
-            and "for-loop" not in c.label
-            and c.label not in ("torchao AdamW4bit", "torchao AdamWFp8")
-        ]
+        return [c for c in everything if _at_25m(c)]
     return [c for c in everything if c.label in LARGE]
 
 

@@ -104,14 +104,23 @@ def test_plans_bound_the_large_sizes(bench):
     labels = {c.label for c in everything}
     assert {"adamw", "ademamix", "adan", "torch AdamW fused"} <= labels
     big = speed.plan("100M", everything, quick=False)
-    assert big and all(c.algorithm in speed.CORE for c in big)
+    big_labels = {c.label for c in big}
+    # the dense rules of the speed targets on both paths at every size, next to torch's fused and
+    # compiled AdamW
+    both = {*speed.BOTH_PATHS, *(name + " compile=off" for name in speed.BOTH_PATHS)}
+    assert both | {"torch AdamW fused", "torch AdamW compiled"} <= big_labels
+    assert all(c.algorithm in {*speed.CORE, *speed.BOTH_PATHS} for c in big)
     small = {c.label for c in speed.plan("6M", everything, quick=False)}
     assert small == labels - set(speed.NOT_AT_6M)
-    assert {"adamw_8bit", "adamw_8bit compile=off", "adamw_bf16", "lamb_smmf"} <= small
+    assert both | {"adamw_8bit", "adamw_8bit compile=off", "adamw_bf16", "lamb_smmf compile=off"} <= small
+    # every other dense name on the plain path only (each compiled name costs compilations)
+    assert "nadamw compile=off" in small and "nadamw" not in small
     assert all(c.label in speed.QUICK for c in speed.plan("6M", everything, quick=True))
     mid = {c.label for c in speed.plan("25M", everything, quick=False)}
-    assert {"adamw_8bit", "ademamix_8bit", "adan_8bit", "adafactor", "adamw_smmf", "adan_factored"} <= mid
-    assert not any(label.startswith(("lamb", "adamw_bf16")) or "compile=off" in label for label in mid)
+    assert both <= mid
+    assert {"adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_smmf compile=off", "adan_factored compile=off"} <= mid
+    assert {"torch AdamW compiled", "pytorch_optimizer Lamb", "pytorch_optimizer DiffGrad"} <= mid
+    assert not any(label.startswith(("lamb_", "adamw_bf16")) or label == "adamw_8bit compile=off" for label in mid)
     # every 8-bit form is timed at two sizes at least (the scaling table and plot need two)
     for name in ("adamw_8bit", "ademamix_8bit", "adan_8bit"):
         assert name in mid and name in {c.label for c in big}

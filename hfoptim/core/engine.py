@@ -74,7 +74,7 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         "auto",
         kind="str",
         choices=("auto", "on", "off"),
-        doc="fuse decode-update-encode of 8-bit/4-bit/bf16 state with torch.compile: auto (tensors of 65536+ "
+        doc="one torch.compile kernel per parameter for the whole step (any state form): auto (tensors of 65536+ "
         "elements, when it works here), on, off (see hfoptim.core.fused)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
@@ -543,7 +543,7 @@ class Engine(torch.optim.Optimizer):
         every bucket has advanced."""
         rule, foreach = self.rule, self.group_foreach(group)
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
-            units = fused.step_compiled(self, group, units, loss, stats)  # compressed state: one kernel each
+            units = fused.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
         if not units:
             return
         params = [u.param for u in units]

@@ -1,15 +1,17 @@
-"""The compiled path: one fused kernel per parameter for compressed (8-bit, 4-bit, bf16) state.
+"""The compiled path: one fused kernel per parameter, for every storage form of the state.
 
 With state stored in 8 bits, the plain path decodes each slot into an fp32 tensor, runs the
 rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
-many temporary tensors, several times the cost of AdamW's step. Here the engine's per-bucket flow
+many temporary tensors, several times the cost of AdamW's step. Dense (fp32) state has no decode,
+but each ``foreach`` operation of a rule is still one pass over memory with its own temporary
+(counted for the plain path: about eight for AdamW, fourteen for diffGrad). Here the engine's per-bucket flow
 (:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
 modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* One compilation per rule and distinct parameter shape (static shapes; a transformer has a
-  handful), each in its own copy of the traced function so dynamo's per-function recompile
+* One compilation per rule, options and distinct parameter shape (static shapes; a transformer
+  has a handful), each in its own copy of the traced function so dynamo's per-function recompile
   limit never applies across shapes. The learning rate is a traced 0-d tensor input and the
   step counter the 0-d tensor kept in the state (:class:`TracedStepContext`), so neither a
   learning-rate schedule nor the step count recompiles. The traced function never sees the
@@ -23,15 +25,18 @@ rule's code is the same code the plain path runs; nothing is written twice.
   process skips inductor's code generation (dynamo still traces once per shape and process).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
-  every tensor; ``"off"``: never), one of its slots is stored by a codec marked ``fusable`` (and
-  the codec's ``fusable_for(view)`` agrees: 8-/4-bit state needs rows of whole blocks), it is
-  held whole by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`;
-  stepped as rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step
-  needs nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole
-  rows), it is on a CPU or CUDA device, the rule does not need the loss, the rule
-  allows it for the group (``Rule.compiles``: Muon's matrices are orthogonalized whole, outside a
-  per-parameter kernel), its group does not use CPR (a per-tensor decision each step) and no group
-  uses stable weight decay (the engine then defers every update; see :func:`advance`).
+  every tensor; ``"off"``: never), every one of its slots is stored by a codec marked ``fusable``
+  (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
+  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole
+  by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
+  rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step needs
+  nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it
+  is on a CPU or CUDA device, and :func:`plain_reason` finds nothing against its group: the
+  exceptions are exactly AdaLo (loss-driven), CPR (a per-tensor decision each step), stable
+  weight decay (the engine defers every update; see :func:`advance`), Muon's matrices
+  (orthogonalized whole, outside a per-parameter kernel) and, on CPU, the modifiers with per-row
+  statistics (AGC, soft clipping, gradient centralization, norm loss), whose compiled step
+  inductor's C++ backend fails to generate (torch 2.13).
 * Sharded parameters (FSDP2 ``Shard(0)``, DeepSpeed ZeRO-1/2 segments and ZeRO-3 partitions)
   take the kernel on their local piece when the step of that piece needs no statistic of another
   process (:func:`shard_local`): an ``elementwise`` rule, only ``row_local`` modifiers, every
@@ -110,7 +115,10 @@ def _advance_one(
 
     rows = p.shape[0] if p.dim() else None
     view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
-    ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
+    # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
+    # taken in fp32 would round the bias corrections of an fp64 parameter to fp32
+    step = state["step"].to(p.dtype)
+    ctx = TracedStepContext(group, [step], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
         g = -g
@@ -118,7 +126,7 @@ def _advance_one(
 
 
 def _compiled_fn(key: tuple = ()):
-    """The compiled kernel for ``key`` (rule, shape, dtypes, device). Each key gets its own copy
+    """The compiled kernel for ``key`` (rule, shape, dtypes, device, storage forms, options). Each key gets its own copy
     of :func:`_advance_one`'s code object, so that dynamo keeps one cache entry per copy: its
     recompile limit (8 per code object) then never sends a model with many shapes or a
     second optimizer to uncompiled code, and no call evaluates the guards of other shapes."""
@@ -207,14 +215,15 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
         return False
     if mode == "auto" and view.global_numel < AUTO_MIN_NUMEL:
         return False
-    fusing = [c for c in codecs if getattr(c, "fusable", False)]
     if empty_shard:
-        return bool(fusing)
+        return all(c.fusable for c in codecs)
     if tuple(view.local_shape) != tuple(p.shape):
         return False
     if not view.sharded and view.local_rows is not None and not all(c.offset_free for c in codecs):
         return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
-    return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
+    # every slot's storage form must trace (dense fp32, factored, SMMF, shared, and the 8-bit,
+    # 4-bit and bf16 forms where their blocks fit the rows); a rule without slots traces too
+    return all(c.fusable and (c.fusable_for(view) if hasattr(c, "fusable_for") else True) for c in codecs)
 
 
 def takes(engine, group: dict, unit, stats) -> bool:
@@ -228,23 +237,47 @@ def takes(engine, group: dict, unit, stats) -> bool:
     return _eligible(engine, group, unit, mode, codecs)
 
 
+def plain_reason(engine, group: dict, device: torch.device) -> str | None:
+    """Why no parameter of ``group`` on ``device`` takes the compiled path, or None when its
+    parameters may (each then still by :func:`_eligible`: size, storage form, sharding)."""
+
+    rule = engine.rule
+    if group.get("compile", "off") == "off":
+        return "compile='off'"
+    if rule.needs_loss:
+        return f"{rule.name} sets its step size from the training loss, a new Python number each step"
+    if group["weight_decay_mode"] == "cpr":
+        return "CPR decides per tensor each step whether its bound holds (a Python branch on a tensor)"
+    if group["weight_decay_mode"] == "stable":
+        return "stable weight decay needs every tensor's second moment before any update (deferred updates)"
+    if not rule.compiles(group):
+        return f"{rule.name} updates this group's matrices whole (Muon's Newton-Schulz orthogonalization)"
+    if device.type == "cpu":
+        failing = [m.name for m in MODIFIERS if not m.compiles_on_cpu and m.enabled(group)]
+        if failing:
+            return (
+                f"torch.compile's CPU code generator fails on the per-row statistics of {', '.join(failing)} "
+                f"followed by the in-place update (inductor's outer-loop fusion)"
+            )
+    return None
+
+
 def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     """Step the units of a bucket that take the compiled path (their state is initialised and
     their step counters already advanced) with the statistics backend ``stats``; return the
     others, for the plain path."""
     global _failed
     mode = group.get("compile", "off")
-    if mode == "off" or not units or engine.rule.needs_loss or not isinstance(stats, LocalStats):
+    if not units or kernel_stats(stats, units[0].view) is None:
         return units
-    if group["weight_decay_mode"] == "cpr":  # per-tensor decisions on the bound each step
-        return units
-    if not engine.rule.compiles(group):
+    if plain_reason(engine, group, units[0].param.device) is not None:
         return units
     if not compile_available(units[0].param.device):
         return units
     rest = []
     slots = engine.rule.active_slots(group)
     options = hyperparameters(engine, group)
+    settings = repr(sorted(options.items()))
     lr_value = float(group["lr"])
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
@@ -265,7 +298,11 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
         row_start = 0 if offset_free else unit.view.row_start
-        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape, row_start)
+        # the options and storage forms are part of the key: two optimizers of one rule (adamw and
+        # adamw_factored, two learning setups in one process) get their own kernels instead of
+        # recompiling one function on each other's guards until dynamo's limit sends them to eager
+        form = (tuple(c.name for c in codecs), settings)
+        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape, row_start, form)
         local_stats = kernel_stats(stats, unit.view)
         try:
             lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
@@ -273,7 +310,7 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             message = (
-                f"hfoptim: torch.compile failed ({_failed}); compressed optimizer state runs the plain "
+                f"hfoptim: torch.compile failed ({_failed}); the optimizer step runs the plain "
                 f"(slower) path from now on. Set compile='off' to skip the attempt."
             )
             logger.warning(message)

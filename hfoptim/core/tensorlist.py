@@ -308,6 +308,9 @@ class TensorList:
     def sigmoid(self) -> TensorList:
         return self._run("sigmoid", False)
 
+    def sigmoid_(self) -> TensorList:
+        return self._run("sigmoid", True)
+
     def atan2(self, other: TensorList) -> TensorList:
         return self._new([torch.atan2(a, b) for a, b in zip(self.tensors, other.tensors)])
 

@@ -37,6 +37,7 @@ class AdaptiveGradientClipping(Modifier):
     """
 
     name = "agc"
+    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
     stage = GRAD
     switch = "agc"
     hyperparams = {
@@ -69,6 +70,7 @@ class SoftClip(Modifier):
     """
 
     name = "softclip"
+    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
     stage = GRAD
     switch = "soft_clip"
     hyperparams = {
@@ -97,6 +99,7 @@ class GradientCentralization(Modifier):
     """
 
     name = "gc"
+    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
     stage = GRAD
     switch = "centralize"
     row_local = True  # row means only

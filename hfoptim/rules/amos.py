@@ -90,7 +90,9 @@ class AmosRule(Rule):
 
     def update(self, ctx, p, g, s):
         beta, zeta, eps = ctx.group["beta"], ctx.group["zeta"], ctx.group["eps"]
-        xi = float(ctx.lr)
+        # the learning rate: a number on the plain path, a traced 0-d tensor on the compiled one
+        xi = ctx.lr
+        sqrt_xi = math.sqrt(xi) if isinstance(xi, float) else xi.sqrt()
         n = len(g)
 
         def column(values) -> torch.Tensor:
@@ -107,7 +109,7 @@ class AmosRule(Rule):
         v = torch.stack(list(s.exp_avg_sq)).mul_(beta).add_(g2, alpha=1 - beta)
         r = column(ctx.bias_correction(beta)) / v.clamp_min(eps)
         b = torch.stack(list(s.decay))
-        c = torch.rsqrt(1 + zeta * math.sqrt(xi) * b)
+        c = torch.rsqrt(1 + zeta * sqrt_xi * b)
         d = torch.reciprocal(1 + zeta * torch.sqrt(xi * eta) * b)
         gamma = c * (xi * xi) * r * g2
         grad_coef = d * eta * r.sqrt()  # lr * grad_coef = d xi eta sqrt(r)

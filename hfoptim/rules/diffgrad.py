@@ -56,8 +56,9 @@ class DiffGradRule(Rule):
         b1, b2 = ctx.group["betas"]
         s.exp_avg.lerp_(g, 1 - b1)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-        friction = (s.prev_grad - g).abs_().sigmoid()
+        # in place on the one temporary: friction, then the numerator (two allocations fewer)
+        friction = (s.prev_grad - g).abs_().sigmoid_()
         s.prev_grad.copy_(g)
-        num = (s.exp_avg * friction).div_(ctx.bias_correction(b1))
+        num = friction.mul_(s.exp_avg).div_(ctx.bias_correction(b1))
         v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
         return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)

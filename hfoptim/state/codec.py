@@ -40,6 +40,10 @@ class Codec:
     #: True when what is stored for a run of whole rows of a 2+-D parameter does not depend on
     #: where the run starts (the compiled path may then step a row piece as a tensor of its own)
     offset_free: ClassVar[bool] = False
+    #: True when :meth:`decode` and :meth:`encode` trace into the compiled per-parameter kernel
+    #: (:mod:`hfoptim.core.fused`) without graph breaks: tensor operations only, no Python
+    #: branch on a tensor's value
+    fusable: ClassVar[bool] = False
 
     def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
         """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
@@ -132,8 +136,8 @@ class Dense(Codec):
     kinds = frozenset({"first_moment", "second_moment", "buffer", SCALAR, STATISTIC})
     identity = True
     elementwise = True
-
     offset_free = True
+    fusable = True
 
     def rows(self, slot, stored, view, start, stop):
         return None if slot.kind == SCALAR else {slot.name: stored[slot.name][start:stop]}

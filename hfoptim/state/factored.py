@@ -69,6 +69,7 @@ class Factored(Codec):
     """Adafactor row and column sums; see the module docstring."""
 
     name = "factored"
+    fusable = True
     kinds = frozenset({SECOND_MOMENT})
 
     @staticmethod

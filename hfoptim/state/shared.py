@@ -36,6 +36,7 @@ class Shared(Codec):
     """One second-moment value per row (2+-D) or per tensor (0-/1-D); see the module docstring."""
 
     name = "shared"
+    fusable = True
     kinds = frozenset({SECOND_MOMENT})
 
     @staticmethod

@@ -79,6 +79,7 @@ class SMMF(Codec):
     """Square-matricized rank-1 factors, sign bits for first moments; see the module docstring."""
 
     name = "smmf"
+    fusable = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
     @staticmethod

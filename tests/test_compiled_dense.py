@@ -1,0 +1,132 @@
+"""The compiled path (hfoptim.core.fused) for dense fp32 state and the other uncompressed forms.
+
+Every registered name whose state is not 8-bit, 4-bit or bf16 either takes the compiled path or
+is one of the named exceptions (:func:`hfoptim.core.fused.plain_reason`). The compiled step
+agrees with the plain one in float64 and float32, with no graph break and one graph per shape:
+a learning-rate schedule and the step counter are traced inputs, not recompiles.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfoptim
+from hfoptim.core import fused
+
+COMPRESSED = ("_4bit", "_8bit", "_bf16")
+#: the names that stay on the plain path, and why (the test below checks the reason given)
+EXCEPTIONS = {
+    "adalo": "training loss",  # its step size is a new Python number each step
+    "cpr": "CPR",  # per-tensor decisions on the bound each step
+    "adamcpr": "CPR",
+    "swd": "stable weight decay",  # every update waits for all second moments
+    "adams": "stable weight decay",
+    "muon": "Muon",  # matrices orthogonalized whole
+    # per-row statistics then the in-place update: inductor's C++ backend (torch 2.13) fails
+    "agc": "CPU code generator",
+    "softclip": "CPU code generator",
+    "gc": "CPU code generator",
+    "normloss": "CPU code generator",
+}
+DENSE_NAMES = [n for n in hfoptim.list_optimizers() if not n.endswith(COMPRESSED)]
+#: a matrix and a vector (the compile time of each shape is paid per test)
+SHAPES = [(24, 40), (300,)]
+HP = dict(lr=3e-3, weight_decay=0.05)
+#: non-default hyperparameters for the rules whose options differ from AdamW's
+RULE_HP = {
+    "adamw": dict(HP, betas=(0.85, 0.98), eps=1e-7),
+    "ademamix": dict(HP, betas=(0.85, 0.98, 0.995), alpha=3.0, t_alpha=3.0, t_beta3=3.0),
+    "adan": dict(HP, betas=(0.9, 0.9, 0.98)),
+    "adapnm": dict(HP, betas=(0.85, 0.98, 0.8)),
+    "adafactor": dict(lr=3e-3, weight_decay=0.05, beta1=0.9),
+    "adagl": dict(HP, alpha=0.6, history=3, step_control="mean"),
+    "adamomentum": dict(HP, eps_mode="accumulate"),
+    "amos": dict(HP, momentum=0.9),
+}
+#: each rule with its own state, each modifier that compiles and each uncompressed storage form (on AdamW):
+#: every other dense name is a combination of these traced pieces
+COMPILED = [
+    *("adamw", "adafactor", "adagl", "adamomentum", "adam_atan2", "adamw2", "adan", "adanorm", "ademamix"),
+    *("amos", "diffgrad", "lamb", "nadamw", "nsgda", "pnm", "adapnm", "sm3", "smmf"),
+    *("adamw_gradnorm", "adamw_cautious", "adamw_trust"),
+    *("adamw_spectralcap", "adamw_cwd", "adamw_atan2", "adamw_softplus", "adamw_nesterov"),
+    *("adamw_lookahead", "adamw_factored", "adamw_smmf", "adamw_shared", "muon"),
+]
+
+
+def _exceptions(name: str) -> list[str]:
+    parts = name.split("_")
+    return [reason for key, reason in EXCEPTIONS.items() if parts[0] == key or key in parts[1:]]
+
+
+def _hp(name: str) -> dict:
+    return RULE_HP.get(name.split("_")[0], RULE_HP["adamw"] if name.startswith("adamw") else HP)
+
+
+def test_every_dense_name_compiles_or_is_a_named_exception():
+    assert len(DENSE_NAMES) > 150
+    for name in DENSE_NAMES:
+        params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
+        opt = hfoptim.create_optimizer(params, name, compile="on", **HP)
+        engine = getattr(opt, "optimizer", opt)  # a Lookahead wraps the engine
+        reasons = {fused.plain_reason(engine, group, torch.device("cpu")) for group in engine.param_groups}
+        expected = _exceptions(name)
+        if not expected:
+            assert reasons == {None}, (name, reasons)
+            continue
+        # each group on the plain path says why, with one of the name's exceptions
+        assert all(r is None or any(e in r for e in expected) for r in reasons), (name, reasons)
+        assert reasons != {None}, (name, reasons)
+        if "Muon" not in expected:  # Muon's vectors (kept by its AdamW) compile
+            assert None not in reasons, (name, reasons)
+    assert set(COMPILED) <= set(DENSE_NAMES)
+
+
+def _run(name: str, compile: str, dtype: torch.dtype, steps: int = 4):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    opt = hfoptim.create_optimizer(params, name, compile=compile, **_hp(name))
+    for t in range(1, steps + 1):
+        gen = torch.Generator().manual_seed(t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * 0.1
+        for group in opt.param_groups:  # a schedule: the learning rate changes every step
+            group["lr"] = _hp(name)["lr"] / t
+        opt.step()
+    engine = getattr(opt, "optimizer", opt)
+    return params, engine
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", COMPILED)
+def test_compiled_dense_step_agrees_with_the_plain_step(name):
+    from torch._dynamo.utils import counters
+
+    for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-6))):
+        fused.reset()
+        counters.clear()
+        compiled, c_opt = _run(name, "on", dtype)
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        kernels = len(fused.calls)
+        # one graph per compiled shape, whatever the learning rate and the step
+        assert kernels == (1 if name == "muon" else len(SHAPES)), fused.calls
+        assert counters["stats"]["unique_graphs"] == kernels, dict(counters["stats"])
+        assert sum(fused.calls.values()) == 4 * kernels
+        plain, p_opt = _run(name, "off", dtype)
+        for p, q in zip(compiled, plain):
+            torch.testing.assert_close(p, q, **tol)
+            for key, value in p_opt.state[q].items():
+                torch.testing.assert_close(c_opt.state[p][key], value, **tol)
+
+
+def test_auto_leaves_small_tensors_plain():
+    """``compile="auto"`` (the default) compiles tensors of AUTO_MIN_NUMEL elements or more only:
+    the small tensors of tests and of tiny models never pay a compilation."""
+    fused.reset()
+    params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
+    opt = hfoptim.create_optimizer(params, "adamw", **HP)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    assert not fused.calls
