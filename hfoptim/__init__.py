@@ -5,6 +5,7 @@
 >>> hfoptim.list_optimizers("adan*")
 """
 
+from . import distributed  # noqa: F401  (installs the step-time choice of sharded layouts)
 from .convert import convert_state_dict
 from .core.engine import Engine
 from .core.hparams import HyperparameterError

@@ -160,7 +160,7 @@ def _check_options(spec, options: dict) -> None:
 
 
 def cmd_memory(args: argparse.Namespace) -> int:
-    from .footprint import compare, model_on_meta
+    from .footprint import compare
     from .registry import get_optimizer
 
     try:
@@ -503,3 +503,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def model_on_meta(name_or_path: str, trust_remote_code: bool = False):
+    """A model built from its config on the meta device: ``"tiny-llama"``, a local folder with a
+    ``config.json`` or a hub name (the config is read, no weights are downloaded)."""
+    from .embedded import TINY_LLAMA, load_config, model_from_config
+
+    kwargs = {} if name_or_path == TINY_LLAMA else {"trust_remote_code": trust_remote_code}
+    config = load_config(name_or_path, **kwargs)
+    return model_from_config(config, device="meta")

@@ -136,16 +136,6 @@ def footprint(
 
 
 # ---------------------------------------------------------------------------------------- models
-def model_on_meta(name_or_path: str, trust_remote_code: bool = False):
-    """A model built from its config on the meta device: ``"tiny-llama"``, a local folder with a
-    ``config.json`` or a hub name (the config is read, no weights are downloaded)."""
-    from .embedded import TINY_LLAMA, load_config, model_from_config
-
-    kwargs = {} if name_or_path == TINY_LLAMA else {"trust_remote_code": trust_remote_code}
-    config = load_config(name_or_path, **kwargs)
-    return model_from_config(config, device="meta")
-
-
 def trainable_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
     """Trainable parameters, each once (tied weights counted once)."""
     seen, out = set(), []

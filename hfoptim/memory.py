@@ -37,9 +37,12 @@ import torch
 
 from . import roles
 from .core import param_layout
+from .core.engine import Engine
 from .core.param_layout import ParamLayout
 from .core.stats import ParamView
-from .embedded import model_from_config
+from .models import model_from_config
+from .registry import OptimizerSpec, get_optimizer
+from .state import resolve
 
 COUNTER = "counter"
 WRAPPER = "wrapper"
@@ -252,17 +255,13 @@ def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) ->
     """Predict what :func:`state_bytes` would report for ``optimizer`` over ``source``, without
     allocating: ``source`` is a model, a transformers config (built on the meta device as
     ``model_class``, by default the class the config is for:
-    :func:`hfoptim.embedded.model_class_for`) or an iterable of parameters; ``optimizer`` a
+    :func:`hfoptim.models.model_class_for`) or an iterable of parameters; ``optimizer`` a
     registry name (``"ademamix_8bit"``), an :class:`~hfoptim.registry.OptimizerSpec` or an
     hfoptim optimizer class; ``kwargs`` its options (``state="8bit"``, ``state_min_numel=...``,
     ``lookahead_k``, ``param_layouts``...). A model's parameter layouts (Conv1D, fused experts)
     are detected as :func:`hfoptim.create_optimizer` does. Muon over a model (or config) gives
     each parameter its role (:mod:`hfoptim.roles`: AdamW's two moments for embeddings, head, norms
     and biases; one momentum for matrices)."""
-    from .core.engine import Engine
-    from .registry import OptimizerSpec, get_optimizer
-    from .state import resolve
-
     if isinstance(optimizer, str):
         spec = get_optimizer(optimizer)
     elif isinstance(optimizer, OptimizerSpec):

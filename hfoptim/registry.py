@@ -19,6 +19,7 @@ from .core import param_layout
 from .core.engine import Engine, optimizer_class
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
+from .lookahead import Lookahead
 from .modifiers import MODIFIERS
 from .modifiers.spectral import DEFAULT_TAU
 from .rules import RULES
@@ -83,8 +84,6 @@ class OptimizerSpec:
             raise HyperparameterError(f"{sorted(lookahead_kwargs)} need a '_lookahead' name, not {self.name!r}")
         optimizer = self.optimizer_class(params, **{**self.options, **kwargs})
         if self.lookahead:
-            from .lookahead import Lookahead
-
             optimizer = Lookahead(
                 optimizer,
                 k=lookahead_kwargs.get("lookahead_k", 5),

@@ -3,7 +3,7 @@
 With state stored in 8 bits, the plain path decodes each slot into an fp32 tensor, runs the
 rule's ``foreach`` operations over it, and encodes it back: a dozen passes over memory and as
 many temporary tensors, several times the cost of AdamW's step. Here the engine's per-bucket flow
-(:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
+(:func:`hfoptim.core.step.advance`: gradient modifiers, decode, ``rule.update``, encode, update
 modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
@@ -53,6 +53,7 @@ import torch
 from ..state import resolve
 from .context import StepContext
 from .stats import LocalStats, ParamView, PieceStats
+from .step import advance
 from .tensorlist import TensorList
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
@@ -92,8 +93,6 @@ def _advance_one(rule, group: dict, p, grad, state: dict, stats, loss, lr: torch
     learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
     chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
     forms cannot tell from its true place (one kernel for all the pieces of one shape)."""
-    from .engine import advance
-
     view = ParamView(global_shape=torch.Size(global_shape), local_rows=p.shape[0] if p.dim() else None)
     ctx = TracedStepContext(group, [state["step"]], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)

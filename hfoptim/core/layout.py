@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .param_layout import ParamLayout
 from .stats import LocalStats, ParamView
@@ -89,9 +90,35 @@ class Layout:
     def mean_loss(self, loss: float) -> float:
         """The loss a loss-driven rule sees: the mean over the data-parallel processes (all
         processes of the default group when torch.distributed is initialized; one all-reduce)."""
-        from ..distributed.loss import mean_over
-
         return mean_over(loss)
+
+
+def mean_over(loss: float, group=None) -> float:
+    """The loss a loss-driven rule (AdaLo, ...) sees under data parallelism: the mean of ``loss``
+    over ``group`` (None: the default group), in float64, one all-reduce, so every process takes
+    the same step size."""
+    if not dist.is_available() or not dist.is_initialized():
+        return loss
+    size = dist.get_world_size(group)
+    if size == 1:
+        return loss
+    buf = torch.tensor([loss], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        buf = buf.cuda()
+    dist.all_reduce(buf, group=group)
+    return float(buf.item()) / size
+
+
+#: the step-time choice of layout, ``choose(optimizer, local) -> Layout``: installed by
+#: :mod:`hfoptim.distributed.select`, the layer above that knows the sharded layouts (``import
+#: hfoptim`` imports it), so this module never imports upward
+_choose_for_step: Callable | None = None
+
+
+def install_layout_choice(choose: Callable) -> None:
+    """Set the function :meth:`LocalLayout.for_step` hands over to (see :data:`_choose_for_step`)."""
+    global _choose_for_step
+    _choose_for_step = choose
 
 
 class LocalLayout(Layout):
@@ -112,9 +139,12 @@ class LocalLayout(Layout):
     def for_step(self, optimizer) -> Layout:
         """Hands over to the sharding layer when the parameters turned out to be sharded, and
         refuses tensors it cannot step exactly (see :mod:`hfoptim.distributed.select`)."""
-        from ..distributed.select import layout_for_step
-
-        return layout_for_step(optimizer, self)
+        if _choose_for_step is None:
+            raise RuntimeError(
+                "hfoptim.distributed was not imported, so sharded parameters could not be recognised: "
+                "import hfoptim (it imports hfoptim.distributed) before stepping"
+            )
+        return _choose_for_step(optimizer, self)
 
     def units(self, optimizer, group: dict) -> list[Unit]:
         """Units of the parameters of ``group`` that have a gradient this step."""

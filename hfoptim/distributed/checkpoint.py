@@ -34,6 +34,7 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
+from ..core.engine import Engine
 from ..core.layout import Unit
 from ..core.stats import ParamView
 from ..state import resolve
@@ -204,13 +205,22 @@ def check_local_state(optimizer, view: ParamView, param: torch.Tensor, pid, psta
 
 
 # ---------------------------------------------------------------------- state without a step
+def hfoptim_engine(optimizer) -> Engine | None:
+    """The hfoptim Engine inside ``optimizer`` (itself, or inside wrappers such as Lookahead)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, Engine):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
 def init_state(optimizer) -> None:
     """Create the state of every parameter (step 0) without stepping, under whatever layout the
     parameters need (FSDP2 shards, ZeRO segments); collectives run in the same order on every
     process. Call it on every process before ``torch.distributed.checkpoint`` loads into a
     fresh optimizer (or use :func:`set_state_dict`)."""
-    from ..integrations.deepspeed import hfoptim_engine
-
     engine = hfoptim_engine(optimizer)
     engine.layout = engine.layout.for_step(engine)
     layout = engine.layout

@@ -40,6 +40,10 @@ class ShardingError(RuntimeError):
     """A statistic that cannot be computed exactly for a sharded tensor in the form asked."""
 
 
+class UnsupportedSharding(RuntimeError):
+    """A sharding setup hfoptim cannot step exactly; the message names the alternative."""
+
+
 @lru_cache(maxsize=65536)
 def cut_rows(view: ParamView) -> tuple[int, ...]:
     """Global rows that a process boundary cuts (held partly by two or more processes)."""
