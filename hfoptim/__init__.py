@@ -11,9 +11,26 @@ from .core.engine import Engine
 from .core.hparams import HyperparameterError
 from .core.param_layout import ParamLayout
 from .lookahead import Lookahead
-from .registry import CLASSES, OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
-
-globals().update({cls.__name__: cls for cls in CLASSES.values()})
+from .optimizers import (  # the public classes, one per rule (CLASSES: by registry name)
+    CLASSES,
+    NSGDA,
+    PNM,
+    SM3,
+    SMMF,
+    Adafactor,
+    AdaGL,
+    AdaLo,
+    AdaMomentum,
+    AdamW,
+    Adan,
+    AdaNorm,
+    AdaPNM,
+    AdEMAMix,
+    Amos,
+    DiffGrad,
+    Muon,
+)
+from .registry import OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
 
 __version__ = "0.1.0"
 
@@ -31,6 +48,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CLASSES",
     "Engine",
     "convert_state_dict",
     *TRAINER_NAMES,
@@ -41,5 +59,20 @@ __all__ = [
     "create_optimizer",
     "get_optimizer",
     "list_optimizers",
-    *sorted(cls.__name__ for cls in CLASSES.values()),
+    "AdEMAMix",
+    "AdaGL",
+    "AdaLo",
+    "AdaMomentum",
+    "AdaNorm",
+    "AdaPNM",
+    "Adafactor",
+    "AdamW",
+    "Adan",
+    "Amos",
+    "DiffGrad",
+    "Muon",
+    "NSGDA",
+    "PNM",
+    "SM3",
+    "SMMF",
 ]

@@ -40,6 +40,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "hfoptim.core.fused",
             "hfoptim.core.chunking",
             "hfoptim.core.engine",
+            "hfoptim.optimizers",
             "hfoptim.lookahead",
             "hfoptim.registry",
             "hfoptim.convert",

@@ -105,6 +105,35 @@ def weight_decay_modes(rule: type[Rule]) -> tuple[str, ...]:
     return tuple(rule.weight_decay_modes) + tuple(m for m in extra if m not in rule.weight_decay_modes)
 
 
+def validate_options(
+    rule: Rule, options: dict, where: str, check_storage: bool = True, spec: dict[str, HP] | None = None
+) -> dict:
+    """``options`` of one parameter group of ``rule`` validated: a copy with every default, or
+    :class:`HyperparameterError` naming the option and what is accepted. Pure (no parameters, no
+    optimizer): the engine checks every group with it and the registry every name's options.
+    ``check_storage=False`` skips the check that the storage form fits the group's slots (a loaded
+    group keeps the current optimizer's storage options, checked when its groups were built: a
+    group a rule split off, such as Muon's matrices, may hold none of the slots the form
+    compresses). ``spec``: :func:`engine_hyperparams` of the rule, when the caller has it."""
+    values = validate_all(spec or engine_hyperparams(type(rule)), options, where)
+    if values["denominator"] != "eps" and not rule.preconditioned:
+        raise HyperparameterError(
+            f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
+            f"moment; {rule.name} does not"
+        )
+    for modifier in MODIFIERS:
+        if modifier.enabled(values):
+            reason = modifier.incompatible(rule)
+            if reason:
+                raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
+        problem = modifier.check_options(values)
+        if problem:
+            raise HyperparameterError(f"{where}: {problem}")
+    if check_storage:
+        resolve.check_state_option(rule, values, where)
+    return values
+
+
 class Engine(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Rule`.
 
@@ -195,28 +224,8 @@ class Engine(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, options: dict, where: str, check_storage: bool = True) -> dict:
-        """``options`` validated (a copy with every default); ``check_storage=False`` skips the
-        check that the storage form fits the group's slots (a loaded group keeps the current
-        optimizer's storage options, checked when its groups were built: a group a rule split
-        off, such as Muon's matrices, may hold none of the slots the form compresses)."""
-        values = validate_all(self._spec, options, where)
-        rule = self.rule
-        if values["denominator"] != "eps" and not rule.preconditioned:
-            raise HyperparameterError(
-                f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
-                f"moment; {rule.name} does not"
-            )
-        for modifier in MODIFIERS:
-            if modifier.enabled(values):
-                reason = modifier.incompatible(rule)
-                if reason:
-                    raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
-            problem = modifier.check_options(values)
-            if problem:
-                raise HyperparameterError(f"{where}: {problem}")
-        if check_storage:
-            resolve.check_state_option(rule, values, where)
-        return values
+        """``options`` validated for this optimizer's rule (see :func:`validate_options`)."""
+        return validate_options(self.rule, options, where, check_storage, spec=self._spec)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a parameter group, validated. ``params`` may hold tensors or ``(name, tensor)``

@@ -30,6 +30,7 @@ class AdamWRule(Rule):
 
     elementwise = True
     name = "adamw"
+    adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True
     class_name = "AdamW"
     paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"
