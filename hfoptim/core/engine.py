@@ -713,24 +713,6 @@ class Engine(torch.optim.Optimizer):
             self.rule, pstate, saved_group, group, view, self.compute_dtype(p), device, self.layout.stats
         )
 
-    def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
-        if not pstate:
-            return  # read before its first step (optimizer.state[p] is a defaultdict): torch loads it
-        expected = self.expected_state_shapes(p, group)
-        if set(pstate) != set(expected):
-            raise ValueError(
-                f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(self).__name__} "
-                f"({self.rule.name}, state={group['state']!r}) keeps {sorted(expected)}: it was saved by another "
-                f"optimizer or with another state form"
-            )
-        for key, shape in expected.items():
-            value = pstate[key]
-            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
-                raise ValueError(
-                    f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(shape)} for a parameter of shape {tuple(p.shape)}"
-                )
-
 
 def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:
     """A named optimizer class for ``rule``: ``hfoptim.AdEMAMix(params, lr=...)``."""

@@ -160,8 +160,8 @@ def _eligible(engine, group: dict, unit, mode: str, codecs) -> bool:
         return False
     if view.local_rows is not None and not all(c.offset_free for c in codecs):
         return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
-    fusing = [c for c in codecs if getattr(c, "fusable", False)]
-    return bool(fusing) and all(c.fusable_for(view) if hasattr(c, "fusable_for") else True for c in fusing)
+    fusing = [c for c in codecs if c.fusable]
+    return bool(fusing) and all(c.fusable_for(view) for c in fusing)
 
 
 def takes(engine, group: dict, unit, stats) -> bool:

@@ -64,6 +64,12 @@ class Layout:
     def units(self, optimizer, group: dict) -> list[Unit]:
         raise NotImplementedError
 
+    def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
+        """Every parameter's unit, gradient or not (to create state without a step: the
+        parameter stands in for its gradient). Layouts whose units are not the parameters
+        themselves (FSDP2 local shards, ZeRO segments) override it."""
+        return [Unit(p, p, optimizer.state[p], self.view(p), p) for p in group["params"]]
+
     def register(self, params: list[torch.Tensor]) -> None:
         """Parameters the optimizer was given (``add_param_group``)."""
 
@@ -81,8 +87,9 @@ class Layout:
         return state_dict
 
     def check_param_state(self, optimizer, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
-        """Raise ``ValueError`` when ``pstate`` is not the state ``optimizer`` keeps for ``p``."""
-        optimizer._check_param_state(pid, p, pstate, group)
+        """Raise ``ValueError`` when ``pstate`` is not the state ``optimizer`` keeps for ``p``
+        (:func:`check_state_shapes` of the whole parameter; sharded layouts check their shard)."""
+        check_state_shapes(optimizer, pid, p, pstate, group)
 
     def after_load(self, optimizer) -> None:
         """Called at the end of ``load_state_dict``."""
@@ -91,6 +98,36 @@ class Layout:
         """The loss a loss-driven rule sees: the mean over the data-parallel processes (all
         processes of the default group when torch.distributed is initialized; one all-reduce)."""
         return mean_over(loss)
+
+
+def check_state_shapes(optimizer, pid, param: torch.Tensor, pstate: dict, group: dict, view: ParamView | None = None):
+    """The one check of a parameter's loaded state against what ``optimizer`` keeps for it in
+    ``group``: the same keys, and every tensor of the expected shape. ``view``: the part this
+    process holds (a shard: the local shapes); None: the whole parameter. Raises ``ValueError``
+    naming the parameter, the keys or the shape."""
+    if not pstate:
+        return  # read before its first step (optimizer.state[p] is a defaultdict): torch loads it
+    expected = optimizer.expected_state_shapes(param, group, view)
+    if set(pstate) != set(expected):
+        held = "" if view is None else " for its shard"
+        raise ValueError(
+            f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(optimizer).__name__} "
+            f"({optimizer.rule.name}, state={group['state']!r}) keeps {sorted(expected)}{held}: it was saved by "
+            f"another optimizer or with another state form"
+        )
+    for key, shape in expected.items():
+        value = pstate[key]
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
+            of = (
+                f"a parameter of shape {tuple(param.shape)}"
+                if view is None
+                else f"this process's shard of rows [{view.row_start}, {view.row_start + view.rows}) of a parameter "
+                f"of shape {tuple(view.global_shape)}"
+            )
+            raise ValueError(
+                f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
+                f"{tuple(shape)} for {of}"
+            )
 
 
 def mean_over(loss: float, group=None) -> float:

@@ -20,9 +20,9 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..core.layout import Layout, Unit
+from ..core.layout import Layout, Unit, check_state_shapes
 from ..core.stats import ParamView
-from .checkpoint import check_local_state, export_dtensor_state, import_dtensor_state
+from .checkpoint import export_dtensor_state, import_dtensor_state
 from .stats import ShardedStats, UnsupportedSharding
 
 
@@ -122,4 +122,4 @@ class DTensorLayout(Layout):
         return import_dtensor_state(self, optimizer, state_dict)
 
     def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:
-        check_local_state(optimizer, self.view(p), p, pid, pstate, group)
+        check_state_shapes(optimizer, pid, p, pstate, group, self.view(p))

@@ -34,9 +34,9 @@ import torch
 import torch.distributed as dist
 
 from ..core.engine import Engine
-from ..core.layout import Layout, Unit, mean_over
+from ..core.layout import Layout, Unit, check_state_shapes, mean_over
 from ..core.stats import ParamView
-from .checkpoint import check_local_state, hfoptim_engine
+from .checkpoint import hfoptim_engine
 from .stats import ShardedStats, UnsupportedSharding
 
 logger = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class ZeroLayout(Layout):
                     where = f"{pid} (segment {index}, shape {tuple(piece.view.global_shape)})"
                     # one matrix of a fused tensor is checked as a parameter of its own (no layout)
                     param = self._source(flat, piece) if piece.segment.param is None else None
-                    check_local_state(optimizer, piece.view, param, where, seg_state, merged)
+                    check_state_shapes(optimizer, where, param, seg_state, merged, piece.view)
                 self._loaded[id(flat)] = (flat, segments)
         return state_dict
 
