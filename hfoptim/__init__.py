@@ -5,14 +5,33 @@
 >>> hfoptim.list_optimizers("adan*")
 """
 
+from . import distributed  # noqa: F401  (installs the step-time choice of sharded layouts)
 from .convert import convert_state_dict
 from .core.engine import Engine
 from .core.hparams import HyperparameterError
 from .core.param_layout import ParamLayout
 from .lookahead import Lookahead
-from .registry import CLASSES, OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
-
-globals().update({cls.__name__: cls for cls in CLASSES.values()})
+from .optimizers import (  # the public classes, one per rule (CLASSES: by registry name)
+    CLASSES,
+    NSGDA,
+    PNM,
+    SGD,
+    SM3,
+    SMMF,
+    Adafactor,
+    AdaGL,
+    AdaLo,
+    AdaMomentum,
+    AdamW,
+    Adan,
+    AdaNorm,
+    AdaPNM,
+    AdEMAMix,
+    Amos,
+    DiffGrad,
+    Muon,
+)
+from .registry import OptimizerSpec, create_optimizer, get_optimizer, list_optimizers
 
 __version__ = "0.1.0"
 
@@ -30,6 +49,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CLASSES",
     "Engine",
     "convert_state_dict",
     *TRAINER_NAMES,
@@ -40,5 +60,21 @@ __all__ = [
     "create_optimizer",
     "get_optimizer",
     "list_optimizers",
-    *sorted(cls.__name__ for cls in CLASSES.values()),
+    "AdEMAMix",
+    "AdaGL",
+    "AdaLo",
+    "AdaMomentum",
+    "AdaNorm",
+    "AdaPNM",
+    "Adafactor",
+    "AdamW",
+    "Adan",
+    "Amos",
+    "DiffGrad",
+    "Muon",
+    "NSGDA",
+    "PNM",
+    "SGD",
+    "SM3",
+    "SMMF",
 ]

@@ -31,18 +31,12 @@ the application (pip install 'hfoptim[app]'): python -m hfoptim.app.demo, python
 
 # ---------------------------------------------------------------------------------------- list
 def sharding_support(name: str) -> str:
-    """What is known about running ``name`` sharded (ZeRO-1/2/3, FSDP2).
+    """The sharding backends that run ``name`` exactly (:func:`hfoptim.distributed.sharding_support`),
+    a backend with a condition marked ``*`` (e.g. ``zero2*``: stable weight decay needs one
+    parameter group)."""
+    from .distributed import sharding_support as reported
 
-    The sharding layer reports it through ``hfoptim.distributed.sharding_support(name)`` once it
-    exists; until then nothing has been verified and this says so."""
-    try:
-        from .distributed import sharding_support as reported
-    except ImportError:
-        return "not yet verified"
-    value = reported(name)
-    if isinstance(value, dict):
-        return ", ".join(k for k, ok in value.items() if ok) or "none"
-    return str(value)
+    return ", ".join(backend if ok is True else f"{backend}*" for backend, ok in reported(name).items())
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -81,7 +75,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         ["name", "class", "state B/param", f"vs {BASELINE}", "sharding"],
         rows,
         title=f"hfoptim optimizers ({len(names)} names)",
-        caption=f"state bytes per parameter for one {shape_text} tensor; suffixes combine (adan_cautious_8bit)",
+        caption=f"state bytes per parameter for one {shape_text} tensor; suffixes combine (adan_cautious_8bit); "
+        f"sharding: the backends that run it exactly, * with a condition (hfoptim.distributed.sharding_support)",
         align="llrrl",
     )
     return 0

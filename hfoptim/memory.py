@@ -37,9 +37,12 @@ import torch
 
 from . import roles
 from .core import param_layout
+from .core.engine import Engine
 from .core.param_layout import ParamLayout
 from .core.stats import ParamView
 from .models import model_from_config
+from .registry import OptimizerSpec, get_optimizer
+from .state import resolve
 
 COUNTER = "counter"
 WRAPPER = "wrapper"
@@ -259,10 +262,6 @@ def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) ->
     are detected as :func:`hfoptim.create_optimizer` does. Muon over a model (or config) gives
     each parameter its role (:mod:`hfoptim.roles`: AdamW's two moments for embeddings, head, norms
     and biases; one momentum for matrices)."""
-    from .core.engine import Engine
-    from .registry import OptimizerSpec, get_optimizer
-    from .state import resolve
-
     if isinstance(optimizer, str):
         spec = get_optimizer(optimizer)
     elif isinstance(optimizer, OptimizerSpec):

@@ -16,18 +16,15 @@ import torch
 
 from . import roles
 from .core import param_layout
-from .core.engine import Engine, optimizer_class
+from .core.engine import Engine, validate_options
 from .core.hparams import HyperparameterError
 from .core.rule import Rule
+from .lookahead import Lookahead
 from .modifiers import MODIFIERS
 from .modifiers.spectral import DEFAULT_TAU
+from .optimizers import CLASSES
 from .rules import RULES
 from .state.codec import CODECS
-
-#: one optimizer class per rule: hfoptim.AdamW, hfoptim.AdEMAMix, ...
-CLASSES: dict[str, type[Engine]] = {
-    name: optimizer_class(rule, rule.class_name or rule.__name__.removesuffix("Rule")) for name, rule in RULES.items()
-}
 
 #: names that are a rule with options, as the field knows them
 ALIASES: dict[str, tuple[str, dict]] = {
@@ -57,7 +54,8 @@ SUFFIXES: dict[str, dict] = {
 LOOKAHEAD_SUFFIX = "lookahead"
 
 
-def _suffixes() -> dict[str, dict]:
+def suffixes() -> dict[str, dict]:
+    """Every suffix a name may carry (``cautious``, ``8bit``, ...) -> the options it sets."""
     out = dict(SUFFIXES)
     for form in CODECS:
         if form != "fp32":
@@ -85,8 +83,6 @@ class OptimizerSpec:
             raise HyperparameterError(f"{sorted(lookahead_kwargs)} need a '_lookahead' name, not {self.name!r}")
         optimizer = self.optimizer_class(params, **{**self.options, **kwargs})
         if self.lookahead:
-            from .lookahead import Lookahead
-
             optimizer = Lookahead(
                 optimizer,
                 k=lookahead_kwargs.get("lookahead_k", 5),
@@ -95,7 +91,8 @@ class OptimizerSpec:
         return optimizer
 
 
-def _bases() -> dict[str, tuple[type[Rule], dict]]:
+def bases() -> dict[str, tuple[type[Rule], dict]]:
+    """Every name a name may start with (a rule or an alias) -> its rule and the options it sets."""
     bases = {name: (rule, {}) for name, rule in RULES.items()}
     for alias, (rule_name, options) in ALIASES.items():
         if rule_name in RULES:
@@ -111,12 +108,12 @@ def get_optimizer(name: str) -> OptimizerSpec:
     """
     if not isinstance(name, str) or name != name.lower():
         raise ValueError(f"optimizer names are lowercase strings, got {name!r}")
-    bases = _bases()
-    suffixes = _suffixes()
-    base = max((b for b in bases if name == b or name.startswith(b + "_")), key=len, default=None)
+    known_bases = bases()
+    known_suffixes = suffixes()
+    base = max((b for b in known_bases if name == b or name.startswith(b + "_")), key=len, default=None)
     if base is None:
         raise ValueError(_unknown(name))
-    rule, options = bases[base]
+    rule, options = known_bases[base]
     options = dict(options)
     lookahead = False
     rest = name[len(base) + 1 :].split("_") if name != base else []
@@ -124,14 +121,14 @@ def get_optimizer(name: str) -> OptimizerSpec:
         if token == LOOKAHEAD_SUFFIX:
             lookahead = True
             continue
-        if token not in suffixes:
-            raise ValueError(_unknown(name, f"unknown suffix {token!r}; suffixes: {', '.join(sorted(suffixes))}"))
-        if "state" in suffixes[token] and "state" in options:
+        if token not in known_suffixes:
+            raise ValueError(_unknown(name, f"unknown suffix {token!r}; suffixes: {', '.join(sorted(known_suffixes))}"))
+        if "state" in known_suffixes[token] and "state" in options:
             raise ValueError(
-                f"{name!r} names two storage forms ({options['state']!r} and {suffixes[token]['state']!r}); "
+                f"{name!r} names two storage forms ({options['state']!r} and {known_suffixes[token]['state']!r}); "
                 f"a slot is stored one way: keep one suffix"
             )
-        options.update(suffixes[token])
+        options.update(known_suffixes[token])
     spec = OptimizerSpec(name, rule, options, lookahead)
     _check_combination(spec)
     return spec
@@ -140,7 +137,7 @@ def get_optimizer(name: str) -> OptimizerSpec:
 def _check_combination(spec: OptimizerSpec) -> None:
     """Validate the name's options once, without parameters, so a bad combination fails by name."""
     try:
-        CLASSES[spec.rule.name]([torch.nn.Parameter(torch.zeros(1))], **spec.options)
+        validate_options(spec.rule(), spec.options, spec.name)
     except HyperparameterError as error:
         raise ValueError(f"{spec.name!r} is not a valid combination: {error}") from None
 
@@ -161,9 +158,9 @@ def list_optimizers(pattern: str | None = None) -> list[str]:
     shell-style wildcards, e.g. ``"*8bit"``."""
     names = set()
     codecs = {form for form in CODECS if form != "fp32"}
-    for base, (rule, options) in _bases().items():
+    for base, (rule, options) in bases().items():
         names.add(base)
-        for suffix, extra in _suffixes().items():
+        for suffix, extra in suffixes().items():
             redundant = all(options.get(k) == v for k, v in extra.items()) or (
                 set(rule.default_state.values()) == {extra.get("state")}  # e.g. smmf_smmf
             )
@@ -181,7 +178,7 @@ def list_optimizers(pattern: str | None = None) -> list[str]:
 
 def _valid(rule: type[Rule], options: dict) -> bool:
     try:
-        CLASSES[rule.name]([torch.nn.Parameter(torch.zeros(1))], **options)
+        validate_options(rule(), options, rule.name)
     except HyperparameterError:
         return False
     return True

@@ -87,3 +87,39 @@ def check_parity(
                 unchecked = set(lib_state) - compared
                 assert not unchecked, f"state {sorted(unchecked)} not compared with the reference ({where})"
                 assert int(lib_state["step"]) == t
+
+
+def check_resume_mid_run(name: str, make_params: Callable[[], list], hp: dict, compressed_key: str) -> None:
+    """A state_dict saved after 5 steps of ``name`` and loaded into a fresh optimizer continues
+    exactly as the uninterrupted run for 6 more steps (parameters and every state tensor, dtypes
+    included); ``compressed_key`` (e.g. ``"exp_avg.codes"``) is stored as uint8."""
+    import io
+
+    import hfoptim
+
+    def set_grads(t, params):
+        gen = torch.Generator().manual_seed(100 + t)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    straight = make_params()
+    opt = hfoptim.create_optimizer(straight, name, state_min_numel=256, compile="off", **hp)
+    resumed = make_params()
+    first = hfoptim.create_optimizer(resumed, name, state_min_numel=256, compile="off", **hp)
+    for t in range(1, 6):
+        set_grads(t, straight), opt.step()
+        set_grads(t, resumed), first.step()
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    buffer.seek(0)
+    second = hfoptim.create_optimizer(resumed, name, state_min_numel=256, compile="off", **hp)
+    second.load_state_dict(torch.load(buffer, weights_only=False))
+    for t in range(6, 12):
+        set_grads(t, straight), opt.step()
+        set_grads(t, resumed), second.step()
+    for p, q in zip(straight, resumed):
+        assert torch.equal(p, q)
+        for key, value in opt.state[p].items():
+            assert value.dtype == second.state[q][key].dtype
+            assert torch.equal(value, second.state[q][key]), key
+    assert second.state[resumed[0]][compressed_key].dtype == torch.uint8

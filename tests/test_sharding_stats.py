@@ -56,11 +56,11 @@ def test_parameters_it_was_built_with_still_step_locally():
     ],
 )
 def test_zero_combinations_that_cannot_be_exact_are_refused(attrs, needle):
-    from hfoptim.integrations.deepspeed import _refuse_unsupported
+    from hfoptim.distributed.zero import refuse_unsupported
 
     engine = hfoptim.AdamW([torch.nn.Parameter(torch.randn(3))])
     with pytest.raises(UnsupportedSharding, match=needle):
-        _refuse_unsupported(SimpleNamespace(**attrs), engine)
+        refuse_unsupported(SimpleNamespace(**attrs), engine)
 
 
 def test_zero12_segments_cover_every_element_once():

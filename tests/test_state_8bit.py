@@ -18,7 +18,6 @@ What is proven here:
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -31,6 +30,7 @@ from hfoptim.core.stats import LocalStats, ParamView
 from hfoptim.state import CODECS, resolve
 from hfoptim.state.blockwise8bit import scale_shape
 from hfoptim.state.dynamic_code import BLOCK, SIGNED, UNSIGNED, decode_codes, encode_normalized
+from tests.harness import check_resume_mid_run
 
 CODEC = CODECS["8bit"]
 HP = dict(lr=3e-3, betas=(0.85, 0.98), eps=1e-7, weight_decay=0.05)
@@ -237,34 +237,7 @@ def test_8bit_stays_near_its_fp32_twin(name, hp, param_bound, state_bounds):
 # ---------------------------------------------------------------------------------- round trip
 @pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit"])
 def test_state_dict_round_trip_mid_run_changes_nothing(name):
-    hp = HP if name.startswith("adamw") else HP_ADEMAMIX
-
-    def grads(t, params):
-        gen = torch.Generator().manual_seed(100 + t)
-        for p in params:
-            p.grad = torch.randn(p.shape, generator=gen)
-
-    straight = _params()
-    opt = hfoptim.create_optimizer(straight, name, state_min_numel=256, compile="off", **hp)
-    resumed = _params()
-    first = hfoptim.create_optimizer(resumed, name, state_min_numel=256, compile="off", **hp)
-    for t in range(1, 6):
-        grads(t, straight), opt.step()
-        grads(t, resumed), first.step()
-    buffer = io.BytesIO()
-    torch.save(first.state_dict(), buffer)
-    buffer.seek(0)
-    second = hfoptim.create_optimizer(resumed, name, state_min_numel=256, compile="off", **hp)
-    second.load_state_dict(torch.load(buffer, weights_only=False))
-    for t in range(6, 12):
-        grads(t, straight), opt.step()
-        grads(t, resumed), second.step()
-    for p, q in zip(straight, resumed):
-        assert torch.equal(p, q)
-        for key, value in opt.state[p].items():
-            assert value.dtype == second.state[q][key].dtype
-            assert torch.equal(value, second.state[q][key]), key
-    assert second.state[resumed[0]]["exp_avg.codes"].dtype == torch.uint8
+    check_resume_mid_run(name, _params, HP if name.startswith("adamw") else HP_ADEMAMIX, "exp_avg.codes")
 
 
 # ------------------------------------------------------------------------------- bitsandbytes

@@ -82,6 +82,18 @@ class StepContext:
         """Root mean square of each whole tensor."""
         return [(s / self.numel(i)).sqrt() for i, s in enumerate(self.sum_sq(x))]
 
+    def row_sums(self, x: TensorList, square: bool = False) -> list[torch.Tensor | None]:
+        """Sum over each whole row (every dimension but the first; ``square``: of the squares)
+        of each tensor of 2+ dimensions, shape ``(rows,)`` for this process's rows; None for
+        0-/1-D tensors. One call of the statistics backend for the list (one collective under
+        sharding)."""
+        index = [i for i, t in enumerate(x.tensors) if t.dim() > 1]
+        sums = self.stats.row_sums([x.tensors[i] for i in index], [self.views[i] for i in index], square)
+        out: list[torch.Tensor | None] = [None] * len(x.tensors)
+        for i, s in zip(index, sums):
+            out[i] = s
+        return out
+
     def mean(self, x: TensorList) -> list[torch.Tensor]:
         return [s / self.numel(i) for i, s in enumerate(self.stats.sum(x.tensors, self.views))]
 

@@ -31,10 +31,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..modifiers import GRAD, MODIFIERS, POST, UPDATE
-from ..modifiers.weight_decay import add_l2, apply_update, stable_scale
+from ..modifiers import MODIFIERS
+from ..modifiers.weight_decay import stable_scale
 from ..state import convert, resolve
-from ..state.codec import decode_all, encode_all
 from ..state.convert import STORAGE_KEYS
 from . import chunking, fused, param_layout
 from .context import StepContext
@@ -43,6 +42,7 @@ from .layout import LocalLayout, Unit, canonical_units, transposed_view
 from .param_layout import OUT_IN, ParamLayout
 from .rule import Rule
 from .stats import ParamView
+from .step import advance
 from .tensorlist import TensorList
 
 #: keys torch or other libraries put into parameter groups; carried, never interpreted
@@ -103,6 +103,38 @@ def weight_decay_modes(rule: type[Rule]) -> tuple[str, ...]:
     and, for rules that divide by a second moment, stable weight decay (AdamS)."""
     extra = ("cpr", "stable") if rule.preconditioned and rule.stable_decay_applies else ("cpr",)
     return tuple(rule.weight_decay_modes) + tuple(m for m in extra if m not in rule.weight_decay_modes)
+
+
+def validate_options(
+    rule: Rule, options: dict, where: str, check_storage: bool = True, spec: dict[str, HP] | None = None
+) -> dict:
+    """``options`` of one parameter group of ``rule`` validated: a copy with every default, or
+    :class:`HyperparameterError` naming the option and what is accepted. Pure (no parameters, no
+    optimizer): the engine checks every group with it and the registry every name's options.
+    ``check_storage=False`` skips the check that the storage form fits the group's slots (a loaded
+    group keeps the current optimizer's storage options, checked when its groups were built: a
+    group a rule split off, such as Muon's matrices, may hold none of the slots the form
+    compresses). ``spec``: :func:`engine_hyperparams` of the rule, when the caller has it."""
+    values = validate_all(spec or engine_hyperparams(type(rule)), options, where)
+    if values["denominator"] != "eps" and not rule.preconditioned:
+        raise HyperparameterError(
+            f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
+            f"moment; {rule.name} does not"
+        )
+    problem = rule.check_options(values)
+    if problem:
+        raise HyperparameterError(f"{where}: {problem}")
+    for modifier in MODIFIERS:
+        if modifier.enabled(values):
+            reason = modifier.incompatible(rule)
+            if reason:
+                raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
+        problem = modifier.check_options(values)
+        if problem:
+            raise HyperparameterError(f"{where}: {problem}")
+    if check_storage:
+        resolve.check_state_option(rule, values, where)
+    return values
 
 
 class Engine(torch.optim.Optimizer):
@@ -195,31 +227,8 @@ class Engine(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, options: dict, where: str, check_storage: bool = True) -> dict:
-        """``options`` validated (a copy with every default); ``check_storage=False`` skips the
-        check that the storage form fits the group's slots (a loaded group keeps the current
-        optimizer's storage options, checked when its groups were built: a group a rule split
-        off, such as Muon's matrices, may hold none of the slots the form compresses)."""
-        values = validate_all(self._spec, options, where)
-        rule = self.rule
-        if values["denominator"] != "eps" and not rule.preconditioned:
-            raise HyperparameterError(
-                f"{where}: denominator={values['denominator']!r} needs a rule that divides by a second "
-                f"moment; {rule.name} does not"
-            )
-        problem = rule.check_options(values)
-        if problem:
-            raise HyperparameterError(f"{where}: {problem}")
-        for modifier in MODIFIERS:
-            if modifier.enabled(values):
-                reason = modifier.incompatible(rule)
-                if reason:
-                    raise HyperparameterError(f"{where}: {modifier.switch} cannot be used with {rule.name}: {reason}")
-            problem = modifier.check_options(values)
-            if problem:
-                raise HyperparameterError(f"{where}: {problem}")
-        if check_storage:
-            resolve.check_state_option(rule, values, where)
-        return values
+        """``options`` validated for this optimizer's rule (see :func:`validate_options`)."""
+        return validate_options(self.rule, options, where, check_storage, spec=self._spec)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a parameter group, validated. ``params`` may hold tensors or ``(name, tensor)``
@@ -723,114 +732,6 @@ class Engine(torch.optim.Optimizer):
         return convert.convert_param_state(
             self.rule, pstate, saved_group, group, view, self.compute_dtype(p), device, self.layout.stats
         )
-
-    def _check_param_state(self, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
-        if not pstate:
-            return  # read before its first step (optimizer.state[p] is a defaultdict): torch loads it
-        expected = self.expected_state_shapes(p, group)
-        if set(pstate) != set(expected):
-            raise ValueError(
-                f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(self).__name__} "
-                f"({self.rule.name}, state={group['state']!r}) keeps {sorted(expected)}: it was saved by another "
-                f"optimizer or with another state form"
-            )
-        for key, shape in expected.items():
-            value = pstate[key]
-            if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
-                raise ValueError(
-                    f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
-                    f"{tuple(shape)} for a parameter of shape {tuple(p.shape)}"
-                )
-
-
-class SlotValues:
-    """The decoded slots a rule updates, as attributes (``s.exp_avg``)."""
-
-
-def advance(
-    rule: Rule,
-    group: dict,
-    ctx: StepContext,
-    p_work: TensorList,
-    g: TensorList,
-    states: list[dict],
-    views: list[ParamView],
-    dtype: torch.dtype,
-    defer: bool = False,
-) -> PendingUpdate | None:
-    """One step of the tensors of a bucket after the bookkeeping: gradient modifiers -> l2 decay
-    -> decode the slots -> ``rule.update`` -> encode -> update modifiers -> weight decay and
-    ``p <- p - lr u`` (``p_work`` in place) -> post modifiers (CPR). The plain path calls it for a
-    bucket; the compiled path (:mod:`hfoptim.core.fused`) traces it for one parameter. With
-    ``defer`` everything up to the update direction runs now and the rest is returned as a
-    :class:`PendingUpdate` (stable weight decay: the engine applies it once every bucket has
-    its second moment)."""
-    for modifier in MODIFIERS:
-        if modifier.stage == GRAD and modifier.enabled(group):
-            g = modifier.apply(ctx, g, g, p_work)
-    if group["weight_decay_mode"] == "l2" and group["weight_decay"] != 0:
-        g = add_l2(g, p_work, group["weight_decay"])
-
-    active = rule.active_slots(group)
-    stats = ctx.stats
-    codecs = {slot.name: [resolve.codec_for(rule, slot, group, v) for v in views] for slot in active}
-    slots = SlotValues()  # not SimpleNamespace: torch.compile traces a plain class, not that one
-    for slot in active:
-        decoded = decode_all(slot, codecs[slot.name], states, views, dtype, stats)  # each codec once
-        setattr(slots, slot.name, TensorList(decoded, ctx.foreach))
-    stored_early: set[str] = set()
-
-    def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
-        slot = next(x for x in active if x.name == name)
-        encode_all(slot, codecs[name], states, list(values), views, stats)
-        back = decode_all(slot, codecs[name], states, views, dtype, stats)
-        for codec, value, stored in zip(codecs[name], values, back):
-            if not codec.identity:
-                value.copy_(stored)
-        stored_early.add(name)
-
-    ctx.store = store
-    ctx.slots = slots
-    u = rule.update(ctx, p_work, g, slots)
-    for slot in active:
-        if slot.name in stored_early:
-            continue
-        encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
-
-    for modifier in MODIFIERS:
-        if modifier.stage == UPDATE and modifier.enabled(group):
-            u = modifier.apply(ctx, u, g, p_work)
-    pending = PendingUpdate(ctx, p_work, u, g)
-    if defer:
-        return pending
-    pending.finish(None)
-    return None
-
-
-class PendingUpdate:
-    """The end of a bucket's step: weight decay, ``p <- p - lr u``, post modifiers, then
-    ``done`` (the engine's copy back to low-precision parameters and ZeRO write-back)."""
-
-    def __init__(self, ctx: StepContext, p: TensorList, u: TensorList, g: TensorList):
-        self.ctx, self.p, self.u, self.g = ctx, p, u, g
-        self.done: Callable[[], None] | None = None
-
-    def finish(self, stable) -> None:
-        """Apply the update; ``stable`` is ``1/sqrt(mean v_hat)`` over all parameters (stable
-        weight decay), or None when no group uses it."""
-        ctx, group, p = self.ctx, self.ctx.group, self.p
-        posts = [m for m in MODIFIERS if m.stage == POST and m.enabled(group)]
-        before = [m.prepare(ctx, p) for m in posts]
-        wd, mode = group["weight_decay"], group["weight_decay_mode"]
-        if mode == "stable":  # AdamS: decoupled decay scaled by 1/sqrt(mean v_hat)
-            wd, mode = wd * stable, "decoupled"
-        elif mode in ("l2", "cpr"):
-            wd = 0.0  # l2: already in the gradient; cpr: the constraint below replaces the decay
-        apply_update(p, self.u, ctx.lr, wd, mode)
-        for modifier, prepared in zip(posts, before):
-            modifier.apply(ctx, prepared, self.g, p)
-        if self.done is not None:
-            self.done()
 
 
 def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:

@@ -5,7 +5,7 @@ rule's ``foreach`` operations over it, and encodes it back: a dozen passes over 
 many temporary tensors, several times the cost of AdamW's step. Dense (fp32) state has no decode,
 but each ``foreach`` operation of a rule is still one pass over memory with its own temporary
 (counted for the plain path: about eight for AdamW, fourteen for diffGrad). Here the engine's per-bucket flow
-(:func:`hfoptim.core.engine.advance`: gradient modifiers, decode, ``rule.update``, encode, update
+(:func:`hfoptim.core.step.advance`: gradient modifiers, decode, ``rule.update``, encode, update
 modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` for ONE parameter
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
@@ -69,6 +69,7 @@ from ..modifiers import MODIFIERS
 from ..state import resolve
 from .context import StepContext
 from .stats import LocalStats, ParamView, PieceStats
+from .step import advance
 from .tensorlist import TensorList
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
@@ -111,8 +112,6 @@ def _advance_one(
     chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
     forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
     whose forms are not ``offset_free`` is seen at its first row ``row_start``."""
-    from .engine import advance
-
     rows = p.shape[0] if p.dim() else None
     view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
     # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
@@ -189,7 +188,7 @@ def shard_local(engine, group: dict, view: ParamView, slots, codecs) -> bool:
         return False
     if any(cut % view.row_len for cut in view.cuts):
         return False
-    return all(getattr(codec, "shard_local", lambda s, v: False)(slot, view) for slot, codec in zip(slots, codecs))
+    return all(codec.shard_local(slot, view) for slot, codec in zip(slots, codecs))
 
 
 def kernel_stats(stats, view: ParamView):
@@ -223,7 +222,7 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
         return False  # a row piece whose stored form depends on its place (bf16 rounding bits)
     # every slot's storage form must trace (dense fp32, factored, SMMF, shared, and the 8-bit,
     # 4-bit and bf16 forms where their blocks fit the rows); a rule without slots traces too
-    return all(c.fusable and (c.fusable_for(view) if hasattr(c, "fusable_for") else True) for c in codecs)
+    return all(c.fusable and c.fusable_for(view) for c in codecs)
 
 
 def takes(engine, group: dict, unit, stats) -> bool:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from .param_layout import ParamLayout
 from .stats import LocalStats, ParamView
@@ -64,6 +65,12 @@ class Layout:
     def units(self, optimizer, group: dict) -> list[Unit]:
         raise NotImplementedError
 
+    def units_without_grad(self, optimizer, group: dict) -> list[Unit]:
+        """Every parameter's unit, gradient or not (to create state without a step: the
+        parameter stands in for its gradient). Layouts whose units are not the parameters
+        themselves (FSDP2 local shards, ZeRO segments) override it."""
+        return [Unit(p, p, optimizer.state[p], self.view(p), p) for p in group["params"]]
+
     def register(self, params: list[torch.Tensor]) -> None:
         """Parameters the optimizer was given (``add_param_group``)."""
 
@@ -89,8 +96,9 @@ class Layout:
         return state_dict
 
     def check_param_state(self, optimizer, pid, p: torch.Tensor, pstate: dict, group: dict) -> None:
-        """Raise ``ValueError`` when ``pstate`` is not the state ``optimizer`` keeps for ``p``."""
-        optimizer._check_param_state(pid, p, pstate, group)
+        """Raise ``ValueError`` when ``pstate`` is not the state ``optimizer`` keeps for ``p``
+        (:func:`check_state_shapes` of the whole parameter; sharded layouts check their shard)."""
+        check_state_shapes(optimizer, pid, p, pstate, group)
 
     def after_load(self, optimizer) -> None:
         """Called at the end of ``load_state_dict``."""
@@ -98,9 +106,65 @@ class Layout:
     def mean_loss(self, loss: float) -> float:
         """The loss a loss-driven rule sees: the mean over the data-parallel processes (all
         processes of the default group when torch.distributed is initialized; one all-reduce)."""
-        from ..distributed.loss import mean_over
-
         return mean_over(loss)
+
+
+def check_state_shapes(optimizer, pid, param: torch.Tensor, pstate: dict, group: dict, view: ParamView | None = None):
+    """The one check of a parameter's loaded state against what ``optimizer`` keeps for it in
+    ``group``: the same keys, and every tensor of the expected shape. ``view``: the part this
+    process holds (a shard: the local shapes); None: the whole parameter. Raises ``ValueError``
+    naming the parameter, the keys or the shape."""
+    if not pstate:
+        return  # read before its first step (optimizer.state[p] is a defaultdict): torch loads it
+    expected = optimizer.expected_state_shapes(param, group, view)
+    if set(pstate) != set(expected):
+        held = "" if view is None else " for its shard"
+        raise ValueError(
+            f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(optimizer).__name__} "
+            f"({optimizer.rule.name}, state={group['state']!r}) keeps {sorted(expected)}{held}: it was saved by "
+            f"another optimizer or with another state form"
+        )
+    for key, shape in expected.items():
+        value = pstate[key]
+        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
+            of = (
+                f"a parameter of shape {tuple(param.shape)}"
+                if view is None
+                else f"this process's shard of rows [{view.row_start}, {view.row_start + view.rows}) of a parameter "
+                f"of shape {tuple(view.global_shape)}"
+            )
+            raise ValueError(
+                f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
+                f"{tuple(shape)} for {of}"
+            )
+
+
+def mean_over(loss: float, group=None) -> float:
+    """The loss a loss-driven rule (AdaLo, ...) sees under data parallelism: the mean of ``loss``
+    over ``group`` (None: the default group), in float64, one all-reduce, so every process takes
+    the same step size."""
+    if not dist.is_available() or not dist.is_initialized():
+        return loss
+    size = dist.get_world_size(group)
+    if size == 1:
+        return loss
+    buf = torch.tensor([loss], dtype=torch.float64)
+    if dist.get_backend(group) == "nccl":
+        buf = buf.cuda()
+    dist.all_reduce(buf, group=group)
+    return float(buf.item()) / size
+
+
+#: the step-time choice of layout, ``choose(optimizer, local) -> Layout``: installed by
+#: :mod:`hfoptim.distributed.select`, the layer above that knows the sharded layouts (``import
+#: hfoptim`` imports it), so this module never imports upward
+_choose_for_step: Callable | None = None
+
+
+def install_layout_choice(choose: Callable) -> None:
+    """Set the function :meth:`LocalLayout.for_step` hands over to (see :data:`_choose_for_step`)."""
+    global _choose_for_step
+    _choose_for_step = choose
 
 
 class LocalLayout(Layout):
@@ -121,9 +185,12 @@ class LocalLayout(Layout):
     def for_step(self, optimizer) -> Layout:
         """Hands over to the sharding layer when the parameters turned out to be sharded, and
         refuses tensors it cannot step exactly (see :mod:`hfoptim.distributed.select`)."""
-        from ..distributed.select import layout_for_step
-
-        return layout_for_step(optimizer, self)
+        if _choose_for_step is None:
+            raise RuntimeError(
+                "hfoptim.distributed was not imported, so sharded parameters could not be recognised: "
+                "import hfoptim (it imports hfoptim.distributed) before stepping"
+            )
+        return _choose_for_step(optimizer, self)
 
     def units(self, optimizer, group: dict) -> list[Unit]:
         """Units of the parameters of ``group`` that have a gradient this step."""

@@ -87,6 +87,10 @@ class Rule:
     #: False when some parameters' steps divide by no second moment although the rule is
     #: ``preconditioned`` (Muon's matrices): stable weight decay (AdamS) does not apply then
     stable_decay_applies: ClassVar[bool] = True
+    #: True when the first two ``betas`` are Adam's (first- and second-moment EMAs) and ``eps`` is
+    #: Adam's denominator epsilon: the HF Trainer then passes ``adam_beta1``, ``adam_beta2``,
+    #: ``adam_epsilon`` (other rules give those betas other meanings: Adan, AdaLo's loss EMA)
+    adam_arguments: ClassVar[bool] = False
     #: True when the rule needs the training loss (``step(closure)`` or ``step(loss=...)``)
     needs_loss: ClassVar[bool] = False
     #: storage forms this rule refuses, each with the reason (a combination that cannot work)

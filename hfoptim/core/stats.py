@@ -216,16 +216,6 @@ class LocalStats:
         """:meth:`col_sum` of each matrix."""
         return [self.col_sum(m, v) for m, v in zip(matrices, views)]
 
-    def cover_maxima(
-        self, tensors: list[torch.Tensor], views: list[ParamView]
-    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """SM3's cover statistics of non-negative tensors of two or more dimensions (shape
-        ``(n_0, n_1, ..., n_{k-1})``): per tensor ``(rows, rest)`` with ``rows`` the maximum over
-        every dimension but the first (shape ``(rows,)``, this process's rows) and ``rest`` the
-        maxima over every dimension but ``d`` for ``d = 1 .. k-1``, concatenated (shape
-        ``(n_1 + ... + n_{k-1},)``, of the whole tensor)."""
-        return [_cover_maxima(t, v) for t, v in zip(tensors, views)]
-
     def block_absmax(self, tensors: list[torch.Tensor], views: list[ParamView], block: int) -> list[torch.Tensor]:
         """Max of ``|x|`` over each block of the 8-bit state layout (see
         :func:`block_layout`): ``block`` consecutive elements of a row of the 2-D view
@@ -254,7 +244,8 @@ class LocalStats:
 
     def dim_absmax(self, tensors: list[torch.Tensor], views: list[ParamView]) -> list[list[torch.Tensor]]:
         """Per-dimension maxima of ``|x|`` of tensors of two or more dimensions (the rank-1
-        normalization of 4-bit second moments, arXiv 2309.01507): for a tensor of ``d``
+        normalization of 4-bit second moments, arXiv 2309.01507; SM3's cover, arXiv 1901.11150,
+        of its non-negative accumulators): for a tensor of ``d``
         dimensions, ``d`` vectors, the ``k``-th the max over every dimension but ``k`` (of the
         local rows for ``k = 0``, of the whole tensor for the others). A sharding backend
         completes rows cut by a process boundary and the other dimensions with one MAX
@@ -273,18 +264,6 @@ def local_dim_absmax(t: torch.Tensor, view: ParamView) -> list[torch.Tensor]:
     if x.numel() == 0:
         return [x.new_zeros(size) for size in x.shape]
     return [x.amax(dim=[d for d in range(x.dim()) if d != k]) for k in range(x.dim())]
-
-
-def _cover_maxima(t: torch.Tensor, view: ParamView) -> tuple[torch.Tensor, torch.Tensor]:
-    """:meth:`LocalStats.cover_maxima` of one local tensor (all of it counts)."""
-    shape = tuple(view.global_shape)
-    rest_len = sum(shape[1:])
-    if t.numel() == 0:
-        return t.new_zeros(t.shape[0] if t.dim() else 0), t.new_zeros(rest_len)
-    rows = t.reshape(t.shape[0], -1).amax(dim=1)
-    dims = range(t.dim())
-    rest = [t.amax(dim=tuple(e for e in dims if e != d)) for d in range(1, t.dim())]
-    return rows, torch.cat(rest) if rest else t.new_zeros(0)
 
 
 def ends_in_short_block(view: ParamView, block: int) -> bool:

@@ -14,6 +14,7 @@ and completes the statistics across processes with batched collectives:
 * :mod:`.loss` -- the loss loss-driven rules see (mean over data-parallel processes).
 """
 
+from ..registry import get_optimizer
 from .select import UnsupportedSharding
 from .stats import ShardedStats, ShardingError
 
@@ -22,13 +23,33 @@ from .stats import ShardedStats, ShardingError
 EXACT_BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
 
 
-def sharding_support(name: str) -> dict[str, bool]:
-    """For an optimizer name: which sharding backends run it exactly (all of them for every
-    valid name; FSDP1, ZeRO NVMe/partial offload and tensor parallelism are refused for all)."""
-    from ..registry import get_optimizer
+#: what a ZeRO run of a name with stable weight decay (``adams``, ``*_swd``) needs: the decay is
+#: divided by the mean second moment over ALL parameters, and DeepSpeed steps its flat
+#: partitions one ``step()`` call at a time (the optimizer refuses otherwise, naming the fix)
+STABLE_DECAY_UNDER_ZERO = (
+    "one parameter group (ZeRO-3: zero_optimization.sub_group_size above the parameter count): stable "
+    "weight decay needs every parameter in one step() call"
+)
 
-    get_optimizer(name)  # an unknown or invalid name raises ValueError
-    return {backend: True for backend in EXACT_BACKENDS}
+
+def sharding_support(name: str) -> dict[str, bool | str]:
+    """For an optimizer name, per sharding backend: True when it runs exactly in every setup the
+    backend offers, else the condition under which it does (outside it the optimizer raises,
+    never steps inexactly). Setups refused for every name are not listed: FSDP1, ZeRO NVMe and
+    partial offload, ZenFlow, tensor parallelism, and a loss-driven rule under fp16's GradScaler
+    with DeepSpeed. Raises ``ValueError`` for an unknown or invalid name."""
+    spec = get_optimizer(name)
+    support: dict[str, bool | str] = {backend: True for backend in EXACT_BACKENDS}
+    if spec.options.get("weight_decay_mode") == "stable":
+        support.update({backend: STABLE_DECAY_UNDER_ZERO for backend in ("zero1", "zero2", "zero3")})
+    return support
 
 
-__all__ = ["EXACT_BACKENDS", "ShardedStats", "ShardingError", "UnsupportedSharding", "sharding_support"]
+__all__ = [
+    "EXACT_BACKENDS",
+    "STABLE_DECAY_UNDER_ZERO",
+    "ShardedStats",
+    "ShardingError",
+    "UnsupportedSharding",
+    "sharding_support",
+]

@@ -34,7 +34,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..core.layout import Unit, transposed_view
+from ..core.engine import Engine
+from ..core.layout import transposed_view
 from ..core.stats import ParamView
 from ..state import resolve
 
@@ -196,48 +197,29 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
     return state_dict
 
 
-def check_local_state(optimizer, view: ParamView, param: torch.Tensor, pid, pstate: dict, group: dict) -> None:
-    """The engine's state check for the state of a shard (shapes of the local tensors); ``param``
-    is the parameter the shard belongs to (its layout decides the state's shapes)."""
-    if not pstate:
-        return  # read before its first step: torch loads it
-    expected = optimizer.expected_state_shapes(param, group, view)
-    if set(pstate) != set(expected):
-        raise ValueError(
-            f"state_dict entry for parameter {pid} has keys {sorted(pstate)}, but {type(optimizer).__name__} "
-            f"({optimizer.rule.name}, state={group['state']!r}) keeps {sorted(expected)} for its shard: it was saved "
-            f"by another optimizer or with another state form"
-        )
-    for key, shape in expected.items():
-        value = pstate[key]
-        if isinstance(value, torch.Tensor) and tuple(value.shape) != tuple(shape):
-            raise ValueError(
-                f"state_dict entry {key!r} for parameter {pid} has shape {tuple(value.shape)}, expected "
-                f"{tuple(shape)} for this process's shard of rows [{view.row_start}, {view.row_start + view.rows}) "
-                f"of a parameter of shape {tuple(view.global_shape)}"
-            )
-
-
 # ---------------------------------------------------------------------- state without a step
+def hfoptim_engine(optimizer) -> Engine | None:
+    """The hfoptim Engine inside ``optimizer`` (itself, or inside wrappers such as Lookahead)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, Engine):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return None
+
+
 def init_state(optimizer) -> None:
     """Create the state of every parameter (step 0) without stepping, under whatever layout the
     parameters need (FSDP2 shards, ZeRO segments); collectives run in the same order on every
     process. Call it on every process before ``torch.distributed.checkpoint`` loads into a
     fresh optimizer (or use :func:`set_state_dict`)."""
-    from ..integrations.deepspeed import hfoptim_engine
-
     engine = hfoptim_engine(optimizer)
     engine.layout = engine.layout.for_step(engine)
     layout = engine.layout
     for gi, group in enumerate(engine.param_groups):
-        for unit in engine._canonical(gi, group, _all_units(layout, engine, group)):
+        for unit in engine._canonical(gi, group, layout.units_without_grad(engine, group)):
             engine._init_state(unit, group)
-
-
-def _all_units(layout, engine, group) -> list[Unit]:
-    if hasattr(layout, "units_without_grad"):
-        return layout.units_without_grad(engine, group)
-    return [Unit(p, p, engine.state[p], layout.view(p), p) for p in group["params"]]
 
 
 def get_state_dict(model, optimizer, **options) -> dict:

@@ -20,10 +20,10 @@ import math
 import torch
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from ..core.layout import Layout, Unit
+from ..core.layout import Layout, Unit, check_state_shapes
 from ..core.stats import ParamView
-from .select import UnsupportedSharding
-from .stats import ShardedStats
+from .checkpoint import export_dtensor_state, import_dtensor_state
+from .stats import ShardedStats, UnsupportedSharding
 
 
 def shard_dim_of(p: DTensor) -> int | None:
@@ -122,16 +122,10 @@ class DTensorLayout(Layout):
 
     # ------------------------------------------------------------------ checkpoints
     def export_state(self, optimizer, state_dict: dict) -> dict:
-        from .checkpoint import export_dtensor_state
-
         return export_dtensor_state(self, optimizer, state_dict)
 
     def import_state(self, optimizer, state_dict: dict) -> dict:
-        from .checkpoint import import_dtensor_state
-
         return import_dtensor_state(self, optimizer, state_dict)
 
     def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:
-        from .checkpoint import check_local_state
-
-        check_local_state(optimizer, self.view(p), p, pid, pstate, group)
+        check_state_shapes(optimizer, pid, p, pstate, group, self.view(p))

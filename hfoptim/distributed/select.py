@@ -8,7 +8,7 @@ first step, from what the parameter groups hold then:
 * DTensor parameters (FSDP2 ``fully_shard``)  -> :class:`~hfoptim.distributed.fsdp2.DTensorLayout`;
 * FSDP1 parameters (``_fsdp_flattened``: 1-D views of a FlatParameter) -> error, use FSDP2;
 * tensors the optimizer was not built with (DeepSpeed's flat partitions) -> the ZeRO layout of
-  the DeepSpeed optimizer that wraps this one (:func:`hfoptim.integrations.deepspeed.attach`,
+  the DeepSpeed optimizer that wraps this one (:func:`hfoptim.distributed.zero.attach`,
   found automatically when not called), else an error: never a flat partition stepped as one
   tensor;
 * otherwise the parameters are stepped whole, locally.
@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from torch.distributed.tensor import DTensor
 
+from ..core.layout import install_layout_choice
+from .fsdp2 import DTensorLayout
+from .stats import UnsupportedSharding
+from .zero import find_and_attach
 
-class UnsupportedSharding(RuntimeError):
-    """A sharding setup hfoptim cannot step exactly; the message names the alternative."""
+__all__ = ["UnsupportedSharding", "layout_for_step"]
 
 
 FSDP1_MESSAGE = (
@@ -54,14 +57,13 @@ def layout_for_step(optimizer, local):
                 raise UnsupportedSharding(FSDP1_MESSAGE.format(name=name, index=i, group=gi, orig=orig))
             known = local.known.get(id(p))
             if known is None or known[0]() is not p:
-                from ..integrations.deepspeed import find_and_attach
-
                 layout = find_and_attach(optimizer)
                 if layout is None:
                     raise UnsupportedSharding(UNKNOWN_MESSAGE.format(name=name, group=gi, shape=tuple(p.shape)))
                 return layout
     if dtensors:
-        from .fsdp2 import DTensorLayout
-
         return DTensorLayout(foreach=local.foreach)
     return local
+
+
+install_layout_choice(layout_for_step)  # LocalLayout.for_step hands over to it

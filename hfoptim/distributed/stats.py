@@ -33,11 +33,15 @@ from functools import lru_cache
 import torch
 import torch.distributed as dist
 
-from ..core.stats import LocalStats, ParamView, _cover_maxima, block_layout, blocked, local_dim_absmax
+from ..core.stats import LocalStats, ParamView, block_layout, blocked, local_dim_absmax
 
 
 class ShardingError(RuntimeError):
     """A statistic that cannot be computed exactly for a sharded tensor in the form asked."""
+
+
+class UnsupportedSharding(RuntimeError):
+    """A sharding setup hfoptim cannot step exactly; the message names the alternative."""
 
 
 @lru_cache(maxsize=65536)
@@ -338,40 +342,6 @@ class ShardedStats(LocalStats):
     def col_sum(self, matrix, view):
         return self.col_sums([matrix], [view])[0]
 
-    # ------------------------------------------------------------------ maxima (SM3's cover)
-    def cover_maxima(self, tensors, views):
-        """Row maxima and the maxima over every dimension but ``d >= 1`` of non-negative
-        tensors (see :meth:`LocalStats.cover_maxima`), over the elements this process owns (the
-        padding of cut rows counts as 0), completed with one MAX all-reduce for the whole list:
-        the rows a boundary cuts and every ``rest`` vector."""
-        out, pieces, where = [], [], []
-        for t, v in zip(tensors, views):
-            if not v.sharded:
-                out.append(_cover_maxima(t, v))
-                pieces.append(t.new_zeros(0))
-                where.append(None)
-                continue
-            x = masked_rows(t, v).reshape(v.local_shape) if v.valid is not None else t
-            rows, rest = _cover_maxima(x, v)
-            cut = cut_rows(v)
-            index = torch.tensor([r - v.row_start for r in cut], dtype=torch.long, device=rows.device)
-            held = (index >= 0) & (index < v.rows)
-            piece = torch.zeros(len(cut), dtype=rows.dtype, device=rows.device)
-            piece[held] = rows[index[held]]
-            out.append((rows, rest))
-            pieces.append(torch.cat([piece, rest]))
-            where.append((index, held, len(cut)))
-        result = []
-        for (rows, rest), piece, w in zip(out, self.all_reduce(pieces, views, op=dist.ReduceOp.MAX), where):
-            if w is None:
-                result.append((rows, rest))
-                continue
-            index, held, n = w
-            rows = rows.clone()
-            rows[index[held]] = piece[:n][held]
-            result.append((rows, piece[n:]))
-        return result
-
     # ------------------------------------------------------------------ 8-bit blocks
     def block_absmax(self, tensors, views, block: int) -> list[torch.Tensor]:
         """Max of ``|x|`` per block of the 8-bit layout (:func:`hfoptim.core.stats.block_layout`:
@@ -402,7 +372,7 @@ class ShardedStats(LocalStats):
                 maxima[index[held]] = piece[held]
         return out
 
-    # ------------------------------------------------------------------ 4-bit rank-1 maxima
+    # ------------------------------------------------------------------ per-dimension maxima (4-bit, SM3)
     def dim_absmax(self, tensors, views) -> list[list[torch.Tensor]]:
         """Per-dimension maxima of ``|x|`` (:meth:`LocalStats.dim_absmax`) over the WHOLE
         tensors: each process reduces the elements it owns; the maxima along dimension 0 of rows

@@ -24,16 +24,22 @@ group), the same tensors from step to step.
 
 from __future__ import annotations
 
+import gc
+import logging
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..core.layout import Layout, Unit
+from ..core.engine import Engine
+from ..core.layout import Layout, Unit, check_state_shapes, mean_over
 from ..core.stats import ParamView
-from .loss import mean_over
-from .select import UnsupportedSharding
-from .stats import ShardedStats
+from .checkpoint import hfoptim_engine
+from .stats import ShardedStats, UnsupportedSharding
+
+logger = logging.getLogger(__name__)
 
 SEGMENTS = "segments"
 
@@ -298,8 +304,6 @@ class ZeroLayout(Layout):
                         f"state_dict entry for the {self.kind} flat partition {pid} has keys {sorted(pstate)}, "
                         f"not per-parameter segments: it was not saved by hfoptim under {self.kind}"
                     )
-                from .checkpoint import check_local_state
-
                 by_index = {piece.segment.index: piece for piece in self.pieces(flat, optimizer, merged)}
                 for index, seg_state in segments.items():
                     piece = by_index.get(segment_key(index))
@@ -311,7 +315,7 @@ class ZeroLayout(Layout):
                     where = f"{pid} (segment {index}, shape {tuple(piece.view.global_shape)})"
                     # one matrix of a fused tensor is checked as a parameter of its own (no layout)
                     param = self._source(flat, piece) if piece.segment.param is None else None
-                    check_local_state(optimizer, piece.view, param, where, seg_state, merged)
+                    check_state_shapes(optimizer, where, param, seg_state, merged, piece.view)
                 self._loaded[id(flat)] = (flat, segments)
         return state_dict
 
@@ -418,3 +422,95 @@ def zero3_layout(zero_optimizer, foreach: bool) -> ZeroLayout:
 
 def _reindex(segment: Segment, index: int) -> Segment:
     return Segment(index, segment.shape, segment.start, segment.stop, segment.pos, segment.cuts)
+
+
+# ---------------------------------------------------------------------- attaching to DeepSpeed
+def _zero_classes() -> tuple:
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer
+
+
+def attach(engine_or_optimizer, *, foreach: bool | None = None) -> Engine:
+    """Install the exact ZeRO layout on the hfoptim optimizer that DeepSpeed wraps.
+
+    ``engine_or_optimizer``: the DeepSpeedEngine returned by ``deepspeed.initialize`` or its
+    ``.optimizer`` (the ZeRO optimizer). Returns the hfoptim optimizer. Raises
+    :class:`~hfoptim.distributed.select.UnsupportedSharding` naming the combination for setups
+    that cannot be exact, and ``TypeError`` when DeepSpeed does not wrap an hfoptim optimizer.
+    """
+    DeepSpeedZeroOptimizer, Stage3, BF16 = _zero_classes()
+    zero = engine_or_optimizer
+    if not isinstance(zero, (DeepSpeedZeroOptimizer, Stage3, BF16)):
+        zero = getattr(engine_or_optimizer, "optimizer", None)
+    engine = hfoptim_engine(getattr(zero, "optimizer", None))
+    if not isinstance(zero, (DeepSpeedZeroOptimizer, Stage3, BF16)):
+        inner = hfoptim_engine(zero) or hfoptim_engine(engine_or_optimizer)
+        if inner is not None:
+            return inner  # no ZeRO partitioning (stage 0 / DDP): parameters are stepped whole
+        raise TypeError(f"attach() needs a DeepSpeed engine or ZeRO optimizer, got {type(engine_or_optimizer)}")
+    if engine is None:
+        wrapped = type(getattr(zero, "optimizer", None)).__name__
+        raise TypeError(f"DeepSpeed's {type(zero).__name__} wraps {wrapped}, not an hfoptim optimizer")
+    refuse_unsupported(zero, engine)
+    fe = engine.foreach if foreach is None else foreach
+    if isinstance(zero, DeepSpeedZeroOptimizer):
+        layout = zero12_layout(zero, fe)
+    elif isinstance(zero, Stage3):
+        layout = zero3_layout(zero, fe)
+    else:
+        layout = bf16_layout(zero, fe)
+    engine.layout = layout
+    return engine
+
+
+def refuse_unsupported(zero, engine: Engine) -> None:
+    name = f"{type(engine).__name__} ({engine.rule.name}) under DeepSpeed {type(zero).__name__}"
+    if getattr(zero, "zenflow", False):
+        raise UnsupportedSharding(
+            f"{name} with ZenFlow: ZenFlow steps part of the parameters with its own CPU optimizer; "
+            f"use plain ZeRO-1/2 (zero_optimization without zenflow)"
+        )
+    if getattr(zero, "swap_optimizer", False):
+        raise UnsupportedSharding(
+            f"{name} with offload_optimizer.device='nvme': DeepSpeed swaps optimizer state to NVMe by its own "
+            f"flat state tensors and would not swap hfoptim's per-parameter state; use offload_optimizer.device='cpu' "
+            f"or no optimizer offload"
+        )
+    if getattr(zero, "backup_optimizer", None) is not None:
+        raise UnsupportedSharding(
+            f"{name} with offload_optimizer.ratio < 1: DeepSpeed steps the GPU sub-groups with its own AdamW; "
+            f"use ratio 1.0 (full CPU offload) or no offload"
+        )
+    if getattr(zero, "elastic_checkpoint", False):
+        raise UnsupportedSharding(
+            f"{name} with zero_optimization.elastic_checkpoint=true: elastic checkpoints merge state tensors "
+            f"by key across partitions, which does not fit per-parameter state; set elastic_checkpoint=false"
+        )
+    if getattr(zero, "torch_autocast_gradscaler", None) is not None and engine.rule.needs_loss:
+        raise UnsupportedSharding(f"{name}: a loss-driven rule under torch autocast's GradScaler step; use bf16")
+
+
+def find_and_attach(engine: Engine) -> ZeroLayout | None:
+    """Find the DeepSpeed ZeRO optimizer that wraps ``engine`` and attach it (once, at the first
+    step when the engine sees flat partitions it was not told about); None if there is none."""
+    if "deepspeed" not in sys.modules:
+        return None
+    try:
+        classes = _zero_classes()
+    except ImportError:  # pragma: no cover - deepspeed half-installed
+        return None
+    with warnings.catch_warnings():  # isinstance() on some lazily imported objects warns
+        warnings.simplefilter("ignore")
+        owners = [
+            obj
+            for obj in gc.get_objects()
+            if isinstance(obj, classes) and hfoptim_engine(getattr(obj, "optimizer", None)) is engine
+        ]
+    if len(owners) != 1:
+        return None
+    attach(owners[0])
+    logger.info("hfoptim: attached to DeepSpeed %s automatically", type(owners[0]).__name__)
+    return engine.layout

@@ -30,8 +30,15 @@ class Modifier:
     #: per-tensor state the modifier keeps (in ``optimizer.state[p]``, next to the rule's); each
     #: slot's ``when`` must say whether the group enables the modifier
     slots: ClassVar[tuple[Slot, ...]] = ()
+    # ``per_unit`` and ``row_local`` are two questions with all four answers in use, so both are
+    # declared: per-row statistics (centralization, AGC's unit norms) are per_unit and row-local;
+    # whole-tensor statistics (cautious masking's mean, the trust ratio's norms) neither; a
+    # per-matrix statistic (a spectral norm) per_unit but not row-local; no statistic at all
+    # row-local but not per_unit. ``per_unit`` decides whether a Conv1D weight may be stepped as
+    # stored (Engine.layout_free: a transpose swaps rows and columns), ``row_local`` whether a
+    # large tensor may be stepped in pieces of whole rows (hfoptim.core.chunking).
     #: True when it takes statistics per output unit (row) or per matrix, which follow the
-    #: parameter's layout; False when its statistics are over the whole tensor only
+    #: parameter's layout; False when its statistics are over the whole tensor only (or none)
     per_unit: ClassVar[bool] = True
     #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
     #: statistics at most): the engine may then step a large tensor in pieces of whole rows

@@ -11,15 +11,14 @@ from .base import GRAD, Modifier
 
 def _unit_sum_sq(ctx, x: TensorList) -> list[torch.Tensor]:
     """Sum of squares per unit: per row (dim 0) for tensors with 2+ dims, whole tensor for 1-D,
-    shaped to broadcast against the tensor."""
-    out = []
-    whole = ctx.sum_sq(x)
-    for i, t in enumerate(x):
-        if t.dim() > 1:
-            out.append(ctx.stats.row_sum_sq(t, ctx.views[i]).view(-1, *([1] * (t.dim() - 1))))
-        else:
-            out.append(whole[i])
-    return out
+    shaped to broadcast against the tensor. Two statistics calls for the list (the rows of the
+    matrices, the totals of the vectors)."""
+    rows = ctx.row_sums(x, square=True)
+    vectors = [i for i, r in enumerate(rows) if r is None]
+    whole = {}
+    if vectors:
+        whole = dict(zip(vectors, ctx.stats.sum_sq([x.tensors[i] for i in vectors], [ctx.views[i] for i in vectors])))
+    return [whole[i] if r is None else r.view(-1, *([1] * (t.dim() - 1))) for i, (t, r) in enumerate(zip(x, rows))]
 
 
 def _unit_numel(ctx, i: int, t: torch.Tensor) -> int:
@@ -108,12 +107,12 @@ class GradientCentralization(Modifier):
 
     def apply(self, ctx, x, g, p):
         out = []
-        for i, t in enumerate(x):
-            if t.dim() > 1:
-                row_mean = ctx.stats.row_sum(t, ctx.views[i]) / _unit_numel(ctx, i, t)
-                out.append(t - row_mean.view(-1, *([1] * (t.dim() - 1))))
-            else:
+        for i, (t, row_sum) in enumerate(zip(x, ctx.row_sums(x))):  # one statistics call for the list
+            if row_sum is None:
                 out.append(t)
+            else:
+                row_mean = row_sum / _unit_numel(ctx, i, t)
+                out.append(t - row_mean.view(-1, *([1] * (t.dim() - 1))))
         return TensorList(out, x.foreach)
 
 

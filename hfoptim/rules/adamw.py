@@ -38,6 +38,7 @@ class AdamWRule(Rule):
     name = "adamw"
     elementwise = True  # but not with adaptive memory (see is_elementwise)
     orientation_free = True  # elementwise, or (adaptive memory) whole-tensor inner products only
+    adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     class_name = "AdamW"
     paper = "Decoupled Weight Decay Regularization, arXiv 1711.05101"
     hyperparams = {

@@ -83,6 +83,7 @@ class AdEMAMixRule(Rule):
 
     elementwise = True
     name = "ademamix"
+    adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True
     class_name = "AdEMAMix"
     paper = "The AdEMAMix Optimizer: Better, Faster, Older, arXiv 2409.03137"

@@ -35,6 +35,7 @@ class DiffGradRule(Rule):
 
     elementwise = True
     name = "diffgrad"
+    adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True
     class_name = "DiffGrad"
     paper = "diffGrad: An Optimization Method for Convolutional Neural Networks, arXiv 1909.11015"

@@ -7,9 +7,11 @@ from ..core.rule import FIRST_MOMENT, Rule, Slot
 
 
 class NSGDARule(Rule):
-    r"""Normalized SGD with momentum (nSGDA), as studied in Jelassi, Mensch, Gidel & Li 2022,
-    "Adam is no better than normalized SGD: Dissecting how adaptivity improves GAN performance";
-    the update is the version of the article the project started from (docs/ALGORITHMS.md, nSGDA).
+    r"""Normalized SGD with momentum (nSGDA), as studied in Jelassi, Dobre, Mensch, Li & Gidel
+    2022, "Dissecting adaptive methods in GANs", arXiv 2210.04319 (first titled "Adam is no better
+    than normalized SGD: Dissecting how adaptivity improves GAN performance"): the momentum
+    direction divided by its norm, one norm per tensor (layer-wise normalization), with ``eps``
+    in the denominator and weight decay added here.
 
     With coupled weight decay (``weight_decay_mode="l2"``, the default) folded into the gradient:
 
@@ -25,14 +27,15 @@ class NSGDARule(Rule):
     that way: every step moves each tensor by ``lr`` in L2 norm (less while ``||m||`` is near
     eps). ``weight_decay_mode="decoupled"``/``"cautious"`` decay the parameter instead.
 
-    Defaults (that article): ``lr=4e-5``, ``momentum=0.9``, ``weight_decay=1e-2``, ``eps=1e-8``.
+    Defaults (the paper gives no reference implementation; these are hfoptim's): ``lr=4e-5``,
+    ``momentum=0.9``, ``weight_decay=1e-2``, ``eps=1e-8``.
     State: ``exp_avg`` (m).
     """
 
     orientation_free = True  # the norm of the whole tensor
     name = "nsgda"
     class_name = "NSGDA"
-    paper = "Adam is no better than normalized SGD: Dissecting how adaptivity improves GAN performance"
+    paper = "Dissecting adaptive methods in GANs, arXiv 2210.04319"
     hyperparams = {
         "lr": HP(4e-5, low=0.0),
         "momentum": HP(0.9, low=0.0, high=1.0, high_open=True),

@@ -116,8 +116,8 @@ class AdaPNMRule(Rule):
     (``ams_bound`` is our ``amsgrad``), adding 1e-15 to the second moment before the root.
     """
 
-    elementwise = True
     name = "adapnm"
+    adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True
     class_name = "AdaPNM"
     paper = "Positive-Negative Momentum, arXiv 2103.17182"

@@ -52,7 +52,8 @@ class SM3Rule(Rule):
 
     **Sharding.** The row maxima of the rows a process holds are local; the maxima of the other
     dimensions are maxima over all rows, combined with one MAX all-reduce for all the tensors of
-    a bucket (``ctx.stats.cover_maxima``), so the accumulators are the whole tensor's.
+    a bucket (``ctx.stats.dim_absmax``, the per-dimension maxima 4-bit state uses too), so the
+    accumulators are the whole tensor's.
 
     **State and bytes.** ``acc_row`` (``n_0`` values; ``numel`` for 0-/1-D tensors) and
     ``acc_rest`` (``n_1 + ... + n_{k-1}``), fp32, plus ``momentum_buffer`` (``numel``) when
@@ -99,10 +100,12 @@ class SM3Rule(Rule):
                 nu.mul_(beta)
             nus.append(nu.addcmul_(gi, gi, value=1 - beta))
             matrices.append(i)
-        stats = ctx.stats.cover_maxima([nus[i] for i in matrices], [ctx.views[i] for i in matrices])
-        for i, (row_max, rest_max) in zip(matrices, stats):
-            _keep(s.acc_row[i], row_max, beta)
-            _keep(s.acc_rest[i], rest_max, beta)
+        # nu >= 0, so its per-dimension maxima of |nu| are SM3's cover: dimension 0 -> acc_row,
+        # the others concatenated -> acc_rest
+        maxima = ctx.stats.dim_absmax([nus[i] for i in matrices], [ctx.views[i] for i in matrices])
+        for i, per_dim in zip(matrices, maxima):
+            _keep(s.acc_row[i], per_dim[0], beta)
+            _keep(s.acc_rest[i], torch.cat(per_dim[1:]), beta)
         for i, gi in enumerate(g):
             if gi.dim() < 2:
                 _keep(s.acc_row[i], nus[i], beta)

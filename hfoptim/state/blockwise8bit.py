@@ -187,9 +187,15 @@ class Blockwise8bit(Codec):
         return dequantize(stored[codes], stored[scale], view, code_of(slot)).to(dtype)
 
     def encode(self, slot, stored, value, view, *, stats=None):
+        self.encode_many(slot, [stored], [value], [view], stats=stats)
+
+    def encode_many(self, slot, stored, values, views, *, stats=None):
+        """The block maxima of all the tensors with one ``stats`` call (one collective under
+        sharding), then each tensor quantized."""
         codes, scale = self.keys(slot)
-        value = value.to(torch.float32)
-        stats = stats or LocalStats()
-        maxima = stats.block_absmax([value], [view], BLOCK)[0]
-        stored[codes].copy_(quantize(value, maxima, view, code_of(slot)))
-        stored[scale].copy_(maxima.reshape(stored[scale].shape))
+        values = [x.to(torch.float32) for x in values]
+        maxima = (stats or LocalStats()).block_absmax(values, views, BLOCK)
+        code = code_of(slot)
+        for s, x, m, v in zip(stored, values, maxima, views):
+            s[codes].copy_(quantize(x, m, v, code))
+            s[scale].copy_(m.reshape(s[scale].shape))

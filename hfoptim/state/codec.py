@@ -17,6 +17,7 @@ and :meth:`Codec.encode`; a codec that reduces nothing ignores it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -25,8 +26,22 @@ from ..core.rule import SCALAR, STATISTIC, Slot
 from ..core.stats import ParamView
 
 
-class Codec:
-    """Base class of storage forms."""
+class Codec(ABC):
+    """Base class of storage forms: the attributes every form declares (the engine, the compiled
+    path and the chunking read them, never guess them) and the four methods it implements
+    (:meth:`shapes`, :meth:`init`, :meth:`decode`, :meth:`encode`).
+
+    ``elementwise`` and ``offset_free`` are two properties, not one: ``elementwise`` (each element
+    stored on its own, independent of its place) implies ``offset_free``, not the reverse. The
+    8-bit form is ``offset_free`` but not ``elementwise`` (one scale per block of a row: a run of
+    whole rows is coded the same wherever it starts, but a transpose regroups the blocks, so the
+    parameter's layout matters); bf16 (rounding noise drawn by flat position) and the forms with
+    per-tensor statistics (4-bit's rank-1 scales, factored, SMMF, shared) are neither; fp32 is
+    both. ``elementwise`` decides whether a parameter's layout can change
+    what is stored (:meth:`hfoptim.core.engine.Engine.layout_free`), ``offset_free`` whether a
+    row piece may be coded as a tensor of its own (:mod:`hfoptim.core.chunking`,
+    :mod:`hfoptim.core.fused`).
+    """
 
     #: name used in ``state=...`` and in registry names (e.g. "8bit")
     name: ClassVar[str] = ""
@@ -45,6 +60,11 @@ class Codec:
     #: branch on a tensor's value
     fusable: ClassVar[bool] = False
 
+    def fusable_for(self, view: ParamView) -> bool:
+        """Whether the compiled path may fuse this form for a tensor of ``view`` (8-/4-bit state
+        needs rows of whole blocks); :attr:`fusable` by default."""
+        return self.fusable
+
     def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
         """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
         that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
@@ -59,18 +79,22 @@ class Codec:
         :func:`hfoptim.core.fused.shard_local`). Elementwise forms: always."""
         return self.elementwise
 
+    @abstractmethod
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:
         """The shape of each stored tensor for ``slot`` of parameter ``p`` (to validate loads)."""
         raise NotImplementedError
 
+    @abstractmethod
     def init(self, slot: Slot, value: torch.Tensor, view: ParamView, *, stats=None) -> dict[str, torch.Tensor]:
         """Stored tensors holding the initial ``value`` (fp32, the parameter's local shape)."""
         raise NotImplementedError
 
+    @abstractmethod
     def decode(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype, *, stats=None) -> torch.Tensor:
         """The slot's value as a tensor of ``dtype`` in the parameter's local shape."""
         raise NotImplementedError
 
+    @abstractmethod
     def encode(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView, *, stats=None) -> None:
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError

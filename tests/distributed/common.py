@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import hfoptim
 from hfoptim.modifiers import GRAD, MODIFIERS
-from hfoptim.registry import _bases
+from hfoptim.registry import bases
 from hfoptim.state.codec import CODECS
 
 #: (name, shape): sizes divide neither by 2 nor by 3 where it matters; "row1" has one row (the
@@ -101,7 +101,7 @@ def all_cases(scope: str) -> list[str]:
     single-suffix name hfoptim lists); "fast": the FAST_PATTERNS subset; else shell patterns,
     comma-separated."""
     names = set()
-    for base in _bases():
+    for base in bases():
         for form in CODECS:
             name = base if form == "fp32" else f"{base}_{form}"
             try:

@@ -41,7 +41,6 @@ CHECKED = {
     "col_sums",
     "block_absmax",
     "any_nonfinite",
-    "cover_maxima",
     "matrix_map",
     "dim_absmax",
 }
@@ -166,18 +165,9 @@ def check_stats(kind: str, failures: list, detail: dict) -> None:
         want = ref.col_sums([full.reshape(full.shape[0], -1)], [ParamView(full.shape)])[0]
         close(f"col_sums[{tuple(full.shape)}]", g, want)
     check_nonfinite(kind, tensors, views, sharded, failures)
-    # SM3's cover maxima of non-negative tensors (2+-D): rows local, other dims whole, one MAX collective
-    squares = [(m.square(), v, full.square()) for m, v, full in zip(tensors, views, fulls) if full.dim() >= 2]
-    before = sharded.collectives
-    got = sharded.cover_maxima([t for t, _, _ in squares], [v for _, v, _ in squares])
-    if sharded.collectives - before > 1:
-        failures.append(f"{kind} cover_maxima: {sharded.collectives - before} collectives for one call")
-    for (rows, rest), (_, v, full) in zip(got, squares):
-        (want_rows, want_rest) = ref.cover_maxima([full], [ParamView(full.shape)])[0]
-        close(f"cover_maxima rows[{tuple(full.shape)}]", rows, want_rows[v.row_start : v.row_start + v.rows])
-        close(f"cover_maxima rest[{tuple(full.shape)}]", rest, want_rest)
     check_matrix_map(kind, sharded, tensors, views, fulls, failures)
-    # 4-bit rank-1 maxima: dimension 0 on this process's rows, the others whole; one collective
+    # per-dimension maxima (4-bit rank-1 normalization, SM3's cover): dimension 0 on this
+    # process's rows, the others whole; one collective
     before = sharded.collectives
     got = sharded.dim_absmax(
         [t for t, v, full in zip(tensors, views, fulls) if full.dim() >= 2],

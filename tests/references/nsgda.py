@@ -2,7 +2,8 @@ import torch
 
 
 class NSGDARef:
-    """Normalized SGD with momentum, the form in docs/ALGORITHMS.md (nSGDA):
+    """Normalized SGD with momentum (Jelassi et al. 2022, "Dissecting adaptive methods in GANs",
+    arXiv 2210.04319), normalized per tensor, eps in the denominator, coupled decay by default:
     m = mu m + (1 - mu)(g + wd p);  p -= lr m / (||m / bc|| bc + eps), norm over the whole tensor."""
 
     def __init__(self, lr, momentum, eps, weight_decay, weight_decay_mode="l2"):

@@ -25,7 +25,7 @@ from typing import Any
 
 from transformers.training_args import OptimizerNames
 
-from ...registry import LOOKAHEAD_SUFFIX, OptimizerSpec, _bases, _suffixes, get_optimizer, list_optimizers
+from ...registry import LOOKAHEAD_SUFFIX, OptimizerSpec, bases, get_optimizer, list_optimizers, suffixes
 
 HFOPTIM_PREFIX = "hfoptim:"
 TRANSFORMERS_PREFIX = "transformers:"
@@ -108,10 +108,10 @@ def _unknown(value: str, hfoptim: bool = True) -> str:
     if close:
         msg += f" Did you mean: {', '.join(close)}?"
     if hfoptim:
-        suffixes = sorted([*_suffixes(), LOOKAHEAD_SUFFIX])
+        all_suffixes = sorted([*suffixes(), LOOKAHEAD_SUFFIX])
         msg += (
-            f" hfoptim names are <base>[_<suffix>...] with bases {', '.join(sorted(_bases()))} and suffixes "
-            f"{', '.join(suffixes)} (every valid combination: hfoptim.list_optimizers())."
+            f" hfoptim names are <base>[_<suffix>...] with bases {', '.join(sorted(bases()))} and suffixes "
+            f"{', '.join(all_suffixes)} (every valid combination: hfoptim.list_optimizers())."
         )
     msg += f" transformers built-ins: {', '.join(builtins)}"
     if hfoptim:

@@ -5,7 +5,7 @@ What the Trainer builds for an hfoptim name:
 - ``lr`` is ``args.learning_rate``; ``weight_decay`` is ``args.weight_decay`` on the parameters
   transformers decays (``Trainer.get_decay_parameter_names``: not biases, not norms) and 0 on the
   others; ``betas[:2]`` and ``eps`` come from ``args.adam_beta1/adam_beta2/adam_epsilon`` for the
-  rules where they mean Adam's (:data:`ADAM_ARGUMENT_RULES`), and nowhere else;
+  rules where they mean Adam's (``Rule.adam_arguments``), and nowhere else;
 - names whose rule has :data:`TRAINER_DEFAULTS` get them (``adafactor``: ``relative_step=False,
   scale_parameter=False``, as transformers' built-in, so the learning rate drives the step);
 - every option in ``optim_args`` overrides those (``lr=...``, ``betas=(0.9,0.99,0.9999)``, ...;
@@ -50,12 +50,6 @@ from ...registry import OptimizerSpec
 from .optim_args import AUTO, OptimArgsError
 
 logger = logging.getLogger(__name__)
-
-#: rules whose first two betas are Adam's (first- and second-moment EMAs) and whose eps is Adam's
-#: denominator epsilon: they take ``adam_beta1``, ``adam_beta2``, ``adam_epsilon`` from the
-#: arguments. Other rules give those betas other meanings (Adan, Lion, AdaLo's loss EMA), so the
-#: arguments are not applied there; set them in ``optim_args``.
-ADAM_ARGUMENT_RULES = frozenset({"adamw", "ademamix", "adanorm", "adapnm", "diffgrad"})
 
 #: options that accept ``auto``: the total number of optimizer steps of the run
 AUTO_TOTAL_STEPS = frozenset({"t_alpha", "t_beta3"})
@@ -242,10 +236,11 @@ def role_options(model: nn.Module, spec: OptimizerSpec, by_name: dict) -> dict[s
 
 
 def adam_arguments(args, spec: OptimizerSpec) -> dict[str, Any]:
-    """``betas``/``eps`` from ``args.adam_*`` for rules in :data:`ADAM_ARGUMENT_RULES`; a warning
-    where the user changed them for a rule that does not take them."""
+    """``betas``/``eps`` from ``args.adam_*`` for rules whose betas and eps are Adam's
+    (``Rule.adam_arguments``; other rules give them other meanings: set them in ``optim_args``);
+    a warning where the user changed them for a rule that does not take them."""
     rule = spec.rule
-    if rule.name in ADAM_ARGUMENT_RULES:
+    if rule.adam_arguments:
         out = {}
         betas = rule.hyperparams.get("betas")
         if betas is not None and betas.kind == "floats" and (betas.length or 0) >= 2:
