@@ -17,7 +17,7 @@ measures, in a fresh process per layout:
   (reset by writing 5 to ``/proc/self/clear_refs`` just before the step) minus ``VmRSS`` before
   it, after ``malloc_trim`` returned the allocator's free memory; on CUDA:
   ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
-* ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.fused.calls``).
+* ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``).
 
 The CPU (``lscpu``'s model name and flags) and the load average are recorded with the results:
 timings on a loaded or different machine are not comparable. Results:
@@ -117,7 +117,7 @@ def worker(args) -> int:
     import torch.distributed as dist
 
     import hfoptim
-    from hfoptim.core import fused
+    from hfoptim.core import compiled_step
 
     device = torch.device(args.device)
     distributed = args.layout != "one"
@@ -224,7 +224,7 @@ def worker(args) -> int:
         base_step, _ = build(shapes, "torch_adamw")
         base_step()
         for name in args.names.split(","):
-            before_calls = sum(fused.calls.values())
+            before_calls = sum(compiled_step.calls.values())
             try:
                 step, local_numel = build(shapes, name)
                 sync()
@@ -235,7 +235,7 @@ def worker(args) -> int:
             except Exception as error:  # a name this layout refuses: record it
                 rows.append({"set": label, "name": name, "error": str(error).splitlines()[0][:200]})
                 continue
-            compiled = sum(fused.calls.values()) - before_calls
+            compiled = sum(compiled_step.calls.values()) - before_calls
             step()  # a second step: no compilation left in what is timed
             cand, base = [], []
             for r in range(args.rounds):

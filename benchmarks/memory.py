@@ -217,7 +217,7 @@ def measure_names(names: list[str], params: list[torch.nn.Parameter], log) -> li
 
 
 def _engine_options(spec) -> set[str]:
-    from hfoptim.core.engine import engine_hyperparams
+    from hfoptim.core.optimizer import engine_hyperparams
 
     return set(engine_hyperparams(spec.rule))
 

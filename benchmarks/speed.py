@@ -15,7 +15,7 @@ Measured, to keep the run bounded:
 
 * both paths of the dense step for :data:`BOTH_PATHS` (AdamW, AdEMAMix, Adan, Adafactor, LAMB,
   Adam-atan2, diffGrad, SMMF) at every size: the default compiled one (``compile="auto"``, one
-  torch.compile kernel per parameter, see ``hfoptim.core.fused``; labelled by the name) and the
+  torch.compile kernel per parameter, see ``hfoptim.core.compiled_step``; labelled by the name) and the
   plain ``foreach`` one (labelled ``compile=off``); next to torch AdamW fused and
   ``torch.compile``'d (PyTorch's recipe, ``torch.compile(optimizer.step)``);
 * 6M: every other hfoptim base name with its default state and its ``_factored``, ``_smmf`` and
@@ -442,10 +442,10 @@ def run_size(
 def _compile_failure() -> str | None:
     """hfoptim's note when torch.compile failed and compressed state fell back to the plain path."""
     try:
-        from hfoptim.core import fused
+        from hfoptim.core import compiled_step
     except ImportError:
         return None
-    failed = getattr(fused, "_failed", None)
+    failed = getattr(compiled_step, "_failed", None)
     return f"compile failed, plain path: {failed}" if failed else None
 
 

@@ -7,8 +7,8 @@
 
 from . import distributed  # noqa: F401  (installs the step-time choice of sharded layouts)
 from .convert import convert_state_dict
-from .core.engine import Engine
 from .core.hparams import HyperparameterError
+from .core.optimizer import RuleOptimizer
 from .core.param_layout import ParamLayout
 from .lookahead import Lookahead
 from .optimizers import (  # the public classes, one per rule (CLASSES: by registry name)
@@ -50,7 +50,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "CLASSES",
-    "Engine",
+    "RuleOptimizer",
     "convert_state_dict",
     *TRAINER_NAMES,
     "HyperparameterError",

@@ -290,7 +290,7 @@ def _measure(args: argparse.Namespace, options: dict) -> dict:
 def _measure_options(name: str, options: dict) -> dict:
     """One step measures memory, not speed: skip torch.compile (same state, no compile wait)
     unless the user asked for it."""
-    from .core.engine import engine_hyperparams
+    from .core.optimizer import engine_hyperparams
     from .registry import get_optimizer
 
     if "compile" in engine_hyperparams(get_optimizer(name).rule) and "compile" not in options:

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from .core.engine import PASSTHROUGH_GROUP_KEYS, STATE_DICT_TAG, Engine
+from .core.optimizer import PASSTHROUGH_GROUP_KEYS, STATE_DICT_TAG, RuleOptimizer
 
 #: what torch's Adam/AdamW keep in a parameter group and hfoptim takes over
 TORCH_HYPERPARAMS = ("lr", "betas", "eps", "weight_decay", "maximize")
@@ -53,7 +53,9 @@ BNB_BLOCKSIZES = (256, 64, 128, 512, 1024, 2048, 4096)
 SOURCES = ("torch_adamw", "torch_adam", "bitsandbytes")
 
 
-def convert_state_dict(state_dict: dict[str, Any], optimizer: Engine, source: str | None = None) -> dict[str, Any]:
+def convert_state_dict(
+    state_dict: dict[str, Any], optimizer: RuleOptimizer, source: str | None = None
+) -> dict[str, Any]:
     """A state dict that ``optimizer.load_state_dict`` loads, from a torch or bitsandbytes
     Adam/AdamW state dict (see the module docstring).
 
@@ -67,7 +69,7 @@ def convert_state_dict(state_dict: dict[str, Any], optimizer: Engine, source: st
             the state dict (torch's groups say ``decoupled_weight_decay``; a torch state dict
             without it and with a non-zero weight decay is ambiguous and needs ``source``).
     """
-    if not isinstance(optimizer, Engine) or optimizer.rule.name != "adamw":
+    if not isinstance(optimizer, RuleOptimizer) or optimizer.rule.name != "adamw":
         raise ValueError(
             f"convert_state_dict converts Adam/AdamW state into an hfoptim adamw optimizer (hfoptim.AdamW or an "
             f"'adamw*' name); got {type(optimizer).__name__}"

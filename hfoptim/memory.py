@@ -37,7 +37,7 @@ import torch
 
 from . import roles
 from .core import param_layout
-from .core.engine import Engine
+from .core.optimizer import RuleOptimizer
 from .core.param_layout import ParamLayout
 from .core.stats import ParamView
 from .models import model_from_config
@@ -266,7 +266,7 @@ def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) ->
         spec = get_optimizer(optimizer)
     elif isinstance(optimizer, OptimizerSpec):
         spec = optimizer
-    elif isinstance(optimizer, type) and issubclass(optimizer, Engine):
+    elif isinstance(optimizer, type) and issubclass(optimizer, RuleOptimizer):
         spec = OptimizerSpec(optimizer.rule_class.name, optimizer.rule_class, {})
     else:
         raise TypeError(f"estimate() needs an optimizer name, an OptimizerSpec or an hfoptim class, got {optimizer!r}")
@@ -289,13 +289,13 @@ def estimate(source, optimizer: Any = "adamw", *, model_class=None, **kwargs) ->
     elif by_name:
         raise ValueError(f"{', '.join(by_name)} choose Muon's parameter roles from a model; not for {spec.name!r}")
     built = spec(targets, param_layouts=declared, **kwargs)  # validates; allocates nothing (state is lazy)
-    engine = next(o for o in _chain(built) if isinstance(o, Engine))
+    engine = next(o for o in _chain(built) if isinstance(o, RuleOptimizer))
     rule = engine.rule
     slots = [(slot.name, slot.kind) for slot in rule.slots]
     for group in engine.param_groups:
         for p in group["params"]:
             view = engine.param_view(p)
-            dtype = Engine.compute_dtype(p)
+            dtype = RuleOptimizer.compute_dtype(p)
             # stepped through its canonical view: the state of one matrix, once per matrix
             stepped = engine.stepped_as(group, engine.layout_of(p), view.global_shape)
             matrices, one = (1, p) if stepped is None else (stepped[0], _meta(torch.empty(stepped[1], device="meta")))

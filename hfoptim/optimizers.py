@@ -1,6 +1,6 @@
 """The public optimizer classes, one per rule: ``hfoptim.AdamW``, ``hfoptim.AdEMAMix``, ...
 
-Each is the :class:`~hfoptim.core.engine.Engine` bound to one rule, written out here (not made at
+Each is the :class:`~hfoptim.core.optimizer.RuleOptimizer` bound to one rule, written out here (not made at
 import time) so that ``help(hfoptim.AdEMAMix)``, IDEs, type checkers and autodoc see it; its
 docstring is the rule's (the update as math, the paper). ``tests/test_registry_classes.py`` checks
 that every registered rule has its class here and nothing else is here. Names with options
@@ -9,7 +9,7 @@ that every registered rule has its class here and nothing else is here. Names wi
 
 from __future__ import annotations
 
-from .core.engine import Engine
+from .core.optimizer import RuleOptimizer
 from .rules.adafactor import AdafactorRule
 from .rules.adagl import AdaGLRule
 from .rules.adalo import AdaLoRule
@@ -28,93 +28,93 @@ from .rules.sm3 import SM3Rule
 from .rules.smmf import SMMFRule
 
 
-class Adafactor(Engine):
+class Adafactor(RuleOptimizer):
     __doc__ = AdafactorRule.__doc__
     rule_class = AdafactorRule
 
 
-class AdaGL(Engine):
+class AdaGL(RuleOptimizer):
     __doc__ = AdaGLRule.__doc__
     rule_class = AdaGLRule
 
 
-class AdaLo(Engine):
+class AdaLo(RuleOptimizer):
     __doc__ = AdaLoRule.__doc__
     rule_class = AdaLoRule
 
 
-class AdaMomentum(Engine):
+class AdaMomentum(RuleOptimizer):
     __doc__ = AdaMomentumRule.__doc__
     rule_class = AdaMomentumRule
 
 
-class AdamW(Engine):
+class AdamW(RuleOptimizer):
     __doc__ = AdamWRule.__doc__
     rule_class = AdamWRule
 
 
-class Adan(Engine):
+class Adan(RuleOptimizer):
     __doc__ = AdanRule.__doc__
     rule_class = AdanRule
 
 
-class AdaNorm(Engine):
+class AdaNorm(RuleOptimizer):
     __doc__ = AdaNormRule.__doc__
     rule_class = AdaNormRule
 
 
-class AdEMAMix(Engine):
+class AdEMAMix(RuleOptimizer):
     __doc__ = AdEMAMixRule.__doc__
     rule_class = AdEMAMixRule
 
 
-class Amos(Engine):
+class Amos(RuleOptimizer):
     __doc__ = AmosRule.__doc__
     rule_class = AmosRule
 
 
-class DiffGrad(Engine):
+class DiffGrad(RuleOptimizer):
     __doc__ = DiffGradRule.__doc__
     rule_class = DiffGradRule
 
 
-class Muon(Engine):
+class Muon(RuleOptimizer):
     __doc__ = MuonRule.__doc__
     rule_class = MuonRule
 
 
-class NSGDA(Engine):
+class NSGDA(RuleOptimizer):
     __doc__ = NSGDARule.__doc__
     rule_class = NSGDARule
 
 
-class AdaPNM(Engine):
+class AdaPNM(RuleOptimizer):
     __doc__ = AdaPNMRule.__doc__
     rule_class = AdaPNMRule
 
 
-class PNM(Engine):
+class PNM(RuleOptimizer):
     __doc__ = PNMRule.__doc__
     rule_class = PNMRule
 
 
-class SGD(Engine):
+class SGD(RuleOptimizer):
     __doc__ = SGDRule.__doc__
     rule_class = SGDRule
 
 
-class SM3(Engine):
+class SM3(RuleOptimizer):
     __doc__ = SM3Rule.__doc__
     rule_class = SM3Rule
 
 
-class SMMF(Engine):
+class SMMF(RuleOptimizer):
     __doc__ = SMMFRule.__doc__
     rule_class = SMMFRule
 
 
 #: every class above by its rule's registry name
-CLASSES: dict[str, type[Engine]] = {
+CLASSES: dict[str, type[RuleOptimizer]] = {
     cls.rule_class.name: cls
     for cls in (
         Adafactor,

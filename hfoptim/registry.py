@@ -16,8 +16,8 @@ import torch
 
 from . import roles
 from .core import param_layout
-from .core.engine import Engine, validate_options
 from .core.hparams import HyperparameterError
+from .core.optimizer import RuleOptimizer, validate_options
 from .core.rule import Rule
 from .lookahead import Lookahead
 from .modifiers import MODIFIERS
@@ -73,7 +73,7 @@ class OptimizerSpec:
     lookahead: bool = False
 
     @property
-    def optimizer_class(self) -> type[Engine]:
+    def optimizer_class(self) -> type[RuleOptimizer]:
         return CLASSES[self.rule.name]
 
     def __call__(self, params, **kwargs) -> torch.optim.Optimizer:

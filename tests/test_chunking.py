@@ -13,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import hfoptim
-from hfoptim.core import chunking, fused
+from hfoptim.core import chunking, compiled_step
 
 #: cut into row pieces (2-D, 3-D), not cut (1-D, small), rows of a short 8-bit block
 SHAPES = [(300, 300), (48, 1000), (60, 7, 80), (5000,), (8, 8)]
@@ -133,12 +133,12 @@ def test_an_embedding_step_stays_within_the_chunk_budget():
 def test_compiled_pieces_equal_the_compiled_whole_step(name):
     """The compiled kernel of a piece (rows from 0, the whole shape's storage choice) computes
     what the kernel of the whole tensor computes."""
-    fused.reset()
+    compiled_step.reset()
     try:
         chunked = _run(name, SMALL, compile="on")
-        counts = {key[1]: n for key, n in fused.calls.items()}
+        counts = {key[1]: n for key, n in compiled_step.calls.items()}
         assert counts[(60, 300)] == 5 * 3 and counts[(16, 1000)] == 3 * 3  # 5 and 3 pieces, 3 steps
         whole = _run(name, 0, compile="on")
     finally:
-        fused.reset()
+        compiled_step.reset()
     _assert_same(chunked, whole)

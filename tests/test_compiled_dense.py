@@ -1,7 +1,7 @@
-"""The compiled path (hfoptim.core.fused) for dense fp32 state and the other uncompressed forms.
+"""The compiled path (hfoptim.core.compiled_step) for dense fp32 state and the other uncompressed forms.
 
 Every registered name whose state is not 8-bit, 4-bit or bf16 either takes the compiled path or
-is one of the named exceptions (:func:`hfoptim.core.fused.plain_reason`). The compiled step
+is one of the named exceptions (:func:`hfoptim.core.compiled_step.plain_reason`). The compiled step
 agrees with the plain one in float64 and float32, with no graph break and one graph per shape:
 a learning-rate schedule and the step counter are traced inputs, not recompiles.
 """
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import fused
+from hfoptim.core import compiled_step
 
 COMPRESSED = ("_4bit", "_8bit", "_bf16")
 #: the names that stay on the plain path, and why (the test below checks the reason given)
@@ -70,7 +70,7 @@ def test_every_dense_name_compiles_or_is_a_named_exception():
         params = [torch.nn.Parameter(torch.zeros(s)) for s in SHAPES]
         opt = hfoptim.create_optimizer(params, name, compile="on", **HP)
         engine = getattr(opt, "optimizer", opt)  # a Lookahead wraps the engine
-        reasons = {fused.plain_reason(engine, group, torch.device("cpu")) for group in engine.param_groups}
+        reasons = {compiled_step.plain_reason(engine, group, torch.device("cpu")) for group in engine.param_groups}
         expected = _exceptions(name)
         if not expected:
             assert reasons == {None}, (name, reasons)
@@ -104,15 +104,15 @@ def test_compiled_dense_step_agrees_with_the_plain_step(name):
     from torch._dynamo.utils import counters
 
     for dtype, tol in ((torch.float64, dict(rtol=1e-10, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=1e-6))):
-        fused.reset()
+        compiled_step.reset()
         counters.clear()
         compiled, c_opt = _run(name, "on", dtype)
         assert not counters["graph_break"], dict(counters["graph_break"])
-        kernels = len(fused.calls)
+        kernels = len(compiled_step.calls)
         # one graph per compiled shape, whatever the learning rate and the step
-        assert kernels == (1 if name == "muon" else len(SHAPES)), fused.calls
+        assert kernels == (1 if name == "muon" else len(SHAPES)), compiled_step.calls
         assert counters["stats"]["unique_graphs"] == kernels, dict(counters["stats"])
-        assert sum(fused.calls.values()) == 4 * kernels
+        assert sum(compiled_step.calls.values()) == 4 * kernels
         plain, p_opt = _run(name, "off", dtype)
         for p, q in zip(compiled, plain):
             torch.testing.assert_close(p, q, **tol)
@@ -123,10 +123,10 @@ def test_compiled_dense_step_agrees_with_the_plain_step(name):
 def test_auto_leaves_small_tensors_plain():
     """``compile="auto"`` (the default) compiles tensors of AUTO_MIN_NUMEL elements or more only:
     the small tensors of tests and of tiny models never pay a compilation."""
-    fused.reset()
+    compiled_step.reset()
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = hfoptim.create_optimizer(params, "adamw", **HP)
     for p in params:
         p.grad = torch.ones_like(p)
     opt.step()
-    assert not fused.calls
+    assert not compiled_step.calls

@@ -1,4 +1,4 @@
-"""Which shards the compiled kernel may step alone (hfoptim.core.fused.shard_local).
+"""Which shards the compiled kernel may step alone (hfoptim.core.compiled_step.shard_local).
 
 A shard takes the kernel only when its step needs nothing of another process; the decision
 must read only what every process shares (options, global shape, process boundaries), or the
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import fused
+from hfoptim.core import compiled_step
 from hfoptim.core.stats import ParamView, PieceStats
 from hfoptim.state import resolve
 
@@ -30,7 +30,7 @@ def local(name: str, view: ParamView, **options) -> bool:
     group = opt.param_groups[0]
     slots = opt.rule.active_slots(group)
     codecs = [resolve.codec_for(opt.rule, slot, group, view) for slot in slots]
-    return fused.shard_local(opt, group, view, slots, codecs)
+    return compiled_step.shard_local(opt, group, view, slots, codecs)
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_bf16"])

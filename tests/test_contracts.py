@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import fused
+from hfoptim.core import compiled_step
 from hfoptim.core.context import StepContext
 from hfoptim.core.layout import Layout, LocalLayout
 from hfoptim.core.rule import FIRST_MOMENT, Slot
@@ -66,7 +66,7 @@ def test_every_storage_form_declares_the_contract():
 
 
 def test_the_engine_reads_declared_attributes_only():
-    for module in (fused, checkpoint):
+    for module in (compiled_step, checkpoint):
         source = inspect.getsource(module)
         for attribute in ("fusable", "fusable_for", "units_without_grad"):
             assert f'"{attribute}"' not in source, (module.__name__, attribute)

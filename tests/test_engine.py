@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core.engine import engine_hyperparams
+from hfoptim.core.optimizer import engine_hyperparams
 from hfoptim.lookahead import Lookahead
 
 NAMES = hfoptim.list_optimizers()

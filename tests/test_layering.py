@@ -37,9 +37,9 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "hfoptim.core.layout",
             "hfoptim.core.step",
-            "hfoptim.core.fused",
+            "hfoptim.core.compiled_step",
             "hfoptim.core.chunking",
-            "hfoptim.core.engine",
+            "hfoptim.core.optimizer",
             "hfoptim.optimizers",
             "hfoptim.lookahead",
             "hfoptim.registry",

@@ -7,7 +7,7 @@ import torch
 from pytorch_optimizer import Lamb as POLamb
 
 import hfoptim
-from hfoptim.core.engine import Engine
+from hfoptim.core.optimizer import RuleOptimizer
 from hfoptim.rules.adamw import AdamWRule
 from tests.anchor import compare_with_anchor
 from tests.harness import check_parity, gradients
@@ -50,7 +50,7 @@ CASES = {
 
 
 def make(params, foreach, options):
-    return Engine(params, AdamWAnyDecayRule, foreach=foreach, **{**HP, **options})
+    return RuleOptimizer(params, AdamWAnyDecayRule, foreach=foreach, **{**HP, **options})
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -12,8 +12,8 @@ import torch
 
 import hfoptim
 from hfoptim import optimizers
-from hfoptim.core.engine import Engine, validate_options
 from hfoptim.core.hparams import HyperparameterError
+from hfoptim.core.optimizer import RuleOptimizer, validate_options
 from hfoptim.registry import bases, list_optimizers, suffixes
 from hfoptim.rules import RULES
 
@@ -28,7 +28,7 @@ def test_every_rule_has_its_static_class_and_nothing_else():
     assert set(optimizers.CLASSES) == set(RULES)
     for name, rule in RULES.items():
         cls = optimizers.CLASSES[name]
-        assert cls.__name__ == expected_class_name(rule) and issubclass(cls, Engine) and cls.rule_class is rule
+        assert cls.__name__ == expected_class_name(rule) and issubclass(cls, RuleOptimizer) and cls.rule_class is rule
         assert getattr(hfoptim, cls.__name__) is cls and cls.__name__ in hfoptim.__all__
         assert cls.__doc__ and cls.__doc__ == rule.__doc__
         assert hfoptim.get_optimizer(name).optimizer_class is cls

@@ -1,4 +1,4 @@
-"""Resumes that keep what the user asked for (hfoptim.state.convert, Engine.load_state_dict).
+"""Resumes that keep what the user asked for (hfoptim.state.convert, RuleOptimizer.load_state_dict).
 
 What is proven here:
 

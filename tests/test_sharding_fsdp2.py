@@ -51,7 +51,7 @@ def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path
     """compile='on' (sharded and one-process runs): the fused kernel steps the local rows of every
     matrix (FSDP2 shards whole rows, so 8-bit blocks are whole) and the bf16 vectors; the 8-bit
     vectors, whose blocks a boundary cuts, keep the plain path beside them. The worker counts the
-    kernels the sharded optimizer ran (hfoptim.core.fused.calls) and fails when none did;
+    kernels the sharded optimizer ran (hfoptim.core.compiled_step.calls) and fails when none did;
     parameters and state (8-bit codes exactly) equal the one-process run."""
     args = ["--cases", "adamw_8bit,adamw_bf16", "--compile", "on"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)

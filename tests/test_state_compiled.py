@@ -1,4 +1,4 @@
-"""The compiled path for compressed state (hfoptim.core.fused).
+"""The compiled path for compressed state (hfoptim.core.compiled_step).
 
 The same rule code runs traced by torch.compile, one kernel per parameter; it must agree with
 the plain path (up to floating-point contraction, which can move a value sitting on a code
@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import fused
+from hfoptim.core import compiled_step
 from hfoptim.core.stats import ParamView
 from hfoptim.state.blockwise8bit import dequantize, quantize, scale_shape
 from hfoptim.state.dynamic_code import SIGNED, UNSIGNED, decode_codes
@@ -72,7 +72,7 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
 def test_compiled_path_agrees_with_the_plain_path(name):
     from torch._dynamo.utils import counters
 
-    fused.reset()
+    compiled_step.reset()
     counters.clear()
     compiled, c_opt = _run(name, "on", lr_schedule=True)
     plain, p_opt = _run(name, "off", lr_schedule=True)
@@ -157,13 +157,13 @@ def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    fused.reset()
-    monkeypatch.setattr(fused, "_compiled_fn", lambda key=(): broken)
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fallback, f_opt = _run("adamw_8bit", "on")
     monkeypatch.undo()
-    fused.reset()
+    compiled_step.reset()
     assert sum("torch.compile failed" in str(w.message) for w in caught) == 1
     plain, p_opt = _run("adamw_8bit", "off")
     for p, q in zip(fallback, plain):
@@ -177,8 +177,8 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
         calls.append(tuple(args[2].shape))
         raise RuntimeError("stop")  # then the plain path runs
 
-    fused.reset()
-    monkeypatch.setattr(fused, "_compiled_fn", lambda key=(): spy)
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): spy)
     params = [torch.nn.Parameter(torch.zeros(256, 256)), torch.nn.Parameter(torch.zeros(64, 64))]
     for p in params:
         p.grad = torch.ones_like(p)
@@ -186,7 +186,7 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
         warnings.simplefilter("ignore")
         hfoptim.create_optimizer(params, "adamw_8bit").step()  # compile="auto"
     assert calls == [(256, 256)]  # 65536 elements: compiled; 4096: plain
-    fused.reset()
+    compiled_step.reset()
     calls.clear()
     hfoptim.create_optimizer(params, "adamw_8bit", compile="off").step()
     assert calls == []
@@ -194,8 +194,8 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
         warnings.simplefilter("ignore")
         hfoptim.create_optimizer(params, "adamw").step()  # dense state compiles too (large tensors)
     assert calls == [(256, 256)]
-    fused.reset()
-    fused.reset()
+    compiled_step.reset()
+    compiled_step.reset()
 
 
 @pytest.mark.slow
@@ -218,9 +218,9 @@ def test_compiled_path_steps_experts_and_conv1d_as_the_plain_path(name):
             opt.step()
         return (experts, conv), opt
 
-    fused.reset()
+    compiled_step.reset()
     compiled, c_opt = run("on")
-    assert fused._compiled and fused._failed is None
+    assert compiled_step._compiled and compiled_step._failed is None
     plain, p_opt = run("off")
     for p, q in zip(compiled, plain):
         # a rounding difference may flip a rare 8-bit code (module docstring): that element's

@@ -1,4 +1,4 @@
-"""The compiled path (hfoptim.core.fused) under a real ``HFOptimTrainer`` with a learning-rate
+"""The compiled path (hfoptim.core.compiled_step) under a real ``HFOptimTrainer`` with a learning-rate
 schedule.
 
 The Trainer's scheduler writes a new ``group["lr"]`` at every step (warm-up, then decay). The
@@ -18,7 +18,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hfoptim import HFOptimTrainer, HFOptimTrainingArguments
-from hfoptim.core import fused
+from hfoptim.core import compiled_step
 from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
 
 
@@ -28,7 +28,7 @@ def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(t
     # hitting the limit would raise (and the engine fall back to the plain path with a warning)
     # instead of silently running the traced function uncompiled
     monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
-    fused.reset()
+    compiled_step.reset()
     counters.clear()
     args = HFOptimTrainingArguments(
         **run_args(
@@ -43,7 +43,7 @@ def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(t
     )
     trainer = HFOptimTrainer(model=tiny_llama(), args=args, train_dataset=TokenData(n=4 * steps))
     lrs = []
-    with caplog.at_level(logging.INFO, logger="hfoptim.core.fused"):
+    with caplog.at_level(logging.INFO, logger="hfoptim.core.compiled_step"):
         trainer.train()
         lrs = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
     opt = inner_optimizer(trainer)
@@ -55,19 +55,19 @@ def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(t
     assert any("exp_avg.codes" in opt.state[p] for p in params) and any("exp_avg" in opt.state[p] for p in params)
     shapes = Counter(tuple(p.shape) for p in params)
     assert len(shapes) >= 3 and len(params) > len(shapes)  # several shapes, shapes shared by parameters
-    assert fused._failed is None
+    assert compiled_step._failed is None
     # every parameter at every step went through the compiled kernel of its shape (one kernel per
     # shape and parameter group: the groups' options differ) ...
     per_shape = Counter()
-    for key, n in fused.calls.items():
+    for key, n in compiled_step.calls.items():
         per_shape[key[1]] += n
     assert per_shape == {s: n * steps for s, n in shapes.items()}
     # ... which was traced and compiled once: no recompilation for the learning rate or the step
-    assert counters["stats"]["unique_graphs"] == len(fused.calls), dict(counters["stats"])
-    assert counters["frames"]["total"] == len(fused.calls), dict(counters["frames"])
+    assert counters["stats"]["unique_graphs"] == len(compiled_step.calls), dict(counters["stats"])
+    assert counters["frames"]["total"] == len(compiled_step.calls), dict(counters["frames"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     # compiling is announced: once as a warning, then per shape with its time
-    messages = [r.getMessage() for r in caplog.records if r.name == "hfoptim.core.fused"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "hfoptim.core.compiled_step"]
     assert sum("compiling the fused optimizer step" in m for m in messages) == 1
-    assert sum(m.startswith("hfoptim: compiled the fused adamw step") for m in messages) == len(fused.calls)
-    fused.reset()
+    assert sum(m.startswith("hfoptim: compiled the fused adamw step") for m in messages) == len(compiled_step.calls)
+    compiled_step.reset()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from hfoptim.core.engine import optimizer_class
 from hfoptim.core.hparams import HP
+from hfoptim.core.optimizer import optimizer_class
 from hfoptim.core.rule import Rule
 
 VOCAB = 128

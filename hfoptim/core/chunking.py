@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from ..modifiers import MODIFIERS
 from ..state import resolve
-from . import fused
+from . import compiled_step
 from .layout import Unit
 from .stats import LocalStats, ParamView, PieceStats
 
@@ -60,7 +60,9 @@ def cuttable(engine, group: dict, unit: Unit) -> bool:
         return False
     # the compiled path steps a piece as rows from 0: a form whose stored values depend on the
     # rows' place (bf16's rounding bits) keeps the tensor whole there rather than lose the kernel
-    return all(codec.offset_free for _, codec in codecs) or not fused.takes(engine, group, unit, engine.layout.stats)
+    return all(codec.offset_free for _, codec in codecs) or not compiled_step.takes(
+        engine, group, unit, engine.layout.stats
+    )
 
 
 def rows_per_piece(rows: int, row_len: int, limit: int) -> int:

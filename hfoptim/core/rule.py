@@ -134,7 +134,7 @@ class Rule:
 
     def compiles(self, group: dict) -> bool:
         """Whether parameters of ``group`` may take the compiled per-parameter path
-        (:mod:`hfoptim.core.fused`): False for an update that needs the whole matrix at once
+        (:mod:`hfoptim.core.compiled_step`): False for an update that needs the whole matrix at once
         through a collective (Muon's orthogonalization)."""
         return True
 

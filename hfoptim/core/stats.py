@@ -324,7 +324,7 @@ def unblocked(x: torch.Tensor, view: ParamView, block: int) -> torch.Tensor:
 class PieceStats(LocalStats):
     """Statistics for row pieces: of tensors held whole (the engine's ``chunk_bytes``), or the
     shards of whole rows and whole blocks that the compiled path steps alone
-    (:func:`hfoptim.core.fused.shard_local`). Per-row and per-block statistics of a piece are
+    (:func:`hfoptim.core.compiled_step.shard_local`). Per-row and per-block statistics of a piece are
     those of its rows in the whole tensor, so they are allowed; a statistic of the whole tensor
     (a norm, a sum, column sums, the 4-bit per-dimension maxima) is not in a piece, and asking
     for one is an error (only rules, modifiers and storage forms that need none are stepped in

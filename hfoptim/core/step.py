@@ -1,5 +1,5 @@
 """One step of a bucket's tensors after the bookkeeping: the flow the plain path runs for a
-bucket and the compiled path (:mod:`hfoptim.core.fused`) traces for one parameter.
+bucket and the compiled path (:mod:`hfoptim.core.compiled_step`) traces for one parameter.
 
 Per step: gradient modifiers -> l2 decay -> decode the slots -> ``rule.update`` -> encode ->
 update modifiers -> weight decay and ``p <- p - lr u`` -> post modifiers (CPR). Both step paths
@@ -40,7 +40,7 @@ def advance(
     """One step of the tensors of a bucket after the bookkeeping: gradient modifiers -> l2 decay
     -> decode the slots -> ``rule.update`` -> encode -> update modifiers -> weight decay and
     ``p <- p - lr u`` (``p_work`` in place) -> post modifiers (CPR). The plain path calls it for a
-    bucket; the compiled path (:mod:`hfoptim.core.fused`) traces it for one parameter. With
+    bucket; the compiled path (:mod:`hfoptim.core.compiled_step`) traces it for one parameter. With
     ``defer`` everything up to the update direction runs now and the rest is returned as a
     :class:`PendingUpdate` (stable weight decay: the engine applies it once every bucket has
     its second moment)."""

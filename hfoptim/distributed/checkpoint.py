@@ -34,8 +34,8 @@ import math
 import torch
 from torch.distributed.tensor import DTensor
 
-from ..core.engine import Engine
 from ..core.layout import transposed_view
+from ..core.optimizer import RuleOptimizer
 from ..core.stats import ParamView
 from ..state import resolve
 
@@ -198,11 +198,11 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
 
 
 # ---------------------------------------------------------------------- state without a step
-def hfoptim_engine(optimizer) -> Engine | None:
-    """The hfoptim Engine inside ``optimizer`` (itself, or inside wrappers such as Lookahead)."""
+def hfoptim_engine(optimizer) -> RuleOptimizer | None:
+    """The hfoptim RuleOptimizer inside ``optimizer`` (itself, or inside wrappers such as Lookahead)."""
     seen = 0
     while optimizer is not None and seen < 8:
-        if isinstance(optimizer, Engine):
+        if isinstance(optimizer, RuleOptimizer):
             return optimizer
         optimizer = getattr(optimizer, "optimizer", None)
         seen += 1

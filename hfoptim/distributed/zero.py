@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..core.engine import Engine
 from ..core.layout import Layout, Unit, check_state_shapes, mean_over
+from ..core.optimizer import RuleOptimizer
 from ..core.stats import ParamView
 from .checkpoint import hfoptim_engine
 from .stats import ShardedStats, UnsupportedSharding
@@ -237,7 +237,7 @@ class ZeroLayout(Layout):
 
     def pieces(self, flat: torch.Tensor, optimizer=None, group: dict | None = None) -> list[_Piece]:
         """The pieces of ``flat``; with ``optimizer`` and ``group``, the parameters stepped as a
-        batch of matrices (fused experts, :meth:`~hfoptim.core.engine.Engine.stepped_as`) come
+        batch of matrices (fused experts, :meth:`~hfoptim.core.optimizer.RuleOptimizer.stepped_as`) come
         as one piece per matrix."""
         fg = self._flat_group(flat)
         split = self._batched(fg, optimizer, group) if optimizer is not None else {}
@@ -433,7 +433,7 @@ def _zero_classes() -> tuple:
     return DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3, BF16_Optimizer
 
 
-def attach(engine_or_optimizer, *, foreach: bool | None = None) -> Engine:
+def attach(engine_or_optimizer, *, foreach: bool | None = None) -> RuleOptimizer:
     """Install the exact ZeRO layout on the hfoptim optimizer that DeepSpeed wraps.
 
     ``engine_or_optimizer``: the DeepSpeedEngine returned by ``deepspeed.initialize`` or its
@@ -466,7 +466,7 @@ def attach(engine_or_optimizer, *, foreach: bool | None = None) -> Engine:
     return engine
 
 
-def refuse_unsupported(zero, engine: Engine) -> None:
+def refuse_unsupported(zero, engine: RuleOptimizer) -> None:
     name = f"{type(engine).__name__} ({engine.rule.name}) under DeepSpeed {type(zero).__name__}"
     if getattr(zero, "zenflow", False):
         raise UnsupportedSharding(
@@ -493,7 +493,7 @@ def refuse_unsupported(zero, engine: Engine) -> None:
         raise UnsupportedSharding(f"{name}: a loss-driven rule under torch autocast's GradScaler step; use bf16")
 
 
-def find_and_attach(engine: Engine) -> ZeroLayout | None:
+def find_and_attach(engine: RuleOptimizer) -> ZeroLayout | None:
     """Find the DeepSpeed ZeRO optimizer that wraps ``engine`` and attach it (once, at the first
     step when the engine sees flat partitions it was not told about); None if there is none."""
     if "deepspeed" not in sys.modules:

@@ -35,7 +35,7 @@ class Modifier:
     # whole-tensor statistics (cautious masking's mean, the trust ratio's norms) neither; a
     # per-matrix statistic (a spectral norm) per_unit but not row-local; no statistic at all
     # row-local but not per_unit. ``per_unit`` decides whether a Conv1D weight may be stepped as
-    # stored (Engine.layout_free: a transpose swaps rows and columns), ``row_local`` whether a
+    # stored (RuleOptimizer.layout_free: a transpose swaps rows and columns), ``row_local`` whether a
     # large tensor may be stepped in pieces of whole rows (hfoptim.core.chunking).
     #: True when it takes statistics per output unit (row) or per matrix, which follow the
     #: parameter's layout; False when its statistics are over the whole tensor only (or none)
@@ -44,7 +44,7 @@ class Modifier:
     #: statistics at most): the engine may then step a large tensor in pieces of whole rows
     row_local: ClassVar[bool] = False
     #: False when torch.compile's CPU code generator fails on the compiled step
-    #: (:mod:`hfoptim.core.fused`) with this modifier: a per-row statistic followed by the
+    #: (:mod:`hfoptim.core.compiled_step`) with this modifier: a per-row statistic followed by the
     #: in-place parameter update (torch 2.13's C++ backend raises a KeyError in its outer-loop
     #: fusion); its groups then run the plain path on CPU
     compiles_on_cpu: ClassVar[bool] = True

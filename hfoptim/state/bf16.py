@@ -80,7 +80,7 @@ class BF16(Codec):
     """Dense bf16 with stochastic rounding; see the module docstring."""
 
     name = "bf16"
-    #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
+    #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT, BUFFER})
     #: not elementwise: the rounding noise is drawn by flat position, so a Conv1D or fused expert

@@ -145,7 +145,7 @@ class Blockwise8bit(Codec):
     """One byte per element and one fp32 scale per 256; see the module docstring."""
 
     name = "8bit"
-    #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
+    #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
 
     @staticmethod

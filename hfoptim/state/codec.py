@@ -38,9 +38,9 @@ class Codec(ABC):
     parameter's layout matters); bf16 (rounding noise drawn by flat position) and the forms with
     per-tensor statistics (4-bit's rank-1 scales, factored, SMMF, shared) are neither; fp32 is
     both. ``elementwise`` decides whether a parameter's layout can change
-    what is stored (:meth:`hfoptim.core.engine.Engine.layout_free`), ``offset_free`` whether a
+    what is stored (:meth:`hfoptim.core.optimizer.RuleOptimizer.layout_free`), ``offset_free`` whether a
     row piece may be coded as a tensor of its own (:mod:`hfoptim.core.chunking`,
-    :mod:`hfoptim.core.fused`).
+    :mod:`hfoptim.core.compiled_step`).
     """
 
     #: name used in ``state=...`` and in registry names (e.g. "8bit")
@@ -56,7 +56,7 @@ class Codec(ABC):
     #: where the run starts (the compiled path may then step a row piece as a tensor of its own)
     offset_free: ClassVar[bool] = False
     #: True when :meth:`decode` and :meth:`encode` trace into the compiled per-parameter kernel
-    #: (:mod:`hfoptim.core.fused`) without graph breaks: tensor operations only, no Python
+    #: (:mod:`hfoptim.core.compiled_step`) without graph breaks: tensor operations only, no Python
     #: branch on a tensor's value
     fusable: ClassVar[bool] = False
 
@@ -76,7 +76,7 @@ class Codec(ABC):
         """True when what is stored for the shard ``view`` of a parameter (whole rows; process
         boundaries ``view.cuts`` on row boundaries) is computed from the shard alone, with no
         statistic of another process (the compiled path may then step the shard by itself:
-        :func:`hfoptim.core.fused.shard_local`). Elementwise forms: always."""
+        :func:`hfoptim.core.compiled_step.shard_local`). Elementwise forms: always."""
         return self.elementwise
 
     @abstractmethod

@@ -27,7 +27,7 @@ loses at every step anyway:
 
 Every pair of forms the rule supports converts (each codec decodes to the dense value and
 every codec can be initialized from a dense value); what cannot be converted is refused by the
-caller (:meth:`hfoptim.core.engine.Engine.load_state_dict`: a sharded run, where the saved
+caller (:meth:`hfoptim.core.optimizer.RuleOptimizer.load_state_dict`: a sharded run, where the saved
 state is only a shard of each tensor).
 """
 

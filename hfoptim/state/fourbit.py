@@ -50,7 +50,7 @@ sharding backend completes with one MAX all-reduce per call for all the tensors 
 process holding a shard computes the same scales, hence the same codes, as one process.
 
 **Compiled path.** Like the 8-bit form, the 4-bit form is ``fusable``
-(:mod:`hfoptim.core.fused`): decode, the rule's update and encode (maxima, nearest level,
+(:mod:`hfoptim.core.compiled_step`): decode, the rule's update and encode (maxima, nearest level,
 packing) trace into one kernel per parameter held whole; tests/test_state_compiled.py checks the
 compiled encode and decode equal to the eager ones bit for bit, and a compiled AdamW run against
 the plain one.
@@ -208,7 +208,7 @@ class FourBit(Codec):
 
     name = "4bit"
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
-    #: the compiled path (hfoptim.core.fused) fuses its decode and encode with the update
+    #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
 
     @staticmethod

@@ -320,9 +320,9 @@ def check_whole_matrices(engine, failures: list, detail: dict) -> None:
 
 def kernel_calls() -> int:
     """Parameters stepped by the compiled kernel so far in this process (every key)."""
-    from hfoptim.core import fused
+    from hfoptim.core import compiled_step
 
-    return sum(fused.calls.values())
+    return sum(compiled_step.calls.values())
 
 
 def check_compiled(sharded_calls: int, failures: list, detail: dict) -> None:

@@ -8,20 +8,20 @@ micro-batches, or normalized by the token count of the whole step), so the step'
 SUM of those values over the micro-batches of one optimizer step (= the mean micro-batch loss,
 or the token-weighted mean when the Trainer counts items). At the last micro-batch, before its
 backward (hence before DeepSpeed's step), the sum is averaged over processes and handed to the
-optimizer with ``Engine.set_loss``; the optimizer's ``step()`` then uses it.
+optimizer with ``RuleOptimizer.set_loss``; the optimizer's ``step()`` then uses it.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ...core.engine import Engine
+from ...core.optimizer import RuleOptimizer
 
 #: attribute names under which wrappers (accelerate, DeepSpeed, Lookahead) keep the optimizer
 _WRAPPED = ("optimizer", "base_optimizer", "inner_optimizer", "_optimizer")
 
 
-def find_engines(optimizer) -> list[Engine]:
+def find_engines(optimizer) -> list[RuleOptimizer]:
     """The hfoptim engines inside ``optimizer`` and the wrappers around it."""
     out, seen, stack = [], set(), [optimizer]
     while stack:
@@ -29,14 +29,14 @@ def find_engines(optimizer) -> list[Engine]:
         if o is None or id(o) in seen:
             continue
         seen.add(id(o))
-        if isinstance(o, Engine):
+        if isinstance(o, RuleOptimizer):
             out.append(o)
             continue
         stack.extend(getattr(o, name, None) for name in _WRAPPED)
     return out
 
 
-def loss_driven(optimizer) -> list[Engine]:
+def loss_driven(optimizer) -> list[RuleOptimizer]:
     """The engines in ``optimizer`` whose rule needs the loss."""
     return [e for e in find_engines(optimizer) if e.rule.needs_loss]
 
@@ -55,7 +55,7 @@ class LossHandoff:
             value = value.mean()
         self._sum = value if self._sum is None else self._sum + value
 
-    def hand_to(self, engines: list[Engine], accelerator=None) -> torch.Tensor:
+    def hand_to(self, engines: list[RuleOptimizer], accelerator=None) -> torch.Tensor:
         if self._sum is None:
             raise RuntimeError("no micro-batch loss was collected for this optimizer step")
         total, self._sum = self._sum, None

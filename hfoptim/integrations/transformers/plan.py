@@ -43,8 +43,8 @@ from torch import nn
 
 from ... import roles
 from ...core import param_layout
-from ...core.engine import engine_hyperparams
 from ...core.hparams import HyperparameterError
+from ...core.optimizer import engine_hyperparams
 from ...core.param_layout import ParamLayout
 from ...registry import OptimizerSpec
 from .optim_args import AUTO, OptimArgsError

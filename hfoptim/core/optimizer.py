@@ -1,6 +1,6 @@
 """The one optimizer class every algorithm runs on.
 
-``Engine`` does the bookkeeping, a :class:`~hfoptim.core.rule.Rule` does the math:
+``RuleOptimizer`` does the bookkeeping, a :class:`~hfoptim.core.rule.Rule` does the math:
 
 1. state is created lazily on a parameter's first step (accelerate swaps FSDP2 parameters after
    the optimizer is built, so nothing is allocated in ``__init__``);
@@ -35,7 +35,7 @@ from ..modifiers import MODIFIERS
 from ..modifiers.weight_decay import stable_scale
 from ..state import convert, resolve
 from ..state.convert import STORAGE_KEYS
-from . import chunking, fused, param_layout
+from . import chunking, compiled_step, param_layout
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit, canonical_units, transposed_view
@@ -75,7 +75,7 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         kind="str",
         choices=("auto", "on", "off"),
         doc="one torch.compile kernel per parameter for the whole step (any state form): auto (tensors of 65536+ "
-        "elements, when it works here), on, off (see hfoptim.core.fused)",
+        "elements, when it works here), on, off (see hfoptim.core.compiled_step)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
     spec["skip_nonfinite"] = HP(
@@ -137,7 +137,7 @@ def validate_options(
     return values
 
 
-class Engine(torch.optim.Optimizer):
+class RuleOptimizer(torch.optim.Optimizer):
     """A ``torch.optim.Optimizer`` that runs a :class:`Rule`.
 
     Args:
@@ -169,7 +169,7 @@ class Engine(torch.optim.Optimizer):
     ):
         rule = rule or self.rule_class
         if rule is None:
-            raise TypeError("Engine needs a rule: use an optimizer class such as hfoptim.AdamW")
+            raise TypeError("RuleOptimizer needs a rule: use an optimizer class such as hfoptim.AdamW")
         self.rule: Rule = rule()
         self.foreach = True if foreach is None else bool(foreach)
         self._spec = engine_hyperparams(rule)
@@ -552,7 +552,7 @@ class Engine(torch.optim.Optimizer):
         every bucket has advanced."""
         rule, foreach = self.rule, self.group_foreach(group)
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
-            units = fused.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
+            units = compiled_step.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
         if not units:
             return
         params = [u.param for u in units]
@@ -734,9 +734,9 @@ class Engine(torch.optim.Optimizer):
         )
 
 
-def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[Engine]:
+def optimizer_class(rule: type[Rule], name: str, doc: str | None = None) -> type[RuleOptimizer]:
     """A named optimizer class for ``rule``: ``hfoptim.AdEMAMix(params, lr=...)``."""
-    cls = type(name, (Engine,), {"rule_class": rule, "__doc__": doc or rule.__doc__, "__module__": "hfoptim"})
+    cls = type(name, (RuleOptimizer,), {"rule_class": rule, "__doc__": doc or rule.__doc__, "__module__": "hfoptim"})
     return cls
 
 

@@ -19,7 +19,7 @@ rule's code is the same code the plain path runs; nothing is written twice.
   options without ``lr`` (and without ``params``, ``initial_lr`` and whatever else a scheduler
   or the Trainer keeps there), so dynamo cannot guard on the learning rate's value. The other
   hyperparameters are baked in (changing one recompiles).
-* Compiling is announced on the ``hfoptim.core.fused`` logger: a warning before the first
+* Compiling is announced on the ``hfoptim.core.compiled_step`` logger: a warning before the first
   compilation of the process (the first step is slow), an info line per compiled shape with the
   time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later
   process skips inductor's code generation (dynamo still traces once per shape and process).
