@@ -16,13 +16,21 @@ from __future__ import annotations
 
 import pytest
 
+from hfoptim.rules import RULES
 from tests.distributed.launch import run_worker, torchrun
+
+#: the cases each worker must run: every rule's Conv1D case (a new rule adds one), the fused-expert
+#: cases, the GPT-2 cases (FSDP2) and the refused layout (ZeRO); counted here so a worker that
+#: silently drops cases fails
+CONV_CASES = len(RULES) + 20
+FSDP2_CASES = 9 + CONV_CASES + 4
+ZERO_CASES = 9 + CONV_CASES + 1
 
 
 @pytest.mark.parametrize("nproc", [2, 3])
 def test_fsdp2_experts_and_conv1d(tmp_path, nproc):
     summary = run_worker(torchrun(nproc), "layout_worker.py", [], tmp_path / "out.json", timeout=300)
-    assert len(summary["ran"]) == len(summary["cases"]) == 49
+    assert len(summary["ran"]) == len(summary["cases"]) == FSDP2_CASES
 
 
 @pytest.mark.parametrize(
@@ -32,7 +40,7 @@ def test_fsdp2_experts_and_conv1d(tmp_path, nproc):
 def test_zero_experts_and_conv1d(tmp_path, stage, nproc):
     args = ["--stage", str(stage)]
     summary = run_worker(torchrun(nproc), "zero_layout_worker.py", args, tmp_path / "out.json", timeout=600)
-    assert len(summary["ran"]) == len(summary["cases"]) == 46
+    assert len(summary["ran"]) == len(summary["cases"]) == ZERO_CASES
 
 
 def test_fsdp2_expert_and_conv1d_state_checkpoint_from_2_processes_resumes_on_3(tmp_path):
