@@ -15,7 +15,7 @@ from .optimizers import (  # the public classes, one per rule (CLASSES: by regis
     CLASSES,
     NSGDA,
     PNM,
-    SGD,
+    SGDM,
     SM3,
     SMMF,
     Adafactor,
@@ -74,7 +74,7 @@ __all__ = [
     "Muon",
     "NSGDA",
     "PNM",
-    "SGD",
+    "SGDM",
     "SM3",
     "SMMF",
 ]

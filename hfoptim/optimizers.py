@@ -23,7 +23,7 @@ from .rules.diffgrad import DiffGradRule
 from .rules.muon import MuonRule
 from .rules.nsgda import NSGDARule
 from .rules.pnm import AdaPNMRule, PNMRule
-from .rules.sgd import SGDRule
+from .rules.sgdm import SGDMRule
 from .rules.sm3 import SM3Rule
 from .rules.smmf import SMMFRule
 
@@ -98,9 +98,9 @@ class PNM(RuleOptimizer):
     rule_class = PNMRule
 
 
-class SGD(RuleOptimizer):
-    __doc__ = SGDRule.__doc__
-    rule_class = SGDRule
+class SGDM(RuleOptimizer):
+    __doc__ = SGDMRule.__doc__
+    rule_class = SGDMRule
 
 
 class SM3(RuleOptimizer):
@@ -131,7 +131,7 @@ CLASSES: dict[str, type[RuleOptimizer]] = {
         NSGDA,
         AdaPNM,
         PNM,
-        SGD,
+        SGDM,
         SM3,
         SMMF,
     )

@@ -47,7 +47,7 @@ SUFFIXES: dict[str, dict] = {
     "nesterov": {"nesterov": True},
     # issue 16 (i16a): stable weight decay (AdamS) on any preconditioned rule
     "swd": {"weight_decay_mode": "stable", "weight_decay": 1e-4},
-    # issue 16 (i16): adaptive memory momentum (arXiv 2510.04988): sgd_am (AM-SGD), adamw_am (AM-AdamW)
+    # issue 16 (i16): adaptive memory momentum (arXiv 2510.04988): sgdm_am (AM-SGD), adamw_am (AM-AdamW)
     "am": {"adaptive_memory": True},
 }
 

@@ -1,4 +1,4 @@
-"""Adaptive memory momentum (arXiv 2510.04988): AM-SGD (`sgd_am`) and AM-AdamW (`adamw_am`)
+"""Adaptive memory momentum (arXiv 2510.04988): AM-SGD (`sgdm_am`) and AM-AdamW (`adamw_am`)
 against the float64 references, the closed-form beta_t against the proximal two-plane model it
 minimises, and the options around it."""
 
@@ -16,7 +16,7 @@ ADAM_HP = dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.05)
 def test_am_sgd_matches_reference(lam):
     check_parity(
         lambda params, foreach: hfoptim.create_optimizer(
-            params, "sgd_am", foreach=foreach, lr=0.05, weight_decay=0.05, am_lambda=lam
+            params, "sgdm_am", foreach=foreach, lr=0.05, weight_decay=0.05, am_lambda=lam
         ),
         lambda: AMSGDRef(lr=0.05, weight_decay=0.05, am_lambda=lam),
     )
@@ -32,7 +32,7 @@ def test_am_adamw_matches_reference(lam):
 
 def test_sgd_matches_reference():
     check_parity(
-        lambda params, foreach: hfoptim.SGD(params, foreach=foreach, lr=0.05, momentum=0.8, weight_decay=0.05),
+        lambda params, foreach: hfoptim.SGDM(params, foreach=foreach, lr=0.05, momentum=0.8, weight_decay=0.05),
         lambda: SGDRef(lr=0.05, momentum=0.8, weight_decay=0.05),
     )
 
@@ -71,7 +71,7 @@ def test_beta_is_per_tensor_and_the_first_step_is_the_gradient():
     the flatter memory plane along the step, so the memory is kept whole (beta 1)."""
     a = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
     b = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))
-    opt = hfoptim.create_optimizer([a, b], "sgd_am", lr=1.0)
+    opt = hfoptim.create_optimizer([a, b], "sgdm_am", lr=1.0)
     a.grad, b.grad = torch.tensor([0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0], dtype=torch.float64)
     opt.step()  # no memory yet: d_1 = g_1
     assert torch.equal(opt.state[a]["exp_avg"], a.grad) and torch.equal(opt.state[b]["exp_avg"], b.grad)
@@ -97,10 +97,10 @@ def test_am_is_not_stepped_in_row_pieces():
 
 
 def test_names_options_and_refusals():
-    assert {"sgd", "sgd_am", "adamw_am"} <= set(hfoptim.list_optimizers())
+    assert {"sgdm", "sgdm_am", "adamw_am"} <= set(hfoptim.list_optimizers())
     group = hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_am").param_groups[0]
     assert group["adaptive_memory"] is True and group["am_lambda"] == 0.0
-    group = hfoptim.SGD([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]
+    group = hfoptim.SGDM([torch.nn.Parameter(torch.zeros(3))]).param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay_mode"], group["adaptive_memory"]) == (
         1e-2,
         0.9,
@@ -110,7 +110,7 @@ def test_names_options_and_refusals():
     with pytest.raises(ValueError, match="nesterov"):
         hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "adamw_am", nesterov=True)
     with pytest.raises(ValueError, match="am_lambda"):
-        hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "sgd_am", am_lambda=-1.0)
+        hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(3))], "sgdm_am", am_lambda=-1.0)
     with pytest.raises(ValueError, match="unknown"):  # no first moment to adapt
         hfoptim.get_optimizer("adafactor_am")
 
@@ -125,7 +125,7 @@ def test_am_8bit_stores_the_memory_compressed():
     assert torch.isfinite(p).all()
 
 
-AM_CASES = "adamw_am,sgd_am"  # the 8-bit first moment is sharded as adamw_8bit's (fast subset)
+AM_CASES = "adamw_am,sgdm_am"  # the 8-bit first moment is sharded as adamw_8bit's (fast subset)
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ RULE_HP = {
     "adamw_spectralcap": dict(HP, spectral_cap=1e-3, spectral_cap_iters=3),
     # issue 16 (i16): adaptive memory, beta_t from whole-tensor inner products in the graph
     "adamw_am": dict(HP, am_lambda=0.3),
-    "sgd_am": dict(lr=3e-3, weight_decay=0.05, am_lambda=0.5),
+    "sgdm_am": dict(lr=3e-3, weight_decay=0.05, am_lambda=0.5),
 }
 
 

@@ -2,7 +2,7 @@ r"""Adaptive memory momentum: the momentum coefficient chosen each step by a two
 
 Topollai & Choromanska, "Adaptive Memory Momentum via a Model-Based Framework for Deep Learning
 Optimization", arXiv 2510.04988 (AM-SGD, AM-AdamW). An option of the rules that keep a first
-moment (``adaptive_memory=True``; the ``_am`` name suffix: ``sgd_am``, ``adamw_am``), not a rule.
+moment (``adaptive_memory=True``; the ``_am`` name suffix: ``sgdm_am``, ``adamw_am``), not a rule.
 
 The memory update, as the paper states it (abstract pages and its published summaries):
 

@@ -64,7 +64,7 @@ def use_shapes(which: str) -> None:
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
 #: rule, the factored rule, LAMB (trust ratio)
-FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3", "sgd_am"]
+FAST_PATTERNS = ["adamw", "adamw_*", "adalo", "adafactor", "lamb", "smmf", "sm3", "sgdm_am"]
 
 
 class Leaf(torch.nn.Module):

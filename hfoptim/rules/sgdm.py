@@ -7,7 +7,7 @@ from ..core.rule import FIRST_MOMENT, Rule, Slot
 from . import adaptive_memory
 
 
-class SGDRule(Rule):
+class SGDMRule(Rule):
     r"""SGD with heavy-ball momentum (Polyak 1964) in the moving-average form.
 
     .. math::
@@ -25,12 +25,14 @@ class SGDRule(Rule):
     :math:`d_t = ((\beta_t+\lambda) d_{t-1} + (1-\beta_t) g_t)/(1+\lambda)`,
     :math:`p_t = p_{t-1} - \mathrm{lr}\, d_t` (no bias correction; ``momentum`` is then unused).
 
-    Weight decay coupled (``l2``, as torch's SGD) by default. Defaults: lr 1e-2, momentum 0.9,
+    Named ``sgdm`` (class ``SGDM``), not ``sgd``: the moving-average form is not torch's SGD, and
+    the Trainer's built-in ``--optim sgd`` stays torch's. Weight decay coupled (``l2``, as torch's
+    SGD) by default. Defaults: lr 1e-2, momentum 0.9,
     weight decay 0. State: ``exp_avg`` (:math:`d`).
     """
 
-    name = "sgd"
-    class_name = "SGD"
+    name = "sgdm"
+    class_name = "SGDM"
     paper = "Polyak 1964 (heavy ball); adaptive memory: arXiv 2510.04988"
     elementwise = True  # but not with adaptive memory (see is_elementwise)
     orientation_free = True
