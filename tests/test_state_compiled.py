@@ -66,7 +66,7 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
     [
         *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16", "adamw_4bit"),
         # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
-        *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit", "adamw_am_8bit", "sgd_am_8bit"),
+        *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit", "adamw_am_8bit", "sgdm_am_8bit"),
     ],
 )
 def test_compiled_path_agrees_with_the_plain_path(name):
