@@ -226,14 +226,14 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
 
 
 def takes(engine, group: dict, unit, stats) -> bool:
-    """Whether ``unit`` would take the compiled path with the statistics backend ``stats``."""
-    mode = group.get("compile", "off")
-    if mode == "off" or engine.rule.needs_loss or kernel_stats(stats, unit.view) is None:
+    """Whether ``unit`` would take the compiled path with the statistics backend ``stats``: the
+    same gates as :func:`step_compiled` (:func:`plain_reason` for the group, then the unit's)."""
+    if kernel_stats(stats, unit.view) is None or plain_reason(engine, group, unit.param.device) is not None:
         return False
     if _failed is not None or not compile_available(unit.param.device):
         return False
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in engine.rule.active_slots(group)]
-    return _eligible(engine, group, unit, mode, codecs)
+    return _eligible(engine, group, unit, group.get("compile", "off"), codecs)
 
 
 def plain_reason(engine, group: dict, device: torch.device) -> str | None:
