@@ -47,6 +47,23 @@ def test_fsdp2_muon_orthogonalizes_each_matrix_whole_once(tmp_path, nproc):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("compile", ["on", "off"])
+def test_fsdp2_large_shards_are_stepped_in_row_pieces(tmp_path, compile):
+    """A shard whose step needs nothing of the other process (FSDP2 rows, whole 8-bit blocks) is
+    stepped in row pieces of at most ``chunk_bytes`` worth of elements, on the compiled and the
+    plain path: with a 2000-element budget (20 rows of "big", 67x97) the process holding 34 rows
+    steps them as 2 pieces of 17, the one holding 33 as 3 of 11 (equal pieces), and parameters
+    and state equal the one-process run (which cuts the whole tensor into its own pieces)."""
+    args = ["--cases", "adamw_8bit,ademamix_8bit", "--compile", compile, "--chunk-bytes", str(64 * 2000)]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_8bit", "ademamix_8bit"]
+    if compile == "on":
+        counts = {r["case"]: r["detail"]["compiled_steps_all_ranks"] for r in summary["results"]}
+        # per step: emb, lin_w, conv on both processes, row1 on one, big as 2 + 3 pieces
+        assert counts == {"adamw_8bit": (3 + 3 + 1 + 5) * 4, "ademamix_8bit": (3 + 3 + 1 + 5) * 4}
+
+
+@pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path):
     """compile='on' (sharded and one-process runs): the fused kernel steps the local rows of every
     matrix (FSDP2 shards whole rows, so 8-bit blocks are whole) and the bf16 vectors; the 8-bit

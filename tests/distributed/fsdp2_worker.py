@@ -59,12 +59,22 @@ def shard(model: Model) -> None:
 
 
 def run_case(
-    name: str, failures: list, detail: dict, *, steps: int, dtype, build_before: bool, compile: str | None = None
+    name: str,
+    failures: list,
+    detail: dict,
+    *,
+    steps: int,
+    dtype,
+    build_before: bool,
+    compile: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
     if compile is not None:
         kwargs["compile"] = compile
+    if chunk_bytes is not None:
+        kwargs["chunk_bytes"] = chunk_bytes
     ref_model = Model(dtype=dtype)
     ref_params = [p for _, p in ref_model.named_leaves()]
     two = build_before  # half the cases: the Trainer's two groups (no decay on vectors)
@@ -123,6 +133,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
     parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -138,7 +149,16 @@ def main() -> int:
     def one(name, failures, detail):
         before = next(counter) % 2 == 1
         detail["built_before_sharding"] = before
-        run_case(name, failures, detail, steps=args.steps, dtype=dtype, build_before=before, compile=args.compile)
+        run_case(
+            name,
+            failures,
+            detail,
+            steps=args.steps,
+            dtype=dtype,
+            build_before=before,
+            compile=args.compile,
+            chunk_bytes=args.chunk_bytes,
+        )
 
     status = run_cases(cases, one, args.out)
     finish(status)
