@@ -116,6 +116,24 @@ def test_a_shard_of_whole_rows_holds_whole_blocks():
     assert tuple(shard["v.scale"].shape) == scale_shape(shard_view) == (4, 2)
 
 
+@pytest.mark.parametrize("kind", [FIRST_MOMENT, SECOND_MOMENT])
+@pytest.mark.parametrize(
+    ("shape", "view"),
+    [((10, 300), None), ((3000,), None), ((4, 300), ParamView(global_shape=torch.Size((10, 300)), row_start=3, local_rows=4))],
+)
+def test_zero_state_is_created_without_encoding_and_equals_encoded_zeros(kind, shape, view):
+    """The engine creates zero-initialised 8-bit slots as zero codes and scales (no encode pass
+    over the state on the first step): exactly what encoding zeros stores, in both codes."""
+    slot = Slot("m", kind)
+    view = view or ParamView.of(torch.empty(shape))
+    zeros = torch.zeros(shape)
+    fast = CODEC.init_zeros(slot, zeros, torch.float32, view, stats=LocalStats())
+    encoded = CODEC.init(slot, zeros, view, stats=LocalStats())
+    assert fast.keys() == encoded.keys()
+    for key, value in encoded.items():
+        assert torch.equal(fast[key], value) and fast[key].dtype == value.dtype, key
+
+
 def test_threshold_is_decided_from_the_global_size():
     rule = hfoptim.AdamW.rule_class
     group = {"state": "8bit", "state_min_numel": 4096}

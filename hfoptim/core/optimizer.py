@@ -540,7 +540,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             dtype = self.compute_dtype(unit.param)
             for slot in self.rule.active_slots(group):
                 codec = resolve.codec_for(self.rule, slot, group, unit.view)
-                state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
+                if slot.init is None:  # zeros, which some storage forms hold without an encode pass
+                    state.update(codec.init_zeros(slot, unit.param, dtype, unit.view, stats=self.layout.stats))
+                else:
+                    state.update(codec.init(slot, slot.initial(unit.param, dtype), unit.view, stats=self.layout.stats))
         return state
 
     def _step_bucket(

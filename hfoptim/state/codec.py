@@ -89,6 +89,12 @@ class Codec(ABC):
         """Stored tensors holding the initial ``value`` (fp32, the parameter's local shape)."""
         raise NotImplementedError
 
+    def init_zeros(self, slot: Slot, p: torch.Tensor, dtype: torch.dtype, view: ParamView, *, stats=None) -> dict:
+        """Stored tensors holding zeros, the initial value of a slot without ``init``, for the
+        (local) parameter ``p``: :meth:`init` of a zero tensor unless the form knows its zeros
+        without computing them (every process of a sharded run takes the same branch)."""
+        return self.init(slot, torch.zeros(slot.shape_for(p.shape), dtype=dtype, device=p.device), view, stats=stats)
+
     @abstractmethod
     def decode(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype, *, stats=None) -> torch.Tensor:
         """The slot's value as a tensor of ``dtype`` in the parameter's local shape."""
