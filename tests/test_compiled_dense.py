@@ -130,3 +130,18 @@ def test_auto_leaves_small_tensors_plain():
         p.grad = torch.ones_like(p)
     opt.step()
     assert not compiled_step.calls
+
+
+def test_auto_keeps_smmf_plain_and_on_compiles_it():
+    """SMMF's kernel traces but ran slower than its plain path (codec ``auto_compiles=False``):
+    ``compile="auto"`` steps a large SMMF tensor plain, ``compile="on"`` compiles it."""
+    from hfoptim.core.layout import Unit
+    from hfoptim.core.stats import LocalStats, ParamView
+
+    p = torch.nn.Parameter(torch.zeros(512, 256))
+    unit = Unit(p, torch.zeros_like(p), {}, ParamView.of(p), p)
+    for mode, expected in (("auto", False), ("on", True)):
+        opt = hfoptim.create_optimizer([p], "adamw_smmf", compile=mode, **HP)
+        assert compiled_step.takes(opt, opt.param_groups[0], unit, LocalStats()) is expected, mode
+        plain = hfoptim.create_optimizer([p], "adamw_8bit", compile=mode, **HP)
+        assert compiled_step.takes(plain, plain.param_groups[0], unit, LocalStats()), mode

@@ -119,7 +119,11 @@ def test_a_shard_of_whole_rows_holds_whole_blocks():
 @pytest.mark.parametrize("kind", [FIRST_MOMENT, SECOND_MOMENT])
 @pytest.mark.parametrize(
     ("shape", "view"),
-    [((10, 300), None), ((3000,), None), ((4, 300), ParamView(global_shape=torch.Size((10, 300)), row_start=3, local_rows=4))],
+    [
+        ((10, 300), None),
+        ((3000,), None),
+        ((4, 300), ParamView(global_shape=torch.Size((10, 300)), row_start=3, local_rows=4)),
+    ],
 )
 def test_zero_state_is_created_without_encoding_and_equals_encoded_zeros(kind, shape, view):
     """The engine creates zero-initialised 8-bit slots as zero codes and scales (no encode pass

@@ -24,10 +24,11 @@ rule's code is the same code the plain path runs; nothing is written twice.
   time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later
   process skips inductor's code generation (dynamo still traces once per shape and process).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
-  of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine; ``"on"``:
-  every tensor; ``"off"``: never), every one of its slots is stored by a codec marked ``fusable``
-  (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
-  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole
+  of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine and every
+  storage form ``auto_compiles``, which SMMF's does not (its kernel measured slower than its plain
+  path); ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec
+  marked ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the
+  codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole
   by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
   rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step needs
   nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it
@@ -212,7 +213,7 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
         return False
     if view.sharded and not shard_local(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
-    if mode == "auto" and view.global_numel < AUTO_MIN_NUMEL:
+    if mode == "auto" and (view.global_numel < AUTO_MIN_NUMEL or not all(c.auto_compiles for c in codecs)):
         return False
     if empty_shard:
         return all(c.fusable for c in codecs)

@@ -59,6 +59,9 @@ class Codec(ABC):
     #: (:mod:`hfoptim.core.compiled_step`) without graph breaks: tensor operations only, no Python
     #: branch on a tensor's value
     fusable: ClassVar[bool] = False
+    #: whether ``compile="auto"`` gives this form the compiled kernel (``"on"`` does whenever it
+    #: is :attr:`fusable`): False for a form whose kernel measured slower than its plain path
+    auto_compiles: ClassVar[bool] = True
 
     def fusable_for(self, view: ParamView) -> bool:
         """Whether the compiled path may fuse this form for a tensor of ``view`` (8-/4-bit state
