@@ -77,11 +77,15 @@ def ds_config(
     }
 
 
-def run_case(name, failures, detail, *, stage, steps, variant, explicit_attach: bool, compile=None) -> None:
+def run_case(
+    name, failures, detail, *, stage, steps, variant, explicit_attach: bool, compile=None, chunk_bytes=None
+) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
     if compile is not None:
         kwargs["compile"] = compile
+    if chunk_bytes is not None:
+        kwargs["chunk_bytes"] = chunk_bytes
     dtype = torch.float32
     bf16 = variant.get("bf16", False)
     ref_model = Model(dtype=dtype)
@@ -178,6 +182,7 @@ def main() -> int:
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 master weights")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
+    parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
     parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -213,6 +218,7 @@ def main() -> int:
             variant=variant,
             explicit_attach=k % 3 != 2,
             compile=args.compile,
+            chunk_bytes=args.chunk_bytes,
         )
 
     status = run_cases(cases, one, args.out)
