@@ -110,3 +110,26 @@ def test_zero3_partitions_of_whole_rows_are_stepped_in_row_pieces(tmp_path):
         counts.append(summary["results"][0]["detail"]["compiled_steps_all_ranks"])
     whole, pieces = counts
     assert pieces > whole > 0
+
+
+def test_finding_the_zero_optimizer_skips_dead_weak_proxies():
+    """The implicit attach looks through the heap for the ZeRO optimizer wrapping the engine; a
+    weak proxy whose referent is gone (left by an earlier DeepSpeed engine in the same process)
+    raised ReferenceError there and crashed the next engine's first step."""
+    import weakref
+
+    import torch
+
+    import hfoptim
+    from hfoptim.distributed.zero import _wraps
+
+    class Holder:
+        pass
+
+    engine = hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(2))], "adamw")
+    target = Holder()
+    proxy = weakref.proxy(target)
+    del target
+    with pytest.raises(ReferenceError):
+        isinstance(proxy, Holder)
+    assert _wraps(proxy, (Holder,), engine) is False

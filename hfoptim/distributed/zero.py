@@ -493,6 +493,16 @@ def refuse_unsupported(zero, engine: RuleOptimizer) -> None:
         raise UnsupportedSharding(f"{name}: a loss-driven rule under torch autocast's GradScaler step; use bf16")
 
 
+def _wraps(obj, classes, engine) -> bool:
+    """Whether ``obj`` is a ZeRO optimizer wrapping ``engine``. The heap holds weak proxies too,
+    and ``isinstance`` on a proxy whose referent is gone (an earlier DeepSpeed engine of the same
+    process) raises ReferenceError: such an object wraps nothing."""
+    try:
+        return isinstance(obj, classes) and hfoptim_engine(getattr(obj, "optimizer", None)) is engine
+    except ReferenceError:
+        return False
+
+
 def find_and_attach(engine: RuleOptimizer) -> ZeroLayout | None:
     """Find the DeepSpeed ZeRO optimizer that wraps ``engine`` and attach it (once, at the first
     step when the engine sees flat partitions it was not told about); None if there is none."""
@@ -504,11 +514,7 @@ def find_and_attach(engine: RuleOptimizer) -> ZeroLayout | None:
         return None
     with warnings.catch_warnings():  # isinstance() on some lazily imported objects warns
         warnings.simplefilter("ignore")
-        owners = [
-            obj
-            for obj in gc.get_objects()
-            if isinstance(obj, classes) and hfoptim_engine(getattr(obj, "optimizer", None)) is engine
-        ]
+        owners = [obj for obj in gc.get_objects() if _wraps(obj, classes, engine)]
     if len(owners) != 1:
         return None
     attach(owners[0])
