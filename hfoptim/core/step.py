@@ -63,9 +63,9 @@ def advance(
         slot = next(x for x in active if x.name == name)
         encode_all(slot, codecs[name], states, list(values), views, stats)
         back = decode_all(slot, codecs[name], states, views, dtype, stats)
-        for codec, value, stored in zip(codecs[name], values, back):
+        for i, (codec, stored) in enumerate(zip(codecs[name], back)):
             if not codec.identity:
-                value.copy_(stored)
+                values.tensors[i] = stored  # the decoded tensor replaces the old one: no copy pass
         stored_early.add(name)
 
     ctx.store = store
