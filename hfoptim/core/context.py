@@ -21,6 +21,15 @@ def _times(x: PerTensor, factor: float) -> PerTensor:
     return [v * factor for v in x] if isinstance(x, list) else x * factor
 
 
+def _root(v: TensorList, in_place) -> TensorList:
+    """``sqrt(v)``: in ``v``'s memory for the tensors ``in_place`` marks (a bool or a list)."""
+    if isinstance(in_place, list) and (all(in_place) or not any(in_place)):
+        in_place = bool(in_place) and all(in_place)
+    if not isinstance(in_place, list):
+        return v.sqrt_() if in_place else v.sqrt()
+    return TensorList([t.sqrt_() if own else t.sqrt() for t, own in zip(v, in_place)], v.foreach)
+
+
 class StepContext:
     """Everything about one bucket of parameters in one step, except tensors being updated.
 
@@ -56,6 +65,9 @@ class StepContext:
         #: set by the engine once the slots are decoded: ``store(values, slot_name)`` encodes the
         #: slot now and puts the decoded tensors in ``values`` (see :meth:`stored`)
         self.store = None
+        #: slot name -> per tensor, whether :meth:`stored` gave a decoded temporary that shares
+        #: no memory with the state (the rule may overwrite it); set by the engine's ``store``
+        self.temporaries: dict[str, list[bool]] = {}
         #: the decoded slots (``s``), for post modifiers with state (CPR); set by the engine
         self.slots = None
         #: a list to record ``sum(v_hat)`` of each tensor in (stable weight decay), or None
@@ -155,7 +167,9 @@ class StepContext:
         divisors = divisor if isinstance(divisor, list) else [divisor] * len(sums)
         self.second_moment_sums[:] = [x / d for x, d in zip(sums, divisors)]
 
-    def precondition(self, num: TensorList, v_hat: TensorList, eps: PerTensor, scratch: bool = False) -> TensorList:
+    def precondition(
+        self, num: TensorList, v_hat: TensorList, eps: PerTensor, scratch: bool = False, v_scratch=None
+    ) -> TensorList:
         """Divide by the root second moment in the form the group asked for.
 
         * ``denominator="eps"`` (Adam):      num / (sqrt(v_hat) + eps)
@@ -168,11 +182,13 @@ class StepContext:
         ``scratch=True`` says ``num`` and ``v_hat`` are temporaries of the rule: they are
         overwritten instead of copied (two fewer full-size allocations per step), and the result
         is returned in ``num``'s memory (a rule may reuse ``v_hat``'s afterwards, as Adan does).
+        ``v_scratch`` (per tensor, or one bool) says only ``v_hat`` is a temporary (Adafactor's
+        decoded factored second moment, see :attr:`temporaries`): its root is taken in place.
         """
         if self.second_moment_sums is not None:
             self._record(self.stats.sum(v_hat.tensors, self.views), 1.0)
         form = self.group["denominator"]
-        root = v_hat.sqrt_() if scratch else v_hat.sqrt()
+        root = v_hat.sqrt_() if scratch else _root(v_hat, v_scratch)
         if form == "eps":
             if not (isinstance(eps, (int, float)) and eps == 0):  # Adafactor's eps 0: no pass adding it
                 root.add_(eps)
