@@ -16,6 +16,20 @@ ATAN2_A = 1.27
 ATAN2_B = 1.0
 
 
+def _times(x: PerTensor, factor: float) -> PerTensor:
+    """``x * factor`` for one number or a per-tensor list."""
+    return [v * factor for v in x] if isinstance(x, list) else x * factor
+
+
+def _root(v: TensorList, in_place) -> TensorList:
+    """``sqrt(v)``: in ``v``'s memory for the tensors ``in_place`` marks (a bool or a list)."""
+    if isinstance(in_place, list) and (all(in_place) or not any(in_place)):
+        in_place = bool(in_place) and all(in_place)
+    if not isinstance(in_place, list):
+        return v.sqrt_() if in_place else v.sqrt()
+    return TensorList([t.sqrt_() if own else t.sqrt() for t, own in zip(v, in_place)], v.foreach)
+
+
 class StepContext:
     """Everything about one bucket of parameters in one step, except tensors being updated.
 
@@ -49,8 +63,11 @@ class StepContext:
         self.lr: PerTensor = float(group["lr"]) if lr is None else lr
         self.param_states = param_states
         #: set by the engine once the slots are decoded: ``store(values, slot_name)`` encodes the
-        #: slot now and decodes it back into ``values`` in place (see :meth:`stored`)
+        #: slot now and puts the decoded tensors in ``values`` (see :meth:`stored`)
         self.store = None
+        #: slot name -> per tensor, whether :meth:`stored` gave a decoded temporary that shares
+        #: no memory with the state (the rule may overwrite it); set by the engine's ``store``
+        self.temporaries: dict[str, list[bool]] = {}
         #: the decoded slots (``s``), for post modifiers with state (CPR); set by the engine
         self.slots = None
         #: a list to record ``sum(v_hat)`` of each tensor in (stable weight decay), or None
@@ -105,7 +122,7 @@ class StepContext:
 
     # ------------------------------------------------------------------ storage
     def stored(self, s, name: str) -> TensorList:
-        """Slot ``name`` of ``s`` as its storage keeps it: encoded now, decoded back in place.
+        """Slot ``name`` of ``s`` as its storage keeps it: encoded now, decoded back into the list.
 
         Most rules use a slot as they updated it (the full tensor) and leave storing to the
         engine (SMMF's official code does so). A rule whose paper uses the *stored* form within
@@ -127,14 +144,22 @@ class StepContext:
         With ``denominator="eps"`` the bias corrections move into the denominator,
         :math:`m / (\sqrt{v}\,(1-\beta_1^t)/\sqrt{1-\beta_2^t} + \epsilon (1-\beta_1^t))`:
         one temporary and four passes instead of two temporaries and five (torch's AdamW
-        folds them the same way). Equal up to rounding."""
-        if self.group["denominator"] != "eps":
+        folds them the same way). Equal up to rounding.
+
+        With ``denominator="atan2"`` the same factor moves into the second argument, since
+        :math:`\mathrm{atan2}(a/c, b) = \mathrm{atan2}(a, c\,b)` for :math:`c > 0`:
+        :math:`A\,\mathrm{atan2}(m, B\sqrt{v}\,(1-\beta_1^t)/\sqrt{1-\beta_2^t})`, one
+        temporary and four passes instead of three temporaries and six. Equal up to rounding."""
+        form = self.group["denominator"]
+        if form not in ("eps", "atan2"):
             return self.precondition(m / self.bias_correction(b1), v / self.bias_correction(b2), eps, scratch=True)
         if self.second_moment_sums is not None:
             self._record(self.stats.sum(v.tensors, self.views), self.bias_correction(b2))
         scale = self.per_step(lambda t: (1.0 - b1**t) / (1.0 - b2**t) ** 0.5)
-        shift = self.per_step(lambda t: eps * (1.0 - b1**t))
         root = v.sqrt()
+        if form == "atan2":
+            return root.mul_(scale if ATAN2_B == 1 else _times(scale, ATAN2_B)).ratan2_(m).mul_(ATAN2_A)
+        shift = self.per_step(lambda t: eps * (1.0 - b1**t))
         return root.mul_(scale).add_(shift).rdiv_(m)
 
     def _record(self, sums: list, divisor: PerTensor) -> None:
@@ -142,7 +167,9 @@ class StepContext:
         divisors = divisor if isinstance(divisor, list) else [divisor] * len(sums)
         self.second_moment_sums[:] = [x / d for x, d in zip(sums, divisors)]
 
-    def precondition(self, num: TensorList, v_hat: TensorList, eps: PerTensor, scratch: bool = False) -> TensorList:
+    def precondition(
+        self, num: TensorList, v_hat: TensorList, eps: PerTensor, scratch: bool = False, v_scratch=None
+    ) -> TensorList:
         """Divide by the root second moment in the form the group asked for.
 
         * ``denominator="eps"`` (Adam):      num / (sqrt(v_hat) + eps)
@@ -153,17 +180,24 @@ class StepContext:
           b = 1 would floor the denominator at log 2 and turn Adam into momentum SGD)
 
         ``scratch=True`` says ``num`` and ``v_hat`` are temporaries of the rule: they are
-        overwritten instead of copied (two fewer full-size allocations per step).
+        overwritten instead of copied (two fewer full-size allocations per step), and the result
+        is returned in ``num``'s memory (a rule may reuse ``v_hat``'s afterwards, as Adan does).
+        ``v_scratch`` (per tensor, or one bool) says only ``v_hat`` is a temporary (Adafactor's
+        decoded factored second moment, see :attr:`temporaries`): its root is taken in place.
         """
         if self.second_moment_sums is not None:
             self._record(self.stats.sum(v_hat.tensors, self.views), 1.0)
         form = self.group["denominator"]
-        root = v_hat.sqrt_() if scratch else v_hat.sqrt()
+        root = v_hat.sqrt_() if scratch else _root(v_hat, v_scratch)
         if form == "eps":
-            root.add_(eps)
-            return num.div_(root) if scratch else num / root
+            if not (isinstance(eps, (int, float)) and eps == 0):  # Adafactor's eps 0: no pass adding it
+                root.add_(eps)
+            return num.div_(root) if scratch else root.rdiv_(num)  # root is ours: divide into it
         if form == "atan2":
-            return num.atan2(root.mul_(ATAN2_B)).mul_(ATAN2_A)
+            if ATAN2_B != 1:
+                root.mul_(ATAN2_B)
+            # into num when it is scratch (the rule may reuse v_hat's memory), else into root
+            return (num.atan2_(root) if scratch else root.ratan2_(num)).mul_(ATAN2_A)
         if form == "softplus":
             return num / root.softplus(self.group["softplus_beta"])
         raise AssertionError(form)

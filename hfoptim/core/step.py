@@ -63,9 +63,12 @@ def advance(
         slot = next(x for x in active if x.name == name)
         encode_all(slot, codecs[name], states, list(values), views, stats)
         back = decode_all(slot, codecs[name], states, views, dtype, stats)
-        for codec, value, stored in zip(codecs[name], values, back):
+        temporary = []
+        for i, (codec, stored) in enumerate(zip(codecs[name], back)):
             if not codec.identity:
-                value.copy_(stored)
+                values.tensors[i] = stored  # the decoded tensor replaces the old one: no copy pass
+            temporary.append(not codec.identity and _owns_memory(stored, states[i]))
+        ctx.temporaries[name] = temporary
         stored_early.add(name)
 
     ctx.store = store
@@ -84,6 +87,18 @@ def advance(
         return pending
     pending.finish(None)
     return None
+
+
+def _owns_memory(value: torch.Tensor, state: dict) -> bool:
+    """Whether ``value`` shares memory with no tensor of the parameter's ``state`` (a decoded
+    temporary the rule may overwrite). False while tracing: the compiled path plans its own
+    memory, and a traced tensor has no address."""
+    if torch.compiler.is_compiling():
+        return False
+    address = value.untyped_storage().data_ptr()
+    return all(
+        not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in state.values()
+    )
 
 
 class PendingUpdate:

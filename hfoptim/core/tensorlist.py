@@ -256,6 +256,15 @@ class TensorList:
     def clone(self) -> TensorList:
         return self._new([t.clone() for t in self.tensors])
 
+    def plus_scaled(self, other: TensorList, weight: Arg) -> TensorList:
+        """A new list ``self + weight * other``; one pass (no ``weight * other`` temporary) when
+        ``weight`` is one number for every tensor."""
+        if isinstance(weight, (list, tuple)) and _is_uniform(weight):
+            weight = weight[0]
+        if _is_number(weight):
+            return self._run("add", False, other, alpha=weight)
+        return self + other * weight
+
     def __add__(self, other: Arg) -> TensorList:
         return self._run("add", False, other)
 
@@ -313,6 +322,18 @@ class TensorList:
 
     def atan2(self, other: TensorList) -> TensorList:
         return self._new([torch.atan2(a, b) for a, b in zip(self.tensors, other.tensors)])
+
+    def atan2_(self, other: TensorList) -> TensorList:
+        """``self = atan2(self, other)`` in place."""
+        for t, o in zip(self.tensors, other.tensors):
+            t.atan2_(o)
+        return self
+
+    def ratan2_(self, other: TensorList) -> TensorList:
+        """``self = atan2(other, self)`` in one pass, in self's memory (no temporary)."""
+        for t, o in zip(self.tensors, other.tensors):
+            torch.atan2(o, t, out=t)
+        return self
 
     def softplus(self, beta: float = 1.0) -> TensorList:
         """``log(1 + exp(beta x)) / beta``."""

@@ -104,7 +104,8 @@ class AdafactorRule(Rule):
         one_minus_b2 = ctx.per_step(lambda t: t**decay)
         s.exp_avg_sq.lerp_(g.square().add_(eps1), one_minus_b2)
         v_hat = ctx.stored(s, "exp_avg_sq")  # R_t C_t / 1^T R_t when factored
-        u = ctx.precondition(g, v_hat, 0.0)
+        # a decoded factored V_hat is a temporary: its root (and u) is taken in its memory
+        u = ctx.precondition(g, v_hat, 0.0, v_scratch=ctx.temporaries.get("exp_avg_sq", False))
         d = group["clip_threshold"]
         u.div_([(rms / d).clamp_min(1.0) for rms in ctx.rms(u)])
         if group["beta1"] is not None:

@@ -73,6 +73,12 @@ class AdEMAMixRule(Rule):
     decoupled weight decay as AdamW. ``denominator="atan2"``/``"softplus"`` replace the eps
     division of the whole numerator ``m1_hat + alpha m2``.
 
+    **Passes.** The numerator is formed in units of ``m1`` as ``m1 + alpha(t)(1-b1^t) m2`` (one
+    pass, one temporary) and handed to :meth:`~hfoptim.core.context.StepContext.adam_direction`,
+    which moves ``1 - b1^t`` and ``sqrt(1 - b2^t)`` into the denominator (into the second
+    argument of atan2): the same quotient up to rounding, without bias-corrected copies of
+    ``m1`` and ``v``.
+
     Differences from the anchors (tested in ``tests/test_ademamix.py``): pytorch_optimizer has one
     warm-up length ``t_alpha_beta3`` for both schedules (equal to ours with
     ``t_alpha == t_beta3``); Apple's code interpolates half-lives with ``ln(beta + 1e-8)`` and drops
@@ -107,12 +113,12 @@ class AdEMAMixRule(Rule):
         b1, b2, b3 = ctx.group["betas"]
         alpha, t_alpha, t_beta3 = ctx.group["alpha"], ctx.group["t_alpha"], ctx.group["t_beta3"]
         slow_weight = ctx.per_step(lambda t: 1.0 - beta3_at(t, b1, b3, t_beta3))
-        alpha_t = ctx.per_step(lambda t: alpha_at(t, alpha, t_alpha))
+        # alpha(t) (1 - b1^t): the slow EMA's weight in units of m1 (see "Passes" above)
+        slow_mix = ctx.per_step(lambda t: alpha_at(t, alpha, t_alpha) * (1.0 - b1**t))
 
         s.exp_avg.lerp_(g, 1 - b1)
         s.exp_avg_slow.lerp_(g, slow_weight)
         s.exp_avg_sq.mul_(b2).addcmul_(g, g, value=1 - b2)
 
-        num = (s.exp_avg / ctx.bias_correction(b1)).add_scaled_(s.exp_avg_slow, alpha_t)
-        v_hat = s.exp_avg_sq / ctx.bias_correction(b2)
-        return ctx.precondition(num, v_hat, ctx.group["eps"], scratch=True)
+        num = s.exp_avg.plus_scaled(s.exp_avg_slow, slow_mix)  # m1 + alpha(t) (1 - b1^t) m2
+        return ctx.adam_direction(num, s.exp_avg_sq, b1, b2, ctx.group["eps"])
