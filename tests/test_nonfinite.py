@@ -91,6 +91,18 @@ def test_one_bad_element_in_8bit_adamw_leaves_everything_bit_identical(foreach, 
     assert opt.state[params[0]]["step"].item() == 3.0
 
 
+def test_a_huge_finite_fp64_gradient_is_not_taken_for_an_overflow():
+    """The check reads each gradient's extremes in its own dtype: 1e39 is finite in fp64 (it
+    would be infinite once cast to fp32), so the step is not skipped."""
+    p = torch.nn.Parameter(torch.zeros(64, 64, dtype=torch.float64))
+    opt = hfoptim.create_optimizer([p], "adamw_8bit", lr=1e-3, state_min_numel=0)
+    p.grad = torch.zeros_like(p)
+    p.grad[3, 5] = 1e39
+    opt.step()
+    assert opt.nonfinite_skips == 0
+    assert opt.state[p]["step"].item() == 1.0
+
+
 def test_a_bad_gradient_in_one_group_skips_every_group():
     params = make_params()
     opt = hfoptim.AdamW([{"params": params[:1]}, {"params": params[1:], "state": "8bit"}], state_min_numel=0)

@@ -194,16 +194,21 @@ class LocalStats:
 
     def any_nonfinite(self, tensors: list[torch.Tensor], views: list[ParamView]) -> torch.Tensor:
         """A 0-d bool tensor: True when some element of some tensor is NaN or infinite. Computed
-        from each tensor's largest magnitude (the infinity norm; NaN propagates), so no
-        full-size temporary is made."""
-        tensors = [t for t in tensors if t.numel()]  # the infinity norm of an empty tensor is an error
+        from each tensor's extremes (NaN propagates through both), so no full-size temporary is
+        made: on CPU ``torch.aminmax`` of each tensor, one vectorized pass (torch's CPU
+        infinity-norm kernel, ``_foreach_norm(inf)``, took 16x as long on a (16000, 768) fp32
+        gradient, 34 ms against 2 ms on one AMD EPYC core: more than the whole compiled 8-bit
+        step, whose default ``skip_nonfinite`` runs this every step); elsewhere, with
+        ``foreach``, the infinity norms of the list in one launch."""
+        tensors = [t for t in tensors if t.numel()]  # the extremes of an empty tensor are an error
         if not tensors:
             return torch.tensor(False)
-        if self.foreach:
-            maxima = torch._foreach_norm(tensors, float("inf"))
+        if self.foreach and tensors[0].device.type != "cpu":
+            extremes = torch._foreach_norm(tensors, float("inf"))
         else:
-            maxima = [torch.linalg.vector_norm(t, float("inf")) for t in tensors]
-        return ~torch.stack([m.to(device=maxima[0].device, dtype=torch.float32) for m in maxima]).isfinite().all()
+            extremes = [x for t in tensors for x in torch.aminmax(t)]
+        # finiteness in each tensor's own dtype (a finite fp64 value past 3.4e38 is no overflow)
+        return ~torch.stack([m.isfinite().to(extremes[0].device) for m in extremes]).all()
 
     # the list forms: a sharding backend combines the statistics of all the tensors in one
     # collective, so code that needs a statistic of many tensors (codecs) should call these
