@@ -96,9 +96,7 @@ def _owns_memory(value: torch.Tensor, state: dict) -> bool:
     if torch.compiler.is_compiling():
         return False
     address = value.untyped_storage().data_ptr()
-    return all(
-        not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in state.values()
-    )
+    return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in state.values())
 
 
 class PendingUpdate:

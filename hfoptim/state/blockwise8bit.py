@@ -186,6 +186,10 @@ class Blockwise8bit(Codec):
         """Zero codes and zero scales: both codes store 0 as code 0 (``tests/test_state_8bit.py``),
         so the first step of a 100M-parameter model skips an encode pass over its state (1.5-2.5
         s on a 2-core CPU, most of what the first step spends outside compiling)."""
+        # the code tables on this device are made here, outside any traced step: made inside the
+        # compiled kernel's first trace, their cache would change under dynamo's guard on it and
+        # the kernel recompile at the next call (the encode of the old init made them here too)
+        code_of(slot).tables(p.device)
         codes, scale = self.keys(slot)
         return {
             codes: torch.zeros(view.local_shape, dtype=torch.uint8, device=p.device),
