@@ -28,6 +28,7 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -224,6 +225,8 @@ def worker(args) -> int:
         base_step, _ = build(shapes, "torch_adamw")
         base_step()
         for name in args.names.split(","):
+            step = None  # the previous candidate's optimizer, model and DeepSpeed engine go first:
+            gc.collect()  # kept alive beside the next one, a ZeRO-2 run of every form ran out of memory
             before_calls = sum(compiled_step.calls.values())
             try:
                 step, local_numel = build(shapes, name)
@@ -260,6 +263,8 @@ def worker(args) -> int:
                 }
             )
             if rank == 0:
+                # after every row: a launch that dies later (a process killed for memory) keeps them
+                Path(args.out).write_text(json.dumps(rows))
                 r = rows[-1]
                 print(
                     f"{args.layout:6s} {label} {name:16s} first {r['first_step_s']:6.1f} s  "
@@ -295,9 +300,10 @@ def run_layout(args, layout: str, out: Path) -> list[dict]:
     if args.cold_cache:
         env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="hfoptim-inductor-")
     rc = subprocess.call(cmd, env=env, cwd=HERE.parent)
-    if rc != 0 or not out.exists():
-        return [{"layout": layout, "error": f"the {layout} launch failed (exit {rc})"}]
-    return [{"layout": layout, **row} for row in json.loads(out.read_text())]
+    rows = [{"layout": layout, **row} for row in json.loads(out.read_text())] if out.exists() else []
+    if rc != 0:  # the rows measured before the failure stay, with the failure after them
+        rows.append({"layout": layout, "error": f"the {layout} launch failed (exit {rc}) after {len(rows)} rows"})
+    return rows
 
 
 def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
@@ -306,7 +312,8 @@ def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
         f"Step time, first step and step memory per layout (one process; FSDP2 and ZeRO-2 on {world}), "
         f"device {args.device}, {info['cpu']} (lscpu flags: {' '.join(cpu.get('vector_flags', [])) or 'unknown'}), "
         f"load average {info.get('load_average_1_5_15')}, torch {info['torch']}, hfoptim {info['git_commit']}, "
-        f"inductor cache {'cold' if args.cold_cache else 'as found'}",
+        f"inductor cache {'cold' if args.cold_cache else 'as found'}"
+        + (f"; {info['merged']} ({info['previous_commit']})" if "merged" in info else ""),
         "",
         "| set | layout | optimizer | first step s | step ms | x AdamW foreach | transient B/param | AdamW B/param "
         "| compiled tensors |",
@@ -338,6 +345,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--cold-cache", action="store_true", help="an empty inductor cache for each layout")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and two names; writes no result files")
+    parser.add_argument(
+        "--merge", action="store_true", help="keep the rows of the layouts not run from the existing results file"
+    )
     args = parser.parse_args()
     if not args.names:
         args.names = ",".join(SMOKE_NAMES if args.smoke else DEFAULT_NAMES)
@@ -353,6 +363,17 @@ def main() -> int:
         for layout in args.layouts.split(","):
             rows += run_layout(args, layout, Path(tmp) / f"{layout}.json")
     info, cpu = machine_info(), lscpu()
+    previous = HERE / "results" / "layouts.json"
+    if args.merge and previous.exists():
+        run = set(args.layouts.split(","))
+        kept = [r for r in json.loads(previous.read_text())["rows"] if r["layout"] not in run]
+        rows = sorted(kept + rows, key=lambda r: ["one", "fsdp2", "zero2"].index(r["layout"]))
+        before = json.loads(previous.read_text())["machine"]
+        info = dict(
+            info,
+            merged=f"rows of {', '.join(sorted(run))} from this run, the others from the previous results file",
+            previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}",
+        )
     lines = report(rows, info, cpu, args)
     print("\n".join(lines))
     if args.smoke:
