@@ -73,8 +73,20 @@ def table(folder: Path = RESULTS_DIR) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     runs = {name: rec["machine"] for name, rec in (("memory", memory), ("speed", speed), ("quality", quality)) if rec}
     commits = sorted({m["git_commit"] for m in runs.values()})
+    cpus = sorted({m["cpu"] for m in runs.values()})
     machine = next(iter(runs.values()), None)
-    if machine:
+    if machine and len(cpus) > 1:  # results from different machines: each column names its own
+        lines += [
+            "",
+            "Machines: "
+            + "; ".join(
+                f"{k} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, hfoptim {m['git_commit']}, "
+                f"load {m.get('load_average_1_5_15', [0])[0]:.1f})"
+                for k, m in runs.items()
+            )
+            + ".",
+        ]
+    elif machine:
         lines += [
             "",
             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; hfoptim "
