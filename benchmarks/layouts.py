@@ -366,9 +366,10 @@ def main() -> int:
     previous = HERE / "results" / "layouts.json"
     if args.merge and previous.exists():
         run = set(args.layouts.split(","))
-        kept = [r for r in json.loads(previous.read_text())["rows"] if r["layout"] not in run]
+        earlier = json.loads(previous.read_text())
+        kept = [r for r in earlier["rows"] if r["layout"] not in run]
         rows = sorted(kept + rows, key=lambda r: ["one", "fsdp2", "zero2"].index(r["layout"]))
-        before = json.loads(previous.read_text())["machine"]
+        before = earlier["machine"]
         info = dict(
             info,
             merged=f"rows of {', '.join(sorted(run))} from this run, the others from the previous results file",

@@ -173,12 +173,16 @@ class Blockwise8bit(Codec):
         codes, scale = self.keys(slot)
         return {codes: tuple(view.local_shape), scale: scale_shape(view)}
 
-    def init(self, slot, value, view, *, stats=None):
+    def _zeros(self, slot, view, device) -> dict:
+        """Zero codes and scales of the local tensor (0 in both codes, see :meth:`init_zeros`)."""
         codes, scale = self.keys(slot)
-        stored = {
-            codes: torch.zeros(view.local_shape, dtype=torch.uint8, device=value.device),
-            scale: torch.zeros(scale_shape(view), dtype=torch.float32, device=value.device),
+        return {
+            codes: torch.zeros(view.local_shape, dtype=torch.uint8, device=device),
+            scale: torch.zeros(scale_shape(view), dtype=torch.float32, device=device),
         }
+
+    def init(self, slot, value, view, *, stats=None):
+        stored = self._zeros(slot, view, value.device)
         self.encode(slot, stored, value, view, stats=stats)
         return stored
 
@@ -190,11 +194,7 @@ class Blockwise8bit(Codec):
         # compiled kernel's first trace, their cache would change under dynamo's guard on it and
         # the kernel recompile at the next call (the encode of the old init made them here too)
         code_of(slot).tables(p.device)
-        codes, scale = self.keys(slot)
-        return {
-            codes: torch.zeros(view.local_shape, dtype=torch.uint8, device=p.device),
-            scale: torch.zeros(scale_shape(view), dtype=torch.float32, device=p.device),
-        }
+        return self._zeros(slot, view, p.device)
 
     def decode(self, slot, stored, view, dtype, *, stats=None):
         codes, scale = self.keys(slot)
