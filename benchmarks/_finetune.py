@@ -24,7 +24,8 @@ warm-up 10%, cosine to 10%, clipping 1.0, ``--weight-decay`` on matrices. Writes
 ``results/finetune.json`` (every run: mode, phase, lr, seed, curve; machine and commit),
 ``finetune.md``, ``finetune_<mode>_curves.png`` and the ``finetune`` section of BENCHMARKS.md.
 It prints a wall-time estimate before the sweep (after pretraining the base on first use, which
-it does not count).
+it does not count). Finished runs are journaled per mode (``results/finetune_<mode>.journal.jsonl``)
+until the results are written: after an interruption the same command resumes from them.
 """
 
 from __future__ import annotations
@@ -320,19 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     timed = 4 if args.smoke else 20
     probes = {}
     for mode in args.modes:
-        probe = train_one("adamw", 0, study.probe_args(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed))
-        probes[mode] = probe["seconds"] / timed
+        probe_args = study.probe_args(argparse.Namespace(**{**vars(args), "mode": mode}), 1e-3, timed)
+        probes[mode] = study.probe_seconds(lambda job=probe_args: train_one("adamw", 0, job)["seconds"] / timed)
     estimate = sum(study.estimate(probes[m], plans[m], args) for m in args.modes)
     per_step = ", ".join(f"{m} {s:.3f} s/step" for m, s in probes.items())
     log(f"estimate (the base pretrained): {per_step} (adamw, {timed} timed steps) -> {estimate / 60:.0f} min")
     if args.estimate_only:
         return 0
-    modes = {}
+    modes, journals = {}, []
     for mode in args.modes:
         job = copy.copy(args)
         job.mode = mode
-        runs = study.run_study(plans[mode], job, train_one, _init_worker, (data, 1), log)
-        modes[mode] = {"summary": study.summarize(runs, names), "runs": runs}
+        journals.append(study.Journal(out / f"{stem}_{mode}.journal.jsonl", job))
+        resumed = len(journals[-1].done)
+        runs = study.run_study(plans[mode], job, train_one, _init_worker, (data, 1), log, journals[-1])
+        modes[mode] = {"summary": study.summarize(runs, names), "runs": runs, "resumed_runs": resumed}
     command = "python benchmarks/quality.py --finetune " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {
         "machine": machine_info(),
@@ -354,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         "modes": modes,
     }
     write_json(out / f"{stem}.json", record)
+    for journal in journals:
+        journal.delete()
     print(outputs(record, out, default_dir))
     minutes = record["elapsed_s"] / 60
     log(f"wrote {out / stem}.json/.md/_*_curves.png in {minutes:.1f} min (estimate {estimate / 60:.0f})")

@@ -13,12 +13,19 @@ for k = -2..1, four values spanning 10x, centred on ``o``'s sensible default):
 The record (JSON) holds every run (phase, lr, seed, steps, curves, error), the machine and the
 commit; :func:`markdown` rebuilds the tables from it alone, so ``--tables-only`` reproduces them
 byte for byte. The layer only schedules and reports: the training function is the caller's.
+
+A study takes hours, so every finished run is appended to a journal (:class:`Journal`, a JSON-lines
+file beside the results) as it is collected. The same command run again after an interruption
+reuses the journal's runs and trains only the rest (it says how many it took over); a journal
+written with other settings is refused with the settings that differ. The caller deletes the
+journal once the results file is written.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import multiprocessing
 import statistics
@@ -111,6 +118,48 @@ def probe_args(args, lr: float, steps: int):
     return _with(args, lr, steps, evals=1)
 
 
+#: options that do not change what a run computes: a journal written under other values still holds
+VOLATILE_OPTIONS = frozenset({"workers", "names", "estimate_only", "tables_only", "output_dir", "cache_dir", "lr"})
+
+
+class Journal:
+    """The finished runs of one study, one JSON line each after a header line with the protocol's
+    settings (``args`` less :data:`VOLATILE_OPTIONS`), so an interrupted study resumes where it stopped.
+
+    ``done`` maps ``(phase, name, lr, seed)`` to the run recorded for it."""
+
+    def __init__(self, path: Path, args) -> None:
+        self.path = Path(path)
+        self.settings = {k: v for k, v in sorted(vars(args).items()) if k not in VOLATILE_OPTIONS}
+        self.done: dict[tuple, dict] = {}
+        if self.path.exists():
+            lines = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            recorded = (lines[0].get("settings") if lines else None) or {}
+            if recorded != json.loads(json.dumps(self.settings)):
+                differ = sorted(k for k in {*recorded, *self.settings} if recorded.get(k) != self.settings.get(k))
+                raise SystemExit(
+                    f"{self.path} holds runs of a study with other settings ({', '.join(differ)}): "
+                    "rerun with the settings it was started with, or delete it to start over"
+                )
+            self.done = {self.key(run): run for run in lines[1:]}
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"settings": self.settings}) + "\n")
+
+    @staticmethod
+    def key(run: dict) -> tuple:
+        return run["phase"], run["name"], run["lr"], run["seed"]
+
+    def add(self, run: dict) -> None:
+        """Append ``run`` (flushed at once: a killed study keeps it)."""
+        self.done[self.key(run)] = run
+        with self.path.open("a") as file:
+            file.write(json.dumps(run) + "\n")
+
+    def delete(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def run_study(
     plan: dict[str, list[float]],
     args,
@@ -118,41 +167,55 @@ def run_study(
     init: Callable,
     init_args: tuple,
     log: Callable[[str], None],
+    journal: Journal | None = None,
 ) -> list[dict]:
     """Every run of the protocol as a dict: ``phase`` ("sweep"/"seed"), ``lr`` and ``train``'s
-    result fields (``name``, ``seed``, ``eval_steps``, ``eval_loss``, ``error``, ...)."""
+    result fields (``name``, ``seed``, ``eval_steps``, ``eval_loss``, ``error``, ...). Runs found in
+    ``journal`` are taken from it instead of trained; every new run is added to it."""
     if args.workers == 0:  # in this process (tests): no pool to start
         init(*init_args)
-        return _protocol(args, lambda name, seed, job: _Done(train(name, seed, job)), log, plan)
+        return _protocol(args, lambda name, seed, job: _Later(lambda: train(name, seed, job)), log, plan, journal)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=init, initargs=init_args) as pool:
-        return _protocol(args, lambda name, seed, job: pool.submit(train, name, seed, job), log, plan)
+        return _protocol(args, lambda name, seed, job: pool.submit(train, name, seed, job), log, plan, journal)
 
 
-class _Done:
-    """A finished result with a future's ``result()``."""
+class _Later:
+    """A future's ``result()`` for work done in this process when it is asked for (in order, so
+    each run is journaled before the next starts)."""
 
-    def __init__(self, value):
-        self.value = value
+    def __init__(self, work: Callable):
+        self.work = work
 
     def result(self):
-        return self.value
+        return self.work()
 
 
-def _protocol(args, submit: Callable, log: Callable[[str], None], plan: dict[str, list[float]]) -> list[dict]:
+def _protocol(
+    args, submit: Callable, log: Callable[[str], None], plan: dict[str, list[float]], journal: Journal | None
+) -> list[dict]:
+    done = journal.done if journal is not None else {}
     runs: list[dict] = []
-    sweep_seed = args.seeds[0]
-    jobs = [(name, lr) for name, lrs in plan.items() for lr in lrs]
-    futures = [submit(name, sweep_seed, _with(args, lr, args.sweep_steps)) for name, lr in jobs]
-    for i, ((name, lr), future) in enumerate(zip(jobs, futures), 1):
-        runs.append({"phase": "sweep", "lr": lr, **future.result()})
-        log(f"sweep [{i}/{len(jobs)}] {name} lr {lr:g}: {_status(runs[-1])}")
+
+    def phase(name: str, jobs: list[tuple[str, float, int]], steps: int) -> None:
+        keys = [(name, job_name, lr, seed) for job_name, lr, seed in jobs]
+        futures = [
+            _Later(lambda key=key: done[key]) if key in done else submit(job_name, seed, _with(args, lr, steps))
+            for key, (job_name, lr, seed) in zip(keys, jobs)
+        ]
+        taken = sum(key in done for key in keys)
+        if taken:
+            log(f"{name}: {taken} of {len(jobs)} runs taken from the journal {journal.path}")
+        for i, (key, (job_name, lr, seed), future) in enumerate(zip(keys, jobs, futures), 1):
+            run = {"phase": name, "lr": lr, **future.result()}
+            if key not in done and journal is not None:
+                journal.add(run)
+            runs.append(run)
+            log(f"{name} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}")
+
+    phase("sweep", [(name, lr, args.seeds[0]) for name, lrs in plan.items() for lr in lrs], args.sweep_steps)
     best = best_lrs(runs)
-    jobs = [(name, seed) for name in plan for seed in args.seeds]
-    futures = [submit(name, seed, _with(args, best[name], args.steps)) for name, seed in jobs]
-    for i, ((name, seed), future) in enumerate(zip(jobs, futures), 1):
-        runs.append({"phase": "seed", "lr": best[name], **future.result()})
-        log(f"seeds [{i}/{len(jobs)}] {name} lr {best[name]:g} seed {seed}: {_status(runs[-1])}")
+    phase("seed", [(name, best[name], seed) for name in plan for seed in args.seeds], args.steps)
     return runs
 
 
@@ -234,7 +297,9 @@ def markdown(record: dict, title: str, describe: list[str], level: int = 3, plot
         f"{'#' * level} {title}",
         "",
         f"Machine: {machine_line(record['machine'])}.",
-        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes).",
+        f"Command: `{record['command']}` ({record['elapsed_s'] / 60:.1f} min, {a['workers']} worker processes"
+        + _resumed(record)
+        + ").",
         *describe,
         f"Protocol: per optimizer a sweep of {len(record['factors'])} peak learning rates (its centre x "
         + ", ".join(f"{f:.2f}" for f in record["factors"])
@@ -270,6 +335,25 @@ def markdown(record: dict, title: str, describe: list[str], level: int = 3, plot
     if plot_path:
         lines += ["", f"![validation loss at each optimizer's best lr]({plot_path})"]
     return "\n".join(lines) + "\n"
+
+
+def _resumed(record: dict) -> str:
+    """How much of a resumed study ran before the last invocation (empty for one uninterrupted run)."""
+    resumed = record.get("resumed_runs", 0)
+    if not resumed:
+        return ""
+    worker_minutes = sum(r["seconds"] for r in record["runs"]) / 60
+    return (
+        f"; resumed: {resumed} of its {len(record['runs'])} runs came from the journal of an interrupted "
+        f"earlier invocation, {worker_minutes:.0f} worker-minutes of training in all"
+    )
+
+
+def probe_seconds(probe: Callable[[], float]) -> float:
+    """Seconds per step of a short timed run, from its second call: the first compiles kernels and
+    warms caches that a study's thousands of steps do not pay again."""
+    probe()
+    return probe()
 
 
 def plot(record: dict, path: Path, title: str) -> None:

@@ -29,7 +29,9 @@ below otherwise. The list (:data:`STUDY_NAMES`) takes the rules a user would try
 with a note. It prints the wall-time estimate (a short timed run x steps x runs / workers) first.
 Writes ``results/quality_study.json`` (every run: phase, lr, seed, curve; the machine and commit),
 ``.md`` and ``_curves.png``, and the ``quality-study`` section of BENCHMARKS.md; ``--smoke`` runs
-2 lrs, 1 seed and a few steps into ``quality_study_smoke.*``.
+2 lrs, 1 seed and a few steps into ``quality_study_smoke.*``. Each finished run is journaled in
+``results/quality_study.journal.jsonl`` until the results are written: after an interruption the
+same command resumes from it.
 
 The embedded default: the tiny Llama-style causal LM (``hfoptim.models.tiny_llama_config``, about
 1M parameters) pretrained from scratch on the Python standard library's source with the embedded
@@ -87,8 +89,9 @@ QUICK_NAMES = ["adamw", "ademamix_8bit", BNB_ADEMAMIX8]
 #: --long: the forms that lag early (SMMF, shared v) against their fp32 twins, three times the budget
 LONG_NAMES = ["adamw", "adamw_smmf", "adamw_shared", "ademamix", "ademamix_smmf", "adan", "adan_smmf"]
 LONG_STEPS = 600
-#: --study: every optimizer with a sweep centre (the ones not registered yet are skipped at run time)
-STUDY_NAMES = list(study.CENTRES)
+#: --study: every optimizer with a sweep centre (the ones not registered yet are skipped at run time) but
+#: the 4-bit form, which ``--preset 4bit`` measures against its fp32 twins
+STUDY_NAMES = [name for name in study.CENTRES if not name.endswith("_4bit")]
 STUDY_STEPS = 2000
 #: --preset: separate runs with their own results files (``results/<stem>.*``) and BENCHMARKS.md section
 PRESETS = {
@@ -815,8 +818,9 @@ def study_main(args, argv: list[str] | None) -> int:
     log(f"data: {data['describe']}")
     _init_worker(data, 1)
     timed = 4 if args.smoke else 20
-    probe = train_one("adamw", 0, study.probe_args(args, 1.5e-3, timed))
-    seconds_per_step = probe.seconds / timed
+    seconds_per_step = study.probe_seconds(
+        lambda: train_one("adamw", 0, study.probe_args(args, 1.5e-3, timed)).seconds / timed
+    )
     estimate = study.estimate(seconds_per_step, plan, args)
     log(
         f"estimate: {seconds_per_step:.3f} s/step (adamw, {timed} timed steps) x "
@@ -825,7 +829,9 @@ def study_main(args, argv: list[str] | None) -> int:
     )
     if args.estimate_only:
         return 0
-    runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log)
+    journal = study.Journal(out / f"{stem}.journal.jsonl", args)
+    resumed = len(journal.done)
+    runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log, journal)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = study.summarize(runs, names)
     add_twins(summary, runs)
@@ -843,10 +849,12 @@ def study_main(args, argv: list[str] | None) -> int:
         "seconds_per_step_probe": seconds_per_step,
         "estimate_s": estimate,
         "elapsed_s": time.perf_counter() - started,
+        "resumed_runs": resumed,
         "summary": summary,
         "runs": runs,
     }
     write_json(out / f"{stem}.json", record)
+    journal.delete()
     print(study_outputs(record, out, stem, default_dir))
     minutes = record["elapsed_s"] / 60
     log(f"wrote {out / stem}.json/.md/_curves.png in {minutes:.1f} min (estimate {estimate / 60:.0f})")

@@ -232,6 +232,56 @@ def test_study_picks_the_best_sweep_lr_and_compares_best_against_best_paired_by_
     assert rows["adan"]["steps_to_reference"] == [20.0, None]
 
 
+def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_settings(bench, tmp_path):
+    import argparse
+
+    study = bench["_study"]
+    args = argparse.Namespace(workers=0, seeds=[0, 1], steps=8, sweep_steps=4, lr=1e-3, batch_size=2)
+    plan = {"adamw": [1e-3, 3e-3], "adan": [1e-3]}
+    calls = []
+
+    def train(name, seed, job, fail_at=None):
+        calls.append((name, job.lr, seed, job.steps))
+        if len(calls) == fail_at:
+            raise KeyboardInterrupt  # the study killed in the middle of its seed phase
+        final = {1e-3: 3.0, 3e-3: 2.5}[job.lr] + seed / 10
+        return {
+            "name": name,
+            "seed": seed,
+            "eval_steps": [job.steps],
+            "eval_loss": [final],
+            "error": None,
+            "seconds": 2.0,
+        }
+
+    journal_path = tmp_path / "study.journal.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        study.run_study(
+            plan, args, lambda *a: train(*a, fail_at=5), lambda: None, (), print, study.Journal(journal_path, args)
+        )
+    assert len(journal_path.read_text().splitlines()) == 1 + 4  # the settings, the 3 sweep runs and 1 seed run
+    interrupted = list(calls)
+    calls.clear()
+    journal = study.Journal(journal_path, args)
+    assert len(journal.done) == 4
+    runs = study.run_study(plan, args, train, lambda: None, (), print, journal)
+    # only the runs the journal lacks are trained again, and the result is the uninterrupted one's
+    assert calls == [("adamw", 3e-3, 1, 8), ("adan", 1e-3, 0, 8), ("adan", 1e-3, 1, 8)] and interrupted[4] == calls[0]
+    calls.clear()
+    fresh = study.run_study(plan, args, train, lambda: None, (), print)
+    assert runs == fresh and len(calls) == 7
+    record = {"runs": runs, "resumed_runs": 4}
+    assert study._resumed(record) == (
+        "; resumed: 4 of its 7 runs came from the journal of an interrupted earlier invocation, 0 worker-minutes "
+        "of training in all"
+    )
+    assert study._resumed({"runs": runs}) == ""
+    # the number of workers may change between invocations; the protocol may not
+    assert len(study.Journal(journal_path, argparse.Namespace(**{**vars(args), "workers": 2})).done) == 7
+    with pytest.raises(SystemExit, match=r"other settings \(steps\).*delete it to start over"):
+        study.Journal(journal_path, argparse.Namespace(**{**vars(args), "steps": 9}))
+
+
 def _smoke_args(tmp_path):
     return ["--smoke", "--workers", "0", "--output-dir", str(tmp_path), "--batch-size", "2"]
 
