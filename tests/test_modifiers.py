@@ -144,6 +144,40 @@ def test_lamb_with_decay_keeps_the_decay_inside_the_trust_ratio():
     )
 
 
+@pytest.mark.parametrize("foreach", [True, False])
+def test_lamb_takes_its_decay_inside_the_step_when_last_and_through_the_engine_otherwise(monkeypatch, foreach):
+    """Last update modifier, the trust ratio returns ``ratio r`` and the engine skips its decay;
+    followed by another one it returns ``ratio r - wd p`` for the engine's decay: the same step."""
+    from hfoptim.modifiers.update import TrustRatio
+
+    original, applied = TrustRatio.apply, []
+
+    def run(last: bool):
+        def apply(self, ctx, x, g, p):
+            ctx.last_update_modifier = last
+            u = original(self, ctx, x, g, p)
+            applied.append(ctx.decay_applied)
+            return u
+
+        monkeypatch.setattr(TrustRatio, "apply", apply)
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64)) for _ in range(2)]
+        opt = hfoptim.create_optimizer(params, "lamb", weight_decay=0.3, lr=5e-2, foreach=foreach)
+        for step in range(4):
+            for i, p in enumerate(params):
+                p.grad = torch.randn_like(p) * (i + 1) + step
+            opt.step()
+        return [p.detach().clone() for p in params]
+
+    folded = run(last=True)
+    assert applied and all(applied)
+    applied.clear()
+    through_engine = run(last=False)
+    assert applied and not any(applied)
+    for a, b in zip(folded, through_engine):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
+
+
 def test_soft_clip_eps_lets_a_zero_initialised_tensor_move():
     """LoRA's B starts at zero: with the source's 1e-12 floor its clipped gradient is ~1e-12;
     soft_clip_eps raises the floor of the parameter RMS."""

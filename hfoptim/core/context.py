@@ -72,6 +72,11 @@ class StepContext:
         self.slots = None
         #: a list to record ``sum(v_hat)`` of each tensor in (stable weight decay), or None
         self.second_moment_sums: list | None = None
+        #: set by the engine for the update modifier it runs last (no other one follows it)
+        self.last_update_modifier = False
+        #: set by an update modifier whose direction already holds the decoupled weight decay
+        #: (LAMB's trust ratio): the engine then takes ``p <- p - lr u`` without decaying again
+        self.decay_applied = False
 
     # ------------------------------------------------------------------ schedules
     def per_step(self, fn) -> PerTensor:

@@ -84,9 +84,10 @@ def advance(
             continue
         encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
 
-    for modifier in MODIFIERS:
-        if modifier.stage == UPDATE and modifier.enabled(group):
-            u = modifier.apply(ctx, u, g, p_work)
+    updates = [modifier for modifier in MODIFIERS if modifier.stage == UPDATE and modifier.enabled(group)]
+    for modifier in updates:
+        ctx.last_update_modifier = modifier is updates[-1]
+        u = modifier.apply(ctx, u, g, p_work)
     pending = PendingUpdate(ctx, p_work, u, g)
     if defer:
         return pending
@@ -121,8 +122,8 @@ class PendingUpdate:
         wd, mode = group["weight_decay"], group["weight_decay_mode"]
         if mode == "stable":  # AdamS: decoupled decay scaled by 1/sqrt(mean v_hat)
             wd, mode = wd * stable, "decoupled"
-        elif mode in ("l2", "cpr"):
-            wd = 0.0  # l2: already in the gradient; cpr: the constraint below replaces the decay
+        elif mode in ("l2", "cpr") or (mode == "decoupled" and ctx.decay_applied):
+            wd = 0.0  # l2: already in the gradient; cpr: the constraint below replaces the decay; LAMB: in u
         apply_update(p, self.u, ctx.lr, wd, mode)
         for modifier, prepared in zip(posts, before):
             modifier.apply(ctx, prepared, self.g, p)

@@ -41,6 +41,11 @@ class TrustRatio(Modifier):
 
     ``phi(x) = min(x, trust_clamp)`` (pytorch_optimizer's Lamb clamps at 10; None: no clamp); the
     ratio is 1 where either norm is 0. ``||p||`` is the norm before this step's update.
+
+    When no other update modifier follows (``ctx.last_update_modifier``) the step is taken as
+    LAMB writes it: the modifier returns ``ratio * r`` and marks the decay as applied
+    (``ctx.decay_applied``), so the engine's ``p - lr u`` is the whole step -- three passes over
+    the tensors fewer than subtracting ``wd p`` here for the engine to add it back.
     """
 
     name = "trust"
@@ -57,10 +62,10 @@ class TrustRatio(Modifier):
         clamp = ctx.group["trust_clamp"]
         wd = ctx.group["weight_decay"]
         decay_inside = ctx.group["weight_decay_mode"] == "decoupled" and wd != 0
-        # wd p once, and the direction ``r`` (a temporary of this modifier then) scaled in place:
-        # two full-size temporaries instead of five, the same values
-        decay = p * wd if decay_inside else None
-        direction = decay + x if decay_inside else x
+        # the direction ``r`` is a temporary of this modifier (one fused pass), scaled in place
+        fold = decay_inside and ctx.last_update_modifier
+        decay = p * wd if decay_inside and not fold else None
+        direction = x.plus_scaled(p, wd) if decay_inside else x
         p_norms = ctx.norm(p)
         u_norms = ctx.norm(direction)
         out = []
@@ -68,7 +73,11 @@ class TrustRatio(Modifier):
             if clamp is not None:
                 pn = pn.clamp_max(clamp)
             ratio = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
-            out.append(r.mul_(ratio).sub_(decay[i]) if decay_inside else r * ratio)
+            if not decay_inside:
+                out.append(r * ratio)
+            else:
+                out.append(r.mul_(ratio) if fold else r.mul_(ratio).sub_(decay[i]))
+        ctx.decay_applied = ctx.decay_applied or fold
         return TensorList(out, x.foreach)
 
 
