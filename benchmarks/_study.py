@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import machine_line  # noqa: E402
+from _timing import GIT_COMMIT, machine_line  # noqa: E402
 
 #: the sweep's learning rates relative to each optimizer's centre: 0.22, 0.46, 1, 2.15 (10x span)
 LR_FACTORS = tuple(10 ** (k / 3) for k in (-2, -1, 0, 1))
@@ -208,8 +208,10 @@ def _protocol(
             log(f"{name}: {taken} of {len(jobs)} runs taken from the journal {journal.path}")
         for i, (key, (job_name, lr, seed), future) in enumerate(zip(keys, jobs, futures), 1):
             run = {"phase": name, "lr": lr, **future.result()}
-            if key not in done and journal is not None:
-                journal.add(run)
+            if key not in done:
+                run["commit"] = GIT_COMMIT  # the workers were started from this tree with this process
+                if journal is not None:
+                    journal.add(run)
             runs.append(run)
             log(f"{name} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}")
 
@@ -343,9 +345,13 @@ def _resumed(record: dict) -> str:
     if not resumed:
         return ""
     worker_minutes = sum(r["seconds"] for r in record["runs"]) / 60
+    commits: dict[str, int] = {}
+    for run in record["runs"]:
+        commits[run.get("commit", "unrecorded")] = commits.get(run.get("commit", "unrecorded"), 0) + 1
     return (
         f"; resumed: {resumed} of its {len(record['runs'])} runs came from the journal of an interrupted "
-        f"earlier invocation, {worker_minutes:.0f} worker-minutes of training in all"
+        f"earlier invocation, {worker_minutes:.0f} worker-minutes of training in all; runs per hfoptim commit: "
+        + ", ".join(f"{commit} {count}" for commit, count in commits.items())
     )
 
 

@@ -273,7 +273,7 @@ def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_
     record = {"runs": runs, "resumed_runs": 4}
     assert study._resumed(record) == (
         "; resumed: 4 of its 7 runs came from the journal of an interrupted earlier invocation, 0 worker-minutes "
-        "of training in all"
+        f"of training in all; runs per hfoptim commit: {bench['_timing'].GIT_COMMIT} 7"
     )
     assert study._resumed({"runs": runs}) == ""
     # the number of workers may change between invocations; the protocol may not
