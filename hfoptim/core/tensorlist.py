@@ -124,10 +124,11 @@ class TensorList:
 
     def _run(self, name: str, inplace: bool, *args, **kwargs):
         """Apply ``torch.<name>`` (or its ``_foreach`` form) to every tensor."""
-        # under torch.compile a 0-d tensor argument (a traced step or learning rate) turns some
-        # foreach kernels into a graph break (.item()); the loop traces, and inductor fuses it
-        traced_scalar = torch.compiler.is_compiling() and any(isinstance(a, torch.Tensor) for a in args)
-        if self.foreach and name in _FOREACH and not traced_scalar:
+        # traced (the compiled path steps one parameter per call), always the per-tensor loop: a 0-d
+        # tensor argument (a traced step or learning rate) turns some foreach kernels into a graph
+        # break (.item()), and some have no inductor lowering (``_foreach_sigmoid_`` ran as a
+        # library call writing a full-size buffer); the loop's ops all fuse
+        if self.foreach and name in _FOREACH and not torch.compiler.is_compiling():
             fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
             fargs = [self._foreach_arg(a) for a in args]
             try:

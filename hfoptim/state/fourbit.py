@@ -114,6 +114,13 @@ class Code4:
         """Index (uint8, 0..15) of the nearest level of each element of ``y``: the number of
         midpoints strictly below it, so a value on a midpoint takes the lower level."""
         _, midpoints = self.tables(y.device)
+        if torch.compiler.is_compiling():
+            # bucketize has no inductor lowering on CPU (a library call and a full-size buffer per
+            # step); fifteen comparisons count the same midpoints and fuse into the kernel's loop
+            codes = (y > midpoints[0]).to(torch.uint8)
+            for k in range(1, midpoints.numel()):
+                codes = codes + (y > midpoints[k]).to(torch.uint8)
+            return codes
         return torch.bucketize(y, midpoints).to(torch.uint8)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -179,6 +186,11 @@ def unpack(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
     """Inverse of :func:`pack`: the codes (uint8) in the local shape."""
     lines, length, _ = block_layout(view, 1)
     x = packed.reshape(lines, -(-length // 2))
+    if torch.compiler.is_compiling():
+        # element j is the low (even j) or high (odd j) half of byte j // 2: an indexed load that
+        # inductor fuses (torch.stack below lowers to a concatenation it runs as a library call)
+        j = torch.arange(length, device=x.device)
+        return ((x[:, j // 2] >> ((j % 2) * 4).to(torch.uint8)) & 15).reshape(view.local_shape)
     both = torch.stack([x & 15, x >> 4], dim=2).reshape(lines, 2 * x.shape[1])
     if both.shape[1] != length:
         both = both[:, :length]
