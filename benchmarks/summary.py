@@ -4,7 +4,8 @@ results the other benchmarks wrote, into the README.
     python benchmarks/summary.py          # after memory.py, quality.py and speed.py (a second)
 
 Reads ``results/memory.json`` (bytes per parameter on the 6.8M set), ``results/speed.json``
-(ratio to torch AdamW foreach on the 25M and 100M sets) and the quality results (final
+(ratio to torch AdamW foreach on the 25M and 100M sets: the default path, and in brackets the
+plain path, ``compile="off"``, where it was timed too) and the quality results (final
 validation loss, mean and standard deviation over seeds, and the paired difference to the fp32
 twin): ``results/quality_study.json`` (each optimizer at its own best lr, ``quality.py --study``)
 when it exists, ``results/quality.json`` (one lr for all) otherwise; and rewrites the part of
@@ -29,14 +30,26 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 #: the rows; each is looked up by its label in every result file, but for the baseline's labels
 ROWS = [
     "torch AdamW (foreach)",
+    "torch AdamW fused",
+    "torch AdamW compiled",
     *(f"{base}{form}" for base in ("adamw",) for form in ("", "_8bit", "_factored", "_smmf", "_shared")),
     *(f"{base}{form}" for base in ("ademamix", "adan") for form in ("", "_8bit")),
+    "adafactor",
+    "lamb",
+    "adam_atan2",
+    "diffgrad",
     "pytorch_optimizer AdEMAMix",
     "pytorch_optimizer Adan",
+    "pytorch_optimizer AdaFactor",
+    "torch Adafactor foreach",
+    "pytorch_optimizer Lamb",
+    "pytorch_optimizer DiffGrad",
     "bitsandbytes AdamW8bit",
     "bitsandbytes AdEMAMix8bit",
     "torchao AdamW8bit",
 ]
+#: the plain path's label in the speed results (hfoptim names timed with ``compile="off"`` too)
+PLAIN = " compile=off"
 SPEED_LABEL = {"torch AdamW (foreach)": "torch AdamW foreach"}
 MEMORY_NAME = {"torch AdamW (foreach)": "torch AdamW"}
 
@@ -56,9 +69,8 @@ def table(folder: Path = RESULTS_DIR) -> str:
     summary = {r["name"]: r for r in (quality or {}).get("summary", []) if "final_mean" in r}
     seeds = len((quality or {}).get("seeds", []))
     lines = [
-        f"| optimizer | state bytes / param | step time, 24M set | step time, 95M set | final val loss ({seeds} seeds"
-        + (", each at its best lr" if tuned else "")
-        + ") | vs fp32 twin |",
+        f"| optimizer | state bytes / param | step time, 24M set (plain path) | step time, 95M set (plain path) "
+        f"| final val loss ({seeds} seeds" + (", each at its best lr" if tuned else "") + ") | vs fp32 twin |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for label in ROWS:
@@ -66,7 +78,8 @@ def table(folder: Path = RESULTS_DIR) -> str:
         cells = [f"{bpp[memory_name]:.2f}" if memory_name in bpp else ""]
         for size in ("25M", "100M"):
             r = ratio.get((size, SPEED_LABEL.get(label, label)))
-            cells.append("" if r is None else f"{r:.2f}x")
+            plain = ratio.get((size, label + PLAIN))
+            cells.append(("" if r is None else f"{r:.2f}x") + ("" if plain is None else f" ({plain:.2f}x)"))
         q = summary.get(label)
         cells.append(f"{q['final_mean']:.3f} ± {q['final_std']:.3f}" if q else "")
         cells.append(f"{100 * q['vs_twin']:+.1f}%" if q and "vs_twin" in q else "")

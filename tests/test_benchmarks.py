@@ -170,6 +170,9 @@ def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
         {"size": "25M", "label": "torch AdamW foreach", "ratio_foreach": 1.0},
         {"size": "25M", "label": "adamw_8bit", "ratio_foreach": 1.5},
         {"size": "100M", "label": "adamw_8bit", "ratio_foreach": 1.4},
+        {"size": "25M", "label": "lamb", "ratio_foreach": 0.5},
+        {"size": "25M", "label": "lamb compile=off", "ratio_foreach": 1.1},
+        {"size": "100M", "label": "lamb compile=off", "ratio_foreach": 1.2},
     ]
     (tmp_path / "speed.json").write_text(json.dumps({"machine": machine, "rows": rows}))
     memory = {"hfoptim": [{"name": "adamw_8bit", "bytes_per_param": 2.03}], "peers": []}
@@ -181,6 +184,7 @@ def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
     assert "| torch AdamW (foreach) | 8.00 | 1.00x |  |  |  |" in text
     assert "| adamw_8bit | 2.03 | 1.50x | 1.40x | 4.500 ± 0.100 | -0.2% |" in text
     assert "| adan |  |  |  |  |  |" in text  # in no result file: an empty row
+    assert "| lamb |  | 0.50x (1.10x) |  (1.20x) |  |  |" in text  # the plain path in brackets
     assert "hfoptim abc" in text and "final val loss (3 seeds)" in text
 
 

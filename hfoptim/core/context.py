@@ -88,6 +88,21 @@ class StepContext:
         """``1 - beta**t`` per parameter."""
         return self.per_step(lambda t: 1.0 - beta**t)
 
+    def owned(self, x: TensorList, *others: TensorList) -> bool:
+        """Whether every tensor of ``x`` is a temporary of this step that may be overwritten: its
+        memory is shared with no tensor of its parameter's state nor of ``others`` (the
+        parameter, the user's gradient). False while tracing: the compiled path plans its own
+        memory (in place or not fuses the same), and a traced tensor has no address."""
+        if torch.compiler.is_compiling():
+            return False
+        for i, t in enumerate(x.tensors):
+            address = t.untyped_storage().data_ptr()
+            kept = [v for v in self.param_states[i].values() if isinstance(v, torch.Tensor)]
+            kept += [other.tensors[i] for other in others]
+            if any(k.untyped_storage().data_ptr() == address for k in kept):
+                return False
+        return True
+
     # ------------------------------------------------------------------ statistics
     def norm(self, x: TensorList) -> list[torch.Tensor]:
         """Global L2 norm of each tensor."""

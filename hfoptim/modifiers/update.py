@@ -62,10 +62,16 @@ class TrustRatio(Modifier):
         clamp = ctx.group["trust_clamp"]
         wd = ctx.group["weight_decay"]
         decay_inside = ctx.group["weight_decay_mode"] == "decoupled" and wd != 0
-        # the direction ``r`` is a temporary of this modifier (one fused pass), scaled in place
+        # the direction ``r`` (one fused pass) is formed in the rule's update when that is a
+        # temporary of the step (no full-size allocation), else in a temporary of this modifier
         fold = decay_inside and ctx.last_update_modifier
         decay = p * wd if decay_inside and not fold else None
-        direction = x.plus_scaled(p, wd) if decay_inside else x
+        if not decay_inside:
+            direction = x
+        elif ctx.owned(x, p, g):
+            direction = x.add_(p, alpha=wd)
+        else:
+            direction = x.plus_scaled(p, wd)
         p_norms = ctx.norm(p)
         u_norms = ctx.norm(direction)
         out = []

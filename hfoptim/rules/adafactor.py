@@ -101,8 +101,11 @@ class AdafactorRule(Rule):
     def update(self, ctx, p, g, s):
         group = ctx.group
         decay, eps1 = group["decay_rate"], group["eps1"]
-        one_minus_b2 = ctx.per_step(lambda t: t**decay)
-        s.exp_avg_sq.lerp_(g.square().add_(eps1), one_minus_b2)
+        w = ctx.per_step(lambda t: t**decay)  # 1 - beta2_t
+        # V + w (G^2 + eps1 - V) as (1 - w) V + w G^2 + w eps1: three passes in V's memory, no
+        # G^2 temporary (a full-size allocation per tensor and step on the plain path)
+        ws = w if isinstance(w, list) else [w] * len(g)
+        s.exp_avg_sq.mul_([1 - x for x in ws]).addcmul_(g, g, value=ws).add_([eps1 * x for x in ws])
         v_hat = ctx.stored(s, "exp_avg_sq")  # R_t C_t / 1^T R_t when factored
         # a decoded factored V_hat is a temporary: its root (and u) is taken in its memory
         u = ctx.precondition(g, v_hat, 0.0, v_scratch=ctx.temporaries.get("exp_avg_sq", False))
