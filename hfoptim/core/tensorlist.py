@@ -60,6 +60,10 @@ _FOREACH = {
 }
 
 
+#: foreach kernels without an inductor lowering: traced, the per-tensor loop is used instead
+_UNLOWERED = frozenset({"sigmoid"})
+
+
 def _is_number(arg) -> bool:
     """A Python int or float (not a bool, not a tensor)."""
     return isinstance(arg, (int, float)) and not isinstance(arg, bool)
@@ -124,11 +128,14 @@ class TensorList:
 
     def _run(self, name: str, inplace: bool, *args, **kwargs):
         """Apply ``torch.<name>`` (or its ``_foreach`` form) to every tensor."""
-        # traced (the compiled path steps one parameter per call), always the per-tensor loop: a 0-d
-        # tensor argument (a traced step or learning rate) turns some foreach kernels into a graph
-        # break (.item()), and some have no inductor lowering (``_foreach_sigmoid_`` ran as a
-        # library call writing a full-size buffer); the loop's ops all fuse
-        if self.foreach and name in _FOREACH and not torch.compiler.is_compiling():
+        # under torch.compile a 0-d tensor argument (a traced step or learning rate) turns some
+        # foreach kernels into a graph break (.item()), and some have no inductor lowering
+        # (``_foreach_sigmoid_`` ran as a library call writing a full-size buffer): the loop
+        # traces, and inductor fuses it. (Not every op: torch 2.13's inductor drops an in-place
+        # update of a 0-d float64 input made by a tensor method, which the foreach form keeps.)
+        traced = torch.compiler.is_compiling()
+        loop = traced and (name in _UNLOWERED or any(isinstance(a, torch.Tensor) for a in args))
+        if self.foreach and name in _FOREACH and not loop:
             fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
             fargs = [self._foreach_arg(a) for a in args]
             try:
