@@ -134,7 +134,7 @@ class TensorList:
         # traces, and inductor fuses it. (Not every op: torch 2.13's inductor drops an in-place
         # update of a 0-d float64 input made by a tensor method, which the foreach form keeps.)
         traced = torch.compiler.is_compiling()
-        loop = traced and (name in _UNLOWERED or any(isinstance(a, torch.Tensor) for a in args))
+        loop = traced and (name in _UNLOWERED or any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())))
         if self.foreach and name in _FOREACH and not loop:
             fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
             fargs = [self._foreach_arg(a) for a in args]
@@ -212,7 +212,8 @@ class TensorList:
 
     def _per_value_op(self, name, a, b, value):
         if isinstance(value, (list, tuple)) and not _is_uniform(value):
-            if self.foreach:
+            # traced 0-d tensor values (Adafactor's 1 - beta2_t): the loop (no foreach kernel takes them)
+            if self.foreach and not any(isinstance(v, torch.Tensor) for v in value):
                 getattr(torch, f"_foreach_{name}_")(self.tensors, a.tensors, b.tensors, list(value))
             else:
                 for t, x, y, v in zip(self.tensors, a.tensors, b.tensors, value):
