@@ -30,6 +30,16 @@ def _root(v: TensorList, in_place) -> TensorList:
     return TensorList([t.sqrt_() if own else t.sqrt() for t, own in zip(v, in_place)], v.foreach)
 
 
+def owns_memory(value: torch.Tensor, kept) -> bool:
+    """Whether ``value`` shares memory with none of the tensors in ``kept`` (other entries are
+    ignored): a temporary that may be overwritten. False while tracing: the compiled path plans
+    its own memory, and a traced tensor has no address."""
+    if torch.compiler.is_compiling():
+        return False
+    address = value.untyped_storage().data_ptr()
+    return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in kept)
+
+
 class StepContext:
     """Everything about one bucket of parameters in one step, except tensors being updated.
 
@@ -93,15 +103,10 @@ class StepContext:
         memory is shared with no tensor of its parameter's state nor of ``others`` (the
         parameter, the user's gradient). False while tracing: the compiled path plans its own
         memory (in place or not fuses the same), and a traced tensor has no address."""
-        if torch.compiler.is_compiling():
-            return False
-        for i, t in enumerate(x.tensors):
-            address = t.untyped_storage().data_ptr()
-            kept = [v for v in self.param_states[i].values() if isinstance(v, torch.Tensor)]
-            kept += [other.tensors[i] for other in others]
-            if any(k.untyped_storage().data_ptr() == address for k in kept):
-                return False
-        return True
+        return all(
+            owns_memory(t, [*self.param_states[i].values(), *(other.tensors[i] for other in others)])
+            for i, t in enumerate(x.tensors)
+        )
 
     # ------------------------------------------------------------------ statistics
     def norm(self, x: TensorList) -> list[torch.Tensor]:

@@ -16,7 +16,7 @@ from ..modifiers import GRAD, MODIFIERS, POST, UPDATE
 from ..modifiers.weight_decay import add_l2, apply_update
 from ..state import resolve
 from ..state.codec import decode_all, encode_all
-from .context import StepContext
+from .context import StepContext, owns_memory
 from .rule import Rule
 from .stats import ParamView
 from .tensorlist import TensorList
@@ -72,7 +72,7 @@ def advance(
         for i, (codec, stored) in enumerate(zip(codecs[name], back)):
             if not codec.identity:
                 values.tensors[i] = stored  # the decoded tensor replaces the old one: no copy pass
-            temporary.append(not codec.identity and _owns_memory(stored, states[i]))
+            temporary.append(not codec.identity and owns_memory(stored, states[i].values()))
         temporaries[name] = temporary
         stored_early.add(name)
 
@@ -93,16 +93,6 @@ def advance(
         return pending
     pending.finish(None)
     return None
-
-
-def _owns_memory(value: torch.Tensor, state: dict) -> bool:
-    """Whether ``value`` shares memory with no tensor of the parameter's ``state`` (a decoded
-    temporary the rule may overwrite). False while tracing: the compiled path plans its own
-    memory, and a traced tensor has no address."""
-    if torch.compiler.is_compiling():
-        return False
-    address = value.untyped_storage().data_ptr()
-    return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in state.values())
 
 
 class PendingUpdate:
