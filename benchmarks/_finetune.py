@@ -298,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         print(outputs(json.loads((out / f"{stem}.json").read_text()), out, default_dir))
         return 0
     args.sweep_steps = args.sweep_steps or max(1, args.steps // 2)
-    factors = study.LR_FACTORS
+    factors, edge_steps = study.LR_FACTORS, study.EDGE_STEPS
     if args.smoke:
+        edge_steps = 0  # a smoke run checks the plumbing: two lrs, nothing past them
         study.smoke(args)
         factors = study.SMOKE_FACTORS
     from hfoptim.registry import list_optimizers
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         job.mode = mode
         journals.append(study.Journal(out / f"{stem}_{mode}.journal.jsonl", job))
         resumed = len(journals[-1].done)
-        runs = study.run_study(plans[mode], job, train_one, _init_worker, (data, 1), log, journals[-1])
+        runs = study.run_study(plans[mode], job, train_one, _init_worker, (data, 1), log, journals[-1], edge_steps)
         modes[mode] = {"summary": study.summarize(runs, names), "runs": runs, "resumed_runs": resumed}
     command = "python benchmarks/quality.py --finetune " + " ".join(argv if argv is not None else sys.argv[1:])
     record = {
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "seeds": args.seeds,
         "factors": list(factors),
+        "edge_steps": edge_steps,
         "mode_scale": MODE_SCALE,
         "reference": "adamw",
         "base": base.name,

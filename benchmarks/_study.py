@@ -8,6 +8,9 @@ for k = -2..1, four values spanning 10x, centred on ``o``'s sensible default):
 1. sweep: one run per grid value (seed ``seeds[0]``) for ``sweep_steps`` steps, same schedule
    shape as the full runs (warm-up 10%, cosine to 10%); the best lr is the lowest final validation
    loss (a failed or non-finite run counts as infinitely bad);
+   while an optimizer's best lr is the largest (smallest) it has tried, one more run at the next lr
+   beyond that end (the grid's own ratio), up to :data:`EDGE_STEPS` times, so a grid centred too
+   low or too high does not decide the comparison; a best lr still at an end is marked 'edge';
 2. seeds: one run per seed at the best lr for ``steps`` steps.
 
 The record (JSON) holds every run (phase, lr, seed, steps, curves, error), the machine and the
@@ -41,6 +44,9 @@ from _timing import GIT_COMMIT, machine_line  # noqa: E402
 LR_FACTORS = tuple(10 ** (k / 3) for k in (-2, -1, 0, 1))
 #: smoke runs: two learning rates
 SMOKE_FACTORS = (0.5, 2.0)
+
+#: how many lrs past an end of its grid an optimizer's sweep may extend while its best lr is at that end
+EDGE_STEPS = 2
 
 #: the sweep centre of each optimizer (its sensible default peak lr for a 1M-parameter LM with
 #: warm-up, cosine decay and clipping); the study runs the ones the registry knows at run time
@@ -168,16 +174,20 @@ def run_study(
     init_args: tuple,
     log: Callable[[str], None],
     journal: Journal | None = None,
+    edge_steps: int = EDGE_STEPS,
 ) -> list[dict]:
     """Every run of the protocol as a dict: ``phase`` ("sweep"/"seed"), ``lr`` and ``train``'s
     result fields (``name``, ``seed``, ``eval_steps``, ``eval_loss``, ``error``, ...). Runs found in
-    ``journal`` are taken from it instead of trained; every new run is added to it."""
+    ``journal`` are taken from it instead of trained; every new run is added to it. A sweep whose
+    best lr is at an end of ``plan``'s grid goes on past it, up to ``edge_steps`` lrs."""
     if args.workers == 0:  # in this process (tests): no pool to start
         init(*init_args)
-        return _protocol(args, lambda name, seed, job: _Later(lambda: train(name, seed, job)), log, plan, journal)
+        submit = lambda name, seed, job: _Later(lambda: train(name, seed, job))  # noqa: E731
+        return _protocol(args, submit, log, plan, journal, edge_steps)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=init, initargs=init_args) as pool:
-        return _protocol(args, lambda name, seed, job: pool.submit(train, name, seed, job), log, plan, journal)
+        submit = lambda name, seed, job: pool.submit(train, name, seed, job)  # noqa: E731
+        return _protocol(args, submit, log, plan, journal, edge_steps)
 
 
 class _Later:
@@ -192,12 +202,18 @@ class _Later:
 
 
 def _protocol(
-    args, submit: Callable, log: Callable[[str], None], plan: dict[str, list[float]], journal: Journal | None
+    args,
+    submit: Callable,
+    log: Callable[[str], None],
+    plan: dict[str, list[float]],
+    journal: Journal | None,
+    edge_steps: int,
 ) -> list[dict]:
     done = journal.done if journal is not None else {}
     runs: list[dict] = []
 
-    def phase(name: str, jobs: list[tuple[str, float, int]], steps: int) -> None:
+    def phase(name: str, jobs: list[tuple[str, float, int]], steps: int, label: str = "") -> None:
+        label = label or name
         keys = [(name, job_name, lr, seed) for job_name, lr, seed in jobs]
         futures = [
             _Later(lambda key=key: done[key]) if key in done else submit(job_name, seed, _with(args, lr, steps))
@@ -205,7 +221,7 @@ def _protocol(
         ]
         taken = sum(key in done for key in keys)
         if taken:
-            log(f"{name}: {taken} of {len(jobs)} runs taken from the journal {journal.path}")
+            log(f"{label}: {taken} of {len(jobs)} runs taken from the journal {journal.path}")
         for i, (key, (job_name, lr, seed), future) in enumerate(zip(keys, jobs, futures), 1):
             run = {"phase": name, "lr": lr, **future.result()}
             if key not in done:
@@ -213,9 +229,15 @@ def _protocol(
                 if journal is not None:
                     journal.add(run)
             runs.append(run)
-            log(f"{name} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}")
+            log(f"{label} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}")
 
     phase("sweep", [(name, lr, args.seeds[0]) for name, lrs in plan.items() for lr in lrs], args.sweep_steps)
+    for _ in range(edge_steps):
+        beyond = beyond_edges(runs, plan)
+        if not beyond:
+            break
+        jobs = [(name, lr, args.seeds[0]) for name, lr in beyond.items()]
+        phase("sweep", jobs, args.sweep_steps, label="sweep past a grid end")
     best = best_lrs(runs)
     phase("seed", [(name, best[name], seed) for name in plan for seed in args.seeds], args.steps)
     return runs
@@ -241,6 +263,24 @@ def best_lrs(runs: list[dict]) -> dict[str, float]:
         if run["name"] not in best or key < best[run["name"]]:
             best[run["name"]] = key
     return {name: lr for name, (_, lr) in best.items()}
+
+
+def beyond_edges(runs: list[dict], plan: dict[str, list[float]]) -> dict[str, float]:
+    """Per optimizer whose best sweep lr is the largest (smallest) it has tried, the next lr past
+    that end, one grid ratio (``plan``'s first two lrs) further, rounded like the grid."""
+    best = best_lrs(runs)
+    beyond = {}
+    for name, lrs in plan.items():
+        sweep = {r["lr"]: _final(r) for r in runs if r["phase"] == "sweep" and r["name"] == name}
+        if len(lrs) < 2 or name not in best or not math.isfinite(sweep[best[name]]):
+            continue  # no ratio to step by, or every run failed
+        tried = sorted(sweep)
+        ratio = lrs[1] / lrs[0]
+        if best[name] == tried[-1]:
+            beyond[name] = float(f"{tried[-1] * ratio:.3g}")
+        elif best[name] == tried[0]:
+            beyond[name] = float(f"{tried[0] / ratio:.3g}")
+    return beyond
 
 
 def first_reach(steps: list[int], losses: list[float], target: float) -> float | None:
@@ -305,9 +345,10 @@ def markdown(record: dict, title: str, describe: list[str], level: int = 3, plot
         *describe,
         f"Protocol: per optimizer a sweep of {len(record['factors'])} peak learning rates (its centre x "
         + ", ".join(f"{f:.2f}" for f in record["factors"])
-        + f") for {a['sweep_steps']} steps at seed {a['seeds'][0]}, then seeds {', '.join(map(str, a['seeds']))} "
-        f"for {a['steps']} steps at the lr with the lowest final validation loss. 'edge' marks a best lr at the "
-        "end of its grid (the optimum may lie outside it).",
+        + f") for {a['sweep_steps']} steps at seed {a['seeds'][0]}"
+        + _past_ends(record.get("edge_steps", 0))
+        + f", then seeds {', '.join(map(str, a['seeds']))} for {a['steps']} steps at the lr with the lowest final "
+        "validation loss. 'edge' marks a best lr at an end of the lrs tried (the optimum may lie outside them).",
         "",
         f"| optimizer | chosen lr | final val loss (mean +- sd) | vs {reference} (paired) "
         f"| steps to {reference}'s final loss | sweep: lr -> final loss |",
@@ -337,6 +378,15 @@ def markdown(record: dict, title: str, describe: list[str], level: int = 3, plot
     if plot_path:
         lines += ["", f"![validation loss at each optimizer's best lr]({plot_path})"]
     return "\n".join(lines) + "\n"
+
+
+def _past_ends(edge_steps: int) -> str:
+    if not edge_steps:
+        return ""
+    return (
+        f"; while the best of them is the largest (smallest) lr tried, one more run a grid step past it, up to "
+        f"{edge_steps} more"
+    )
 
 
 def _resumed(record: dict) -> str:

@@ -803,8 +803,9 @@ def study_main(args, argv: list[str] | None) -> int:
         return 0
     args.steps = args.steps or STUDY_STEPS
     args.sweep_steps = args.sweep_steps or max(1, args.steps // 4)
-    factors = study.LR_FACTORS
+    factors, edge_steps = study.LR_FACTORS, study.EDGE_STEPS
     if args.smoke:
+        edge_steps = 0  # a smoke run checks the plumbing: two lrs, nothing past them
         study.smoke(args)
         factors = study.SMOKE_FACTORS
     args.evals = args.evals or 20
@@ -831,7 +832,7 @@ def study_main(args, argv: list[str] | None) -> int:
         return 0
     journal = study.Journal(out / f"{stem}.journal.jsonl", args)
     resumed = len(journal.done)
-    runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log, journal)
+    runs = study.run_study(plan, args, train_record, _init_worker, (data, 1), log, journal, edge_steps)
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     summary = study.summarize(runs, names)
     add_twins(summary, runs)
@@ -842,6 +843,7 @@ def study_main(args, argv: list[str] | None) -> int:
         "args": vars(args),
         "seeds": args.seeds,
         "factors": list(factors),
+        "edge_steps": edge_steps,
         "reference": "adamw",
         "data": data["describe"],
         "num_params": next((r["num_params"] for r in runs if r["num_params"]), 0),

@@ -4,6 +4,7 @@ report-section rewrite, state-byte walking, steps-to-target interpolation, candi
 from __future__ import annotations
 
 import importlib
+import math
 import sys
 from pathlib import Path
 
@@ -261,18 +262,25 @@ def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_
     journal_path = tmp_path / "study.journal.jsonl"
     with pytest.raises(KeyboardInterrupt):
         study.run_study(
-            plan, args, lambda *a: train(*a, fail_at=5), lambda: None, (), print, study.Journal(journal_path, args)
+            plan,
+            args,
+            lambda *a: train(*a, fail_at=5),
+            lambda: None,
+            (),
+            print,
+            study.Journal(journal_path, args),
+            edge_steps=0,
         )
     assert len(journal_path.read_text().splitlines()) == 1 + 4  # the settings, the 3 sweep runs and 1 seed run
     interrupted = list(calls)
     calls.clear()
     journal = study.Journal(journal_path, args)
     assert len(journal.done) == 4
-    runs = study.run_study(plan, args, train, lambda: None, (), print, journal)
+    runs = study.run_study(plan, args, train, lambda: None, (), print, journal, edge_steps=0)
     # only the runs the journal lacks are trained again, and the result is the uninterrupted one's
     assert calls == [("adamw", 3e-3, 1, 8), ("adan", 1e-3, 0, 8), ("adan", 1e-3, 1, 8)] and interrupted[4] == calls[0]
     calls.clear()
-    fresh = study.run_study(plan, args, train, lambda: None, (), print)
+    fresh = study.run_study(plan, args, train, lambda: None, (), print, edge_steps=0)
     assert runs == fresh and len(calls) == 7
     record = {"runs": runs, "resumed_runs": 4}
     assert study._resumed(record) == (
@@ -284,6 +292,62 @@ def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_
     assert len(study.Journal(journal_path, argparse.Namespace(**{**vars(args), "workers": 2})).done) == 7
     with pytest.raises(SystemExit, match=r"other settings \(steps\).*delete it to start over"):
         study.Journal(journal_path, argparse.Namespace(**{**vars(args), "steps": 9}))
+
+
+def test_a_sweep_whose_best_lr_is_at_an_end_of_its_grid_goes_on_past_it_and_resumes_from_its_journal(bench, tmp_path):
+    import argparse
+
+    study = bench["_study"]
+    args = argparse.Namespace(workers=0, seeds=[0], steps=8, sweep_steps=4, lr=1e-3, batch_size=2)
+    # adamw improves up to 0.004 and worsens past it; adan only gets worse with a larger lr;
+    # lamb keeps improving (it stops after edge_steps more); nsgda has one lr (no ratio to step by)
+    optimum = {"adamw": 4e-3, "adan": 1e-5, "lamb": 1.0, "nsgda": 1.0}
+    plan = {"adamw": [1e-3, 2e-3], "adan": [1e-3, 2e-3], "lamb": [1e-3, 2e-3], "nsgda": [1e-3]}
+    calls = []
+
+    def train(name, seed, job):
+        calls.append((name, job.lr))
+        final = 3.0 + abs(math.log(job.lr / optimum[name]))
+        return {
+            "name": name,
+            "seed": seed,
+            "eval_steps": [job.steps],
+            "eval_loss": [final],
+            "error": None,
+            "seconds": 1.0,
+        }
+
+    journal = study.Journal(tmp_path / "study.journal.jsonl", args)
+    runs = study.run_study(plan, args, train, lambda: None, (), print, journal, edge_steps=2)
+    swept = {name: sorted(r["lr"] for r in runs if r["phase"] == "sweep" and r["name"] == name) for name in plan}
+    assert swept == {
+        "adamw": [1e-3, 2e-3, 4e-3, 8e-3],  # 4e-3 beat 2e-3, 8e-3 lost to it: the best is inside
+        "adan": [2.5e-4, 5e-4, 1e-3, 2e-3],  # best at the smallest lr each time: two steps down
+        "lamb": [1e-3, 2e-3, 4e-3, 8e-3],  # still improving after 2 steps up: stays at the end
+        "nsgda": [1e-3],
+    }
+    best = {r["name"]: r["lr"] for r in runs if r["phase"] == "seed"}
+    assert best == {"adamw": 4e-3, "adan": 2.5e-4, "lamb": 8e-3, "nsgda": 1e-3}
+    rows = {row["name"]: row for row in study.summarize(runs, list(plan))}
+    assert not rows["adamw"]["at_edge"] and rows["lamb"]["at_edge"] and rows["adan"]["at_edge"]
+    # the runs past the ends are journaled like the grid's: a second invocation trains nothing
+    calls.clear()
+    again = study.run_study(plan, args, train, lambda: None, (), print, study.Journal(journal.path, args), edge_steps=2)
+    assert calls == [] and again == runs
+    text = study.markdown(
+        {
+            "args": {**vars(args), "workers": 0},
+            "machine": bench["_timing"].machine_info(),
+            "command": "c",
+            "elapsed_s": 0.0,
+            "factors": [1, 2],
+            "edge_steps": 2,
+            "summary": [rows["lamb"]],
+        },
+        "t",
+        [],
+    )
+    assert "one more run a grid step past it, up to 2 more" in text and "| lamb | 0.008 (edge) |" in text
 
 
 def _smoke_args(tmp_path):
