@@ -58,6 +58,7 @@ midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import types
@@ -87,6 +88,8 @@ AUTO_MIN_NUMEL = 1 << 16
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
 
 _compiled: dict[tuple, Any] = {}
+#: per parameter group (by id): the options last seen and their text in the kernel keys
+_settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran)
@@ -183,9 +186,62 @@ def _run(key: tuple, *args) -> None:
         )
     logger.info("hfoptim: compiling the fused %s", what)
     start = time.perf_counter()
-    fn(*args)
+    with _with_guards(True):
+        fn(*args)
     calls[key] = 1
     logger.info("hfoptim: compiled the fused %s in %.1f s", what, time.perf_counter() - start)
+
+
+def settings_of(group: dict, options: dict) -> str:
+    """The text of ``options`` (:func:`hyperparameters` of ``group``) in the kernel keys,
+    remembered per group: the text of some thirty options is formed once, not at every
+    bucket of every step (a ``repr`` cost 75 us a call, about 2 ms a step on a 25M model)."""
+    snapshot = [(key, type(value), value) for key, value in options.items()]
+    known = _settings.get(id(group))
+    if known is not None and known[0] == snapshot:
+        return known[1]
+    if len(_settings) > 1024:  # groups of optimizers long gone
+        _settings.clear()
+    text = repr(sorted(options.items()))
+    _settings[id(group)] = (snapshot, text)
+    return text
+
+
+def state_signature(state: dict) -> tuple:
+    """What a kernel assumes of a parameter's state: every entry's name with its dtype, shape
+    and strides (a tensor) or its value. Part of the kernel key, so state of another form (a
+    checkpoint restored in other dtypes) gets its own kernel: calls skip dynamo's guards
+    (:func:`skip_guards`), which would have caught the difference."""
+    return tuple(
+        (name, value.dtype, value.shape, value.stride(), value.device)
+        if isinstance(value, torch.Tensor)
+        else (name, value)
+        for name, value in state.items()
+    )
+
+
+def skip_guards():
+    """A context in which the kernels run without evaluating dynamo's guards. Each kernel key
+    has its own copy of the traced code (:func:`_compiled_fn`), so dynamo holds one compiled
+    entry per code object and its guards can only confirm that entry; the key holds everything
+    they check (rule, options, shapes, strides, dtypes and devices of the parameter, gradient
+    and state, statistics backend), so a call whose guards would fail has another key and
+    compiles its own kernel. Evaluating them cost 30-60 us a call, 1-2 ms a step on a 25M
+    model (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). Inside a region that
+    torch.compile traces (a user compiling the whole step) nothing changes."""
+    return _with_guards(False)
+
+
+def _with_guards(evaluate: bool):
+    """The current dynamo stance (a user's ``force_eager`` stays) with guard evaluation on or off;
+    a no-op inside a region torch.compile traces. Compiling a new key needs them on: dynamo
+    refuses to compile under the skipping stance."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    current = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
+    stance = getattr(current, "stance", "default")
+    backend = getattr(current, "backend", None)
+    return torch.compiler.set_stance(stance, skip_guard_eval_unsafe=not evaluate, force_backend=backend)
 
 
 def compile_available(device: torch.device) -> bool:
@@ -290,20 +346,27 @@ def plain_reason(engine, group: dict, device: torch.device) -> str | None:
 def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     """Step the units of a bucket that take the compiled path (their state is initialised and
     their step counters already advanced) with the statistics backend ``stats``; return the
-    others, for the plain path."""
-    global _failed
-    mode = group.get("compile", "off")
+    others, for the plain path. ``loss`` is not passed on: the rules that read it take the plain
+    path (:func:`plain_reason`)."""
     if not units or kernel_stats(stats, units[0].view) is None:
         return units
     if plain_reason(engine, group, units[0].param.device) is not None:
         return units
     if not compile_available(units[0].param.device):
         return units
-    rest = []
     slots = engine.rule.active_slots(group)
     options = hyperparameters(engine, group)
-    settings = repr(sorted(options.items()))
+    settings = settings_of(group, options)
+    with skip_guards():
+        return _step_units(engine, group, units, stats, slots, options, settings)
+
+
+def _step_units(engine, group: dict, units: list, stats, slots, options: dict, settings: str) -> list:
+    global _failed
+    mode = group.get("compile", "off")
+    rest = []
     lr_value = float(group["lr"])
+    lrs: dict[tuple, torch.Tensor] = {}
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
         if unit.view.sharded and unit.param.numel() == 0 and _failed is None:
@@ -327,11 +390,28 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
         # adamw_factored, two learning setups in one process) get their own kernels instead of
         # recompiling one function on each other's guards until dynamo's limit sends them to eager
         form = (tuple(c.name for c in codecs), settings)
-        key = (type(engine.rule), tuple(work.shape), work.dtype, grad.dtype, work.device, global_shape, row_start, form)
         local_stats = kernel_stats(stats, unit.view)
+        key = (
+            type(engine.rule),
+            tuple(work.shape),
+            work.dtype,
+            grad.dtype,
+            work.device,
+            work.stride(),
+            grad.stride(),
+            global_shape,
+            row_start,
+            form,
+            type(local_stats),
+            local_stats.foreach,
+            state_signature(unit.state),
+        )
         try:
-            lr = torch.tensor(lr_value, dtype=dtype, device=p.device)
-            _run(key, engine.rule, options, work, grad, unit.state, local_stats, loss, lr, global_shape, row_start)
+            lr = lrs.get((dtype, p.device))
+            if lr is None:
+                lr = lrs[(dtype, p.device)] = torch.tensor(lr_value, dtype=dtype, device=p.device)
+            # no loss: the rules that read it take the plain path (plain_reason)
+            _run(key, engine.rule, options, work, grad, unit.state, local_stats, None, lr, global_shape, row_start)
         except Exception as error:  # compilation failed: the plain path from now on
             _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
             message = (
@@ -351,6 +431,7 @@ def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
     global _failed
     _compiled.clear()
+    _settings.clear()
     calls.clear()
     _failed = None
     torch._dynamo.reset()
