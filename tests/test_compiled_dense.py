@@ -145,3 +145,35 @@ def test_auto_keeps_smmf_plain_and_on_compiles_it():
         assert compiled_step.takes(opt, opt.param_groups[0], unit, LocalStats()) is expected, mode
         plain = hfoptim.create_optimizer([p], "adamw_8bit", compile=mode, **HP)
         assert compiled_step.takes(plain, plain.param_groups[0], unit, LocalStats()), mode
+
+
+def test_kernels_skip_dynamos_guards_and_a_call_they_would_have_refused_gets_its_own_kernel():
+    """The kernels run without dynamo's guard evaluation (``compiled_step.skip_guards``): the key
+    must then tell apart every input dynamo would have: a gradient with other strides (a
+    transposed buffer) and state restored in another dtype each get a kernel of their own, and the
+    numbers stay the plain path's."""
+    from torch._dynamo.utils import counters
+
+    compiled_step.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    start = torch.randn(24, 40, dtype=torch.float64)
+    grads = [torch.randn(24, 40, dtype=torch.float64) for _ in range(2)]
+    grads += [torch.randn(40, 24, dtype=torch.float64).t() for _ in range(2)]  # strides (1, 24)
+    out = {}
+    for mode in ("on", "off"):
+        p = torch.nn.Parameter(start.clone())
+        opt = hfoptim.create_optimizer([p], "adamw", compile=mode, **RULE_HP["adamw"])
+        for i, g in enumerate(grads):
+            p.grad = g
+            opt.step()
+            if i == 2:  # the step counter restored as float64 (a checkpoint of another writer)
+                opt.state[p]["step"] = opt.state[p]["step"].to(torch.float64)
+        out[mode] = (p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+    assert compiled_step._failed is None
+    # contiguous: 2 calls; strided: 1; strided with an fp64 step counter: 1
+    assert sorted(compiled_step.calls.values()) == [1, 1, 2], compiled_step.calls
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+    torch.testing.assert_close(out["on"][0], out["off"][0], rtol=1e-10, atol=1e-12)
+    for key, value in out["off"][1].items():
+        torch.testing.assert_close(out["on"][1][key], value, rtol=1e-10, atol=1e-12)

@@ -18,7 +18,8 @@ rule's code is the same code the plain path runs; nothing is written twice.
   parameter group itself: it gets :func:`hyperparameters`, a copy of the group's validated
   options without ``lr`` (and without ``params``, ``initial_lr`` and whatever else a scheduler
   or the Trainer keeps there), so dynamo cannot guard on the learning rate's value. The other
-  hyperparameters are baked in (changing one recompiles).
+  hyperparameters are baked in (changing one recompiles). The key of a kernel holds everything
+  dynamo's guards would check, so the calls skip evaluating them (:func:`skip_guards`).
 * Compiling is announced on the ``hfoptim.core.compiled_step`` logger: a warning before the first
   compilation of the process (the first step is slow), an info line per compiled shape with the
   time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later

@@ -87,6 +87,10 @@ class StepContext:
         #: set by an update modifier whose direction already holds the decoupled weight decay
         #: (LAMB's trust ratio): the engine then takes ``p <- p - lr u`` without decaying again
         self.decay_applied = False
+        #: per tensor, a 0-d factor ``s`` set by the last update modifier (LAMB's trust ratio):
+        #: the engine takes ``p <- p - lr s u`` in its one pass over ``p`` instead of a pass
+        #: scaling ``u`` first; None: no factors
+        self.update_scales: list | None = None
 
     # ------------------------------------------------------------------ schedules
     def per_step(self, fn) -> PerTensor:

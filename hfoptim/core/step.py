@@ -114,7 +114,7 @@ class PendingUpdate:
             wd, mode = wd * stable, "decoupled"
         elif mode in ("l2", "cpr") or (mode == "decoupled" and ctx.decay_applied):
             wd = 0.0  # l2: already in the gradient; cpr: the constraint below replaces the decay; LAMB: in u
-        apply_update(p, self.u, ctx.lr, wd, mode)
+        apply_update(p, self.u, ctx.lr, wd, mode, ctx.update_scales)
         for modifier, prepared in zip(posts, before):
             modifier.apply(ctx, prepared, self.g, p)
         if self.done is not None:

@@ -43,9 +43,10 @@ class TrustRatio(Modifier):
     ratio is 1 where either norm is 0. ``||p||`` is the norm before this step's update.
 
     When no other update modifier follows (``ctx.last_update_modifier``) the step is taken as
-    LAMB writes it: the modifier returns ``ratio * r`` and marks the decay as applied
-    (``ctx.decay_applied``), so the engine's ``p - lr u`` is the whole step -- three passes over
-    the tensors fewer than subtracting ``wd p`` here for the engine to add it back.
+    LAMB writes it: the modifier returns ``r`` with the ratios as the engine's per-tensor factors
+    (``ctx.update_scales``) and marks the decay as applied (``ctx.decay_applied``), so the
+    engine's one pass ``p <- p - lr ratio r`` is the whole step -- four passes over the tensors
+    fewer than scaling ``r`` and subtracting ``wd p`` here for the engine to add it back.
     """
 
     name = "trust"
@@ -72,19 +73,21 @@ class TrustRatio(Modifier):
             direction = x.add_(p, alpha=wd)
         else:
             direction = x.plus_scaled(p, wd)
-        p_norms = ctx.norm(p)
-        u_norms = ctx.norm(direction)
-        out = []
-        for i, (r, pn, un) in enumerate(zip(direction, p_norms, u_norms)):
-            if clamp is not None:
-                pn = pn.clamp_max(clamp)
-            ratio = torch.where((pn > 0) & (un > 0), pn / un, torch.ones_like(pn))
-            if not decay_inside:
-                out.append(r * ratio)
-            else:
-                out.append(r.mul_(ratio) if fold else r.mul_(ratio).sub_(decay[i]))
-        ctx.decay_applied = ctx.decay_applied or fold
-        return TensorList(out, x.foreach)
+        if not len(direction):
+            return direction
+        # the ratios of all the tensors at once (a handful of operations on a vector of norms,
+        # not on each tensor's 0-d norms)
+        p_norms = torch.stack(list(ctx.norm(p)))
+        u_norms = torch.stack(list(ctx.norm(direction)))
+        if clamp is not None:
+            p_norms = p_norms.clamp_max(clamp)
+        ratios = torch.where((p_norms > 0) & (u_norms > 0), p_norms / u_norms, torch.ones_like(p_norms)).unbind()
+        if fold:
+            ctx.decay_applied, ctx.update_scales = True, list(ratios)
+            return direction
+        if not decay_inside:
+            return TensorList([r * ratio for r, ratio in zip(direction, ratios)], x.foreach)
+        return TensorList([r.mul_(ratio).sub_(d) for r, ratio, d in zip(direction, ratios, decay)], x.foreach)
 
 
 class NormLoss(Modifier):

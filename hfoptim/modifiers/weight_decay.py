@@ -62,14 +62,20 @@ def _scaled(u: TensorList, lr) -> TensorList:
     return u * lr
 
 
-def apply_update(p: TensorList, u: TensorList, lr, wd: float, mode: str) -> None:
-    """Write ``p <- step(p, u)`` in place (``p`` is the compute-dtype parameter list)."""
+def apply_update(p: TensorList, u: TensorList, lr, wd: float, mode: str, scales: list | None = None) -> None:
+    """Write ``p <- step(p, u)`` in place (``p`` is the compute-dtype parameter list); with
+    ``scales`` (a 0-d factor per tensor, LAMB's trust ratio) the update is ``lr s u``, taken in
+    the same pass."""
     if mode == "cautious" and wd != 0:
         decay = TensorList([torch.where(ui * pi >= 0, pi, torch.zeros_like(pi)) for ui, pi in zip(u, p)], p.foreach)
         u = u + decay * wd
     elif mode == "decoupled" and wd != 0:
         p.mul_(_one_minus(lr, wd))
-    if isinstance(lr, (int, float)):
+    if scales is not None:
+        lrs = lr if isinstance(lr, list) else [lr] * len(scales)
+        for pi, ui, si, lri in zip(p, u, scales, lrs):
+            pi.addcmul_(ui, si * -lri)  # one pass; the factor is a 0-d tensor
+    elif isinstance(lr, (int, float)):
         p.add_(u, alpha=-lr)  # one fused pass, no lr * u temporary
     else:
         p.sub_(_scaled(u, lr))
