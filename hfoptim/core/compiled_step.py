@@ -210,13 +210,13 @@ def settings_of(group: dict, options: dict) -> str:
 
 def state_signature(state: dict) -> tuple:
     """What a kernel assumes of a parameter's state: every entry's name with its dtype, shape
-    and strides (a tensor) or its value. Part of the kernel key, so state of another form (a
+    and strides (a tensor) or its value's text. Part of the kernel key, so state of another form (a
     checkpoint restored in other dtypes) gets its own kernel: calls skip dynamo's guards
     (:func:`skip_guards`), which would have caught the difference."""
     return tuple(
         (name, value.dtype, value.shape, value.stride(), value.device)
         if isinstance(value, torch.Tensor)
-        else (name, value)
+        else (name, repr(value))  # (no rule keeps one today; a list would not hash)
         for name, value in state.items()
     )
 
