@@ -60,6 +60,7 @@ midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the d
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 import types
@@ -87,6 +88,18 @@ AUTO_MIN_NUMEL = 1 << 16
 #: buffer on the 2-core AMD EPYC, against 6 ms to write a reused one). Recomputing it in the
 #: update loop costs a few arithmetic operations per element instead.
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
+
+
+#: whether this torch has ``set_stance(skip_guard_eval_unsafe=...)`` (torch 2.6 and later; the
+#: kit supports 2.4, where the guards are evaluated as before)
+def _can_skip_guards() -> bool:
+    try:
+        return "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
+    except (AttributeError, TypeError, ValueError):
+        return False
+
+
+_CAN_SKIP_GUARDS = _can_skip_guards()
 
 _compiled: dict[tuple, Any] = {}
 #: per parameter group (by id): the options last seen and their text in the kernel keys
@@ -237,7 +250,7 @@ def _with_guards(evaluate: bool):
     """The current dynamo stance (a user's ``force_eager`` stays) with guard evaluation on or off;
     a no-op inside a region torch.compile traces. Compiling a new key needs them on: dynamo
     refuses to compile under the skipping stance."""
-    if torch.compiler.is_compiling():
+    if not _CAN_SKIP_GUARDS or torch.compiler.is_compiling():
         return contextlib.nullcontext()
     current = getattr(getattr(torch._dynamo, "eval_frame", None), "_stance", None)
     stance = getattr(current, "stance", "default")
