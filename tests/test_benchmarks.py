@@ -237,6 +237,11 @@ def test_study_picks_the_best_sweep_lr_and_compares_best_against_best_paired_by_
     assert rows["adan"]["steps_to_reference"] == [20.0, None]
 
 
+def _fake_run(name: str, seed: int, steps: int, final: float, seconds: float = 1.0) -> dict:
+    """What a study's training function returns, for a run that ends at ``final``."""
+    return {"name": name, "seed": seed, "eval_steps": [steps], "eval_loss": [final], "error": None, "seconds": seconds}
+
+
 def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_settings(bench, tmp_path):
     import argparse
 
@@ -249,15 +254,7 @@ def test_an_interrupted_study_resumes_from_its_journal_and_refuses_one_of_other_
         calls.append((name, job.lr, seed, job.steps))
         if len(calls) == fail_at:
             raise KeyboardInterrupt  # the study killed in the middle of its seed phase
-        final = {1e-3: 3.0, 3e-3: 2.5}[job.lr] + seed / 10
-        return {
-            "name": name,
-            "seed": seed,
-            "eval_steps": [job.steps],
-            "eval_loss": [final],
-            "error": None,
-            "seconds": 2.0,
-        }
+        return _fake_run(name, seed, job.steps, {1e-3: 3.0, 3e-3: 2.5}[job.lr] + seed / 10, seconds=2.0)
 
     journal_path = tmp_path / "study.journal.jsonl"
     with pytest.raises(KeyboardInterrupt):
@@ -307,15 +304,7 @@ def test_a_sweep_whose_best_lr_is_at_an_end_of_its_grid_goes_on_past_it_and_resu
 
     def train(name, seed, job):
         calls.append((name, job.lr))
-        final = 3.0 + abs(math.log(job.lr / optimum[name]))
-        return {
-            "name": name,
-            "seed": seed,
-            "eval_steps": [job.steps],
-            "eval_loss": [final],
-            "error": None,
-            "seconds": 1.0,
-        }
+        return _fake_run(name, seed, job.steps, 3.0 + abs(math.log(job.lr / optimum[name])))
 
     journal = study.Journal(tmp_path / "study.journal.jsonl", args)
     runs = study.run_study(plan, args, train, lambda: None, (), print, journal, edge_steps=2)
