@@ -90,9 +90,9 @@ AUTO_MIN_NUMEL = 1 << 16
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
 
 
-#: whether this torch has ``set_stance(skip_guard_eval_unsafe=...)`` (torch 2.6 and later; the
-#: kit supports 2.4, where the guards are evaluated as before)
 def _can_skip_guards() -> bool:
+    """Whether this torch has ``set_stance(skip_guard_eval_unsafe=...)`` (torch 2.6 and later; the
+    kit supports 2.4, where the guards are evaluated as before)."""
     try:
         return "skip_guard_eval_unsafe" in inspect.signature(torch.compiler.set_stance).parameters
     except (AttributeError, TypeError, ValueError):

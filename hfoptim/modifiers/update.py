@@ -45,8 +45,8 @@ class TrustRatio(Modifier):
     When no other update modifier follows (``ctx.last_update_modifier``) the step is taken as
     LAMB writes it: the modifier returns ``r`` with the ratios as the engine's per-tensor factors
     (``ctx.update_scales``) and marks the decay as applied (``ctx.decay_applied``), so the
-    engine's one pass ``p <- p - lr ratio r`` is the whole step -- four passes over the tensors
-    fewer than scaling ``r`` and subtracting ``wd p`` here for the engine to add it back.
+    engine's one pass ``p <- p - lr ratio r`` is the whole step, where scaling ``r`` and
+    subtracting ``wd p`` here, then the engine's decay and update, took four.
     """
 
     name = "trust"
