@@ -14,8 +14,9 @@ import torch
 
 import hfoptim
 from hfoptim.core import compiled_step
-from hfoptim.core.stats import ParamView, PieceStats
+from hfoptim.core.stats import ParamView, PieceStats, ShardPieceStats
 from hfoptim.state import resolve
+from hfoptim.state.codec import get_codec
 
 GROUP = object()  # stands for a process group: only its presence matters here
 
@@ -58,10 +59,24 @@ def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("adamw_factored", {}), ("adamw_shared", {}), ("adamw_smmf", {}), ("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1})],
+    [("adamw_smmf", {}), ("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1}), ("adamw_8bit", {"adaptive_memory": True})],
 )
 def test_statistics_of_the_whole_tensor_keep_the_plain_path(name, options):
     assert not local(name, shard((64, 256), 0, 32, (32 * 256,)), **options)
+
+
+def test_row_statistics_and_column_sums_completed_after_the_kernels_step_alone():
+    # factored: row sums local, column sums left partial (Codec.shard_sums) and summed after the
+    # kernels; shared: row means local, a vector's mean is a statistic of the whole vector
+    matrix = shard((64, 256), 0, 32, (32 * 256,))
+    assert local("adamw_factored", matrix)
+    assert local("adamw_shared", matrix)
+    assert not local("adamw_shared", shard((3000,), 0, 1500, (1500,)))
+    assert local("adamw_factored", shard((3000,), 0, 1500, (1500,)))  # a vector's factored state is dense
+    codec = get_codec("factored")
+    second_moment = hfoptim.create_optimizer([torch.nn.Parameter(torch.zeros(2, 2))], "adamw").rule.slots[1]
+    assert codec.shard_sums(second_moment, matrix) == ("exp_avg_sq.col",)
+    assert codec.shard_sums(second_moment, shard((3000,), 0, 1500, (1500,))) == ()
 
 
 def test_the_kernel_of_a_shard_refuses_statistics_of_the_whole_tensor():
@@ -69,6 +84,10 @@ def test_the_kernel_of_a_shard_refuses_statistics_of_the_whole_tensor():
     x = torch.ones(4, 8)
     view = ParamView(global_shape=torch.Size((8, 8)), local_rows=4)
     assert torch.equal(stats.row_sums([x], [view])[0], torch.full((4,), 8.0))
-    for ask in (lambda: stats.sum([x], [view]), lambda: stats.dim_absmax([x], [view])):
+    for ask in (lambda: stats.sum([x], [view]), lambda: stats.dim_absmax([x], [view]), lambda: stats.col_sum(x, view)):
         with pytest.raises(RuntimeError, match="whole tensor"):
             ask()
+    # a shard's kernel: column sums of its own rows (completed over the processes after it)
+    assert torch.equal(ShardPieceStats().col_sums([x], [view])[0], torch.full((8,), 4.0))
+    with pytest.raises(RuntimeError, match="whole tensor"):
+        ShardPieceStats().sum([x], [view])

@@ -77,3 +77,19 @@ def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path
     # per step: emb, lin_w, conv, big on both processes, row1 on the one holding its row (4 steps)
     assert counts["adamw_8bit"] == (4 + 4 + 1) * 4
     assert counts["adamw_bf16"] > counts["adamw_8bit"]  # the vectors too
+
+
+@pytest.mark.slow
+def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_process(tmp_path):
+    """compile='on' on 3 processes (uneven rows, a matrix some process holds no row of): factored
+    state takes the kernel on every shard dense AdamW does -- its row sums are the shard's own,
+    its column sums are left partial by each kernel and completed by one all-reduce after the
+    bucket's kernels, the empty shard sending zeros; shared state on the matrices (row means are
+    local), not on the vectors (a vector's mean is a statistic of the whole vector). Parameters
+    and state equal the one-process run."""
+    args = ["--cases", "adamw,adamw_factored,adamw_shared", "--compile", "on"]
+    summary = run_worker(torchrun(3), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw", "adamw_factored", "adamw_shared"]
+    counts = {r["case"]: r["detail"]["compiled_steps_all_ranks"] for r in summary["results"]}
+    assert counts["adamw_factored"] == counts["adamw"] > 0
+    assert 0 < counts["adamw_shared"] < counts["adamw"]

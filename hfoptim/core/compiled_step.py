@@ -44,11 +44,16 @@ rule's code is the same code the plain path runs; nothing is written twice.
   process (:func:`shard_local`): an ``elementwise`` rule, only ``row_local`` modifiers, every
   process boundary on a row boundary (no padded working copy) and storage forms whose stored
   values of a shard are computed from the shard alone (:meth:`~hfoptim.state.codec.Codec.
-  shard_local`: dense, bf16, 8-/4-bit blocks that no boundary cuts). The decision depends only on
-  what every process shares (options, global shape, boundaries), so all processes send the same
-  parameters to the plain path and its collectives still match. The kernel sees the piece as a
-  tensor of its own, with a statistics backend of local rows (:class:`~hfoptim.core.stats.
-  PieceStats`), at its true first row (bf16 draws its rounding bits by global index).
+  shard_local`: dense, bf16, 8-/4-bit blocks that no boundary cuts), or computed from the shard
+  and then summed over the processes (factored's column sums: :meth:`~hfoptim.state.codec.Codec.
+  shard_sums`). The decision depends only on what every process shares (options, global shape,
+  boundaries), so all processes send the same parameters to the plain path and its collectives
+  still match. The kernel sees the piece as a tensor of its own, with a statistics backend of
+  local rows (:class:`~hfoptim.core.stats.ShardPieceStats`), at its true first row (bf16 draws
+  its rounding bits by global index). The partial sums the kernels of a bucket leave are
+  completed by one all-reduce per process group after them (:func:`complete_sums`): the
+  statistics are gathered once for all the bucket's tensors, and every kernel runs on local
+  memory only.
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -72,7 +77,7 @@ import torch
 from ..modifiers import MODIFIERS
 from ..state import resolve
 from .context import StepContext
-from .stats import LocalStats, ParamView, PieceStats
+from .stats import LocalStats, ParamView, PieceStats, ShardPieceStats
 from .step import advance
 from .tensorlist import TensorList
 
@@ -271,14 +276,15 @@ def compile_available(device: torch.device) -> bool:
 
 def shard_local(engine, group: dict, view: ParamView, slots, codecs) -> bool:
     """Whether the step of a shard ``view`` needs no statistic of another process, so the
-    kernel may step the local piece alone: the rule is ``elementwise``, every enabled modifier
-    ``row_local``, no weight-decay form with a statistic of the tensor (CPR) or of every tensor
-    (stable), every process boundary falls on a row boundary (whole rows everywhere: no ZeRO
-    padding, row statistics local) and every storage form computes a shard's stored values from
-    the shard alone (:meth:`~hfoptim.state.codec.Codec.shard_local`). Only what all processes
-    share decides (options, global shape, ``view.cuts``): they agree on which parameters take the
-    plain path, whose collectives then match."""
-    if not engine.rule.elementwise or group["weight_decay_mode"] in ("stable", "cpr"):
+    kernel may step the local piece alone: the rule is elementwise for this group (adaptive
+    memory adds inner products of whole tensors), every enabled modifier ``row_local``, no
+    weight-decay form with a statistic of the tensor (CPR) or of every tensor (stable), every
+    process boundary falls on a row boundary (whole rows everywhere: no ZeRO padding, row
+    statistics local) and every storage form computes a shard's stored values from the shard
+    alone, or its partial sums (:meth:`~hfoptim.state.codec.Codec.shard_local`). Only what all
+    processes share decides (options, global shape, ``view.cuts``): they agree on which
+    parameters take the plain path, whose collectives then match."""
+    if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
         return False
     if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
         return False
@@ -291,13 +297,14 @@ def kernel_stats(stats, view: ParamView):
     """The statistics backend the traced step uses for a unit of ``view`` stepped with the
     layout's ``stats``: as given for tensors held whole and row pieces; for a sharding backend
     (a subclass of LocalStats whose statistics of tensors held whole are local), LocalStats for
-    a tensor held whole and PieceStats (local rows and blocks, nothing of the whole tensor) for a
-    shard that :func:`shard_local` allows. None: no kernel for this backend."""
+    a tensor held whole and ShardPieceStats (local rows and blocks, this process's part of column
+    sums, nothing else of the whole tensor) for a shard that :func:`shard_local` allows. None: no
+    kernel for this backend."""
     if type(stats) in (LocalStats, PieceStats):
         return stats
     if not isinstance(stats, LocalStats):
         return None
-    return PieceStats(foreach=stats.foreach) if view.sharded else LocalStats(foreach=stats.foreach)
+    return ShardPieceStats(foreach=stats.foreach) if view.sharded else LocalStats(foreach=stats.foreach)
 
 
 def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = False) -> bool:
@@ -379,13 +386,18 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     global _failed
     mode = group.get("compile", "off")
     rest = []
+    partial: list[tuple[torch.Tensor, ParamView]] = []  # sums the kernels leave to complete
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
         if unit.view.sharded and unit.param.numel() == 0 and _failed is None:
             if _eligible(engine, group, unit, mode, codecs, empty_shard=True):
-                continue  # nothing of it here, and its other shards need nothing of this process
+                # nothing of it here; its other shards need nothing of this process but its
+                # (zero) part of their sums
+                for tensor, view in shard_sums(slots, codecs, unit):
+                    partial.append((tensor.zero_(), view))
+                continue
         if _failed is not None or not _eligible(engine, group, unit, mode, codecs):
             rest.append(unit)
             continue
@@ -436,9 +448,32 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
             warnings.warn(message, RuntimeWarning, stacklevel=3)
             rest.append(unit)
             continue
+        partial.extend(shard_sums(slots, codecs, unit))
         if p.dtype != dtype:
             p.copy_(work)
+    complete_sums(stats, partial)
     return rest
+
+
+def shard_sums(slots, codecs, unit) -> list[tuple[torch.Tensor, ParamView]]:
+    """The stored tensors that the kernel of the shard ``unit`` leaves as this process's partial
+    sums (:meth:`~hfoptim.state.codec.Codec.shard_sums`), each with the shard's view."""
+    if not unit.view.sharded:
+        return []
+    return [(unit.state[key], unit.view) for slot, c in zip(slots, codecs) for key in c.shard_sums(slot, unit.view)]
+
+
+def complete_sums(stats, partial: list[tuple[torch.Tensor, ParamView]]) -> None:
+    """Sum each partial tensor over its view's process group, in place: one all-reduce per group
+    for all the bucket's kernels. Every process calls it with the same tensors in the same order:
+    which shards take the kernel depends only on what all processes share (:func:`shard_local`),
+    an empty shard included (it sends zeros)."""
+    if not partial:
+        return
+    tensors = [t for t, _ in partial]
+    for tensor, total in zip(tensors, stats.all_reduce(tensors, [v for _, v in partial])):
+        if total is not tensor:
+            tensor.copy_(total)
 
 
 def reset() -> None:

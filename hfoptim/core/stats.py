@@ -344,3 +344,15 @@ class PieceStats(LocalStats):
         )
 
     sum_sq = norm = sum = col_sum = dim_absmax = _whole
+
+
+class ShardPieceStats(PieceStats):
+    """Statistics for the compiled kernel of a shard (:func:`hfoptim.core.compiled_step.shard_local`):
+    those of :class:`PieceStats`, and column sums of the shard's own rows -- this process's part
+    of the column sums of the whole tensor, which the storage form leaves in a stored tensor
+    (:meth:`~hfoptim.state.codec.Codec.shard_sums`) and the compiled path completes with one
+    all-reduce after the bucket's kernels."""
+
+    def col_sum(self, matrix: torch.Tensor, view: ParamView) -> torch.Tensor:
+        """This process's part: the sums over the shard's rows."""
+        return matrix.sum(dim=0)

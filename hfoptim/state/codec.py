@@ -79,8 +79,16 @@ class Codec(ABC):
         """True when what is stored for the shard ``view`` of a parameter (whole rows; process
         boundaries ``view.cuts`` on row boundaries) is computed from the shard alone, with no
         statistic of another process (the compiled path may then step the shard by itself:
-        :func:`hfoptim.core.compiled_step.shard_local`). Elementwise forms: always."""
+        :func:`hfoptim.core.compiled_step.shard_local`), or from the shard alone and then
+        summed over the processes (:meth:`shard_sums`). Elementwise forms: always."""
         return self.elementwise
+
+    def shard_sums(self, slot: Slot, view: ParamView) -> tuple[str, ...]:
+        """The stored tensors of a :meth:`shard_local` shard that its step alone leaves as this
+        process's partial sums, complete once summed over the processes of ``view.group`` (one
+        all-reduce for all the kernels of a bucket: :mod:`hfoptim.core.compiled_step`). The step
+        itself must not read them after writing them. None by default."""
+        return ()
 
     @abstractmethod
     def shapes(self, slot: Slot, view: ParamView, p: torch.Tensor) -> dict[str, tuple]:

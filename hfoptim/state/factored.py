@@ -12,12 +12,12 @@ rows.) Stored, in the compute dtype (fp32 for fp32/bf16/fp16 parameters):
 * ``"<slot>.col"``: ``C = 1^T V`` (column sums, shape ``(cols,)``)
 
 .. math::
-    \mathrm{decode}(R, C) = \frac{R\,C}{1^\top R}\quad(\text{outer product}),\qquad
+    \mathrm{decode}(R, C) = \frac{R\,C}{1^\top C}\quad(\text{outer product}; 1^\top C = 1^\top R),\qquad
     \mathrm{encode}(V) = (V 1,\; 1^\top V)
 
 **The precision fix.** Common code forms ``(R / mean(R)).rsqrt() * C.rsqrt()``: two reciprocal
 square roots of numbers far from 1, each rounded in the working precision. Here the decode
-forms ``(R / 1^T R)`` (a number in [0, 1]) times ``C`` in the compute dtype (fp32 at least), so
+forms ``(R / 1^T C)`` (a number in [0, 1]) times ``C`` in the compute dtype (fp32 at least), so
 the product has the magnitude of ``V`` itself (no overflow or underflow of ``R C``), and the
 consumer takes the one square root last (``u = m / sqrt(V_hat)``).
 
@@ -25,7 +25,7 @@ consumer takes the one square root last (``u = m / sqrt(V_hat)``).
 ``V_hat_{t-1}`` as usual, ``V_t = b V_hat_{t-1} + (1-b) G^2``; the sums are linear, and
 ``V_hat_{t-1} 1 = R_{t-1} (1^T C_{t-1}) / (1^T R_{t-1}) = R_{t-1}`` because both factors sum to
 the same total, so ``V_t 1 = b R_{t-1} + (1-b) G^2 1``: exactly Adafactor's EMA of row
-statistics (and likewise for columns). Tested in tests/test_codecs.py.
+statistics (and likewise for columns). Tested in tests/test_factored_smmf_shared.py.
 
 Within a step the rule works on the full ``V_t`` (for AdamW: the exact current ``G^2`` term);
 a rule whose paper divides by the factored ``V_hat_t`` (Adafactor) calls ``ctx.stored``.
@@ -39,8 +39,14 @@ roots before the product, at the cost of the second rounding.)
 One-dimensional tensors (and scalars, and empty tensors) stay dense under ``"<slot>"``, as in
 Adafactor.
 
-Sharding: the row sums of a shard's rows are local, column sums and the total ``1^T R`` are
-combined across shards by the stats backend (``stats.col_sum``, ``stats.sum``).
+**The total.** ``1^T R = 1^T C`` (both sum every element of ``V``); the decode takes ``1^T C``.
+``C`` is the one factor every process holds whole, so the total needs no collective when the
+parameter is sharded.
+
+Sharding: the row sums of a shard's rows are local; the column sums are completed across the
+processes -- by the stats backend inside the step (``stats.col_sums``, the plain path), or by one
+all-reduce after the compiled kernels of a bucket, which leave this process's partial sums in
+``"<slot>.col"`` (:meth:`Factored.shard_sums`; :mod:`hfoptim.core.compiled_step`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,15 @@ class Factored(Codec):
     def _keys(slot: Slot) -> tuple[str, str]:
         return f"{slot.name}.row", f"{slot.name}.col"
 
+    def shard_local(self, slot, view):
+        """A shard of whole rows is stepped alone: its row sums are its own, and the column sums it
+        leaves are completed after the step (:meth:`shard_sums`)."""
+        return True
+
+    def shard_sums(self, slot, view):
+        """The column sums of a factored matrix."""
+        return () if factored_cols(view) is None else (self._keys(slot)[1],)
+
     def shapes(self, slot, view, p):
         cols = factored_cols(view)
         if cols is None:
@@ -98,11 +113,10 @@ class Factored(Codec):
         out = [_DENSE.decode(slot, s, v, dtype) if factored_cols(v) is None else None for s, v in zip(stored, views)]
         index = [i for i, v in enumerate(out) if v is None]
         row, col = self._keys(slot)
-        rs = [stored[i][row].to(dtype) for i in index]
-        totals = stats.sum(rs, [views[i] for i in index]) if index else []  # one reduction for all
         tiny = torch.finfo(dtype).tiny
-        for i, r, total in zip(index, rs, totals):
-            c = stored[i][col].to(dtype)
+        for i in index:
+            r, c = stored[i][row].to(dtype), stored[i][col].to(dtype)
+            total = c.sum()  # = 1^T R, with C held whole on every process (see "The total")
             v = (r / total.clamp_min(tiny)).unsqueeze(1) * c.unsqueeze(0)
             v.clamp_min_(torch.where(total > 0, tiny, 0.0))  # see "Range" in the module docstring
             out[i] = v.reshape(r.numel(), *views[i].global_shape[1:])  # this process's rows

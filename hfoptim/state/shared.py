@@ -19,7 +19,8 @@ compute dtype; an empty tensor stays dense. Means are linear, so storing the mea
 the full ``V_t`` (whose newest term is the exact ``G_t^2``), then the row mean is kept; Adam-mini
 divides by the block mean of step t itself -- the two differ by that one ``(1-b) G_t^2`` term.
 
-Sharding: row sums of a shard's rows are local; the per-tensor mean goes through ``stats.sum``.
+Sharding: row sums of a shard's rows are local (the compiled kernel steps a shard of whole rows
+alone); the per-tensor mean goes through ``stats.sum``.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ class Shared(Codec):
     @staticmethod
     def _key(slot: Slot, view) -> str:
         return f"{slot.name}.row" if len(view.global_shape) >= 2 else f"{slot.name}.mean"
+
+    def shard_local(self, slot, view):
+        """The row means of a matrix's shard of whole rows are its own; a vector's mean is not."""
+        return len(view.global_shape) >= 2 or view.global_numel == 0
 
     def shapes(self, slot, view, p):
         if view.global_numel == 0:  # empty: nothing to share
