@@ -88,13 +88,29 @@ def test_zero_muon_with_cpu_offload_and_bf16_master_weights(tmp_path, stage, fla
 def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_path, stage):
     """compile='on' under ZeRO-1/2/3 on 2 processes, over shapes whose rows split evenly
     (tests/distributed/common.py: ROW_ALIGNED_SHAPES): the fused kernel steps every segment of
-    whole rows and blocks (the worker fails when the sharded optimizer ran none), the ones a
-    boundary cuts inside a row take the plain path, and parameters and state (8-bit codes
-    exactly) equal the one-process run."""
-    args = ["--stage", str(stage), "--cases", "adamw_8bit,adamw_bf16", "--compile", "on", "--shapes", "rows"]
+    whole rows and blocks (the worker fails when the sharded optimizer ran none; factored state
+    with its column sums completed after the kernels), the ones a boundary cuts inside a row take
+    the plain path, and parameters and state (8-bit codes exactly) equal the one-process run."""
+    cases = ["adamw_8bit", "adamw_bf16", "adamw_factored"]
+    args = ["--stage", str(stage), "--cases", ",".join(cases), "--compile", "on", "--shapes", "rows"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
-    assert summary["ran"] == ["adamw_8bit", "adamw_bf16"]
+    assert summary["ran"] == cases
     assert all(r["detail"]["compiled_steps_all_ranks"] > 0 for r in summary["results"])
+
+
+@pytest.mark.slow
+def test_zero2_segment_cut_inside_a_row_steps_its_whole_rows_in_the_kernel(tmp_path):
+    """ZeRO-2 on 2 processes over the default shapes: the partition boundary falls inside row 32
+    of "big" (67x97), so each process's segment of it ends (or starts) with a partial row. That
+    row takes the plain path (its cut 8-bit block completed over the processes) and the other
+    rows -- 32 rows on one process, 34 on the other -- take the compiled kernel, as row pieces
+    (hfoptim.core.chunking.cut_row_parts); parameters and state (8-bit codes exactly) equal the
+    one-process run."""
+    args = ["--stage", "2", "--cases", "adamw_8bit", "--compile", "on"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_8bit"]
+    shapes = {tuple(s) for s in summary["results"][0]["detail"]["compiled_shapes_all_ranks"]}
+    assert {(32, 97), (34, 97)} <= shapes
 
 
 @pytest.mark.slow

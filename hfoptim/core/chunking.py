@@ -23,6 +23,10 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
   parameters out of the chunks below and the statistics' collectives of the others still match.
   Without it, the compiled kernel of a 16000x768 FSDP2 shard of adamw_8bit materialized its new
   fp32 moments whole (8 bytes per element; the plain path about 50).
+* A ZeRO segment that a process boundary cuts inside a row at one end (:func:`cut_row_parts`) is
+  stepped as its partial row, on the plain path with the layout's statistics (the cut row and
+  block completed over the processes), and its whole rows, a row piece for the compiled kernel
+  (in pieces of the budget): before, one partial row sent the whole segment to the plain path.
 * Not cut: tensors whose rule or modifiers need whole-tensor statistics (Adafactor's update
   clipping, LAMB's trust ratio, the cautious mask's mean, ...), factored/SMMF/shared state, 1-D
   tensors, other shards (their chunks are still bounded by grouping), and bf16 state
@@ -99,20 +103,78 @@ def rows_per_piece(rows: int, row_len: int, limit: int) -> int:
     return -(-rows // count)
 
 
-def pieces(engine, group: dict, unit: Unit, rows: int) -> list[Unit]:
-    """``unit`` as pieces of ``rows`` rows (the last may be shorter)."""
+def pieces(engine, group: dict, unit: Unit, rows: int, first: int = 0, end: int | None = None) -> list[Unit]:
+    """Local rows ``first:end`` of ``unit`` (all by default) as pieces of ``rows`` rows (the last
+    may be shorter)."""
+    end = unit.view.rows if end is None else end
+    return [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(first, end, rows)]
+
+
+def _rows_of(engine, group: dict, unit: Unit, start: int, stop: int, sharding: dict | None = None) -> Unit:
+    """Local rows ``start:stop`` of ``unit`` as a unit of their own: views of its parameter's,
+    gradient's and state's rows, at their global rows; ``sharding`` (``valid``, ``cuts``,
+    ``group``) for a piece that stays a shard, else a piece no process shares."""
+    slots = engine.rule.active_slots(group)
+    state = {"step": unit.state["step"]}
+    for slot in slots:
+        codec = resolve.codec_for(engine.rule, slot, group, unit.view)
+        state.update(codec.rows(slot, unit.state, unit.view, start, stop))
+    row_start = unit.view.row_start + start  # a shard's pieces keep their global rows
+    view = ParamView(
+        global_shape=unit.view.global_shape, row_start=row_start, local_rows=stop - start, **(sharding or {})
+    )
+    return Unit(unit.param[start:stop], unit.grad[start:stop], state, view, unit.owner)
+
+
+def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
+    """A ZeRO segment that a process boundary cuts inside a row at ONE of its ends (the padded
+    working copy of :mod:`hfoptim.distributed.zero`), as ``(partial row, whole rows)``:
+
+    * the partial row, a shard as the segment was (same cuts and process group, the owned part of
+      that row as ``valid``, the segment's write-back), which the plain path steps with the
+      layout's statistics -- the cut row and its cut block completed over the processes exactly
+      as for the whole segment (their pieces depend only on the cuts, so every process still
+      sends one unit of this parameter);
+    * the whole rows, a row piece no process shares, which the compiled kernel steps alone.
+
+    None when the segment is not cut that way, has no whole row, or its step is not row-local
+    (the conditions of :func:`cuttable`), or the kernel would not take the whole rows: then the
+    segment stays one unit on the plain path. A segment cut at both ends stays whole too (two
+    partial rows would be two units of one parameter here and one elsewhere). The decision is
+    this process's own: either way it sends one unit of the parameter to the plain path."""
+    view = unit.view
+    if unit.writeback is None or not view.sharded or view.valid is None or unit.canonical:
+        return None
+    if len(view.global_shape) < 2 or view.rows < 2 or not _row_local(engine, group, unit):
+        return None
+    a, b = view.valid
+    row_len = view.row_len
+    head, tail = a > 0, b < view.local_numel
+    if head == tail:
+        return None
+    part, whole = ((0, 1), (1, view.rows)) if head else ((view.rows - 1, view.rows), (0, view.rows - 1))
+    whole_rows = _rows_of(engine, group, unit, *whole)
+    if not compiled_step.takes(engine, group, whole_rows, PieceStats(foreach=engine.layout.stats.foreach)):
+        return None
+    valid = (a, row_len) if head else (0, b - (view.rows - 1) * row_len)
+    partial = _rows_of(engine, group, unit, *part, {"valid": valid, "cuts": view.cuts, "group": view.group})
+    partial.writeback = unit.writeback  # the whole working copy, after its kernel-stepped rows
+    return partial, whole_rows
+
+
+def _row_local(engine, group: dict, unit: Unit) -> bool:
+    """Whether rows of ``unit`` may be stepped apart: an elementwise rule, row-local modifiers, no
+    decay with a statistic of the tensor or of every tensor, every storage form cut into rows and
+    independent of the rows' place (``offset_free``)."""
+    if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
+        return False
+    if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
+        return False
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-    out = []
-    for start in range(0, unit.view.rows, rows):
-        stop = min(start + rows, unit.view.rows)
-        state = {"step": unit.state["step"]}
-        for slot, codec in zip(slots, codecs):
-            state.update(codec.rows(slot, unit.state, unit.view, start, stop))
-        row_start = unit.view.row_start + start  # a shard's pieces keep their global rows
-        view = ParamView(global_shape=unit.view.global_shape, row_start=row_start, local_rows=stop - start)
-        out.append(Unit(unit.param[start:stop], unit.grad[start:stop], state, view, unit.owner))
-    return out
+    return all(
+        c.offset_free and c.rows(slot, unit.state, unit.view, 0, 1) is not None for slot, c in zip(slots, codecs)
+    )
 
 
 def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], LocalStats]]:
@@ -120,9 +182,19 @@ def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], Loca
     docstring). Every unit's state exists and its step counter is advanced already."""
     limit = chunk_numel(group)
     stats = engine.layout.stats
-    if limit is None or len(bucket) == 0:
-        return [(bucket, stats)] if bucket else []
     calls: list = []
+    split = [cut_row_parts(engine, group, u) if u.writeback is not None else None for u in bucket]
+    if any(split):
+        # the kernel steps the whole rows of a cut segment first; its partial row stays in place
+        # below, and its write-back (after the plain step) copies the whole working copy
+        piece_stats = PieceStats(foreach=stats.foreach)
+        for parts in filter(None, split):
+            whole = parts[1]
+            rows = rows_per_piece(whole.view.rows, whole.view.row_len, limit) if limit else whole.view.rows
+            calls.extend(([piece], piece_stats) for piece in pieces(engine, group, whole, rows))
+        bucket = [u if parts is None else parts[0] for u, parts in zip(bucket, split)]
+    if limit is None or len(bucket) == 0:
+        return calls + ([(bucket, stats)] if bucket else [])
     current, size = [], 0
     # units held whole here beside sharded ones (the local experts of an FSDP2 shard) differ from
     # process to process: only the sharded units' global sizes decide the chunks, the same everywhere

@@ -325,14 +325,29 @@ def kernel_calls() -> int:
     return sum(compiled_step.calls.values())
 
 
-def check_compiled(sharded_calls: int, failures: list, detail: dict) -> None:
+def kernel_shapes() -> dict:
+    """How many times the compiled kernel stepped a tensor of each shape so far in this process."""
+    from hfoptim.core import compiled_step
+
+    counts: dict = {}
+    for key, n in compiled_step.calls.items():
+        counts[tuple(key[1])] = counts.get(tuple(key[1]), 0) + n
+    return counts
+
+
+def check_compiled(sharded_calls: int, failures: list, detail: dict, shapes: set | None = None) -> None:
     """Record how many parameter steps of the SHARDED optimizer took the compiled kernel, here
-    and summed over the processes, and fail when none did (the run asked for ``compile='on'``,
-    so the compiled path must have engaged under the layout)."""
+    and summed over the processes (and, given, the ``shapes`` its kernels stepped, over the
+    processes), and fail when none did (the run asked for ``compile='on'``, so the compiled path
+    must have engaged under the layout)."""
     total = torch.tensor([float(sharded_calls)])
     dist.all_reduce(total)
     detail["compiled_steps"] = sharded_calls
     detail["compiled_steps_all_ranks"] = int(total)
+    if shapes is not None:
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, sorted(shapes))
+        detail["compiled_shapes_all_ranks"] = sorted({tuple(s) for part in gathered for s in part})
     if int(total) == 0:
         failures.append("compile='on', but no parameter of the sharded optimizer took the compiled kernel")
 

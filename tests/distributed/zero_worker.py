@@ -41,6 +41,7 @@ from tests.distributed.common import (  # noqa: E402
     gradients,
     grouped,
     kernel_calls,
+    kernel_shapes,
     needs_loss,
     rank_loss,
     run_cases,
@@ -111,7 +112,7 @@ def run_case(
         return
     engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
     loss_driven = needs_loss(ref_opt)
-    sharded_calls = 0
+    sharded_calls, shapes = 0, set()
     for t in range(1, steps + 1):
         grads = coarse(gradients(ref_params, t), bits=4 if bf16 else 10)
         for p, g in zip(ref_params, grads):
@@ -124,11 +125,12 @@ def run_case(
             ref_opt.step(loss=step_loss(t))
         else:
             ref_opt.step()
-        before = kernel_calls()
+        before, shapes_before = kernel_calls(), kernel_shapes()
         ds_engine.step()
         sharded_calls += kernel_calls() - before
+        shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
     if compile == "on":
-        check_compiled(sharded_calls, failures, detail)
+        check_compiled(sharded_calls, failures, detail, shapes)
     layout = engine.layout
     if type(layout).__name__ != "ZeroLayout":
         failures.append(f"the optimizer stepped with {type(layout).__name__}, not the ZeRO layout")
