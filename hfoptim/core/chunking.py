@@ -61,18 +61,14 @@ def cuttable(engine, group: dict, unit: Unit) -> bool:
     p, view = unit.param, unit.view
     if type(engine.layout.stats) is not LocalStats or unit.writeback is not None or view.sharded:
         return False
-    if p.dim() < 2 or view.local_rows is not None or not engine.rule.is_elementwise(group):
+    if p.dim() < 2 or view.local_rows is not None:
         return False
-    if group["weight_decay_mode"] in ("stable", "cpr"):  # a statistic of every tensor / of the whole tensor
-        return False
-    if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
-        return False
-    codecs = [(slot, resolve.codec_for(engine.rule, slot, group, view)) for slot in engine.rule.active_slots(group)]
-    if any(codec.rows(slot, unit.state, view, 0, 1) is None for slot, codec in codecs):
+    codecs = _row_codecs(engine, group, unit)
+    if codecs is None:
         return False
     # the compiled path steps a piece as rows from 0: a form whose stored values depend on the
     # rows' place (bf16's rounding bits) keeps the tensor whole there rather than lose the kernel
-    return all(codec.offset_free for _, codec in codecs) or not compiled_step.takes(
+    return all(codec.offset_free for codec in codecs) or not compiled_step.takes(
         engine, group, unit, engine.layout.stats
     )
 
@@ -137,15 +133,18 @@ def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
       sends one unit of this parameter);
     * the whole rows, a row piece no process shares, which the compiled kernel steps alone.
 
-    None when the segment is not cut that way, has no whole row, or its step is not row-local
-    (the conditions of :func:`cuttable`), or the kernel would not take the whole rows: then the
-    segment stays one unit on the plain path. A segment cut at both ends stays whole too (two
+    None when the segment is not cut that way, has no whole row, its step is not row-local
+    (:func:`_row_codecs`), a storage form is not ``offset_free``, or the kernel would not take the
+    whole rows: then the segment stays one unit on the plain path. A segment cut at both ends stays whole too (two
     partial rows would be two units of one parameter here and one elsewhere). The decision is
     this process's own: either way it sends one unit of the parameter to the plain path."""
     view = unit.view
     if unit.writeback is None or not view.sharded or view.valid is None or unit.canonical:
         return None
-    if len(view.global_shape) < 2 or view.rows < 2 or not _row_local(engine, group, unit):
+    if len(view.global_shape) < 2 or view.rows < 2:
+        return None
+    codecs = _row_codecs(engine, group, unit)
+    if codecs is None or not all(c.offset_free for c in codecs):  # pieces are stepped as rows from 0
         return None
     a, b = view.valid
     row_len = view.row_len
@@ -162,19 +161,19 @@ def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
     return partial, whole_rows
 
 
-def _row_local(engine, group: dict, unit: Unit) -> bool:
-    """Whether rows of ``unit`` may be stepped apart: an elementwise rule, row-local modifiers, no
-    decay with a statistic of the tensor or of every tensor, every storage form cut into rows and
-    independent of the rows' place (``offset_free``)."""
+def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
+    """The storage forms of ``unit``'s slots when its rows may be stepped apart (an elementwise
+    rule, row-local modifiers, no decay with a statistic of the tensor (CPR) or of every tensor
+    (stable), every form cut into rows), else None."""
     if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
-        return False
+        return None
     if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
-        return False
+        return None
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-    return all(
-        c.offset_free and c.rows(slot, unit.state, unit.view, 0, 1) is not None for slot, c in zip(slots, codecs)
-    )
+    if any(c.rows(slot, unit.state, unit.view, 0, 1) is None for slot, c in zip(slots, codecs)):
+        return None
+    return codecs
 
 
 def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], LocalStats]]:
