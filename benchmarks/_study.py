@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import statistics
 import sys
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -211,6 +212,16 @@ def _protocol(
 ) -> list[dict]:
     done = journal.done if journal is not None else {}
     runs: list[dict] = []
+    # wall time per step trained in this invocation (all workers together), for the time left:
+    # the start-up estimate times one process alone, while parallel workers share memory bandwidth
+    started, trained = time.perf_counter(), [0]
+    seed_steps = len(plan) * len(args.seeds) * args.steps
+
+    def left(steps_left: int) -> str:
+        if not trained[0]:
+            return ""
+        minutes = (time.perf_counter() - started) / trained[0] * steps_left / 60
+        return f"; about {minutes:.0f} min left"
 
     def phase(name: str, jobs: list[tuple[str, float, int]], steps: int, label: str = "") -> None:
         label = label or name
@@ -228,8 +239,10 @@ def _protocol(
                 run["commit"] = GIT_COMMIT  # the workers were started from this tree with this process
                 if journal is not None:
                     journal.add(run)
+                trained[0] += steps
             runs.append(run)
-            log(f"{label} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}")
+            later = sum(k not in done for k in keys[i:]) * steps + (seed_steps if name == "sweep" else 0)
+            log(f"{label} [{i}/{len(jobs)}] {job_name} lr {lr:g} seed {seed}: {_status(run)}{left(later)}")
 
     phase("sweep", [(name, lr, args.seeds[0]) for name, lrs in plan.items() for lr in lrs], args.sweep_steps)
     for _ in range(edge_steps):
