@@ -99,11 +99,10 @@ def rows_per_piece(rows: int, row_len: int, limit: int) -> int:
     return -(-rows // count)
 
 
-def pieces(engine, group: dict, unit: Unit, rows: int, first: int = 0, end: int | None = None) -> list[Unit]:
-    """Local rows ``first:end`` of ``unit`` (all by default) as pieces of ``rows`` rows (the last
-    may be shorter)."""
-    end = unit.view.rows if end is None else end
-    return [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(first, end, rows)]
+def pieces(engine, group: dict, unit: Unit, rows: int) -> list[Unit]:
+    """``unit`` as pieces of ``rows`` rows (the last may be shorter)."""
+    end = unit.view.rows
+    return [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(0, end, rows)]
 
 
 def _rows_of(engine, group: dict, unit: Unit, start: int, stop: int, sharding: dict | None = None) -> Unit:
@@ -182,7 +181,7 @@ def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], Loca
     limit = chunk_numel(group)
     stats = engine.layout.stats
     calls: list = []
-    split = [cut_row_parts(engine, group, u) if u.writeback is not None else None for u in bucket]
+    split = [cut_row_parts(engine, group, u) for u in bucket]
     if any(split):
         # the kernel steps the whole rows of a cut segment first; its partial row stays in place
         # below, and its write-back (after the plain step) copies the whole working copy
@@ -190,7 +189,8 @@ def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], Loca
         for parts in filter(None, split):
             whole = parts[1]
             rows = rows_per_piece(whole.view.rows, whole.view.row_len, limit) if limit else whole.view.rows
-            calls.extend(([piece], piece_stats) for piece in pieces(engine, group, whole, rows))
+            whole_pieces = [whole] if rows >= whole.view.rows else pieces(engine, group, whole, rows)
+            calls.extend(([piece], piece_stats) for piece in whole_pieces)
         bucket = [u if parts is None else parts[0] for u, parts in zip(bucket, split)]
     if limit is None or len(bucket) == 0:
         return calls + ([(bucket, stats)] if bucket else [])

@@ -353,6 +353,4 @@ class ShardPieceStats(PieceStats):
     (:meth:`~hfoptim.state.codec.Codec.shard_sums`) and the compiled path completes with one
     all-reduce after the bucket's kernels."""
 
-    def col_sum(self, matrix: torch.Tensor, view: ParamView) -> torch.Tensor:
-        """This process's part: the sums over the shard's rows."""
-        return matrix.sum(dim=0)
+    col_sum = LocalStats.col_sum  # this process's part: the sums over the shard's own rows

@@ -87,7 +87,7 @@ class Codec(ABC):
         """The stored tensors of a :meth:`shard_local` shard that its step alone leaves as this
         process's partial sums, complete once summed over the processes of ``view.group`` (one
         all-reduce for all the kernels of a bucket: :mod:`hfoptim.core.compiled_step`). The step
-        itself must not read them after writing them. None by default."""
+        itself must not read them after writing them. None by default (an empty tuple)."""
         return ()
 
     @abstractmethod
