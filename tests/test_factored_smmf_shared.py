@@ -25,7 +25,7 @@ import hfoptim
 from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from hfoptim.core.stats import LocalStats, ParamView
 from hfoptim.state import CODECS
-from hfoptim.state.smmf import pack_bits, square_shape, unpack_bits
+from hfoptim.state.smmf import pack_bits, signs, square_shape, unpack_bits
 from tests.harness import SHAPES, check_parity
 from tests.references.adamw import AdamWRef
 from tests.references.adan import AdanRef
@@ -95,6 +95,17 @@ def test_sign_bits_round_trip_one_bit_per_element(n):
     assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
     assert torch.equal(unpack_bits(packed, n), mask)
     assert np.array_equal(packed.numpy(), np.packbits(mask.numpy(), bitorder="little"))
+    assert torch.equal(signs(packed, n, torch.float64), torch.where(mask, 1.0, -1.0).double())
+
+
+@pytest.mark.parametrize("cut", ["offset", "strided"])
+def test_sign_bits_pack_masks_that_are_views(cut):
+    # the 64-bit word path needs aligned contiguous bytes: a view at an odd offset or with a
+    # stride is packed the same as its copy
+    base = torch.rand(2001, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask = base[3:] if cut == "offset" else base[::2]
+    want = np.packbits(mask.numpy(), bitorder="little")
+    assert np.array_equal(pack_bits(mask).numpy(), want)
 
 
 def test_smmf_keeps_signed_rank1_exactly_and_factors_like_the_paper():
