@@ -27,8 +27,15 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
   stepped as its partial row, on the plain path with the layout's statistics (the cut row and
   block completed over the processes), and its whole rows, a row piece for the compiled kernel
   (in pieces of the budget): before, one partial row sent the whole segment to the plain path.
+* SMMF state (a rank-1 factorization of the whole tensor seen as a square matrix) is cut on one
+  process where its matrix's rows and its sign bytes are cut too
+  (:meth:`~hfoptim.state.codec.Codec.row_granularity`): each piece decodes with the stored
+  factors, stores its own rows of ``r`` and sign bits, and adds its column sums to an
+  accumulator the pieces share (:meth:`~hfoptim.state.codec.Codec.piece_sums`); ``c`` is stored
+  from it after the last piece. The same numbers up to the order of the column sums' additions.
 * Not cut: tensors whose rule or modifiers need whole-tensor statistics (Adafactor's update
-  clipping, LAMB's trust ratio, the cautious mask's mean, ...), factored/SMMF/shared state, 1-D
+  clipping, LAMB's trust ratio, the cautious mask's mean, ...), factored/shared state, SMMF
+  shards, 1-D
   tensors, other shards (their chunks are still bounded by grouping), and bf16 state
   on the compiled path (its rounding bits depend on the element's global index, which the
   compiled kernel of a piece does not take as an input; the fused kernel's temporaries are a
@@ -36,6 +43,8 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
 """
 
 from __future__ import annotations
+
+import math
 
 from ..modifiers import MODIFIERS
 from ..state import resolve
@@ -87,22 +96,52 @@ def shard_cuttable(engine, group: dict, unit: Unit) -> bool:
     return all(c.offset_free and c.rows(s, unit.state, view, 0, first) is not None for s, c in zip(slots, codecs))
 
 
-def rows_per_piece(rows: int, row_len: int, limit: int) -> int:
+def rows_per_piece(rows: int, row_len: int, limit: int, granularity: int = 1) -> int:
     """Rows of each piece of a ``rows x row_len`` tensor for pieces of at most ``limit``
-    elements (one row at least); equal pieces when a few more pieces make them equal (one
-    compiled kernel per tensor shape instead of two)."""
-    most = max(1, limit // row_len)
+    elements (``granularity`` rows at least, and a multiple of it: where the storage forms can
+    be cut, :meth:`~hfoptim.state.codec.Codec.row_granularity`); equal pieces when a few more
+    pieces make them equal (one compiled kernel per tensor shape instead of two)."""
+    most = max(1, limit // row_len // granularity) * granularity
     count = -(-rows // most)
     for n in range(count, 2 * count + 1):
-        if rows % n == 0:
+        if rows % n == 0 and (rows // n) % granularity == 0:
             return rows // n
-    return -(-rows // count)
+    return -(-rows // count // granularity) * granularity
+
+
+def granularity(engine, group: dict, unit: Unit) -> int:
+    """The rows a piece of ``unit`` must be a multiple of: the least common multiple of its
+    storage forms' :meth:`~hfoptim.state.codec.Codec.row_granularity` (0: it cannot be cut)."""
+    step = 1
+    for slot in engine.rule.active_slots(group):
+        codec = resolve.codec_for(engine.rule, slot, group, unit.view)
+        step = math.lcm(step, codec.row_granularity(slot, unit.view))
+    return step
 
 
 def pieces(engine, group: dict, unit: Unit, rows: int) -> list[Unit]:
-    """``unit`` as pieces of ``rows`` rows (the last may be shorter)."""
+    """``unit`` as pieces of ``rows`` rows (the last may be shorter). Sums over the whole tensor
+    that the storage forms complete from the pieces (:meth:`~hfoptim.state.codec.Codec.piece_sums`,
+    SMMF's column sums) are shared by the pieces' states and stored after the last piece (its
+    write-back, run after its plain step)."""
     end = unit.view.rows
-    return [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(0, end, rows)]
+    out = [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(0, end, rows)]
+    finish = []
+    for slot in engine.rule.active_slots(group):
+        codec = resolve.codec_for(engine.rule, slot, group, unit.view)
+        sums = codec.piece_sums(slot, unit.state, unit.view)
+        if sums:
+            for piece in out:
+                piece.state.update(sums)
+            finish.append((codec, slot, sums))
+    if finish:
+
+        def store_sums() -> None:
+            for codec, slot, sums in finish:
+                codec.finish_pieces(slot, unit.state, sums)
+
+        out[-1].writeback = store_sums
+    return out
 
 
 def _rows_of(engine, group: dict, unit: Unit, start: int, stop: int, sharding: dict | None = None) -> Unit:
@@ -170,7 +209,8 @@ def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
         return None
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-    if any(c.rows(slot, unit.state, unit.view, 0, 1) is None for slot, c in zip(slots, codecs)):
+    step = granularity(engine, group, unit)
+    if not step or any(c.rows(slot, unit.state, unit.view, 0, step) is None for slot, c in zip(slots, codecs)):
         return None
     return codecs
 
@@ -204,7 +244,7 @@ def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], Loca
             if unit.view.rows == 0:
                 continue  # an empty shard: nothing to step, and its step needs nothing of the others
             piece_stats = PieceStats(foreach=stats.foreach)
-            rows = rows_per_piece(unit.view.rows, unit.view.row_len, limit)
+            rows = rows_per_piece(unit.view.rows, unit.view.row_len, limit, granularity(engine, group, unit))
             calls.extend(([piece], piece_stats) for piece in pieces(engine, group, unit, rows))
             continue
         if current and size + numel > limit:

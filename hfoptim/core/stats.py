@@ -94,15 +94,19 @@ class ParamView:
 def flat_matrix_view(view: ParamView, cols: int) -> ParamView:
     """The view of the same process's elements when the WHOLE parameter, flattened, is seen as a
     matrix ``(numel // cols, cols)`` (SMMF's square matricization): the rows of that matrix this
-    process touches, and which of their elements it owns. On one process: the whole matrix."""
+    process touches, and which of their elements it owns. On one process: the whole matrix, or
+    for a row piece of the parameter (:mod:`hfoptim.core.chunking`, cut only where the matrix's
+    rows are cut too: :meth:`~hfoptim.state.smmf.SMMF.rows`) the matrix rows it holds."""
     numel = view.global_numel
     rows = numel // cols if cols else 0
     a, b = view.valid_range
     start, stop = view.offset + a, view.offset + b
-    if not view.sharded:
-        return ParamView(global_shape=torch.Size((rows, cols)))
-    first = start // cols
+    first = start // cols if cols else 0
     last = -(-stop // cols) if stop > start else first
+    if not view.sharded:
+        if view.local_rows is None:
+            return ParamView(global_shape=torch.Size((rows, cols)))
+        return ParamView(global_shape=torch.Size((rows, cols)), row_start=first, local_rows=last - first)
     return ParamView(
         global_shape=torch.Size((rows, cols)),
         row_start=first,

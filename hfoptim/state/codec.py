@@ -75,6 +75,24 @@ class Codec(ABC):
         rows: factored, SMMF, shared, per-tensor scalars)."""
         return None
 
+    def row_granularity(self, slot: Slot, view: ParamView) -> int:
+        """Rows of the 2+-D parameter ``view`` (held whole) that a row piece's start must be a
+        multiple of for :meth:`rows` to cut there; 0 when no such cut exists. 1 by default."""
+        return 1
+
+    def piece_sums(self, slot: Slot, stored: dict, view: ParamView) -> dict[str, torch.Tensor]:
+        """Accumulators that the row pieces of one step of the parameter ``view`` share (added
+        to every piece's state): sums over the whole tensor that each piece adds its part to, and
+        that :meth:`finish_pieces` turns into stored values after the last piece. None by default
+        (an empty dict): each piece's stored values are complete."""
+        return {}
+
+    def finish_pieces(self, slot: Slot, stored: dict, sums: dict[str, torch.Tensor]) -> None:
+        """Store what the completed :meth:`piece_sums` ``sums`` give, after the last piece (a
+        form with piece sums implements it)."""
+        if sums:
+            raise NotImplementedError(f"{type(self).__name__} has piece sums but does not store them")
+
     def shard_local(self, slot: Slot, view: ParamView) -> bool:
         """True when what is stored for the shard ``view`` of a parameter (whole rows; process
         boundaries ``view.cuts`` on row boundaries) is computed from the shard alone, with no

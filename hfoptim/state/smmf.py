@@ -138,6 +138,48 @@ class SMMF(Codec):
     def _keys(slot: Slot) -> tuple[str, str, str]:
         return f"{slot.name}.row", f"{slot.name}.col", f"{slot.name}.sign"
 
+    def row_granularity(self, slot, view):
+        """Row pieces of a 2+-D parameter held whole start on a row of the square matrix and on
+        a byte of the sign bits: at flat multiples of ``lcm(cols, 8)``, i.e. at multiples of
+        this many parameter rows (0: none but the whole tensor)."""
+        if view.sharded or len(view.global_shape) < 2 or view.global_numel == 0:
+            return 0
+        _, cols = square_shape(view.global_numel)
+        flat = math.lcm(cols, 8)
+        rows = flat // math.gcd(flat, view.row_len)
+        return rows if rows < view.global_rows else 0
+
+    def rows(self, slot, stored, view, start, stop):
+        """Rows ``start:stop`` of the parameter: their rows of ``r`` and bytes of sign bits
+        (views), and the whole ``c``, which the pieces only read; their parts of the column
+        sums go to :meth:`piece_sums` and become ``c`` in :meth:`finish_pieces`."""
+        step = self.row_granularity(slot, view)
+        if not step or start % step or (stop % step and stop != view.global_rows):
+            return None
+        _, cols = square_shape(view.global_numel)
+        row, col, sign = self._keys(slot)
+        a, b = start * view.row_len, stop * view.row_len
+        out = {row: stored[row][a // cols : -(-b // cols)], col: stored[col]}
+        if slot.kind == FIRST_MOMENT:
+            out[sign] = stored[sign][a // 8 : -(-b // 8)]
+        return out
+
+    def piece_sums(self, slot, stored, view):
+        return {self._piece_key(slot): torch.zeros_like(stored[f"{slot.name}.col"])}
+
+    def finish_pieces(self, slot, stored, sums):
+        self._store_col(stored[f"{slot.name}.col"], sums[self._piece_key(slot)])
+
+    @staticmethod
+    def _piece_key(slot: Slot) -> str:
+        return f"{slot.name}.col_sum"
+
+    @staticmethod
+    def _store_col(col: torch.Tensor, col_sums: torch.Tensor) -> None:
+        """``c = col_sums / 1^T col_sums`` (a zero matrix keeps ``c = 0``)."""
+        total = col_sums.sum()
+        col.copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
+
     def shapes(self, slot, view, p):
         if view.global_numel == 0:  # empty: nothing to factor
             return _DENSE.shapes(slot, view, p)
@@ -189,8 +231,15 @@ class SMMF(Codec):
             mviews.append(flat_matrix_view(view, cols))
         if not index:
             return
+        # a row piece (one process; its rows of the matrix whole) adds its column sums to the
+        # step's accumulator (:meth:`piece_sums`); the others' go through the statistics backend
+        sums_of = [stored[i].get(self._piece_key(slot)) for i in index]
+        whole = [k for k, acc in enumerate(sums_of) if acc is None]
+        col_sums = iter(stats.col_sums([matrices[k] for k in whole], [mviews[k] for k in whole]) if whole else ())
         # one reduction for the row sums of all tensors, one for their column sums
-        for i, r, col_sums in zip(index, stats.row_sums(matrices, mviews), stats.col_sums(matrices, mviews)):
+        for i, r, acc, matrix in zip(index, stats.row_sums(matrices, mviews), sums_of, matrices):
             stored[i][row].copy_(r)
-            total = col_sums.sum()
-            stored[i][col].copy_(col_sums / torch.where(total > 0, total, torch.ones_like(total)))
+            if acc is not None:
+                acc.add_(matrix.sum(dim=0))
+            else:
+                self._store_col(stored[i][col], next(col_sums))
