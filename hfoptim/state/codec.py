@@ -71,8 +71,8 @@ class Codec(ABC):
     def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
         """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
         that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
-        reach the whole tensors); None when this form cannot be cut into rows (its state mixes
-        rows: factored, SMMF, shared, per-tensor scalars)."""
+        reach the whole tensors); None when this form cannot be cut there (its state mixes rows:
+        factored, shared, per-tensor scalars; SMMF only at its :meth:`row_granularity`)."""
         return None
 
     def row_granularity(self, slot: Slot, view: ParamView) -> int:
