@@ -208,14 +208,18 @@ def muon_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
     algorithm = {name: o["algorithm"] for name, o in muon_options(model).items()}
     groups = []
-    for kind, decay in (("muon", weight_decay), ("adamw", weight_decay), ("adamw", 0.0)):
-        params = [
-            p
-            for name, p in model.named_parameters()
-            if name in algorithm and algorithm[name] == kind and (p.dim() >= 2) == (decay > 0)
-        ]
-        if params:
-            groups.append({"params": params, "weight_decay": decay, "algorithm": kind})
+    # by role, then matrices (decayed) apart from vectors (not): with ``weight_decay=0`` (the
+    # fine-tuning study) the split must still be by shape, and only trainable parameters count
+    # (LoRA freezes the base)
+    for kind in ("muon", "adamw"):
+        for matrices in (True, False):
+            params = [
+                p
+                for name, p in model.named_parameters()
+                if p.requires_grad and algorithm.get(name) == kind and (p.dim() >= 2) == matrices
+            ]
+            if params:
+                groups.append({"params": params, "weight_decay": weight_decay if matrices else 0.0, "algorithm": kind})
     return groups
 
 

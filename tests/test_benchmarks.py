@@ -450,6 +450,15 @@ def test_muon_runs_as_users_run_it_in_the_speed_and_quality_benchmarks(bench):
     assert kinds[1] == ("adamw", 0.1, ["embed_tokens"])
     assert kinds[2][:2] == ("adamw", 0.0) and all("norm" in n for n in kinds[2][2])
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    # no decay (the fine-tuning study): still split by shape, each parameter once
+    undecayed = quality.muon_groups(model, 0.0)
+    shape_of = [(g["algorithm"], len(g["params"])) for g in groups]
+    assert [(g["algorithm"], len(g["params"])) for g in undecayed] == shape_of
+    # frozen parameters (LoRA's base) are left out
+    for p in model.model.norm.parameters():
+        p.requires_grad_(False)
+    frozen = quality.muon_groups(model, 0.1)
+    assert sum(len(g["params"]) for g in frozen) == sum(p.requires_grad for p in model.parameters())
 
 
 def test_quality_preset_runs_end_to_end_and_its_tables_regenerate_byte_for_byte(bench, tmp_path):
