@@ -108,7 +108,7 @@ def _sign_table(device, dtype) -> torch.Tensor:
     """``(256, 8)``: row ``b`` holds ``+1`` where bit ``k`` of ``b`` is set, ``-1`` elsewhere."""
     table = _SIGN_TABLES.get((device, dtype))
     if table is None:
-        bits = torch.arange(256).unsqueeze(1).bitwise_and(torch.tensor([1, 2, 4, 8, 16, 32, 64, 128])).ne(0)
+        bits = unpack_bits(torch.arange(256, dtype=torch.uint8), 256 * 8).view(256, 8)
         table = _SIGN_TABLES[(device, dtype)] = torch.where(bits, 1.0, -1.0).to(device=device, dtype=dtype)
     return table
 
