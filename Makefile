@@ -5,6 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch
 PYTEST_ARGS ?=
+# `make test` runs the suite in TEST_WORKERS processes (pytest-xdist; idle workers take tests
+# queued for busy ones), one torch thread each: most tests are compilation and small tensors,
+# which a second thread does not speed up (the multi-process tests set their own threads).
+TEST_WORKERS ?= 2
 
 .PHONY: setup test test-fast demo bench lint clean
 
@@ -18,10 +22,10 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m hfoptim.app.demo
