@@ -42,6 +42,22 @@ RULE_HP = {
 }
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled functions defined in one place share a code object and so dynamo's cache of
+    compiled frames: one test compiling them for many shapes would reach the recompile limit and
+    silently run the rest uncompiled (eager against eager). Start from an empty cache and make
+    reaching the limit an error."""
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        yield
+    torch._dynamo.reset()
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
 def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **kwargs):
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
@@ -104,7 +120,7 @@ def test_compiled_path_agrees_with_the_plain_path(name):
         ((700,), ParamView(global_shape=torch.Size((5000,)), row_start=300, local_rows=700)),  # a shard in a block
     ],
 )
-def test_compiled_quantize_and_dequantize_equal_eager(shape, view):
+def test_compiled_quantize_and_dequantize_equal_eager(shape, view, fresh_dynamo):
     view = view or ParamView(global_shape=torch.Size(shape))
     gen = torch.Generator().manual_seed(0)
     codes = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
@@ -113,13 +129,13 @@ def test_compiled_quantize_and_dequantize_equal_eager(shape, view):
     for code in (SIGNED, UNSIGNED):
         dq = lambda c, s, code=code: dequantize(c, s, view, code)  # noqa: E731
         q = lambda v, s, code=code: quantize(v, s, view, code)  # noqa: E731
-        assert torch.equal(dq(codes, scale), torch.compile(dq, dynamic=False)(codes, scale))
-        assert torch.equal(q(x, scale), torch.compile(q, dynamic=False)(x, scale))
+        assert torch.equal(dq(codes, scale), _compiled(dq)(codes, scale))
+        assert torch.equal(q(x, scale), _compiled(q)(x, scale))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", [(64, 512), (48, 300), (1, 3000), (40, 100), (3000,), (5, 7, 41)])
-def test_compiled_4bit_encode_and_decode_equal_eager(shape):
+def test_compiled_4bit_encode_and_decode_equal_eager(shape, fresh_dynamo):
     """The 4-bit form's encode (block or rank-1 maxima, nearest level, packing) and decode,
     compiled alone, give the eager bytes and values exactly, first and second moments."""
     from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
@@ -139,17 +155,17 @@ def test_compiled_4bit_encode_and_decode_equal_eager(shape):
             return stored, codec.decode(slot, stored, view, torch.float32)
 
         eager, eager_value = roundtrip(value)
-        compiled, compiled_value = torch.compile(roundtrip, dynamic=False)(value)
+        compiled, compiled_value = _compiled(roundtrip)(value)
         for key in eager:
             assert torch.equal(eager[key], compiled[key]), key
         assert torch.equal(eager_value, compiled_value)
 
 
 @pytest.mark.slow
-def test_compiled_decode_is_the_table_exactly():
+def test_compiled_decode_is_the_table_exactly(fresh_dynamo):
     codes = torch.arange(256, dtype=torch.uint8)
     for code in (SIGNED, UNSIGNED):
-        got = torch.compile(lambda c, code=code: decode_codes(c, code))(codes)
+        got = _compiled(lambda c, code=code: decode_codes(c, code))(codes)
         assert torch.equal(got, code.table)
 
 

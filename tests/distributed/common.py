@@ -99,7 +99,9 @@ class Model(torch.nn.Module):
 def all_cases(scope: str) -> list[str]:
     """Every registered base name with every storage form (and, for "all" and patterns, every
     single-suffix name hfoptim lists); "fast": the FAST_PATTERNS subset; else shell patterns,
-    comma-separated."""
+    comma-separated. A suffix ":k/n" keeps every n-th case from the k-th (1-based), to spread
+    one long scope over several launches."""
+    scope, _, part = scope.partition(":")
     names = set()
     for base in bases():
         for form in CODECS:
@@ -120,6 +122,9 @@ def all_cases(scope: str) -> list[str]:
         # comma-separated shell patterns, over every listed name too (modifier suffixes: "*_spectralcap")
         listed = set(hfoptim.list_optimizers()) | names
         out = sorted(n for n in listed if any(fnmatch.fnmatch(n, p) for p in scope.split(",")))
+    if part:
+        k, n = (int(x) for x in part.split("/"))
+        out = out[k - 1 :: n]
     return out
 
 
