@@ -36,7 +36,11 @@ def test_zero_matches_one_process_fast_subset(tmp_path, stage, nproc):
 #: others. ZeRO-1 hands the optimizer the same flat partitions as ZeRO-2 (only the gradients'
 #: reduction differs), so its every-name run would repeat ZeRO-2's.
 WHOLE_MATRIX = [
-    *[(1, 2, "forms"), (1, 3, "forms"), (2, 2, "forms"), (2, 3, "all"), (3, 3, "forms")],
+    (1, 2, "forms"),
+    (1, 3, "forms"),
+    (2, 2, "forms"),
+    (2, 3, "all"),
+    (3, 3, "forms"),
     # ZeRO-3 steps slowest (a gather per parameter): its whole list in three launches that the
     # test workers can share, each well inside the per-test timeout
     *[(3, 2, f"all:{k}/3") for k in (1, 2, 3)],

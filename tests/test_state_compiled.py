@@ -42,18 +42,6 @@ RULE_HP = {
 }
 
 
-@pytest.fixture
-def fresh_dynamo():
-    """Compiled functions defined in one place share a code object and so dynamo's cache of
-    compiled frames: one test compiling them for many shapes would reach the recompile limit and
-    silently run the rest uncompiled (eager against eager). Start from an empty cache and make
-    reaching the limit an error."""
-    torch._dynamo.reset()
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        yield
-    torch._dynamo.reset()
-
-
 def _compiled(fn):
     return torch.compile(fn, dynamic=False, fullgraph=True)
 

@@ -23,17 +23,10 @@ from tests.trainer_setup import TokenData, inner_optimizer, run_args, tiny_llama
 
 
 @pytest.mark.slow
-def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(tmp_path, caplog):
+def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(tmp_path, caplog, fresh_dynamo):
     steps = torch._dynamo.config.recompile_limit + 4
-    # hitting the limit would raise (and the engine fall back to the plain path with a warning)
-    # instead of silently running the traced function uncompiled
-    # (config.patch, not monkeypatch: pytest's undo deletes a module attribute it did not find in
-    # the module's __dict__, and deleting a dynamo option hides it from every later test)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        _train_and_check(tmp_path, steps, caplog)
-
-
-def _train_and_check(tmp_path, steps, caplog):
+    # hitting the limit raises (fresh_dynamo; the engine then falls back to the plain path with
+    # a warning) instead of silently running the traced function uncompiled
     compiled_step.reset()
     counters.clear()
     args = HFOptimTrainingArguments(
