@@ -49,7 +49,6 @@ class AdanRule(Rule):
     ``sqrt(v/bc3)`` (equal up to rounding).
     """
 
-    elementwise = True
     name = "adan"
     elementwise = True
     class_name = "Adan"

@@ -87,7 +87,6 @@ class AdEMAMixRule(Rule):
     would fall below ``b3`` after ``t_beta3``), ``b1 = 0`` uses the formula's limit.
     """
 
-    elementwise = True
     name = "ademamix"
     adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True

@@ -33,7 +33,6 @@ class DiffGradRule(Rule):
     two agree exactly at eps = 0 and differ by eps-sized terms otherwise (tested both ways).
     """
 
-    elementwise = True
     name = "diffgrad"
     adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     elementwise = True

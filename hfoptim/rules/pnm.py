@@ -75,7 +75,6 @@ class PNMRule(Rule):
     as pytorch_optimizer's ``PNM``.
     """
 
-    elementwise = True
     name = "pnm"
     elementwise = True
     class_name = "PNM"

@@ -47,6 +47,8 @@ class SMMFRule(Rule):
     """
 
     name = "smmf"
+    #: the update of each element reads only that element (the factors are storage, decoded whole)
+    elementwise = True
     class_name = "SMMF"
     paper = "SMMF: Square-Matricized Momentum Factorization for Memory-Efficient Optimization, arXiv 2412.08894"
     hyperparams = {
