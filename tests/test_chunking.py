@@ -73,9 +73,9 @@ LAST_BIT = {"diffgrad": dict(rtol=2e-7, atol=1e-9)}
 def test_a_step_in_pieces_equals_the_whole_step(name, foreach, monkeypatch):
     cut, original = [], chunking.pieces
 
-    def spy(engine, group, unit, rows):
+    def spy(engine, group, unit, rows, *rest):
         cut.append(unit.view.global_shape)
-        return original(engine, group, unit, rows)
+        return original(engine, group, unit, rows, *rest)
 
     monkeypatch.setattr(chunking, "pieces", spy)
     chunked = _run(name, SMALL, foreach, compile="off")
@@ -92,9 +92,9 @@ def test_smmf_pieces_complete_the_column_sums_after_the_last_piece(name, monkeyp
     column sums' order; the sign bits identical."""
     cut, original = [], chunking.pieces
 
-    def spy(engine, group, unit, rows):
+    def spy(engine, group, unit, rows, *rest):
         cut.append(unit.view.global_shape)
-        return original(engine, group, unit, rows)
+        return original(engine, group, unit, rows, *rest)
 
     monkeypatch.setattr(chunking, "pieces", spy)
     chunked = _run(name, SMALL, compile="off")

@@ -59,10 +59,24 @@ def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("adamw_smmf", {}), ("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1}), ("adamw_8bit", {"adaptive_memory": True})],
+    [("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1}), ("adamw_8bit", {"adaptive_memory": True})],
 )
 def test_statistics_of_the_whole_tensor_keep_the_plain_path(name, options):
     assert not local(name, shard((64, 256), 0, 32, (32 * 256,)), **options)
+
+
+@pytest.mark.parametrize("name", ["adamw_smmf", "smmf"])
+def test_smmf_shards_step_alone_where_every_boundary_ends_a_row_of_the_square_matrix(name):
+    # (64, 256) is factored as a 128x128 matrix: a cut after 32 parameter rows ends its row 64,
+    # so the shard's rows of r and its sign bits are its own and c needs only column sums
+    whole_rows = shard((64, 256), 0, 32, (32 * 256,))
+    assert local(name, whole_rows)
+    # (67, 300) as 150x134: a cut after 34 parameter rows (10200 elements) is inside row 76
+    assert not local(name, shard((67, 300), 0, 34, (34 * 300,)))
+    # c is the column sums normalized by their total, which no kernel can leave as a partial sum:
+    # a shard's pieces take the plain path (hfoptim.core.chunking.ShardSums completes the sums)
+    assert not get_codec("smmf").fusable_for(whole_rows)
+    assert get_codec("smmf").fusable_for(ParamView(global_shape=torch.Size((64, 256))))
 
 
 def test_row_statistics_and_column_sums_completed_after_the_kernels_step_alone():

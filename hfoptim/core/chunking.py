@@ -16,30 +16,34 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
   (``row_start``, ``local_rows``) and :class:`~hfoptim.core.stats.PieceStats`, which refuses any
   statistic of the whole tensor. The numbers are exactly those of the unchunked step.
 * A shard of a sharded run (FSDP2 rows, a ZeRO segment of whole rows) is cut the same way when
-  its step needs nothing of another process (:func:`~hfoptim.core.compiled_step.shard_local`:
+  its step needs nothing of another process but sums (:func:`~hfoptim.core.compiled_step.shard_local`:
   the same gates, plus process boundaries on row boundaries and blocks no boundary cuts) and
-  its storage forms do not depend on the rows' place (``offset_free``): the decision reads only
-  what every process shares (options, global shape, boundaries), so every process takes the same
-  parameters out of the chunks below and the statistics' collectives of the others still match.
-  Without it, the compiled kernel of a 16000x768 FSDP2 shard of adamw_8bit materialized its new
-  fp32 moments whole (8 bytes per element; the plain path about 50).
+  its storage forms can be cut at its rows: the decision reads only what every process shares
+  (options, global shape, boundaries), so every process takes the same parameters out of the
+  chunks below and the statistics' collectives of the others still match. Without it, the
+  compiled kernel of a 16000x768 FSDP2 shard of adamw_8bit materialized its new fp32 moments
+  whole (8 bytes per element; the plain path about 50). A shard that the kernel steps whole and
+  whose forms are not ``offset_free`` (bf16 with ``compile`` on) keeps the kernel instead.
 * A ZeRO segment that a process boundary cuts inside a row at one end (:func:`cut_row_parts`) is
   stepped as its partial row, on the plain path with the layout's statistics (the cut row and
   block completed over the processes), and its whole rows, a row piece for the compiled kernel
   (in pieces of the budget): before, one partial row sent the whole segment to the plain path.
-* SMMF state (a rank-1 factorization of the whole tensor seen as a square matrix) is cut on one
-  process where its matrix's rows and its sign bytes are cut too
+* SMMF state (a rank-1 factorization of the whole tensor seen as a square matrix) is cut where
+  its matrix's rows and its sign bytes are cut too
   (:meth:`~hfoptim.state.codec.Codec.row_granularity`): each piece decodes with the stored
   factors, stores its own rows of ``r`` and sign bits, and adds its column sums to an
   accumulator the pieces share (:meth:`~hfoptim.state.codec.Codec.piece_sums`); ``c`` is stored
   from it after the last piece. The same numbers up to the order of the column sums' additions.
+  A shard whose process boundaries end rows of the square matrix (every FSDP2 matrix of the
+  100M set on 2 processes; a parameter one ZeRO process owns whole) is cut the same way; its
+  pieces' column sums are this process's part, completed by one all-reduce per bucket after its
+  calls (:class:`ShardSums`; an empty shard sends zeros), then ``c`` is stored.
 * Not cut: tensors whose rule or modifiers need whole-tensor statistics (Adafactor's update
   clipping, LAMB's trust ratio, the cautious mask's mean, ...), factored/shared state, SMMF
-  shards, 1-D
-  tensors, other shards (their chunks are still bounded by grouping), and bf16 state
-  on the compiled path (its rounding bits depend on the element's global index, which the
-  compiled kernel of a piece does not take as an input; the fused kernel's temporaries are a
-  fraction of the plain path's).
+  shards whose boundaries cut a row of the square matrix, 1-D tensors, other shards (their
+  chunks are still bounded by grouping), and bf16 state on the compiled path (its rounding bits
+  depend on the element's global index, which the compiled kernel of a piece does not take as
+  an input; the fused kernel's temporaries are a fraction of the plain path's).
 """
 
 from __future__ import annotations
@@ -84,7 +88,8 @@ def cuttable(engine, group: dict, unit: Unit) -> bool:
 
 def shard_cuttable(engine, group: dict, unit: Unit) -> bool:
     """Whether the shard ``unit`` may be stepped in row pieces (see the module docstring); the
-    same answer on every process, an empty shard included."""
+    same answer on every process, an empty shard included: it reads the options, the global
+    shape and the process boundaries only."""
     view = unit.view
     if not view.sharded or unit.canonical or len(view.global_shape) < 2:
         return False
@@ -92,8 +97,41 @@ def shard_cuttable(engine, group: dict, unit: Unit) -> bool:
     codecs = [resolve.codec_for(engine.rule, slot, group, view) for slot in slots]
     if not compiled_step.shard_local(engine, group, view, slots, codecs):
         return False
-    first = min(1, view.rows)
-    return all(c.offset_free and c.rows(s, unit.state, view, 0, first) is not None for s, c in zip(slots, codecs))
+    step = granularity(engine, group, unit)
+    first = min(step, view.rows)
+    if not step or any(c.rows(s, unit.state, view, 0, first) is None for s, c in zip(slots, codecs)):
+        return False
+    # as for a tensor held whole: a form whose stored values depend on the rows' place keeps a
+    # shard that the kernel takes whole (its pieces would lose it)
+    return all(c.offset_free for c in codecs) or not compiled_step.takes(engine, group, unit, engine.layout.stats)
+
+
+class ShardSums:
+    """The sums over a whole tensor that the row pieces of a bucket's SHARDS leave as this
+    process's parts (:meth:`~hfoptim.state.codec.Codec.piece_sums`: SMMF's column sums),
+    completed by one all-reduce per process group after the bucket's calls and then stored
+    (:meth:`~hfoptim.state.codec.Codec.finish_pieces`). Every process registers the same
+    parameters in the same order (:func:`shard_cuttable` reads only what they share); an empty
+    shard registers its zeros."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple] = []  # (codec, slot, stored, sums, view)
+
+    def add(self, codec, slot, stored: dict, sums: dict, view: ParamView) -> None:
+        self._pending.append((codec, slot, stored, sums, view))
+
+    def complete(self, stats) -> None:
+        """Sum every registered part over its processes, then store what the sums give."""
+        if not self._pending:
+            return
+        parts = [(tensor, view) for _, _, _, sums, view in self._pending for tensor in sums.values()]
+        totals = stats.all_reduce([t for t, _ in parts], [v for _, v in parts])
+        for (tensor, _), total in zip(parts, totals):
+            if total is not tensor:
+                tensor.copy_(total)
+        for codec, slot, stored, sums, _ in self._pending:
+            codec.finish_pieces(slot, stored, sums)
+        self._pending.clear()
 
 
 def rows_per_piece(rows: int, row_len: int, limit: int, granularity: int = 1) -> int:
@@ -119,20 +157,27 @@ def granularity(engine, group: dict, unit: Unit) -> int:
     return step
 
 
-def pieces(engine, group: dict, unit: Unit, rows: int) -> list[Unit]:
-    """``unit`` as pieces of ``rows`` rows (the last may be shorter). Sums over the whole tensor
-    that the storage forms complete from the pieces (:meth:`~hfoptim.state.codec.Codec.piece_sums`,
-    SMMF's column sums) are shared by the pieces' states and stored after the last piece (its
-    write-back, run after its plain step)."""
+def pieces(engine, group: dict, unit: Unit, rows: int, shard_sums: ShardSums | None = None) -> list[Unit]:
+    """``unit`` as pieces of ``rows`` rows (the last may be shorter; none for an empty shard).
+    Sums over the whole tensor that the storage forms complete from the pieces
+    (:meth:`~hfoptim.state.codec.Codec.piece_sums`, SMMF's column sums) are shared by the pieces'
+    states and stored after the last piece (its write-back, run after its plain step); a shard's
+    go to ``shard_sums``, which completes them over the processes after the bucket."""
     end = unit.view.rows
     out = [_rows_of(engine, group, unit, start, min(start + rows, end)) for start in range(0, end, rows)]
     finish = []
     for slot in engine.rule.active_slots(group):
         codec = resolve.codec_for(engine.rule, slot, group, unit.view)
         sums = codec.piece_sums(slot, unit.state, unit.view)
-        if sums:
-            for piece in out:
-                piece.state.update(sums)
+        if not sums:
+            continue
+        for piece in out:
+            piece.state.update(sums)
+        if unit.view.sharded:
+            if shard_sums is None:
+                raise RuntimeError("hfoptim internal error: a shard's row pieces need a ShardSums to complete")
+            shard_sums.add(codec, slot, unit.state, sums, unit.view)
+        else:
             finish.append((codec, slot, sums))
     if finish:
 
@@ -215,9 +260,18 @@ def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
     return codecs
 
 
-def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], LocalStats]]:
+#: row pieces that :func:`plan` made, by what they were cut from ("whole": tensors held whole
+#: by this process; "shard": shards of a sharded run), over every step (the tests read it)
+planned: dict[str, int] = {"whole": 0, "shard": 0}
+
+
+def plan(
+    engine, group: dict, bucket: list[Unit], shard_sums: ShardSums | None = None
+) -> list[tuple[list[Unit], LocalStats]]:
     """The calls that step ``bucket``: ``(units, statistics backend)`` each (see the module
-    docstring). Every unit's state exists and its step counter is advanced already."""
+    docstring). Every unit's state exists and its step counter is advanced already. Sums the row
+    pieces of shards leave to complete go to ``shard_sums`` (the caller completes it after the
+    calls: :meth:`ShardSums.complete`)."""
     limit = chunk_numel(group)
     stats = engine.layout.stats
     calls: list = []
@@ -241,11 +295,12 @@ def plan(engine, group: dict, bucket: list[Unit]) -> list[tuple[list[Unit], Loca
     for unit in bucket:
         numel = unit.view.global_numel if unit.view.sharded or not sharded else 0
         if numel > limit and (shard_cuttable if unit.view.sharded else cuttable)(engine, group, unit):
-            if unit.view.rows == 0:
-                continue  # an empty shard: nothing to step, and its step needs nothing of the others
             piece_stats = PieceStats(foreach=stats.foreach)
-            rows = rows_per_piece(unit.view.rows, unit.view.row_len, limit, granularity(engine, group, unit))
-            calls.extend(([piece], piece_stats) for piece in pieces(engine, group, unit, rows))
+            step = granularity(engine, group, unit)
+            rows = rows_per_piece(unit.view.rows, unit.view.row_len, limit, step) if unit.view.rows else 1
+            cut = pieces(engine, group, unit, rows, shard_sums)
+            planned["shard" if unit.view.sharded else "whole"] += len(cut)
+            calls.extend(([piece], piece_stats) for piece in cut)
             continue
         if current and size + numel > limit:
             calls.append((current, stats))

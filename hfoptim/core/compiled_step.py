@@ -317,8 +317,8 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
         return False
     if mode == "auto" and (view.global_numel < AUTO_MIN_NUMEL or not all(c.auto_compiles for c in codecs)):
         return False
-    if empty_shard:
-        return all(c.fusable for c in codecs)
+    if empty_shard:  # the forms' answers for the shards of this parameter (SMMF: none take it)
+        return all(c.fusable and c.fusable_for(view) for c in codecs)
     if tuple(view.local_shape) != tuple(p.shape):
         return False
     if not view.sharded and view.local_rows is not None and not all(c.offset_free for c in codecs):

@@ -469,8 +469,10 @@ class RuleOptimizer(torch.optim.Optimizer):
             for bucket in self._buckets(units, self.group_foreach(group)):
                 for unit in bucket:
                     self._init_state(unit, group)["step"] += 1
-                for chunk, stats in chunking.plan(self, group, bucket):
+                shard_sums = chunking.ShardSums()  # sums the row pieces of shards leave partial
+                for chunk, stats in chunking.plan(self, group, bucket, shard_sums):
                     self._step_bucket(group, chunk, loss_value, stats, deferred)
+                shard_sums.complete(self.layout.stats)
         if deferred:
             scale = stable_scale([d.ctx for d in deferred])
             for d in deferred:

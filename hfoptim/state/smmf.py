@@ -25,7 +25,10 @@ Sharding: the square matricization is of the flattened WHOLE tensor (``n`` its g
 A process holds a contiguous flat range of it, i.e. some rows of the ``(n/i, i)`` matrix, the
 first and last possibly in part (:func:`~hfoptim.core.stats.flat_matrix_view`); it keeps ``r``
 for those rows and the whole ``c``, and the row sums of cut rows, the column sums and the total
-are completed by the stats backend -- the same numbers as on one process.
+are completed by the stats backend -- the same numbers as on one process. A shard whose
+boundaries end rows of that matrix (:meth:`SMMF.shard_local`) may be stepped in row pieces
+whose column sums are completed after the bucket (:class:`~hfoptim.core.chunking.ShardSums`);
+no compiled kernel steps a shard (:meth:`SMMF.fusable_for`).
 """
 
 from __future__ import annotations
@@ -143,11 +146,30 @@ class SMMF(Codec):
     def _keys(slot: Slot) -> tuple[str, str, str]:
         return f"{slot.name}.row", f"{slot.name}.col", f"{slot.name}.sign"
 
+    def fusable_for(self, view):
+        """Not for a shard: ``c`` is the column sums normalized by their total, which a kernel of
+        one process's rows cannot leave as a partial sum to complete (:meth:`shard_sums`); a
+        shard's row pieces take the plain path, their column sums completed after the bucket
+        (:class:`~hfoptim.core.chunking.ShardSums`)."""
+        return self.fusable and not view.sharded
+
+    def shard_local(self, slot, view):
+        """A shard whose process boundaries all fall on rows of the square matrix: its rows of
+        ``r`` and its sign bits are its own, and ``c`` needs only its column sums, completed over
+        the processes (:class:`~hfoptim.core.chunking.ShardSums`)."""
+        if view.global_numel == 0:
+            return True
+        _, cols = square_shape(view.global_numel)
+        return all(cut % cols == 0 for cut in view.cuts)
+
     def row_granularity(self, slot, view):
-        """Row pieces of a 2+-D parameter held whole start on a row of the square matrix and on
-        a byte of the sign bits: at flat multiples of ``lcm(cols, 8)``, i.e. at multiples of
-        this many parameter rows (0: none but the whole tensor)."""
-        if view.sharded or len(view.global_shape) < 2 or view.global_numel == 0:
+        """Row pieces of a 2+-D parameter held whole, or of a :meth:`shard_local` shard, start on
+        a row of the square matrix and on a byte of the sign bits: at flat multiples of
+        ``lcm(cols, 8)`` from the tensor's (the shard's) first element, i.e. at multiples of this
+        many parameter rows (0: none but the whole tensor or shard)."""
+        if len(view.global_shape) < 2 or view.global_numel == 0:
+            return 0
+        if view.sharded and not self.shard_local(slot, view):
             return 0
         _, cols = square_shape(view.global_numel)
         flat = math.lcm(cols, 8)
@@ -155,11 +177,11 @@ class SMMF(Codec):
         return rows if rows < view.global_rows else 0
 
     def rows(self, slot, stored, view, start, stop):
-        """Rows ``start:stop`` of the parameter: their rows of ``r`` and bytes of sign bits
-        (views), and the whole ``c``, which the pieces only read; their parts of the column
-        sums go to :meth:`piece_sums` and become ``c`` in :meth:`finish_pieces`."""
+        """Local rows ``start:stop`` of the parameter (or shard): their rows of ``r`` and bytes of
+        sign bits (views), and the whole ``c``, which the pieces only read; their parts of the
+        column sums go to :meth:`piece_sums` and become ``c`` in :meth:`finish_pieces`."""
         step = self.row_granularity(slot, view)
-        if not step or start % step or (stop % step and stop != view.global_rows):
+        if not step or start % step or (stop % step and stop != view.rows):
             return None
         _, cols = square_shape(view.global_numel)
         row, col, sign = self._keys(slot)
