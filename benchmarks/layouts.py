@@ -366,13 +366,20 @@ def main() -> int:
     previous = HERE / "results" / "layouts.json"
     if args.merge and previous.exists():
         run = set(args.layouts.split(","))
+        names = args.names.split(",")
         earlier = json.loads(previous.read_text())
-        kept = [r for r in earlier["rows"] if r["layout"] not in run]
-        rows = sorted(kept + rows, key=lambda r: ["one", "fsdp2", "zero2"].index(r["layout"]))
+        fresh = {(r["layout"], r.get("set"), r.get("name")) for r in rows}
+        kept = [r for r in earlier["rows"] if (r["layout"], r.get("set"), r.get("name")) not in fresh]
+        order = {name: i for i, name in enumerate(DEFAULT_NAMES + [n for n in names if n not in DEFAULT_NAMES])}
+        layouts = ["one", "fsdp2", "zero2"]
+        rows = sorted(
+            kept + rows, key=lambda r: (layouts.index(r["layout"]), r.get("set", ""), order.get(r.get("name"), 99))
+        )
         before = earlier["machine"]
         info = dict(
             info,
-            merged=f"rows of {', '.join(sorted(run))} from this run, the others from the previous results file",
+            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))} from this run, "
+            f"the others from the previous results file",
             previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}",
         )
     lines = report(rows, info, cpu, args)

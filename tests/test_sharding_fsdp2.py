@@ -65,6 +65,25 @@ def test_fsdp2_large_shards_are_stepped_in_row_pieces(tmp_path, compile):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "pieces"), [(2, 32), (3, 44)])
+def test_fsdp2_smmf_shards_of_whole_matrix_rows_are_stepped_in_row_pieces(tmp_path, nproc, pieces):
+    """SMMF state under FSDP2, over shapes whose row boundaries end rows of the square matrix
+    (tests/distributed/common.py: SQUARE_SHAPES): each shard of "big" (64x96) and "emb" (96x80)
+    exceeds a 2000-element budget and is stepped in row pieces on the plain path (its rows of r
+    and sign bits are its own), the pieces' column sums completed by one all-reduce per bucket
+    (hfoptim.core.chunking.ShardSums). 2 processes: 2 pieces per shard, 4 steps; 3: the 22-, 22-
+    and 20-row shards of "big" in 2, 2 and 1 pieces, the 32-row shards of "emb" in 2 each.
+    Parameters, sign bits and factors equal the one-process run (which cuts the whole tensors)."""
+    cases = ["smmf", "adamw_smmf", "smmf_8bit"]
+    args = ["--cases", ",".join(cases), "--chunk-bytes", str(64 * 2000), "--shapes", "square", "--compile", "off"]
+    summary = run_worker(torchrun(nproc), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert summary["ran"] == sorted(cases)
+    assert {r["case"]: r["detail"]["shard_pieces_all_ranks"] for r in summary["results"]} == dict.fromkeys(
+        cases, pieces
+    )
+
+
+@pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path):
     """compile='on' (sharded and one-process runs): the fused kernel steps the local rows of every
     matrix (FSDP2 shards whole rows, so 8-bit blocks are whole) and the bf16 vectors; the 8-bit

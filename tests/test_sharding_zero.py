@@ -144,6 +144,24 @@ def test_zero3_partitions_of_whole_rows_are_stepped_in_row_pieces(tmp_path):
     assert pieces > whole > 0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "pieces"), [(2, 12), (3, 24)])
+def test_zero_smmf_segments_of_whole_matrix_rows_are_stepped_in_row_pieces(tmp_path, stage, pieces):
+    """SMMF state under ZeRO on 2 processes over SQUARE_SHAPES with a 2000-element budget. ZeRO-2:
+    the flat partition gives "big" (64x96) whole to process 0, which steps it in 4 pieces (the
+    other registers zero column sums for it), and cuts "emb" inside a matrix row (plain path,
+    whole). ZeRO-3: each parameter is cut in half, on matrix rows: 2 pieces per segment of each.
+    3 steps; parameters and state equal the one-process run."""
+    cases = ["smmf", "adamw_smmf", "smmf_8bit"]
+    args = ["--stage", str(stage), "--cases", ",".join(cases), "--chunk-bytes", str(64 * 2000)]
+    args += ["--shapes", "square", "--compile", "off"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert summary["ran"] == sorted(cases)
+    assert {r["case"]: r["detail"]["shard_pieces_all_ranks"] for r in summary["results"]} == dict.fromkeys(
+        cases, pieces
+    )
+
+
 def test_finding_the_zero_optimizer_skips_dead_weak_proxies():
     """The implicit attach looks through the heap for the ZeRO optimizer wrapping the engine; a
     weak proxy whose referent is gone (left by an earlier DeepSpeed engine in the same process)

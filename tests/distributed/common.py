@@ -53,13 +53,46 @@ ROW_ALIGNED_SHAPES = [
 ]
 
 
+#: SHAPES with two matrices whose 2- and 3-process row boundaries end rows of SMMF's square matrix
+#: (``--shapes square``): "big" (64, 96) is factored as 96x64 (cuts after 32 rows, or 22 and 44,
+#: are after matrix rows 48, or 33 and 66), "emb" (96, 80) as 96x80 (a parameter row is a matrix
+#: row). Both are over a 2000-element chunk budget, so their shards are stepped in row pieces.
+SQUARE_SHAPES = [
+    ("big", (64, 96)),
+    ("emb", (96, 80)),
+    ("lin_w", (13, 7)),
+    ("lin_b", (13,)),
+    ("conv", (5, 3, 2, 2)),
+    ("row1", (1, 9)),
+    ("vec", (5,)),
+]
+
+
 def use_shapes(which: str) -> None:
-    """Make :class:`Model` build ``which`` shapes: "default" (SHAPES as defined) or "rows"
-    (:data:`ROW_ALIGNED_SHAPES`); called once, before any model is built."""
+    """Make :class:`Model` build ``which`` shapes: "default" (SHAPES as defined), "rows"
+    (:data:`ROW_ALIGNED_SHAPES`) or "square" (:data:`SQUARE_SHAPES`); called once, before any
+    model is built."""
     if which == "rows":
         SHAPES[:] = ROW_ALIGNED_SHAPES
+    elif which == "square":
+        SHAPES[:] = SQUARE_SHAPES
     elif which != "default":
-        raise ValueError(f"unknown --shapes {which!r}: default or rows")
+        raise ValueError(f"unknown --shapes {which!r}: default, rows or square")
+
+
+def shard_pieces() -> int:
+    """Row pieces of shards that this process's steps planned so far (every optimizer)."""
+    from hfoptim.core import chunking
+
+    return chunking.planned["shard"]
+
+
+def count_shard_pieces(before: int, detail: dict) -> None:
+    """Record the row pieces of shards planned since the :func:`shard_pieces` reading ``before``,
+    summed over the processes. Collective: every process calls it in every case."""
+    total = torch.tensor([float(shard_pieces() - before)])
+    dist.all_reduce(total)
+    detail["shard_pieces_all_ranks"] = int(total)
 
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven

@@ -97,6 +97,7 @@ def run_case(
         return
     loss_driven = needs_loss(ref_opt)
     sharded_calls = 0
+    pieces_before = common.shard_pieces()
     for t in range(1, steps + 1):
         grads = gradients(ref_params, t)
         for p, g in zip(ref_params, grads):
@@ -114,6 +115,7 @@ def run_case(
         sharded_calls += kernel_calls() - before
     if compile == "on":
         check_compiled(sharded_calls, failures, detail)
+    common.count_shard_pieces(pieces_before, detail)
     engine = getattr(opt, "optimizer", opt)
     layout = engine.layout
     if type(layout).__name__ != "DTensorLayout":
@@ -134,7 +136,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
-    parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
+    parser.add_argument("--shapes", default="default", help="default | rows | square (see common.use_shapes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()

@@ -113,6 +113,7 @@ def run_case(
     engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
     loss_driven = needs_loss(ref_opt)
     sharded_calls, shapes = 0, set()
+    pieces_before = common.shard_pieces()
     for t in range(1, steps + 1):
         grads = coarse(gradients(ref_params, t), bits=4 if bf16 else 10)
         for p, g in zip(ref_params, grads):
@@ -131,6 +132,7 @@ def run_case(
         shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
     if compile == "on":
         check_compiled(sharded_calls, failures, detail, shapes)
+    common.count_shard_pieces(pieces_before, detail)
     layout = engine.layout
     if type(layout).__name__ != "ZeroLayout":
         failures.append(f"the optimizer stepped with {type(layout).__name__}, not the ZeRO layout")
@@ -185,7 +187,7 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 master weights")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
-    parser.add_argument("--shapes", default="default", help="default | rows (see common.ROW_ALIGNED_SHAPES)")
+    parser.add_argument("--shapes", default="default", help="default | rows | square (see common.use_shapes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
