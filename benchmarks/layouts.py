@@ -380,7 +380,8 @@ def main() -> int:
             info,
             merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))} from this run, "
             f"the others from the previous results file",
-            previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}",
+            previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}, "
+            f"{before.get('cpu')} with {' '.join(earlier.get('lscpu', {}).get('vector_flags', [])) or 'unknown flags'}",
         )
     lines = report(rows, info, cpu, args)
     print("\n".join(lines))
