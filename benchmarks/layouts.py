@@ -20,9 +20,10 @@ measures, in a fresh process per layout:
 * ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``).
 
 The CPU (``lscpu``'s model name and flags) and the load average are recorded with the results:
-timings on a loaded or different machine are not comparable. Results:
-benchmarks/results/layouts.{json,md} (not with ``--smoke``) and the ``layouts`` section of
-BENCHMARKS.md.
+timings on a loaded or different machine are not comparable. Results, one record per kind of
+machine (:func:`machine_kind`: the CPU's widest vector extension, or the GPU):
+benchmarks/results/layouts-<kind>.{json,md} (not with ``--smoke``) and the ``layouts-<kind>``
+section of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -59,6 +60,17 @@ def lscpu() -> dict:
     flags = fields.get("Flags", "").split()
     vector = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
     return {"model_name": fields.get("Model name", "").strip(), "vector_flags": vector, "flags": flags}
+
+
+def machine_kind(cpu: dict, device: str) -> str:
+    """Which record a run belongs to: "avx512" or "avx2" by the CPU's widest vector extension
+    (inductor's CPU kernels differ most between them), "cpu" for others, the device type else."""
+    if device != "cpu":
+        return device
+    flags = cpu.get("flags", [])
+    if any(f.startswith("avx512") for f in flags):
+        return "avx512"
+    return "avx2" if "avx2" in flags else "cpu"
 
 
 def param_shapes(label: str, smoke: bool) -> list[tuple[int, ...]]:
@@ -363,7 +375,8 @@ def main() -> int:
         for layout in args.layouts.split(","):
             rows += run_layout(args, layout, Path(tmp) / f"{layout}.json")
     info, cpu = machine_info(), lscpu()
-    previous = HERE / "results" / "layouts.json"
+    kind = machine_kind(cpu, args.device)
+    previous = HERE / "results" / f"layouts-{kind}.json"
     if args.merge and previous.exists():
         run = set(args.layouts.split(","))
         names = args.names.split(",")
@@ -388,10 +401,11 @@ def main() -> int:
     if args.smoke:
         return 0 if rows and not any("error" in r and "launch failed" in r["error"] for r in rows) else 1
     record = {"machine": info, "lscpu": cpu, "device": args.device, "nproc": args.nproc, "rows": rows}
-    write_json(HERE / "results" / "layouts.json", record)
-    (HERE / "results" / "layouts.md").write_text("\n".join(lines) + "\n")
+    write_json(previous, record)
+    previous.with_suffix(".md").write_text("\n".join(lines) + "\n")
     command = "python benchmarks/layouts.py " + " ".join(sys.argv[1:])
-    update_report("layouts", "\n".join([*lines, "", f"Command: `{command.strip()}`"]))
+    if not update_report(f"layouts-{kind}", "\n".join([*lines, "", f"Command: `{command.strip()}`"])):
+        print(f"BENCHMARKS.md has no layouts-{kind} section: add its markers to keep this run there")
     return 0 if not any("launch failed" in r.get("error", "") for r in rows) else 1
 
 
