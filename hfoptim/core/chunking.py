@@ -122,13 +122,9 @@ class ShardSums:
 
     def complete(self, stats) -> None:
         """Sum every registered part over its processes, then store what the sums give."""
-        if not self._pending:
-            return
-        parts = [(tensor, view) for _, _, _, sums, view in self._pending for tensor in sums.values()]
-        totals = stats.all_reduce([t for t, _ in parts], [v for _, v in parts])
-        for (tensor, _), total in zip(parts, totals):
-            if total is not tensor:
-                tensor.copy_(total)
+        compiled_step.complete_sums(
+            stats, [(tensor, view) for _, _, _, sums, view in self._pending for tensor in sums.values()]
+        )
         for codec, slot, stored, sums, _ in self._pending:
             codec.finish_pieces(slot, stored, sums)
         self._pending.clear()
