@@ -121,12 +121,18 @@ def test_zero2_segment_cut_inside_a_row_steps_its_whole_rows_in_the_kernel(tmp_p
     row takes the plain path (its cut 8-bit block completed over the processes) and the other
     rows -- 32 rows on one process, 34 on the other -- take the compiled kernel, as row pieces
     (hfoptim.core.chunking.cut_row_parts); parameters and state (8-bit codes exactly) equal the
-    one-process run."""
+    one-process run. Each process steps the partial row (whose cut block's maxima are a
+    collective) before any kernel: in the partition's order process 0 would run its kernels
+    first and process 1 after that collective, one waiting for the other
+    (hfoptim.core.chunking.collectives_first)."""
     args = ["--stage", "2", "--cases", "adamw_8bit", "--compile", "on"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
     assert summary["ran"] == ["adamw_8bit"]
-    shapes = {tuple(s) for s in summary["results"][0]["detail"]["compiled_shapes_all_ranks"]}
+    detail = summary["results"][0]["detail"]
+    shapes = {tuple(s) for s in detail["compiled_shapes_all_ranks"]}
     assert {(32, 97), (34, 97)} <= shapes
+    assert detail["compiled_steps_all_ranks"] > 0
+    assert detail["kernels_before_collectives_all_ranks"] == 0
 
 
 @pytest.mark.slow

@@ -261,6 +261,30 @@ def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
 planned: dict[str, int] = {"whole": 0, "shard": 0}
 
 
+def collectives_first(engine, group: dict, calls: list) -> list[tuple[list[Unit], LocalStats]]:
+    """``calls`` (of :func:`plan`) reordered for a sharded run: first, in their order, the units
+    of each call that go to the plain path, whose statistics are collectives; then the rest,
+    in their order (the kernels' units, row pieces). Every process thus runs the same plain
+    calls with the same units as in ``calls`` (:func:`~hfoptim.core.compiled_step.kernel_split`
+    mirrors the kernel's gates) and reaches their collectives before its own kernels: in the
+    order of ``calls``, a ZeRO process that owns the first parameters did its kernels before the
+    collective of the parameter its partition ends in, and the next process its kernels after
+    it, one after the other (ZeRO-2 on 2 processes, 100M set: each waited 310-330 ms of a
+    740 ms step). The callers defer the plain units' write-backs to after every call: a cut
+    segment's whole rows (a kernel) must reach its working copy before the copy is written back."""
+    first, later = [], []
+    for units, stats in calls:
+        if isinstance(stats, PieceStats):  # a row piece needs nothing of another process
+            later.append((units, stats))
+            continue
+        kernel, plain = compiled_step.kernel_split(engine, group, units, stats)
+        if plain:
+            first.append((plain, stats))
+        if kernel:
+            later.append((kernel, stats))
+    return first + later
+
+
 def plan(
     engine, group: dict, bucket: list[Unit], shard_sums: ShardSums | None = None
 ) -> list[tuple[list[Unit], LocalStats]]:

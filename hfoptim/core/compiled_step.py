@@ -328,6 +328,33 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
     return all(c.fusable and c.fusable_for(view) for c in codecs)
 
 
+def _empty_shard(unit) -> bool:
+    return unit.view.sharded and unit.param.numel() == 0
+
+
+def _takes_unit(engine, group: dict, unit, mode: str, codecs) -> bool:
+    """:func:`_eligible` for ``unit``, an empty shard as one (consumed without a kernel)."""
+    return _eligible(engine, group, unit, mode, codecs, empty_shard=_empty_shard(unit))
+
+
+def kernel_split(engine, group: dict, units: list, stats) -> tuple[list, list]:
+    """``units`` as ``(those step_compiled takes, the others)``, with the same gates and in order:
+    the first never issue a collective but the sums of :func:`complete_sums`, the others go to
+    the plain path, whose statistics under sharding are collectives."""
+    if not units or kernel_stats(stats, units[0].view) is None or _failed is not None:
+        return [], list(units)
+    device = units[0].param.device
+    if plain_reason(engine, group, device) is not None or not compile_available(device):
+        return [], list(units)
+    mode = group.get("compile", "off")
+    slots = engine.rule.active_slots(group)
+    kernel, plain = [], []
+    for unit in units:
+        codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+        (kernel if _takes_unit(engine, group, unit, mode, codecs) else plain).append(unit)
+    return kernel, plain
+
+
 def takes(engine, group: dict, unit, stats) -> bool:
     """Whether ``unit`` would take the compiled path with the statistics backend ``stats``: the
     same gates as :func:`step_compiled` (:func:`plain_reason` for the group, then the unit's)."""
@@ -391,15 +418,14 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     lrs: dict[tuple, torch.Tensor] = {}
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-        if unit.view.sharded and unit.param.numel() == 0 and _failed is None:
-            if _eligible(engine, group, unit, mode, codecs, empty_shard=True):
-                # nothing of it here; its other shards need nothing of this process but its
-                # (zero) part of their sums
-                for tensor, view in shard_sums(slots, codecs, unit):
-                    partial.append((tensor.zero_(), view))
-                continue
-        if _failed is not None or not _eligible(engine, group, unit, mode, codecs):
+        if _failed is not None or not _takes_unit(engine, group, unit, mode, codecs):
             rest.append(unit)
+            continue
+        if _empty_shard(unit):
+            # nothing of it here; its other shards need nothing of this process but its (zero)
+            # part of their sums
+            for tensor, view in shard_sums(slots, codecs, unit):
+                partial.append((tensor.zero_(), view))
             continue
         p = unit.param
         dtype = engine.compute_dtype(p)

@@ -41,7 +41,7 @@ from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit, canonical_units, transposed_view
 from .param_layout import OUT_IN, ParamLayout
 from .rule import Rule
-from .stats import ParamView
+from .stats import LocalStats, ParamView
 from .step import advance
 from .tensorlist import TensorList
 
@@ -470,8 +470,14 @@ class RuleOptimizer(torch.optim.Optimizer):
                 for unit in bucket:
                     self._init_state(unit, group)["step"] += 1
                 shard_sums = chunking.ShardSums()  # sums the row pieces of shards leave partial
-                for chunk, stats in chunking.plan(self, group, bucket, shard_sums):
-                    self._step_bucket(group, chunk, loss_value, stats, deferred)
+                calls = chunking.plan(self, group, bucket, shard_sums)
+                writebacks: list | None = None
+                if deferred is None and type(self.layout.stats) is not LocalStats:
+                    calls, writebacks = chunking.collectives_first(self, group, calls), []
+                for chunk, stats in calls:
+                    self._step_bucket(group, chunk, loss_value, stats, deferred, writebacks)
+                for writeback in writebacks or ():
+                    writeback()
                 shard_sums.complete(self.layout.stats)
         if deferred:
             scale = stable_scale([d.ctx for d in deferred])
@@ -549,12 +555,19 @@ class RuleOptimizer(torch.optim.Optimizer):
         return state
 
     def _step_bucket(
-        self, group: dict, units: list[Unit], loss: float | None, stats, deferred: list | None = None
+        self,
+        group: dict,
+        units: list[Unit],
+        loss: float | None,
+        stats,
+        deferred: list | None = None,
+        writebacks: list | None = None,
     ) -> None:
         """Step ``units`` (state initialised, step counters advanced) with the statistics
         backend ``stats`` (the layout's, or :class:`~hfoptim.core.stats.PieceStats` for a row
         piece); with ``deferred`` (stable weight decay) the update is recorded there, applied once
-        every bucket has advanced."""
+        every bucket has advanced; with ``writebacks`` the units' write-backs are appended there
+        for the caller to run, instead of run here."""
         rule, foreach = self.rule, self.group_foreach(group)
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
             units = compiled_step.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
@@ -579,8 +592,12 @@ class RuleOptimizer(torch.optim.Optimizer):
                 for p, w in zip(params, p_work):
                     p.copy_(w)
             for unit in units:
-                if unit.writeback is not None:
+                if unit.writeback is None:
+                    continue
+                if writebacks is None:
                     unit.writeback()
+                else:
+                    writebacks.append(unit.writeback)
 
         if deferred is not None:
             ctx.second_moment_sums = []  # the rule's preconditioner records sum(v_hat) per tensor

@@ -356,6 +356,48 @@ def check_whole_matrices(engine, failures: list, detail: dict) -> None:
         failures.append("no matrix rows crossed processes: the whole-matrix exchange did not engage")
 
 
+class KernelOrder:
+    """Counts the compiled-kernel calls of this process that came before a collective of the
+    same step (the layout's statistics' ``collectives`` counter at each call, against the
+    counter at the step's end): 0 when every step reaches its plain-path collectives before
+    its kernels (:func:`hfoptim.core.chunking.collectives_first`). Wraps the kernel runner
+    while active; :meth:`end_step` after each step."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.late = 0
+        self._seen: list[int] = []
+
+    def __enter__(self):
+        from hfoptim.core import compiled_step
+
+        self._original = original = compiled_step._run
+
+        def run(*args):
+            self._seen.append(self.engine.layout.stats.collectives)
+            return original(*args)
+
+        compiled_step._run = run
+        return self
+
+    def __exit__(self, *exc):
+        from hfoptim.core import compiled_step
+
+        compiled_step._run = self._original
+
+    def end_step(self) -> None:
+        end = self.engine.layout.stats.collectives
+        self.late += sum(seen < end for seen in self._seen)
+        self._seen.clear()
+
+    def record(self, detail: dict) -> None:
+        """``detail["kernels_before_collectives_all_ranks"]``, summed over the processes
+        (collective: every process calls it)."""
+        total = torch.tensor([float(self.late)])
+        dist.all_reduce(total)
+        detail["kernels_before_collectives_all_ranks"] = int(total)
+
+
 def kernel_calls() -> int:
     """Parameters stepped by the compiled kernel so far in this process (every key)."""
     from hfoptim.core import compiled_step

@@ -114,6 +114,7 @@ def run_case(
     loss_driven = needs_loss(ref_opt)
     sharded_calls, shapes = 0, set()
     pieces_before = common.shard_pieces()
+    order = common.KernelOrder(engine)
     for t in range(1, steps + 1):
         grads = coarse(gradients(ref_params, t), bits=4 if bf16 else 10)
         for p, g in zip(ref_params, grads):
@@ -127,12 +128,15 @@ def run_case(
         else:
             ref_opt.step()
         before, shapes_before = kernel_calls(), kernel_shapes()
-        ds_engine.step()
+        with order:
+            ds_engine.step()
+        order.end_step()
         sharded_calls += kernel_calls() - before
         shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
     if compile == "on":
         check_compiled(sharded_calls, failures, detail, shapes)
     common.count_shard_pieces(pieces_before, detail)
+    order.record(detail)
     layout = engine.layout
     if type(layout).__name__ != "ZeroLayout":
         failures.append(f"the optimizer stepped with {type(layout).__name__}, not the ZeRO layout")
