@@ -337,14 +337,23 @@ def _takes_unit(engine, group: dict, unit, mode: str, codecs) -> bool:
     return _eligible(engine, group, unit, mode, codecs, empty_shard=_empty_shard(unit))
 
 
+def _group_takes(engine, group: dict, unit, stats) -> bool:
+    """The gates of a call's units as a whole, read from its first ``unit`` (they share the
+    statistics backend, the group and the device): a kernel exists for the backend
+    (:func:`kernel_stats`), :func:`plain_reason` finds nothing against the group and torch.compile
+    is available (no failure so far). The one place :func:`step_compiled`, :func:`kernel_split`
+    and :func:`takes` read them, so the split agrees with the step."""
+    device = unit.param.device
+    if kernel_stats(stats, unit.view) is None or plain_reason(engine, group, device) is not None:
+        return False
+    return compile_available(device)
+
+
 def kernel_split(engine, group: dict, units: list, stats) -> tuple[list, list]:
     """``units`` as ``(those step_compiled takes, the others)``, with the same gates and in order:
     the first never issue a collective but the sums of :func:`complete_sums`, the others go to
     the plain path, whose statistics under sharding are collectives."""
-    if not units or kernel_stats(stats, units[0].view) is None or _failed is not None:
-        return [], list(units)
-    device = units[0].param.device
-    if plain_reason(engine, group, device) is not None or not compile_available(device):
+    if not units or not _group_takes(engine, group, units[0], stats):
         return [], list(units)
     mode = group.get("compile", "off")
     slots = engine.rule.active_slots(group)
@@ -358,9 +367,7 @@ def kernel_split(engine, group: dict, units: list, stats) -> tuple[list, list]:
 def takes(engine, group: dict, unit, stats) -> bool:
     """Whether ``unit`` would take the compiled path with the statistics backend ``stats``: the
     same gates as :func:`step_compiled` (:func:`plain_reason` for the group, then the unit's)."""
-    if kernel_stats(stats, unit.view) is None or plain_reason(engine, group, unit.param.device) is not None:
-        return False
-    if _failed is not None or not compile_available(unit.param.device):
+    if not _group_takes(engine, group, unit, stats):
         return False
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in engine.rule.active_slots(group)]
     return _eligible(engine, group, unit, group.get("compile", "off"), codecs)
@@ -396,11 +403,7 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     their step counters already advanced) with the statistics backend ``stats``; return the
     others, for the plain path. ``loss`` is not passed on: the rules that read it take the plain
     path (:func:`plain_reason`)."""
-    if not units or kernel_stats(stats, units[0].view) is None:
-        return units
-    if plain_reason(engine, group, units[0].param.device) is not None:
-        return units
-    if not compile_available(units[0].param.device):
+    if not units or not _group_takes(engine, group, units[0], stats):
         return units
     slots = engine.rule.active_slots(group)
     options = hyperparameters(engine, group)
