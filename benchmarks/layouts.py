@@ -19,6 +19,10 @@ measures, in a fresh process per layout:
   ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
 * ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``).
 
+``--chunk-bytes N`` gives every optimizer the ``chunk_bytes`` option N (the budget of the step's
+temporaries); its rows are kept beside those of the default budget, the name followed by the
+budget in MiB.
+
 The CPU (``lscpu``'s model name and flags) and the load average are recorded with the results:
 timings on a loaded or different machine are not comparable. Results, one record per kind of
 machine (:func:`machine_kind`: the CPU's widest vector extension, or the GPU):
@@ -176,6 +180,8 @@ def worker(args) -> int:
         def forward(self, x):
             return sum(b.weight.sum() for b in self.blocks) * x
 
+    options = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
+
     def build(shapes, name: str):
         """(step function, tensors the optimizer steps here, their element count)."""
         net = Net(shapes)
@@ -185,7 +191,7 @@ def worker(args) -> int:
 
             from hfoptim.integrations.deepspeed import attach
 
-            opt = make(net.parameters()) if make else hfoptim.create_optimizer(net, name)
+            opt = make(net.parameters()) if make else hfoptim.create_optimizer(net, name, **options)
             config = {
                 "train_micro_batch_size_per_gpu": 1,
                 "gradient_clipping": 0.0,
@@ -209,7 +215,7 @@ def worker(args) -> int:
                 for b in net.blocks:
                     fully_shard(b)
                 fully_shard(net)
-            opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, name)
+            opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, name, **options)
             gen = torch.Generator().manual_seed(1)
             local = []
             for p in net.parameters():
@@ -248,7 +254,7 @@ def worker(args) -> int:
                 sync()
                 first = reduce_max(time.perf_counter() - start)
             except Exception as error:  # a name this layout refuses: record it
-                rows.append({"set": label, "name": name, "error": str(error).splitlines()[0][:200]})
+                rows.append({"set": label, "name": name, **options, "error": str(error).splitlines()[0][:200]})
                 continue
             compiled = sum(compiled_step.calls.values()) - before_calls
             step()  # a second step: no compilation left in what is timed
@@ -265,6 +271,7 @@ def worker(args) -> int:
                 {
                     "set": label,
                     "name": name,
+                    **options,
                     "first_step_s": first,
                     "step_ms": 1e3 * statistics.median(cand),
                     "adamw_step_ms": 1e3 * statistics.median(base),
@@ -279,7 +286,7 @@ def worker(args) -> int:
                 Path(args.out).write_text(json.dumps(rows))
                 r = rows[-1]
                 print(
-                    f"{args.layout:6s} {label} {name:16s} first {r['first_step_s']:6.1f} s  "
+                    f"{args.layout:6s} {label} {shown(r):16s} first {r['first_step_s']:6.1f} s  "
                     f"x{r['ratio_adamw']:.2f} AdamW  {r['transient_bytes_per_param']:5.2f} B/param transient "
                     f"(AdamW {r['adamw_transient_bytes_per_param']:.2f})  "
                     f"{r['compiled_params_first_step']:.0f} compiled",
@@ -299,6 +306,8 @@ def run_layout(args, layout: str, out: Path) -> list[dict]:
         "--worker", "--layout", layout, "--out", str(out), "--sets", args.sets, "--names", args.names,
         "--rounds", str(args.rounds), "--steps", str(args.steps), "--device", args.device,
     ] + (["--smoke"] if args.smoke else [])  # fmt: skip
+    if args.chunk_bytes is not None:
+        own += ["--chunk-bytes", str(args.chunk_bytes)]
     if layout == "one":
         cmd = [sys.executable, __file__, *own]
     else:
@@ -318,6 +327,17 @@ def run_layout(args, layout: str, out: Path) -> list[dict]:
     return rows
 
 
+def shown(row: dict) -> str:
+    """A row's optimizer name, with the ``chunk_bytes`` budget it ran under when one was given."""
+    budget = row.get("chunk_bytes")
+    return row.get("name", "") if budget is None else f"{row.get('name', '')} (chunk_bytes {budget / 2**20:g} MiB)"
+
+
+def key(row: dict) -> tuple:
+    """What identifies a row across runs (``--merge``)."""
+    return row["layout"], row.get("set"), row.get("name"), row.get("chunk_bytes")
+
+
 def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
     world = f"{args.nproc} processes" if args.device == "cpu" else f"{args.nproc} GPUs"
     lines = [
@@ -333,10 +353,10 @@ def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('set', '')} | {r['layout']} | {r.get('name', '')} | {r['error']} | | | | | |")
+            lines.append(f"| {r.get('set', '')} | {r['layout']} | {shown(r)} | {r['error']} | | | | | |")
             continue
         lines.append(
-            f"| {r['set']} | {r['layout']} | {r['name']} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | "
+            f"| {r['set']} | {r['layout']} | {shown(r)} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | "
             f"{r['ratio_adamw']:.2f} | {r['transient_bytes_per_param']:.2f} | "
             f"{r['adamw_transient_bytes_per_param']:.2f} | {r['compiled_params_first_step']:.0f} |"
         )
@@ -355,6 +375,9 @@ def main() -> int:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument(
+        "--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every optimizer (default: its own)"
+    )
     parser.add_argument("--cold-cache", action="store_true", help="an empty inductor cache for each layout")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and two names; writes no result files")
     parser.add_argument(
@@ -381,18 +404,26 @@ def main() -> int:
         run = set(args.layouts.split(","))
         names = args.names.split(",")
         earlier = json.loads(previous.read_text())
-        fresh = {(r["layout"], r.get("set"), r.get("name")) for r in rows}
-        kept = [r for r in earlier["rows"] if (r["layout"], r.get("set"), r.get("name")) not in fresh]
+        fresh = {key(r) for r in rows}
+        kept = [r for r in earlier["rows"] if key(r) not in fresh]
         order = {name: i for i, name in enumerate(DEFAULT_NAMES + [n for n in names if n not in DEFAULT_NAMES])}
         layouts = ["one", "fsdp2", "zero2"]
         rows = sorted(
-            kept + rows, key=lambda r: (layouts.index(r["layout"]), r.get("set", ""), order.get(r.get("name"), 99))
+            kept + rows,
+            key=lambda r: (
+                layouts.index(r["layout"]),
+                r.get("set", ""),
+                order.get(r.get("name"), 99),
+                r.get("chunk_bytes") or 0,
+            ),
         )
         before = earlier["machine"]
         info = dict(
             info,
-            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))} from this run, "
-            f"the others from the previous results file",
+            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))}"
+            + ("" if args.chunk_bytes is None else f" with chunk_bytes {args.chunk_bytes}")
+            + " from this run, "
+            "the others from the previous results file",
             previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}, "
             f"{before.get('cpu')} with {' '.join(earlier.get('lscpu', {}).get('vector_flags', [])) or 'unknown flags'}",
         )
