@@ -151,13 +151,14 @@ def test_zero3_partitions_of_whole_rows_are_stepped_in_row_pieces(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "pieces"), [(2, 12), (3, 24)])
+@pytest.mark.parametrize(("stage", "pieces"), [(2, 24), (3, 48)])
 def test_zero_smmf_segments_of_whole_matrix_rows_are_stepped_in_row_pieces(tmp_path, stage, pieces):
-    """SMMF state under ZeRO on 2 processes over SQUARE_SHAPES with a 2000-element budget. ZeRO-2:
-    the flat partition gives "big" (64x96) whole to process 0, which steps it in 4 pieces (the
-    other registers zero column sums for it), and cuts "emb" inside a matrix row (plain path,
-    whole). ZeRO-3: each parameter is cut in half, on matrix rows: 2 pieces per segment of each.
-    3 steps; parameters and state equal the one-process run."""
+    """SMMF state under ZeRO on 2 processes over SQUARE_SHAPES with a 2000-element budget, of
+    which a shard's pieces take 1000 elements (the 2 processes share the budget). ZeRO-2: the
+    flat partition gives "big" (64x96) whole to process 0, which steps it in 8 pieces (the other
+    registers zero column sums for it), and cuts "emb" inside a matrix row (plain path, whole).
+    ZeRO-3: each parameter is cut in half, on matrix rows: 4 pieces per segment of each. 3 steps;
+    parameters and state equal the one-process run."""
     cases = ["smmf", "adamw_smmf", "smmf_8bit"]
     args = ["--stage", str(stage), "--cases", ",".join(cases), "--chunk-bytes", str(64 * 2000)]
     args += ["--shapes", "square", "--compile", "off"]

@@ -15,7 +15,8 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
   gradient's and its state's (all writes reach the whole tensors), with the view of those rows
   (``row_start``, ``local_rows``) and :class:`~hfoptim.core.stats.PieceStats`, which refuses any
   statistic of the whole tensor. The numbers are exactly those of the unchunked step.
-* A shard of a sharded run (FSDP2 rows, a ZeRO segment of whole rows) is cut the same way when
+* A shard of a sharded run (FSDP2 rows, a ZeRO segment of whole rows) is cut the same way, in
+  pieces of ``1/N`` of the call limit for a parameter ``N`` processes share (:func:`piece_numel`), when
   its step needs nothing of another process but sums (:func:`~hfoptim.core.compiled_step.shard_local`:
   the same gates, plus process boundaries on row boundaries and blocks no boundary cuts) and
   its storage forms can be cut at its rows: the decision reads only what every process shares
@@ -27,7 +28,7 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
 * A ZeRO segment that a process boundary cuts inside a row at one end (:func:`cut_row_parts`) is
   stepped as its partial row, on the plain path with the layout's statistics (the cut row and
   block completed over the processes), and its whole rows, a row piece for the compiled kernel
-  (in pieces of the budget): before, one partial row sent the whole segment to the plain path.
+  (in pieces of :func:`piece_numel`): before, one partial row sent the whole segment to the plain path.
 * SMMF state (a rank-1 factorization of the whole tensor seen as a square matrix) is cut where
   its matrix's rows and its sign bytes are cut too
   (:meth:`~hfoptim.state.codec.Codec.row_granularity`): each piece decodes with the stored
@@ -67,6 +68,21 @@ def chunk_numel(group: dict) -> int | None:
     """Elements one call may process under ``group``'s ``chunk_bytes`` (None: no bound)."""
     budget = group.get("chunk_bytes", DEFAULT_CHUNK_BYTES)
     return max(1, budget // TRANSIENT_BYTES_PER_ELEMENT) if budget else None
+
+
+def piece_numel(limit: int, view: ParamView) -> int:
+    """Elements of this process in one row piece of the parameter of ``view`` under the call limit
+    ``limit`` (:func:`chunk_numel`): ``limit`` for a tensor held whole, ``limit / N`` for a shard
+    of a parameter that ``N`` processes share. The budget is that of the model's step, which the
+    N processes share, as for the calls of whole shards (grouped by global sizes, so each holds
+    about ``limit / N`` elements here): a process holds ``1/N`` of the state, and its step's
+    temporaries shrink with it (FSDP2 and ZeRO-2 on 2 processes, 100M set, adamw_8bit: 0.7-1.1
+    bytes per local parameter with ``limit``, 0.4-0.6 with ``limit / 2``, at the same step time)."""
+    if not view.sharded:
+        return limit
+    import torch.distributed as dist
+
+    return max(1, limit // dist.get_world_size(view.group))
 
 
 def cuttable(engine, group: dict, unit: Unit) -> bool:
@@ -300,9 +316,12 @@ def plan(
         # the kernel steps the whole rows of a cut segment first; its partial row stays in place
         # below, and its write-back (after the plain step) copies the whole working copy
         piece_stats = PieceStats(foreach=stats.foreach)
-        for parts in filter(None, split):
+        for unit, parts in zip(bucket, split):
+            if parts is None:
+                continue
             whole = parts[1]
-            rows = rows_per_piece(whole.view.rows, whole.view.row_len, limit) if limit else whole.view.rows
+            most = piece_numel(limit, unit.view) if limit else None
+            rows = rows_per_piece(whole.view.rows, whole.view.row_len, most) if most else whole.view.rows
             whole_pieces = [whole] if rows >= whole.view.rows else pieces(engine, group, whole, rows)
             calls.extend(([piece], piece_stats) for piece in whole_pieces)
         bucket = [u if parts is None else parts[0] for u, parts in zip(bucket, split)]
@@ -317,7 +336,8 @@ def plan(
         if numel > limit and (shard_cuttable if unit.view.sharded else cuttable)(engine, group, unit):
             piece_stats = PieceStats(foreach=stats.foreach)
             step = granularity(engine, group, unit)
-            rows = rows_per_piece(unit.view.rows, unit.view.row_len, limit, step) if unit.view.rows else 1
+            most = piece_numel(limit, unit.view)
+            rows = rows_per_piece(unit.view.rows, unit.view.row_len, most, step) if unit.view.rows else 1
             cut = pieces(engine, group, unit, rows, shard_sums)
             planned["shard" if unit.view.sharded else "whole"] += len(cut)
             calls.extend(([piece], piece_stats) for piece in cut)

@@ -91,7 +91,8 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         kind="int",
         low=0,
         doc="bound on the step's temporary memory: tensors are stepped in groups of at most chunk_bytes/64 "
-        "elements, large ones in pieces of whole rows where the rule allows (0: no bound; see hfoptim.core.chunking)",
+        "elements (global sizes), large ones in pieces of whole rows where the rule allows, of chunk_bytes/64/N "
+        "local elements for a shard of N processes (0: no bound; see hfoptim.core.chunking)",
     )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
