@@ -77,7 +77,7 @@ def piece_numel(limit: int, view: ParamView) -> int:
     N processes share, as for the calls of whole shards (grouped by global sizes, so each holds
     about ``limit / N`` elements here): a process holds ``1/N`` of the state, and its step's
     temporaries shrink with it (FSDP2 and ZeRO-2 on 2 processes, 100M set, adamw_8bit: 0.7-1.1
-    bytes per local parameter with ``limit``, 0.4-0.6 with ``limit / 2``, at the same step time)."""
+    bytes per local parameter with ``limit``, 0.4-0.7 with ``limit / 2``, at the same step time)."""
     if not view.sharded:
         return limit
     import torch.distributed as dist
