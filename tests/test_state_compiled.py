@@ -171,11 +171,22 @@ def test_compiled_4bit_code_finds_the_nearest_level_at_every_midpoint(fresh_dyna
 
 
 @pytest.mark.slow
-def test_compiled_decode_is_the_table_exactly(fresh_dynamo):
+@pytest.mark.parametrize("avx2", [False, True], ids=["bytes", "words"])
+def test_compiled_decode_is_the_table_exactly(avx2, fresh_dynamo, monkeypatch):
+    """Both compiled decodes (codes read as bytes, or as 32-bit words where inductor's kernels
+    are AVX2) give the table's values for every code, in a vector and in rows of whole words."""
+    from hfoptim.state import dynamic_code
+
+    monkeypatch.setattr(dynamic_code, "_inductor_isa_is_avx2", lambda: avx2)
+    read_as_words = []
+    words_of = dynamic_code._code_words
+    monkeypatch.setattr(dynamic_code, "_code_words", lambda c: read_as_words.append(c.shape) or words_of(c))
     codes = torch.arange(256, dtype=torch.uint8)
     for code in (SIGNED, UNSIGNED):
-        got = _compiled(lambda c, code=code: decode_codes(c, code))(codes)
-        assert torch.equal(got, code.table)
+        decode = _compiled(lambda c, code=code: decode_codes(c, code))
+        assert torch.equal(decode(codes), code.table)
+        assert torch.equal(decode(codes.view(16, 16).flip(0).contiguous()), code.table.view(16, 16).flip(0))
+    assert bool(read_as_words) == avx2
 
 
 def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):

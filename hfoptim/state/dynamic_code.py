@@ -35,6 +35,7 @@ one loop with the optimizer's update (``tests/test_state_8bit.py`` checks the en
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -181,19 +182,46 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     backend emits it as a scalar loop; replacing the float bit casts by comparisons made it
     1.1x slower: those casts cost little there, measured).
 
-    Under torch.compile the codes are read as 32-bit words where they can be
-    (:func:`_code_words`): inductor loads integer vectors through a stack copy on AVX2 (torch
-    2.13's ``vec256_int.h``), float vectors directly, so four codes are loaded as one float,
-    bit-cast, and taken apart by shifts (the decode of 4.1M codes: 3.0 ms against 9.6 ms, one
-    core of an AVX2-only AMD EPYC; the same values)."""
+    Under torch.compile the codes are read as bytes, except where inductor's CPU kernels use
+    AVX2 vectors (:func:`_avx2_kernels`): there they are read as 32-bit words where they can be
+    (:func:`_code_words`). Torch 2.13's AVX2 header (``vec256_int.h``) loads integer vectors
+    through a stack copy and float vectors directly, so four codes are loaded as one float,
+    bit-cast and taken apart by shifts; the four parts are stacked, which inductor stores to a
+    full-size buffer with strided stores. Measured per compiled step (one thread of an AMD EPYC,
+    interleaved medians), adamw_8bit / adan_8bit on a 1024x768 tensor:
+
+    * AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``): 8.1 / 10.4 ms from words, 9.0 / 13.0 from bytes
+      (the AVX2-only EPYC, when this was introduced: an 8000x512 adamw_8bit step 42 -> 29 ms
+      with the encode's conversion below);
+    * AVX-512 kernels: 7.0 / 10.0 ms from words, 5.0 / 7.1 from bytes (the 100M set: 0.89 / 1.46
+      against 0.80 / 1.31 of torch AdamW foreach's step).
+
+    The values are the same either way."""
     if torch.compiler.is_compiling():
-        words = _code_words(codes)
+        words = _code_words(codes) if codes.device.type == "cpu" and _avx2_kernels() else None
         if words is None:
             return _decode_index(codes.to(torch.int32), code)
         parts = [_decode_index((words >> (8 * k)) & 255, code) for k in range(4)]
         return torch.stack(parts, dim=-1).view(codes.shape)
     table, _ = code.tables(codes.device)
     return _lookup(table, codes)
+
+
+@torch.compiler.assume_constant_result
+def _avx2_kernels() -> bool:
+    """Whether inductor generates this process's CPU kernels with AVX2 vectors (its choice of
+    instruction set: the CPU's, or ``ATEN_CPU_CAPABILITY``), a constant while tracing."""
+    return _inductor_isa_is_avx2()
+
+
+@functools.cache
+def _inductor_isa_is_avx2() -> bool:
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        return isinstance(cpu_vec_isa.pick_vec_isa(), cpu_vec_isa.VecAVX2)
+    except Exception:  # an inductor without this module: no AVX2-specific form
+        return False
 
 
 def _decode_index(index: torch.Tensor, code: DynamicCode) -> torch.Tensor:
