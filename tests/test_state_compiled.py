@@ -172,9 +172,11 @@ def test_compiled_4bit_code_finds_the_nearest_level_at_every_midpoint(fresh_dyna
 
 @pytest.mark.slow
 @pytest.mark.parametrize("avx2", [False, True], ids=["bytes", "words"])
-def test_compiled_decode_is_the_table_exactly(avx2, fresh_dynamo, monkeypatch):
-    """Both compiled decodes (codes read as bytes, or as 32-bit words where inductor's kernels
-    are AVX2) give the table's values for every code, in a vector and in rows of whole words."""
+def test_compiled_8bit_code_forms_are_exact(avx2, fresh_dynamo, monkeypatch):
+    """Both compiled forms of the 8-bit code (codes read as bytes and stored from int32, or, where
+    inductor's kernels are AVX2, read as 32-bit words and stored through fp32) give the table's
+    values for every code, in a vector and in rows of whole words, and encode to what
+    ``bucketize`` gives on every midpoint, one ulp either side of it and every level."""
     from hfoptim.state import dynamic_code
 
     monkeypatch.setattr(dynamic_code, "_inductor_isa_is_avx2", lambda: avx2)
@@ -186,6 +188,14 @@ def test_compiled_decode_is_the_table_exactly(avx2, fresh_dynamo, monkeypatch):
         decode = _compiled(lambda c, code=code: decode_codes(c, code))
         assert torch.equal(decode(codes), code.table)
         assert torch.equal(decode(codes.view(16, 16).flip(0).contiguous()), code.table.view(16, 16).flip(0))
+        mids = code.midpoints
+        up, down = torch.full_like(mids, 2.0), torch.full_like(mids, -2.0)
+        y = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down), code.magnitudes])
+        expected = torch.bucketize(y, mids).to(torch.uint8)
+        if code.signed:  # negative values: the magnitude's code with the sign bit
+            y, expected = torch.cat([y, -y[y > 0]]), torch.cat([expected, expected[y > 0] + 128])
+        assert torch.equal(code.encode(y), expected), code.name
+        assert torch.equal(_compiled(code.encode)(y), expected), code.name
     assert bool(read_as_words) == avx2
 
 
