@@ -166,7 +166,7 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     index = (entry & 0xFF) + ((entry >> 24) & (bits > midpoint).to(torch.int32))
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
-    if torch.compiler.is_compiling() and y.device.type == "cpu" and _avx2_kernels():
+    if torch.compiler.is_compiling() and _avx2_kernels(y.device):
         # through fp32 where inductor's kernels are AVX2: torch 2.13's AVX2 vectors convert int32
         # to uint8 element by element, fp32 to uint8 in a few instructions (the encode of 4.1M
         # values: 6.7 ms against 8.6 ms, one core of an AVX2-only AMD EPYC); both are exact for
@@ -200,7 +200,7 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
 
     The values are the same either way."""
     if torch.compiler.is_compiling():
-        words = _code_words(codes) if codes.device.type == "cpu" and _avx2_kernels() else None
+        words = _code_words(codes) if _avx2_kernels(codes.device) else None
         if words is None:
             return _decode_index(codes.to(torch.int32), code)
         parts = [_decode_index((words >> (8 * k)) & 255, code) for k in range(4)]
@@ -209,10 +209,16 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     return _lookup(table, codes)
 
 
+def _avx2_kernels(device: torch.device) -> bool:
+    """Whether inductor generates the compiled code for ``device`` with AVX2 vectors: a CPU
+    device, and inductor's instruction set for this process's CPU kernels (the CPU's, or
+    ``ATEN_CPU_CAPABILITY``) is AVX2. The one gate of the AVX2 forms of the encode and decode."""
+    return device.type == "cpu" and _inductor_avx2()
+
+
 @torch.compiler.assume_constant_result
-def _avx2_kernels() -> bool:
-    """Whether inductor generates this process's CPU kernels with AVX2 vectors (its choice of
-    instruction set: the CPU's, or ``ATEN_CPU_CAPABILITY``), a constant while tracing."""
+def _inductor_avx2() -> bool:
+    """:func:`_inductor_isa_is_avx2`, a constant while tracing."""
     return _inductor_isa_is_avx2()
 
 
