@@ -116,3 +116,14 @@ def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_
     counts = {r["case"]: r["detail"]["compiled_steps_all_ranks"] for r in summary["results"]}
     assert counts["adamw_factored"] == counts["adamw"] > 0
     assert 0 < counts["adamw_shared"] < counts["adamw"]
+
+
+@pytest.mark.slow
+def test_fsdp2_compiled_kernel_steps_centralized_shards_out_of_place_and_matches_one_process(tmp_path):
+    """Gradient centralization (row means: row-local) with compile='on' on CPU: each shard's kernel
+    runs out of place (it returns the new parameter and state, which the call copies back;
+    hfoptim.core.compiled_step._out_of_place) and the result equals the one-process run."""
+    args = ["--cases", "adamw_gc", "--compile", "on"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_gc"]
+    assert all(r["detail"]["compiled_steps_all_ranks"] > 0 for r in summary["results"])

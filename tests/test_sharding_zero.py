@@ -106,8 +106,10 @@ def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_p
     (tests/distributed/common.py: ROW_ALIGNED_SHAPES): the fused kernel steps every segment of
     whole rows and blocks (the worker fails when the sharded optimizer ran none; factored state
     with its column sums completed after the kernels), the ones a boundary cuts inside a row take
-    the plain path, and parameters and state (8-bit codes exactly) equal the one-process run."""
-    cases = ["adamw_8bit", "adamw_bf16", "adamw_factored"]
+    the plain path, and parameters and state (8-bit codes exactly) equal the one-process run.
+    Gradient centralization (row means, row-local) takes the kernel too, out of place on CPU
+    (hfoptim.core.compiled_step._out_of_place)."""
+    cases = ["adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_gc"]
     args = ["--stage", str(stage), "--cases", ",".join(cases), "--compile", "on", "--shapes", "rows"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
     assert summary["ran"] == cases

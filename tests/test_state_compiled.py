@@ -71,21 +71,31 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
         *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16", "adamw_4bit"),
         # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
         *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit", "adamw_am_8bit", "sgdm_am_8bit"),
+        # per-row statistics: stepped out of place on CPU (compiled_step._out_of_place)
+        *("adamw_8bit+agc", "adan_8bit+norm_loss", "ademamix_8bit+centralize", "adamw_8bit+soft_clip"),
     ],
 )
 def test_compiled_path_agrees_with_the_plain_path(name):
     from torch._dynamo.utils import counters
 
+    name, _, option = name.partition("+")
+    options = {option: {"agc": 0.05, "norm_loss": 0.01}.get(option, True)} if option else {}
     compiled_step.reset()
     counters.clear()
-    compiled, c_opt = _run(name, "on", lr_schedule=True)
-    plain, p_opt = _run(name, "off", lr_schedule=True)
+    compiled, c_opt = _run(name, "on", lr_schedule=True, **options)
+    # every tensor took the kernel at every step
+    assert sum(compiled_step.calls.values()) == 4 * len(SHAPES), compiled_step.calls
+    plain, p_opt = _run(name, "off", lr_schedule=True, **options)
     assert not counters["graph_break"], dict(counters["graph_break"])
     # one graph per shape: no recompilation for the learning rate or the step, which change
     # every step here
     assert counters["stats"]["unique_graphs"] == len(SHAPES), dict(counters["stats"])
+    # a per-row statistic summed in another order moves its factor (AGC's clip) by an ulp, which
+    # can flip a code sitting on a midpoint; that element's later updates then move by about lr
+    # times a code spacing (seen: one element of 4000 by 6.5e-6, lr 3e-3)
+    atol = 1e-5 if option else 1e-6
     for p, q in zip(compiled, plain):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=atol)
         for key, value in p_opt.state[q].items():
             mine = c_opt.state[p][key]
             if value.dtype == torch.uint8:  # codes: a rounding difference may flip a rare one

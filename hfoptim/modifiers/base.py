@@ -43,11 +43,11 @@ class Modifier:
     #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
     #: statistics at most): the engine may then step a large tensor in pieces of whole rows
     row_local: ClassVar[bool] = False
-    #: False when torch.compile's CPU code generator fails on the compiled step
-    #: (:mod:`hfoptim.core.compiled_step`) with this modifier: a per-row statistic followed by the
-    #: in-place parameter update (torch 2.13's C++ backend raises a KeyError in its outer-loop
-    #: fusion); its groups then run the plain path on CPU
-    compiles_on_cpu: ClassVar[bool] = True
+    #: False when inductor's C++ backend (torch 2.13) fails on the compiled step that writes the
+    #: parameter and state in place (a per-row statistic fused with in-place writes: a
+    #: ``KeyError`` in its outer-loop fusion); on CPU the compiled path then steps copies and
+    #: writes them back (:mod:`hfoptim.core.compiled_step`, "out of place")
+    in_place_on_cpu: ClassVar[bool] = True
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

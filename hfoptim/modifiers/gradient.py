@@ -36,7 +36,7 @@ class AdaptiveGradientClipping(Modifier):
     """
 
     name = "agc"
-    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
+    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "agc"
     hyperparams = {
@@ -69,7 +69,7 @@ class SoftClip(Modifier):
     """
 
     name = "softclip"
-    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
+    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "soft_clip"
     hyperparams = {
@@ -98,7 +98,7 @@ class GradientCentralization(Modifier):
     """
 
     name = "gc"
-    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
+    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "centralize"
     row_local = True  # row means only

@@ -116,7 +116,7 @@ class NormLoss(Modifier):
     """
 
     name = "normloss"
-    compiles_on_cpu = False  # per-row statistics (see Modifier.compiles_on_cpu)
+    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = UPDATE
     switch = "norm_loss"
     hyperparams = {
