@@ -19,6 +19,9 @@ measures, in a fresh process per layout:
   ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
 * ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``).
 
+A name may carry options after ``+`` (``adamw_8bit+agc=0.01+compile=off``: the optimizer
+``adamw_8bit`` built with ``agc=0.01, compile="off"``; values are Python literals, or text).
+
 ``--chunk-bytes N`` gives every optimizer the ``chunk_bytes`` option N (the budget of the step's
 temporaries); its rows are kept beside those of the default budget, the name followed by the
 budget in MiB.
@@ -33,6 +36,7 @@ section of BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import os
@@ -75,6 +79,19 @@ def machine_kind(cpu: dict, device: str) -> str:
     if any(f.startswith("avx512") for f in flags):
         return "avx512"
     return "avx2" if "avx2" in flags else "cpu"
+
+
+def name_and_options(label: str) -> tuple[str, dict]:
+    """``"adamw_8bit+agc=0.01+compile=off"`` -> ``("adamw_8bit", {"agc": 0.01, "compile": "off"})``."""
+    name, *given = label.split("+")
+    options = {}
+    for item in given:
+        key, _, text = item.partition("=")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return name, options
 
 
 def param_shapes(label: str, smoke: bool) -> list[tuple[int, ...]]:
@@ -185,13 +202,14 @@ def worker(args) -> int:
     def build(shapes, name: str):
         """(step function, tensors the optimizer steps here, their element count)."""
         net = Net(shapes)
+        base, extra = name_and_options(name)
         make = (lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True)) if name == "torch_adamw" else None
         if args.layout == "zero2":
             import deepspeed
 
             from hfoptim.integrations.deepspeed import attach
 
-            opt = make(net.parameters()) if make else hfoptim.create_optimizer(net, name, **options)
+            opt = make(net.parameters()) if make else hfoptim.create_optimizer(net, base, **options, **extra)
             config = {
                 "train_micro_batch_size_per_gpu": 1,
                 "gradient_clipping": 0.0,
@@ -215,7 +233,7 @@ def worker(args) -> int:
                 for b in net.blocks:
                     fully_shard(b)
                 fully_shard(net)
-            opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, name, **options)
+            opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, base, **options, **extra)
             gen = torch.Generator().manual_seed(1)
             local = []
             for p in net.parameters():
