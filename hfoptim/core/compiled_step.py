@@ -191,15 +191,24 @@ def _advance_one(
     step = state["step"].to(p.dtype)
     if out_of_place:  # copies the step writes into; inductor fuses each copy into its first read
         p = p.clone()
-        state = {key: value.clone() if isinstance(value, torch.Tensor) else value for key, value in state.items()}
+        state = dict(state)
+        for key, value in _state_tensors(state):
+            state[key] = value.clone()
     ctx = TracedStepContext(group, [step], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
     if group["maximize"]:
         g = -g
     advance(rule, group, ctx, TensorList([p], True), g, [state], [view], p.dtype)
     if out_of_place:
-        return (p, *(value for value in state.values() if isinstance(value, torch.Tensor)))
+        return (p, *(value for _, value in _state_tensors(state)))
     return None
+
+
+def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
+    """The tensors of ``state`` with their keys, in its order: what the out-of-place kernel steps
+    and returns, and what :func:`_write_back` copies its results into (one definition, so the
+    two agree)."""
+    return [(key, value) for key, value in state.items() if isinstance(value, torch.Tensor)]
 
 
 def _out_of_place(group: dict, device: torch.device) -> bool:
@@ -212,8 +221,7 @@ def _out_of_place(group: dict, device: torch.device) -> bool:
 def _write_back(p: torch.Tensor, state: dict, stepped: tuple) -> None:
     """Copy the out-of-place kernel's results (:func:`_advance_one`) into the parameter and its state."""
     p.copy_(stepped[0])
-    targets = [value for value in state.values() if isinstance(value, torch.Tensor)]
-    for target, new in zip(targets, stepped[1:], strict=True):
+    for (_, target), new in zip(_state_tensors(state), stepped[1:], strict=True):
         target.copy_(new)
 
 
