@@ -14,7 +14,7 @@ import torch
 
 import hfoptim
 from hfoptim.core import compiled_step
-from hfoptim.core.stats import ParamView, PieceStats, ShardPieceStats
+from hfoptim.core.stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats, StagedStats
 from hfoptim.state import resolve
 from hfoptim.state.codec import get_codec
 
@@ -25,13 +25,21 @@ def shard(shape, row_start, rows, cuts):
     return ParamView(global_shape=torch.Size(shape), row_start=row_start, local_rows=rows, cuts=cuts, group=GROUP)
 
 
-def local(name: str, view: ParamView, **options) -> bool:
+def decide(name: str, view: ParamView, **options) -> tuple[bool, bool]:
+    """``(shard_local, shard_staged)`` of ``name``'s slots for the shard ``view``."""
     p = torch.nn.Parameter(torch.zeros(view.global_shape))
     opt = hfoptim.create_optimizer([p], name, state_min_numel=0, **options)
     group = opt.param_groups[0]
     slots = opt.rule.active_slots(group)
     codecs = [resolve.codec_for(opt.rule, slot, group, view) for slot in slots]
-    return compiled_step.shard_local(opt, group, view, slots, codecs)
+    return (
+        compiled_step.shard_local(opt, group, view, slots, codecs),
+        compiled_step.shard_staged(opt, group, view, slots, codecs),
+    )
+
+
+def local(name: str, view: ParamView, **options) -> bool:
+    return decide(name, view, **options)[0]
 
 
 @pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_bf16"])
@@ -41,10 +49,50 @@ def test_row_shards_of_elementwise_rules_step_alone(name):
     assert local(name, shard((67, 300), 34, 33, (34 * 300,)))
 
 
-def test_4bit_second_moments_of_matrices_need_every_process():
-    # normalized by per-column maxima of the whole tensor (rank-1 scales); vectors are blockwise
-    assert not local("adamw_4bit", shard((67, 300), 0, 34, (34 * 300,)))
+def test_4bit_second_moments_of_matrices_take_the_kernel_in_stages():
+    # normalized by per-column maxima of the whole tensor (rank-1 scales): not alone, but in
+    # stages (the column maxima completed between a recording kernel and the writing one);
+    # vectors are blockwise
+    assert decide("adamw_4bit", shard((67, 300), 0, 34, (34 * 300,))) == (False, True)
+    assert decide("ademamix_4bit", shard((67, 300), 34, 33, (34 * 300,))) == (False, True)
     assert local("adamw_4bit", shard((3000,), 0, 1024, (1024,)))
+    # a process holding no row of it takes part too (zero parts): one process owns it whole
+    assert decide("adamw_4bit", shard((1, 300), 0, 0, ())) == (False, True)
+    # not when a boundary cuts a row (padded rows; row maxima span two processes)
+    assert decide("adamw_4bit", shard((67, 300), 0, 35, (34 * 300 + 100,))) == (False, False)
+    # nor with a whole-tensor statistic of a rule or modifier (not staged yet)
+    assert decide("adamw_4bit", shard((64, 256), 0, 32, (32 * 256,)), agc=0.1) == (False, False)
+    assert decide("adamw_8bit", shard((64, 256), 0, 32, (32 * 256,)), adaptive_memory=True) == (False, False)
+
+
+def test_staged_statistics_answer_from_the_completed_values_and_record_the_rest():
+    x = torch.tensor([[1.0, -5.0, 2.0], [-3.0, 0.5, 4.0]])
+    view = ParamView(global_shape=torch.Size((4, 3)), local_rows=2, cuts=(6,), group=GROUP)
+    recording = StagedStats()
+    rows, cols = recording.dim_absmax([x], [view])[0]
+    assert torch.equal(rows, torch.tensor([5.0, 4.0]))  # whole rows: complete here
+    norm = recording.norm([x], [view])[0]
+    assert [combine for _, combine in recording.partials] == [MAX, SUM]
+    assert torch.equal(recording.partials[0][0], torch.tensor([3.0, 5.0, 4.0]))  # this process's part
+    assert torch.equal(cols, recording.partials[0][0])
+    assert torch.equal(norm, x.square().sum().sqrt())
+    # the next stage: the first request answered from its completed value, the second recorded
+    completed = torch.tensor([7.0, 5.0, 9.0])
+    staged = StagedStats(known=(completed,))
+    assert torch.equal(staged.dim_absmax([x], [view])[0][1], completed)
+    staged.sum_sq([x], [view])
+    assert len(staged.partials) == 1 and staged.partials[0][1] == SUM
+    # all known: nothing recorded, every answer the completed one
+    final = StagedStats(known=(completed, torch.tensor([100.0])))
+    final.dim_absmax([x], [view])
+    assert torch.equal(final.norm([x], [view])[0], torch.tensor(10.0))
+    assert final.partials == []
+    # on one process the same requests give the same values as LocalStats
+    whole = ParamView(global_shape=torch.Size((2, 3)))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(StagedStats().dim_absmax([x], [whole])[0], LocalStats().dim_absmax([x], [whole])[0])
+    )
 
 
 def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():

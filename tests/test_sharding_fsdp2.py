@@ -103,6 +103,27 @@ def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path
 
 
 @pytest.mark.slow
+def test_fsdp2_compiled_kernel_steps_4bit_shards_in_stages_and_matches_one_process(tmp_path):
+    """compile='on': the 4-bit second moment of a matrix is scaled by the maxima of its columns
+    over the whole tensor, a statistic of both processes. Each matrix shard takes the kernel in
+    stages (hfoptim.core.compiled_step.shard_staged): a recording kernel returns this process's
+    column maxima, one MAX all-reduce for the bucket completes them, and the writing kernel
+    steps the shard with them as inputs. That is emb, lin_w, conv and big on both processes and
+    row1 on the one holding its one row (the other runs the same stages uncompiled on its empty
+    shard: zero parts, and its copy of the column maxima stored) at each of 4 steps; the vectors
+    (a boundary cuts their 128-blocks) keep the plain path. Parameters and state (4-bit codes
+    exactly, every process's column maxima) equal the one-process run."""
+    args = ["--cases", "adamw_4bit,ademamix_4bit", "--compile", "on"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+    assert summary["ran"] == ["adamw_4bit", "ademamix_4bit"]
+    for r in summary["results"]:
+        detail = r["detail"]
+        # every kernel step staged, one recording each: (4 matrices x 2 processes + row1) x 4 steps
+        assert detail["compiled_steps_all_ranks"] == detail["staged_steps_all_ranks"] == (4 * 2 + 1) * 4, detail
+        assert detail["staged_recordings_all_ranks"] == (4 * 2 + 1) * 4, detail
+
+
+@pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_process(tmp_path):
     """compile='on' on 3 processes (uneven rows, a matrix some process holds no row of): factored
     state takes the kernel on every shard dense AdamW does -- its row sums are the shard's own,

@@ -108,12 +108,17 @@ def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_p
     with its column sums completed after the kernels), the ones a boundary cuts inside a row take
     the plain path, and parameters and state (8-bit codes exactly) equal the one-process run.
     Gradient centralization (row means, row-local) takes the kernel too, out of place on CPU
-    (hfoptim.core.compiled_step._out_of_place)."""
-    cases = ["adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_gc"]
+    (hfoptim.core.compiled_step._out_of_place), and 4-bit state in stages (the column maxima of
+    its second moment completed between a recording kernel and the writing one, a process
+    without rows of the matrix running the stages on its empty segment:
+    hfoptim.core.compiled_step.shard_staged)."""
+    cases = ["adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_gc", "adamw_4bit"]
     args = ["--stage", str(stage), "--cases", ",".join(cases), "--compile", "on", "--shapes", "rows"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)
-    assert summary["ran"] == cases
+    assert summary["ran"] == sorted(cases)
     assert all(r["detail"]["compiled_steps_all_ranks"] > 0 for r in summary["results"])
+    staged = {r["case"]: r["detail"]["staged_steps_all_ranks"] for r in summary["results"]}
+    assert staged["adamw_4bit"] > 0 and not any(n for case, n in staged.items() if case != "adamw_4bit"), staged
 
 
 @pytest.mark.slow

@@ -65,6 +65,18 @@ rule's code is the same code the plain path runs; nothing is written twice.
   completed by one all-reduce per process group after them (:func:`complete_sums`): the
   statistics are gathered once for all the bucket's tensors, and every kernel runs on local
   memory only.
+* **Staged shards.** A shard whose storage form needs a maximum or sum of the whole tensor
+  (the 4-bit second moment's column maxima: :meth:`~hfoptim.state.codec.Codec.shard_staged`),
+  rows held whole by every process of the group, takes the kernel in stages
+  (:func:`shard_staged`, :class:`~hfoptim.core.stats.StagedStats`): a recording kernel returns
+  this process's part of each such statistic and writes nothing (inductor keeps only what the
+  parts need), one all-reduce per way of combining (sum, max) completes the first part of
+  every staged shard of the bucket, and the next kernel runs with the completed values as
+  inputs -- the writing one when all are known (one recording kernel per statistic: a later
+  part may depend on an earlier one). The numbers are those of one process: the same traced
+  code, with the statistic completed before it is used. Before, such a shard took the plain
+  path (adamw_4bit under FSDP2: 17-19x torch AdamW's step, 7-36 bytes of temporaries per
+  parameter).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -76,6 +88,8 @@ midpoint to the neighbouring code. ``tests/test_state_compiled.py`` bounds the d
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import inspect
 import logging
 import time
@@ -84,11 +98,12 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..modifiers import MODIFIERS
 from ..state import resolve
 from .context import StepContext
-from .stats import LocalStats, ParamView, PieceStats, ShardPieceStats
+from .stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats, StagedStats
 from .step import advance
 from .tensorlist import TensorList
 
@@ -122,8 +137,10 @@ _compiled: dict[tuple, Any] = {}
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
-#: check that the compiled path ran)
+#: check that the compiled path ran): the calls of the kernels that write the step
 calls: dict[tuple, int] = {}
+#: the calls of the recording kernels of staged shards (:func:`shard_staged`), per kernel key
+recorded: dict[tuple, int] = {}
 
 logger = logging.getLogger(__name__)
 
@@ -173,13 +190,18 @@ def _advance_one(
     global_shape: tuple,
     row_start: int = 0,
     out_of_place: bool = False,
+    known: tuple | None = None,
+    record: bool = False,
 ):
     """The engine's flow for one parameter held whole, or a row piece of one (traced by
     torch.compile). It updates ``p`` and ``state`` in place and returns None; with
     ``out_of_place`` it steps copies of them instead and returns the new parameter and the new
     value of every tensor of ``state`` (in its order), leaving its inputs unwritten (see the
-    module docstring). ``group`` is :func:`hyperparameters` (no ``lr``); ``lr`` comes as a 0-d
-    tensor, an input of the graph (a float would be baked in and recompile with every
+    module docstring). With ``known`` (a staged shard, :func:`shard_staged`) the statistics of
+    the whole tensor come from :class:`~hfoptim.core.stats.StagedStats` over ``known``; with
+    ``record`` as well, nothing is written and the kernel returns the parts of the requests
+    past ``known``: ``(how each combines, *parts)``. ``group`` is :func:`hyperparameters` (no
+    ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a float would be baked in and recompile with every
     learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
     chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
     forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
@@ -189,6 +211,9 @@ def _advance_one(
     # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
     # taken in fp32 would round the bias corrections of an fp64 parameter to fp32
     step = state["step"].to(p.dtype)
+    if known is not None:
+        stats = StagedStats(known, foreach=stats.foreach)
+    out_of_place = out_of_place or record  # a recording kernel writes nothing
     if out_of_place:  # copies the step writes into; inductor fuses each copy into its first read
         p = p.clone()
         state = dict(state)
@@ -199,6 +224,10 @@ def _advance_one(
     if group["maximize"]:
         g = -g
     advance(rule, group, ctx, TensorList([p], True), g, [state], [view], p.dtype)
+    if record:  # the parts only: inductor drops the rest of the step
+        return (tuple(combine for _, combine in stats.partials), *(part for part, _ in stats.partials))
+    if known is not None and stats.partials:
+        raise RuntimeError("hfoptim internal error: a staged kernel asked for a statistic it was not given")
     if out_of_place:
         return (p, *(value for _, value in _state_tensors(state)))
     return None
@@ -244,14 +273,19 @@ def _compiled_fn(key: tuple = ()):
 
 def _run(key: tuple, *args):
     """Call the kernel of ``key`` and return what it returns; the first call of a key compiles
-    it, announced on the logger."""
+    it, announced on the logger. Counted in :data:`calls`, or :data:`recorded` for a recording
+    kernel (its key ends in ``(stage, True)``)."""
     fn = _compiled_fn(key)
-    if key in calls:
-        calls[key] += 1
+    stage = key[-1]
+    counts = recorded if stage is not None and stage[1] else calls
+    if key in counts:
+        counts[key] += 1
         return fn(*args)
     rule, shape, dtype = key[0].name, key[1], key[2]
     what = f"{rule} step for a {tuple(shape)} {str(dtype).replace('torch.', '')} tensor"
-    if not calls:
+    if stage is not None:
+        what += f" (stage {stage[0] + 1}{', recording' if stage[1] else ''})"
+    if not calls and not recorded:
         logger.warning(
             "hfoptim: compiling the fused optimizer step (torch.compile, once per rule and parameter shape); "
             "the first step is slower, later runs reuse inductor's disk cache. compile='off' skips it."
@@ -260,7 +294,7 @@ def _run(key: tuple, *args):
     start = time.perf_counter()
     with _with_guards(True):
         out = fn(*args)
-    calls[key] = 1
+    counts[key] = 1
     logger.info("hfoptim: compiled the fused %s in %.1f s", what, time.perf_counter() - start)
     return out
 
@@ -338,13 +372,40 @@ def shard_local(engine, group: dict, view: ParamView, slots, codecs) -> bool:
     alone, or its partial sums (:meth:`~hfoptim.state.codec.Codec.shard_local`). Only what all
     processes share decides (options, global shape, ``view.cuts``): they agree on which
     parameters take the plain path, whose collectives then match."""
+    if not _rows_alone(engine, group, view):
+        return False
+    return all(codec.shard_local(slot, view) for slot, codec in zip(slots, codecs))
+
+
+def _rows_alone(engine, group: dict, view: ParamView) -> bool:
+    """The gates :func:`shard_local` and :func:`shard_staged` share: the rule and every enabled
+    modifier need no statistic of the whole tensor, no weight decay needs one (CPR) or one of
+    every tensor (stable), and every process boundary falls on a row boundary."""
     if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
         return False
     if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
         return False
-    if any(cut % view.row_len for cut in view.cuts):
+    return not any(cut % view.row_len for cut in view.cuts)
+
+
+def shard_staged(engine, group: dict, view: ParamView, slots, codecs) -> bool:
+    """Whether a shard ``view`` that is not :func:`shard_local` may take the kernel in stages
+    (:class:`~hfoptim.core.stats.StagedStats`): its step is row-local but for storage forms
+    that need sums or maxima of the whole tensor (:meth:`~hfoptim.state.codec.Codec.shard_staged`:
+    the 4-bit second moment's column maxima) and every process boundary falls on a row boundary.
+    Every process of the group takes part, one holding no row of the parameter too (it sends
+    zero parts and keeps its copy of the whole-tensor state, the column maxima, as the plain
+    path does). Only what all processes share decides (options, global shape, boundaries)."""
+    if not _rows_alone(engine, group, view):
         return False
-    return all(codec.shard_local(slot, view) for slot, codec in zip(slots, codecs))
+    return all(codec.shard_local(slot, view) or codec.shard_staged(slot, view) for slot, codec in zip(slots, codecs))
+
+
+def shard_kernel(engine, group: dict, view: ParamView, slots, codecs) -> bool:
+    """Whether the compiled kernel may step the shard ``view``: its step needs nothing of another
+    process (:func:`shard_local`), or only sums and maxima it can complete between stages
+    (:func:`shard_staged`)."""
+    return shard_local(engine, group, view, slots, codecs) or shard_staged(engine, group, view, slots, codecs)
 
 
 def kernel_stats(stats, view: ParamView):
@@ -352,8 +413,9 @@ def kernel_stats(stats, view: ParamView):
     layout's ``stats``: as given for tensors held whole and row pieces; for a sharding backend
     (a subclass of LocalStats whose statistics of tensors held whole are local), LocalStats for
     a tensor held whole and ShardPieceStats (local rows and blocks, this process's part of column
-    sums, nothing else of the whole tensor) for a shard that :func:`shard_local` allows. None: no
-    kernel for this backend."""
+    sums, nothing else of the whole tensor) for a shard that :func:`shard_kernel` allows (a
+    staged one's kernel wraps it in :class:`~hfoptim.core.stats.StagedStats`). None: no kernel
+    for this backend."""
     if type(stats) in (LocalStats, PieceStats):
         return stats
     if not isinstance(stats, LocalStats):
@@ -367,11 +429,17 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
     p, view = unit.param, unit.view
     if unit.writeback is not None or p.device.type not in ("cpu", "cuda"):
         return False
-    if view.sharded and not shard_local(engine, group, view, engine.rule.active_slots(group), codecs):
+    if view.sharded and not shard_kernel(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
     if mode == "auto" and (view.global_numel < AUTO_MIN_NUMEL or not all(c.auto_compiles for c in codecs)):
         return False
     if empty_shard:  # the forms' answers for the shards of this parameter (SMMF: none take it)
+        if len(view.global_shape) >= 2:
+            # as the processes holding rows answer: for a matrix the forms read the row length,
+            # not the number of rows (the 4-bit short last block of a (1, 9) tensor, held by one
+            # process: the others must agree it takes the kernel, or their plain path would
+            # issue collectives the owner does not)
+            view = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
         return all(c.fusable and c.fusable_for(view) for c in codecs)
     if tuple(view.local_shape) != tuple(p.shape):
         return False
@@ -460,10 +528,10 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
 
 
 def _step_units(engine, group: dict, units: list, stats, slots, options: dict, settings: str) -> list:
-    global _failed
     mode = group.get("compile", "off")
     rest = []
     partial: list[tuple[torch.Tensor, ParamView]] = []  # sums the kernels leave to complete
+    staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
     for unit in units:
@@ -471,81 +539,170 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         if _failed is not None or not _takes_unit(engine, group, unit, mode, codecs):
             rest.append(unit)
             continue
-        if _empty_shard(unit):
+        empty = _empty_shard(unit)
+        if empty and shard_local(engine, group, unit.view, slots, codecs):
             # nothing of it here; its other shards need nothing of this process but its (zero)
             # part of their sums
             for tensor, view in shard_sums(slots, codecs, unit):
                 partial.append((tensor.zero_(), view))
             continue
+        dtype = engine.compute_dtype(unit.param)
+        lr = lrs.get((dtype, unit.param.device))
+        if lr is None:
+            lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, eager=empty)
+        if kernel.staged:
+            staged.append(kernel)
+            continue
+        if not kernel.step():
+            rest.append(unit)
+            continue
+        partial.extend(shard_sums(slots, codecs, unit))
+    for kernel in _step_staged(staged, stats):
+        if kernel.done:
+            partial.extend(shard_sums(slots, kernel.codecs, kernel.unit))
+        else:
+            rest.append(kernel.unit)
+    complete_sums(stats, partial)
+    return rest
+
+
+class _Kernel:
+    """One unit's compiled step: its inputs, its kernel keys, and the calls (see
+    :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
+    statistics in ``known``, one recording call per request, before the call that writes."""
+
+    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, eager: bool = False):
+        self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
+        #: run the traced function as Python, uncompiled: an empty shard of a staged parameter
+        #: (it sends zero parts and stores the completed whole-tensor state; no kernel to compile)
+        self.eager = eager
         p = unit.param
         dtype = engine.compute_dtype(p)
         # a plain tensor, not the Parameter: dynamo keeps Parameter shapes static (one compilation
         # per shape); in-place updates of the detached alias reach the parameter
-        work = p.to(dtype) if p.dtype != dtype else p.detach()
-        grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
-        global_shape = tuple(unit.view.global_shape)
+        self.work = p.to(dtype) if p.dtype != dtype else p.detach()
+        self.grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
+        self.global_shape = tuple(unit.view.global_shape)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
-        row_start = 0 if offset_free else unit.view.row_start
+        self.row_start = 0 if offset_free else unit.view.row_start
+        self.stats = kernel_stats(stats, unit.view)
+        self.out_of_place = _out_of_place(group, self.work.device)
+        self.staged = isinstance(self.stats, ShardPieceStats) and not shard_local(
+            engine, group, unit.view, engine.rule.active_slots(group), codecs
+        )
+        self.known: list[torch.Tensor] = []
+        self.requests: int | None = None  # how many statistics a staged step asks for
+        self.parts: list[tuple[torch.Tensor, str]] = []
+        self.done = False
         # the options and storage forms are part of the key: two optimizers of one rule (adamw and
         # adamw_factored, two learning setups in one process) get their own kernels instead of
         # recompiling one function on each other's guards until dynamo's limit sends them to eager
-        form = (tuple(c.name for c in codecs), settings)
-        local_stats = kernel_stats(stats, unit.view)
-        out_of_place = _out_of_place(group, work.device)
-        key = (
+        self.key = (
             type(engine.rule),
-            tuple(work.shape),
-            work.dtype,
-            grad.dtype,
-            work.device,
-            work.stride(),
-            grad.stride(),
-            global_shape,
-            row_start,
-            form,
-            type(local_stats),
-            local_stats.foreach,
+            tuple(self.work.shape),
+            self.work.dtype,
+            self.grad.dtype,
+            self.work.device,
+            self.work.stride(),
+            self.grad.stride(),
+            self.global_shape,
+            self.row_start,
+            (tuple(c.name for c in codecs), settings),
+            type(self.stats),
+            self.stats.foreach,
             state_signature(unit.state),
-            out_of_place,
+            self.out_of_place,
         )
+
+    def _call(self, record: bool = False):
+        known = tuple(self.known) if self.staged else None
+        stage = (len(self.known), record) if self.staged else None
+        run = _advance_one if self.eager else functools.partial(_run, (*self.key, stage))
+        return run(
+            self.engine.rule,
+            self.options,
+            self.work,
+            self.grad,
+            self.unit.state,
+            self.stats,
+            None,  # no loss: the rules that read it take the plain path (plain_reason)
+            self.lr,
+            self.global_shape,
+            self.row_start,
+            self.out_of_place,
+            known,
+            record,
+        )
+
+    def record(self) -> bool:
+        """A recording call (staged): the parts of the requests not known yet; False when
+        compiling failed (reported; the unit then takes the plain path)."""
         try:
-            lr = lrs.get((dtype, p.device))
-            if lr is None:
-                lr = lrs[(dtype, p.device)] = torch.tensor(lr_value, dtype=dtype, device=p.device)
-            # no loss: the rules that read it take the plain path (plain_reason)
-            stepped = _run(
-                key,
-                engine.rule,
-                options,
-                work,
-                grad,
-                unit.state,
-                local_stats,
-                None,
-                lr,
-                global_shape,
-                row_start,
-                out_of_place,
-            )
-            if stepped is not None:
-                _write_back(work, unit.state, stepped)
-        except Exception as error:  # compilation failed: the plain path from now on
-            _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
-            message = (
-                f"hfoptim: torch.compile failed ({_failed}); the optimizer step runs the plain "
-                f"(slower) path from now on. Set compile='off' to skip the attempt."
-            )
-            logger.warning(message)
-            warnings.warn(message, RuntimeWarning, stacklevel=3)
-            rest.append(unit)
-            continue
-        partial.extend(shard_sums(slots, codecs, unit))
-        if p.dtype != dtype:
-            p.copy_(work)
-    complete_sums(stats, partial)
-    return rest
+            combine, *parts = self._call(record=True)
+        except Exception as error:
+            _compile_failed(error)
+            return False
+        if self.requests is None:
+            self.requests = len(parts)
+        self.parts = list(zip(parts, combine))
+        return True
+
+    def step(self) -> bool:
+        """The call that writes the step (all statistics known when staged); False when
+        compiling failed (reported; the unit then takes the plain path)."""
+        try:
+            stepped = self._call()
+        except Exception as error:
+            _compile_failed(error)
+            return False
+        if stepped is not None:
+            _write_back(self.work, self.unit.state, stepped)
+        if self.unit.param.dtype != self.work.dtype:
+            self.unit.param.copy_(self.work)
+        self.done = True
+        return True
+
+
+def _step_staged(kernels: list[_Kernel], stats) -> list[_Kernel]:
+    """Step the staged shards of a bucket (:class:`~hfoptim.core.stats.StagedStats`): a
+    recording call each, then, until every shard has all its statistics, one all-reduce per
+    way of combining for the first part of every shard still recording, and the next call of
+    each (recording, or the writing one once all are known). Every process runs the same
+    shards (the decision reads only what they share) and the same traced code, so the parts
+    and collectives match. Returns the kernels, ``done`` or not (a compile failure)."""
+    pending = [k for k in kernels if k.record()]
+    while pending:
+        for combine, op in ((SUM, dist.ReduceOp.SUM), (MAX, dist.ReduceOp.MAX)):
+            waiting = [k for k in pending if k.parts and k.parts[0][1] == combine]
+            if not waiting:
+                continue
+            totals = stats.all_reduce([k.parts[0][0] for k in waiting], [k.unit.view for k in waiting], op=op)
+            for k, total in zip(waiting, totals):
+                k.known.append(total)
+        still = []
+        for k in pending:
+            if len(k.known) < k.requests:
+                if k.record():
+                    still.append(k)
+            else:
+                k.step()
+        pending = still
+    return kernels
+
+
+def _compile_failed(error: Exception) -> None:
+    """Report a failed compilation once; every parameter runs the plain path from then on."""
+    global _failed
+    _failed = f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    message = (
+        f"hfoptim: torch.compile failed ({_failed}); the optimizer step runs the plain "
+        f"(slower) path from now on. Set compile='off' to skip the attempt."
+    )
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def shard_sums(slots, codecs, unit) -> list[tuple[torch.Tensor, ParamView]]:
@@ -575,5 +732,6 @@ def reset() -> None:
     _compiled.clear()
     _settings.clear()
     calls.clear()
+    recorded.clear()
     _failed = None
     torch._dynamo.reset()

@@ -358,3 +358,63 @@ class ShardPieceStats(PieceStats):
     all-reduce after the bucket's kernels."""
 
     col_sum = LocalStats.col_sum  # this process's part: the sums over the shard's own rows
+
+
+#: how the processes combine a partial statistic of :class:`StagedStats`
+SUM, MAX = "sum", "max"
+
+
+class StagedStats(ShardPieceStats):
+    """Statistics for the compiled kernel of a shard whose step needs statistics of the whole
+    tensor that are sums or maxima over its elements (the 4-bit second moment's column maxima;
+    :func:`hfoptim.core.compiled_step.shard_staged`). A kernel cannot wait for a collective, so
+    the step runs in stages: each request of such a statistic (:meth:`sum_sq`, :meth:`norm`,
+    :meth:`sum`, :meth:`dim_absmax`, in the order the step makes them) is answered from
+    ``known``, the requests' values already completed over the processes, in order; a request
+    past them is answered with this process's part and recorded in :attr:`partials` with how
+    the processes combine it (:data:`SUM` or :data:`MAX`). The compiled path runs a recording
+    kernel, which returns the parts and writes nothing, completes the first part with one
+    all-reduce for the bucket, and repeats until every request is known; then the kernel that
+    writes the step runs with all of them as inputs. A part recorded after the first may depend
+    on an answer that was not yet complete, so only the first is kept from each stage: a step
+    with ``n`` such requests runs ``n`` recording kernels (inductor keeps of each only what its
+    parts need) and one writing kernel. Per-row, per-block and column-sum statistics stay those
+    of :class:`ShardPieceStats`."""
+
+    def __init__(self, known: tuple = (), foreach: bool = True):
+        super().__init__(foreach=foreach)
+        self.known = tuple(known)
+        #: the recorded parts, ``(tensor, SUM or MAX)``, in request order
+        self.partials: list[tuple[torch.Tensor, str]] = []
+        self._requests = 0
+
+    def _answer(self, part: torch.Tensor, combine: str) -> torch.Tensor:
+        index = self._requests
+        self._requests += 1
+        if index < len(self.known):
+            return self.known[index]
+        self.partials.append((part, combine))
+        return part
+
+    def sum_sq(self, tensors, views):
+        if not tensors:
+            return []
+        return list(self._answer(torch.stack([t.square().sum() for t in tensors]), SUM).unbind())
+
+    def norm(self, tensors, views):
+        return [s.sqrt() for s in self.sum_sq(tensors, views)]
+
+    def sum(self, tensors, views):
+        if not tensors:
+            return []
+        return list(self._answer(torch.stack([t.sum() for t in tensors]), SUM).unbind())
+
+    def dim_absmax(self, tensors, views):
+        """Maxima along dimension 0 from the shard's rows (whole rows: complete here), along the
+        other dimensions completed over the processes."""
+        out = []
+        for t, v in zip(tensors, views):
+            maxima = local_dim_absmax(t, v)
+            others = self._answer(torch.cat(maxima[1:]), MAX)
+            out.append([maxima[0], *others.split([m.numel() for m in maxima[1:]])])
+        return out

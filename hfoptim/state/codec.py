@@ -101,6 +101,14 @@ class Codec(ABC):
         summed over the processes (:meth:`shard_sums`). Elementwise forms: always."""
         return self.elementwise
 
+    def shard_staged(self, slot: Slot, view: ParamView) -> bool:
+        """True when a shard ``view`` that is not :meth:`shard_local` needs of the other processes
+        only sums or maxima of the whole tensor that its encode asks of the statistics backend
+        (``sum``, ``norm``, ``dim_absmax``): the compiled path then steps it in stages, the
+        statistics completed between kernels (:class:`~hfoptim.core.stats.StagedStats`). False
+        by default."""
+        return False
+
     def shard_sums(self, slot: Slot, view: ParamView) -> tuple[str, ...]:
         """The stored tensors of a :meth:`shard_local` shard that its step alone leaves as this
         process's partial sums, complete once summed over the processes of ``view.group`` (one

@@ -53,7 +53,11 @@ process holding a shard computes the same scales, hence the same codes, as one p
 (:mod:`hfoptim.core.compiled_step`): decode, the rule's update and encode (maxima, nearest level,
 packing) trace into one kernel per parameter held whole; tests/test_state_compiled.py checks the
 compiled encode and decode equal to the eager ones bit for bit, and a compiled AdamW run against
-the plain one.
+the plain one. Shards of whole rows take it too (FSDP2 rows, ZeRO segments of whole rows, every
+process holding rows): first moments and vectors' blocks alone when no boundary cuts a block,
+the rank-1 second moment in stages (:meth:`FourBit.shard_staged`; its column maxima completed
+over the processes between a recording kernel and the writing one: see
+:mod:`hfoptim.core.compiled_step`).
 
 **A slow EMA stalls.** Nearest rounding returns an entry to its level unless the step moves it
 by half a level spacing (up to 11% of the block maximum for first moments). An EMA that adds
@@ -235,6 +239,12 @@ class FourBit(Codec):
         if self._blockwise(slot, view):
             return blocks_whole(view, BLOCK4)
         return not view.sharded
+
+    def shard_staged(self, slot, view):
+        """The rank-1 scales of a second moment: the maxima along the rows are the shard's own
+        (whole rows), those along the other dimensions a MAX over the processes
+        (``dim_absmax``), completed between the kernels of a staged step."""
+        return not self._blockwise(slot, view)
 
     @staticmethod
     def packed_key(slot: Slot) -> str:

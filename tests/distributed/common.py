@@ -405,6 +405,16 @@ def kernel_calls() -> int:
     return sum(compiled_step.calls.values())
 
 
+def staged_calls() -> tuple[int, int]:
+    """``(parameter steps, recording calls)`` of the staged kernels (shards whose whole-tensor
+    statistics were completed between kernels: hfoptim.core.compiled_step.shard_staged) so far
+    in this process."""
+    from hfoptim.core import compiled_step
+
+    steps = sum(n for key, n in compiled_step.calls.items() if key[-1] is not None)
+    return steps, sum(compiled_step.recorded.values())
+
+
 def kernel_shapes() -> dict:
     """How many times the compiled kernel stepped a tensor of each shape so far in this process."""
     from hfoptim.core import compiled_step
@@ -415,15 +425,21 @@ def kernel_shapes() -> dict:
     return counts
 
 
-def check_compiled(sharded_calls: int, failures: list, detail: dict, shapes: set | None = None) -> None:
+def check_compiled(
+    sharded_calls: int, failures: list, detail: dict, shapes: set | None = None, staged: tuple = (0, 0)
+) -> None:
     """Record how many parameter steps of the SHARDED optimizer took the compiled kernel, here
     and summed over the processes (and, given, the ``shapes`` its kernels stepped, over the
-    processes), and fail when none did (the run asked for ``compile='on'``, so the compiled path
-    must have engaged under the layout)."""
+    processes, and the ``staged`` counts of :func:`staged_calls`, summed), and fail when none
+    did (the run asked for ``compile='on'``, so the compiled path must have engaged under the
+    layout)."""
     total = torch.tensor([float(sharded_calls)])
     dist.all_reduce(total)
     detail["compiled_steps"] = sharded_calls
     detail["compiled_steps_all_ranks"] = int(total)
+    staged_total = torch.tensor([float(n) for n in staged])
+    dist.all_reduce(staged_total)
+    detail["staged_steps_all_ranks"], detail["staged_recordings_all_ranks"] = (int(n) for n in staged_total)
     if shapes is not None:
         gathered: list = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, sorted(shapes))

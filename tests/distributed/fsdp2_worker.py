@@ -40,6 +40,7 @@ from tests.distributed.common import (  # noqa: E402
     rank_loss,
     run_cases,
     setup_threads,
+    staged_calls,
     step_loss,
 )
 
@@ -97,6 +98,7 @@ def run_case(
         return
     loss_driven = needs_loss(ref_opt)
     sharded_calls = 0
+    staged_before = staged_calls()
     pieces_before = common.shard_pieces()
     for t in range(1, steps + 1):
         grads = gradients(ref_params, t)
@@ -114,7 +116,8 @@ def run_case(
             opt.step()
         sharded_calls += kernel_calls() - before
     if compile == "on":
-        check_compiled(sharded_calls, failures, detail)
+        staged = tuple(n - b for n, b in zip(staged_calls(), staged_before))
+        check_compiled(sharded_calls, failures, detail, staged=staged)
     common.count_shard_pieces(pieces_before, detail)
     engine = getattr(opt, "optimizer", opt)
     layout = engine.layout

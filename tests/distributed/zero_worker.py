@@ -46,6 +46,7 @@ from tests.distributed.common import (  # noqa: E402
     rank_loss,
     run_cases,
     setup_threads,
+    staged_calls,
     step_loss,
 )
 
@@ -113,6 +114,7 @@ def run_case(
     engine = attach(ds_engine) if explicit_attach else hfoptim.integrations.deepspeed.hfoptim_engine(zero.optimizer)
     loss_driven = needs_loss(ref_opt)
     sharded_calls, shapes = 0, set()
+    staged_before = staged_calls()
     pieces_before = common.shard_pieces()
     order = common.KernelOrder(engine)
     for t in range(1, steps + 1):
@@ -134,7 +136,8 @@ def run_case(
         sharded_calls += kernel_calls() - before
         shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
     if compile == "on":
-        check_compiled(sharded_calls, failures, detail, shapes)
+        staged = tuple(n - b for n, b in zip(staged_calls(), staged_before))
+        check_compiled(sharded_calls, failures, detail, shapes, staged=staged)
     common.count_shard_pieces(pieces_before, detail)
     order.record(detail)
     layout = engine.layout
