@@ -60,9 +60,8 @@ def test_4bit_second_moments_of_matrices_take_the_kernel_in_stages():
     assert decide("adamw_4bit", shard((1, 300), 0, 0, ())) == (False, True)
     # not when a boundary cuts a row (padded rows; row maxima span two processes)
     assert decide("adamw_4bit", shard((67, 300), 0, 35, (34 * 300 + 100,))) == (False, False)
-    # nor with a whole-tensor statistic of a rule or modifier (not staged yet)
-    assert decide("adamw_4bit", shard((64, 256), 0, 32, (32 * 256,)), agc=0.1) == (False, False)
-    assert decide("adamw_8bit", shard((64, 256), 0, 32, (32 * 256,)), adaptive_memory=True) == (False, False)
+    # with a modifier's statistic too (AGC's vector norms, completed in the same stages)
+    assert decide("adamw_4bit", shard((64, 256), 0, 32, (32 * 256,)), agc=0.1) == (False, True)
 
 
 def test_staged_statistics_answer_from_the_completed_values_and_record_the_rest():
@@ -107,10 +106,33 @@ def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():
 
 @pytest.mark.parametrize(
     ("name", "options"),
-    [("lamb_8bit", {}), ("adamw_8bit", {"agc": 0.1}), ("adamw_8bit", {"adaptive_memory": True})],
+    [
+        ("lamb_8bit", {}),
+        ("adamw_8bit", {"agc": 0.1}),
+        ("adamw_8bit", {"adaptive_memory": True}),
+        ("adamw_8bit", {"cautious": True}),
+        ("nsgda", {}),
+        ("sm3", {}),
+        ("adanorm_4bit", {}),
+    ],
 )
-def test_statistics_of_the_whole_tensor_keep_the_plain_path(name, options):
-    assert not local(name, shard((64, 256), 0, 32, (32 * 256,)), **options)
+def test_sums_and_norms_of_the_whole_tensor_take_the_kernel_in_stages(name, options):
+    # not alone (a statistic of both processes), but in stages: the rule's or modifier's norms,
+    # sums and maxima completed between a recording kernel and the writing one
+    assert decide(name, shard((64, 256), 0, 32, (32 * 256,)), **options) == (False, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("adafactor", {}),  # the factored second moment's column sums, read in the same step
+        ("adamw", {"spectral_cap": 1e-3}),  # a power iteration over the whole matrix
+        ("adamw_cpr", {}),  # a per-tensor decision each step
+        ("muon", {}),  # the whole matrix orthogonalized
+    ],
+)
+def test_other_statistics_of_the_whole_tensor_keep_the_plain_path(name, options):
+    assert decide(name, shard((64, 256), 0, 32, (32 * 256,)), **options) == (False, False)
 
 
 @pytest.mark.parametrize("name", ["adamw_smmf", "smmf"])

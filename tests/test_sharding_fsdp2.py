@@ -123,6 +123,36 @@ def test_fsdp2_compiled_kernel_steps_4bit_shards_in_stages_and_matches_one_proce
         assert detail["staged_recordings_all_ranks"] == (4 * 2 + 1) * 4, detail
 
 
+#: rules and modifiers whose statistics of the whole tensor are sums, norms or maxima, one of
+#: each kind (a one-off run of nsgda, adamw_softclip, adamw_gradnorm and adamw_normloss passed too)
+STAGED_CASES = [
+    "lamb_8bit",  # the trust ratio's norms
+    "adanorm_4bit",  # the gradient's norm, then the 4-bit column maxima after it (two stages)
+    "sm3",  # the accumulators' per-dimension maxima
+    "adamw_am",  # adaptive memory's inner products (three stages)
+    "adamw_agc",  # row norms of matrices (local), whole norms of vectors
+    "adamw_cautious",  # the mask's mean
+]
+
+
+@pytest.mark.slow
+def test_fsdp2_compiled_kernel_steps_shards_whose_rules_need_norms_in_stages(tmp_path):
+    """compile='on' on 2 processes: rules and modifiers whose step needs a norm, sum or maximum
+    of the whole tensor (Rule.staged_stats, Modifier.staged_stats) take the kernel in stages on
+    every shard of whole rows -- vectors included, whose 'rows' are elements -- each statistic
+    completed by an all-reduce between a recording kernel and the next (several for a chain:
+    adanorm_4bit's gradient norm, then its column maxima). Every parameter step of the sharded
+    optimizer that took the kernel was staged, and parameters and state equal the one-process
+    run."""
+    args = ["--cases", ",".join(STAGED_CASES), "--compile", "on"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1500)
+    assert summary["ran"] == sorted(STAGED_CASES)
+    for r in summary["results"]:
+        detail = r["detail"]
+        assert detail["compiled_steps_all_ranks"] == detail["staged_steps_all_ranks"] > 0, (r["case"], detail)
+        assert detail["staged_recordings_all_ranks"] >= detail["staged_steps_all_ranks"], (r["case"], detail)
+
+
 @pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_process(tmp_path):
     """compile='on' on 3 processes (uneven rows, a matrix some process holds no row of): factored

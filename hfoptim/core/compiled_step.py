@@ -377,26 +377,34 @@ def shard_local(engine, group: dict, view: ParamView, slots, codecs) -> bool:
     return all(codec.shard_local(slot, view) for slot, codec in zip(slots, codecs))
 
 
-def _rows_alone(engine, group: dict, view: ParamView) -> bool:
+def _rows_alone(engine, group: dict, view: ParamView, staged: bool = False) -> bool:
     """The gates :func:`shard_local` and :func:`shard_staged` share: the rule and every enabled
-    modifier need no statistic of the whole tensor, no weight decay needs one (CPR) or one of
-    every tensor (stable), and every process boundary falls on a row boundary."""
-    if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
+    modifier need no statistic of the whole tensor (``staged``: or only those marked
+    ``staged_stats``, sums and maxima a staged kernel completes), no weight decay needs one (CPR)
+    or one of every tensor (stable), and every process boundary falls on a row boundary."""
+    rule = engine.rule
+    if not (rule.is_elementwise(group) or (staged and rule.staged_stats)):
         return False
-    if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
+    if group["weight_decay_mode"] in ("stable", "cpr"):
+        return False
+    if any(m.enabled(group) and not (m.row_local or (staged and m.staged_stats)) for m in MODIFIERS):
         return False
     return not any(cut % view.row_len for cut in view.cuts)
 
 
 def shard_staged(engine, group: dict, view: ParamView, slots, codecs) -> bool:
     """Whether a shard ``view`` that is not :func:`shard_local` may take the kernel in stages
-    (:class:`~hfoptim.core.stats.StagedStats`): its step is row-local but for storage forms
-    that need sums or maxima of the whole tensor (:meth:`~hfoptim.state.codec.Codec.shard_staged`:
-    the 4-bit second moment's column maxima) and every process boundary falls on a row boundary.
+    (:class:`~hfoptim.core.stats.StagedStats`): its step is row-local but for sums, norms and
+    maxima of the whole tensor asked of the statistics backend -- by the rule
+    (:attr:`~hfoptim.core.rule.Rule.staged_stats`: nSGDA's norm, adaptive memory's inner
+    products, SM3's maxima), by modifiers (:attr:`~hfoptim.modifiers.base.Modifier.staged_stats`:
+    AGC, soft clipping and norm loss on vectors, the trust ratio, the cautious mask's mean) or by
+    storage forms (:meth:`~hfoptim.state.codec.Codec.shard_staged`: the 4-bit second moment's
+    column maxima) -- and every process boundary falls on a row boundary.
     Every process of the group takes part, one holding no row of the parameter too (it sends
     zero parts and keeps its copy of the whole-tensor state, the column maxima, as the plain
     path does). Only what all processes share decides (options, global shape, boundaries)."""
-    if not _rows_alone(engine, group, view):
+    if not _rows_alone(engine, group, view, staged=True):
         return False
     return all(codec.shard_local(slot, view) or codec.shard_staged(slot, view) for slot, codec in zip(slots, codecs))
 
@@ -643,6 +651,8 @@ class _Kernel:
         try:
             combine, *parts = self._call(record=True)
         except Exception as error:
+            if self.eager:  # not a compilation: a bug, and the other processes wait for the parts
+                raise
             _compile_failed(error)
             return False
         if self.requests is None:
@@ -656,6 +666,8 @@ class _Kernel:
         try:
             stepped = self._call()
         except Exception as error:
+            if self.eager:
+                raise
             _compile_failed(error)
             return False
         if stepped is not None:

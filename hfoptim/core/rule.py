@@ -105,6 +105,12 @@ class Rule:
     #: stepped as stored), and the engine may step a large tensor in pieces of whole rows to bound
     #: its temporaries (``chunk_bytes``)
     elementwise: ClassVar[bool] = False
+    #: True when every statistic of the whole tensor its update needs (beyond :attr:`elementwise`)
+    #: is a sum, sum of squares, norm or per-dimension maximum asked of the statistics backend
+    #: (``ctx.norm``, ``ctx.mean``, ``ctx.rms``, ``ctx.stats.sum``, ``ctx.stats.dim_absmax``), none
+    #: a column sum nor a whole matrix: a shard of whole rows may then take the compiled kernel
+    #: in stages (:func:`hfoptim.core.compiled_step.shard_staged`)
+    staged_stats: ClassVar[bool] = False
     #: True when the rule's step of a matrix is the same for its transpose (elementwise, or the
     #: only statistics are over the whole tensor: nSGDA's norm): a Conv1D weight is then stepped
     #: as stored

@@ -187,12 +187,12 @@ class LocalStats:
         return [t.sum() for t in tensors]
 
     def row_sum(self, tensor: torch.Tensor, view: ParamView) -> torch.Tensor:
-        """Sums over every dimension but the first: shape ``(rows,)``."""
-        return tensor.reshape(tensor.shape[0], -1).sum(dim=1)
+        """Sums over every dimension but the first: shape ``(rows,)`` (zeros for an empty shard)."""
+        return tensor.flatten(1).sum(dim=1)
 
     def row_sum_sq(self, tensor: torch.Tensor, view: ParamView) -> torch.Tensor:
         """Sums of squares over every dimension but the first: shape ``(rows,)``."""
-        return tensor.reshape(tensor.shape[0], -1).square().sum(dim=1)
+        return tensor.flatten(1).square().sum(dim=1)
 
     def col_sum(self, matrix: torch.Tensor, view: ParamView) -> torch.Tensor:
         """Sums over the first dimension of a 2-D view: shape ``(cols,)``."""

@@ -43,6 +43,12 @@ class Modifier:
     #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
     #: statistics at most): the engine may then step a large tensor in pieces of whole rows
     row_local: ClassVar[bool] = False
+    #: True when every statistic of the whole tensor it needs is a sum, sum of squares or norm
+    #: asked of the statistics backend (``ctx.norm``, ``ctx.mean``, ``ctx.stats.sum_sq``; per-row
+    #: ones allowed): a shard of whole rows may then take the compiled kernel in stages, the
+    #: statistic completed over the processes between kernels
+    #: (:func:`hfoptim.core.compiled_step.shard_staged`)
+    staged_stats: ClassVar[bool] = False
     #: False when inductor's C++ backend (torch 2.13) fails on the compiled step that writes the
     #: parameter and state in place (a per-row statistic fused with in-place writes: a
     #: ``KeyError`` in its outer-loop fusion); on CPU the compiled path then steps copies and

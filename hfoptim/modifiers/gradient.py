@@ -36,6 +36,7 @@ class AdaptiveGradientClipping(Modifier):
     """
 
     name = "agc"
+    staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "agc"
@@ -69,6 +70,7 @@ class SoftClip(Modifier):
     """
 
     name = "softclip"
+    staged_stats = True  # row RMS, a vector's RMS (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "soft_clip"
@@ -127,6 +129,7 @@ class GradientNormalization(Modifier):
     """
 
     name = "gradnorm"
+    staged_stats = True  # the whole tensor's norm (see Modifier.staged_stats)
     stage = GRAD
     switch = "normalize_grad"
     hyperparams = {

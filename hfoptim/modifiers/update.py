@@ -18,6 +18,7 @@ class CautiousMask(Modifier):
     """
 
     name = "cautious"
+    staged_stats = True  # the mask's mean, a whole-tensor sum (see Modifier.staged_stats)
     stage = UPDATE
     switch = "cautious"
     per_unit = False  # the mean of the mask over the whole tensor
@@ -50,6 +51,7 @@ class TrustRatio(Modifier):
     """
 
     name = "trust"
+    staged_stats = True  # whole-tensor norms (see Modifier.staged_stats)
     stage = UPDATE
     switch = "trust_ratio"
     per_unit = False  # norms of the whole tensor
@@ -116,6 +118,7 @@ class NormLoss(Modifier):
     """
 
     name = "normloss"
+    staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = UPDATE
     switch = "norm_loss"

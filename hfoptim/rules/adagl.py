@@ -78,6 +78,7 @@ class AdaGLRule(Rule):
     """
 
     name = "adagl"
+    staged_stats = True  # the mean change of the gradient (see Rule.staged_stats)
     class_name = "AdaGL"
     paper = (
         "An Adaptive Learning Rate Deep Learning Optimizer Using Long and Short-Term Gradients Based on "

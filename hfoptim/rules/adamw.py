@@ -37,6 +37,7 @@ class AdamWRule(Rule):
 
     name = "adamw"
     elementwise = True  # but not with adaptive memory (see is_elementwise)
+    staged_stats = True  # adaptive memory's inner products (see Rule.staged_stats)
     orientation_free = True  # elementwise, or (adaptive memory) whole-tensor inner products only
     adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     class_name = "AdamW"

@@ -43,6 +43,7 @@ class AdaNormRule(Rule):
 
     orientation_free = True  # the norm of the whole tensor
     name = "adanorm"
+    staged_stats = True  # the gradient's norm (see Rule.staged_stats)
     adam_arguments = True  # its betas[:2] and eps are Adam's: the Trainer's adam_beta1/2, adam_epsilon apply
     class_name = "AdaNorm"
     paper = "AdaNorm: Adaptive Gradient Norm Correction based Optimizer for CNNs, arXiv 2210.06364"

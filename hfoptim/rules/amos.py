@@ -70,6 +70,7 @@ class AmosRule(Rule):
     """
 
     name = "amos"
+    staged_stats = True  # the gradient's mean square (see Rule.staged_stats)
     class_name = "Amos"
     paper = "Amos: An Adam-style Optimizer with Adaptive Weight Decay towards Model-Oriented Scale, arXiv 2210.11693"
     hyperparams = {

@@ -34,6 +34,7 @@ class NSGDARule(Rule):
 
     orientation_free = True  # the norm of the whole tensor
     name = "nsgda"
+    staged_stats = True  # the momentum's norm (see Rule.staged_stats)
     class_name = "NSGDA"
     paper = "Dissecting adaptive methods in GANs, arXiv 2210.04319"
     hyperparams = {

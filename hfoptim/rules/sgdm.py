@@ -35,6 +35,7 @@ class SGDMRule(Rule):
     class_name = "SGDM"
     paper = "Polyak 1964 (heavy ball); adaptive memory: arXiv 2510.04988"
     elementwise = True  # but not with adaptive memory (see is_elementwise)
+    staged_stats = True  # adaptive memory's inner products (see Rule.staged_stats)
     orientation_free = True
     hyperparams = {
         "lr": HP(1e-2, low=0.0),

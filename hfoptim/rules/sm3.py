@@ -67,6 +67,7 @@ class SM3Rule(Rule):
     """
 
     name = "sm3"
+    staged_stats = True  # the accumulators' per-dimension maxima (see Rule.staged_stats)
     class_name = "SM3"
     paper = "Memory-Efficient Adaptive Optimization, arXiv 1901.11150"
     hyperparams = {
