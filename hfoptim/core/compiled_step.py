@@ -65,18 +65,20 @@ rule's code is the same code the plain path runs; nothing is written twice.
   completed by one all-reduce per process group after them (:func:`complete_sums`): the
   statistics are gathered once for all the bucket's tensors, and every kernel runs on local
   memory only.
-* **Staged shards.** A shard whose storage form needs a maximum or sum of the whole tensor
-  (the 4-bit second moment's column maxima: :meth:`~hfoptim.state.codec.Codec.shard_staged`),
-  rows held whole by every process of the group, takes the kernel in stages
+* **Staged shards.** A shard of whole rows whose step needs sums, norms or maxima of the whole
+  tensor (the 4-bit second moment's column maxima: :meth:`~hfoptim.state.codec.Codec.shard_staged`;
+  rules and modifiers marked ``staged_stats``: LAMB's trust ratio, nSGDA's norm, AGC, ...)
+  takes the kernel in stages
   (:func:`shard_staged`, :class:`~hfoptim.core.stats.StagedStats`): a recording kernel returns
   this process's part of each such statistic and writes nothing (inductor keeps only what the
   parts need), one all-reduce per way of combining (sum, max) completes the first part of
   every staged shard of the bucket, and the next kernel runs with the completed values as
   inputs -- the writing one when all are known (one recording kernel per statistic: a later
   part may depend on an earlier one). The numbers are those of one process: the same traced
-  code, with the statistic completed before it is used. Before, such a shard took the plain
-  path (adamw_4bit under FSDP2: 17-19x torch AdamW's step, 7-36 bytes of temporaries per
-  parameter).
+  code, with the statistic completed before it is used. A process holding no row of the
+  parameter runs the stages uncompiled on its empty shard (zero parts; it stores its copy of
+  the column maxima). Before, such a shard took the plain path (adamw_4bit under FSDP2: 17-19x
+  torch AdamW's step, 7-36 bytes of temporaries per parameter).
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
