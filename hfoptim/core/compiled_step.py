@@ -203,8 +203,8 @@ def _advance_one(
     the whole tensor come from :class:`~hfoptim.core.stats.StagedStats` over ``known``; with
     ``record`` as well, nothing is written and the kernel returns the parts of the requests
     past ``known``: ``(how each combines, *parts)``. ``group`` is :func:`hyperparameters` (no
-    ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a float would be baked in and recompile with every
-    learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
+    ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a float would be baked in and
+    recompile with every learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
     chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
     forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
     whose forms are not ``offset_free`` is seen at its first row ``row_start``."""
@@ -549,8 +549,10 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         if _failed is not None or not _takes_unit(engine, group, unit, mode, codecs):
             rest.append(unit)
             continue
+        # a shard the kernel takes (_takes_unit) but not alone: in stages (shard_staged)
+        in_stages = unit.view.sharded and not shard_local(engine, group, unit.view, slots, codecs)
         empty = _empty_shard(unit)
-        if empty and shard_local(engine, group, unit.view, slots, codecs):
+        if empty and not in_stages:
             # nothing of it here; its other shards need nothing of this process but its (zero)
             # part of their sums
             for tensor, view in shard_sums(slots, codecs, unit):
@@ -560,8 +562,8 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         lr = lrs.get((dtype, unit.param.device))
         if lr is None:
             lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, eager=empty)
-        if kernel.staged:
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, staged=in_stages, eager=empty)
+        if in_stages:
             staged.append(kernel)
             continue
         if not kernel.step():
@@ -582,8 +584,10 @@ class _Kernel:
     :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
     statistics in ``known``, one recording call per request, before the call that writes."""
 
-    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, eager: bool = False):
+    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
+        #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
+        self.staged = staged
         #: run the traced function as Python, uncompiled: an empty shard of a staged parameter
         #: (it sends zero parts and stores the completed whole-tensor state; no kernel to compile)
         self.eager = eager
@@ -600,9 +604,6 @@ class _Kernel:
         self.row_start = 0 if offset_free else unit.view.row_start
         self.stats = kernel_stats(stats, unit.view)
         self.out_of_place = _out_of_place(group, self.work.device)
-        self.staged = isinstance(self.stats, ShardPieceStats) and not shard_local(
-            engine, group, unit.view, engine.rule.active_slots(group), codecs
-        )
         self.known: list[torch.Tensor] = []
         self.requests: int | None = None  # how many statistics a staged step asks for
         self.parts: list[tuple[torch.Tensor, str]] = []
@@ -627,36 +628,44 @@ class _Kernel:
             self.out_of_place,
         )
 
-    def _call(self, record: bool = False):
+    def _call(self, record: bool = False) -> tuple[bool, Any]:
+        """``(True, what the kernel returned)``, or ``(False, None)`` when compiling failed
+        (reported once; the unit then takes the plain path). A failure of an uncompiled call
+        (``eager``) is raised: not a compilation but a bug, and the other processes wait for
+        its parts."""
         known = tuple(self.known) if self.staged else None
         stage = (len(self.known), record) if self.staged else None
         run = _advance_one if self.eager else functools.partial(_run, (*self.key, stage))
-        return run(
-            self.engine.rule,
-            self.options,
-            self.work,
-            self.grad,
-            self.unit.state,
-            self.stats,
-            None,  # no loss: the rules that read it take the plain path (plain_reason)
-            self.lr,
-            self.global_shape,
-            self.row_start,
-            self.out_of_place,
-            known,
-            record,
-        )
+        try:
+            out = run(
+                self.engine.rule,
+                self.options,
+                self.work,
+                self.grad,
+                self.unit.state,
+                self.stats,
+                None,  # no loss: the rules that read it take the plain path (plain_reason)
+                self.lr,
+                self.global_shape,
+                self.row_start,
+                self.out_of_place,
+                known,
+                record,
+            )
+        except Exception as error:
+            if self.eager:
+                raise
+            _compile_failed(error)
+            return False, None
+        return True, out
 
     def record(self) -> bool:
         """A recording call (staged): the parts of the requests not known yet; False when
         compiling failed (reported; the unit then takes the plain path)."""
-        try:
-            combine, *parts = self._call(record=True)
-        except Exception as error:
-            if self.eager:  # not a compilation: a bug, and the other processes wait for the parts
-                raise
-            _compile_failed(error)
+        ok, out = self._call(record=True)
+        if not ok:
             return False
+        combine, *parts = out
         if self.requests is None:
             self.requests = len(parts)
         self.parts = list(zip(parts, combine))
@@ -665,12 +674,8 @@ class _Kernel:
     def step(self) -> bool:
         """The call that writes the step (all statistics known when staged); False when
         compiling failed (reported; the unit then takes the plain path)."""
-        try:
-            stepped = self._call()
-        except Exception as error:
-            if self.eager:
-                raise
-            _compile_failed(error)
+        ok, stepped = self._call()
+        if not ok:
             return False
         if stepped is not None:
             _write_back(self.work, self.unit.state, stepped)
