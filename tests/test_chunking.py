@@ -68,7 +68,20 @@ LAST_BIT = {"diffgrad": dict(rtol=2e-7, atol=1e-9)}
 @pytest.mark.parametrize("foreach", [True, False])
 @pytest.mark.parametrize(
     "name",
-    ["adamw_8bit", "ademamix_8bit", "adan_8bit", "adapnm_8bit", "adamw_bf16", "adamw", "diffgrad", "adamw_gc"],
+    [
+        "adamw_8bit",
+        "ademamix_8bit",
+        "adan_8bit",
+        "adapnm_8bit",
+        "adamw_bf16",
+        "adamw",
+        "diffgrad",
+        "adamw_gc",
+        # per-row norms of matrices (a vector's unit is the whole vector: not cut)
+        "adamw_agc",
+        "adamw_softclip",
+        "adamw_normloss",
+    ],
 )
 def test_a_step_in_pieces_equals_the_whole_step(name, foreach, monkeypatch):
     cut, original = [], chunking.pieces
@@ -118,7 +131,7 @@ def test_smmf_cuts_only_on_rows_of_its_square_matrix():
     assert SMMF().row_granularity(slot, ParamView(global_shape=torch.Size((1009, 1013)))) == 0
 
 
-@pytest.mark.parametrize("name", ["adafactor", "adamw_trust", "adamw_cautious", "adamw_factored", "adamw_agc"])
+@pytest.mark.parametrize("name", ["adafactor", "adamw_trust", "adamw_cautious", "adamw_factored", "adamw_gradnorm"])
 def test_whole_tensor_statistics_keep_a_tensor_whole(name, monkeypatch):
     """Rules and modifiers that need a statistic of the whole tensor, and state that mixes rows,
     are only grouped, never cut; the result is still that of the unchunked step."""
@@ -194,16 +207,19 @@ def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["adamw_8bit", "ademamix_8bit"])
-def test_compiled_pieces_equal_the_compiled_whole_step(name):
+@pytest.mark.parametrize(
+    ("name", "options"), [("adamw_8bit", {}), ("ademamix_8bit", {}), ("adamw_8bit", {"agc": 0.05})]
+)
+def test_compiled_pieces_equal_the_compiled_whole_step(name, options):
     """The compiled kernel of a piece (rows from 0, the whole shape's storage choice) computes
-    what the kernel of the whole tensor computes."""
+    what the kernel of the whole tensor computes; with AGC too (its kernel out of place on CPU,
+    so each piece's copies are of the piece, within the budget)."""
     compiled_step.reset()
     try:
-        chunked = _run(name, SMALL, compile="on")
+        chunked = _run(name, SMALL, compile="on", **options)
         counts = {key[1]: n for key, n in compiled_step.calls.items()}
         assert counts[(60, 300)] == 5 * 3 and counts[(16, 1000)] == 3 * 3  # 5 and 3 pieces, 3 steps
-        whole = _run(name, 0, compile="on")
+        whole = _run(name, 0, compile="on", **options)
     finally:
         compiled_step.reset()
     _assert_same(chunked, whole)

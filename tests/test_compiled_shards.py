@@ -108,7 +108,6 @@ def test_a_boundary_inside_a_row_or_a_block_takes_the_plain_path():
     ("name", "options"),
     [
         ("lamb_8bit", {}),
-        ("adamw_8bit", {"agc": 0.1}),
         ("adamw_8bit", {"adaptive_memory": True}),
         ("adamw_8bit", {"cautious": True}),
         ("nsgda", {}),
@@ -120,6 +119,14 @@ def test_sums_and_norms_of_the_whole_tensor_take_the_kernel_in_stages(name, opti
     # not alone (a statistic of both processes), but in stages: the rule's or modifier's norms,
     # sums and maxima completed between a recording kernel and the writing one
     assert decide(name, shard((64, 256), 0, 32, (32 * 256,)), **options) == (False, True)
+
+
+@pytest.mark.parametrize("options", [{"agc": 0.1}, {"soft_clip": True}, {"norm_loss": 1e-3}])
+def test_per_row_norms_of_matrices_step_alone_and_a_vectors_norm_in_stages(options):
+    # a matrix's unit is its row: its shard of whole rows needs nothing of the other process;
+    # a vector's unit is the whole vector: its norm is completed between stages
+    assert decide("adamw_8bit", shard((64, 256), 0, 32, (32 * 256,)), **options)[0]
+    assert decide("adamw_8bit", shard((3000,), 0, 512, (512, 1024)), **options) == (False, True)
 
 
 @pytest.mark.parametrize(

@@ -130,7 +130,6 @@ STAGED_CASES = [
     "adanorm_4bit",  # the gradient's norm, then the 4-bit column maxima after it (two stages)
     "sm3",  # the accumulators' per-dimension maxima
     "adamw_am",  # adaptive memory's inner products (three stages)
-    "adamw_agc",  # row norms of matrices (local), whole norms of vectors
     "adamw_cautious",  # the mask's mean
 ]
 
@@ -170,11 +169,16 @@ def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_
 
 
 @pytest.mark.slow
-def test_fsdp2_compiled_kernel_steps_centralized_shards_out_of_place_and_matches_one_process(tmp_path):
-    """Gradient centralization (row means: row-local) with compile='on' on CPU: each shard's kernel
-    runs out of place (it returns the new parameter and state, which the call copies back;
-    hfoptim.core.compiled_step._out_of_place) and the result equals the one-process run."""
-    args = ["--cases", "adamw_gc", "--compile", "on"]
+def test_fsdp2_compiled_kernel_steps_per_row_modifiers_shards_out_of_place_and_matches_one_process(tmp_path):
+    """Gradient centralization (row means) and AGC (row norms of matrices, a vector's norm) with
+    compile='on' on CPU: each shard's kernel runs out of place (it returns the new parameter and
+    state, which the call copies back; hfoptim.core.compiled_step._out_of_place); a matrix's
+    shard of whole rows alone, AGC's vectors in stages (their norm completed between kernels).
+    The result equals the one-process run."""
+    args = ["--cases", "adamw_gc,adamw_agc", "--compile", "on"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
-    assert summary["ran"] == ["adamw_gc"]
-    assert all(r["detail"]["compiled_steps_all_ranks"] > 0 for r in summary["results"])
+    assert summary["ran"] == ["adamw_agc", "adamw_gc"]
+    detail = {r["case"]: r["detail"] for r in summary["results"]}
+    assert detail["adamw_gc"]["compiled_steps_all_ranks"] > 0 == detail["adamw_gc"]["staged_steps_all_ranks"]
+    agc = detail["adamw_agc"]
+    assert 0 < agc["staged_steps_all_ranks"] < agc["compiled_steps_all_ranks"], agc

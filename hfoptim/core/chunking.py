@@ -262,7 +262,7 @@ def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
     (stable), every form cut into rows), else None."""
     if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
         return None
-    if any(m.enabled(group) and not m.row_local for m in MODIFIERS):
+    if any(m.enabled(group) and not m.rows_apart(unit.view.global_shape) for m in MODIFIERS):
         return None
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]

@@ -389,7 +389,8 @@ def _rows_alone(engine, group: dict, view: ParamView, staged: bool = False) -> b
         return False
     if group["weight_decay_mode"] in ("stable", "cpr"):
         return False
-    if any(m.enabled(group) and not (m.row_local or (staged and m.staged_stats)) for m in MODIFIERS):
+    shape = view.global_shape
+    if any(m.enabled(group) and not (m.rows_apart(shape) or (staged and m.staged_stats)) for m in MODIFIERS):
         return False
     return not any(cut % view.row_len for cut in view.cuts)
 

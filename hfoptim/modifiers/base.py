@@ -43,6 +43,10 @@ class Modifier:
     #: True when, on tensors of 2+ dims, the result for a row depends only on that row (per-row
     #: statistics at most): the engine may then step a large tensor in pieces of whole rows
     row_local: ClassVar[bool] = False
+    #: True when, on 0-/1-D tensors, it takes a statistic of the whole vector (AGC's and soft
+    #: clipping's unit is then the vector): a shard of a vector is then not row-local, even when
+    #: ``row_local`` holds for matrices (see :meth:`rows_apart`)
+    vector_stats: ClassVar[bool] = False
     #: True when every statistic of the whole tensor it needs is a sum, sum of squares or norm
     #: asked of the statistics backend (``ctx.norm``, ``ctx.mean``, ``ctx.stats.sum_sq``; per-row
     #: ones allowed): a shard of whole rows may then take the compiled kernel in stages, the
@@ -58,6 +62,12 @@ class Modifier:
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]
         return value is not None and value is not False
+
+    def rows_apart(self, global_shape) -> bool:
+        """Whether the rows of a tensor of ``global_shape`` may be stepped apart (in pieces, or as
+        shards with no statistic of another process): ``row_local``, and for a 0-/1-D tensor (whose
+        "rows" are its elements) no statistic of the whole vector."""
+        return self.row_local and (len(global_shape) >= 2 or not self.vector_stats)
 
     def incompatible(self, rule) -> str | None:
         """Why this modifier cannot run with ``rule``, or None."""

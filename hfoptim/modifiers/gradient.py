@@ -36,6 +36,8 @@ class AdaptiveGradientClipping(Modifier):
     """
 
     name = "agc"
+    row_local = True  # per-row norms of matrices
+    vector_stats = True  # a vector's norm (see Modifier.rows_apart)
     staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
@@ -70,6 +72,8 @@ class SoftClip(Modifier):
     """
 
     name = "softclip"
+    row_local = True  # per-row RMS of matrices
+    vector_stats = True  # a vector's RMS (see Modifier.rows_apart)
     staged_stats = True  # row RMS, a vector's RMS (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD

@@ -118,6 +118,8 @@ class NormLoss(Modifier):
     """
 
     name = "normloss"
+    row_local = True  # per-row norms of matrices
+    vector_stats = True  # a vector's norm (see Modifier.rows_apart)
     staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
     in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = UPDATE
@@ -130,7 +132,12 @@ class NormLoss(Modifier):
 
     def apply(self, ctx, x, g, p):
         f, eps = ctx.group["norm_loss"], ctx.group["norm_loss_eps"]
-        whole = ctx.norm(p)
+        # the whole norm of the vectors only: a matrix's units are its rows (a row piece of a
+        # matrix has no whole norm to give)
+        vectors = [i for i, pi in enumerate(p) if pi.dim() <= 1]
+        whole = {}
+        if vectors:
+            whole = dict(zip(vectors, ctx.stats.norm([p.tensors[i] for i in vectors], [ctx.views[i] for i in vectors])))
         out = []
         for i, (u, pi) in enumerate(zip(x, p)):
             if pi.dim() > 1:
