@@ -87,6 +87,21 @@ def test_fsdp2_smmf_shards_of_whole_matrix_rows_are_stepped_in_row_pieces(tmp_pa
 
 
 @pytest.mark.slow
+def test_fsdp2_smmf_shards_within_the_budget_are_stepped_as_one_piece(tmp_path):
+    """SMMF shards of whole matrix rows that fit the default budget are stepped as one row piece
+    of themselves (hfoptim.core.chunking._sums_by_pieces): their row sums are their own and their
+    column sums completed with the bucket's in one all-reduce, not by two collectives per slot
+    and call. None is cut; parameters, sign bits and factors equal the one-process run."""
+    cases = ["smmf", "adamw_smmf"]
+    args = ["--cases", ",".join(cases), "--shapes", "square", "--compile", "off"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert summary["ran"] == sorted(cases)
+    for r in summary["results"]:
+        assert r["detail"]["shard_pieces_all_ranks"] == 0, r
+        assert r["detail"]["shards_as_one_piece_all_ranks"] > 0, r
+
+
+@pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path):
     """compile='on' (sharded and one-process runs): the fused kernel steps the local rows of every
     matrix (FSDP2 shards whole rows, so 8-bit blocks are whole) and the bf16 vectors; the 8-bit

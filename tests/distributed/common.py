@@ -80,19 +80,21 @@ def use_shapes(which: str) -> None:
         raise ValueError(f"unknown --shapes {which!r}: default, rows or square")
 
 
-def shard_pieces() -> int:
-    """Row pieces of shards that this process's steps planned so far (every optimizer)."""
+def shard_pieces() -> tuple[int, int]:
+    """Row pieces of shards, and shards stepped as one piece of themselves, that this process's
+    steps planned so far (every optimizer)."""
     from hfoptim.core import chunking
 
-    return chunking.planned["shard"]
+    return chunking.planned["shard"], chunking.planned["shard_whole"]
 
 
-def count_shard_pieces(before: int, detail: dict) -> None:
-    """Record the row pieces of shards planned since the :func:`shard_pieces` reading ``before``,
-    summed over the processes. Collective: every process calls it in every case."""
-    total = torch.tensor([float(shard_pieces() - before)])
+def count_shard_pieces(before: tuple[int, int], detail: dict) -> None:
+    """Record the row pieces of shards, and the shards stepped as one piece, planned since the
+    :func:`shard_pieces` reading ``before``, summed over the processes. Collective: every process
+    calls it in every case."""
+    total = torch.tensor([float(now - then) for now, then in zip(shard_pieces(), before)])
     dist.all_reduce(total)
-    detail["shard_pieces_all_ranks"] = int(total)
+    detail["shard_pieces_all_ranks"], detail["shards_as_one_piece_all_ranks"] = (int(n) for n in total)
 
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
