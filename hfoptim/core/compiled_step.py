@@ -24,6 +24,8 @@ rule's code is the same code the plain path runs; nothing is written twice.
   compilation of the process (the first step is slow), an info line per compiled shape with the
   time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later
   process skips inductor's code generation (dynamo still traces once per shape and process).
+  Inductor's vector instruction set comes from the CPU's flags, not from its test builds
+  (:func:`_isa_from_cpu_flags`: half the first step from an empty cache).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine and every
   storage form ``auto_compiles``, which SMMF's does not (its kernel measured slower than its plain
@@ -138,6 +140,9 @@ _compiled: dict[tuple, Any] = {}
 #: per parameter group (by id): the options last seen and their text in the kernel keys
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
+#: whether the kernels' compilations take inductor's instruction set from the CPU's flags
+#: (:func:`_isa_from_cpu_flags`); False once such a compilation failed
+_trust_cpu_flags = True
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
 calls: dict[tuple, int] = {}
@@ -295,10 +300,70 @@ def _run(key: tuple, *args):
     logger.info("hfoptim: compiling the fused %s", what)
     start = time.perf_counter()
     with _with_guards(True):
-        out = fn(*args)
+        out = _compiling_call(fn, args)
     counts[key] = 1
     logger.info("hfoptim: compiled the fused %s in %.1f s", what, time.perf_counter() - start)
     return out
+
+
+def _compiling_call(fn, args: tuple):
+    """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
+    CPU's flags (:func:`_isa_from_cpu_flags`); if that compilation fails (a compiler without an
+    instruction set the CPU lists), once more with inductor's own checks before the failure
+    counts."""
+    global _trust_cpu_flags
+    if not _trust_cpu_flags:
+        return fn(*args)
+    try:
+        with _isa_from_cpu_flags():
+            return fn(*args)
+    except Exception as error:
+        _trust_cpu_flags = False
+        _forget_isa()
+        logger.info(
+            "hfoptim: compiling with the CPU's instruction sets failed (%s); again with inductor's checks", error
+        )
+        return fn(*args)
+
+
+@contextlib.contextmanager
+def _isa_from_cpu_flags():
+    """Inductor's choice of vector instruction set for CPU code (AVX-512, AVX2, ...) taken from
+    the CPU's flags, without its checks: before its first CPU compilation of a process inductor
+    builds a test program per instruction set and loads each in a new Python process (about 10 s
+    of the first step from an empty inductor cache and 1-2 s from a warm one on a 2-core AMD EPYC,
+    out of 20 s and 5-7 s; ``torch._inductor.config.cpp.vec_isa_ok``). Only for the kit's kernels:
+    the list of instruction sets it leaves is cleared afterwards, so the process's other
+    compilations check as before; nothing changes when inductor has decided already or the user
+    set ``vec_isa_ok``."""
+    try:
+        from torch._inductor import config as inductor_config
+        from torch._inductor import cpu_vec_isa
+
+        isa_list = cpu_vec_isa.valid_vec_isa_list
+        decided = isa_list.cache_info().currsize > 0 or inductor_config.cpp.vec_isa_ok is not None
+    except Exception:  # an inductor without these: its own checks
+        isa_list, decided = None, True
+    if decided:
+        yield
+        return
+    try:
+        with inductor_config.patch({"cpp.vec_isa_ok": True}):
+            yield
+    finally:
+        isa_list.cache_clear()
+
+
+def _forget_isa() -> None:
+    """Forget the instruction sets chosen from the CPU's flags (inductor's list and the encode's
+    and decode's AVX2 gate), after a compilation with them failed."""
+    from ..state import dynamic_code
+
+    dynamic_code.forget_inductor_isa()
+    with contextlib.suppress(Exception):
+        from torch._inductor import cpu_vec_isa
+
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
 def settings_of(group: dict, options: dict) -> str:
@@ -748,7 +813,8 @@ def complete_sums(stats, partial: list[tuple[torch.Tensor, ParamView]]) -> None:
 
 def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
-    global _failed
+    global _failed, _trust_cpu_flags
+    _trust_cpu_flags = True
     _compiled.clear()
     _settings.clear()
     calls.clear()

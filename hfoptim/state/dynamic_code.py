@@ -232,6 +232,11 @@ def _inductor_isa_is_avx2() -> bool:
         return False
 
 
+def forget_inductor_isa() -> None:
+    """Forget the instruction set found for inductor's CPU kernels (asked again next time)."""
+    _inductor_isa_is_avx2.cache_clear()
+
+
 def _decode_index(index: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     """The values of the codes ``index`` (int32, ``0 <= index < 256``) by :func:`tree_values`."""
     if not code.signed:
