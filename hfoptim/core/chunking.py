@@ -374,8 +374,10 @@ def _sums_by_pieces(engine, group: dict, unit: Unit) -> bool:
     the bucket's pieces' (:class:`ShardSums`: one all-reduce after the calls), where the sharded
     statistics backend would issue two collectives per slot and call (the 40 768x768 SMMF
     matrices of the 100M set under FSDP2 on 2 processes: 160 collectives a step)."""
-    if not unit.view.sharded or not shard_cuttable(engine, group, unit):
+    if not unit.view.sharded:
         return False
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-    return any(codec.piece_sums(slot, unit.state, unit.view) for slot, codec in zip(slots, codecs))
+    if not any(codec.piece_sums(slot, unit.state, unit.view) for slot, codec in zip(slots, codecs)):
+        return False  # (asked first: most forms have none, and shard_cuttable's gates cost more)
+    return shard_cuttable(engine, group, unit)

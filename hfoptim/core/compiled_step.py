@@ -314,10 +314,13 @@ def _compiling_call(fn, args: tuple):
     global _trust_cpu_flags
     if not _trust_cpu_flags:
         return fn(*args)
+    trusted = False
     try:
-        with _isa_from_cpu_flags():
+        with _isa_from_cpu_flags() as trusted:
             return fn(*args)
     except Exception as error:
+        if not trusted:  # compiled with inductor's own choice: nothing to try again
+            raise
         _trust_cpu_flags = False
         _forget_isa()
         logger.info(
@@ -335,7 +338,7 @@ def _isa_from_cpu_flags():
     out of 20 s and 5-7 s; ``torch._inductor.config.cpp.vec_isa_ok``). Only for the kit's kernels:
     the list of instruction sets it leaves is cleared afterwards, so the process's other
     compilations check as before; nothing changes when inductor has decided already or the user
-    set ``vec_isa_ok``."""
+    set ``vec_isa_ok``. Yields whether the CPU's flags decide."""
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor import cpu_vec_isa
@@ -345,11 +348,11 @@ def _isa_from_cpu_flags():
     except Exception:  # an inductor without these: its own checks
         isa_list, decided = None, True
     if decided:
-        yield
+        yield False
         return
     try:
         with inductor_config.patch({"cpp.vec_isa_ok": True}):
-            yield
+            yield True
     finally:
         isa_list.cache_clear()
 

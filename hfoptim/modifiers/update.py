@@ -132,17 +132,15 @@ class NormLoss(Modifier):
 
     def apply(self, ctx, x, g, p):
         f, eps = ctx.group["norm_loss"], ctx.group["norm_loss_eps"]
-        # the whole norm of the vectors only: a matrix's units are its rows (a row piece of a
-        # matrix has no whole norm to give)
-        vectors = [i for i, pi in enumerate(p) if pi.dim() <= 1]
+        # a matrix's units are its rows (one statistics call for the list); a vector's is the
+        # vector (a row piece of a matrix has no whole norm to give, so only vectors ask for one)
+        rows = ctx.row_sums(p, square=True)
+        vectors = [i for i, r in enumerate(rows) if r is None]
         whole = {}
         if vectors:
             whole = dict(zip(vectors, ctx.stats.norm([p.tensors[i] for i in vectors], [ctx.views[i] for i in vectors])))
         out = []
-        for i, (u, pi) in enumerate(zip(x, p)):
-            if pi.dim() > 1:
-                norm = ctx.stats.row_sum_sq(pi, ctx.views[i]).sqrt().view(-1, *([1] * (pi.dim() - 1)))
-            else:
-                norm = whole[i]
+        for i, (u, pi, r) in enumerate(zip(x, p, rows)):
+            norm = whole[i] if r is None else r.sqrt().view(-1, *([1] * (pi.dim() - 1)))
             out.append(u + pi * ((1.0 - 1.0 / (norm + eps)) * (2.0 * f)))
         return TensorList(out, x.foreach)
