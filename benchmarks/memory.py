@@ -516,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             log("updated the memory section of BENCHMARKS.md")
     print(text)
     log(f"wrote {out / stem}.json/.md in {record['elapsed_s'] / 60:.1f} min")
+    failed = [row["name"] for row in hf_rows if "error" in row]
+    if failed:  # recorded above with their errors; a run that lost names must not pass for complete
+        log(f"{len(failed)} of {len(hf_rows)} hfoptim names failed: {', '.join(failed[:10])}")
+        return 1
     return 0
 
 

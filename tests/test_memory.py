@@ -188,3 +188,22 @@ def test_muon_estimate_from_a_config_follows_roles(name):
     embed_head = 2 * 512 * 64
     if name == "muon":
         assert measured.total >= 4 * predicted.params + 4 * embed_head
+
+
+@pytest.mark.parametrize(
+    "name", ["adamw_8bit", "adamw_4bit", "adafactor", "adamw_smmf", "ademamix_bf16", "adamw_swd", "adams_8bit"]
+)
+def test_compressed_state_steps_on_meta_parameters(name):
+    """The memory benchmark steps meta copies of a model. Neither compressed state's non-finite
+    check (on by default there) nor stable weight decay's mean second moment may read values
+    (meta tensors have none): the step runs and creates its state on the meta device, and
+    nothing is skipped."""
+    params = [torch.nn.Parameter(torch.empty(s, device="meta")) for s in [(512, 256), (256,)]]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = hfoptim.create_optimizer(params, name, compile="off")
+    opt.step()
+    assert opt.nonfinite_skips == 0
+    state = opt.state[params[0]]
+    kept = [t for key, t in state.items() if key != "step" and isinstance(t, torch.Tensor)]
+    assert kept and all(t.is_meta for t in kept)

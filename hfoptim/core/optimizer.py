@@ -500,7 +500,10 @@ class RuleOptimizer(torch.optim.Optimizer):
     def _grads_finite(self, units: list[Unit]) -> bool:
         """True when every gradient this process holds is finite, agreed by all the processes
         that share a parameter: the flag goes through the layout's statistics (one MAX
-        all-reduce per process group under sharding), so every process skips together."""
+        all-reduce per process group under sharding), so every process skips together. Gradients
+        on the meta device (a memory estimate steps meta copies) hold no values: finite."""
+        if any(u.grad.is_meta for u in units):
+            return True
         return not bool(self.layout.stats.any_nonfinite([u.grad for u in units], [u.view for u in units]))
 
     def _check_global_modes(self) -> None:

@@ -38,6 +38,8 @@ def stable_scale(contexts: list) -> float:
                 "weight_decay_mode='stable' needs the rule to divide by its second moment through the step context "
                 "(ctx.precondition / ctx.adam_direction) once per step"
             )
+        if any(x.is_meta for x in sums):
+            return 1.0  # meta copies (a memory estimate): no values to average, any scale will do
         if sums:  # one host sync per bucket, not per tensor
             total += float(torch.stack([x.reshape(()).to(torch.float64) for x in sums]).sum())
         numel += sum(ctx.numel(i) for i in range(len(ctx.views)))
