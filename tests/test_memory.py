@@ -193,7 +193,7 @@ def test_muon_estimate_from_a_config_follows_roles(name):
 @pytest.mark.parametrize(
     "name", ["adamw_8bit", "adamw_4bit", "adafactor", "adamw_smmf", "ademamix_bf16", "adamw_swd", "adams_8bit"]
 )
-def test_compressed_state_steps_on_meta_parameters(name):
+def test_optimizers_step_on_meta_parameters(name):
     """The memory benchmark steps meta copies of a model. Neither compressed state's non-finite
     check (on by default there) nor stable weight decay's mean second moment may read values
     (meta tensors have none): the step runs and creates its state on the meta device, and
