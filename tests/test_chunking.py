@@ -223,3 +223,60 @@ def test_compiled_pieces_equal_the_compiled_whole_step(name, options):
     finally:
         compiled_step.reset()
     _assert_same(chunked, whole)
+
+
+def test_4bit_second_moments_stay_whole_on_the_plain_path(monkeypatch):
+    """The 4-bit second moment's rank-1 scales take column maxima of the whole NEW moment: the
+    plain path (one pass per operation) keeps such a tensor whole; the result is the unchunked
+    step's."""
+    monkeypatch.setattr(chunking, "pieces", lambda *a: pytest.fail("cut a 4-bit rank-1 tensor on the plain path"))
+    chunked = _run("adamw_4bit", SMALL, compile="off")
+    monkeypatch.undo()
+    _assert_same(chunked, _run("adamw_4bit", 0, compile="off"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["adamw_4bit", "ademamix_4bit"])
+def test_compiled_4bit_pieces_run_in_stages_and_equal_the_whole_step(name):
+    """On the compiled path a 4-bit tensor over the budget is stepped as row pieces in stages
+    (:class:`~hfoptim.core.stats.StagedPieceStats`): every piece's recording kernel returns its
+    part of the second moment's column maxima (of 2-D and 3-D tensors), the parts are combined,
+    and every piece's writing kernel codes its rows with them; the pieces decode with the old
+    maxima (copies), which are replaced after the last piece. Codes, scales and parameters
+    equal the compiled step of the whole tensors, bit for bit."""
+    compiled_step.reset()
+    before = chunking.planned["staged"]
+    try:
+        chunked = _run(name, SMALL, compile="on")
+        recorded = {key[1]: n for key, n in compiled_step.recorded.items()}
+        written = {key[1]: n for key, n in compiled_step.calls.items()}
+        whole = _run(name, 0, compile="on")
+    finally:
+        compiled_step.reset()
+    # (300, 300) in 5 pieces of 60 rows, (48, 1000) in 3 of 16, (60, 7, 80) in 2 of 30; 3 steps
+    assert chunking.planned["staged"] - before == (5 + 3 + 2) * 3
+    for shape, count in {(60, 300): 5 * 3, (16, 1000): 3 * 3, (30, 7, 80): 2 * 3}.items():
+        assert recorded[shape] == count and written[shape] == count, shape
+    _assert_same(chunked, whole)
+
+
+def test_staged_pieces_run_uncompiled_after_a_failed_compilation(monkeypatch):
+    """A staged piece whose compilation fails runs its stages uncompiled (the failure reported
+    once): no piece goes to the plain path, which cannot take a statistic of the whole tensor,
+    and the step is the whole tensor's."""
+
+    def fail(key, *args):
+        raise RuntimeError("no compiler here")
+
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_run", fail)
+    before = chunking.planned["staged"]
+    try:
+        with pytest.warns(RuntimeWarning, match="torch.compile failed") as warned:
+            chunked = _run("adamw_4bit", SMALL, compile="on", steps=1)
+        assert len([w for w in warned if "torch.compile failed" in str(w.message)]) == 1
+        assert chunking.planned["staged"] - before == 5 + 3 + 2
+    finally:
+        compiled_step.reset()
+    monkeypatch.undo()
+    _assert_same(chunked, _run("adamw_4bit", 0, compile="off", steps=1), rtol=1e-6, atol=1e-7)

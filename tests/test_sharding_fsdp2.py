@@ -197,3 +197,21 @@ def test_fsdp2_compiled_kernel_steps_per_row_modifiers_shards_out_of_place_and_m
     assert detail["adamw_gc"]["compiled_steps_all_ranks"] > 0 == detail["adamw_gc"]["staged_steps_all_ranks"]
     agc = detail["adamw_agc"]
     assert 0 < agc["staged_steps_all_ranks"] < agc["compiled_steps_all_ranks"], agc
+
+
+@pytest.mark.slow
+def test_fsdp2_large_4bit_shards_are_stepped_in_staged_row_pieces(tmp_path):
+    """A 4-bit shard over its part of the budget (each process's 34 or 33 rows of "big", 67x97,
+    against 1000 elements) is stepped as row pieces in stages: each piece records its part of
+    the second moment's column maxima, the parts are combined over the pieces and completed by
+    one all-reduce, then every piece writes (more recording and writing kernels than the same
+    run without the budget); parameters and state equal the one-process run."""
+    counts = []
+    for extra in ([], ["--chunk-bytes", str(64 * 2000)]):
+        args = ["--cases", "adamw_4bit", "--compile", "on", *extra]
+        summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
+        assert summary["ran"] == ["adamw_4bit"]
+        detail = summary["results"][0]["detail"]
+        counts.append((detail["compiled_steps_all_ranks"], detail["staged_recordings_all_ranks"]))
+    (whole_written, whole_recorded), (piece_written, piece_recorded) = counts
+    assert piece_written > whole_written > 0 and piece_recorded > whole_recorded > 0

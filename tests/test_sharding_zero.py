@@ -197,3 +197,22 @@ def test_finding_the_zero_optimizer_skips_dead_weak_proxies():
     with pytest.raises(ReferenceError):
         isinstance(proxy, Holder)
     assert _wraps(proxy, (Holder,), engine) is False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stage", "budget"), [(2, 50), (3, 2000)])
+def test_zero_4bit_partitions_of_whole_rows_are_stepped_in_staged_row_pieces(tmp_path, stage, budget):
+    """4-bit state over row-aligned shapes, stepped as row pieces in stages when a partition's
+    rows exceed the budget. ZeRO-2 with a 50-element budget: "emb", "lin_w" and "conv" lie in
+    the first process's partition and are cut into pieces there, while the other process sends
+    the zero parts of its empty shards to the same all-reduces; ZeRO-3 with 2000 elements: each
+    process's 34 rows of "big". More recording kernels than without the budget; parameters and
+    state equal the one-process run."""
+    base = ["--stage", str(stage), "--cases", "adamw_4bit", "--compile", "on", "--shapes", "rows"]
+    recorded = []
+    for extra in ([], ["--chunk-bytes", str(64 * budget)]):
+        summary = run_worker(torchrun(2), "zero_worker.py", base + extra, tmp_path / "out.json", timeout=1200)
+        assert summary["ran"] == ["adamw_4bit"]
+        recorded.append(summary["results"][0]["detail"]["staged_recordings_all_ranks"])
+    whole, pieces = recorded
+    assert pieces > whole > 0

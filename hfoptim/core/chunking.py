@@ -41,6 +41,17 @@ that: a call processes at most ``chunk_bytes / TRANSIENT_BYTES_PER_ELEMENT`` ele
   calls (:class:`ShardSums`; an empty shard sends zeros), then ``c`` is stored. Such a shard
   within the budget is stepped as one piece of itself (:func:`_sums_by_pieces`), so its sums
   join the same all-reduce instead of two collectives per slot and call.
+* 4-bit state is coded with the column maxima of the whole NEW second moment (its rank-1
+  scales), which no piece has before every piece has stepped. A tensor or a shard of whole rows
+  over the budget that the compiled kernel takes is cut all the same, and its pieces are stepped
+  in stages (:func:`staged_pieces`, :class:`~hfoptim.core.stats.StagedPieceStats`): each
+  piece's recording kernel returns its part of those maxima, the parts are combined over the
+  pieces (and completed over the processes for a shard: one all-reduce per parameter, an empty
+  shard sending zeros), then each piece's writing kernel codes its rows with them. The pieces
+  decode with copies of the old maxima (:meth:`~hfoptim.state.codec.Codec.rows`), stored after
+  the last piece (:meth:`~hfoptim.state.codec.Codec.finish_rows`). The numbers are those of the
+  uncut kernel, bit for bit; the cost is a second pass (the recording kernel decodes and updates
+  the second moment once more). On the plain path such a tensor stays whole.
 * Not cut: tensors whose rule or modifiers need whole-tensor statistics (Adafactor's update
   clipping, LAMB's trust ratio, the cautious mask's mean, ...), factored/shared state, SMMF
   shards whose boundaries cut a row of the square matrix, 1-D tensors, other shards (their
@@ -57,7 +68,7 @@ from ..modifiers import MODIFIERS
 from ..state import resolve
 from . import compiled_step
 from .layout import Unit
-from .stats import LocalStats, ParamView, PieceStats
+from .stats import LocalStats, ParamView, PieceStats, StagedPieceStats
 
 #: an upper bound of the step's temporary bytes per element processed (the plain 8-bit path,
 #: the most, measured ~48)
@@ -258,26 +269,76 @@ def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
     return partial, whole_rows
 
 
-def _row_codecs(engine, group: dict, unit: Unit) -> list | None:
+def _row_codecs(engine, group: dict, unit: Unit, staged: bool = False) -> list | None:
     """The storage forms of ``unit``'s slots when its rows may be stepped apart (an elementwise
     rule, row-local modifiers, no decay with a statistic of the tensor (CPR) or of every tensor
-    (stable), every form cut into rows), else None."""
+    (stable), every form cut into rows and, unless ``staged``, needing no maxima or sums of the
+    whole tensor: :meth:`~hfoptim.state.codec.Codec.shard_staged`), else None."""
     if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
         return None
     if any(m.enabled(group) and not m.rows_apart(unit.view.global_shape) for m in MODIFIERS):
         return None
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+    if not staged and any(c.shard_staged(slot, unit.view) for slot, c in zip(slots, codecs)):
+        return None
     step = granularity(engine, group, unit)
     if not step or any(c.rows(slot, unit.state, unit.view, 0, step) is None for slot, c in zip(slots, codecs)):
         return None
     return codecs
 
 
+def staged_cuttable(engine, group: dict, unit: Unit) -> bool:
+    """Whether ``unit`` may be stepped as row pieces in stages
+    (:class:`~hfoptim.core.stats.StagedPieceStats`): a 2+-D tensor held whole, or a shard whose
+    process boundaries all end rows (an empty one too), whose rows may be stepped apart but for
+    maxima or sums of the whole tensor that a storage form asks for (the 4-bit second moment's
+    column maxima), with no form completing sums of its own (:meth:`~hfoptim.state.codec.
+    Codec.piece_sums`, ``shard_sums``), and that the compiled kernel takes. The same answer on
+    every process: it reads the options, the global shape and the process boundaries."""
+    view = unit.view
+    if unit.writeback is not None or unit.canonical or len(view.global_shape) < 2:
+        return False
+    if view.sharded and any(cut % view.row_len for cut in view.cuts):
+        return False
+    if not view.sharded and view.local_rows is not None:
+        return False
+    codecs = _row_codecs(engine, group, unit, staged=True)
+    if codecs is None or not all(c.offset_free for c in codecs):
+        return False
+    slots = engine.rule.active_slots(group)
+    if not any(c.shard_staged(s, view) for s, c in zip(slots, codecs)):
+        return False  # nothing staged: cuttable / shard_cuttable decide
+    if any(c.piece_sums(s, unit.state, view) or c.shard_sums(s, view) for s, c in zip(slots, codecs)):
+        return False
+    return compiled_step.takes(engine, group, unit, engine.layout.stats)
+
+
+def staged_pieces(engine, group: dict, unit: Unit, rows: int) -> tuple[list[Unit], StagedPieceStats]:
+    """``unit`` as row pieces of ``rows`` rows (an empty shard as one piece of itself) and the
+    statistics backend of their call, which completes the parts of the whole tensor over the
+    pieces and processes and then stores what the pieces kept in copies."""
+    empty = unit.view.sharded and unit.param.numel() == 0
+    cut = [unit] if empty else pieces(engine, group, unit, rows)
+    slots = engine.rule.active_slots(group)
+    codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+
+    def finish(last: Unit) -> None:
+        if empty:  # the empty shard stepped itself: its stored values are the whole ones
+            return
+        for slot, codec in zip(slots, codecs):
+            codec.finish_rows(slot, unit.state, unit.view, last.state)
+
+    stats = engine.layout.stats
+    all_reduce = stats.all_reduce if unit.view.sharded else None
+    return cut, StagedPieceStats(unit.view, all_reduce, finish, foreach=stats.foreach)
+
+
 #: row pieces that :func:`plan` made, by what they were cut from ("whole": tensors held whole
-#: by this process; "shard": shards of a sharded run), and shards it stepped as one piece of
-#: themselves ("shard_whole": :func:`_sums_by_pieces`), over every step (the tests read it)
-planned: dict[str, int] = {"whole": 0, "shard": 0, "shard_whole": 0}
+#: by this process; "shard": shards of a sharded run; "staged": either, stepped in stages by
+#: :func:`staged_pieces`), and shards it stepped as one piece of themselves ("shard_whole":
+#: :func:`_sums_by_pieces`), over every step (the tests read it)
+planned: dict[str, int] = {"whole": 0, "shard": 0, "shard_whole": 0, "staged": 0}
 
 
 def collectives_first(engine, group: dict, calls: list) -> list[tuple[list[Unit], LocalStats]]:
@@ -344,6 +405,14 @@ def plan(
             whole_shards.extend(pieces(engine, group, unit, max(unit.view.rows, 1), shard_sums))
             whole_size += numel
             planned["shard_whole"] += 1
+            continue
+        if numel > limit and staged_cuttable(engine, group, unit):
+            most = piece_numel(limit, unit.view)
+            step = granularity(engine, group, unit)
+            rows = rows_per_piece(unit.view.rows, unit.view.row_len, most, step) if unit.view.rows else 1
+            cut, piece_stats = staged_pieces(engine, group, unit, rows)
+            planned["staged"] += len(cut)
+            calls.append((cut, piece_stats))
             continue
         if numel > limit and (shard_cuttable if unit.view.sharded else cuttable)(engine, group, unit):
             piece_stats = PieceStats(foreach=stats.foreach)

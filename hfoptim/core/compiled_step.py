@@ -80,7 +80,10 @@ rule's code is the same code the plain path runs; nothing is written twice.
   code, with the statistic completed before it is used. A process holding no row of the
   parameter runs the stages uncompiled on its empty shard (zero parts; it stores its copy of
   the column maxima). Before, such a shard took the plain path (adamw_4bit under FSDP2: 17-19x
-  torch AdamW's step, 7-36 bytes of temporaries per parameter).
+  torch AdamW's step, 7-36 bytes of temporaries per parameter). The row pieces of one 4-bit
+  tensor or shard over the chunk budget run the same stages with their parts combined over
+  the pieces first (:func:`step_staged_pieces`; :mod:`hfoptim.core.chunking`). A staged kernel
+  whose compilation fails runs its stages uncompiled, so the other processes still get its parts.
 * If compiling fails (no C++ compiler, an unsupported platform) the failure is reported once
   with a warning and every parameter runs the plain path from then on.
 
@@ -107,7 +110,7 @@ import torch.distributed as dist
 from ..modifiers import MODIFIERS
 from ..state import resolve
 from .context import StepContext
-from .stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats, StagedStats
+from .stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats, StagedPieceStats, StagedStats
 from .step import advance
 from .tensorlist import TensorList
 
@@ -497,6 +500,8 @@ def kernel_stats(stats, view: ParamView):
     for this backend."""
     if type(stats) in (LocalStats, PieceStats):
         return stats
+    if isinstance(stats, StagedPieceStats):  # a piece's kernel: its rows, the rest in stages
+        return ShardPieceStats(foreach=stats.foreach) if view.sharded else PieceStats(foreach=stats.foreach)
     if not isinstance(stats, LocalStats):
         return None
     return ShardPieceStats(foreach=stats.foreach) if view.sharded else LocalStats(foreach=stats.foreach)
@@ -571,7 +576,7 @@ def takes(engine, group: dict, unit, stats) -> bool:
     if not _group_takes(engine, group, unit, stats):
         return False
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in engine.rule.active_slots(group)]
-    return _eligible(engine, group, unit, group.get("compile", "off"), codecs)
+    return _takes_unit(engine, group, unit, group.get("compile", "off"), codecs)
 
 
 def plain_reason(engine, group: dict, device: torch.device) -> str | None:
@@ -597,6 +602,9 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     their step counters already advanced) with the statistics backend ``stats``; return the
     others, for the plain path. ``loss`` is not passed on: the rules that read it take the plain
     path (:func:`plain_reason`)."""
+    if units and isinstance(stats, StagedPieceStats):
+        step_staged_pieces(engine, group, units, stats)
+        return []
     if not units or not _group_takes(engine, group, units[0], stats):
         return units
     slots = engine.rule.active_slots(group)
@@ -639,13 +647,31 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
             rest.append(unit)
             continue
         partial.extend(shard_sums(slots, codecs, unit))
-    for kernel in _step_staged(staged, stats):
-        if kernel.done:
-            partial.extend(shard_sums(slots, kernel.codecs, kernel.unit))
-        else:
-            rest.append(kernel.unit)
+    _step_staged([_Staged([kernel], kernel.unit.view) for kernel in staged], stats.all_reduce if staged else None)
+    for kernel in staged:
+        partial.extend(shard_sums(slots, kernel.codecs, kernel.unit))
     complete_sums(stats, partial)
     return rest
+
+
+def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats) -> None:
+    """Step the row pieces ``units`` of one parameter in stages (see
+    :class:`~hfoptim.core.stats.StagedPieceStats`): every piece records its parts, the parts
+    are combined over the pieces and completed over the processes, and so on until each piece's
+    writing kernel; then ``stats.finish``. :mod:`hfoptim.core.chunking` cuts only parameters the
+    kernel takes (:func:`takes`); after a failed compilation the same stages run uncompiled."""
+    slots = engine.rule.active_slots(group)
+    options = hyperparameters(engine, group)
+    settings = settings_of(group, options)
+    p = units[0].param
+    lr = torch.tensor(float(group["lr"]), dtype=engine.compute_dtype(p), device=p.device)
+    kernels = []
+    for unit in units:
+        codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
+        eager = _failed is not None or _empty_shard(unit)
+        kernels.append(_Kernel(engine, group, unit, codecs, stats, options, settings, lr, staged=True, eager=eager))
+    with skip_guards():
+        _step_staged([_Staged(kernels, stats.view, stats.finish)], stats.all_reduce)
 
 
 class _Kernel:
@@ -676,7 +702,6 @@ class _Kernel:
         self.known: list[torch.Tensor] = []
         self.requests: int | None = None  # how many statistics a staged step asks for
         self.parts: list[tuple[torch.Tensor, str]] = []
-        self.done = False
         # the options and storage forms are part of the key: two optimizers of one rule (adamw and
         # adamw_factored, two learning setups in one process) get their own kernels instead of
         # recompiling one function on each other's guards until dynamo's limit sends them to eager
@@ -730,7 +755,7 @@ class _Kernel:
 
     def record(self) -> bool:
         """A recording call (staged): the parts of the requests not known yet; False when
-        compiling failed (reported; the unit then takes the plain path)."""
+        compiling failed (reported; :class:`_Staged` then runs the stages uncompiled)."""
         ok, out = self._call(record=True)
         if not ok:
             return False
@@ -742,7 +767,8 @@ class _Kernel:
 
     def step(self) -> bool:
         """The call that writes the step (all statistics known when staged); False when
-        compiling failed (reported; the unit then takes the plain path)."""
+        compiling failed (reported; the unit then takes the plain path, or for a staged one
+        :class:`_Staged` the uncompiled stages)."""
         ok, stepped = self._call()
         if not ok:
             return False
@@ -750,35 +776,87 @@ class _Kernel:
             _write_back(self.work, self.unit.state, stepped)
         if self.unit.param.dtype != self.work.dtype:
             self.unit.param.copy_(self.work)
-        self.done = True
         return True
 
 
-def _step_staged(kernels: list[_Kernel], stats) -> list[_Kernel]:
-    """Step the staged shards of a bucket (:class:`~hfoptim.core.stats.StagedStats`): a
-    recording call each, then, until every shard has all its statistics, one all-reduce per
-    way of combining for the first part of every shard still recording, and the next call of
-    each (recording, or the writing one once all are known). Every process runs the same
-    shards (the decision reads only what they share) and the same traced code, so the parts
-    and collectives match. Returns the kernels, ``done`` or not (a compile failure)."""
-    pending = [k for k in kernels if k.record()]
+class _Staged:
+    """Staged kernels whose parts make one value per request: a shard's kernel, or the row
+    pieces of one parameter (their parts combined over the pieces first), with the view whose
+    process group completes the values and what to run once every kernel has written."""
+
+    def __init__(self, kernels: list[_Kernel], view: ParamView, finish=None):
+        self.kernels, self.view, self.finish = kernels, view, finish
+
+    def record(self) -> None:
+        """A recording call of each kernel; a kernel whose compilation fails (reported once)
+        runs its stages uncompiled: the other processes wait for its parts."""
+        for k in self.kernels:
+            if not k.record():
+                self._uncompiled()
+                k.record()
+
+    def _uncompiled(self) -> None:
+        for k in self.kernels:  # the family's other kernels would try (and fail) to compile too
+            k.eager = True
+
+    def combine(self) -> str | None:
+        """How the first part not known yet combines (SUM or MAX); None when there is none."""
+        parts = self.kernels[0].parts
+        return parts[0][1] if parts else None
+
+    def part(self) -> torch.Tensor:
+        """The first part, combined over the kernels."""
+        parts = [k.parts[0][0] for k in self.kernels]
+        if len(parts) == 1:
+            return parts[0]
+        stacked = torch.stack(parts)
+        return stacked.amax(dim=0) if self.combine() == MAX else stacked.sum(dim=0)
+
+    def learn(self, total: torch.Tensor) -> None:
+        for k in self.kernels:
+            k.known.append(total)
+
+    def complete(self) -> bool:
+        k = self.kernels[0]
+        return len(k.known) >= k.requests
+
+    def step(self) -> None:
+        """The writing call of each kernel (uncompiled where compiling fails), then ``finish``."""
+        for k in self.kernels:
+            if not k.step():
+                self._uncompiled()
+                k.step()
+        if self.finish is not None:
+            self.finish(self.kernels[-1].unit)
+
+
+def _step_staged(families: list[_Staged], all_reduce) -> None:
+    """Step staged kernels (:class:`~hfoptim.core.stats.StagedStats`): a recording call each,
+    then, until every family has all its statistics, one all-reduce per way of combining for
+    the first part of every family still recording (``all_reduce``: the layout's; None when
+    every family is held whole) and the next call of each (recording, or the writing one once
+    all are known). Every process runs the same families (the decision reads only what they
+    share) and the same traced code, so the parts and collectives match."""
+    for family in families:
+        family.record()
+    pending = list(families)
     while pending:
         for combine, op in ((SUM, dist.ReduceOp.SUM), (MAX, dist.ReduceOp.MAX)):
-            waiting = [k for k in pending if k.parts and k.parts[0][1] == combine]
+            waiting = [f for f in pending if f.combine() == combine]
             if not waiting:
                 continue
-            totals = stats.all_reduce([k.parts[0][0] for k in waiting], [k.unit.view for k in waiting], op=op)
-            for k, total in zip(waiting, totals):
-                k.known.append(total)
+            parts = [f.part() for f in waiting]
+            totals = all_reduce(parts, [f.view for f in waiting], op=op) if all_reduce else parts
+            for family, total in zip(waiting, totals):
+                family.learn(total)
         still = []
-        for k in pending:
-            if len(k.known) < k.requests:
-                if k.record():
-                    still.append(k)
+        for family in pending:
+            if family.complete():
+                family.step()
             else:
-                k.step()
+                family.record()
+                still.append(family)
         pending = still
-    return kernels
 
 
 def _compile_failed(error: Exception) -> None:

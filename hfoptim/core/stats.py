@@ -418,3 +418,25 @@ class StagedStats(ShardPieceStats):
             others = self._answer(torch.cat(maxima[1:]), MAX)
             out.append([maxima[0], *others.split([m.numel() for m in maxima[1:]])])
         return out
+
+
+class StagedPieceStats(PieceStats):
+    """The statistics backend of a call that steps the row pieces of ONE parameter in stages:
+    a tensor (or a shard of whole rows) larger than the call limit whose step is row-local but
+    for maxima or sums of the whole tensor that its storage forms ask for (the 4-bit second
+    moment's column maxima: :meth:`~hfoptim.state.codec.Codec.shard_staged`). Each piece's
+    kernel runs with :class:`StagedStats` as a staged shard's does; the parts of the pieces are
+    combined here (MAX or SUM over the pieces), then over the processes of ``view.group``
+    through ``all_reduce`` when the parameter is sharded, and every piece's next kernel gets the
+    total (:func:`hfoptim.core.compiled_step.step_staged_pieces`). ``finish`` runs after the last
+    piece's writing kernel (it stores the whole-tensor values the pieces kept in copies:
+    :meth:`~hfoptim.state.codec.Codec.finish_rows`). ``view`` is the parameter's (or shard's)
+    view, whose process group the combined parts are completed over; an empty shard is one
+    piece of itself, sending zero parts."""
+
+    def __init__(self, view: ParamView, all_reduce, finish, foreach: bool = True):
+        super().__init__(foreach=foreach)
+        self.view = view
+        #: the layout's ``all_reduce`` (None: a parameter held whole; nothing to complete)
+        self.all_reduce = all_reduce
+        self.finish = finish

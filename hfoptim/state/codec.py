@@ -33,10 +33,11 @@ class Codec(ABC):
 
     ``elementwise`` and ``offset_free`` are two properties, not one: ``elementwise`` (each element
     stored on its own, independent of its place) implies ``offset_free``, not the reverse. The
-    8-bit form is ``offset_free`` but not ``elementwise`` (one scale per block of a row: a run of
-    whole rows is coded the same wherever it starts, but a transpose regroups the blocks, so the
-    parameter's layout matters); bf16 (rounding noise drawn by flat position) and the forms with
-    per-tensor statistics (4-bit's rank-1 scales, factored, SMMF, shared) are neither; fp32 is
+    8-bit and 4-bit forms are ``offset_free`` but not ``elementwise`` (one scale per block of a
+    row, and 4-bit's rank-1 scales from a row's own maximum and the column maxima of the whole
+    tensor: a run of whole rows is coded the same wherever it starts, but a transpose regroups
+    the blocks, so the parameter's layout matters); bf16 (rounding noise drawn by flat position)
+    and the forms with per-tensor statistics (factored, SMMF, shared) are neither; fp32 is
     both. ``elementwise`` decides whether a parameter's layout can change
     what is stored (:meth:`hfoptim.core.optimizer.RuleOptimizer.layout_free`), ``offset_free`` whether a
     row piece may be coded as a tensor of its own (:mod:`hfoptim.core.chunking`,
@@ -73,6 +74,12 @@ class Codec(ABC):
         that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
         reach the whole tensors); None when this form cannot be cut there (its state mixes rows:
         factored, shared, per-tensor scalars; SMMF only at its :meth:`row_granularity`)."""
+        return None
+
+    def finish_rows(self, slot: Slot, stored: dict, view: ParamView, piece: dict) -> None:
+        """Copy into ``stored`` (the parameter ``view``'s) what the last written row piece of a
+        staged step holds in copies of its own (:meth:`rows`: the 4-bit column maxima). Nothing
+        by default: a form's :meth:`rows` are views, their writes reach the whole tensors."""
         return None
 
     def row_granularity(self, slot: Slot, view: ParamView) -> int:

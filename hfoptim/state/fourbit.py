@@ -57,7 +57,10 @@ the plain one. Shards of whole rows take it too (FSDP2 rows, ZeRO segments of wh
 process holding rows): first moments and vectors' blocks alone when no boundary cuts a block,
 the rank-1 second moment in stages (:meth:`FourBit.shard_staged`; its column maxima completed
 over the processes between a recording kernel and the writing one: see
-:mod:`hfoptim.core.compiled_step`).
+:mod:`hfoptim.core.compiled_step`). A tensor or shard larger than the step's chunk budget is
+stepped the same way in row pieces (:mod:`hfoptim.core.chunking`): :meth:`FourBit.rows` gives
+each piece views of its rows and a copy of the column maxima to decode with, and
+:meth:`FourBit.finish_rows` stores the new ones after the last piece.
 
 **A slow EMA stalls.** Nearest rounding returns an entry to its level unless the step moves it
 by half a level spacing (up to 11% of the block maximum for first moments). An EMA that adds
@@ -224,6 +227,10 @@ class FourBit(Codec):
 
     name = "4bit"
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
+    #: blocks follow rows and a row's rank-1 scale is its own maximum against the column maxima
+    #: of the whole tensor (an input of a piece's step, not a property of its place): a run of
+    #: whole rows is coded the same wherever it starts
+    offset_free = True
     #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
 
@@ -263,6 +270,27 @@ class FourBit(Codec):
 
     def shapes(self, slot, view, p):
         return {self.packed_key(slot): packed_shape(view), **self.scale_keys(slot, view)}
+
+    def rows(self, slot, stored, view, start, stop):
+        """Rows ``start:stop`` of a 2+-D parameter: views of their packed codes and of their
+        block scales or row maxima (``max0``); the maxima along the other dimensions of a rank-1
+        second moment are statistics of every row, so each piece gets a COPY of them: it decodes
+        with the old maxima while its writing step stores the new ones, which
+        :meth:`finish_rows` copies into the stored tensors once every piece is written (the
+        pieces' step runs in stages, :mod:`hfoptim.core.chunking`)."""
+        packed = self.packed_key(slot)
+        out = {packed: stored[packed][start:stop]}
+        keys = list(self.scale_keys(slot, view))
+        out[keys[0]] = stored[keys[0]][start:stop]
+        for key in keys[1:]:
+            out[key] = stored[key].clone()
+        return out
+
+    def finish_rows(self, slot, stored, view, piece):
+        """Store the maxima of the whole tensor that the last written row piece ``piece`` (of
+        :meth:`rows`) holds: every piece stored the same completed values in its copy."""
+        for key in list(self.scale_keys(slot, view))[1:]:
+            stored[key].copy_(piece[key])
 
     def init(self, slot, value, view, *, stats=None):
         device = value.device
