@@ -17,7 +17,21 @@ measures, in a fresh process per layout:
   (reset by writing 5 to ``/proc/self/clear_refs`` just before the step) minus ``VmRSS`` before
   it, after ``malloc_trim`` returned the allocator's free memory; on CUDA:
   ``torch.cuda.max_memory_allocated`` minus the memory allocated before the step;
-* ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``).
+* ``compiled``: parameters stepped by the fused kernel per step (``hfoptim.core.compiled_step.calls``);
+* ``faults/step``: the minor page faults of the timed steps, per step (``getrusage``'s
+  ``ru_minflt``, max over processes), for the candidate and for AdamW. With glibc's default
+  allocator a freed block larger than its mmap threshold (which grows to at most 32 MiB) goes
+  back to the system, and the next step's allocation of that size faults its pages in again:
+  torch AdamW foreach's temporaries (4 bytes per parameter) cost it about 84000 faults and 100-300
+  ms a step on the 100M set (2-core AMD EPYC), and how many it pays depends on what the heap
+  holds at that moment, which the other optimizers built in the process change. Its step
+  measured 139-402 ms in one run; the ratios move with it.
+
+Every row is measured twice (``--allocator both``, the default): with glibc's default
+allocator, what a user's process does, and with ``steady``, the workers run with glibc's mmap
+and trim thresholds raised (``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``) so freed
+memory stays in the heap and no step faults its temporaries in: a comparison of the steps' own
+work (its rows marked; ``--allocator default`` or ``steady`` runs one of the two).
 
 A name may carry options after ``+`` (``adamw_8bit+agc=0.01+compile=off``: the optimizer
 ``adamw_8bit`` built with ``agc=0.01, compile="off"``; values are Python literals, or text).
@@ -40,6 +54,7 @@ import ast
 import gc
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -198,6 +213,7 @@ def worker(args) -> int:
             return sum(b.weight.sum() for b in self.blocks) * x
 
     options = {} if args.chunk_bytes is None else {"chunk_bytes": args.chunk_bytes}
+    marks = {} if args.allocator == "default" else {"allocator": args.allocator}
 
     def build(shapes, name: str):
         """(step function, tensors the optimizer steps here, their element count)."""
@@ -246,13 +262,16 @@ def worker(args) -> int:
                 p.grad = g
         return opt.step, sum(t.numel() for t in local)
 
-    def timed(step, n: int) -> float:
+    def timed(step, n: int, faults: list) -> float:
         sync()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         for _ in range(n):
             step()
         sync()
-        return reduce_max((time.perf_counter() - start) / n)
+        seconds = reduce_max((time.perf_counter() - start) / n)
+        faults.append(reduce_max((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n))
+        return seconds
 
     rows = []
     for given in args.sets.split(","):
@@ -272,15 +291,15 @@ def worker(args) -> int:
                 sync()
                 first = reduce_max(time.perf_counter() - start)
             except Exception as error:  # a name this layout refuses: record it
-                rows.append({"set": label, "name": name, **options, "error": str(error).splitlines()[0][:200]})
+                rows.append({"set": label, "name": name, **options, **marks, "error": str(error).splitlines()[0][:200]})
                 continue
             compiled = sum(compiled_step.calls.values()) - before_calls
             step()  # a second step: no compilation left in what is timed
-            cand, base = [], []
+            cand, base, cand_faults, base_faults = [], [], [], []
             for r in range(args.rounds):
-                order = [(step, cand), (base_step, base)] if r % 2 == 0 else [(base_step, base), (step, cand)]
-                for fn, out in order:
-                    out.append(timed(fn, args.steps))
+                order = [(step, cand, cand_faults), (base_step, base, base_faults)]
+                for fn, out, faults in order if r % 2 == 0 else order[::-1]:
+                    out.append(timed(fn, args.steps, faults))
             sync()
             per_param = reduce_max(transient_bytes(step, device) / max(1, local_numel))
             sync()
@@ -290,6 +309,7 @@ def worker(args) -> int:
                     "set": label,
                     "name": name,
                     **options,
+                    **marks,
                     "first_step_s": first,
                     "step_ms": 1e3 * statistics.median(cand),
                     "adamw_step_ms": 1e3 * statistics.median(base),
@@ -297,6 +317,8 @@ def worker(args) -> int:
                     "transient_bytes_per_param": per_param,
                     "adamw_transient_bytes_per_param": base_per_param,
                     "compiled_params_first_step": reduce_max(compiled),
+                    "faults_per_step": statistics.median(cand_faults),
+                    "adamw_faults_per_step": statistics.median(base_faults),
                 }
             )
             if rank == 0:
@@ -318,20 +340,24 @@ def worker(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- driver
-def run_layout(args, layout: str, out: Path) -> list[dict]:
-    """Measure ``layout`` in fresh processes; its rows (an ``error`` row when the launch failed)."""
+def run_layout(args, layout: str, out: Path, allocator: str) -> list[dict]:
+    """Measure ``layout`` in fresh processes with glibc's ``allocator`` setting (see the module
+    docstring); its rows (an ``error`` row when the launch failed)."""
     own = [
         "--worker", "--layout", layout, "--out", str(out), "--sets", args.sets, "--names", args.names,
         "--rounds", str(args.rounds), "--steps", str(args.steps), "--device", args.device,
     ] + (["--smoke"] if args.smoke else [])  # fmt: skip
     if args.chunk_bytes is not None:
         own += ["--chunk-bytes", str(args.chunk_bytes)]
+    own += ["--allocator", allocator]
     if layout == "one":
         cmd = [sys.executable, __file__, *own]
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
         cmd = [*launcher, __file__, *own]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
+    if allocator == "steady":  # freed memory stays in glibc's heap (see the module docstring)
+        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
     if args.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         if layout != "one":
@@ -346,14 +372,18 @@ def run_layout(args, layout: str, out: Path) -> list[dict]:
 
 
 def shown(row: dict) -> str:
-    """A row's optimizer name, with the ``chunk_bytes`` budget it ran under when one was given."""
-    budget = row.get("chunk_bytes")
-    return row.get("name", "") if budget is None else f"{row.get('name', '')} (chunk_bytes {budget / 2**20:g} MiB)"
+    """A row's optimizer name, with the ``chunk_bytes`` budget and the allocator setting it ran
+    under when one was given."""
+    budget, allocator = row.get("chunk_bytes"), row.get("allocator")
+    marks = ([] if budget is None else [f"chunk_bytes {budget / 2**20:g} MiB"]) + (
+        [] if allocator is None else [f"{allocator} allocator"]
+    )
+    return row.get("name", "") + (f" ({', '.join(marks)})" if marks else "")
 
 
 def key(row: dict) -> tuple:
     """What identifies a row across runs (``--merge``)."""
-    return row["layout"], row.get("set"), row.get("name"), row.get("chunk_bytes")
+    return row["layout"], row.get("set"), row.get("name"), row.get("chunk_bytes"), row.get("allocator")
 
 
 def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
@@ -365,18 +395,21 @@ def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
         f"inductor cache {'cold' if args.cold_cache else 'as found'}"
         + (f"; {info['merged']} ({info['previous_commit']})" if "merged" in info else ""),
         "",
-        "| set | layout | optimizer | first step s | step ms | x AdamW foreach | transient B/param | AdamW B/param "
-        "| compiled tensors |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| set | layout | optimizer | first step s | step ms | AdamW ms | x AdamW foreach | transient B/param "
+        "| AdamW B/param | compiled tensors | faults/step | AdamW faults/step |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r.get('set', '')} | {r['layout']} | {shown(r)} | {r['error']} | | | | | |")
+            lines.append(f"| {r.get('set', '')} | {r['layout']} | {shown(r)} | {r['error']} | | | | | | | | |")
             continue
+        faults = [r.get(k) for k in ("faults_per_step", "adamw_faults_per_step")]
+        faults = ["" if f is None else f"{f:.0f}" for f in faults]  # (not in records before 2026-12-04)
         lines.append(
             f"| {r['set']} | {r['layout']} | {shown(r)} | {r['first_step_s']:.1f} | {r['step_ms']:.1f} | "
-            f"{r['ratio_adamw']:.2f} | {r['transient_bytes_per_param']:.2f} | "
-            f"{r['adamw_transient_bytes_per_param']:.2f} | {r['compiled_params_first_step']:.0f} |"
+            f"{r['adamw_step_ms']:.1f} | {r['ratio_adamw']:.2f} | {r['transient_bytes_per_param']:.2f} | "
+            f"{r['adamw_transient_bytes_per_param']:.2f} | {r['compiled_params_first_step']:.0f} | "
+            f"{faults[0]} | {faults[1]} |"
         )
     return lines
 
@@ -397,6 +430,13 @@ def main() -> int:
         "--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every optimizer (default: its own)"
     )
     parser.add_argument("--cold-cache", action="store_true", help="an empty inductor cache for each layout")
+    parser.add_argument(
+        "--allocator",
+        choices=["both", "default", "steady"],
+        default="both",
+        help="glibc's default, or steady: it keeps freed memory (no page faults of the steps' temporaries; "
+        "see the docstring); both (the default): every row with each",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and two names; writes no result files")
     parser.add_argument(
         "--merge", action="store_true", help="keep the rows of the layouts not run from the existing results file"
@@ -413,8 +453,9 @@ def main() -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for layout in args.layouts.split(","):
-            rows += run_layout(args, layout, Path(tmp) / f"{layout}.json")
+        for allocator in ("default", "steady") if args.allocator == "both" else (args.allocator,):
+            for layout in args.layouts.split(","):
+                rows += run_layout(args, layout, Path(tmp) / f"{layout}-{allocator}.json", allocator)
     info, cpu = machine_info(), lscpu()
     kind = machine_kind(cpu, args.device)
     previous = HERE / "results" / f"layouts-{kind}.json"
@@ -433,6 +474,7 @@ def main() -> int:
                 r.get("set", ""),
                 order.get(r.get("name"), 99),
                 r.get("chunk_bytes") or 0,
+                r.get("allocator") or "",
             ),
         )
         before = earlier["machine"]
@@ -440,6 +482,7 @@ def main() -> int:
             info,
             merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))}"
             + ("" if args.chunk_bytes is None else f" with chunk_bytes {args.chunk_bytes}")
+            + ("" if args.allocator == "both" else f" with the {args.allocator} allocator")
             + " from this run, "
             "the others from the previous results file",
             previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}, "

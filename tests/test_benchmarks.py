@@ -530,12 +530,17 @@ def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
     assert layouts.param_shapes("emb", smoke=False) == [(32000, 768)]
     args = type("Args", (), {"nproc": 2, "device": "cpu", "cold_cache": False})()
     row = {"set": "emb", "layout": "fsdp2", "name": "adamw_8bit", "first_step_s": 1.0, "step_ms": 2.0}
-    row.update(ratio_adamw=1.5, transient_bytes_per_param=0.5, adamw_transient_bytes_per_param=4.0)
+    row.update(adamw_step_ms=1.3, ratio_adamw=1.5, transient_bytes_per_param=0.5, adamw_transient_bytes_per_param=4.0)
     row["compiled_params_first_step"] = 1
+    # a row of the steady allocator, with its page faults; an older record's row had none
+    steady = dict(row, allocator="steady", faults_per_step=12.0, adamw_faults_per_step=84000.0)
     refused = {"set": "emb", "layout": "zero2", "name": "muon", "error": "refused"}
-    lines = layouts.report([row, refused], info, {"vector_flags": ["avx2"]}, args)
-    assert "avx2" in lines[0] and len(lines) == 4 + 2
-    assert lines[4].startswith("| emb | fsdp2 | adamw_8bit | 1.0 | 2.0 | 1.50 | 0.50 | 4.00 | 1 |")
+    lines = layouts.report([row, steady, refused], info, {"vector_flags": ["avx2"]}, args)
+    assert "avx2" in lines[0] and len(lines) == 4 + 3
+    assert lines[4] == "| emb | fsdp2 | adamw_8bit | 1.0 | 2.0 | 1.3 | 1.50 | 0.50 | 4.00 | 1 |  |  |"
+    assert lines[5].startswith("| emb | fsdp2 | adamw_8bit (steady allocator) | 1.0 | 2.0 | 1.3 | 1.50 |")
+    assert lines[5].endswith("| 1 | 12 | 84000 |")
+    assert layouts.key(row) != layouts.key(steady)  # --merge keeps both
 
 
 def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
