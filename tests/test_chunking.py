@@ -280,3 +280,19 @@ def test_staged_pieces_run_uncompiled_after_a_failed_compilation(monkeypatch):
         compiled_step.reset()
     monkeypatch.undo()
     _assert_same(chunked, _run("adamw_4bit", 0, compile="off", steps=1), rtol=1e-6, atol=1e-7)
+
+
+def test_a_parameter_one_process_holds_whole_counts_n_times_in_a_call(monkeypatch):
+    """Calls are cut by global sizes (the same on every process); a parameter that one of N
+    processes holds whole (a ZeRO partition's: no process boundary inside it) counts N times,
+    so its process's calls hold at most limit / N of its elements, as a shard's of a parameter
+    the N processes share."""
+    from hfoptim.core.stats import ParamView
+
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    shape = torch.Size((768, 768))
+    owned = ParamView(global_shape=shape, group="a group")
+    shared = ParamView(global_shape=shape, local_rows=384, cuts=(384 * 768,), group="a group")
+    assert chunking.call_numel(owned) == 2 * 768 * 768
+    assert chunking.call_numel(shared) == 768 * 768
+    assert chunking.call_numel(ParamView(global_shape=shape)) == 768 * 768
