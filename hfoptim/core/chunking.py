@@ -189,6 +189,15 @@ def rows_per_piece(rows: int, row_len: int, limit: int, granularity: int = 1) ->
     return -(-rows // count // granularity) * granularity
 
 
+def _piece_rows(engine, group: dict, unit: Unit, limit: int) -> int:
+    """Rows of each row piece of ``unit`` under the call limit ``limit``: this process's share
+    (:func:`piece_numel`), a multiple of its forms' :func:`granularity` (1 for an empty shard)."""
+    if not unit.view.rows:
+        return 1
+    most = piece_numel(limit, unit.view)
+    return rows_per_piece(unit.view.rows, unit.view.row_len, most, granularity(engine, group, unit))
+
+
 def granularity(engine, group: dict, unit: Unit) -> int:
     """The rows a piece of ``unit`` must be a multiple of: the least common multiple of its
     storage forms' :meth:`~hfoptim.state.codec.Codec.row_granularity` (0: it cannot be cut)."""
@@ -340,9 +349,7 @@ def staged_pieces(engine, group: dict, unit: Unit, rows: int) -> tuple[list[Unit
     slots = engine.rule.active_slots(group)
     codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
 
-    def finish(last: Unit) -> None:
-        if empty:  # the empty shard stepped itself: its stored values are the whole ones
-            return
+    def finish(last: Unit) -> None:  # (an empty shard's last piece is itself: copies onto itself)
         for slot, codec in zip(slots, codecs):
             codec.finish_rows(slot, unit.state, unit.view, last.state)
 
@@ -424,19 +431,13 @@ def plan(
             planned["shard_whole"] += 1
             continue
         if numel > limit and staged_cuttable(engine, group, unit):
-            most = piece_numel(limit, unit.view)
-            step = granularity(engine, group, unit)
-            rows = rows_per_piece(unit.view.rows, unit.view.row_len, most, step) if unit.view.rows else 1
-            cut, piece_stats = staged_pieces(engine, group, unit, rows)
+            cut, piece_stats = staged_pieces(engine, group, unit, _piece_rows(engine, group, unit, limit))
             planned["staged"] += len(cut)
             calls.append((cut, piece_stats))
             continue
         if numel > limit and (shard_cuttable if unit.view.sharded else cuttable)(engine, group, unit):
             piece_stats = PieceStats(foreach=stats.foreach)
-            step = granularity(engine, group, unit)
-            most = piece_numel(limit, unit.view)
-            rows = rows_per_piece(unit.view.rows, unit.view.row_len, most, step) if unit.view.rows else 1
-            cut = pieces(engine, group, unit, rows, shard_sums)
+            cut = pieces(engine, group, unit, _piece_rows(engine, group, unit, limit), shard_sums)
             planned["shard" if unit.view.sharded else "whole"] += len(cut)
             calls.extend(([piece], piece_stats) for piece in cut)
             continue
