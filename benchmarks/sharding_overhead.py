@@ -158,12 +158,15 @@ def worker(args) -> int:
         if hfoptim.get_optimizer(name).rule.name == "muon":  # the embedding takes AdamW, as in a model
             kwargs["adamw_params"] = [r"^blocks\.0\.weight$"]
         if backend == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             from torch.distributed.tensor import distribute_tensor
 
+            # on the CPU also where a GPU is present (FSDP2's default mesh would take the GPU)
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
             for b in net.blocks:
-                fully_shard(b)
-            fully_shard(net)
+                fully_shard(b, mesh=mesh)
+            fully_shard(net, mesh=mesh)
             opt = hfoptim.create_optimizer(net, name, **kwargs)
             gen = torch.Generator().manual_seed(1)
             for p in net.parameters():

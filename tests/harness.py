@@ -5,13 +5,21 @@ A reference is a small float64 class written straight from the paper, one instan
 same keys the library uses. :func:`check_parity` runs both for many steps on tensors of several
 shapes, on the multi-tensor and the reference path, and compares parameters AND every state
 tensor after every step. It also checks that ``p.grad`` is left untouched.
+
+The library's tensors live on :data:`DEVICE`: the CPU, or the device that the environment variable
+``HFOPTIM_TEST_DEVICE`` names (``HFOPTIM_TEST_DEVICE=cuda pytest tests/test_adamw.py`` runs the
+same comparisons on a GPU; the references stay float64 on the CPU).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
+
+#: where the library's parameters, gradients and state live in the tests that read it
+DEVICE = torch.device(os.environ.get("HFOPTIM_TEST_DEVICE", "cpu"))
 
 #: 1-D, 2-D, 4-D, and one with odd sizes
 SHAPES = [(7,), (6, 4), (2, 3, 2, 2), (13, 11)]
@@ -50,14 +58,14 @@ def check_parity(
     for foreach in (True, False):
         gen = torch.Generator().manual_seed(seed)
         initial = [torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes]
-        lib_params = [torch.nn.Parameter(x.clone()) for x in initial]
+        lib_params = [torch.nn.Parameter(x.to(DEVICE, copy=True)) for x in initial]
         ref_params = [x.clone() for x in initial]
         optimizer = make_optimizer(lib_params, foreach)
         refs = [make_reference() for _ in shapes]
         for t in range(1, steps + 1):
             grads = grads_fn(ref_params, t, seed)
             for p, g in zip(lib_params, grads):
-                p.grad = g.clone()
+                p.grad = g.to(DEVICE, copy=True)
             loss = default_loss(t)
             if pass_loss:
                 optimizer.step(loss=loss)
@@ -67,9 +75,9 @@ def check_parity(
                 ref.step(p, g.clone(), loss) if pass_loss else ref.step(p, g.clone())
             for i, (lp, rp, ref, g) in enumerate(zip(lib_params, ref_params, refs, grads)):
                 where = f"foreach={foreach} step {t} tensor {i} shape {tuple(rp.shape)}"
-                assert torch.equal(lp.grad, g), f"p.grad was modified ({where})"
+                assert torch.equal(lp.grad.cpu(), g), f"p.grad was modified ({where})"
                 torch.testing.assert_close(
-                    lp.detach(), rp, rtol=rtol, atol=atol, msg=lambda m, w=where: f"param {w}: {m}"
+                    lp.detach().cpu(), rp, rtol=rtol, atol=atol, msg=lambda m, w=where: f"param {w}: {m}"
                 )
                 lib_state = optimizer.state[lp]
                 compared = {"step"} | set(skip_state)
@@ -77,7 +85,7 @@ def check_parity(
                     lib_key = state_map.get(key, key)
                     assert lib_key in lib_state, f"library state lacks {lib_key!r} ({where}); has {sorted(lib_state)}"
                     torch.testing.assert_close(
-                        lib_state[lib_key].to(torch.float64),
+                        lib_state[lib_key].to("cpu", torch.float64),
                         torch.as_tensor(value, dtype=torch.float64),
                         rtol=rtol,
                         atol=atol,

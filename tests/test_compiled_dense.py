@@ -13,6 +13,7 @@ import torch
 
 import hfoptim
 from hfoptim.core import compiled_step
+from tests.harness import DEVICE
 
 COMPRESSED = ("_4bit", "_8bit", "_bf16")
 #: the names that stay on the plain path, and why (the test below checks the reason given)
@@ -82,12 +83,12 @@ def test_every_dense_name_compiles_or_is_a_named_exception():
 
 def _run(name: str, compile: str, dtype: torch.dtype, steps: int = 4):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=dtype).to(DEVICE)) for s in SHAPES]
     opt = hfoptim.create_optimizer(params, name, compile=compile, **_hp(name))
     for t in range(1, steps + 1):
         gen = torch.Generator().manual_seed(t)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen, dtype=dtype) * 0.1
+            p.grad = (torch.randn(p.shape, generator=gen, dtype=dtype) * 0.1).to(DEVICE)
         for group in opt.param_groups:  # a schedule: the learning rate changes every step
             group["lr"] = _hp(name)["lr"] / t
         opt.step()

@@ -20,6 +20,7 @@ from hfoptim.core import compiled_step
 from hfoptim.core.stats import ParamView
 from hfoptim.state.blockwise8bit import dequantize, quantize, scale_shape
 from hfoptim.state.dynamic_code import SIGNED, UNSIGNED, decode_codes
+from tests.harness import DEVICE
 
 #: rows of whole 256-blocks, rows with a short last block, a vector of whole blocks, a vector
 #: ending in a short block, rows shorter than a block
@@ -48,13 +49,13 @@ def _compiled(fn):
 
 def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **kwargs):
     gen = torch.Generator().manual_seed(0)
-    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in SHAPES]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(DEVICE)) for s in SHAPES]
     hp = RULE_HP.get(name.rsplit("_", 1)[0], HP)
     opt = hfoptim.create_optimizer(params, name, compile=compile, state_min_numel=256, **hp, **kwargs)
     for t in range(1, steps + 1):
         gen = torch.Generator().manual_seed(t)
         for p in params:
-            p.grad = torch.randn(p.shape, generator=gen) * 0.1
+            p.grad = (torch.randn(p.shape, generator=gen) * 0.1).to(DEVICE)
         if lr_schedule:
             for group in opt.param_groups:
                 group["lr"] = HP["lr"] / t

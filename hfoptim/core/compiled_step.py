@@ -125,7 +125,18 @@ AUTO_MIN_NUMEL = 1 << 16
 #: read, and on CPU a fresh allocation of that size (page faults: 14 ms for a 16384x512 fp32
 #: buffer on the 2-core AMD EPYC, against 6 ms to write a reused one). Recomputing it in the
 #: update loop costs a few arithmetic operations per element instead.
+#:
+#: ``loop_ordering_after_fusion`` off: inductor reorders no loop of CPU code anyway, and in
+#: torch 2.11 its reordering of a fused node holding a reduction asserts (``AssertionError`` in
+#: ``reorder_loops_by_dep_pair``; fixed later), which sent every 8-bit and 4-bit CUDA kernel to
+#: the plain path (H200, 2026-12-04). The kernels read and write every tensor in its own layout:
+#: no order to fix.
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
+with contextlib.suppress(ImportError):
+    from torch._inductor import config as _inductor_config
+
+    if hasattr(_inductor_config, "loop_ordering_after_fusion"):  # (torch 2.5 and later)
+        INDUCTOR_OPTIONS["loop_ordering_after_fusion"] = False
 
 
 def _can_skip_guards() -> bool:
@@ -219,8 +230,11 @@ def _advance_one(
     rows = p.shape[0] if p.dim() else None
     view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
     # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
-    # taken in fp32 would round the bias corrections of an fp64 parameter to fp32
-    step = state["step"].to(p.dtype)
+    # taken in fp32 would round the bias corrections of an fp64 parameter to fp32. On the
+    # parameter's device: the counter stays on the CPU (no synchronisation to read it), and a
+    # CUDA graph computing with a CPU tensor fails in inductor (an AssertionError, torch 2.11 on
+    # an H200), which sent every parameter to the plain path
+    step = state["step"].to(device=p.device, dtype=p.dtype)
     if known is not None:
         stats = StagedStats(known, foreach=stats.foreach)
     out_of_place = out_of_place or record  # a recording kernel writes nothing

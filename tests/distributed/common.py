@@ -26,6 +26,22 @@ from hfoptim.modifiers import GRAD, MODIFIERS
 from hfoptim.registry import bases
 from hfoptim.state.codec import CODECS
 
+_cpu_mesh = None
+
+
+def fully_shard(module: torch.nn.Module) -> torch.nn.Module:
+    """``torch.distributed.fsdp.fully_shard`` over a CPU mesh of every process. The workers run
+    over gloo on the CPU, also on a machine with a GPU, where FSDP2's default mesh takes the GPU
+    (two processes and one GPU: "invalid device ordinal")."""
+    global _cpu_mesh
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard as shard
+
+    if _cpu_mesh is None:
+        _cpu_mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    return shard(module, mesh=_cpu_mesh)
+
+
 #: (name, shape): sizes divide neither by 2 nor by 3 where it matters; "row1" has one row (the
 #: other processes hold none of it under FSDP2); "big" is over 4096 elements (8-bit blocks
 #: cut by shard boundaries); "conv" is 4-D; "vec" 1-D

@@ -16,7 +16,6 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -33,6 +32,7 @@ from tests.distributed.common import (  # noqa: E402
     compare,
     compare_state,
     finish,
+    fully_shard,
     gradients,
     grouped,
     kernel_calls,

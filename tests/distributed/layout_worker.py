@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-from torch.distributed.fsdp import fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -35,7 +34,14 @@ import hfoptim  # noqa: E402
 from hfoptim.core.layout import transposed_view  # noqa: E402
 from hfoptim.distributed import checkpoint as hckpt  # noqa: E402
 from hfoptim.rules import RULES  # noqa: E402
-from tests.distributed.common import compare, compare_state, finish, run_cases, setup_threads  # noqa: E402
+from tests.distributed.common import (  # noqa: E402
+    compare,
+    compare_state,
+    finish,
+    fully_shard,
+    run_cases,
+    setup_threads,
+)
 from tests.distributed.fsdp2_worker import sharded_grad  # noqa: E402
 
 EXPERTS, OUT, IN = 5, 7, 300  # rows of 300: an 8-bit row ends in a short block
