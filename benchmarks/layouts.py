@@ -86,11 +86,14 @@ def lscpu() -> dict:
 
 
 def machine_kind(cpu: dict, device: str) -> str:
-    """Which record a run belongs to: "avx512" or "avx2" by the CPU's widest vector extension
-    (inductor's CPU kernels differ most between them), "cpu" for others, the device type else."""
+    """Which record a run belongs to: "amx" (an Intel Xeon with AMX and AVX-512), "avx512" or
+    "avx2" by the CPU's widest vector extension (inductor's CPU kernels differ most between
+    them), "cpu" for others, the device type else."""
     if device != "cpu":
         return device
     flags = cpu.get("flags", [])
+    if "amx_tile" in flags:
+        return "amx"
     if any(f.startswith("avx512") for f in flags):
         return "avx512"
     return "avx2" if "avx2" in flags else "cpu"
@@ -243,12 +246,15 @@ def worker(args) -> int:
             local = [flat for flat in tensors]
         else:
             if args.layout == "fsdp2":
+                from torch.distributed.device_mesh import init_device_mesh
                 from torch.distributed.fsdp import fully_shard
                 from torch.distributed.tensor import distribute_tensor
 
+                # the mesh of --device (FSDP2's default takes the GPU where one is present)
+                mesh = init_device_mesh(device.type, (dist.get_world_size(),))
                 for b in net.blocks:
-                    fully_shard(b)
-                fully_shard(net)
+                    fully_shard(b, mesh=mesh)
+                fully_shard(net, mesh=mesh)
             opt = make(list(net.parameters())) if make else hfoptim.create_optimizer(net, base, **options, **extra)
             gen = torch.Generator().manual_seed(1)
             local = []

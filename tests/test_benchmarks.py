@@ -541,6 +541,11 @@ def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
     assert lines[5].startswith("| emb | fsdp2 | adamw_8bit (steady allocator) | 1.0 | 2.0 | 1.3 | 1.50 |")
     assert lines[5].endswith("| 1 | 12 | 84000 |")
     assert layouts.key(row) != layouts.key(steady)  # --merge keeps both
+    # one record per kind of machine: an Intel Xeon with AMX is not an AMD EPYC with AVX-512
+    kinds = [(["avx2", "avx512f", "amx_tile"], "cpu", "amx"), (["avx2", "avx512f"], "cpu", "avx512")]
+    kinds += [(["avx2"], "cpu", "avx2"), (["sse4_2"], "cpu", "cpu"), (["avx2", "amx_tile"], "cuda", "cuda")]
+    for flags, device, kind in kinds:
+        assert layouts.machine_kind({"flags": flags}, device) == kind
 
 
 def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
