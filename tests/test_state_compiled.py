@@ -10,6 +10,7 @@ seconds on a small CPU).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -181,24 +182,46 @@ def test_compiled_4bit_code_finds_the_nearest_level_at_every_midpoint(fresh_dyna
         assert torch.equal(_compiled(code.encode)(y), expected), code.name
 
 
+@pytest.fixture
+def no_inductor_cache():
+    """Every compilation generates its own code: no kernel from inductor's caches (the tests that
+    read the generated code would read another compilation's)."""
+    with torch._inductor.config.patch(force_disable_caches=True):
+        yield
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("vector", [False, True], ids=["inductor-casts", "vector-casts"])
 @pytest.mark.parametrize("avx2", [False, True], ids=["bytes", "words"])
-def test_compiled_8bit_code_forms_are_exact(avx2, fresh_dynamo, monkeypatch):
+def test_compiled_8bit_code_forms_are_exact(avx2, vector, fresh_dynamo, no_inductor_cache, monkeypatch):
     """Both compiled forms of the 8-bit code (codes read as bytes and stored from int32, or, where
     inductor's kernels are AVX2, read as 32-bit words and stored through fp32) give the table's
     values for every code, in a vector and in rows of whole words, and encode to what
-    ``bucketize`` gives on every midpoint, one ulp either side of it and every level."""
+    ``bucketize`` gives on every midpoint, one ulp either side of it and every level: with
+    inductor's bit casts and with the kit's vector bit casts (``vector_bitcasts``, entered
+    around the kit's compilations), whose C++ casts with ``at::vec::cast``."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hfoptim.core.vector_bitcast import vector_bitcasts
     from hfoptim.state import dynamic_code
 
     monkeypatch.setattr(dynamic_code, "_inductor_isa_is_avx2", lambda: avx2)
+    casts = vector_bitcasts if vector else contextlib.nullcontext
+    with casts():
+        every_code = torch.arange(256, dtype=torch.uint8)
+        _, sources = run_and_get_code(_compiled(lambda c: decode_codes(c, SIGNED)), every_code)
+    source = "\n".join(sources)
+    # the decode's exponent field: a register cast, or inductor's scalar loop of c10::bit_cast
+    assert ("at::vec::cast<int32_t>" in source) == vector and ("c10::bit_cast" in source) != vector
     read_as_words = []
     words_of = dynamic_code._code_words
     monkeypatch.setattr(dynamic_code, "_code_words", lambda c: read_as_words.append(c.shape) or words_of(c))
     codes = torch.arange(256, dtype=torch.uint8)
     for code in (SIGNED, UNSIGNED):
         decode = _compiled(lambda c, code=code: decode_codes(c, code))
-        assert torch.equal(decode(codes), code.table)
-        assert torch.equal(decode(codes.view(16, 16).flip(0).contiguous()), code.table.view(16, 16).flip(0))
+        with casts():
+            assert torch.equal(decode(codes), code.table)
+            assert torch.equal(decode(codes.view(16, 16).flip(0).contiguous()), code.table.view(16, 16).flip(0))
         mids = code.midpoints
         up, down = torch.full_like(mids, 2.0), torch.full_like(mids, -2.0)
         y = torch.cat([mids, torch.nextafter(mids, up), torch.nextafter(mids, down), code.magnitudes])
@@ -206,7 +229,8 @@ def test_compiled_8bit_code_forms_are_exact(avx2, fresh_dynamo, monkeypatch):
         if code.signed:  # negative values: the magnitude's code with the sign bit
             y, expected = torch.cat([y, -y[y > 0]]), torch.cat([expected, expected[y > 0] + 128])
         assert torch.equal(code.encode(y), expected), code.name
-        assert torch.equal(_compiled(code.encode)(y), expected), code.name
+        with casts():
+            assert torch.equal(_compiled(code.encode)(y), expected), code.name
     assert bool(read_as_words) == avx2
 
 
@@ -225,6 +249,18 @@ def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
     plain, p_opt = _run("adamw_8bit", "off")
     for p, q in zip(fallback, plain):
         assert torch.equal(p, q)
+
+
+def test_vector_bitcasts_are_installed_only_inside_the_context():
+    """The kit's vector bit casts replace inductor's only while one of its compilations runs."""
+    from torch._inductor.codegen import cpp
+
+    from hfoptim.core.vector_bitcast import vector_bitcasts
+
+    inductors = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
+    with vector_bitcasts() as installed:
+        assert installed and cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is not inductors
+    assert cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is inductors
 
 
 def test_a_compile_failing_with_the_cpu_flags_instruction_set_is_tried_with_inductors_checks(monkeypatch):

@@ -113,6 +113,7 @@ from .context import StepContext
 from .stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats, StagedPieceStats, StagedStats
 from .step import advance
 from .tensorlist import TensorList
+from .vector_bitcast import vector_bitcasts
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
@@ -155,7 +156,8 @@ _compiled: dict[tuple, Any] = {}
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
 #: whether the kernels' compilations take inductor's instruction set from the CPU's flags
-#: (:func:`_isa_from_cpu_flags`); False once such a compilation failed
+#: (:func:`_isa_from_cpu_flags`) and vector bit casts (:mod:`hfoptim.core.vector_bitcast`);
+#: False once such a compilation failed
 _trust_cpu_flags = True
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
@@ -325,23 +327,26 @@ def _run(key: tuple, *args):
 
 def _compiling_call(fn, args: tuple):
     """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
-    CPU's flags (:func:`_isa_from_cpu_flags`); if that compilation fails (a compiler without an
-    instruction set the CPU lists), once more with inductor's own checks before the failure
-    counts."""
+    CPU's flags (:func:`_isa_from_cpu_flags`) and 32-bit bit casts as vector operations
+    (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`); if that compilation fails (a compiler
+    without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
+    inductor's own checks and code before the failure counts, and so from then on."""
     global _trust_cpu_flags
     if not _trust_cpu_flags:
         return fn(*args)
-    trusted = False
+    trusted = vector = False
     try:
-        with _isa_from_cpu_flags() as trusted:
+        with _isa_from_cpu_flags() as trusted, vector_bitcasts() as vector:
             return fn(*args)
     except Exception as error:
-        if not trusted:  # compiled with inductor's own choice: nothing to try again
+        if not (trusted or vector):  # compiled with inductor's own choices: nothing to try again
             raise
         _trust_cpu_flags = False
         _forget_isa()
         logger.info(
-            "hfoptim: compiling with the CPU's instruction sets failed (%s); again with inductor's checks", error
+            "hfoptim: compiling with the CPU's instruction sets and vector bit casts failed (%s); "
+            "again with inductor's own checks and code",
+            error,
         )
         return fn(*args)
 
