@@ -155,10 +155,10 @@ _compiled: dict[tuple, Any] = {}
 #: per parameter group (by id): the options last seen and their text in the kernel keys
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
-#: whether the kernels' compilations take inductor's instruction set from the CPU's flags
-#: (:func:`_isa_from_cpu_flags`) and vector bit casts (:mod:`hfoptim.core.vector_bitcast`);
-#: False once such a compilation failed
-_trust_cpu_flags = True
+#: whether the kernels compile with the kit's code-generation choices: inductor's instruction
+#: set taken from the CPU's flags (:func:`_isa_from_cpu_flags`) and vector bit casts
+#: (:mod:`hfoptim.core.vector_bitcast`); False once such a compilation failed
+_kit_codegen = True
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
 calls: dict[tuple, int] = {}
@@ -331,8 +331,8 @@ def _compiling_call(fn, args: tuple):
     (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`); if that compilation fails (a compiler
     without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
     inductor's own checks and code before the failure counts, and so from then on."""
-    global _trust_cpu_flags
-    if not _trust_cpu_flags:
+    global _kit_codegen
+    if not _kit_codegen:
         return fn(*args)
     trusted = vector = False
     try:
@@ -341,7 +341,7 @@ def _compiling_call(fn, args: tuple):
     except Exception as error:
         if not (trusted or vector):  # compiled with inductor's own choices: nothing to try again
             raise
-        _trust_cpu_flags = False
+        _kit_codegen = False
         _forget_isa()
         logger.info(
             "hfoptim: compiling with the CPU's instruction sets and vector bit casts failed (%s); "
@@ -913,8 +913,8 @@ def complete_sums(stats, partial: list[tuple[torch.Tensor, ParamView]]) -> None:
 
 def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
-    global _failed, _trust_cpu_flags
-    _trust_cpu_flags = True
+    global _failed, _kit_codegen
+    _kit_codegen = True
     _compiled.clear()
     _settings.clear()
     calls.clear()
