@@ -190,24 +190,33 @@ def no_inductor_cache():
         yield
 
 
+@contextlib.contextmanager
+def _kit_vectors():
+    """The kit's vector bit casts and gathers, as around its compilations."""
+    from hfoptim.core.vector_bitcast import vector_bitcasts
+    from hfoptim.core.vector_gather import vector_gathers
+
+    with vector_bitcasts(), vector_gathers():
+        yield
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("vector", [False, True], ids=["inductor-casts", "vector-casts"])
+@pytest.mark.parametrize("vector", [False, True], ids=["inductor-code", "kit-vectors"])
 @pytest.mark.parametrize("avx2", [False, True], ids=["bytes", "words"])
 def test_compiled_8bit_code_forms_are_exact(avx2, vector, fresh_dynamo, no_inductor_cache, monkeypatch):
-    """Both compiled forms of the 8-bit code (codes read as bytes and stored from int32, or, where
-    inductor's kernels are AVX2, read as 32-bit words and stored through fp32) give the table's
-    values for every code, in a vector and in rows of whole words, and encode to what
-    ``bucketize`` gives on every midpoint, one ulp either side of it and every level: with
-    inductor's bit casts and with the kit's vector bit casts (``vector_bitcasts``, entered
-    around the kit's compilations), whose C++ casts with ``at::vec::cast``."""
+    """Both compiled forms of the 8-bit code (codes read as bytes, or, where inductor's kernels
+    are AVX2, read as 32-bit words; stored through fp32 on the CPU) give the table's values for
+    every code, in a vector and in rows of whole words, and encode to what ``bucketize`` gives
+    on every midpoint, one ulp either side of it and every level: with inductor's own code and
+    with the kit's vector bit casts and gathers (entered around the kit's compilations), whose
+    C++ casts with ``at::vec::cast`` and reads the encode table with ``at::vec::gather``."""
     from torch._inductor.utils import run_and_get_code
 
-    from hfoptim.core.vector_bitcast import vector_bitcasts
     from hfoptim.state import dynamic_code
 
     monkeypatch.setattr(dynamic_code, "_inductor_isa_is_avx2", lambda: avx2)
-    casts = vector_bitcasts if vector else contextlib.nullcontext
-    with casts():
+    kit = _kit_vectors if vector else contextlib.nullcontext
+    with kit():
         every_code = torch.arange(256, dtype=torch.uint8)
         _, sources = run_and_get_code(_compiled(lambda c: decode_codes(c, SIGNED)), every_code)
     source = "\n".join(sources)
@@ -219,7 +228,7 @@ def test_compiled_8bit_code_forms_are_exact(avx2, vector, fresh_dynamo, no_induc
     codes = torch.arange(256, dtype=torch.uint8)
     for code in (SIGNED, UNSIGNED):
         decode = _compiled(lambda c, code=code: decode_codes(c, code))
-        with casts():
+        with kit():
             assert torch.equal(decode(codes), code.table)
             assert torch.equal(decode(codes.view(16, 16).flip(0).contiguous()), code.table.view(16, 16).flip(0))
         mids = code.midpoints
@@ -229,9 +238,39 @@ def test_compiled_8bit_code_forms_are_exact(avx2, vector, fresh_dynamo, no_induc
         if code.signed:  # negative values: the magnitude's code with the sign bit
             y, expected = torch.cat([y, -y[y > 0]]), torch.cat([expected, expected[y > 0] + 128])
         assert torch.equal(code.encode(y), expected), code.name
-        with casts():
-            assert torch.equal(_compiled(code.encode)(y), expected), code.name
+        with kit():
+            encoded, sources = run_and_get_code(_compiled(code.encode), y)
+        assert torch.equal(encoded, expected), code.name
+        # the table read: one vector gather, or inductor's scalar loop through a stack buffer
+        assert ("at::vec::gather<4>" in "\n".join(sources)) == vector
     assert bool(read_as_words) == avx2
+
+
+@pytest.mark.slow
+def test_vector_gathers_read_32_bit_tables_only(fresh_dynamo, no_inductor_cache):
+    """Inside ``vector_gathers`` a load from a 32-bit table at an in-kernel index (with a constant
+    offset) is a vector gather with the same values; a 64-bit table and a contiguous load keep
+    inductor's own code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hfoptim.core.vector_gather import vector_gathers
+
+    index = torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0))
+    tables = {
+        torch.float32: torch.randn(1003),
+        torch.int32: torch.randint(-(2**31), 2**31 - 1, (1003,), dtype=torch.int32),
+        torch.int64: torch.arange(1003) * 3,
+    }
+    for dtype, table in tables.items():
+
+        def read(i, t=table):
+            return t[i * 2 % 1000 + 3]
+
+        with vector_gathers() as installed:
+            got, sources = run_and_get_code(_compiled(read), index)
+        assert installed
+        assert torch.equal(got, read(index)), dtype
+        assert ("at::vec::gather<4>" in "\n".join(sources)) == (dtype != torch.int64), dtype
 
 
 def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
@@ -251,16 +290,21 @@ def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
         assert torch.equal(p, q)
 
 
-def test_vector_bitcasts_are_installed_only_inside_the_context():
-    """The kit's vector bit casts replace inductor's only while one of its compilations runs."""
+def test_vector_bitcasts_and_gathers_are_installed_only_inside_the_context():
+    """The kit's vector bit casts and gathers replace inductor's code only while one of its
+    compilations runs."""
     from torch._inductor.codegen import cpp
 
     from hfoptim.core.vector_bitcast import vector_bitcasts
+    from hfoptim.core.vector_gather import vector_gathers
 
-    inductors = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
-    with vector_bitcasts() as installed:
-        assert installed and cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is not inductors
-    assert cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is inductors
+    inductor_cast = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
+    inductor_load = cpp.CppVecKernel.__dict__["load"]
+    with vector_bitcasts() as casts, vector_gathers() as gathers:
+        assert casts and cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is not inductor_cast
+        assert gathers and cpp.CppVecKernel.__dict__["load"] is not inductor_load
+    assert cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is inductor_cast
+    assert cpp.CppVecKernel.__dict__["load"] is inductor_load
 
 
 def test_a_compile_failing_with_the_cpu_flags_instruction_set_is_tried_with_inductors_checks(monkeypatch):

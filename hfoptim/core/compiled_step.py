@@ -114,6 +114,7 @@ from .stats import MAX, SUM, LocalStats, ParamView, PieceStats, ShardPieceStats,
 from .step import advance
 from .tensorlist import TensorList
 from .vector_bitcast import vector_bitcasts
+from .vector_gather import vector_gathers
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
@@ -156,8 +157,9 @@ _compiled: dict[tuple, Any] = {}
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
 #: whether the kernels compile with the kit's code-generation choices: inductor's instruction
-#: set taken from the CPU's flags (:func:`_isa_from_cpu_flags`) and vector bit casts
-#: (:mod:`hfoptim.core.vector_bitcast`); False once such a compilation failed
+#: set taken from the CPU's flags (:func:`_isa_from_cpu_flags`), vector bit casts
+#: (:mod:`hfoptim.core.vector_bitcast`) and vector gathers (:mod:`hfoptim.core.vector_gather`);
+#: False once such a compilation failed
 _kit_codegen = True
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
@@ -327,24 +329,25 @@ def _run(key: tuple, *args):
 
 def _compiling_call(fn, args: tuple):
     """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
-    CPU's flags (:func:`_isa_from_cpu_flags`) and 32-bit bit casts as vector operations
-    (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`); if that compilation fails (a compiler
+    CPU's flags (:func:`_isa_from_cpu_flags`), 32-bit bit casts as vector operations
+    (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`) and table reads as vector gathers
+    (:func:`~hfoptim.core.vector_gather.vector_gathers`); if that compilation fails (a compiler
     without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
     inductor's own checks and code before the failure counts, and so from then on."""
     global _kit_codegen
     if not _kit_codegen:
         return fn(*args)
-    trusted = vector = False
+    trusted = casts = gathers = False
     try:
-        with _isa_from_cpu_flags() as trusted, vector_bitcasts() as vector:
+        with _isa_from_cpu_flags() as trusted, vector_bitcasts() as casts, vector_gathers() as gathers:
             return fn(*args)
     except Exception as error:
-        if not (trusted or vector):  # compiled with inductor's own choices: nothing to try again
+        if not (trusted or casts or gathers):  # compiled with inductor's own choices: nothing to try again
             raise
         _kit_codegen = False
         _forget_isa()
         logger.info(
-            "hfoptim: compiling with the CPU's instruction sets and vector bit casts failed (%s); "
+            "hfoptim: compiling with the CPU's instruction sets, vector bit casts and gathers failed (%s); "
             "again with inductor's own checks and code",
             error,
         )

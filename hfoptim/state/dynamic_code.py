@@ -166,12 +166,14 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     index = (entry & 0xFF) + ((entry >> 24) & (bits > midpoint).to(torch.int32))
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
-    if torch.compiler.is_compiling() and _avx2_kernels(y.device):
-        # through fp32 where inductor's kernels are AVX2: torch 2.13's AVX2 vectors convert int32
-        # to uint8 element by element, fp32 to uint8 in a few instructions (the encode of 4.1M
-        # values: 6.7 ms against 8.6 ms, one core of an AVX2-only AMD EPYC); both are exact for
-        # 0..255. With AVX-512 kernels the direct conversion is faster (100M set, two threads of
-        # an AMD EPYC: adamw_8bit 338 against 391 ms a step, adan_8bit 561 against 620)
+    if torch.compiler.is_compiling() and y.device.type == "cpu":
+        # through fp32 in inductor's CPU kernels: torch 2.13's vectors convert int32 to uint8
+        # element by element (the generic ``VecConvert``: a store, a scalar loop and a partial
+        # load), fp32 to uint8 in a few instructions; both are exact for 0..255. Measured per
+        # encode of 3.1M values compiled alone: 1.46 against 2.6-2.85 ms (two threads of an Intel
+        # Xeon with AVX-512), 6.7 against 8.6 ms (one core of an AVX2-only AMD EPYC). On an AMD
+        # EPYC with AVX-512 the direct conversion measured faster, before the kit's vector bit
+        # casts and gathers (adamw_8bit 338 against 391 ms a step on the 100M set): not rechecked
         return index.to(torch.float32).to(torch.uint8)
     return index.to(torch.uint8)
 
