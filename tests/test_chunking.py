@@ -174,9 +174,10 @@ def _peak_bytes(fn) -> int:
 @pytest.mark.slow
 def test_an_embedding_step_stays_within_the_chunk_budget():
     """One plain-path adamw_8bit step of a 32000x768 embedding: about 48 bytes of temporaries
-    per element unchunked (1.1 GiB), within the default 64 MiB budget in pieces; same numbers."""
+    per element unchunked (1.1 GiB), within the default budget (64 MiB on a CPU) in pieces; same
+    numbers."""
     runs = []
-    for chunk_bytes in (chunking.DEFAULT_CHUNK_BYTES, 0):
+    for chunk_bytes in (None, 0):
         torch.manual_seed(0)
         p = torch.nn.Parameter(torch.randn(32000, 768))
         opt = hfoptim.create_optimizer([p], "adamw_8bit", chunk_bytes=chunk_bytes, compile="off", lr=1e-3)
@@ -190,6 +191,23 @@ def test_an_embedding_step_stays_within_the_chunk_budget():
     assert torch.equal(p, q)
     for key, value in ref.state[q].items():
         assert torch.equal(opt.state[p][key], value), key
+
+
+def test_the_default_chunk_budget_depends_on_the_device():
+    """``chunk_bytes=None`` (the default) bounds a call at 64 MiB of temporaries on a CPU and at
+    1 GiB on a GPU, whose per-call host cost outweighs a small piece's work; a number given is
+    the budget on every device; anything else is refused, naming the option."""
+    per_element = chunking.TRANSIENT_BYTES_PER_ELEMENT
+    default = {"chunk_bytes": None}
+    assert chunking.chunk_numel(default, torch.device("cpu")) == (64 << 20) // per_element
+    assert chunking.chunk_numel(default, torch.device("cuda", 1)) == (1 << 30) // per_element
+    assert chunking.chunk_numel({"chunk_bytes": 1 << 20}, torch.device("cuda")) == (1 << 20) // per_element
+    assert chunking.chunk_numel({"chunk_bytes": 0}, torch.device("cuda")) is None
+    p = torch.nn.Parameter(torch.zeros(4, 4))
+    assert hfoptim.create_optimizer([p], "adamw_8bit").param_groups[0]["chunk_bytes"] is None
+    for bad in (-1, 1.5, "64MiB", True):
+        with pytest.raises(ValueError, match="chunk_bytes"):
+            hfoptim.create_optimizer([p], "adamw_8bit", chunk_bytes=bad)
 
 
 @pytest.mark.slow

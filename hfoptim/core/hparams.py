@@ -22,7 +22,8 @@ class HP:
     """One hyperparameter: its default and what it accepts.
 
     ``kind`` is one of ``float``, ``int``, ``bool``, ``str``, ``floats`` (a tuple of floats of
-    length ``length``) or ``optional_float`` (a float or None).
+    length ``length``), ``optional_float`` (a float or None) or ``optional_int`` (an integer or
+    None).
     """
 
     default: Any
@@ -43,9 +44,11 @@ class HP:
             return "True or False"
         lo = "" if self.low is None else f"{self.low} {'<' if self.low_open else '<='} "
         hi = "" if self.high is None else f" {'<' if self.high_open else '<='} {self.high}"
-        what = {"floats": f"{self.length} numbers, each", "optional_float": "None or a number"}.get(
-            self.kind, "a number" if self.kind in ("float", "int") else self.kind
-        )
+        what = {
+            "floats": f"{self.length} numbers, each",
+            "optional_float": "None or a number",
+            "optional_int": "None or an integer",
+        }.get(self.kind, "a number" if self.kind in ("float", "int") else self.kind)
         if self.kind == "int":
             what = "an integer"
         if lo or hi:
@@ -81,6 +84,11 @@ class HP:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not self._in_range(float(value)):
                     raise fail()
                 value = float(value)
+        elif self.kind == "optional_int":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise fail()
+            if value is not None and not self._in_range(value):
+                raise fail()
         elif self.kind == "floats":
             if not isinstance(value, (tuple, list)) or len(value) != self.length:
                 raise fail()

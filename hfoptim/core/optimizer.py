@@ -87,12 +87,13 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         check=lambda v: None if v is None or isinstance(v, bool) else "True, False or None, not a number",
     )
     spec["chunk_bytes"] = HP(
-        chunking.DEFAULT_CHUNK_BYTES,
-        kind="int",
+        None,
+        kind="optional_int",
         low=0,
         doc="bound on the step's temporary memory: tensors are stepped in groups of at most chunk_bytes/64 "
         "elements (global sizes), large ones in pieces of whole rows where the rule allows, of chunk_bytes/64/N "
-        "local elements for a shard of N processes (0: no bound; see hfoptim.core.chunking)",
+        "local elements for a shard of N processes (0: no bound; None, the default: 64 MiB on a CPU, 1 GiB on "
+        "a GPU, where each call's host cost outweighs a piece's work; see hfoptim.core.chunking)",
     )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
