@@ -102,6 +102,11 @@ def test_compiled_path_agrees_with_the_plain_path(name):
             mine = c_opt.state[p][key]
             if value.dtype == torch.uint8:  # codes: a rounding difference may flip a rare one
                 assert (mine != value).float().mean() < 1e-3, key
+            elif value.dtype == torch.bfloat16:  # rounded to bf16: the same, a rare one by a few ulps
+                # (on an H200 one element of 32768 of adafactor_bf16 by 4 ulps: Triton's fp32
+                # order of operations moves a value across a rounding boundary)
+                close = torch.isclose(mine.float(), value.float(), rtol=1e-2, atol=1e-6)
+                assert (~close).float().mean() < 1e-3, key
             else:
                 torch.testing.assert_close(mine.float(), value.float(), rtol=1e-2, atol=1e-6)
 
