@@ -312,6 +312,37 @@ def test_vector_bitcasts_and_gathers_are_installed_only_inside_the_context():
     assert cpp.CppVecKernel.__dict__["load"] is inductor_load
 
 
+@pytest.mark.slow
+def test_inductors_disk_cache_keys_the_kits_code_generation(fresh_dynamo, monkeypatch):
+    """A kernel compiled with the kit's code-generation hooks is found again in inductor's disk
+    cache by a later compilation with them, and not by one without them (or, through the hash
+    of the hooks' sources, with other hooks): the key carries a mark of them."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import fresh_cache
+
+    def step_and_count(kit_codegen: bool = True) -> tuple[int, int]:
+        compiled_step.reset()  # (which turns the hooks on)
+        torch._dynamo.reset()
+        counters.clear()
+        monkeypatch.setattr(compiled_step, "_kit_codegen", kit_codegen)
+        p = torch.nn.Parameter(torch.randn(512, 256, generator=torch.Generator().manual_seed(0)))
+        opt = hfoptim.create_optimizer([p], "adamw_8bit", compile="on", lr=1e-3, state_min_numel=1)
+        p.grad = torch.ones_like(p)
+        opt.step()
+        assert sum(compiled_step.calls.values()) == 1
+        return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
+
+    mark = compiled_step.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
+    with fresh_cache():
+        assert step_and_count() == (0, 1)
+        assert step_and_count() == (1, 0)
+        with_hooks = mark.uuid()
+        assert step_and_count(kit_codegen=False) == (0, 1)
+        assert mark.uuid() != with_hooks
+        assert step_and_count(kit_codegen=False) == (1, 0)
+    compiled_step.reset()
+
+
 def test_a_compile_failing_with_the_cpu_flags_instruction_set_is_tried_with_inductors_checks(monkeypatch):
     """The kernels compile with inductor's instruction set taken from the CPU's flags
     (``cpp.vec_isa_ok``: no test build per instruction set); a compilation that fails so (a

@@ -141,6 +141,37 @@ with contextlib.suppress(ImportError):
         INDUCTOR_OPTIONS["loop_ordering_after_fusion"] = False
 
 
+def _codegen_mark():
+    """A post-grad pass that changes nothing and whose ``uuid`` names the kit's code generation:
+    the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`, :mod:`~hfoptim.core.vector_gather`)
+    and whether they are in use (:data:`_kit_codegen`). Inductor's on-disk graph cache keys a
+    kernel by the graph and the options, custom passes by their ``uuid``, not by what its code
+    generator was patched with: without the mark a kernel cached before a hook changed (or by a
+    process without the hooks) would be loaded as it was. None where this inductor has no custom
+    passes."""
+    try:
+        from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+    except ImportError:
+        return None
+    from . import vector_bitcast, vector_gather
+
+    class KitCodegenMark(CustomGraphPass):
+        def __call__(self, graph) -> None:
+            return None
+
+        def uuid(self):
+            return (get_hash_for_files((vector_bitcast.__file__, vector_gather.__file__)), _kit_codegen)
+
+    return KitCodegenMark()
+
+
+with contextlib.suppress(ImportError):
+    from torch._inductor import config as _inductor_config
+
+    if hasattr(_inductor_config, "post_grad_custom_pre_pass") and (_mark := _codegen_mark()) is not None:
+        INDUCTOR_OPTIONS["post_grad_custom_pre_pass"] = _mark
+
+
 def _can_skip_guards() -> bool:
     """Whether this torch has ``set_stance(skip_guard_eval_unsafe=...)`` (torch 2.6 and later; the
     kit supports 2.4, where the guards are evaluated as before)."""
