@@ -295,6 +295,25 @@ def test_a_failing_compile_warns_once_and_runs_the_plain_path(monkeypatch):
         assert torch.equal(p, q)
 
 
+@pytest.mark.slow
+def test_a_kernel_the_gather_hook_cannot_read_keeps_inductors_load(fresh_dynamo, no_inductor_cache, monkeypatch):
+    """A kernel object without what the gather hook reads (another inductor's) keeps inductor's
+    own load instead of failing the compilation."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hfoptim.core import vector_gather
+
+    def unreadable(*args):
+        raise AttributeError("_load_mask")
+
+    monkeypatch.setattr(vector_gather, "_gather_line", unreadable)
+    table, index = torch.randn(1003), torch.randint(0, 1000, (4096,), generator=torch.Generator().manual_seed(0))
+    with vector_gather.vector_gathers():
+        got, sources = run_and_get_code(_compiled(lambda i: table[i * 2 % 1000 + 3]), index)
+    assert torch.equal(got, table[index * 2 % 1000 + 3])
+    assert "at::vec::gather" not in "\n".join(sources)
+
+
 def test_vector_bitcasts_and_gathers_are_installed_only_inside_the_context():
     """The kit's vector bit casts and gathers replace inductor's code only while one of its
     compilations runs."""

@@ -85,7 +85,10 @@ def vector_gathers():
         return
 
     def load(self, name, index):
-        found = _gather_line(self, name, index, cpp, V, sympy_utils)
+        try:
+            found = _gather_line(self, name, index, cpp, V, sympy_utils)
+        except AttributeError:  # a kernel of another inductor than the one this was written for
+            found = None
         if found is None:
             return inductor_load(self, name, index)
         line, dtype = found
