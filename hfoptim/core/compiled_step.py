@@ -134,11 +134,6 @@ AUTO_MIN_NUMEL = 1 << 16
 #: the plain path (H200, 2026-12-04). The kernels read and write every tensor in its own layout:
 #: no order to fix.
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
-with contextlib.suppress(ImportError):
-    from torch._inductor import config as _inductor_config
-
-    if hasattr(_inductor_config, "loop_ordering_after_fusion"):  # (torch 2.5 and later)
-        INDUCTOR_OPTIONS["loop_ordering_after_fusion"] = False
 
 
 def _codegen_mark():
@@ -168,6 +163,8 @@ def _codegen_mark():
 with contextlib.suppress(ImportError):
     from torch._inductor import config as _inductor_config
 
+    if hasattr(_inductor_config, "loop_ordering_after_fusion"):  # (torch 2.5 and later)
+        INDUCTOR_OPTIONS["loop_ordering_after_fusion"] = False
     if hasattr(_inductor_config, "post_grad_custom_pre_pass") and (_mark := _codegen_mark()) is not None:
         INDUCTOR_OPTIONS["post_grad_custom_pre_pass"] = _mark
 

@@ -85,10 +85,9 @@ class HP:
                     raise fail()
                 value = float(value)
         elif self.kind == "optional_int":
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise fail()
-            if value is not None and not self._in_range(value):
-                raise fail()
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, int) or not self._in_range(value):
+                    raise fail()
         elif self.kind == "floats":
             if not isinstance(value, (tuple, list)) or len(value) != self.length:
                 raise fail()

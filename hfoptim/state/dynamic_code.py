@@ -214,7 +214,8 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
 def _avx2_kernels(device: torch.device) -> bool:
     """Whether inductor generates the compiled code for ``device`` with AVX2 vectors: a CPU
     device, and inductor's instruction set for this process's CPU kernels (the CPU's, or
-    ``ATEN_CPU_CAPABILITY``) is AVX2. The one gate of the AVX2 forms of the encode and decode."""
+    ``ATEN_CPU_CAPABILITY``) is AVX2. The one gate of the decode's AVX2 form (the encode's store
+    through fp32 is taken on every CPU kernel)."""
     return device.type == "cpu" and _inductor_avx2()
 
 
