@@ -410,6 +410,42 @@ def test_the_cpu_flags_instruction_set_is_the_kits_only(monkeypatch):
         compiled_step.reset()
 
 
+def test_the_kits_kernels_build_no_test_program_for_the_cpus_extensions(monkeypatch):
+    """The AVX-512 extensions (bf16, VNNI, AMX tiles) come from the CPU's flags as the instruction
+    set does: from an empty inductor cache the kit's first compilation builds no test program
+    (only AMX-FP16's compiler check keeps its build); afterwards inductor's test builds are its
+    own again and what it found is forgotten, so other compilations check as before."""
+    from torch._inductor import cpu_vec_isa
+    from torch._inductor.utils import fresh_cache
+
+    from hfoptim.state import dynamic_code
+
+    test_builds = []
+    inductors_check = cpu_vec_isa.VecISA.check_build
+
+    def counted(isa, code):
+        test_builds.append(code)
+        return inductors_check(isa, code)
+
+    monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", counted)
+    compiled_step.reset()
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()  # undecided, as in a fresh process
+    compiled_step._forget_extensions(cpu_vec_isa)
+    dynamic_code.forget_inductor_isa()
+    try:
+        with fresh_cache():
+            _run("adamw_8bit", "on", steps=1)
+        assert sum(compiled_step.calls.values()) > 0
+        assert [code for code in test_builds if code != cpu_vec_isa.VecAMX._amx_fp16_code] == []
+        assert cpu_vec_isa.VecISA.check_build is counted
+        assert cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0
+        assert all(klass.__bool__.cache_info().currsize == 0 for klass in (cpu_vec_isa.VecAVX512, cpu_vec_isa.VecAMX))
+        assert not any("_is_avx512_bf16_supported" in vars(isa) for isa in cpu_vec_isa.supported_vec_isa_list)
+    finally:
+        compiled_step.reset()
+        dynamic_code.forget_inductor_isa()
+
+
 def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
     calls = []
 

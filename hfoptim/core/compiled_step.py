@@ -388,10 +388,11 @@ def _isa_from_cpu_flags():
     the CPU's flags, without its checks: before its first CPU compilation of a process inductor
     builds a test program per instruction set and loads each in a new Python process (about 10 s
     of the first step from an empty inductor cache and 1-2 s from a warm one on a 2-core AMD EPYC,
-    out of 20 s and 5-7 s; ``torch._inductor.config.cpp.vec_isa_ok``). Only for the kit's kernels:
-    the list of instruction sets it leaves is cleared afterwards, so the process's other
-    compilations check as before; nothing changes when inductor has decided already or the user
-    set ``vec_isa_ok``. Yields whether the CPU's flags decide."""
+    out of 20 s and 5-7 s; ``torch._inductor.config.cpp.vec_isa_ok``), and one more per extension
+    the CPU lists (:func:`_extensions_from_cpu_flags`). Only for the kit's kernels: the list of
+    instruction sets it leaves and the extensions' results are cleared afterwards, so the
+    process's other compilations check as before; nothing changes when inductor has decided
+    already or the user set ``vec_isa_ok``. Yields whether the CPU's flags decide."""
     try:
         from torch._inductor import config as inductor_config
         from torch._inductor import cpu_vec_isa
@@ -404,15 +405,57 @@ def _isa_from_cpu_flags():
         yield False
         return
     try:
-        with inductor_config.patch({"cpp.vec_isa_ok": True}):
+        with inductor_config.patch({"cpp.vec_isa_ok": True}), _extensions_from_cpu_flags(cpu_vec_isa):
             yield True
     finally:
         isa_list.cache_clear()
+        _forget_extensions(cpu_vec_isa)
+
+
+@contextlib.contextmanager
+def _extensions_from_cpu_flags(cpu_vec_isa):
+    """Inductor's AVX-512 extensions (bf16 conversions, VNNI, AMX tiles) taken from the CPU's
+    flags: ``cpp.vec_isa_ok`` skips the test build of each instruction set but not those of its
+    extensions, which inductor asks only where ``torch.cpu`` says the CPU has them. Each is a
+    compiler run and a new process loading its result: 6 on an Intel Xeon with AMX, 1.6 s of
+    the first step from an empty inductor cache (0.27 s a build, 6.1 s in all with them; torch
+    2.13, measured). Inductor's AMX check also asks the kernel for the tiles
+    (``torch.cpu._init_amx``), which still runs. The AMX-FP16 test keeps its build: it checks
+    the compiler (GCC 13 or later), not the CPU. A compiler without an extension the CPU has
+    fails the kernel's build, which :func:`_compiling_call` tries again with inductor's checks."""
+    check_build = getattr(cpu_vec_isa.VecISA, "check_build", None)
+    if check_build is None:
+        yield
+        return
+    compiler_checks = {getattr(getattr(cpu_vec_isa, "VecAMX", None), "_amx_fp16_code", None)}
+
+    def from_cpu_flags(isa, code):
+        return check_build(isa, code) if code in compiler_checks else True
+
+    cpu_vec_isa.VecISA.check_build = from_cpu_flags
+    try:
+        yield
+    finally:
+        cpu_vec_isa.VecISA.check_build = check_build
+
+
+def _forget_extensions(cpu_vec_isa) -> None:
+    """Forget which extensions inductor found: the cached truth of each instruction set and the
+    flags its check sets on it (asked again, with the test builds, at the next compilation
+    outside the kit's; the kit's own ask the CPU's flags again)."""
+    with contextlib.suppress(Exception):
+        for isa in cpu_vec_isa.supported_vec_isa_list:
+            for klass in type(isa).__mro__:
+                cache_clear = getattr(klass.__dict__.get("__bool__"), "cache_clear", None)
+                if cache_clear is not None:
+                    cache_clear()
+            for found in ("_is_avx512_bf16_supported", "_is_amx_fp16_supported"):
+                isa.__dict__.pop(found, None)
 
 
 def _forget_isa() -> None:
-    """Forget the instruction sets chosen from the CPU's flags (inductor's list and the encode's
-    and decode's AVX2 gate), after a compilation with them failed."""
+    """Forget the instruction sets chosen from the CPU's flags (inductor's list, its extensions'
+    results and the encode's and decode's AVX2 gate), after a compilation with them failed."""
     from ..state import dynamic_code
 
     dynamic_code.forget_inductor_isa()
@@ -420,6 +463,7 @@ def _forget_isa() -> None:
         from torch._inductor import cpu_vec_isa
 
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
+        _forget_extensions(cpu_vec_isa)
 
 
 def settings_of(group: dict, options: dict) -> str:
