@@ -362,8 +362,8 @@ def test_sharding_not_engaged_stops_at_the_first_step(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    """python -m hfoptim.app.demo, shortened: every run trains, the table's numbers, the plot and the
-    saved models are written."""
+    """python -m hfoptim.app.demo, shortened: every run trains, the table's numbers (each run's
+    wall time among them), the plot and the saved models are written."""
     from hfoptim.app import demo
 
     optims = demo.default_optimizers()
@@ -392,6 +392,7 @@ def test_demo_runs_end_to_end(tmp_path):
         assert runs[optim]["state_bytes"] < runs[demo.TORCH_ADAMW]["state_bytes"]
     for r in runs.values():
         assert len(r["train_loss"]) == 2 and r["eval_steps"] == [1, 2]
+        assert r["run_seconds"] >= sum(r["step_seconds"]) > 0  # the loop: its steps and evaluations
         assert math.isfinite(r["final_eval_loss"])
         assert (Path(r["saved_to"]) / "model.safetensors").exists()
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
