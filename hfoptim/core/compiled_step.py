@@ -454,8 +454,10 @@ def _forget_extensions(cpu_vec_isa) -> None:
 
 
 def _forget_isa() -> None:
-    """Forget the instruction sets chosen from the CPU's flags (inductor's list, its extensions'
-    results and the encode's and decode's AVX2 gate), after a compilation with them failed."""
+    """Forget the instruction sets chosen from the CPU's flags (inductor's list and the encode's
+    and decode's AVX2 gate), after a compilation with them failed. The extensions' results are
+    forgotten already: :func:`_isa_from_cpu_flags` forgets them when the failed compilation
+    leaves it."""
     from ..state import dynamic_code
 
     dynamic_code.forget_inductor_isa()
@@ -463,7 +465,6 @@ def _forget_isa() -> None:
         from torch._inductor import cpu_vec_isa
 
         cpu_vec_isa.valid_vec_isa_list.cache_clear()
-        _forget_extensions(cpu_vec_isa)
 
 
 def settings_of(group: dict, options: dict) -> str:
