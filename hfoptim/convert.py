@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .core.optimizer import PASSTHROUGH_GROUP_KEYS, STATE_DICT_TAG, RuleOptimizer
+from .state.convert import STATE_FORMAT
 
 #: what torch's Adam/AdamW keep in a parameter group and hfoptim takes over
 TORCH_HYPERPARAMS = ("lr", "betas", "eps", "weight_decay", "maximize")
@@ -105,7 +106,7 @@ def convert_state_dict(
     return {
         "state": new_states,
         "param_groups": new_groups,
-        STATE_DICT_TAG: {"rule": "adamw", "format": 1, "shapes": shapes, "converted_from": source},
+        STATE_DICT_TAG: {"rule": "adamw", "format": STATE_FORMAT, "shapes": shapes, "converted_from": source},
     }
 
 

@@ -97,10 +97,18 @@ def check_parity(
                 assert int(lib_state["step"]) == t
 
 
-def check_resume_mid_run(name: str, make_params: Callable[[], list], hp: dict, compressed_key: str) -> None:
+def check_resume_mid_run(
+    name: str,
+    make_params: Callable[[], list],
+    hp: dict,
+    compressed_key: str,
+    saved: Callable[[dict, list], dict] | None = None,
+) -> None:
     """A state_dict saved after 5 steps of ``name`` and loaded into a fresh optimizer continues
     exactly as the uninterrupted run for 6 more steps (parameters and every state tensor, dtypes
-    included); ``compressed_key`` (e.g. ``"exp_avg.codes"``) is stored as uint8."""
+    included); ``compressed_key`` (e.g. ``"exp_avg.codes"``) is stored as uint8. ``saved``
+    rewrites the saved state dict (given with the parameters) before the load: a checkpoint of
+    an older format, for instance."""
     import io
 
     import hfoptim
@@ -121,7 +129,8 @@ def check_resume_mid_run(name: str, make_params: Callable[[], list], hp: dict, c
     torch.save(first.state_dict(), buffer)
     buffer.seek(0)
     second = hfoptim.create_optimizer(resumed, name, state_min_numel=256, compile="off", **hp)
-    second.load_state_dict(torch.load(buffer, weights_only=False))
+    loaded = torch.load(buffer, weights_only=False)
+    second.load_state_dict(saved(loaded, resumed) if saved is not None else loaded)
     for t in range(6, 12):
         set_grads(t, straight), opt.step()
         set_grads(t, resumed), second.step()
@@ -131,3 +140,17 @@ def check_resume_mid_run(name: str, make_params: Callable[[], list], hp: dict, c
             assert value.dtype == second.state[q][key].dtype
             assert torch.equal(value, second.state[q][key]), key
     assert second.state[resumed[0]][compressed_key].dtype == torch.uint8
+
+
+def interleaved(packed: torch.Tensor, view) -> torch.Tensor:
+    """The 4-bit codes of ``packed`` (``hfoptim.state.fourbit.pack`` of the local tensor of the
+    ParamView ``view``) in state format 1's order: elements ``2k`` and ``2k + 1`` of a line in
+    byte ``k``, low four bits first (the authors' order)."""
+    from hfoptim.state.fourbit import unpack
+
+    if packed.numel() == 0:  # a shard without rows
+        return packed.clone()
+    lines = packed.reshape(-1, packed.shape[-1]).shape[0]
+    codes = unpack(packed, view).reshape(lines, -1)
+    pairs = torch.nn.functional.pad(codes, (0, codes.shape[1] % 2)).reshape(lines, -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(packed.shape)

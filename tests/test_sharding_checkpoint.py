@@ -7,6 +7,8 @@
   stopped.
 * DeepSpeed ZeRO-2 and ZeRO-3 through DeepSpeed's own checkpoint
   (tests/distributed/zero_checkpoint_worker.py), same number of processes.
+* A checkpoint of state format 1 (4-bit codes interleaved, the order before format 2) saved
+  under FSDP2 and ZeRO-2 resumes exactly: the sharded loads upgrade what they read.
 """
 
 from __future__ import annotations
@@ -34,6 +36,19 @@ def test_fsdp2_checkpoint_from_2_processes_resumes_on_3(tmp_path):
 def test_fsdp2_checkpoint_every_optimizer(tmp_path, save, load):
     summary = _save_then_load(tmp_path, "fsdp2_checkpoint_worker.py", save, load, cases="forms", timeout=900)
     assert len(summary["ran"]) == len(summary["cases"])
+
+
+def test_fsdp2_checkpoint_of_state_format_1_resumes_exactly(tmp_path):
+    summary = _save_then_load(
+        tmp_path, "fsdp2_checkpoint_worker.py", 2, 3, extra=("--format1",), cases="adamw_4bit,ademamix_4bit"
+    )
+    assert sorted(summary["ran"]) == ["adamw_4bit", "ademamix_4bit"]
+
+
+def test_zero2_checkpoint_of_state_format_1_resumes_exactly(tmp_path):
+    extra, cases = ("--stage", "2", "--format1"), "adamw_4bit,ademamix_4bit"
+    summary = _save_then_load(tmp_path, "zero_checkpoint_worker.py", 2, 2, extra=extra, cases=cases)
+    assert sorted(summary["ran"]) == ["adamw_4bit", "ademamix_4bit"]
 
 
 def test_zero2_checkpoint_resumes_exactly(tmp_path):

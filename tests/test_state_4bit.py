@@ -7,12 +7,13 @@ What is proven here:
   ``create_pow_map(4, False, 1)`` for second moments, written below as fp32 bit patterns), and
   encoding is their kernel's nearest rounding (``quantize_bsearch`` without noise, transcribed
   below: ties go to the lower level, values beyond the ends to the end levels);
-* two codes per byte in their order (element ``2k`` in the low four bits), rows never sharing a
-  byte;
+* two codes per byte, a line's first half in the low four bits and its second half in the high
+  four (theirs pairs elements ``2k`` and ``2k + 1``; ``planar_from_interleaved`` turns their
+  bytes and format-1 checkpoints into ours, losslessly), rows never sharing a byte;
 * the whole quantizer against a transcription of lpmm's ``quant_scaling`` + ``nonlinear_quant``
   ("group" scaling in flat blocks of 128 for ``exp_avg``, "rank1" for ``exp_avg_sq``: the min of
-  the per-dimension maxima, flat blocks of 128 for vectors): the same packed bytes and scales,
-  bit for bit, on tensors whose rows are whole blocks (ours follow rows, theirs the flat tensor);
+  the per-dimension maxima, flat blocks of 128 for vectors): the same codes (their bytes
+  reordered, bit for bit) and scales, on tensors whose rows are whole blocks (ours follow rows, theirs the flat tensor);
   decoding is their dequantization, and the no-zero map keeps every decoded second moment
   positive wherever its scale is;
 * the 4-bit/fp32 threshold is the GLOBAL size; the foreach and per-tensor engine paths agree;
@@ -42,8 +43,9 @@ from hfoptim import memory
 from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from hfoptim.core.stats import LocalStats, ParamView
 from hfoptim.state import CODECS, resolve
-from hfoptim.state.fourbit import BLOCK4, LINEAR4, SIGNED4, pack, packed_shape, unpack
-from tests.harness import check_resume_mid_run
+from hfoptim.state.convert import STATE_FORMAT
+from hfoptim.state.fourbit import BLOCK4, LINEAR4, SIGNED4, pack, packed_shape, planar_from_interleaved, unpack
+from tests.harness import check_resume_mid_run, interleaved
 from tests.test_state_8bit import _batches, _mlp, run_twins
 
 CODEC = CODECS["4bit"]
@@ -123,7 +125,7 @@ def test_encode_is_the_authors_nearest_rounding(code):
 
 # ----------------------------------------------------------------------------------- packing
 @pytest.mark.parametrize("shape", [(4, 6), (3, 7), (5,), (1,), (2, 3, 5), (0, 4)])
-def test_two_codes_per_byte_low_half_first(shape):
+def test_two_codes_per_byte_first_half_low(shape):
     view = ParamView(global_shape=torch.Size(shape))
     codes = torch.randint(0, 16, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     packed = pack(codes, view)
@@ -133,12 +135,15 @@ def test_two_codes_per_byte_low_half_first(shape):
         return
     lines = codes.reshape(shape[0], -1) if len(shape) >= 2 else codes.reshape(1, -1)
     bytes_ = packed.reshape(lines.shape[0], -1)
-    if lines.numel():
-        assert torch.equal(bytes_[:, 0] & 15, lines[:, 0])  # element 0 in the low half
-        if lines.shape[1] > 1:
-            assert torch.equal(bytes_[:, 0] >> 4, lines[:, 1])
-        if lines.shape[1] % 2:  # an odd line ends in a byte of its own
-            assert bool((bytes_[:, -1] >> 4 == 0).all())
+    half = -(-lines.shape[1] // 2)
+    assert torch.equal(bytes_ & 15, lines[:, :half])  # the first half in the low four bits
+    assert torch.equal(bytes_[:, : lines.shape[1] - half] >> 4, lines[:, half:])  # the second in the high
+    if lines.shape[1] % 2:  # an odd line's last byte has a zero high half
+        assert bool((bytes_[:, -1] >> 4 == 0).all())
+    # format 1 (and the authors' code): elements 2k and 2k + 1 in byte k, reordered losslessly
+    pairs = torch.nn.functional.pad(lines, (0, lines.shape[1] % 2)).reshape(lines.shape[0], -1, 2)
+    interleaved = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(packed.shape)
+    assert torch.equal(planar_from_interleaved(interleaved, view), packed)
 
 
 # ------------------------------------------------------------------------- the authors' quantizer
@@ -183,7 +188,7 @@ def test_quantizer_equals_the_authors(kind, shape):
     view = ParamView.of(x)
     stored = CODEC.init(slot, x, view, stats=LocalStats())
     theirs, scales = _lpmm_quantize(x, kind)
-    assert torch.equal(stored["s.packed"].reshape(-1), theirs)
+    assert torch.equal(stored["s.packed"], planar_from_interleaved(theirs, view).reshape(stored["s.packed"].shape))
     if kind == FIRST_MOMENT or x.dim() == 1:
         assert torch.equal(stored["s.scale"].reshape(-1), scales[0].reshape(-1))
     else:
@@ -343,6 +348,39 @@ def test_4bit_stays_near_its_fp32_twin(name, hp, param_bound, state_bounds):
 @pytest.mark.parametrize("name", ["adamw_4bit", "ademamix_4bit"])
 def test_state_dict_round_trip_mid_run_changes_nothing(name):
     check_resume_mid_run(name, _params, HP if name.startswith("adamw") else HP_ADEMAMIX, "exp_avg.packed")
+
+
+def as_format1(state_dict: dict, params: list) -> dict:
+    """``state_dict`` as hfoptim's state format 1 saved it: every 4-bit code interleaved."""
+    changed = 0
+    for pid, pstate in state_dict["state"].items():
+        for key in [k for k in pstate if k.endswith(".packed")]:
+            old = interleaved(pstate[key], ParamView.of(params[pid]))
+            changed += not torch.equal(old, pstate[key])
+            pstate[key] = old
+    assert changed >= 4  # the upgrade is what makes the resume exact
+    state_dict["hfoptim"]["format"] = 1
+    return state_dict
+
+
+@pytest.mark.parametrize("name", ["adamw_4bit", "ademamix_4bit"])
+def test_a_format1_checkpoint_resumes_exactly(name):
+    """A checkpoint of state format 1 (codes interleaved) is upgraded on load: the run goes on
+    exactly as the uninterrupted one, odd rows (64x129) and a vector included."""
+    hp = HP if name.startswith("adamw") else HP_ADEMAMIX
+    check_resume_mid_run(name, _params, hp, "exp_avg.packed", saved=as_format1)
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_by_name():
+    params = _params()
+    opt = hfoptim.create_optimizer(params, "adamw_4bit", state_min_numel=256, compile="off")
+    _grads(1, params)
+    opt.step()
+    state_dict = opt.state_dict()
+    assert state_dict["hfoptim"]["format"] == STATE_FORMAT
+    state_dict["hfoptim"]["format"] = STATE_FORMAT + 1
+    with pytest.raises(ValueError, match=f"hfoptim state format {STATE_FORMAT + 1}.*newer hfoptim"):
+        opt.load_state_dict(state_dict)
 
 
 # ---------------------------------------------------------------------------------- bytes

@@ -626,7 +626,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         }
         sd[STATE_DICT_TAG] = {
             "rule": self.rule.name,
-            "format": 1,
+            "format": convert.STATE_FORMAT,
             "shapes": shapes,
             "nonfinite_skips": self.nonfinite_skips,
         }
@@ -665,6 +665,7 @@ class RuleOptimizer(torch.optim.Optimizer):
                 f"this state_dict was saved by an hfoptim {tag.get('rule')!r} optimizer; "
                 f"{type(self).__name__} runs {self.rule.name!r}"
             )
+        fmt = convert.saved_format(tag)  # a sharding layout's import upgrades what it reads
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -699,6 +700,8 @@ class RuleOptimizer(torch.optim.Optimizer):
             checked, saved_storage = checked_groups[gi]
             as_saved = {**self.param_groups[gi], **checked, **saved_storage}
             self.layout.check_param_state(self, pid, p, pstate, as_saved)
+            if fmt < convert.STATE_FORMAT:
+                pstate = convert.upgrade_param_state(self.rule, pstate, as_saved, self.param_view(p), fmt)
             pstate = dict(pstate)
             if "step" in pstate and not isinstance(pstate["step"], torch.Tensor):
                 pstate["step"] = torch.tensor(float(pstate["step"]), dtype=torch.float32)

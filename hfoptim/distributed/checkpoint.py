@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from ..core.layout import transposed_view
 from ..core.optimizer import RuleOptimizer
 from ..core.stats import ParamView
-from ..state import resolve
+from ..state import convert, resolve
 
 TAG = "hfoptim"
 GROUP_TAG = "hfoptim_tag"
@@ -157,6 +157,11 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         state_dict[TAG] = groups[0][GROUP_TAG]
     for g in groups:
         g.pop(GROUP_TAG, None)
+    # the saved tensors are upgraded here, where the shards' views are known (the decoded slots
+    # are encoded in this version's format): the tag says so to the optimizer's load
+    fmt = convert.saved_format(state_dict[TAG]) if TAG in state_dict else convert.STATE_FORMAT
+    if TAG in state_dict:
+        state_dict[TAG] = {**state_dict[TAG], "format": convert.STATE_FORMAT}
     params = _params_by_id(optimizer, state_dict)
     for pid in sorted(state_dict["state"], key=str):
         if pid not in params:
@@ -164,12 +169,15 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
         p, group = params[pid]
         pstate = state_dict["state"][pid]
         view = layout.view(p) if isinstance(p, DTensor) else None
-        if view is None or not view.sharded:
-            state_dict["state"][pid] = {k: _local(v) for k, v in pstate.items()}
-            continue
         saved_group = next((s for s, g in zip(groups, optimizer.param_groups) if g is group), group)
         options = {k: v for k, v in saved_group.items() if k in optimizer._spec}
         merged = {**group, **options}
+        if view is None or not view.sharded:
+            local = {k: _local(v) for k, v in pstate.items()}
+            if fmt < convert.STATE_FORMAT:
+                local = convert.upgrade_param_state(optimizer.rule, local, merged, optimizer.param_view(p), fmt)
+            state_dict["state"][pid] = local
+            continue
         view, shaped = state_view(optimizer, merged, p, view)
         expected = optimizer.expected_state_shapes(shaped, merged, view)
         out = {}
@@ -180,6 +188,7 @@ def import_dtensor_state(layout, optimizer, state_dict: dict) -> dict:
             if isinstance(local, torch.Tensor) and key in expected and local.numel() == math.prod(expected[key]):
                 local = local.reshape(expected[key])
             out[key] = local
+        out = convert.upgrade_param_state(optimizer.rule, out, merged, view, fmt)
         for key, value in pstate.items():
             if not key.endswith(DECODED):
                 continue

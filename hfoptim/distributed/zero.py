@@ -36,7 +36,8 @@ import torch.distributed as dist
 from ..core.layout import Layout, Unit, check_state_shapes, mean_over
 from ..core.optimizer import RuleOptimizer
 from ..core.stats import ParamView
-from .checkpoint import hfoptim_engine
+from ..state import convert
+from .checkpoint import TAG, hfoptim_engine
 from .stats import ShardedStats, UnsupportedSharding
 
 logger = logging.getLogger(__name__)
@@ -288,8 +289,11 @@ class ZeroLayout(Layout):
     def import_state(self, optimizer, state_dict: dict) -> dict:
         """Check every segment's state against this run's segments (DeepSpeed's own checkpoint
         loads each process's state into the same partitioning) and keep the saved tensors (with
-        their dtypes) to put back after torch's load, which casts nested state to fp32."""
+        their dtypes, upgraded to this version's state format) to put back after torch's load,
+        which casts nested state to fp32."""
         self._loaded = {}
+        tag = state_dict.get(TAG)
+        fmt = convert.saved_format(tag) if tag is not None else convert.STATE_FORMAT
         groups = state_dict["param_groups"]
         for saved, group in zip(groups, optimizer.param_groups):
             options = {k: v for k, v in saved.items() if k in optimizer._spec}
@@ -316,7 +320,14 @@ class ZeroLayout(Layout):
                     # one matrix of a fused tensor is checked as a parameter of its own (no layout)
                     param = self._source(flat, piece) if piece.segment.param is None else None
                     check_state_shapes(optimizer, where, param, seg_state, merged, piece.view)
+                views = {index: by_index[segment_key(index)].view for index in segments}
+                segments = {
+                    index: convert.upgrade_param_state(optimizer.rule, seg, merged, views[index], fmt)
+                    for index, seg in segments.items()
+                }
                 self._loaded[id(flat)] = (flat, segments)
+        if tag is not None:
+            state_dict = {**state_dict, TAG: {**tag, "format": convert.STATE_FORMAT}}
         return state_dict
 
     def check_param_state(self, optimizer, pid, p, pstate: dict, group: dict) -> None:

@@ -106,12 +106,22 @@ def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code, bl
     Lines of whole blocks are coded in place with per-element scales; lines ending in a short
     block by parts (:func:`split`); a 0-/1-D shard starting inside a block through the
     zero-padded ``(blocks, block)`` matrix. All three divide each element by its block's scale."""
-    if aligned(view, block):
-        return code.encode(value / scale_per_element(scale, view, block).clamp_min(_TINY))
-    if split(view, block):
-        return code.encode(_by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), block))
+    y = normalized(value, scale, view, block)
+    if y is not None:
+        return code.encode(y)
     blocks = blocked(value, view, block) / scale.reshape(-1, 1).clamp_min(_TINY)
     return unblocked(code.encode(blocks), view, block)
+
+
+def normalized(value: torch.Tensor, scale: torch.Tensor, view: ParamView, block: int = BLOCK) -> torch.Tensor | None:
+    """Each element of ``value`` divided by its block's scale, in the local shape, for lines
+    whose first block starts with them (whole blocks, or by parts: :func:`split`); None for a
+    0-/1-D shard starting inside a block (:func:`quantize` pads that one)."""
+    if aligned(view, block):
+        return value / scale_per_element(scale, view, block).clamp_min(_TINY)
+    if split(view, block):
+        return _by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), block)
+    return None
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code, block: int = BLOCK) -> torch.Tensor:

@@ -149,6 +149,13 @@ class Codec(ABC):
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError
 
+    def upgrade(self, slot: Slot, stored: dict, view: ParamView, saved_format: int) -> dict:
+        """``stored`` (the slot's tensors as a checkpoint of state-dict format ``saved_format``
+        held them) as this version stores them (:data:`hfoptim.state.convert.STATE_FORMAT`): a
+        new dict, ``stored`` unchanged. The same tensors by default: only a codec whose stored
+        layout changed between formats overrides it."""
+        return stored
+
     def export_value(self, slot: Slot, stored: dict, view: ParamView, dtype: torch.dtype, *, stats=None):
         """The slot as a checkpoint carries it when its stored tensors cannot be resharded
         (:mod:`hfoptim.distributed.checkpoint` saves it and calls :meth:`init` with it on load): a

@@ -39,6 +39,15 @@ from ..core.rule import Rule, Slot
 from ..core.stats import ParamView
 from .resolve import codec_for
 
+#: the version of the stored state's layout that ``state_dict()`` writes (the hfoptim tag's
+#: ``"format"``); older formats are upgraded on load (:func:`upgrade_param_state`):
+#:
+#: 1. the first;
+#: 2. the ``4bit`` codes of a line packed as its two halves (code ``k`` and ``k + ceil(n / 2)``
+#:    in byte ``k``), no longer as neighbours (``2k`` and ``2k + 1``): see
+#:    :mod:`hfoptim.state.fourbit`.
+STATE_FORMAT = 2
+
 #: group options that say how this run stores and runs the state, not what the algorithm is: a
 #: resume keeps the current optimizer's values of these (and converts the state to its forms)
 STORAGE_KEYS = ("state", "state_min_numel")
@@ -47,6 +56,31 @@ STORAGE_KEYS = ("state", "state_min_numel")
 def slot_keys(slot: Slot, pstate: dict) -> list[str]:
     """The keys of ``pstate`` that store ``slot`` (``"<slot>"`` or ``"<slot>.<part>"``)."""
     return [k for k in pstate if k == slot.name or k.startswith(slot.name + ".")]
+
+
+def saved_format(tag: dict) -> int:
+    """The state-dict format of a saved hfoptim tag (1 where it predates the entry). Raises
+    ``ValueError`` for a format this version does not know."""
+    fmt = tag.get("format", 1)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or not 1 <= fmt <= STATE_FORMAT:
+        raise ValueError(
+            f"this state_dict has hfoptim state format {fmt!r}; this version of hfoptim reads formats 1 to "
+            f"{STATE_FORMAT}. It was saved by a newer hfoptim: load it with that version (or upgrade this one)"
+        )
+    return fmt
+
+
+def upgrade_param_state(rule: Rule, pstate: dict, saved_group: dict, view: ParamView, fmt: int) -> dict:
+    """``pstate`` (saved in format ``fmt``, in the forms ``saved_group`` chose) in the layout of
+    :data:`STATE_FORMAT`: each slot's :meth:`~hfoptim.state.codec.Codec.upgrade`. ``pstate``
+    itself when nothing changes, else a new dict."""
+    if fmt >= STATE_FORMAT:
+        return pstate
+    out = dict(pstate)
+    for slot in rule.active_slots(saved_group):
+        codec = codec_for(rule, slot, saved_group, view)
+        out.update(codec.upgrade(slot, {k: pstate[k] for k in slot_keys(slot, pstate)}, view, fmt))
+    return out
 
 
 def needs_conversion(rule: Rule, saved_group: dict, group: dict, view: ParamView) -> bool:

@@ -6,6 +6,8 @@ optimizer state dicts saved with DCP under ``--dir/<case>``.
 the checkpoint (``hfoptim.distributed.checkpoint.set_state_dict``; DCP reshards) and take
 ``--steps2`` more steps. Parameters and state must equal an uninterrupted single-process run of
 ``steps1 + steps2`` steps computed in the same process.
+``--format1``: the checkpoint is rewritten as hfoptim's state format 1 held it (4-bit codes
+interleaved, ``"format": 1``) before it is saved; the load must upgrade it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import hfoptim  # noqa: E402
+from hfoptim.core.stats import ParamView  # noqa: E402
 from hfoptim.distributed import checkpoint as hckpt  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     Model,
@@ -39,6 +42,7 @@ from tests.distributed.common import (  # noqa: E402
     step_loss,
 )
 from tests.distributed.fsdp2_worker import shard, sharded_grad  # noqa: E402
+from tests.harness import interleaved  # noqa: E402
 
 
 def train(model, opt, ref_params, ref_opt, steps: range) -> None:
@@ -62,7 +66,27 @@ def train(model, opt, ref_params, ref_opt, steps: range) -> None:
                 ref_opt.step()
 
 
-def run_case(name, failures, detail, *, phase, folder, steps1, steps2) -> None:
+def as_format1(model, optim_state: dict) -> None:
+    """``optim_state`` (DCP's form, by parameter name) rewritten in place as state format 1:
+    every packed 4-bit tensor of a matrix (DTensor rows) interleaved, shard by shard, and the
+    tag's format 1. A vector's codes are saved decoded (no packed tensor)."""
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for pname, pstate in optim_state["state"].items():
+        for key in [k for k in pstate if k.endswith(".packed")]:
+            value = pstate[key]
+            assert isinstance(value, DTensor) and len(shapes[pname]) >= 2, (pname, key)
+            local = value.to_local()
+            view = ParamView(torch.Size((local.shape[0], *shapes[pname][1:])))
+            pstate[key] = DTensor.from_local(
+                interleaved(local, view), value.device_mesh, value.placements, shape=value.shape, stride=value.stride()
+            )
+    for group in optim_state["param_groups"]:
+        group[hckpt.GROUP_TAG] = {**group[hckpt.GROUP_TAG], "format": 1}
+    if hckpt.TAG in optim_state:
+        optim_state[hckpt.TAG] = {**optim_state[hckpt.TAG], "format": 1}
+
+
+def run_case(name, failures, detail, *, phase, folder, steps1, steps2, format1=False) -> None:
     kwargs = case_kwargs(name)
     path = os.path.join(folder, name)
     ref_model = Model()
@@ -75,6 +99,8 @@ def run_case(name, failures, detail, *, phase, folder, steps1, steps2) -> None:
         # the single-process run advances alongside, only to produce the same gradients
         train(model, opt, ref_params, ref_opt, range(1, steps1 + 1))
         state = {"model": get_model_state_dict(model), "optim": hckpt.get_state_dict(model, opt)}
+        if format1:
+            as_format1(model, state["optim"])
         dcp.save(state, checkpoint_id=path)
         return
     model = Model(seed=123)  # other values: the checkpoint must restore them
@@ -108,13 +134,16 @@ def main() -> int:
     parser.add_argument("--steps1", type=int, default=3)
     parser.add_argument("--steps2", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--format1", action="store_true")
     args = parser.parse_args()
     setup_threads()
     dist.init_process_group("gloo")
     cases = [c for c in all_cases(args.cases) if not c.endswith("lookahead")]
 
+    options = {"phase": args.phase, "folder": args.dir, "steps1": args.steps1, "steps2": args.steps2}
+
     def one(name, failures, detail):
-        run_case(name, failures, detail, phase=args.phase, folder=args.dir, steps1=args.steps1, steps2=args.steps2)
+        run_case(name, failures, detail, format1=args.format1, **options)
 
     status = run_cases(cases, one, args.out)
     finish(status)

@@ -22,6 +22,7 @@ import deepspeed  # noqa: E402
 
 import hfoptim  # noqa: E402
 from hfoptim.integrations.deepspeed import attach  # noqa: E402
+from hfoptim.state import convert as hfoptim_convert  # noqa: E402
 from tests.distributed.common import (  # noqa: E402
     Model,
     all_cases,
@@ -38,6 +39,7 @@ from tests.distributed.common import (  # noqa: E402
     step_loss,
 )
 from tests.distributed.zero_worker import ds_config  # noqa: E402
+from tests.harness import interleaved  # noqa: E402
 
 
 def ref_step(ref_params, ref_opt, t):
@@ -48,7 +50,19 @@ def ref_step(ref_params, ref_opt, t):
     return grads
 
 
-def run_case(name, failures, detail, *, phase, folder, stage, steps1, steps2) -> None:
+def as_format1(engine) -> None:
+    """The engine's state rewritten in place as hfoptim's state format 1 held it: every packed
+    4-bit segment interleaved; its next ``state_dict()`` says format 1."""
+    for fg in engine.layout.flat_groups.values():
+        segments = engine.state[fg.flat].get("segments", {})
+        for piece in engine.layout.pieces(fg.flat):
+            seg = segments.get(piece.segment.index, {})
+            for key in [k for k in seg if k.endswith(".packed")]:
+                seg[key] = interleaved(seg[key], piece.view)
+    hfoptim_convert.STATE_FORMAT = 1  # this process saves and exits
+
+
+def run_case(name, failures, detail, *, phase, folder, stage, steps1, steps2, format1=False) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     kwargs = case_kwargs(name)
     ref_model = Model()
@@ -72,6 +86,8 @@ def run_case(name, failures, detail, *, phase, folder, stage, steps1, steps2) ->
 
     if phase == "save":
         train(range(1, steps1 + 1))
+        if format1:
+            as_format1(engine)
         ds_engine.save_checkpoint(folder, tag=name)
         ds_engine.destroy()
         return
@@ -114,6 +130,7 @@ def main() -> int:
     parser.add_argument("--steps1", type=int, default=3)
     parser.add_argument("--steps2", type=int, default=2)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--format1", action="store_true")
     args = parser.parse_args()
     setup_threads()
     logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
@@ -131,6 +148,7 @@ def main() -> int:
             stage=args.stage,
             steps1=args.steps1,
             steps2=args.steps2,
+            format1=args.format1,
         )
 
     status = run_cases(cases, one, args.out)
