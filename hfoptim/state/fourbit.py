@@ -228,7 +228,14 @@ def unpack(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
     """Inverse of :func:`pack`: the codes (uint8) in the local shape."""
     lines, length, _ = block_layout(view, 1)
     x = packed.reshape(lines, -(-length // 2))
-    both = torch.cat([x & 15, x >> 4], dim=1)
+    if torch.compiler.is_compiling():
+        # each byte read once per half through a (lines, 2, half) view: inductor fuses it into
+        # the step's loops (a concatenation of the halves is a library call writing a full-size
+        # buffer, 1 byte per element and slot)
+        shift = torch.tensor([0, 4], dtype=torch.uint8, device=x.device).view(1, 2, 1)
+        both = ((x.unsqueeze(1) >> shift) & 15).reshape(lines, 2 * x.shape[1])
+    else:
+        both = torch.cat([x & 15, x >> 4], dim=1)
     if both.shape[1] != length:
         both = both[:, :length]
     return both.reshape(view.local_shape)
