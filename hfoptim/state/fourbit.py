@@ -215,10 +215,16 @@ def pack(codes: torch.Tensor, view: ParamView) -> torch.Tensor:
     ``k`` in the low four bits of byte ``k``, code ``k + ceil(n / 2)`` in its high four; an odd
     line's last byte has a zero high half. Two contiguous halves, so inductor vectorizes the
     packing and :func:`unpack` inside a fused step."""
+    return _pack_halves(codes, view, lambda half: half)
+
+
+def _pack_halves(x: torch.Tensor, view: ParamView, codes_of) -> torch.Tensor:
+    """The bytes of :func:`pack` from ``codes_of`` applied to each half of every line of ``x``
+    (the local tensor)."""
     lines, length, _ = block_layout(view, 1)
-    x = codes.reshape(lines, length)
+    x = x.reshape(lines, length)
     half = -(-length // 2)
-    low, high = x[:, :half], x[:, half:]
+    low, high = codes_of(x[:, :half]), codes_of(x[:, half:])
     if length % 2:
         high = torch.cat([high, torch.zeros_like(low[:, :1])], dim=1)
     return (low | (high << 4)).reshape(packed_shape(view))
@@ -242,17 +248,14 @@ def unpack(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
 
 
 def encode_packed(code: Code4, y: torch.Tensor, view: ParamView) -> torch.Tensor:
-    """``pack(code.encode(y), view)``, each half of a line encoded apart: inside a fused step the
-    codes then go straight into their bytes (encoding the whole tensor first made inductor keep
+    """``pack(code.encode(y), view)``. Inside a fused step each half of a line is encoded apart,
+    so the codes go straight into their bytes (encoding the whole tensor first made inductor keep
     the comparisons' fp32 count in a full-size buffer, 4 bytes per element, between the loop
-    that computes it and the packing loop)."""
-    lines, length, _ = block_layout(view, 1)
-    x = y.reshape(lines, length)
-    half = -(-length // 2)
-    low, high = code.encode(x[:, :half]), code.encode(x[:, half:])
-    if length % 2:
-        high = torch.cat([high, torch.zeros_like(low[:, :1])], dim=1)
-    return (low | (high << 4)).reshape(packed_shape(view))
+    that computes it and the packing loop); eagerly the whole tensor is encoded at once (one
+    ``bucketize``, which would copy each strided half)."""
+    if not torch.compiler.is_compiling():
+        return pack(code.encode(y), view)
+    return _pack_halves(y, view, code.encode)
 
 
 def planar_from_interleaved(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
