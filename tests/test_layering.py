@@ -39,6 +39,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "hfoptim.core.step",
             "hfoptim.core.compiled_step",
             "hfoptim.core.chunking",
+            "hfoptim.core.uncut",
             "hfoptim.core.optimizer",
             "hfoptim.optimizers",
             "hfoptim.lookahead",

@@ -137,7 +137,10 @@ def test_trainer_muon_sharded_on_cpu_equals_one_process(tmp_path, mode):
         by_algorithm = {g["algorithm"]: set(g["names"]) for g in r["groups"]}
         assert "model.embed_tokens.weight" in by_algorithm["adamw"] and "lm_head.weight" in by_algorithm["adamw"]
         assert "model.norm.weight" in by_algorithm["adamw"] and len(by_algorithm["muon"]) == 14
-        assert r["runs_over_ranks"] == [1] * (14 * 3)
+        # each matrix once a step: a shard's on one owner (1 summed over the processes), a matrix one
+        # process holds whole (ZeRO-2 partitions hold most of them: hfoptim.core.uncut) there alone
+        shared = r["runs_over_ranks"] if r["runs_over_ranks"] != [0] else []
+        assert all(n == 1 for n in shared) and len(shared) + r["held_runs_over_ranks"] == 14 * 3
         assert r["logged"] == pytest.approx(want, rel=1e-5)
     if mode != "zero2":  # every matrix is split between the two processes: rows crossed
         assert sum(r["bytes_sent"] for r in ranks) > 0

@@ -123,19 +123,21 @@ def test_fsdp2_compiled_kernel_steps_4bit_shards_in_stages_and_matches_one_proce
     over the whole tensor, a statistic of both processes. Each matrix shard takes the kernel in
     stages (hfoptim.core.compiled_step.shard_staged): a recording kernel returns this process's
     column maxima, one MAX all-reduce for the bucket completes them, and the writing kernel
-    steps the shard with them as inputs. That is emb, lin_w, conv and big on both processes and
-    row1 on the one holding its one row (the other runs the same stages uncompiled on its empty
-    shard: zero parts, and its copy of the column maxima stored) at each of 4 steps; the vectors
-    (a boundary cuts their 128-blocks) keep the plain path. Parameters and state (4-bit codes
-    exactly, every process's column maxima) equal the one-process run."""
+    steps the shard with them as inputs. That is emb, lin_w, conv and big on both processes at
+    each of 4 steps. No boundary cuts row1, a single row: the process holding it steps it as a
+    parameter held whole, in one kernel, and the other skips it and receives its column maxima
+    after the step (hfoptim.core.uncut). The vectors (a boundary cuts their 128-blocks) keep the
+    plain path. Parameters and state (4-bit codes exactly, every process's column maxima) equal
+    the one-process run."""
     args = ["--cases", "adamw_4bit,ademamix_4bit", "--compile", "on"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
     assert summary["ran"] == ["adamw_4bit", "ademamix_4bit"]
     for r in summary["results"]:
         detail = r["detail"]
-        # every kernel step staged, one recording each: (4 matrices x 2 processes + row1) x 4 steps
-        assert detail["compiled_steps_all_ranks"] == detail["staged_steps_all_ranks"] == (4 * 2 + 1) * 4, detail
-        assert detail["staged_recordings_all_ranks"] == (4 * 2 + 1) * 4, detail
+        # staged, one recording each: 4 matrices x 2 processes x 4 steps; row1 held whole, 4 steps
+        assert detail["staged_steps_all_ranks"] == detail["staged_recordings_all_ranks"] == 4 * 2 * 4, detail
+        assert detail["compiled_steps_all_ranks"] == 4 * 2 * 4 + 4, detail
+        assert detail["uncut_owned_all_ranks"] == detail["uncut_elsewhere_all_ranks"] == 4, detail
 
 
 #: rules and modifiers whose statistics of the whole tensor are sums, norms or maxima, one of
@@ -156,14 +158,17 @@ def test_fsdp2_compiled_kernel_steps_shards_whose_rules_need_norms_in_stages(tmp
     every shard of whole rows -- vectors included, whose 'rows' are elements -- each statistic
     completed by an all-reduce between a recording kernel and the next (several for a chain:
     adanorm_4bit's gradient norm, then its column maxima). Every parameter step of the sharded
-    optimizer that took the kernel was staged, and parameters and state equal the one-process
-    run."""
+    optimizer that took the kernel was staged but row1's, a single row that no boundary cuts,
+    which the process holding it steps as a parameter held whole (hfoptim.core.uncut), and
+    parameters and state equal the one-process run."""
     args = ["--cases", ",".join(STAGED_CASES), "--compile", "on"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1500)
     assert summary["ran"] == sorted(STAGED_CASES)
     for r in summary["results"]:
         detail = r["detail"]
-        assert detail["compiled_steps_all_ranks"] == detail["staged_steps_all_ranks"] > 0, (r["case"], detail)
+        held = detail["uncut_owned_all_ranks"]
+        assert held > 0 and detail["staged_steps_all_ranks"] > 0, (r["case"], detail)
+        assert detail["compiled_steps_all_ranks"] == detail["staged_steps_all_ranks"] + held, (r["case"], detail)
         assert detail["staged_recordings_all_ranks"] >= detail["staged_steps_all_ranks"], (r["case"], detail)
 
 

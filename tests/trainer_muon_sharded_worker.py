@@ -50,11 +50,14 @@ def main() -> None:
     stats = engine.layout.stats
     runs = torch.tensor([x for call in stats.matrix_runs for x in call] or [0], dtype=torch.long)
     dist.all_reduce(runs)
+    held = torch.tensor([stats.held_matrix_runs], dtype=torch.long)  # matrices one process holds whole
+    dist.all_reduce(held)
     result = {
         "rank": dist.get_rank(),
         "layout": type(engine.layout).__name__,
         "groups": [{"algorithm": g["algorithm"], "names": list(g.get("param_names", []))} for g in engine.param_groups],
         "runs_over_ranks": runs.tolist(),
+        "held_runs_over_ranks": int(held),
         "bytes_sent": int(getattr(stats, "bytes_sent", 0)),
         "logged": [e["loss"] for e in trainer.state.log_history if "loss" in e],
     }

@@ -133,7 +133,7 @@ def call_numel(view: ParamView) -> int:
 def cuttable(engine, group: dict, unit: Unit) -> bool:
     """Whether ``unit`` may be stepped in row pieces (see the module docstring)."""
     p, view = unit.param, unit.view
-    if type(engine.layout.stats) is not LocalStats or unit.writeback is not None or view.sharded:
+    if unit.writeback is not None or view.sharded:
         return False
     if p.dim() < 2 or view.local_rows is not None:
         return False
@@ -374,10 +374,11 @@ def staged_pieces(engine, group: dict, unit: Unit, rows: int) -> tuple[list[Unit
 
 
 #: row pieces that :func:`plan` made, by what they were cut from ("whole": tensors held whole
-#: by this process; "shard": shards of a sharded run; "staged": either, stepped in stages by
-#: :func:`staged_pieces`), and shards it stepped as one piece of themselves ("shard_whole":
-#: :func:`_sums_by_pieces`), over every step (the tests read it)
-planned: dict[str, int] = {"whole": 0, "shard": 0, "shard_whole": 0, "staged": 0}
+#: by this process; "uncut": of those, parameters of a sharded run that no process boundary cuts,
+#: stepped by the process holding them (:mod:`hfoptim.core.uncut`); "shard": shards of a sharded
+#: run; "staged": any, stepped in stages by :func:`staged_pieces`), and shards it stepped as one
+#: piece of themselves ("shard_whole": :func:`_sums_by_pieces`), over every step (the tests read it)
+planned: dict[str, int] = {"whole": 0, "uncut": 0, "shard": 0, "shard_whole": 0, "staged": 0}
 
 
 def collectives_first(engine, group: dict, calls: list) -> list[tuple[list[Unit], LocalStats]]:
@@ -405,13 +406,18 @@ def collectives_first(engine, group: dict, calls: list) -> list[tuple[list[Unit]
 
 
 def plan(
-    engine, group: dict, bucket: list[Unit], shard_sums: ShardSums | None = None
+    engine, group: dict, bucket: list[Unit], shard_sums: ShardSums | None = None, share: int = 1
 ) -> list[tuple[list[Unit], LocalStats]]:
     """The calls that step ``bucket``: ``(units, statistics backend)`` each (see the module
     docstring). Every unit's state exists and its step counter is advanced already. Sums the row
     pieces of shards leave to complete go to ``shard_sums`` (the caller completes it after the
-    calls: :meth:`ShardSums.complete`)."""
+    calls: :meth:`ShardSums.complete`). ``share``: the number of processes whose steps share the
+    budget, for uncut parameters held whole by one of them (:mod:`hfoptim.core.uncut`): each call
+    and piece then holds at most ``1/share`` of it, as a shard of a parameter they all share does
+    (:func:`piece_numel`), since each process holds ``1/share`` of the state."""
     limit = chunk_numel(group, bucket[0].param.device if bucket else None)
+    if limit and share > 1:
+        limit = max(1, limit // share)
     stats = engine.layout.stats
     calls: list = []
     split = [cut_row_parts(engine, group, u) for u in bucket]
@@ -454,6 +460,7 @@ def plan(
             piece_stats = PieceStats(foreach=stats.foreach)
             cut = pieces(engine, group, unit, _piece_rows(engine, group, unit, limit), shard_sums)
             planned["shard" if unit.view.sharded else "whole"] += len(cut)
+            planned["uncut"] += len(cut) if share > 1 else 0
             calls.extend(([piece], piece_stats) for piece in cut)
             continue
         if current and size + numel > limit:

@@ -35,7 +35,7 @@ from ..modifiers import MODIFIERS
 from ..modifiers.weight_decay import stable_scale
 from ..state import convert, resolve
 from ..state.convert import STORAGE_KEYS
-from . import chunking, compiled_step, param_layout
+from . import chunking, compiled_step, param_layout, uncut
 from .context import StepContext
 from .hparams import HP, HyperparameterError, validate_all
 from .layout import LocalLayout, Unit, canonical_units, transposed_view
@@ -467,20 +467,21 @@ class RuleOptimizer(torch.optim.Optimizer):
         if self._skips_nonfinite() and not self._grads_finite([u for _, units in plan for u in units]):
             self.nonfinite_skips += 1
             return closure_loss
+        sharded = type(self.layout.stats) is not LocalStats
+        mirrored: list = []  # uncut parameters' units, whose whole-tensor state the owners send the others
         for group, units in plan:
             for bucket in self._buckets(units, self.group_foreach(group)):
                 for unit in bucket:
                     self._init_state(unit, group)["step"] += 1
-                shard_sums = chunking.ShardSums()  # sums the row pieces of shards leave partial
-                calls = chunking.plan(self, group, bucket, shard_sums)
-                writebacks: list | None = None
-                if deferred is None and type(self.layout.stats) is not LocalStats:
-                    calls, writebacks = chunking.collectives_first(self, group, calls), []
-                for chunk, stats in calls:
-                    self._step_bucket(group, chunk, loss_value, stats, deferred, writebacks)
-                for writeback in writebacks or ():
-                    writeback()
-                shard_sums.complete(self.layout.stats)
+                held: list[Unit] = []
+                if sharded and deferred is None:
+                    # the parameters one process holds whole are stepped there alone, after the shared ones
+                    bucket, held, cut_free = uncut.split(bucket)
+                    mirrored.append((group, cut_free))
+                self._step_calls(group, bucket, loss_value, deferred, sharded=sharded)
+                if held:
+                    self._step_calls(group, held, loss_value, deferred, sharded=False, share=uncut.share(cut_free))
+        uncut.mirror(self, mirrored, self.layout.stats)
         if deferred:
             scale = stable_scale([d.ctx for d in deferred])
             for d in deferred:
@@ -488,6 +489,25 @@ class RuleOptimizer(torch.optim.Optimizer):
         for send_back in returns:
             send_back()
         return closure_loss
+
+    def _step_calls(
+        self, group: dict, bucket: list[Unit], loss: float | None, deferred, sharded: bool, share: int = 1
+    ) -> None:
+        """Step ``bucket`` (state initialised, step counters advanced) in the calls
+        :func:`~hfoptim.core.chunking.plan` cuts it into (``share``: see there); ``sharded``: with
+        shards among them, whose collectives run first (:func:`~hfoptim.core.chunking.collectives_first`)."""
+        if not bucket:
+            return
+        shard_sums = chunking.ShardSums()  # sums the row pieces of shards leave partial
+        calls = chunking.plan(self, group, bucket, shard_sums, share)
+        writebacks: list | None = None
+        if deferred is None and sharded:
+            calls, writebacks = chunking.collectives_first(self, group, calls), []
+        for chunk, stats in calls:
+            self._step_bucket(group, chunk, loss, stats, deferred, writebacks)
+        for writeback in writebacks or ():
+            writeback()
+        shard_sums.complete(self.layout.stats)
 
     def _skips_nonfinite(self) -> bool:
         """Whether a non-finite gradient skips the step: ``skip_nonfinite`` of any group, None

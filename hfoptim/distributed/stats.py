@@ -113,6 +113,9 @@ class ShardedStats(LocalStats):
         self.bytes_reduced = 0
         #: bytes this process sent to others in whole-matrix exchanges (:meth:`matrix_map`)
         self.bytes_sent = 0
+        #: matrices held whole by this process that :meth:`matrix_map` ran ``fn`` on (not in
+        #: ``matrix_runs``, whose entries are the shards' matrices, aligned over the processes)
+        self.held_matrix_runs = 0
         self._spans: dict[tuple, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ communication
@@ -153,19 +156,22 @@ class ShardedStats(LocalStats):
         all of it, else the least loaded one, the same choice everywhere); one all-to-all sends
         every process's owned elements of each matrix to its owner, which assembles the matrix
         and runs ``fn``; a second all-to-all sends each process its elements of the result. The
-        flat ranges each process owns are exchanged once per list of views (cached)."""
+        flat ranges each process owns are exchanged once per list of views (cached). A matrix held
+        whole here (no process group) is mapped here, counted in ``held_matrix_runs``; an entry of
+        ``matrix_runs`` lists a call's shards only, the same list on every process."""
         out: list = [None] * len(tensors)
         runs = [0] * len(tensors)
         groups: dict[int, tuple] = {}
         for i, (t, v) in enumerate(zip(tensors, views)):
             if v.group is None:
                 out[i] = fn(t.reshape(v.global_rows, v.row_len)).reshape(t.shape)
-                runs[i] = 1
+                self.held_matrix_runs += 1
             else:
                 groups.setdefault(id(v.group), (v.group, []))[1].append(i)
         for group, index in groups.values():
             self._matrix_map_group(fn, group, index, tensors, views, out, runs)
-        self.matrix_runs.append(runs)
+        if groups:  # the matrices of shards: the same list on every process
+            self.matrix_runs.append([runs[i] for i, v in enumerate(views) if v.group is not None])
         return out
 
     def _matrix_map_group(self, fn, group, index, tensors, views, out, runs) -> None:

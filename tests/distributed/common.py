@@ -96,21 +96,24 @@ def use_shapes(which: str) -> None:
         raise ValueError(f"unknown --shapes {which!r}: default, rows or square")
 
 
-def shard_pieces() -> tuple[int, int]:
-    """Row pieces of shards, and shards stepped as one piece of themselves, that this process's
-    steps planned so far (every optimizer)."""
-    from hfoptim.core import chunking
+def shard_pieces() -> tuple[int, ...]:
+    """Row pieces of shards, shards stepped as one piece of themselves, row pieces of uncut
+    parameters stepped by the process holding them, and the units of uncut parameters stepped
+    here as held whole and skipped here (hfoptim.core.uncut), that this process's steps planned
+    so far (every optimizer)."""
+    from hfoptim.core import chunking, uncut
 
-    return chunking.planned["shard"], chunking.planned["shard_whole"]
+    planned, stepped = chunking.planned, uncut.stepped
+    return planned["shard"], planned["shard_whole"], planned["uncut"], stepped["owned"], stepped["elsewhere"]
 
 
-def count_shard_pieces(before: tuple[int, int], detail: dict) -> None:
-    """Record the row pieces of shards, and the shards stepped as one piece, planned since the
-    :func:`shard_pieces` reading ``before``, summed over the processes. Collective: every process
-    calls it in every case."""
+def count_shard_pieces(before: tuple[int, ...], detail: dict) -> None:
+    """Record the counts of :func:`shard_pieces` since the reading ``before``, summed over the
+    processes. Collective: every process calls it in every case."""
     total = torch.tensor([float(now - then) for now, then in zip(shard_pieces(), before)])
     dist.all_reduce(total)
-    detail["shard_pieces_all_ranks"], detail["shards_as_one_piece_all_ranks"] = (int(n) for n in total)
+    keys = ("shard_pieces", "shards_as_one_piece", "uncut_pieces", "uncut_owned", "uncut_elsewhere")
+    detail.update({f"{key}_all_ranks": int(n) for key, n in zip(keys, total)})
 
 
 #: the fast subset (always run): every storage form and modifier on AdamW, the loss-driven
@@ -351,24 +354,33 @@ def compare_state(what, local_state: dict, ref_state: dict, view, dtype, failure
 def check_whole_matrices(engine, failures: list, detail: dict) -> None:
     """For a rule that maps whole matrices (Muon's orthogonalization): over all processes, every
     matrix of every call was mapped exactly once (on one owner), and rows really crossed
-    processes (the sharded exchange engaged). Collective: every process calls it in every case."""
+    processes (the sharded exchange engaged). The matrices of shards are listed alike on every
+    process (``matrix_runs``: 1 where this process ran the map); a matrix one process holds whole
+    (no boundary cuts it: hfoptim.core.uncut) is mapped there alone (``held_matrix_runs``).
+    Collective: every process calls it in every case."""
     stats = engine.layout.stats
     runs = torch.tensor([x for call in stats.matrix_runs for x in call] or [0], dtype=torch.long)
     length = torch.tensor([runs.numel()], dtype=torch.long)
     longest = length.clone()
     dist.all_reduce(longest, op=dist.ReduceOp.MAX)
-    if int(longest) != int(length):
-        failures.append(f"processes mapped different numbers of matrices ({int(length)} here, {int(longest)} max)")
+    held = torch.tensor([getattr(stats, "held_matrix_runs", 0)], dtype=torch.long)
+    dist.all_reduce(held)
+    same_length = int(longest) == int(length)
+    agreed = torch.tensor([int(same_length)], dtype=torch.long)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+    if not int(agreed):
+        failures.append(f"processes listed different numbers of shared matrices ({int(length)} here, {int(longest)})")
         return
     total = runs.clone()
     dist.all_reduce(total)
     sent = torch.tensor([float(getattr(stats, "bytes_sent", 0))])
     dist.all_reduce(sent)
-    if not stats.matrix_runs:
+    if not stats.matrix_runs and not int(held):
         return
-    detail["matrices_mapped"] = int(runs.numel())
+    detail["matrices_mapped"] = (int(runs.numel()) if stats.matrix_runs else 0) + int(held)
+    detail["held_matrices_mapped"] = int(held)
     detail["bytes_sent_all_ranks"] = int(sent)
-    if not bool((total == 1).all()):
+    if stats.matrix_runs and not bool((total == 1).all()):
         failures.append(f"a matrix was orthogonalized {total.tolist()} times over the processes, not once each")
     if engine.rule.name == "muon" and float(sent) <= 0:
         failures.append("no matrix rows crossed processes: the whole-matrix exchange did not engage")
@@ -377,36 +389,46 @@ def check_whole_matrices(engine, failures: list, detail: dict) -> None:
 class KernelOrder:
     """Counts the compiled-kernel calls of this process that came before a collective of the
     same step (the layout's statistics' ``collectives`` counter at each call, against the
-    counter at the step's end): 0 when every step reaches its plain-path collectives before
-    its kernels (:func:`hfoptim.core.chunking.collectives_first`). Wraps the kernel runner
-    while active; :meth:`end_step` after each step."""
+    counter at the step's end, or where the step copies its uncut parameters' whole-tensor state
+    after every kernel: hfoptim.core.uncut.mirror): 0 when every step reaches its plain-path
+    collectives before its kernels (:func:`hfoptim.core.chunking.collectives_first`). Wraps the
+    kernel runner while active; :meth:`end_step` after each step."""
 
     def __init__(self, engine):
         self.engine = engine
         self.late = 0
         self._seen: list[int] = []
+        self._mirror_at: int | None = None
 
     def __enter__(self):
-        from hfoptim.core import compiled_step
+        from hfoptim.core import compiled_step, uncut
 
         self._original = original = compiled_step._run
+        self._original_mirror = mirror = uncut.mirror
 
         def run(*args):
             self._seen.append(self.engine.layout.stats.collectives)
             return original(*args)
 
+        def mirror_after_kernels(*args):
+            self._mirror_at = self.engine.layout.stats.collectives
+            return mirror(*args)
+
         compiled_step._run = run
+        uncut.mirror = mirror_after_kernels
         return self
 
     def __exit__(self, *exc):
-        from hfoptim.core import compiled_step
+        from hfoptim.core import compiled_step, uncut
 
         compiled_step._run = self._original
+        uncut.mirror = self._original_mirror
 
     def end_step(self) -> None:
-        end = self.engine.layout.stats.collectives
+        end = self.engine.layout.stats.collectives if self._mirror_at is None else self._mirror_at
         self.late += sum(seen < end for seen in self._seen)
         self._seen.clear()
+        self._mirror_at = None
 
     def record(self, detail: dict) -> None:
         """``detail["kernels_before_collectives_all_ranks"]``, summed over the processes
