@@ -25,6 +25,7 @@ So, decided from what every process shares (the cuts and the global shape):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -51,8 +52,7 @@ def owns(view: ParamView) -> bool:
 
 def as_held_whole(unit: Unit) -> Unit:
     """``unit`` (its owner's shard of an uncut parameter) as a parameter held whole."""
-    view = ParamView(global_shape=unit.view.global_shape)
-    return Unit(unit.param, unit.grad, unit.state, view, unit.owner, unit.writeback, unit.source, unit.canonical)
+    return dataclasses.replace(unit, view=ParamView(global_shape=unit.view.global_shape))
 
 
 def split(units: list[Unit]) -> tuple[list[Unit], list[Unit], list[Unit]]:
