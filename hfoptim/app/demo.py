@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import statistics
 import sys
@@ -273,8 +274,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_unused_imports() -> None:
+    """Keep the warnings of libraries the demo does not use out of its output: transformers
+    imports torchao whenever it is installed (the kit's ``dev`` extra has it, for the
+    benchmarks), and on a machine without CUDA torchao warns that its CUDA kernels do not load
+    and torch that torchao registers its enums the old way."""
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_unused_imports()
     if args.steps < 1 or args.eval_every < 1:
         raise SystemExit("--steps and --eval-every must be positive")
     optims = args.optim.split(",") if args.optim else default_optimizers()
