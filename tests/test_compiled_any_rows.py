@@ -1,7 +1,7 @@
 """Kernels for any number of rows (hfoptim.core.compiled_step): tensors of two or more dimensions
-held whole share one compiled kernel per row shape (``shape[1:]``), options and storage form,
-instead of one per shape, and under ``compile="auto"`` the small tensors of a call join the
-kernel that a large tensor of theirs compiled.
+held whole, of several shapes in one call, share one compiled kernel per row shape
+(``shape[1:]``), options and storage form, instead of one per shape; under ``compile="auto"`` the
+small tensors of a call join the kernel that a large tensor of theirs compiled.
 
 The numbers are those of a kernel compiled for the one shape (the same traced code; the sizes
 are read at run time instead of baked in): checked bit for bit here, and against the plain path
@@ -89,6 +89,14 @@ def test_auto_small_tensors_join_the_kernel_of_a_large_one():
         assert torch.equal(p, q), shapes[i]
         for key, value in states[i].items():
             assert torch.equal(value, on_states[i][key]), (shapes[i], key)
+
+
+def test_a_single_shape_keeps_its_own_kernel():
+    """A kind of a single shape in its call keeps a kernel of that shape (cheaper to compile and
+    to load from the cache than one of any rows)."""
+    compiled_step.reset()
+    _run("adamw_8bit", [(128, 64), (128, 64)], "on", steps=1)
+    assert [key[1] for key in compiled_step._compiled] == [(128, 64)]
 
 
 def test_auto_small_tensors_alone_stay_plain():

@@ -10,15 +10,16 @@ modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` fo
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* One compilation per rule, options, storage form and row shape: a tensor of two or more
-  dimensions held whole (or a row piece of one) takes a kernel compiled for any number of rows
-  (:func:`_any_rows`: its first dimension symbolic, the rest baked in), so the 768x768 and
-  2048x768 matrices of a model share one, and the row pieces of a large tensor another (its
-  last, shorter piece included); 0-/1-D tensors, tensors of one row and shards keep a kernel per
-  shape. Each kernel is its own copy of the traced function, so dynamo's per-function recompile
-  limit never applies across kernels. Measured against kernels per shape (Intel Xeon, 2
-  threads, torch 2.13): the same step times (0.93-1.05x, every storage form) for about 1.4x the
-  compile time of one kernel. The 8-bit block maxima of a line are reduced as
+* One compilation per rule, options, storage form and shape, or row shape: where a call holds
+  tensors of two or more dimensions held whole (or row pieces of one) of several shapes but one
+  kind, they share a kernel compiled for any number of rows (:func:`_any_rows`,
+  :func:`_share_rows`: the first dimension symbolic, the rest baked in); 0-/1-D tensors,
+  tensors of one row, shards and kinds of a single shape keep a kernel per shape. Each kernel
+  is its own copy of the traced function, so dynamo's per-function recompile limit never
+  applies across kernels. Measured against kernels per shape (Intel Xeon, 2 threads, torch
+  2.13): the same step times (0.93-1.05x, every storage form), for about 1.4x the compile time
+  and 0.8 s more to load from a warm cache (dynamo traces it symbolically): hence only where it
+  serves several shapes. The 8-bit block maxima of a line are reduced as
   ``(lines, blocks, block)`` (:meth:`~hfoptim.core.stats.LocalStats.block_absmax`): over a
   flattened ``(lines * blocks, block)`` view inductor leaves the index as a modulo of the
   symbolic size and steps it one element at a time (a 100M-parameter step 640 instead of 390 ms).
@@ -42,11 +43,12 @@ rule's code is the same code the plain path runs; nothing is written twice.
   storage form ``auto_compiles``, which SMMF's does not (its kernel measured slower than its plain
   path), and the smaller tensors held whole of a call that a kernel compiled for a large one
   steps (:func:`_may_join`: no compilation of their own; the demo's 24 small matrices of 128
-  columns take its embedding's kernel, 52 -> 21 ms an ``adamw_8bit`` step, the first step 3 s
-  longer from an empty cache); ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec
-  marked ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the
-  codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole
-  by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
+  columns take its embedding's kernel, then one for any number of rows: 52 -> 18-21 ms an
+  ``adamw_8bit`` step, its first step 2-3 s longer from an empty cache); ``"on"``: every
+  tensor; ``"off"``: never), every one of its slots is stored by a codec marked ``fusable``
+  (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
+  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held
+  whole by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
   rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step needs
   nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it
   is on a CPU or CUDA device, and :func:`plain_reason` finds nothing against its group: the
@@ -791,8 +793,9 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
-    compiled: set[tuple] = set()  # the kernels this call compiled or ran (compile="auto": for large tensors)
-    small: list[tuple] = []  # tensors held whole under AUTO_MIN_NUMEL, which may join them
+    kernels: list[_Kernel] = []  # the units held whole the kernel steps (after the others)
+    compiled: set[tuple] = set()  # the kernels they compiled or ran (compile="auto": for large tensors)
+    small: list = []  # tensors held whole under AUTO_MIN_NUMEL, which may join them
 
     def lr_for(p: torch.Tensor) -> torch.Tensor:
         dtype = engine.compute_dtype(p)
@@ -823,23 +826,52 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         if in_stages:
             staged.append(kernel)
             continue
-        if not kernel.step():
-            rest.append(unit)
+        if unit.view.sharded:  # stepped in order: every process lists its partial sums in the same order
+            if not kernel.step():
+                rest.append(unit)
+                continue
+            partial.extend(shard_sums(slots, codecs, unit))
+            continue
+        kernels.append(kernel)
+    if kernels:  # the small tensors may join them: their kernels too
+        small = [
+            _Kernel(engine, group, u, c, stats, options, settings, lr_for(u.param), False, False) for u, c in small
+        ]
+    else:
+        rest.extend(unit for unit, _ in small)
+        small = []
+    _share_rows(kernels + small)
+    for kernel in kernels:  # (after a failed compilation, reported once, the rest go plain)
+        if _failed is not None or not kernel.step():
+            rest.append(kernel.unit)
             continue
         compiled.add(kernel.kernel)
-        partial.extend(shard_sums(slots, codecs, unit))
-    for unit, codecs in small:  # a kernel compiled for a large tensor steps the small ones of its kind
-        if not compiled:
-            rest.append(unit)
-            continue
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr_for(unit.param), False, False)
-        if kernel.kernel not in compiled or not kernel.step():
-            rest.append(unit)
+    for kernel in small:  # a kernel compiled for a large tensor steps the small ones of its kind
+        if _failed is not None or kernel.kernel not in compiled or not kernel.step():
+            rest.append(kernel.unit)
     _step_staged([_Staged([kernel], kernel.unit.view) for kernel in staged], stats.all_reduce if staged else None)
     for kernel in staged:
         partial.extend(shard_sums(slots, kernel.codecs, kernel.unit))
     complete_sums(stats, partial)
     return rest
+
+
+def _share_rows(kernels: list[_Kernel]) -> None:
+    """Give the kernels for any number of rows (:func:`_any_rows`) to the parameters of a call
+    whose kernel of any rows serves more than one of the call's shapes; the others keep a kernel
+    of their own shape. A kernel of any rows costs more to compile (about 1.4x) and to load from
+    inductor's cache (0.8 s more from a warm cache, Intel Xeon, torch 2.13: dynamo traces it
+    symbolically) than one of a single shape: it pays where it serves several shapes (the
+    demo's embedding and its 24 small matrices of 128 columns), not where every tensor of a
+    kind has one shape (the 100M set's matrices and row pieces: each kind one shape per call).
+    The same call gives the same answer at every step."""
+    shapes: dict[tuple, set] = {}
+    for kernel in kernels:
+        if kernel.any_rows_kernel is not None:
+            shapes.setdefault(kernel.any_rows_kernel, set()).add(tuple(kernel.work.shape))
+    for kernel in kernels:
+        if kernel.any_rows_kernel is not None and len(shapes[kernel.any_rows_kernel]) > 1:
+            kernel.share_rows()
 
 
 def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats) -> None:
@@ -880,12 +912,7 @@ class _Kernel:
         # per shape); in-place updates of the detached alias reach the parameter
         self.work = p.to(dtype) if p.dtype != dtype else p.detach()
         self.grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
-        any_rows = _any_rows(unit, self.work, self.grad)
-        rows = self.work.shape[0] if any_rows else None
         view = unit.view
-        whole = not view.sharded and view.row_start == 0 and tuple(view.local_shape) == tuple(view.global_shape)
-        # a tensor held whole passes None (its own shape, so its rows may be symbolic)
-        self.global_shape = None if any_rows and whole else tuple(view.global_shape)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
@@ -898,32 +925,50 @@ class _Kernel:
         # the options and storage forms are part of the key: two optimizers of one rule (adamw and
         # adamw_factored, two learning setups in one process) get their own kernels instead of
         # recompiling one function on each other's guards until dynamo's limit sends them to eager
-        # ``kernel``: the kernel's key, whose shapes' first dimension is ANY_ROWS for a kernel of
-        # any number of rows; ``key``: the same with this parameter's shape (one per shape)
-        shape = tuple(self.work.shape)
-        self.kernel = (
+        self._common = (
             type(engine.rule),
-            _shape_key(self.work.shape, rows),
             self.work.dtype,
             self.grad.dtype,
             self.work.device,
             self.work.stride(),
             self.grad.stride(),
-            self.global_shape,
             self.row_start,
             (tuple(c.name for c in codecs), settings),
             type(self.stats),
             self.stats.foreach,
-            state_signature(unit.state, rows),
             self.out_of_place,
         )
-        self.key = self.kernel if rows is None else (self.kernel[0], shape, *self.kernel[2:])
+        self._use(rows=None, global_shape=tuple(view.global_shape))
+        #: the key of this parameter's kernel for any number of rows (:func:`_any_rows`), None
+        #: when it has none; :meth:`share_rows` makes it the kernel of its calls
+        self.any_rows_kernel = None
+        if _any_rows(unit, self.work, self.grad):
+            whole = view.row_start == 0 and tuple(view.local_shape) == tuple(view.global_shape)
+            # a tensor held whole passes None (its own shape, so its rows may be symbolic)
+            self._any_rows_global = None if whole else tuple(view.global_shape)
+            self.any_rows_kernel = self._kernel_key(self.work.shape[0], self._any_rows_global)
+
+    def _kernel_key(self, rows: int | None, global_shape: tuple | None) -> tuple:
+        """The key of the kernel for this parameter: of its shape (``rows`` None) or of any
+        number of rows (``rows``: this parameter's, a first dimension :data:`ANY_ROWS`)."""
+        rule, *common = self._common
+        shape = _shape_key(self.work.shape, rows)
+        return (rule, shape, *common[:6], global_shape, *common[6:], state_signature(self.unit.state, rows))
+
+    def _use(self, rows: int | None, global_shape: tuple | None) -> None:
+        """Call the kernel of :meth:`_kernel_key` (``kernel``), under the key of this shape (``key``)."""
+        self.global_shape = global_shape
+        self.kernel = self._kernel_key(rows, global_shape)
+        self.key = self.kernel if rows is None else (self.kernel[0], tuple(self.work.shape), *self.kernel[2:])
         #: the tensors whose first dimension is the kernel's symbolic rows
-        self.rows = (
-            []
-            if rows is None
-            else [self.work, self.grad, *(t for _, t in _state_tensors(unit.state) if t.dim() and t.shape[0] == rows)]
-        )
+        self.rows = []
+        if rows is not None:
+            state = [t for _, t in _state_tensors(self.unit.state) if t.dim() and t.shape[0] == rows]
+            self.rows = [self.work, self.grad, *state]
+
+    def share_rows(self) -> None:
+        """Step with the kernel for any number of rows (:attr:`any_rows_kernel`)."""
+        self._use(self.work.shape[0], self._any_rows_global)
 
     def _call(self, record: bool = False) -> tuple[bool, Any]:
         """``(True, what the kernel returned)``, or ``(False, None)`` when compiling failed
