@@ -120,8 +120,7 @@ def test_compiled_dense_step_agrees_with_the_plain_step(name):
 
 def test_auto_leaves_small_tensors_plain():
     """``compile="auto"`` (the default) compiles tensors of AUTO_MIN_NUMEL elements or more only:
-    the small tensors of tests and of tiny models never pay a compilation (they may take a kernel
-    a large tensor of their call compiled: tests/test_compiled_any_rows.py)."""
+    the small tensors of tests and of tiny models never pay a compilation."""
     compiled_step.reset()
     params = [torch.nn.Parameter(torch.randn(s)) for s in SHAPES]
     opt = hfoptim.create_optimizer(params, "adamw", **HP)

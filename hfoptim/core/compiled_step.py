@@ -10,28 +10,16 @@ modifiers, weight decay and ``p <- p - lr u``) is traced by ``torch.compile`` fo
 at a time, so inductor fuses decode, update and encode into a few loops over the parameter. The
 rule's code is the same code the plain path runs; nothing is written twice.
 
-* One compilation per rule, options, storage form and shape, or row shape: where a call holds
-  tensors of two or more dimensions held whole (or row pieces of one) of several shapes but one
-  kind, they share a kernel compiled for any number of rows (:func:`_any_rows`,
-  :func:`_share_rows`: the first dimension symbolic, the rest baked in); 0-/1-D tensors,
-  tensors of one row, shards and kinds of a single shape keep a kernel per shape. Each kernel
-  is its own copy of the traced function, so dynamo's per-function recompile limit never
-  applies across kernels. Measured against kernels per shape (Intel Xeon, 2 threads, torch
-  2.13): the same step times (0.93-1.05x, every storage form), for about 1.4x the compile time
-  and 0.8 s more to load from a warm cache (dynamo traces it symbolically): hence only where it
-  serves several shapes. The 8-bit block maxima of a line are reduced as
-  ``(lines, blocks, block)`` (:meth:`~hfoptim.core.stats.LocalStats.block_absmax`): over a
-  flattened ``(lines * blocks, block)`` view inductor leaves the index as a modulo of the
-  symbolic size and steps it one element at a time (a 100M-parameter step 640 instead of 390 ms).
-* The learning rate is a traced 0-d tensor input and the step counter the 0-d tensor kept in
-  the state (:class:`TracedStepContext`), so neither a learning-rate schedule nor the step count
-  recompiles. The traced function never sees the parameter group itself: it gets
-  :func:`hyperparameters`, a copy of the group's validated options without ``lr`` (and without
-  ``params``, ``initial_lr`` and whatever else a scheduler or the Trainer keeps there), so
-  dynamo cannot guard on the learning rate's value. The other hyperparameters are baked in
-  (changing one recompiles). The key of a kernel holds everything dynamo's guards check but the
-  number of rows; the first call of each shape evaluates them (one failing compiles anew), the
-  later calls of that shape skip them (:func:`skip_guards`).
+* One compilation per rule, options and distinct parameter shape (static shapes; a transformer
+  has a handful), each in its own copy of the traced function so dynamo's per-function recompile
+  limit never applies across shapes. The learning rate is a traced 0-d tensor input and the
+  step counter the 0-d tensor kept in the state (:class:`TracedStepContext`), so neither a
+  learning-rate schedule nor the step count recompiles. The traced function never sees the
+  parameter group itself: it gets :func:`hyperparameters`, a copy of the group's validated
+  options without ``lr`` (and without ``params``, ``initial_lr`` and whatever else a scheduler
+  or the Trainer keeps there), so dynamo cannot guard on the learning rate's value. The other
+  hyperparameters are baked in (changing one recompiles). The key of a kernel holds everything
+  dynamo's guards would check, so the calls skip evaluating them (:func:`skip_guards`).
 * Compiling is announced on the ``hfoptim.core.compiled_step`` logger: a warning before the first
   compilation of the process (the first step is slow), an info line per compiled shape with the
   time it took. Inductor's FX graph cache (on by default) keeps the kernels on disk, so a later
@@ -41,14 +29,10 @@ rule's code is the same code the plain path runs; nothing is written twice.
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
   of at least :data:`AUTO_MIN_NUMEL` elements when torch.compile works on this machine and every
   storage form ``auto_compiles``, which SMMF's does not (its kernel measured slower than its plain
-  path), and the smaller tensors held whole of a call that a kernel compiled for a large one
-  steps (:func:`_may_join`: no compilation of their own; the demo's 24 small matrices of 128
-  columns take its embedding's kernel, then one for any number of rows: 52 -> 18-21 ms an
-  ``adamw_8bit`` step, its first step 2-3 s longer from an empty cache); ``"on"``: every
-  tensor; ``"off"``: never), every one of its slots is stored by a codec marked ``fusable``
-  (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
-  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held
-  whole by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
+  path); ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec
+  marked ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the
+  codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole
+  by this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as
   rows from 0, so only storage forms marked ``offset_free``), or is a shard whose step needs
   nothing of other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it
   is on a CPU or CUDA device, and :func:`plain_reason` finds nothing against its group: the
@@ -135,9 +119,6 @@ from .vector_gather import vector_gathers
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
 
-#: the first dimension in the key of a kernel compiled for any number of rows (:func:`_any_rows`)
-ANY_ROWS = "rows"
-
 #: inductor's options for the kernels. ``realize_reads_threshold`` (default 4): a value with
 #: several consumers that reads more inputs than this is stored in a full-size buffer instead of
 #: recomputed. A step's update direction reads the gradient, the moments, the parameter and
@@ -200,8 +181,6 @@ def _can_skip_guards() -> bool:
 _CAN_SKIP_GUARDS = _can_skip_guards()
 
 _compiled: dict[tuple, Any] = {}
-#: the kernels (their keys in :data:`_compiled`) that have run: compiled
-_ran: set[tuple] = set()
 #: per parameter group (by id): the options last seen and their text in the kernel keys
 _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
@@ -281,8 +260,6 @@ def _advance_one(
     forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
     whose forms are not ``offset_free`` is seen at its first row ``row_start``."""
     rows = p.shape[0] if p.dim() else None
-    # None: held whole, of the parameter's own shape (its rows symbolic in a kernel of any rows)
-    global_shape = tuple(p.shape) if global_shape is None else global_shape
     view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
     # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
     # taken in fp32 would round the bias corrections of an fp64 parameter to fp32. On the
@@ -342,48 +319,31 @@ def _compiled_fn(key: tuple = ()):
     if fn is None:
         code = _advance_one.__code__.replace(co_name=f"_advance_one_{len(_compiled)}")
         copy = types.FunctionType(code, _advance_one.__globals__, code.co_name, _advance_one.__defaults__)
-        # static shapes but the rows of an any-rows key (the first dimensions :func:`_run` marks;
-        # the others are baked in); indices into the code tables are in range by construction
-        # (uint8 codes, clamped intervals): no bounds checks
-        any_rows = len(key) > 1 and isinstance(key[1], tuple) and key[1][:1] == (ANY_ROWS,)
-        fn = torch.compile(copy, dynamic=None if any_rows else False, options=INDUCTOR_OPTIONS)
+        # static shapes: one kernel per parameter shape (symbolic shapes get specialised anyway by
+        # the broadcasting checks of the foreach ops); indices into the code tables are in range
+        # by construction (uint8 codes, clamped intervals): no bounds checks
+        fn = torch.compile(copy, dynamic=False, options=INDUCTOR_OPTIONS)
         _compiled[key] = fn
     return fn
 
 
-def _run(kernel: tuple, key: tuple, rows: list[torch.Tensor], *args):
-    """Call the kernel ``kernel`` for the parameter of key ``key`` (the same, or for a kernel of
-    any number of rows the same with the parameter's shape) and return what it returns; the
-    first call of a kernel compiles it, announced on the logger. ``rows``: the tensors whose
-    first dimension is the rows of an any-rows kernel (marked dynamic for dynamo). The first
-    call of each ``key`` evaluates dynamo's guards (a kernel of any rows compiled for another
-    shape: a guard failing for this one compiles anew), later ones skip them
-    (:func:`skip_guards`). Counted per ``key`` in :data:`calls`, or :data:`recorded` for a
-    recording kernel (its key ends in ``(stage, True)``)."""
-    fn = _compiled_fn(kernel)
+def _run(key: tuple, *args):
+    """Call the kernel of ``key`` and return what it returns; the first call of a key compiles
+    it, announced on the logger. Counted in :data:`calls`, or :data:`recorded` for a recording
+    kernel (its key ends in ``(stage, True)``)."""
+    fn = _compiled_fn(key)
     stage = key[-1]
     counts = recorded if stage is not None and stage[1] else calls
     if key in counts:
         counts[key] += 1
         return fn(*args)
-    for tensor in rows:
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    if kernel in _ran:  # compiled already, for another number of rows
-        with _with_guards(True):
-            out = _compiling_call(fn, args)
-        counts[key] = 1
-        return out
-    rule, shape, dtype = kernel[0].name, kernel[1], kernel[2]
-    dtype = str(dtype).replace("torch.", "")
-    if shape[:1] == (ANY_ROWS,):
-        what = f"{rule} step for {dtype} tensors of shape (rows, {', '.join(map(str, shape[1:]))})"
-    else:
-        what = f"{rule} step for a {tuple(shape)} {dtype} tensor"
+    rule, shape, dtype = key[0].name, key[1], key[2]
+    what = f"{rule} step for a {tuple(shape)} {str(dtype).replace('torch.', '')} tensor"
     if stage is not None:
         what += f" (stage {stage[0] + 1}{', recording' if stage[1] else ''})"
     if not calls and not recorded:
         logger.warning(
-            "hfoptim: compiling the fused optimizer step (torch.compile, once per rule and row shape); "
+            "hfoptim: compiling the fused optimizer step (torch.compile, once per rule and parameter shape); "
             "the first step is slower, later runs reuse inductor's disk cache. compile='off' skips it."
         )
     logger.info("hfoptim: compiling the fused %s", what)
@@ -391,7 +351,6 @@ def _run(kernel: tuple, key: tuple, rows: list[torch.Tensor], *args):
     with _with_guards(True):
         out = _compiling_call(fn, args)
     counts[key] = 1
-    _ran.add(kernel)
     logger.info("hfoptim: compiled the fused %s in %.1f s", what, time.perf_counter() - start)
     return out
 
@@ -523,37 +482,16 @@ def settings_of(group: dict, options: dict) -> str:
     return text
 
 
-def state_signature(state: dict, rows: int | None = None) -> tuple:
+def state_signature(state: dict) -> tuple:
     """What a kernel assumes of a parameter's state: every entry's name with its dtype, shape
     and strides (a tensor) or its value's text. Part of the kernel key, so state of another form (a
     checkpoint restored in other dtypes) gets its own kernel: calls skip dynamo's guards
-    (:func:`skip_guards`), which would have caught the difference. With ``rows`` (a kernel for
-    any number of rows, :func:`_any_rows`) a first dimension of that size is :data:`ANY_ROWS`."""
+    (:func:`skip_guards`), which would have caught the difference."""
     return tuple(
-        (name, value.dtype, _shape_key(value.shape, rows), value.stride(), value.device)
+        (name, value.dtype, value.shape, value.stride(), value.device)
         if isinstance(value, torch.Tensor)
         else (name, repr(value))  # (no rule keeps one today; a list would not hash)
         for name, value in state.items()
-    )
-
-
-def _shape_key(shape: torch.Size, rows: int | None) -> tuple:
-    """``shape`` with a first dimension of ``rows`` elements as :data:`ANY_ROWS`."""
-    if rows is None or not shape or shape[0] != rows:
-        return tuple(shape)
-    return (ANY_ROWS, *shape[1:])
-
-
-def _any_rows(unit, work: torch.Tensor, grad: torch.Tensor) -> bool:
-    """Whether the kernel of ``unit`` is compiled for any number of rows (its first dimension
-    symbolic, :data:`ANY_ROWS`): a tensor of two or more dimensions and at least two rows (torch
-    compiles sizes 0 and 1 apart), held whole or a row piece of one tensor held whole (a
-    shard's rows are the layout's), its parameter, gradient and state contiguous (strides that
-    do not depend on the rows)."""
-    if unit.view.sharded or work.dim() < 2 or work.shape[0] < 2:
-        return False
-    return (
-        work.is_contiguous() and grad.is_contiguous() and all(t.is_contiguous() for _, t in _state_tensors(unit.state))
     )
 
 
@@ -563,11 +501,8 @@ def skip_guards():
     entry per code object and its guards can only confirm that entry; the key holds everything
     they check (rule, options, shapes, strides, dtypes and devices of the parameter, gradient
     and state, statistics backend), so a call whose guards would fail has another key and
-    compiles its own kernel. A kernel of any number of rows is called with its guards evaluated
-    at the first call of each shape (:func:`_run`); where one failed and dynamo compiled a second
-    entry, the skipping stance still evaluates the guards that tell its entries apart.
-    Evaluating them cost 30-60 us a call, 1-2 ms a step on a 25M model
-    (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). Inside a region that
+    compiles its own kernel. Evaluating them cost 30-60 us a call, 1-2 ms a step on a 25M
+    model (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``). Inside a region that
     torch.compile traces (a user compiling the whole step) nothing changes."""
     return _with_guards(False)
 
@@ -694,18 +629,6 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
     return all(c.fusable and c.fusable_for(view) for c in codecs)
 
 
-def _may_join(unit) -> bool:
-    """Whether ``unit``, under ``compile="auto"``, is small (under :data:`AUTO_MIN_NUMEL`
-    elements: not worth a compilation of its own) but may take a kernel compiled anyway for a
-    larger tensor of its call: a kernel for any number of rows (:func:`_any_rows`) whose key,
-    rows aside, is its own. A tensor held whole (it issues no collective, so processes need not
-    agree on it) of at least two rows."""
-    view = unit.view
-    return (
-        not view.sharded and view.global_numel < AUTO_MIN_NUMEL and unit.param.dim() >= 2 and unit.param.shape[0] >= 2
-    )
-
-
 def _empty_shard(unit) -> bool:
     return unit.view.sharded and unit.param.numel() == 0
 
@@ -793,25 +716,10 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
-    kernels: list[_Kernel] = []  # the units held whole the kernel steps (after the others)
-    compiled: set[tuple] = set()  # the kernels they compiled or ran (compile="auto": for large tensors)
-    small: list = []  # tensors held whole under AUTO_MIN_NUMEL, which may join them
-
-    def lr_for(p: torch.Tensor) -> torch.Tensor:
-        dtype = engine.compute_dtype(p)
-        lr = lrs.get((dtype, p.device))
-        if lr is None:
-            lr = lrs[(dtype, p.device)] = torch.tensor(lr_value, dtype=dtype, device=p.device)
-        return lr
-
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
-        joins = mode == "auto" and _may_join(unit)
-        if _failed is not None or not _takes_unit(engine, group, unit, "on" if joins else mode, codecs):
+        if _failed is not None or not _takes_unit(engine, group, unit, mode, codecs):
             rest.append(unit)
-            continue
-        if joins:
-            small.append((unit, codecs))
             continue
         # a shard the kernel takes (_takes_unit) but not alone: in stages (shard_staged)
         in_stages = unit.view.sharded and not shard_local(engine, group, unit.view, slots, codecs)
@@ -822,56 +730,23 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
             for tensor, view in shard_sums(slots, codecs, unit):
                 partial.append((tensor.zero_(), view))
             continue
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr_for(unit.param), in_stages, empty)
+        dtype = engine.compute_dtype(unit.param)
+        lr = lrs.get((dtype, unit.param.device))
+        if lr is None:
+            lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, staged=in_stages, eager=empty)
         if in_stages:
             staged.append(kernel)
             continue
-        if unit.view.sharded:  # stepped in order: every process lists its partial sums in the same order
-            if not kernel.step():
-                rest.append(unit)
-                continue
-            partial.extend(shard_sums(slots, codecs, unit))
+        if not kernel.step():
+            rest.append(unit)
             continue
-        kernels.append(kernel)
-    if kernels:  # the small tensors may join them: their kernels too
-        small = [
-            _Kernel(engine, group, u, c, stats, options, settings, lr_for(u.param), False, False) for u, c in small
-        ]
-    else:
-        rest.extend(unit for unit, _ in small)
-        small = []
-    _share_rows(kernels + small)
-    for kernel in kernels:  # (after a failed compilation, reported once, the rest go plain)
-        if _failed is not None or not kernel.step():
-            rest.append(kernel.unit)
-            continue
-        compiled.add(kernel.kernel)
-    for kernel in small:  # a kernel compiled for a large tensor steps the small ones of its kind
-        if _failed is not None or kernel.kernel not in compiled or not kernel.step():
-            rest.append(kernel.unit)
+        partial.extend(shard_sums(slots, codecs, unit))
     _step_staged([_Staged([kernel], kernel.unit.view) for kernel in staged], stats.all_reduce if staged else None)
     for kernel in staged:
         partial.extend(shard_sums(slots, kernel.codecs, kernel.unit))
     complete_sums(stats, partial)
     return rest
-
-
-def _share_rows(kernels: list[_Kernel]) -> None:
-    """Give the kernels for any number of rows (:func:`_any_rows`) to the parameters of a call
-    whose kernel of any rows serves more than one of the call's shapes; the others keep a kernel
-    of their own shape. A kernel of any rows costs more to compile (about 1.4x) and to load from
-    inductor's cache (0.8 s more from a warm cache, Intel Xeon, torch 2.13: dynamo traces it
-    symbolically) than one of a single shape: it pays where it serves several shapes (the
-    demo's embedding and its 24 small matrices of 128 columns), not where every tensor of a
-    kind has one shape (the 100M set's matrices and row pieces: each kind one shape per call).
-    The same call gives the same answer at every step."""
-    shapes: dict[tuple, set] = {}
-    for kernel in kernels:
-        if kernel.any_rows_kernel is not None:
-            shapes.setdefault(kernel.any_rows_kernel, set()).add(tuple(kernel.work.shape))
-    for kernel in kernels:
-        if kernel.any_rows_kernel is not None and len(shapes[kernel.any_rows_kernel]) > 1:
-            kernel.share_rows()
 
 
 def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats) -> None:
@@ -912,11 +787,11 @@ class _Kernel:
         # per shape); in-place updates of the detached alias reach the parameter
         self.work = p.to(dtype) if p.dtype != dtype else p.detach()
         self.grad = unit.grad if unit.grad.dtype == dtype else unit.grad.to(dtype)
-        view = unit.view
+        self.global_shape = tuple(unit.view.global_shape)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
-        self.row_start = 0 if offset_free else view.row_start
+        self.row_start = 0 if offset_free else unit.view.row_start
         self.stats = kernel_stats(stats, unit.view)
         self.out_of_place = _out_of_place(group, self.work.device)
         self.known: list[torch.Tensor] = []
@@ -925,50 +800,22 @@ class _Kernel:
         # the options and storage forms are part of the key: two optimizers of one rule (adamw and
         # adamw_factored, two learning setups in one process) get their own kernels instead of
         # recompiling one function on each other's guards until dynamo's limit sends them to eager
-        self._common = (
+        self.key = (
             type(engine.rule),
+            tuple(self.work.shape),
             self.work.dtype,
             self.grad.dtype,
             self.work.device,
             self.work.stride(),
             self.grad.stride(),
+            self.global_shape,
             self.row_start,
             (tuple(c.name for c in codecs), settings),
             type(self.stats),
             self.stats.foreach,
+            state_signature(unit.state),
             self.out_of_place,
         )
-        self._use(rows=None, global_shape=tuple(view.global_shape))
-        #: the key of this parameter's kernel for any number of rows (:func:`_any_rows`), None
-        #: when it has none; :meth:`share_rows` makes it the kernel of its calls
-        self.any_rows_kernel = None
-        if _any_rows(unit, self.work, self.grad):
-            whole = view.row_start == 0 and tuple(view.local_shape) == tuple(view.global_shape)
-            # a tensor held whole passes None (its own shape, so its rows may be symbolic)
-            self._any_rows_global = None if whole else tuple(view.global_shape)
-            self.any_rows_kernel = self._kernel_key(self.work.shape[0], self._any_rows_global)
-
-    def _kernel_key(self, rows: int | None, global_shape: tuple | None) -> tuple:
-        """The key of the kernel for this parameter: of its shape (``rows`` None) or of any
-        number of rows (``rows``: this parameter's, a first dimension :data:`ANY_ROWS`)."""
-        rule, *common = self._common
-        shape = _shape_key(self.work.shape, rows)
-        return (rule, shape, *common[:6], global_shape, *common[6:], state_signature(self.unit.state, rows))
-
-    def _use(self, rows: int | None, global_shape: tuple | None) -> None:
-        """Call the kernel of :meth:`_kernel_key` (``kernel``), under the key of this shape (``key``)."""
-        self.global_shape = global_shape
-        self.kernel = self._kernel_key(rows, global_shape)
-        self.key = self.kernel if rows is None else (self.kernel[0], tuple(self.work.shape), *self.kernel[2:])
-        #: the tensors whose first dimension is the kernel's symbolic rows
-        self.rows = []
-        if rows is not None:
-            state = [t for _, t in _state_tensors(self.unit.state) if t.dim() and t.shape[0] == rows]
-            self.rows = [self.work, self.grad, *state]
-
-    def share_rows(self) -> None:
-        """Step with the kernel for any number of rows (:attr:`any_rows_kernel`)."""
-        self._use(self.work.shape[0], self._any_rows_global)
 
     def _call(self, record: bool = False) -> tuple[bool, Any]:
         """``(True, what the kernel returned)``, or ``(False, None)`` when compiling failed
@@ -977,11 +824,7 @@ class _Kernel:
         its parts."""
         known = tuple(self.known) if self.staged else None
         stage = (len(self.known), record) if self.staged else None
-        run = (
-            _advance_one
-            if self.eager
-            else functools.partial(_run, (*self.kernel, stage), (*self.key, stage), self.rows)
-        )
+        run = _advance_one if self.eager else functools.partial(_run, (*self.key, stage))
         try:
             out = run(
                 self.engine.rule,
@@ -1149,7 +992,6 @@ def reset() -> None:
     global _failed, _kit_codegen
     _kit_codegen = True
     _compiled.clear()
-    _ran.clear()
     _settings.clear()
     calls.clear()
     recorded.clear()

@@ -246,12 +246,6 @@ class LocalStats:
                     parts.insert(0, head.amax(dim=2))
                 out.append(torch.cat(parts, dim=1).reshape(-1))
                 continue
-            lines, length, lead = block_layout(v, block)
-            if not lead and length % block == 0 and lines and length:
-                # lines of whole blocks as (lines, blocks, block): no index crosses a line, which a
-                # kernel compiled for any number of rows (its lines symbolic) keeps vectorized
-                out.append(t.reshape(lines, length // block, block).abs().amax(dim=2).reshape(-1))
-                continue
             blocks = blocked(t, v, block)
             if blocks.numel() == 0:
                 out.append(blocks.new_zeros(blocks.shape[0]))
