@@ -22,6 +22,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         "foundation",
         [
             "hfoptim.core",  # the package's __init__ (imports nothing)
+            "hfoptim.core.tracing",
             "hfoptim.core.tensorlist",
             "hfoptim.core.hparams",
             "hfoptim.core.stats",

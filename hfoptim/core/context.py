@@ -8,6 +8,7 @@ import torch
 
 from .stats import LocalStats, ParamView
 from .tensorlist import TensorList
+from .tracing import is_traced
 
 PerTensor = Union[float, list]
 
@@ -34,7 +35,7 @@ def owns_memory(value: torch.Tensor, kept) -> bool:
     """Whether ``value`` shares memory with none of the tensors in ``kept`` (other entries are
     ignored): a temporary that may be overwritten. False while tracing: the compiled path plans
     its own memory, and a traced tensor has no address."""
-    if torch.compiler.is_compiling():
+    if is_traced():
         return False
     address = value.untyped_storage().data_ptr()
     return all(not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != address for t in kept)

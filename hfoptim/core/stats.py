@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from .tracing import is_traced
+
 
 @dataclass(frozen=True)
 class ParamView:
@@ -169,7 +171,7 @@ class LocalStats:
 
     def sum_sq(self, tensors: list[torch.Tensor], views: list[ParamView]) -> list[torch.Tensor]:
         """Sum of squares of each tensor, as 0-d tensors."""
-        if self.foreach and tensors and not torch.compiler.is_compiling():
+        if self.foreach and tensors and not is_traced():
             norms = torch._foreach_norm(tensors)
             return [n * n for n in norms]
         return [t.square().sum() for t in tensors]
@@ -178,7 +180,7 @@ class LocalStats:
         """L2 norm of each tensor, as 0-d tensors. Traced (the compiled path), each a reduction
         inductor fuses into the loop that produces the tensor; ``torch._foreach_norm`` has no
         lowering there and would run as a separate library call reading the tensor again."""
-        if self.foreach and tensors and not torch.compiler.is_compiling():
+        if self.foreach and tensors and not is_traced():
             return list(torch._foreach_norm(tensors))
         return [torch.linalg.vector_norm(t) for t in tensors]
 

@@ -25,6 +25,8 @@ from typing import Union
 
 import torch
 
+from .tracing import is_traced
+
 Scalar = Union[float, int]
 Arg = Union["TensorList", Sequence, Scalar, torch.Tensor]
 
@@ -133,7 +135,7 @@ class TensorList:
         # (``_foreach_sigmoid_`` ran as a library call writing a full-size buffer): the loop
         # traces, and inductor fuses it. (Not every op: torch 2.13's inductor drops an in-place
         # update of a 0-d float64 input made by a tensor method, which the foreach form keeps.)
-        traced = torch.compiler.is_compiling()
+        traced = is_traced()
         loop = traced and (name in _UNLOWERED or any(isinstance(a, torch.Tensor) for a in (*args, *kwargs.values())))
         if self.foreach and name in _FOREACH and not loop:
             fn = getattr(torch, f"_foreach_{name}_" if inplace else f"_foreach_{name}")
@@ -217,7 +219,10 @@ class TensorList:
                 getattr(torch, f"_foreach_{name}_")(self.tensors, a.tensors, b.tensors, list(value))
             else:
                 for t, x, y, v in zip(self.tensors, a.tensors, b.tensors, value):
-                    getattr(t, f"{name}_")(x, y, value=v)
+                    if isinstance(v, torch.Tensor):  # a value argument is a number: no 0-d tensor
+                        t.add_((x * y if name == "addcmul" else x / y) * v)
+                    else:
+                        getattr(t, f"{name}_")(x, y, value=v)
             return self
         if isinstance(value, (list, tuple)):
             value = value[0]

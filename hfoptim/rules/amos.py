@@ -99,6 +99,8 @@ class AmosRule(Rule):
         def column(values) -> torch.Tensor:
             if not isinstance(values, list):
                 values = [values] * n
+            if any(isinstance(v, torch.Tensor) for v in values):  # traced per-step values
+                return torch.stack([torch.as_tensor(v, dtype=g[0].dtype, device=g[0].device) for v in values])
             return torch.tensor(values, dtype=g[0].dtype, device=g[0].device)
 
         if ctx.group["eta"] is not None:

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..core.tracing import is_traced
+
 #: elements per block of blockwise 8-bit state (one fp32 scale each)
 BLOCK = 256
 
@@ -139,7 +141,7 @@ UNSIGNED = DynamicCode("dynamic (unsigned)", False, tree_magnitudes(8), 8)
 def _lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``table[index]`` keeping ``index``'s shape: one flat ``index_select`` eagerly (3x faster
     on CPU than advanced indexing), plain indexing under torch.compile (which fuses it)."""
-    if torch.compiler.is_compiling():
+    if is_traced():
         return table[index.long()]
     return table.index_select(0, index.reshape(-1).to(torch.int32)).view(index.shape)
 
@@ -166,7 +168,7 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     index = (entry & 0xFF) + ((entry >> 24) & (bits > midpoint).to(torch.int32))
     if code.signed:
         index = index + (y < 0).to(torch.int32) * 128
-    if torch.compiler.is_compiling() and y.device.type == "cpu":
+    if is_traced() and y.device.type == "cpu":
         # through fp32 in inductor's CPU kernels: torch 2.13's vectors convert int32 to uint8
         # element by element (the generic ``VecConvert``: a store, a scalar loop and a partial
         # load), fp32 to uint8 in a few instructions; both are exact for 0..255. Measured per
@@ -201,7 +203,7 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
       against 0.80 / 1.31 of torch AdamW foreach's step).
 
     The values are the same either way."""
-    if torch.compiler.is_compiling():
+    if is_traced():
         words = _code_words(codes) if _avx2_kernels(codes.device) else None
         if words is None:
             return _decode_index(codes.to(torch.int32), code)

@@ -96,6 +96,7 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import LocalStats, ParamView, block_layout
+from ..core.tracing import is_traced
 from .blockwise8bit import blocks_whole, dequantize, fusable_blocks, normalized, quantize, scale_shape
 from .codec import Codec
 
@@ -146,7 +147,7 @@ class Code4:
         """Index (uint8, 0..15) of the nearest level of each element of ``y``: the number of
         midpoints strictly below it, so a value on a midpoint takes the lower level."""
         _, midpoints = self.tables(y.device)
-        if torch.compiler.is_compiling():
+        if is_traced():
             # bucketize has no inductor lowering on CPU (a library call and a full-size buffer per
             # step); fifteen comparisons count the same midpoints and fuse into the kernel's loop.
             # They are counted in fp32 and converted once: torch 2.13's CPU vectors turn a mask
@@ -163,7 +164,7 @@ class Code4:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """The levels (fp32) of ``codes`` (uint8, 0..15, any shape)."""
         table, _ = self.tables(codes.device)
-        if torch.compiler.is_compiling():
+        if is_traced():
             if self.spacing is not None:
                 return (codes.to(torch.float32) + 1.0) * self.spacing
             return table[codes.long()]
@@ -234,7 +235,7 @@ def unpack(packed: torch.Tensor, view: ParamView) -> torch.Tensor:
     """Inverse of :func:`pack`: the codes (uint8) in the local shape."""
     lines, length, _ = block_layout(view, 1)
     x = packed.reshape(lines, -(-length // 2))
-    if torch.compiler.is_compiling():
+    if is_traced():
         # each byte read once per half through a (lines, 2, half) view: inductor fuses it into
         # the step's loops (a concatenation of the halves is a library call writing a full-size
         # buffer, 1 byte per element and slot)
@@ -253,7 +254,7 @@ def encode_packed(code: Code4, y: torch.Tensor, view: ParamView) -> torch.Tensor
     the comparisons' fp32 count in a full-size buffer, 4 bytes per element, between the loop
     that computes it and the packing loop); eagerly the whole tensor is encoded at once (one
     ``bucketize``, which would copy each strided half)."""
-    if not torch.compiler.is_compiling():
+    if not is_traced():
         return pack(code.encode(y), view)
     return _pack_halves(y, view, code.encode)
 

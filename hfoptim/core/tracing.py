@@ -1,0 +1,118 @@
+"""The kit's own trace of its kernels: ``make_fx`` and inductor, without dynamo.
+
+A compiled step kernel (:mod:`hfoptim.core.compiled_step`) is one Python function run once per
+parameter shape over tensors whose shapes, dtypes and layout its key fixes, with every other
+argument (the rule, its options, the storage forms) fixed by the key too. Dynamo, which
+``torch.compile`` runs first, interprets that function bytecode by bytecode to build the graph
+and its guards: about 6700 instructions for one 8-bit AdamW kernel, 0.4 s each time, in every
+new process even when inductor's disk cache holds the compiled code (1.7 s of a 2.6 s first step
+on the 100M set with a warm cache, 2-core Intel Xeon, torch 2.13). The kit checks no guards (its
+key decides), so it does not need dynamo: :class:`TracedKernel` runs the function once under
+``make_fx`` on fake copies of its tensor arguments (the Python runs natively; 0.1 s) and hands the
+graph to inductor's ``compile_fx``, whose graph caches then answer a new process as they answer
+``torch.compile``. The graph computes what dynamo's does. Dynamo rewrites a few operations on the
+way (an ``addcmul_`` with a value into a fused multiply-add; a 0-d tensor where ATen takes a number
+into its value): the kit's traced code passes numbers there. ``tests/test_tracing.py`` compares the
+two routes bit for bit, parameters and state, for the 8-bit, 4-bit, bf16 and dense forms of
+several rules.
+
+While it traces, :func:`is_traced` is true, as it is under ``torch.compile``: the kit's code then
+takes its traced forms (operations inductor fuses well, no reads of data or addresses).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+#: True while :class:`TracedKernel` traces (see :func:`is_traced`)
+_tracing = False
+#: a tensor's place among the leaves of a kernel's output (the others are constants, None included)
+_TENSOR = object()
+
+
+def is_traced() -> bool:
+    """Whether the code runs to be traced into a graph instead of computing: under
+    ``torch.compile`` (dynamo), or while :class:`TracedKernel` traces a kernel."""
+    return _tracing or torch.compiler.is_compiling()
+
+
+@contextlib.contextmanager
+def _traced():
+    global _tracing
+    before, _tracing = _tracing, True
+    try:
+        yield
+    finally:
+        _tracing = before
+
+
+class TraceFailed(Exception):
+    """``make_fx`` could not trace the function (what dynamo would handle with a graph break)."""
+
+
+class TracedKernel:
+    """``fn`` compiled for the tensors of its first call's arguments.
+
+    The first call traces ``fn`` with ``make_fx`` over fake copies of the tensors among its
+    arguments (found by ``torch.utils._pytree``: inside tuples, lists and dicts), with every
+    other argument as it is at that call, and compiles the graph with inductor (``options``:
+    inductor's configuration for it). A later call must pass arguments of the same structure,
+    tensors of the same shapes, strides, dtypes and devices, and the same non-tensor values:
+    the caller's key guarantees it; nothing here checks it. Tensors ``fn`` writes in place are
+    written by the compiled code; what ``fn`` returns (None, or a structure of tensors and
+    constants) comes back in the same structure.
+
+    Raises :class:`TraceFailed` when ``make_fx`` cannot trace ``fn``; errors of inductor's
+    compilation are raised as they come."""
+
+    def __init__(self, fn: Callable, options: dict[str, Any]):
+        self.fn, self.options = fn, options
+        self._compiled: Callable | None = None
+        self._out_spec = None
+        #: the output's leaves, :data:`_TENSOR` where the compiled graph returns a tensor
+        self._out_constants: list = []
+
+    def __call__(self, *args):
+        leaves, spec = tree_flatten(args)
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        tensors = [leaves[i] for i in where]
+        if self._compiled is None:
+            self._compiled = self._compile(self._trace(leaves, spec, where, tensors), tensors)
+        results = iter(self._compiled(*tensors))
+        out = [next(results) if constant is _TENSOR else constant for constant in self._out_constants]
+        return tree_unflatten(out, self._out_spec)
+
+    def _trace(self, leaves: list, spec, where: list[int], tensors: list[torch.Tensor]) -> torch.fx.GraphModule:
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        def graph(*inputs):
+            filled = list(leaves)
+            for i, t in zip(where, inputs):
+                filled[i] = t
+            out_leaves, self._out_spec = tree_flatten(self.fn(*tree_unflatten(filled, spec)))
+            self._out_constants = [_TENSOR if isinstance(x, torch.Tensor) else x for x in out_leaves]
+            return [x for x in out_leaves if isinstance(x, torch.Tensor)]
+
+        try:
+            # real tensors the function reads besides its arguments (code tables) become constants
+            with _traced(), torch.no_grad():
+                return make_fx(graph, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors)
+        except Exception as error:
+            raise TraceFailed(f"{type(error).__name__}: {error}") from error
+
+    def _compile(self, gm: torch.fx.GraphModule, tensors: list[torch.Tensor]) -> Callable:
+        from torch._guards import TracingContext, tracing
+        from torch._inductor.compile_fx import compile_fx
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+        # inductor's graph caches (AOTAutograd's and the FX graph cache) bypass a compilation
+        # that has no shape environment: a static one, as torch.compile(dynamic=False) has
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+        with tracing(TracingContext(fake_mode)), torch.no_grad():
+            return compile_fx(gm, tensors, config_patches=self.options)

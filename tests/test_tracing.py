@@ -1,0 +1,117 @@
+"""The kit's own trace of its kernels (hfoptim.core.tracing): make_fx and inductor, no dynamo.
+
+What a kernel must keep from torch.compile: in-place writes reach the caller's tensors, the
+output comes back in its structure, later calls compute with their own tensors (nothing of the
+first call is baked in but what the key fixes), the kit's code takes its traced forms, and a
+function make_fx cannot trace is reported as such (the compiled path then lets torch.compile
+trace it: checked here against the kit's trace, bit for bit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hfoptim
+from hfoptim.core import compiled_step, tracing
+from hfoptim.core.tracing import TracedKernel, TraceFailed, is_traced
+
+pytestmark = pytest.mark.skipif(not compiled_step.compile_available(torch.device("cpu")), reason="no torch.compile")
+
+
+def _step(p, grad, state, scale, name):
+    """In place: ``p -= scale * grad``, ``state["m"] += grad``; returns a constant and a tensor."""
+    p.sub_(grad * scale)
+    state["m"].add_(grad)
+    return name, p.abs().amax()
+
+
+def test_a_traced_kernel_writes_in_place_and_returns_its_structure():
+    kernel = TracedKernel(_step, {})
+    for seed in (0, 1):  # the second call computes with its own tensors, not the first call's
+        torch.manual_seed(seed)
+        p, grad, m = torch.randn(64, 32), torch.randn(64, 32), torch.randn(64, 32)
+        scale = torch.tensor(0.5 + seed)
+        expect_p, expect_m = p - grad * scale, m + grad
+        name, amax = kernel(p, grad, {"m": m}, scale, "label")
+        assert name == "label"
+        torch.testing.assert_close(p, expect_p)
+        torch.testing.assert_close(m, expect_m)
+        torch.testing.assert_close(amax, expect_p.abs().amax())
+
+
+def test_a_kernel_returning_none_returns_none():
+    def add_in_place(x, y):
+        x.add_(y)
+
+    x = torch.zeros(8)
+    assert TracedKernel(add_in_place, {})(x, torch.ones(8)) is None
+    torch.testing.assert_close(x, torch.ones(8))
+
+
+def test_the_kit_code_sees_a_trace_only_while_tracing():
+    seen = []
+
+    def record(x):
+        seen.append(is_traced())
+        return x * 2
+
+    assert not is_traced()
+    TracedKernel(record, {})(torch.ones(4))
+    assert seen == [True] and not is_traced() and not tracing._tracing
+
+
+def test_a_function_make_fx_cannot_trace_is_reported():
+    def data_dependent(x):
+        if x.sum() > 0:  # a branch on a value: dynamo breaks the graph here, make_fx cannot
+            return x * 2
+        return x
+
+    with pytest.raises(TraceFailed, match="data-dependent|Data dependent|symbolic"):
+        TracedKernel(data_dependent, {})(torch.ones(4))
+    assert not tracing._tracing
+
+
+def _steps(name: str) -> tuple[list[torch.Tensor], list[dict]]:
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(512))]
+    opt = hfoptim.create_optimizer(params, name, compile="on", lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    states = [{k: v.clone() for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)} for p in params]
+    return [p.detach().clone() for p in params], states
+
+
+#: rules and storage forms whose kernels both routes compile: the 8-bit forms in the fast suite
+ROUTES = [
+    "adamw_8bit",
+    *(
+        pytest.param(name, marks=pytest.mark.slow)
+        for name in ("adamw", "ademamix_8bit", "adan_8bit", "adamw_bf16", "adamw_4bit", "adafactor", "lamb", "amos")
+    ),
+]
+
+
+@pytest.mark.parametrize("name", ROUTES)
+def test_where_the_kit_trace_fails_torch_compile_traces_the_same_kernel(name, monkeypatch):
+    compiled_step.reset()
+    kit = _steps(name)
+    assert compiled_step.traced == {"kit": 2, "dynamo": 0}
+
+    def fails(self, *args):
+        raise TraceFailed("as a test")
+
+    compiled_step.reset()
+    monkeypatch.setattr(TracedKernel, "_trace", fails)
+    dynamo = _steps(name)
+    assert compiled_step.traced == {"kit": 0, "dynamo": 2}
+    assert compiled_step._kit_codegen  # a failed trace is no failed compilation: the kit's code generation stays
+    assert compiled_step._failed is None and sum(compiled_step.calls.values()) == 6
+    # the same computation either way: the same numbers, bit for bit
+    for p, q in zip(*(kit[0], dynamo[0])):
+        assert torch.equal(p, q)
+    for mine, theirs in zip(kit[1], dynamo[1]):
+        for key, value in mine.items():
+            assert torch.equal(theirs[key], value), key
+    compiled_step.reset()
