@@ -115,3 +115,27 @@ def test_where_the_kit_trace_fails_torch_compile_traces_the_same_kernel(name, mo
         for key, value in mine.items():
             assert torch.equal(theirs[key], value), key
     compiled_step.reset()
+
+
+@pytest.mark.slow
+def test_a_step_the_user_compiles_whole_traces_the_kernel_into_their_graph():
+    """``torch.compile(opt.step)``: dynamo traces the step, the kernel's Python included (it
+    cannot trace the kit's make_fx), and the numbers are those of the kit's own kernels."""
+    compiled_step.reset()
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(256, 128))
+    q = torch.nn.Parameter(p.detach().clone())
+    theirs = hfoptim.create_optimizer([p], "adamw_8bit", compile="on", lr=1e-2)
+    ours = hfoptim.create_optimizer([q], "adamw_8bit", compile="on", lr=1e-2)
+    step = torch.compile(theirs.step)
+    for _ in range(3):
+        p.grad = torch.randn_like(p)
+        q.grad = p.grad.clone()
+        step()
+        ours.step()
+    assert compiled_step.traced == {"kit": 1, "dynamo": 0}  # ours only: the user's graph took theirs
+    assert sum(compiled_step.calls.values()) == 3
+    assert torch.equal(p, q)
+    for key, value in ours.state[q].items():
+        assert torch.equal(theirs.state[p][key], value), key
+    compiled_step.reset()
