@@ -117,6 +117,33 @@ def test_where_the_kit_trace_fails_torch_compile_traces_the_same_kernel(name, mo
     compiled_step.reset()
 
 
+def test_where_inductor_fails_on_the_kit_graph_torch_compile_takes_every_kernel(monkeypatch, caplog):
+    """A platform the kit's route does not serve (inductor fails on its graph, torch.compile's
+    compiles): that kernel and every later one are traced by torch.compile, with the kit's code
+    generation kept, and the numbers are the kit's."""
+    compiled_step.reset()
+    kit = _steps("adamw_8bit")
+
+    def fails(self, gm, tensors):
+        raise RuntimeError("inductor failed, as a test")
+
+    compiled_step.reset()
+    monkeypatch.setattr(TracedKernel, "_compile", fails)
+    with caplog.at_level("INFO", logger="hfoptim.core.compiled_step"):
+        dynamo = _steps("adamw_8bit")
+    assert compiled_step.traced == {"kit": 0, "dynamo": 2}  # the second kernel went to torch.compile at once
+    assert not compiled_step._kit_traces and compiled_step._kit_codegen and compiled_step._failed is None
+    warned = [r for r in caplog.records if r.levelname == "WARNING" and "kit's own trace" in r.getMessage()]
+    assert len(warned) == 1 and "inductor failed, as a test" in warned[0].getMessage()
+    for p, q in zip(kit[0], dynamo[0]):
+        assert torch.equal(p, q)
+    for mine, theirs in zip(kit[1], dynamo[1]):
+        for key, value in mine.items():
+            assert torch.equal(theirs[key], value), key
+    compiled_step.reset()
+    assert compiled_step._kit_traces
+
+
 @pytest.mark.slow
 def test_a_step_the_user_compiles_whole_traces_the_kernel_into_their_graph():
     """``torch.compile(opt.step)``: dynamo traces the step, the kernel's Python included (it

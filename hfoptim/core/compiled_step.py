@@ -197,6 +197,10 @@ _failed: str | None = None
 #: (:mod:`hfoptim.core.vector_bitcast`) and vector gathers (:mod:`hfoptim.core.vector_gather`);
 #: False once such a compilation failed
 _kit_codegen = True
+#: whether new kernels are traced by the kit (:class:`~hfoptim.core.tracing.TracedKernel`); False
+#: once inductor failed on the kit's graph of a kernel and compiled torch.compile's
+#: (:func:`_traced_by_dynamo`)
+_kit_traces = True
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
 calls: dict[tuple, int] = {}
@@ -325,10 +329,12 @@ def _compiled_fn(key: tuple = ()):
     """The compiled kernel for ``key`` (rule, shape, dtypes, device, storage forms, options):
     :func:`_advance_one` traced by the kit (:class:`~hfoptim.core.tracing.TracedKernel`: no
     dynamo, whose interpretation of the function's bytecode was most of a first step with a warm
-    cache), or by ``torch.compile`` where that trace failed (:func:`_dynamo_compiled`)."""
+    cache), or by ``torch.compile`` (:func:`_dynamo_compiled`) where the kit's route failed for it,
+    and for every kernel after the kit's graph failed to compile where torch.compile's did
+    (:data:`_kit_traces`)."""
     fn = _compiled.get(key)
     if fn is None:
-        fn = _compiled[key] = TracedKernel(_advance_one, INDUCTOR_OPTIONS)
+        fn = _compiled[key] = TracedKernel(_advance_one, INDUCTOR_OPTIONS) if _kit_traces else _dynamo_compiled(key)
     return fn
 
 
@@ -369,12 +375,13 @@ def _run(key: tuple, *args):
         )
     logger.info("hfoptim: compiling the fused %s", what)
     start = time.perf_counter()
-    try:
-        out = _compiling_call(fn, args)
-        traced["kit"] += 1
-    except TraceFailed as error:
-        logger.info("hfoptim: tracing the %s failed (%s); torch.compile traces it instead", what, error)
-        fn = _compiled[key] = _dynamo_compiled(key)
+    if isinstance(fn, TracedKernel):
+        try:
+            out = _compiling_call(fn, args, retry=False)
+            traced["kit"] += 1
+        except Exception as error:
+            out = _traced_by_dynamo(key, args, what, error)
+    else:
         with _with_guards(True):
             out = _compiling_call(fn, args)
         traced["dynamo"] += 1
@@ -383,13 +390,37 @@ def _run(key: tuple, *args):
     return out
 
 
-def _compiling_call(fn, args: tuple):
+def _traced_by_dynamo(key: tuple, args: tuple, what: str, error: Exception):
+    """The first call of ``key``'s kernel traced by ``torch.compile``, after the kit's route
+    failed with ``error``: ``make_fx`` could not trace it (:class:`~hfoptim.core.tracing.TraceFailed`:
+    this kernel only), or inductor failed on the kit's graph (then every later kernel takes
+    torch.compile's route too, if this one compiles there: a platform the kit's route does not
+    serve). A failure of this call is the compilation's failure."""
+    global _kit_traces
+    logger.info("hfoptim: the kit's trace of the %s failed (%s); torch.compile traces it instead", what, error)
+    fn = _compiled[key] = _dynamo_compiled(key)
+    with _with_guards(True):
+        out = _compiling_call(fn, args)
+    traced["dynamo"] += 1
+    if not isinstance(error, TraceFailed):
+        _kit_traces = False
+        logger.warning(
+            "hfoptim: inductor failed on the kit's own trace of the %s (%s) and compiled torch.compile's; "
+            "the kit's kernels are traced by torch.compile from now on (a slower first step)",
+            what,
+            error,
+        )
+    return out
+
+
+def _compiling_call(fn, args: tuple, retry: bool = True):
     """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
     CPU's flags (:func:`_isa_from_cpu_flags`), 32-bit bit casts as vector operations
     (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`) and table reads as vector gathers
     (:func:`~hfoptim.core.vector_gather.vector_gathers`); if that compilation fails (a compiler
     without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
-    inductor's own checks and code before the failure counts, and so from then on."""
+    inductor's own checks and code before the failure counts, and so from then on (``retry``
+    False: raised at once, for the caller to try another route first)."""
     global _kit_codegen
     if not _kit_codegen:
         return fn(*args)
@@ -397,10 +428,8 @@ def _compiling_call(fn, args: tuple):
     try:
         with _isa_from_cpu_flags() as trusted, vector_bitcasts() as casts, vector_gathers() as gathers:
             return fn(*args)
-    except TraceFailed:  # no compilation yet: the kit's trace failed, torch.compile traces it (_run)
-        raise
     except Exception as error:
-        if not (trusted or casts or gathers):  # compiled with inductor's own choices: nothing to try again
+        if not retry or not (trusted or casts or gathers):  # inductor's own choices: nothing to try again
             raise
         _kit_codegen = False
         _forget_isa()
@@ -1019,8 +1048,8 @@ def complete_sums(stats, partial: list[tuple[torch.Tensor, ParamView]]) -> None:
 
 def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
-    global _failed, _kit_codegen
-    _kit_codegen = True
+    global _failed, _kit_codegen, _kit_traces
+    _kit_codegen = _kit_traces = True
     _compiled.clear()
     _settings.clear()
     calls.clear()
