@@ -141,6 +141,9 @@ AUTO_MIN_NUMEL = 1 << 16
 #: ``reorder_loops_by_dep_pair``; fixed later), which sent every 8-bit and 4-bit CUDA kernel to
 #: the plain path (H200, 2026-12-04). The kernels read and write every tensor in its own layout:
 #: no order to fix.
+#:
+#: ``assert_indirect_indexing`` off: the indices into the code tables are in range by
+#: construction (uint8 codes, clamped intervals), so no bounds check in the loops.
 INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold": 64}
 
 
@@ -207,7 +210,7 @@ calls: dict[tuple, int] = {}
 #: the calls of the recording kernels of staged shards (:func:`shard_staged`), per kernel key
 recorded: dict[tuple, int] = {}
 #: kernels compiled in this process, by who traced them: the kit (:class:`~hfoptim.core.tracing.
-#: TracedKernel`) or dynamo (``torch.compile``, where the kit's trace failed)
+#: TracedKernel`) or dynamo (``torch.compile``, where the kit's route failed)
 traced: dict[str, int] = {"kit": 0, "dynamo": 0}
 
 logger = logging.getLogger(__name__)
