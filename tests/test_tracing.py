@@ -71,6 +71,19 @@ def test_a_function_make_fx_cannot_trace_is_reported():
     assert not tracing._tracing
 
 
+BIG = torch.ones(1 << 17)
+
+
+def test_a_large_tensor_read_besides_the_arguments_is_no_constant_of_the_graph():
+    """Dynamo makes such a tensor an input of the graph; make_fx would bake in its first value."""
+
+    def reads_global(x):
+        return x + BIG[: x.numel()].reshape(x.shape)
+
+    with pytest.raises(TraceFailed, match="besides its arguments"):
+        TracedKernel(reads_global, {})(torch.ones(8))
+
+
 def _steps(name: str) -> tuple[list[torch.Tensor], list[dict]]:
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(256, 128)), torch.nn.Parameter(torch.randn(512))]

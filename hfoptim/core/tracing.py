@@ -34,6 +34,10 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 _tracing = False
 #: a tensor's place among the leaves of a kernel's output (the others are constants, None included)
 _TENSOR = object()
+#: the most elements of a tensor a kernel may read besides its arguments (baked into the graph as
+#: a constant): the code tables are 256-3329 entries. A larger one would be data of the first call
+#: (where dynamo makes it an input of the graph), so such a trace counts as failed.
+MAX_CONSTANT_NUMEL = 1 << 16
 
 
 def is_traced() -> bool:
@@ -102,9 +106,17 @@ class TracedKernel:
         try:
             # real tensors the function reads besides its arguments (code tables) become constants
             with _traced(), torch.no_grad():
-                return make_fx(graph, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors)
+                gm = make_fx(graph, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors)
         except Exception as error:
             raise TraceFailed(f"{type(error).__name__}: {error}") from error
+        for node in gm.graph.nodes:
+            constant = getattr(gm, node.target, None) if node.op == "get_attr" else None
+            if isinstance(constant, torch.Tensor) and constant.numel() > MAX_CONSTANT_NUMEL:
+                raise TraceFailed(
+                    f"the function reads a tensor of {constant.numel()} elements besides its arguments; "
+                    "traced, it would be a constant of the graph"
+                )
+        return gm
 
     def _compile(self, gm: torch.fx.GraphModule, tensors: list[torch.Tensor]) -> Callable:
         from torch._guards import TracingContext, tracing
