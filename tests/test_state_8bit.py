@@ -25,6 +25,7 @@ import torch
 
 import hfoptim
 from hfoptim import memory
+from hfoptim.core import tracing
 from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from hfoptim.core.stats import LocalStats, ParamView
 from hfoptim.state import CODECS, resolve
@@ -74,6 +75,25 @@ def test_encode_is_the_nearest_code(code):
     chosen = (decode_codes(got.to(torch.uint8), code) - (y if code.signed else y.abs())).abs()
     best = (y[:, None] if code.signed else y.abs()[:, None]) - code.table[None, :]
     assert bool((chosen <= best.abs().min(dim=1).values + 6e-8).all())
+
+
+@pytest.mark.parametrize("code", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
+def test_eager_and_traced_encodes_give_the_same_codes_for_every_float(code):
+    """The eager encode (two tables) and the traced one (the packed table and integer arithmetic,
+    run here eagerly as traced code) agree on both edges and inner points of every bf16 interval,
+    both signs, zeros of either sign, infinities, NaNs, and the midpoints and their neighbours."""
+    gen = torch.Generator().manual_seed(1)
+    upper = torch.arange(1 << 16, dtype=torch.int32) << 16
+    lower = torch.cat([torch.tensor([0, 1, 0x7FFF, 0x8000, 0xFFFF]), torch.randint(0, 1 << 16, (6,), generator=gen)])
+    y = (upper[:, None] | lower.to(torch.int32)[None, :]).reshape(-1).view(torch.float32)
+    mids = code.midpoints
+    y = torch.cat([y, mids, -mids, torch.nextafter(mids, torch.tensor(2.0)), torch.nextafter(mids, torch.tensor(-1.0))])
+    assert bool(y.isnan().any()) and bool(y.isinf().any())
+    with tracing._traced():
+        traced = encode_normalized(y, code)
+    eager = encode_normalized(y, code)
+    assert eager.dtype == traced.dtype == torch.uint8
+    assert torch.equal(eager, traced)
 
 
 # ----------------------------------------------------------------------------------- the blocks
