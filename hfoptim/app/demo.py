@@ -1,7 +1,7 @@
 """The main job: a short pretraining run with memory-efficient optimizers next to AdamW.
 
     python -m hfoptim.app.demo        (what `make demo` runs: three runs of 240 steps, with progress bars;
-                                       2-3 minutes on 2 CPU cores: 162-196 s on AMD EPYCs, 109-123 s on an Intel Xeon)
+                                       2-3 minutes on 2 CPU cores: 162-196 s on AMD EPYCs, 104-165 s on an Intel Xeon)
 
 Every run trains the embedded default (a small Llama-style model on the Python standard
 library's own source, a tokenizer trained on the spot; nothing is downloaded) from the same
@@ -10,7 +10,7 @@ optimizer: torch's AdamW; ``adamw_8bit``, the same algorithm with its two moment
 (a quarter of the state, the same loss); and ``ademamix_8bit``, AdEMAMix (Pagliardini et al.
 2024, arXiv 2409.03137) in 8 bits, whose slow momentum (``beta3 = 0.999`` here, 0.9999 in the
 paper) pays off over tens of thousands of steps, not the few hundred of a demo. The 8-bit state
-runs on the compiled path (``compile="auto"``: torch.compile fuses each large tensor's step; the
+runs on the compiled path (``compile="auto"``: inductor fuses each large tensor's step; the
 first step compiles, announced on the log). It prints a table (validation loss and perplexity,
 optimizer-state bytes, step time, each run's wall time and its ratio to AdamW's), what the same
 choice means for a 7B-parameter model, and writes into ``--output-dir`` (default ``outputs/demo``):
