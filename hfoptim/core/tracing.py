@@ -28,7 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten, tree_flatten_with_path, tree_unflatten
 
 #: True while :class:`TracedKernel` traces (see :func:`is_traced`)
 _tracing = False
@@ -56,6 +56,13 @@ def _traced():
         _tracing = before
 
 
+def _follow(args: tuple, path: tuple) -> Any:
+    """The leaf of ``args`` at the pytree key ``path``."""
+    for key in path:
+        args = key.get(args)
+    return args
+
+
 class TraceFailed(Exception):
     """``make_fx`` could not trace the function (what dynamo would handle with a graph break)."""
 
@@ -78,19 +85,31 @@ class TracedKernel:
     def __init__(self, fn: Callable, options: dict[str, Any]):
         self.fn, self.options = fn, options
         self._compiled: Callable | None = None
+        #: where each tensor argument sits in ``args`` (pytree key paths), found at the first call
+        self._tensor_paths: list[tuple] = []
         self._out_spec = None
         #: the output's leaves, :data:`_TENSOR` where the compiled graph returns a tensor
         self._out_constants: list = []
 
     def __call__(self, *args):
-        leaves, spec = tree_flatten(args)
-        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
-        tensors = [leaves[i] for i in where]
         if self._compiled is None:
-            self._compiled = self._compile(self._trace(leaves, spec, where, tensors), tensors)
+            self._compiled = self._first_call(args)
+        # the tensors by the paths of the first call, not by flattening every argument again:
+        # a kernel's arguments hold about sixty leaves (the group's hyperparameters), a handful
+        # of them tensors, and a flatten cost as much as the kernel of a 256x256 8-bit step
+        tensors = [_follow(args, path) for path in self._tensor_paths]
         results = iter(self._compiled(*tensors))
         out = [next(results) if constant is _TENSOR else constant for constant in self._out_constants]
         return tree_unflatten(out, self._out_spec)
+
+    def _first_call(self, args: tuple) -> Callable:
+        """Trace and compile ``fn`` for ``args``; keep where its tensors sit."""
+        with_paths, spec = tree_flatten_with_path(args)
+        leaves = [leaf for _, leaf in with_paths]
+        where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
+        self._tensor_paths = [with_paths[i][0] for i in where]
+        tensors = [leaves[i] for i in where]
+        return self._compile(self._trace(leaves, spec, where, tensors), tensors)
 
     def _trace(self, leaves: list, spec, where: list[int], tensors: list[torch.Tensor]) -> torch.fx.GraphModule:
         from torch.fx.experimental.proxy_tensor import make_fx
