@@ -100,33 +100,31 @@ class DynamicCode:
     def __post_init__(self):
         mags = self.magnitudes
         self.midpoints = ((mags[1:].double() + mags[:-1].double()) / 2).float()
-        buckets = torch.arange(_FIRST_BUCKET, _LAST_BUCKET + 1, dtype=torch.int32)
-        starts = (buckets << 16).view(torch.float32)
-        ends = ((buckets + 1) << 16).view(torch.float32)
-        first = torch.bucketize(starts, self.midpoints)  # midpoints below the interval
-        inside = torch.bucketize(ends, self.midpoints) - first  # midpoints in [start, end)
-        if int(inside.max()) > 1 or self.midpoints[0] < starts[0]:
+        # per bf16 interval of every finite non-negative float: the midpoints below it and the
+        # midpoints in [start, end) (checked: none holds two, and none lies below the packed
+        # table's first interval, whose smaller magnitudes all take code 0)
+        intervals = torch.arange(_INFINITY_BUCKET, dtype=torch.int32)
+        below = torch.bucketize((intervals << 16).view(torch.float32), self.midpoints)
+        holds = torch.bucketize(((intervals + 1) << 16).view(torch.float32), self.midpoints) - below
+        if int(holds.max()) > 1 or int(below[_FIRST_BUCKET]) > 0:
             raise AssertionError(f"{self.name}: the encode table cannot be exact")
-        mid_bits = self.midpoints.view(torch.int32)[first.clamp_max(self.midpoints.numel() - 1)]
-        #: per bf16 interval: number of midpoints below it (bits 0-7), the low 16 bits of the
-        #: midpoint inside it (bits 8-23) and whether there is one (bit 24)
-        self.encode_table = (first | ((mid_bits & 0xFFFF) << 8) | (inside << 24)).to(torch.int32)
+        top = self.midpoints.numel()
+        inner = self.midpoints[below.clamp_max(top - 1)]  # the midpoint in the interval, if any
+        packed = slice(_FIRST_BUCKET, _LAST_BUCKET + 1)
+        mid_bits = inner[packed].view(torch.int32)
+        #: per bf16 interval from 2^-26 to 1: number of midpoints below it (bits 0-7), the low 16
+        #: bits of the midpoint inside it (bits 8-23) and whether there is one (bit 24)
+        self.encode_table = (below[packed] | ((mid_bits & 0xFFFF) << 8) | (holds[packed] << 24)).to(torch.int32)
         # the eager encode's tables: the same two facts for the bf16 interval of every
         # non-negative float, one table each, so that no integer arithmetic takes them apart (a
         # dozen operations fewer per tensor: most of an eager step of small tensors); +inf and
         # NaN (the last 128 intervals) give the top code, as every magnitude from 1 up
-        finite = torch.arange(_INFINITY_BUCKET, dtype=torch.int32)
-        below = torch.bucketize((finite << 16).view(torch.float32), self.midpoints)
-        holds = torch.bucketize(((finite + 1) << 16).view(torch.float32), self.midpoints) - below
-        top = self.midpoints.numel()
         #: per bf16 interval (the upper 16 bits of a non-negative float): midpoints below it
         self.counts = torch.full((_INFINITY_BUCKET + 128,), top, dtype=torch.uint8)
         self.counts[:_INFINITY_BUCKET] = below.to(torch.uint8)
         #: per bf16 interval: the midpoint inside it, +inf where there is none
         self.inner_midpoints = torch.full((_INFINITY_BUCKET + 128,), float("inf"))
-        self.inner_midpoints[:_INFINITY_BUCKET] = torch.where(
-            holds > 0, self.midpoints[below.clamp_max(top - 1)], float("inf")
-        )
+        self.inner_midpoints[:_INFINITY_BUCKET] = torch.where(holds > 0, inner, float("inf"))
         if self.signed:
             self.table = torch.cat([mags, -mags])
         else:
