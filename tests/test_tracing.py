@@ -180,3 +180,40 @@ def test_a_step_the_user_compiles_whole_traces_the_kernel_into_their_graph():
     for key, value in ours.state[q].items():
         assert torch.equal(theirs.state[p][key], value), key
     compiled_step.reset()
+
+
+def test_constants_made_while_tracing_are_not_kept(monkeypatch):
+    """The kit's small constants (SMMF's bit weights and sign table, the 4-bit and 8-bit code
+    tables) are cached per device. Made for the first time inside a trace, one is a fake tensor
+    of that trace: kept, the next kernel's trace baked it into its graph and the compiled kernel
+    failed at its first call (``compile="on"`` with SMMF state of LoRA's A and B, two shapes of
+    one square matrix: every parameter then ran the plain path), and an eager step failed on
+    it. A trace makes its own; the first eager call keeps a real one."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hfoptim.state import dynamic_code, fourbit, smmf
+
+    caches = {"bits": {}, "signs": {}, "4bit": {}, "8bit": {}}
+    monkeypatch.setattr(smmf, "_BIT_WEIGHTS", caches["bits"])
+    monkeypatch.setattr(smmf, "_SIGN_TABLES", caches["signs"])
+    monkeypatch.setattr(fourbit.LINEAR4, "_cache", caches["4bit"])
+    monkeypatch.setattr(dynamic_code.UNSIGNED, "_cache", caches["8bit"])
+
+    def made(packed, y):
+        signs = smmf.signs(packed, 16, torch.float32)
+        levels, _ = fourbit.LINEAR4.tables(y.device)
+        table, _ = dynamic_code.UNSIGNED.tables(y.device)
+        return signs, smmf.unpack_bits(packed, 16), levels[:3] * y, table[:3] * y
+
+    packed, y = torch.tensor([5, 200], dtype=torch.uint8), torch.ones(3)
+    with tracing._traced():
+        make_fx(made, tracing_mode="fake", _allow_non_fake_inputs=True)(packed, y)
+    assert all(not cache for cache in caches.values())
+    signs, bits, levels, table = made(packed, y)  # eagerly, after the trace
+    assert bits.tolist() == [bool(b >> k & 1) for b in (5, 200) for k in range(8)]
+    torch.testing.assert_close(signs, bits.float() * 2 - 1)
+    torch.testing.assert_close(levels, fourbit.LINEAR4.table[:3])
+    torch.testing.assert_close(table, dynamic_code.UNSIGNED.table[:3])
+    kept = [t for cache in caches.values() for value in cache.values() for t in torch.utils._pytree.tree_leaves(value)]
+    assert len(kept) == 6 and not any(isinstance(t, FakeTensor) for t in kept)

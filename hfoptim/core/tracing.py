@@ -46,6 +46,20 @@ def is_traced() -> bool:
     return _tracing or torch.compiler.is_compiling()
 
 
+def kept_constant(cache: dict, key, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made by ``make()`` when missing (a code table, bit weights): kept only when
+    made outside a trace. Made while :class:`TracedKernel` traces, it is a fake tensor of that
+    trace: kept, the next trace would bake it into its graph as a constant and the compiled
+    kernel fail at its first call (it has no data), and an eager step would fail on it. So a
+    trace makes its own copy (a constant of its graph), and the first eager call keeps one."""
+    found = cache.get(key)
+    if found is None:
+        found = make()
+        if not is_traced():
+            cache[key] = found
+    return found
+
+
 @contextlib.contextmanager
 def _traced():
     global _tracing

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..core.tracing import is_traced
+from ..core.tracing import is_traced, kept_constant
 
 #: elements per block of blockwise 8-bit state (one fp32 scale each)
 BLOCK = 256
@@ -152,11 +152,7 @@ class DynamicCode:
         return self._on(device, self._eager_cache, "counts", "inner_midpoints")
 
     def _on(self, device: torch.device, cache: dict, *names: str) -> tuple[torch.Tensor, ...]:
-        key = str(device)
-        found = cache.get(key)
-        if found is None:
-            found = cache[key] = tuple(getattr(self, name).to(device) for name in names)
-        return found
+        return kept_constant(cache, str(device), lambda: tuple(getattr(self, name).to(device) for name in names))
 
 
 SIGNED = DynamicCode("dynamic tree (signed)", True, tree_magnitudes(7), 7)

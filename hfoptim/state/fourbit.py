@@ -96,7 +96,7 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import LocalStats, ParamView, block_layout
-from ..core.tracing import is_traced
+from ..core.tracing import is_traced, kept_constant
 from .blockwise8bit import blocks_whole, dequantize, fusable_blocks, normalized, quantize, scale_shape
 from .codec import Codec
 
@@ -136,12 +136,7 @@ class Code4:
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(levels, midpoints)`` on ``device``."""
-        key = str(device)
-        found = self._cache.get(key)
-        if found is None:
-            found = (self.table.to(device), self.midpoints.to(device))
-            self._cache[key] = found
-        return found
+        return kept_constant(self._cache, str(device), lambda: (self.table.to(device), self.midpoints.to(device)))
 
     def encode(self, y: torch.Tensor) -> torch.Tensor:
         """Index (uint8, 0..15) of the nearest level of each element of ``y``: the number of

@@ -40,7 +40,7 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import flat_matrix_view, from_flat_matrix, to_flat_matrix
-from ..core.tracing import is_traced
+from ..core.tracing import is_traced, kept_constant
 from .codec import Codec, Dense
 
 _DENSE = Dense()
@@ -68,10 +68,9 @@ def square_shape(n: int) -> tuple[int, int]:
 
 
 def _weights(device) -> torch.Tensor:
-    w = _BIT_WEIGHTS.get(device)
-    if w is None:
-        w = _BIT_WEIGHTS[device] = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
-    return w
+    return kept_constant(
+        _BIT_WEIGHTS, device, lambda: torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=device)
+    )
 
 
 def _pack_by_sum(flat: torch.Tensor) -> torch.Tensor:
@@ -112,11 +111,12 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 
 def _sign_table(device, dtype) -> torch.Tensor:
     """``(256, 8)``: row ``b`` holds ``+1`` where bit ``k`` of ``b`` is set, ``-1`` elsewhere."""
-    table = _SIGN_TABLES.get((device, dtype))
-    if table is None:
+
+    def make() -> torch.Tensor:
         bits = unpack_bits(torch.arange(256, dtype=torch.uint8), 256 * 8).view(256, 8)
-        table = _SIGN_TABLES[(device, dtype)] = torch.where(bits, 1.0, -1.0).to(device=device, dtype=dtype)
-    return table
+        return torch.where(bits, 1.0, -1.0).to(device=device, dtype=dtype)
+
+    return kept_constant(_SIGN_TABLES, (device, dtype), make)
 
 
 def signs(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
