@@ -2,7 +2,8 @@
 
 Run ``python benchmarks/layouts.py`` (``--device cuda`` on a GPU machine; ``--smoke`` for a
 tiny check that everything runs). For every parameter set (``--sets``: ``100M``, the Llama-shaped
-set of benchmarks/_timing.py, and ``emb``, one 32000x768 tensor), every layout (``--layouts``:
+set of benchmarks/_timing.py, ``emb``, one 32000x768 tensor, and ``lora``, the rank-16 LoRA
+adapters of every linear layer of a 1B Llama: :func:`lora_shapes`), every layout (``--layouts``:
 ``one`` process, ``fsdp2`` = ``fully_shard`` and ``zero2`` = DeepSpeed ZeRO-2, each on
 ``--nproc`` processes over gloo, NCCL on CUDA) and every optimizer name (``--names``), it
 measures, in a fresh process per layout:
@@ -112,12 +113,30 @@ def name_and_options(label: str) -> tuple[str, dict]:
     return name, options
 
 
+def lora_shapes(hidden: int, kv: int, intermediate: int, layers: int, rank: int) -> list[tuple[int, ...]]:
+    """The adapters peft's LoRA (``target_modules="all-linear"``) trains on a Llama of ``layers``
+    layers: per layer, ``A`` of ``(rank, in)`` and ``B`` of ``(out, rank)`` for q, k, v, o (k and
+    v of ``kv`` outputs), gate, up and down. For a 1B Llama (hidden 2048, kv 512, intermediate
+    8192, 16 layers) and rank 16: 224 tensors of 11.3M parameters, most of them under 65536
+    elements and many of one shape (``compile="auto"`` compiles such a shape:
+    hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT)."""
+    linear = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden)]
+    linear += [(intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+    out: list[tuple[int, ...]] = []
+    for _ in range(layers):
+        for out_features, in_features in linear:
+            out += [(rank, in_features), (out_features, rank)]
+    return out
+
+
 def param_shapes(label: str, smoke: bool) -> list[tuple[int, ...]]:
     """The shapes of parameter set ``label`` (tiny ones with ``smoke``)."""
     from _timing import MODEL_SHAPES, ModelShape
 
     if label == "emb":
         return [(512, 256)] if smoke else [(32000, 768)]
+    if label == "lora":
+        return lora_shapes(128, 32, 512, 1, 8) if smoke else lora_shapes(2048, 512, 8192, 16, 16)
     if smoke:
         return ModelShape("tiny", vocab=512, hidden=128, layers=1, intermediate=512).shapes()
     return MODEL_SHAPES[label].shapes()
@@ -426,7 +445,11 @@ def main() -> int:
     parser.add_argument("--layout", default="one", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
     parser.add_argument("--layouts", default="one,fsdp2,zero2", help="comma-separated: one, fsdp2, zero2")
-    parser.add_argument("--sets", default="100M,emb", help="comma-separated: 100M (Llama-shaped), emb (32000x768)")
+    parser.add_argument(
+        "--sets",
+        default="100M,emb,lora",
+        help="comma-separated: 100M (Llama-shaped), emb (32000x768), lora (LoRA adapters of a 1B Llama)",
+    )
     parser.add_argument("--names", default="", help="comma-separated optimizer names (default: every storage form)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--nproc", type=int, default=2)
@@ -486,7 +509,7 @@ def main() -> int:
         before = earlier["machine"]
         info = dict(
             info,
-            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))}"
+            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))} for the sets {args.sets}"
             + ("" if args.chunk_bytes is None else f" with chunk_bytes {args.chunk_bytes}")
             + ("" if args.allocator == "both" else f" with the {args.allocator} allocator")
             + " from this run, "

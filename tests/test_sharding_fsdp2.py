@@ -118,6 +118,22 @@ def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path
 
 
 @pytest.mark.slow
+def test_fsdp2_auto_compiles_many_small_tensors_of_one_shape_and_matches_one_process(tmp_path):
+    """compile='auto' (the default) on 2 processes over 32 matrices of 16x256 beside the default
+    shapes (tests/distributed/common.py: MANY_SHAPES): each is under 65536 elements, but their
+    group steps 32 of their shape with 8-bit state, so every process steps its 8 rows of each in
+    the kernel (hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT; both processes count the same
+    units, so they agree); the default shapes, one of a shape each, keep the plain path. The
+    parameters and state (8-bit codes exactly) equal the one-process run."""
+    args = ["--cases", "adamw_8bit", "--compile", "auto", "--shapes", "many"]
+    summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert summary["ran"] == ["adamw_8bit"]
+    detail = summary["results"][0]["detail"]
+    assert {tuple(s) for s in detail["compiled_shapes_all_ranks"]} == {(8, 256)}
+    assert detail["compiled_steps_all_ranks"] == 32 * 2 * 4  # 32 tensors, 2 processes, 4 steps
+
+
+@pytest.mark.slow
 def test_fsdp2_compiled_kernel_steps_4bit_shards_in_stages_and_matches_one_process(tmp_path):
     """compile='on': the 4-bit second moment of a matrix is scaled by the maxima of its columns
     over the whole tensor, a statistic of both processes. Each matrix shard takes the kernel in

@@ -157,6 +157,23 @@ def test_zero2_segment_cut_inside_a_row_steps_its_whole_rows_in_the_kernel(tmp_p
 
 
 @pytest.mark.slow
+def test_zero2_auto_compiles_many_small_tensors_of_one_shape_and_matches_one_process(tmp_path):
+    """compile='auto' (the default) under ZeRO-2 on 2 processes over 32 matrices of 16x256 beside
+    the default shapes (tests/distributed/common.py: MANY_SHAPES): each is under 65536 elements,
+    but their group steps 32 of their shape with 8-bit state, so the kernel steps them (held
+    whole by the process owning them, or the whole rows of a segment the boundary cuts); every
+    process counts every parameter's segment, an empty one too, so the processes agree. The
+    default shapes keep the plain path, and parameters and state equal the one-process run."""
+    args = ["--stage", "2", "--cases", "adamw_8bit", "--compile", "auto", "--shapes", "many"]
+    summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
+    assert summary["ran"] == ["adamw_8bit"]
+    detail = summary["results"][0]["detail"]
+    shapes = {tuple(s) for s in detail["compiled_shapes_all_ranks"]}
+    assert (16, 256) in shapes and all(shape[1:] == (256,) for shape in shapes), shapes
+    assert detail["compiled_steps_all_ranks"] >= 31 * 3, detail
+
+
+@pytest.mark.slow
 def test_zero3_partitions_of_whole_rows_are_stepped_in_row_pieces(tmp_path):
     """ZeRO-3 over row-aligned shapes: each process's 34 rows of "big" (68x97) exceed a
     2000-element ``chunk_bytes`` budget and are stepped as row pieces (more kernel calls than

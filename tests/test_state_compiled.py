@@ -470,7 +470,42 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
         hfoptim.create_optimizer(params, "adamw").step()  # dense state compiles too (large tensors)
     assert set(calls) == {(256, 256)}
     compiled_step.reset()
+
+
+def _kernel_shapes(monkeypatch, groups, name: str, **options) -> set:
+    """The shapes ``name`` with ``options`` sends to the compiled kernel in one step of
+    ``groups`` (the kernel runs uncompiled here: only the decision is tested)."""
     compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, 0.01)
+    try:
+        hfoptim.create_optimizer(groups, name, **options).step()
+        return {tuple(key[1]) for key in compiled_step.calls}
+    finally:
+        compiled_step.reset()
+
+
+def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch):
+    """compile='auto' gives the kernel to tensors under 65536 elements whose state a form codes
+    tensor by tensor (8-bit, 4-bit, bf16) when their group steps 32 or more of their shape (LoRA
+    adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
+    over the bucket), tensors kept in fp32 (under state_min_numel) and another group's tensors of
+    the shape do not count."""
+
+    def params(n: int, shape) -> list:
+        return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
+
+    lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
+    for name in ("adamw_8bit", "ademamix_4bit", "adamw_bf16"):
+        assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
+    assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket
+    assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", compile="off") == set()
+    assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", state_min_numel=8192) == set()  # fp32 state
+    split = [{"params": params(16, (16, 256))}, {"params": params(16, (16, 256)), "weight_decay": 0.0}]
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == set()
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(16, 256)}
 
 
 @pytest.mark.slow

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -75,7 +75,8 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         kind="str",
         choices=("auto", "on", "off"),
         doc="one torch.compile kernel per parameter for the whole step (any state form): auto (tensors of 65536+ "
-        "elements, when it works here), on, off (see hfoptim.core.compiled_step)",
+        "elements, and smaller ones with 8-bit, 4-bit or bf16 state when the group has 32+ of their shape, when it "
+        "works here), on, off (see hfoptim.core.compiled_step)",
     )
     spec["state_min_numel"] = HP(4096, kind="int", low=0, doc="tensors smaller than this (globally) keep fp32 state")
     spec["skip_nonfinite"] = HP(
@@ -178,6 +179,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         defaults = self._validate_group(hyperparameters, where=f"{type(self).__name__}()")
         self.layout = LocalLayout(foreach=self.foreach)
         self._handed_loss: Any = None
+        self._shape_counts: dict[int, Counter] = {}  # see tensors_of_shape
         #: steps skipped because a gradient was not finite (``skip_nonfinite``); saved in state_dict
         self.nonfinite_skips = 0
         self._declared_by_id, self._declared_by_name = _split_declared(param_layouts or {})
@@ -204,7 +206,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
     #: identity; a sharded layout is found again at the next step)
-    _REBUILT = frozenset({"_spec", "layout", "_layout_by_id"})
+    _REBUILT = frozenset({"_spec", "layout", "_layout_by_id", "_shape_counts"})
 
     def __getstate__(self) -> dict[str, Any]:
         """For copy.deepcopy and pickle: everything but the hooks (as torch) and the rebuilt
@@ -214,6 +216,7 @@ class RuleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_skips", 0)
+        self._shape_counts = {}
         self._spec = engine_hyperparams(type(self.rule))
         if "_layout_by_id" not in self.__dict__:  # copied or unpickled: the tensors are new
             self._layout_by_id = {
@@ -422,6 +425,13 @@ class RuleOptimizer(torch.optim.Optimizer):
         replaced (ZeRO-3 calls ``step()`` once per sub-group, all in one training step)."""
         self._handed_loss = loss
 
+    def tensors_of_shape(self, group: dict, shape) -> int:
+        """How many tensors of the (global) ``shape`` ``group`` steps, as counted at the start of the
+        current or last :meth:`step` over the units the rules see (every process of a sharded
+        run counts the same units, an empty shard included). ``compile="auto"`` compiles a shape
+        that many small tensors share (:func:`~hfoptim.core.compiled_step.auto_takes`)."""
+        return self._shape_counts.get(id(group), {}).get(tuple(shape), 0)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None):
         """One optimization step.
@@ -464,6 +474,7 @@ class RuleOptimizer(torch.optim.Optimizer):
         for _, units in plan:
             for unit in units:
                 self._check_grad(unit)
+        self._shape_counts = {id(group): Counter(tuple(u.view.global_shape) for u in units) for group, units in plan}
         if self._skips_nonfinite() and not self._grads_finite([u for _, units in plan for u in units]):
             self.nonfinite_skips += 1
             return closure_loss

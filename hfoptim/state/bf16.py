@@ -82,6 +82,8 @@ class BF16(Codec):
     name = "bf16"
     #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
+    #: the plain path codes it tensor by tensor (see Codec.coded_per_tensor)
+    coded_per_tensor = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT, BUFFER})
     #: not elementwise: the rounding noise is drawn by flat position, so a Conv1D or fused expert
     #: weight is stored through its canonical view to round exactly as the same Linear matrices

@@ -172,6 +172,8 @@ class Blockwise8bit(Codec):
     name = "8bit"
     #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
+    #: the plain path codes it tensor by tensor (see Codec.coded_per_tensor)
+    coded_per_tensor = True
 
     @staticmethod
     def fusable_for(view: ParamView) -> bool:

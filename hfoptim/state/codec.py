@@ -63,6 +63,13 @@ class Codec(ABC):
     #: whether ``compile="auto"`` gives this form the compiled kernel (``"on"`` does whenever it
     #: is :attr:`fusable`): False for a form whose kernel measured slower than its plain path
     auto_compiles: ClassVar[bool] = True
+    #: True when the plain path codes this form one tensor at a time with a dozen operations or
+    #: more (8-bit, 4-bit, bf16), where dense state is stepped by ``foreach`` operations over the
+    #: whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
+    #: times the call of a compiled kernel, so ``compile="auto"`` gives the kernel to small
+    #: tensors of this form when a group holds many of one shape (one compilation serves them all:
+    #: :data:`hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT`)
+    coded_per_tensor: ClassVar[bool] = False
 
     def fusable_for(self, view: ParamView) -> bool:
         """Whether the compiled path may fuse this form for a tensor of ``view`` (8-/4-bit state

@@ -293,6 +293,8 @@ class FourBit(Codec):
     offset_free = True
     #: the compiled path (hfoptim.core.compiled_step) fuses its decode and encode with the update
     fusable = True
+    #: the plain path codes it tensor by tensor (see Codec.coded_per_tensor)
+    coded_per_tensor = True
 
     @staticmethod
     def fusable_for(view: ParamView) -> bool:

@@ -36,6 +36,7 @@ from tests.distributed.common import (  # noqa: E402
     gradients,
     grouped,
     kernel_calls,
+    kernel_shapes,
     needs_loss,
     rank_loss,
     run_cases,
@@ -97,7 +98,7 @@ def run_case(
         failures.append("fully_shard did not produce DTensor parameters: the run would prove nothing")
         return
     loss_driven = needs_loss(ref_opt)
-    sharded_calls = 0
+    sharded_calls, shapes = 0, set()
     staged_before = staged_calls()
     pieces_before = common.shard_pieces()
     for t in range(1, steps + 1):
@@ -106,18 +107,14 @@ def run_case(
             p.grad = g.clone()
         for p, g in zip(params, grads):
             p.grad = sharded_grad(p, g)
-        if loss_driven:
-            ref_opt.step(loss=step_loss(t))
-            before = kernel_calls()
-            opt.step(loss=rank_loss(t, rank, world))
-        else:
-            ref_opt.step()
-            before = kernel_calls()
-            opt.step()
+        ref_opt.step(loss=step_loss(t) if loss_driven else None)
+        before, shapes_before = kernel_calls(), kernel_shapes()
+        opt.step(loss=rank_loss(t, rank, world) if loss_driven else None)
         sharded_calls += kernel_calls() - before
-    if compile == "on":
+        shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
+    if compile in ("on", "auto"):
         staged = tuple(n - b for n, b in zip(staged_calls(), staged_before))
-        check_compiled(sharded_calls, failures, detail, staged=staged)
+        check_compiled(sharded_calls, failures, detail, shapes, staged=staged)
     common.count_shard_pieces(pieces_before, detail)
     engine = getattr(opt, "optimizer", opt)
     layout = engine.layout
@@ -139,7 +136,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
-    parser.add_argument("--shapes", default="default", help="default | rows | square (see common.use_shapes)")
+    parser.add_argument("--shapes", default="default", help="default | rows | square | many (see common.use_shapes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()

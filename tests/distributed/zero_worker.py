@@ -135,7 +135,7 @@ def run_case(
         order.end_step()
         sharded_calls += kernel_calls() - before
         shapes |= {shape for shape, n in kernel_shapes().items() if n > shapes_before.get(shape, 0)}
-    if compile == "on":
+    if compile in ("on", "auto"):
         staged = tuple(n - b for n, b in zip(staged_calls(), staged_before))
         check_compiled(sharded_calls, failures, detail, shapes, staged=staged)
     common.count_shard_pieces(pieces_before, detail)
@@ -194,7 +194,7 @@ def main() -> int:
     parser.add_argument("--bf16", action="store_true", help="bf16 parameters, fp32 master weights")
     parser.add_argument("--compile", default=None, help="the compile option of every case (on: must engage)")
     parser.add_argument("--chunk-bytes", type=int, default=None, help="the chunk_bytes option of every case")
-    parser.add_argument("--shapes", default="default", help="default | rows | square (see common.use_shapes)")
+    parser.add_argument("--shapes", default="default", help="default | rows | square | many (see common.use_shapes)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     setup_threads()
