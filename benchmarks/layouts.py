@@ -515,7 +515,9 @@ def main() -> int:
             + " from this run, "
             "the others from the previous results file",
             previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}, "
-            f"{before.get('cpu')} with {' '.join(earlier.get('lscpu', {}).get('vector_flags', [])) or 'unknown flags'}",
+            f"{before.get('cpu')} with {' '.join(earlier.get('lscpu', {}).get('vector_flags', [])) or 'unknown flags'}"
+            # the previous file's own merge, so that no row loses the run it came from
+            + (f"; of those, {before['merged']} ({before['previous_commit']})" if "merged" in before else ""),
         )
     lines = report(rows, info, cpu, args)
     print("\n".join(lines))
