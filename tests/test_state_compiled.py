@@ -508,6 +508,37 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
     assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(16, 256)}
 
 
+def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monkeypatch):
+    """The compiled path remembers its decision per unit (compiled_step.unit_plan) by what it
+    reads: a step in which fewer tensors of a shape have gradients, or after an option changed,
+    decides again."""
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
+    params = [torch.nn.Parameter(torch.zeros(16, 256)) for _ in range(32)]
+    opt = hfoptim.create_optimizer(params, "adamw_8bit")
+
+    def kernels_of_a_step() -> int:
+        before = sum(compiled_step.calls.values())
+        opt.step()
+        return sum(compiled_step.calls.values()) - before
+
+    try:
+        for p in params:
+            p.grad = torch.full_like(p, 0.01)
+        assert kernels_of_a_step() == 32
+        params[0].grad = None  # 31 of the shape this step: the plain path
+        assert kernels_of_a_step() == 0
+        params[0].grad = torch.full_like(params[0], 0.01)
+        assert kernels_of_a_step() == 32
+        opt.param_groups[0]["agc"] = 0.01  # still takes it (a row-local modifier), as a new plan
+        assert kernels_of_a_step() == 32
+        opt.param_groups[0]["compile"] = "off"
+        assert kernels_of_a_step() == 0
+        assert len(opt.kernel_plans) == 3
+    finally:
+        compiled_step.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw_8bit", "adamw_bf16"])
 def test_compiled_path_steps_experts_and_conv1d_as_the_plain_path(name):

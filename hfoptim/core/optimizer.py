@@ -180,6 +180,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         self.layout = LocalLayout(foreach=self.foreach)
         self._handed_loss: Any = None
         self._shape_counts: dict[int, Counter] = {}  # see tensors_of_shape
+        #: the compiled path's per-unit decisions (hfoptim.core.compiled_step.unit_plan)
+        self.kernel_plans: dict = {}
         #: steps skipped because a gradient was not finite (``skip_nonfinite``); saved in state_dict
         self.nonfinite_skips = 0
         self._declared_by_id, self._declared_by_name = _split_declared(param_layouts or {})
@@ -206,7 +208,7 @@ class RuleOptimizer(torch.optim.Optimizer):
 
     #: rebuilt by __setstate__: the option specs, and the layout (it tracks the parameters by
     #: identity; a sharded layout is found again at the next step)
-    _REBUILT = frozenset({"_spec", "layout", "_layout_by_id", "_shape_counts"})
+    _REBUILT = frozenset({"_spec", "layout", "_layout_by_id", "_shape_counts", "kernel_plans"})
 
     def __getstate__(self) -> dict[str, Any]:
         """For copy.deepcopy and pickle: everything but the hooks (as torch) and the rebuilt
@@ -216,7 +218,7 @@ class RuleOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("nonfinite_skips", 0)
-        self._shape_counts = {}
+        self._shape_counts, self.kernel_plans = {}, {}
         self._spec = engine_hyperparams(type(self.rule))
         if "_layout_by_id" not in self.__dict__:  # copied or unpickled: the tensors are new
             self._layout_by_id = {

@@ -215,8 +215,13 @@ class LocalStats:
             extremes = torch._foreach_norm(tensors, float("inf"))
         else:
             extremes = [x for t in tensors for x in torch.aminmax(t)]
-        # finiteness in each tensor's own dtype (a finite fp64 value past 3.4e38 is no overflow)
-        return ~torch.stack([m.isfinite().to(extremes[0].device) for m in extremes]).all()
+        # finiteness in each tensor's own dtype (a finite fp64 value past 3.4e38 is no overflow):
+        # one check per dtype and device, not per tensor (224 LoRA tensors: 5-6.5 -> 3.3 ms)
+        alike: dict = {}
+        for m in extremes:
+            alike.setdefault((m.dtype, m.device), []).append(m)
+        finite = [torch.stack(ms).isfinite().all().to(extremes[0].device) for ms in alike.values()]
+        return ~(finite[0] if len(finite) == 1 else torch.stack(finite).all())
 
     # the list forms: a sharding backend combines the statistics of all the tensors in one
     # collective, so code that needs a statistic of many tensors (codecs) should call these
