@@ -70,3 +70,42 @@ def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(t
     assert sum("compiling the fused optimizer step" in m for m in messages) == 1
     assert sum(m.startswith("hfoptim: compiled the fused adamw step") for m in messages) == len(compiled_step.calls)
     compiled_step.reset()
+
+
+@pytest.mark.slow
+def test_trainer_with_lora_adapters_compiles_the_shape_they_share(tmp_path):
+    """peft LoRA under a real ``HFOptimTrainer`` (warm-up and cosine decay), ``adamw_8bit`` with
+    ``compile="auto"``: the adapters are far under 65536 elements, but the 32 ``lora_A`` matrices
+    of q and v (16 layers) share one shape, which the kernel steps at every step
+    (hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT); the ``lora_B`` shapes, 16 each, and
+    nothing of the frozen model take no kernel."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(tiny_llama(layers=16), lora)
+    steps = 5
+    compiled_step.reset()
+    args = HFOptimTrainingArguments(
+        **run_args(
+            tmp_path,
+            optim="adamw_8bit",
+            optim_args="state_min_numel=0",
+            max_steps=steps,
+            warmup_steps=2,
+            lr_scheduler_type="cosine",
+        )
+    )
+    trainer = HFOptimTrainer(model=model, args=args, train_dataset=TokenData(n=4 * steps))
+    try:
+        trainer.train()
+        opt = inner_optimizer(trainer)
+        shapes = Counter(tuple(p.shape) for g in opt.param_groups for p in g["params"])
+        assert shapes == {(4, 32): 32, (32, 4): 16, (16, 4): 16}, shapes  # A of q and v; B of q; B of v
+        assert all("exp_avg.codes" in opt.state[p] for g in opt.param_groups for p in g["params"])
+        per_shape = Counter()
+        for key, n in compiled_step.calls.items():
+            per_shape[key[1]] += n
+        assert compiled_step._failed is None
+        assert per_shape == {(4, 32): 32 * steps}
+    finally:
+        compiled_step.reset()

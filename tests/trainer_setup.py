@@ -13,11 +13,11 @@ VOCAB = 128
 SEQ = 16
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=VOCAB,
