@@ -692,17 +692,18 @@ def auto_takes(engine, group: dict, view: ParamView, codecs) -> bool:
     return many and any(c.coded_per_tensor for c in codecs)
 
 
-def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = False) -> bool:
-    """Whether ``unit`` takes the kernel; ``empty_shard``: whether ``unit`` is an empty shard of a
-    parameter whose non-empty shards take it (nothing to step here, nothing to share)."""
+def _eligible(engine, group: dict, unit, codecs) -> bool:
+    """Whether ``unit`` (its slots stored by ``codecs``) takes the kernel, under the group's
+    ``compile`` option; an empty shard answers as the shards of its parameter that hold rows
+    (it is consumed without a kernel: nothing to step here, nothing to share)."""
     p, view = unit.param, unit.view
     if unit.writeback is not None or p.device.type not in ("cpu", "cuda"):
         return False
     if view.sharded and not shard_kernel(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
-    if mode == "auto" and not auto_takes(engine, group, view, codecs):
+    if group.get("compile", "off") == "auto" and not auto_takes(engine, group, view, codecs):
         return False
-    if empty_shard:  # the forms' answers for the shards of this parameter (SMMF: none take it)
+    if _empty_shard(unit):  # the forms' answers for the shards of this parameter (SMMF: none take it)
         if len(view.global_shape) >= 2:
             # as the processes holding rows answer: for a matrix the forms read the row length,
             # not the number of rows (the 4-bit short last block of a (1, 9) tensor, held by one
@@ -721,11 +722,6 @@ def _eligible(engine, group: dict, unit, mode: str, codecs, empty_shard: bool = 
 
 def _empty_shard(unit) -> bool:
     return unit.view.sharded and unit.param.numel() == 0
-
-
-def _takes_unit(engine, group: dict, unit, mode: str, codecs) -> bool:
-    """:func:`_eligible` for ``unit``, an empty shard as one (consumed without a kernel)."""
-    return _eligible(engine, group, unit, mode, codecs, empty_shard=_empty_shard(unit))
 
 
 def _group_takes(engine, group: dict, unit, stats) -> bool:
@@ -765,7 +761,7 @@ def takes(engine, group: dict, unit, stats) -> bool:
 
 def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bool, bool]:
     """``(the storage forms of unit's slots, whether it takes the kernel, whether in stages)``:
-    :func:`_takes_unit` and :func:`shard_local` for ``unit``, remembered per optimizer
+    :func:`_eligible` and :func:`shard_local` for ``unit``, remembered per optimizer
     (``engine.kernel_plans``) by what they read: the group's options (``settings``, the text of
     :func:`settings_of`), the unit's view, device, local shape and write-back, and whether its
     group has :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Every step asks for the same
@@ -779,7 +775,7 @@ def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bo
     found = plans.get(key)
     if found is None:
         codecs = [resolve.codec_for(engine.rule, slot, group, view) for slot in slots]
-        takes_kernel = _takes_unit(engine, group, unit, group.get("compile", "off"), codecs)
+        takes_kernel = _eligible(engine, group, unit, codecs)
         in_stages = takes_kernel and view.sharded and not shard_local(engine, group, view, slots, codecs)
         if len(plans) > 1 << 16:  # options that changed often: the old answers are of no use
             plans.clear()
