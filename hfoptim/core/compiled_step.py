@@ -824,6 +824,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
+    out_of_place = _out_of_place(group, units[0].param.device) if units else False  # (one device a call)
     for unit in units:
         # in_stages: a shard the kernel takes but not alone (shard_staged)
         codecs, takes_kernel, in_stages = unit_plan(engine, group, unit, slots, settings)
@@ -841,7 +842,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         lr = lrs.get((dtype, unit.param.device))
         if lr is None:
             lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, staged=in_stages, eager=empty)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty, out_of_place)
         if in_stages:
             staged.append(kernel)
             continue
@@ -867,11 +868,13 @@ def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats
     settings = settings_of(group, options)
     p = units[0].param
     lr = torch.tensor(float(group["lr"]), dtype=engine.compute_dtype(p), device=p.device)
+    out_of_place = _out_of_place(group, p.device)
     kernels = []
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
         eager = _failed is not None or _empty_shard(unit)
-        kernels.append(_Kernel(engine, group, unit, codecs, stats, options, settings, lr, staged=True, eager=eager))
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, True, eager, out_of_place)
+        kernels.append(kernel)
     with skip_guards():
         _step_staged([_Staged(kernels, stats.view, stats.finish)], stats.all_reduce)
 
@@ -881,7 +884,9 @@ class _Kernel:
     :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
     statistics in ``known``, one recording call per request, before the call that writes."""
 
-    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool):
+    def __init__(
+        self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool, out_of_place: bool
+    ):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
         #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
         self.staged = staged
@@ -900,7 +905,8 @@ class _Kernel:
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
         self.row_start = 0 if offset_free else unit.view.row_start
         self.stats = kernel_stats(stats, unit.view)
-        self.out_of_place = _out_of_place(group, self.work.device)
+        #: :func:`_out_of_place` for the group and device, which the caller asks once for its units
+        self.out_of_place = out_of_place
         self.known: list[torch.Tensor] = []
         self.requests: int | None = None  # how many statistics a staged step asks for
         self.parts: list[tuple[torch.Tensor, str]] = []

@@ -484,8 +484,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         mirrored: list = []  # uncut parameters' units, whose whole-tensor state the owners send the others
         for group, units in plan:
             for bucket in self._buckets(units, self.group_foreach(group)):
-                for unit in bucket:
-                    self._init_state(unit, group)["step"] += 1
+                # the step counters in one call (a LoRA set's 224 additions cost about 1 ms a step)
+                torch._foreach_add_([self._init_state(unit, group)["step"] for unit in bucket], 1.0)
                 held: list[Unit] = []
                 if sharded and deferred is None:
                     # the parameters one process holds whole are stepped there alone, after the shared ones
