@@ -131,8 +131,9 @@ def test_auto_leaves_small_tensors_plain():
 
 
 def test_auto_keeps_smmf_plain_and_on_compiles_it():
-    """SMMF's kernel traces but ran slower than its plain path (codec ``auto_compiles=False``):
-    ``compile="auto"`` steps a large SMMF tensor plain, ``compile="on"`` compiles it."""
+    """SMMF's kernel steps a tensor whole, not in row pieces within ``chunk_bytes`` (codec
+    ``auto_compiles=False``): ``compile="auto"`` steps a large SMMF tensor plain, ``compile="on"``
+    compiles it."""
     from hfoptim.core.layout import Unit
     from hfoptim.core.stats import LocalStats, ParamView
 
@@ -143,6 +144,35 @@ def test_auto_keeps_smmf_plain_and_on_compiles_it():
         assert compiled_step.takes(opt, opt.param_groups[0], unit, LocalStats()) is expected, mode
         plain = hfoptim.create_optimizer([p], "adamw_8bit", compile=mode, **HP)
         assert compiled_step.takes(plain, plain.param_groups[0], unit, LocalStats()), mode
+
+
+def test_compiled_smmf_writes_the_plain_paths_sign_bits_by_rows_of_bytes():
+    """A traced SMMF step reads and writes the sign bits of a square matrix whose rows are whole
+    bytes by rows (``smmf._by_matrix_bytes``), where the plain path packs them flat: the same
+    bits and the same numbers. (16, 2048) is a (256, 128) matrix and (8, 48) a (24, 16) one;
+    (24, 40)'s (32, 30) keeps the flat form."""
+    shapes = [(16, 2048), (8, 48), (24, 40)]
+    runs = {}
+    for mode in ("on", "off"):
+        compiled_step.reset()
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+        opt = hfoptim.create_optimizer(params, "adamw_smmf", compile=mode, state_min_numel=0, **_hp("adamw"))
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
+            opt.step()
+        runs[mode] = (params, opt)
+        if mode == "on":  # every tensor in its kernel at every step
+            assert {tuple(key[1]): n for key, n in compiled_step.calls.items()} == dict.fromkeys(shapes, 4)
+    (compiled, c_opt), (plain, p_opt) = runs["on"], runs["off"]
+    for p, q in zip(compiled, plain):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        for key, value in p_opt.state[q].items():
+            if key.endswith(".sign"):
+                assert torch.equal(c_opt.state[p][key], value), key
+            else:
+                torch.testing.assert_close(c_opt.state[p][key], value, rtol=1e-10, atol=1e-12)
 
 
 def test_kernels_skip_dynamos_guards_and_a_call_they_would_have_refused_gets_its_own_kernel():
