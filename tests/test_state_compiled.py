@@ -489,7 +489,7 @@ def _kernel_shapes(monkeypatch, groups, name: str, **options) -> set:
 
 def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch):
     """compile='auto' gives the kernel to tensors under 65536 elements whose state a form codes
-    tensor by tensor (8-bit, 4-bit, bf16) when their group steps 32 or more of their shape (LoRA
+    tensor by tensor (8-bit, 4-bit, bf16, SMMF) when their group steps 32 or more of their shape (LoRA
     adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
     over the bucket), tensors kept in fp32 (under state_min_numel) and another group's tensors of
     the shape do not count."""
@@ -498,7 +498,7 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
         return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
 
     lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
-    for name in ("adamw_8bit", "ademamix_4bit", "adamw_bf16"):
+    for name in ("adamw_8bit", "ademamix_4bit", "adamw_bf16", "adamw_smmf"):
         assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
     assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", compile="off") == set()

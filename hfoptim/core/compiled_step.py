@@ -34,11 +34,11 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   Inductor's vector instruction set comes from the CPU's flags, not from its test builds
   (:func:`_isa_from_cpu_flags`: half the first step from an empty cache).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
-  of at least :data:`AUTO_MIN_NUMEL` elements, and smaller ones with 8-bit, 4-bit or bf16 state
-  of a shape the group has :data:`AUTO_MIN_SHAPE_COUNT` or more of (LoRA adapters:
-  :func:`auto_takes`), when torch.compile works on this machine and every storage form
-  ``auto_compiles``, which SMMF's does not (its kernels step a tensor whole, not in row pieces
-  within ``chunk_bytes``); ``"on"``: every tensor; ``"off"``: never), every one of its slots is
+  of at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles``, which
+  SMMF's does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``),
+  and smaller ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has
+  :data:`AUTO_MIN_SHAPE_COUNT` or more of (LoRA adapters: :func:`auto_takes`), when
+  torch.compile works on this machine; ``"on"``: every tensor; ``"off"``: never), every one of its slots is
   stored by a codec marked ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit,
   4-bit and bf16; the codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of
   whole blocks), it is held whole by this process, or is a row piece of such a tensor
@@ -130,7 +130,7 @@ from .vector_gather import vector_gathers
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
 #: with ``compile="auto"``, a smaller parameter whose state a form codes tensor by tensor on the
-#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16) takes the
+#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16, SMMF) takes the
 #: compiled path when its group steps at least this many tensors of its shape (LoRA adapters, one
 #: or two shapes per target module). The plain path's step of such a tensor is mostly the fixed
 #: costs of its operations: on 32 tensors of 128x128 or 8x2048, adamw_8bit 390 us a tensor
@@ -681,14 +681,16 @@ def kernel_stats(stats, view: ParamView):
 
 def auto_takes(engine, group: dict, view: ParamView, codecs) -> bool:
     """Whether ``compile="auto"`` gives the parameter of ``view`` (stored by ``codecs``) the kernel:
-    every form :attr:`~hfoptim.state.codec.Codec.auto_compiles`, and the tensor holds at least
-    :data:`AUTO_MIN_NUMEL` elements, or a form codes it tensor by tensor and ``group`` steps at
-    least :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Global sizes and counts: the same
-    answer on every process."""
-    if not all(c.auto_compiles for c in codecs):
-        return False
+    a tensor of at least :data:`AUTO_MIN_NUMEL` elements when every form
+    :attr:`~hfoptim.state.codec.Codec.auto_compiles`; a smaller one when a form codes it tensor
+    by tensor (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`, which also admits SMMF, whose
+    large tensors stay plain), the others compile, and ``group`` steps at least
+    :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Global sizes and counts: the same answer on
+    every process."""
     if view.global_numel >= AUTO_MIN_NUMEL:
-        return True
+        return all(c.auto_compiles for c in codecs)
+    if not all(c.auto_compiles or c.coded_per_tensor for c in codecs):
+        return False
     many = engine.tensors_of_shape(group, view.global_shape) >= AUTO_MIN_SHAPE_COUNT
     return many and any(c.coded_per_tensor for c in codecs)
 

@@ -60,11 +60,13 @@ class Codec(ABC):
     #: (:mod:`hfoptim.core.compiled_step`) without graph breaks: tensor operations only, no Python
     #: branch on a tensor's value
     fusable: ClassVar[bool] = False
-    #: whether ``compile="auto"`` gives this form the compiled kernel (``"on"`` does whenever it
-    #: is :attr:`fusable`): False for a form whose kernel measured slower than its plain path
+    #: whether ``compile="auto"`` gives this form the compiled kernel for tensors of
+    #: :data:`~hfoptim.core.compiled_step.AUTO_MIN_NUMEL` elements or more (``"on"`` does whenever
+    #: it is :attr:`fusable`): False for SMMF, whose kernels step a tensor whole instead of in row
+    #: pieces within ``chunk_bytes``; smaller tensors follow :attr:`coded_per_tensor`
     auto_compiles: ClassVar[bool] = True
     #: True when the plain path codes this form one tensor at a time with a dozen operations or
-    #: more (8-bit, 4-bit, bf16), where dense state is stepped by ``foreach`` operations over the
+    #: more (8-bit, 4-bit, bf16, SMMF), where dense state is stepped by ``foreach`` operations over the
     #: whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
     #: times the call of a compiled kernel, so ``compile="auto"`` gives the kernel to small
     #: tensors of this form when a group holds many of one shape (one compilation serves them all:
