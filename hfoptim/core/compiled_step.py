@@ -38,9 +38,9 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   SMMF's does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``),
   and smaller ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has
   :data:`AUTO_MIN_SHAPE_COUNT` or more of (LoRA adapters: :func:`auto_takes`), when
-  torch.compile works on this machine; ``"on"``: every tensor; ``"off"``: never), every one of its slots is
-  stored by a codec marked ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit,
-  4-bit and bf16; the codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of
+  torch.compile works on this machine; ``"on"``: every tensor; ``"off"``: never), every one of
+  its slots is stored by a codec marked ``fusable`` (all of them: dense fp32, factored, SMMF,
+  shared, 8-bit, 4-bit and bf16; the codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of
   whole blocks), it is held whole by this process, or is a row piece of such a tensor
   (:mod:`hfoptim.core.chunking`; stepped as rows from 0, so only storage forms marked
   ``offset_free``), or is a shard whose step needs nothing of other processes
@@ -130,8 +130,8 @@ from .vector_gather import vector_gathers
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
 #: with ``compile="auto"``, a smaller parameter whose state a form codes tensor by tensor on the
-#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16, SMMF) takes the
-#: compiled path when its group steps at least this many tensors of its shape (LoRA adapters, one
+#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16, SMMF)
+#: takes the compiled path when its group steps at least this many tensors of its shape (LoRA adapters, one
 #: or two shapes per target module). The plain path's step of such a tensor is mostly the fixed
 #: costs of its operations: on 32 tensors of 128x128 or 8x2048, adamw_8bit 390 us a tensor
 #: against 105 us compiled, ademamix_8bit and adan_8bit 530-610 us against 120-135 us, torch

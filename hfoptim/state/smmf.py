@@ -133,12 +133,12 @@ def signs(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
 
 def _by_matrix_bytes(view, cols: int) -> bool:
     """Whether a traced step (a kernel of a tensor held whole) reads and writes its sign bits
-    as the square matrix's rows of bytes: when a row of ``cols``
-    elements is whole bytes. Flat, the bits of element ``e`` are bit ``e % 8`` of byte ``e // 8``
-    and the matrix element ``(e // cols, e % cols)``: inductor compiles that indexing to scalar
-    loops (the packing one byte at a time, recomputing the moment's update for each of its
-    eight elements); by rows, ``(i, 8k + j)`` is bit ``j`` of byte ``(i, k)``, and the loops
-    are vectorized over the bytes of a row. The same bits either way."""
+    as the square matrix's rows of bytes: when a row of ``cols`` elements is whole bytes. Flat,
+    the bits of element ``e`` are bit ``e % 8`` of byte ``e // 8`` and the matrix element
+    ``(e // cols, e % cols)``: inductor compiles that indexing to scalar loops (the packing one
+    byte at a time, recomputing the moment's update for each of its eight elements); by rows,
+    ``(i, 8k + j)`` is bit ``j`` of byte ``(i, k)``, and the loops are vectorized over the bytes
+    of a row. The same bits either way."""
     return is_traced() and not view.sharded and cols % 8 == 0
 
 
