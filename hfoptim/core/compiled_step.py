@@ -33,20 +33,19 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   about 0.1 s a kernel).
   Inductor's vector instruction set comes from the CPU's flags, not from its test builds
   (:func:`_isa_from_cpu_flags`: half the first step from an empty cache).
-* A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors
-  of at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles``, which
-  SMMF's does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``),
-  and smaller ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has
-  :data:`AUTO_MIN_SHAPE_COUNT` or more of (LoRA adapters: :func:`auto_takes`), when
-  torch.compile works on this machine; ``"on"``: every tensor; ``"off"``: never), every one of
-  its slots is stored by a codec marked ``fusable`` (all of them: dense fp32, factored, SMMF,
-  shared, 8-bit, 4-bit and bf16; the codec's ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of
-  whole blocks), it is held whole by this process, or is a row piece of such a tensor
-  (:mod:`hfoptim.core.chunking`; stepped as rows from 0, so only storage forms marked
-  ``offset_free``), or is a shard whose step needs nothing of other processes
-  (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it is on a CPU or CUDA device,
-  and :func:`plain_reason` finds nothing against its group: the exceptions are exactly AdaLo
-  (loss-driven), CPR (a per-tensor decision each step), stable weight decay (the engine defers
+* A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors of
+  at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles``, which SMMF's
+  does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``), and smaller
+  ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has :data:`AUTO_MIN_SHAPE_COUNT`
+  or more of (LoRA adapters: :func:`auto_takes`), when torch.compile works on this machine;
+  ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec marked
+  ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
+  ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole by
+  this process, or is a row piece of such a tensor (:mod:`hfoptim.core.chunking`; stepped as rows
+  from 0, so only storage forms marked ``offset_free``), or is a shard whose step needs nothing of
+  other processes (:func:`shard_local`: FSDP2 rows, a ZeRO segment of whole rows), it is on a CPU or
+  CUDA device, and :func:`plain_reason` finds nothing against its group: the exceptions are exactly
+  AdaLo (loss-driven), CPR (a per-tensor decision each step), stable weight decay (the engine defers
   every update; see :func:`advance`) and Muon's matrices (orthogonalized whole, outside a
   per-parameter kernel).
 * **Out of place on CPU for the per-row modifiers.** With a per-row statistic (AGC, soft
