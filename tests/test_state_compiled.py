@@ -489,8 +489,8 @@ def _kernel_shapes(monkeypatch, groups, name: str, **options) -> set:
 
 def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch):
     """compile='auto' gives the kernel to tensors under 65536 elements whose state a form codes
-    tensor by tensor (8-bit, 4-bit, bf16, SMMF) when their group steps 32 or more of their shape (LoRA
-    adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
+    tensor by tensor (8-bit, 4-bit, bf16, SMMF) when their group steps 32 or more of their shape
+    (LoRA adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
     over the bucket), tensors kept in fp32 (under state_min_numel) and another group's tensors of
     the shape do not count."""
 

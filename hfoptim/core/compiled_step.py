@@ -129,16 +129,15 @@ from .vector_gather import vector_gathers
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
 #: with ``compile="auto"``, a smaller parameter whose state a form codes tensor by tensor on the
-#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16, SMMF)
-#: takes the compiled path when its group steps at least this many tensors of its shape (LoRA adapters, one
-#: or two shapes per target module). The plain path's step of such a tensor is mostly the fixed
-#: costs of its operations: on 32 tensors of 128x128 or 8x2048, adamw_8bit 390 us a tensor
-#: against 105 us compiled, ademamix_8bit and adan_8bit 530-610 us against 120-135 us, torch
-#: AdamW foreach 70 us (2-core Intel Xeon with AMX, two threads). One compilation serves every
-#: tensor of the shape: 3.7-5.3 s from an empty inductor cache, about 1 s from a warm one, paid
-#: back within about 400 steps by 32 tensors (100 from a warm cache). Fewer tensors of a shape
-#: (the demo model's 16 of 128x128) stay on the plain path: a short run would not win the
-#: compilation back.
+#: plain path (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`: 8-bit, 4-bit, bf16, SMMF) takes
+#: the compiled path when its group steps at least this many tensors of its shape (LoRA adapters,
+#: one or two shapes per target module). The plain path's step of such a tensor is mostly the fixed
+#: costs of its operations: on 32 tensors of 128x128 or 8x2048, adamw_8bit 390 us a tensor against
+#: 105 us compiled, ademamix_8bit and adan_8bit 530-610 us against 120-135 us, torch AdamW foreach
+#: 70 us (2-core Intel Xeon with AMX, two threads). One compilation serves every tensor of the
+#: shape: 3.7-5.3 s from an empty inductor cache, about 1 s from a warm one, paid back within about
+#: 400 steps by 32 tensors (100 from a warm cache). Fewer tensors of a shape (the demo model's 16 of
+#: 128x128) stay on the plain path: a short run would not win the compilation back.
 AUTO_MIN_SHAPE_COUNT = 32
 
 #: inductor's options for the kernels. ``realize_reads_threshold`` (default 4): a value with
@@ -826,7 +825,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
-    out_of_place = _out_of_place(group, units[0].param.device) if units else False  # (one device a call)
+    out_of_place = _out_of_place(group, units[0].param.device)  # (one group and device a call)
     for unit in units:
         # in_stages: a shard the kernel takes but not alone (shard_staged)
         codecs, takes_kernel, in_stages = unit_plan(engine, group, unit, slots, settings)

@@ -65,11 +65,11 @@ class Codec(ABC):
     #: it is :attr:`fusable`): False for SMMF, whose kernels step a tensor whole instead of in row
     #: pieces within ``chunk_bytes``; smaller tensors follow :attr:`coded_per_tensor`
     auto_compiles: ClassVar[bool] = True
-    #: True when the plain path codes this form one tensor at a time with a dozen operations or
-    #: more (8-bit, 4-bit, bf16, SMMF), where dense state is stepped by ``foreach`` operations
-    #: over the whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
-    #: times the call of a compiled kernel, so ``compile="auto"`` gives the kernel to small
-    #: tensors of this form when a group holds many of one shape (one compilation serves them all:
+    #: True when the plain path codes this form one tensor at a time with a dozen operations or more
+    #: (8-bit, 4-bit, bf16, SMMF), where dense state is stepped by ``foreach`` operations over the
+    #: whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
+    #: times the call of a compiled kernel, so ``compile="auto"`` gives the kernel to small tensors
+    #: of this form when a group holds many of one shape (one compilation serves them all:
     #: :data:`hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT`)
     coded_per_tensor: ClassVar[bool] = False
 

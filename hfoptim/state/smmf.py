@@ -172,8 +172,8 @@ class SMMF(Codec):
     #: more, ``"on"`` compiles them
     auto_compiles = False
     #: the plain path codes it tensor by tensor (see Codec.coded_per_tensor): ``"auto"`` compiles
-    #: the small tensors of a shape a group has many of (a LoRA set's adapters: 145 -> 94-97 ms a
-    #: step, above)
+    #: the small tensors of a shape a group has many of (a LoRA set's 176 adapters under 65536
+    #: elements: 138 -> 114 ms a step, torch AdamW foreach 53, interleaved in one process)
     coded_per_tensor = True
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
 
