@@ -94,7 +94,37 @@ def test_compiled_path_agrees_with_the_plain_path(name):
     # a per-row statistic summed in another order moves its factor (AGC's clip) by an ulp, which
     # can flip a code sitting on a midpoint; that element's later updates then move by about lr
     # times a code spacing (seen: one element of 4000 by 6.5e-6, lr 3e-3)
-    atol = 1e-5 if option else 1e-6
+    _assert_agrees(compiled, c_opt, plain, p_opt, atol=1e-5 if option else 1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the word form is for inductor's AVX2 CPU kernels")
+@pytest.mark.parametrize("name", ["adamw_8bit", "adan_8bit"])
+def test_compiled_8bit_step_reading_codes_as_words_agrees_with_the_plain_path(name, monkeypatch):
+    """Where inductor's kernels are AVX2 the decode reads four codes a word and the blocks take
+    per-element scales (blockwise8bit._by_block_rows); elsewhere the codes are read as bytes and
+    scaled through the (blocks, block) view (test_compiled_path_agrees_with_the_plain_path on
+    this machine). The word form, forced here, steps as the plain path too."""
+    from hfoptim.state import blockwise8bit, dynamic_code
+
+    read_as_words, scaled_by_rows = [], []
+    words_of, by_rows = dynamic_code._code_words, blockwise8bit._by_block_rows
+    monkeypatch.setattr(dynamic_code, "_inductor_isa_is_avx2", lambda: True)
+    monkeypatch.setattr(dynamic_code, "_code_words", lambda c: read_as_words.append(c.shape) or words_of(c))
+    monkeypatch.setattr(blockwise8bit, "_by_block_rows", lambda *a: scaled_by_rows.append(by_rows(*a)) or by_rows(*a))
+    compiled_step.reset()
+    try:
+        compiled, c_opt = _run(name, "on", lr_schedule=True)
+        assert sum(compiled_step.calls.values()) == 4 * len(SHAPES), compiled_step.calls
+    finally:
+        compiled_step.reset()
+    assert read_as_words and scaled_by_rows and not any(scaled_by_rows)
+    plain, p_opt = _run(name, "off", lr_schedule=True)
+    _assert_agrees(compiled, c_opt, plain, p_opt, atol=1e-6)
+
+
+def _assert_agrees(compiled, c_opt, plain, p_opt, atol):
+    """Parameters and state of a compiled run against the plain run's."""
     for p, q in zip(compiled, plain):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=atol)
         for key, value in p_opt.state[q].items():

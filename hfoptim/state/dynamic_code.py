@@ -142,6 +142,12 @@ class DynamicCode:
         """:func:`decode_codes`."""
         return decode_codes(codes, self)
 
+    @staticmethod
+    def decodes_by_element(device: torch.device) -> bool:
+        """Whether the traced decode on ``device`` reads each code alone (false where it reads
+        four codes a 32-bit word: AVX2 kernels, :func:`decode_codes`)."""
+        return not _avx2_kernels(device)
+
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decode table, encode table)`` on ``device``."""
         return self._on(device, self._cache, "table", "encode_table")

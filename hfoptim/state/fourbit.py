@@ -156,6 +156,11 @@ class Code4:
             return codes.to(torch.uint8)
         return torch.bucketize(y, midpoints).to(torch.uint8)
 
+    @staticmethod
+    def decodes_by_element(device: torch.device) -> bool:
+        """The traced decode reads each code alone (see ``DynamicCode.decodes_by_element``)."""
+        return True
+
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """The levels (fp32) of ``codes`` (uint8, 0..15, any shape)."""
         table, _ = self.tables(codes.device)
@@ -407,7 +412,7 @@ class FourBit(Codec):
         if blockwise:
             maxima = stats.block_absmax([values[i] for i in blockwise], [views[i] for i in blockwise], BLOCK4)
             for i, m in zip(blockwise, maxima):
-                y = normalized(values[i], m, views[i], BLOCK4)
+                y = normalized(values[i], m, views[i], code, BLOCK4)
                 if y is None:  # a vector's shard starting inside a block: zero-padded blocks
                     packed = pack(quantize(values[i], m, views[i], code, BLOCK4), views[i])
                 else:
