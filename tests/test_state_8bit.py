@@ -28,7 +28,7 @@ from hfoptim import memory
 from hfoptim.core import tracing
 from hfoptim.core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from hfoptim.core.stats import LocalStats, ParamView
-from hfoptim.state import CODECS, blockwise8bit, resolve
+from hfoptim.state import CODECS, resolve
 from hfoptim.state.blockwise8bit import dequantize, normalized, quantize, scale_shape
 from hfoptim.state.dynamic_code import BLOCK, SIGNED, UNSIGNED, decode_codes, encode_normalized
 from tests.harness import check_resume_mid_run
@@ -96,15 +96,12 @@ def test_eager_and_traced_encodes_give_the_same_codes_for_every_float(code):
     assert torch.equal(eager, traced)
 
 
-@pytest.mark.parametrize("by_block_rows", [True, False], ids=["block-rows", "per-element"])
 @pytest.mark.parametrize("shape", [(16, 2048), (2048, 16), (8, 300), (768,), (300,)])
 @pytest.mark.parametrize("code", [SIGNED, UNSIGNED], ids=["signed", "unsigned"])
-def test_eager_and_traced_block_scaling_give_the_same_codes_and_values(code, shape, by_block_rows, monkeypatch):
-    """Eagerly, whole blocks take their scales by broadcasting over a ``(lines, blocks, block)``
-    view; traced, over the ``(blocks, block)`` view, or per-element scales where the decode reads
-    four codes a word (AVX2 kernels): the same numbers, bit for bit, for lines of whole blocks
-    and lines ending in a short block."""
-    monkeypatch.setattr(blockwise8bit, "_by_block_rows", lambda code, device: by_block_rows)
+def test_eager_and_traced_block_scaling_give_the_same_codes_and_values(code, shape):
+    """Eagerly and traced, whole blocks take their scales by broadcasting over the ``(blocks,
+    block)`` view, and the code's eager tables and traced arithmetic give the same numbers, bit
+    for bit, for lines of whole blocks and lines ending in a short block."""
     torch.manual_seed(0)
     value = torch.randn(shape) * torch.rand(shape[0], *[1] * (len(shape) - 1)) * 3
     if not code.signed:

@@ -124,6 +124,7 @@ from .step import advance
 from .tensorlist import TensorList
 from .tracing import TracedKernel, TraceFailed
 from .vector_bitcast import vector_bitcasts
+from .vector_bytes import vector_byte_loads
 from .vector_gather import vector_gathers
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
@@ -162,24 +163,26 @@ INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold"
 
 def _codegen_mark():
     """A post-grad pass that changes nothing and whose ``uuid`` names the kit's code generation:
-    the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`, :mod:`~hfoptim.core.vector_gather`)
-    and whether they are in use (:data:`_kit_codegen`). Inductor's on-disk graph cache keys a
-    kernel by the graph and the options, custom passes by their ``uuid``, not by what its code
-    generator was patched with: without the mark a kernel cached before a hook changed (or by a
-    process without the hooks) would be loaded as it was. None where this inductor has no custom
-    passes."""
+    the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`, :mod:`~hfoptim.core.vector_gather`,
+    :mod:`~hfoptim.core.vector_bytes`) and whether they are in use (:data:`_kit_codegen`).
+    Inductor's on-disk graph cache keys a kernel by the graph and the options, custom passes by
+    their ``uuid``, not by what its code generator was patched with: without the mark a kernel
+    cached before a hook changed (or by a process without the hooks) would be loaded as it was.
+    None where this inductor has no custom passes."""
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
     except ImportError:
         return None
-    from . import vector_bitcast, vector_gather
+    from . import vector_bitcast, vector_bytes, vector_gather
+
+    hooks = (vector_bitcast.__file__, vector_gather.__file__, vector_bytes.__file__)
 
     class KitCodegenMark(CustomGraphPass):
         def __call__(self, graph) -> None:
             return None
 
         def uuid(self):
-            return (get_hash_for_files((vector_bitcast.__file__, vector_gather.__file__)), _kit_codegen)
+            return (get_hash_for_files(hooks), _kit_codegen)
 
     return KitCodegenMark()
 
@@ -432,25 +435,31 @@ def _traced_by_dynamo(key: tuple, args: tuple, what: str, error: Exception):
 def _compiling_call(fn, args: tuple, retry: bool = True):
     """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
     CPU's flags (:func:`_isa_from_cpu_flags`), 32-bit bit casts as vector operations
-    (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`) and table reads as vector gathers
-    (:func:`~hfoptim.core.vector_gather.vector_gathers`); if that compilation fails (a compiler
+    (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`), table reads as vector gathers
+    (:func:`~hfoptim.core.vector_gather.vector_gathers`) and AVX2 loads of eight bytes without a
+    stack buffer (:func:`~hfoptim.core.vector_bytes.vector_byte_loads`); if that compilation fails (a compiler
     without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
     inductor's own checks and code before the failure counts, and so from then on (``retry``
     False: raised at once, for the caller to try another route first)."""
     global _kit_codegen
     if not _kit_codegen:
         return fn(*args)
-    trusted = casts = gathers = False
+    trusted = casts = gathers = byte_loads = False
     try:
-        with _isa_from_cpu_flags() as trusted, vector_bitcasts() as casts, vector_gathers() as gathers:
+        with (
+            _isa_from_cpu_flags() as trusted,
+            vector_bitcasts() as casts,
+            vector_gathers() as gathers,
+            vector_byte_loads() as byte_loads,
+        ):
             return fn(*args)
     except Exception as error:
-        if not retry or not (trusted or casts or gathers):  # inductor's own choices: nothing to try again
+        if not retry or not (trusted or casts or gathers or byte_loads):  # inductor's own: nothing to retry
             raise
         _kit_codegen = False
         _forget_isa()
         logger.info(
-            "hfoptim: compiling with the CPU's instruction sets, vector bit casts and gathers failed (%s); "
+            "hfoptim: compiling with the CPU's instruction sets, vector bit casts, gathers and byte loads failed (%s); "
             "again with inductor's own checks and code",
             error,
         )
@@ -529,13 +538,9 @@ def _forget_extensions(cpu_vec_isa) -> None:
 
 
 def _forget_isa() -> None:
-    """Forget the instruction sets chosen from the CPU's flags (inductor's list and the encode's
-    and decode's AVX2 gate), after a compilation with them failed. The extensions' results are
-    forgotten already: :func:`_isa_from_cpu_flags` forgets them when the failed compilation
-    leaves it."""
-    from ..state import dynamic_code
-
-    dynamic_code.forget_inductor_isa()
+    """Forget the instruction sets chosen from the CPU's flags (inductor's list), after a
+    compilation with them failed. The extensions' results are forgotten already:
+    :func:`_isa_from_cpu_flags` forgets them when the failed compilation leaves it."""
     with contextlib.suppress(Exception):
         from torch._inductor import cpu_vec_isa
 

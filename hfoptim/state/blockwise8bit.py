@@ -85,30 +85,34 @@ def scale_per_element(scale: torch.Tensor, view: ParamView, block: int = BLOCK) 
     return scale.reshape(lines, length // block).index_select(1, column).reshape(view.local_shape)
 
 
-def _by_block_rows(code, device: torch.device) -> bool:
-    """Whether a traced step scales lines of whole blocks through the ``(blocks, block)`` view
-    against ``(blocks, 1)`` scales rather than with per-element scales (:func:`scale_per_element`):
-    the same numbers, but a decode's loop then has the shape of the block maxima's reduction and
-    inductor can fuse the two (in a compiled ``adamw_8bit`` step the first moment is decoded in
-    its maxima's loop instead of a pass of its own: 40 bytes of memory traffic per element
-    instead of 44, read from inductor's output code). Not where ``code``'s traced decode reads four codes a
-    word (:meth:`~hfoptim.state.dynamic_code.DynamicCode.decodes_by_element` false: AVX2 kernels):
-    its four stacked parts, read through the blocked view, compiled to a scalar reduction. One
-    compiled step, one thread of a 2-core Intel Xeon (AVX-512), 4096x1024, interleaved medians,
-    a fresh inductor cache per form: ``adamw_8bit`` 1.18-1.39x torch AdamW foreach -> 1.08-1.13x,
-    ``ademamix_8bit`` 1.49-1.69x -> 1.36-1.44x, ``adan_8bit`` 1.56-1.74x -> 1.41-1.45x."""
-    return code.decodes_by_element(device)
+def _scaled(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op, code, block: int) -> torch.Tensor:
+    """``op(x, s)`` with ``s`` each element's block scale, for :func:`aligned` views: through the
+    ``(blocks, block)`` view (:func:`_over_blocks`), or, in a traced step of a code whose
+    ``traced_by_block_rows`` is false (the 4-bit codes), with :func:`scale_per_element`: a compiled
+    ``adamw_4bit`` step of 4096x1024 took 29.6-29.8 ms so against 30.8-32.9 through the view
+    (AVX-512 kernels; 33.6-35.8 against 38.3-38.9 with AVX2 kernels; two threads of a 2-core Intel
+    Xeon, interleaved, a fresh inductor cache per form)."""
+    if is_traced() and not code.traced_by_block_rows:
+        return op(x, scale_per_element(scale, view, block))
+    return _over_blocks(x, scale, view, op, block)
 
 
 def _over_blocks(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op, block: int) -> torch.Tensor:
-    """``op(x, s)`` with ``s`` each element's block scale, for :func:`aligned` views, eagerly: the
-    lines as a ``(lines, blocks, block)`` tensor against ``(lines, blocks, 1)`` scales. The same
-    numbers as per-element scales (:func:`scale_per_element`, a traced form: see
-    :func:`_by_block_rows`) in three operations fewer, which on small tensors is most of the
-    cost."""
-    lines, length, _ = block_layout(view, block)
-    blocks = length // block
-    return op(x.reshape(lines, blocks, block), scale.reshape(lines, blocks, 1)).reshape(view.local_shape)
+    """``op(x, s)`` with ``s`` each element's block scale, for :func:`aligned` views: the local
+    tensor as a ``(blocks, block)`` matrix against ``(blocks, 1)`` scales.
+
+    Eagerly this is three operations fewer than per-element scales (an index into the scales per
+    element, which on small tensors is most of the cost). In a traced step the loop of a decode
+    then has the shape of the block maxima's reduction, and inductor fuses the two: in a compiled
+    ``adamw_8bit`` step the first moment is decoded in its maxima's loop instead of a pass of its
+    own (40 bytes of memory traffic per element instead of 44, read from inductor's output code).
+    A ``(lines, blocks, block)`` view does not do that: inductor read the values back for the
+    maxima through a modulo index, in a scalar loop. One compiled step, 4096x1024, a 2-core Intel
+    Xeon with AVX-512, two threads, interleaved, a fresh inductor cache per form, against
+    per-element scales: ``adamw_8bit`` 1.27-1.31x torch AdamW foreach -> 1.15-1.29x,
+    ``ademamix_8bit`` 1.55-1.78x -> 1.43-1.57x, ``adan_8bit`` 1.61-1.88x -> 1.52-1.65x (not the
+    4-bit codes: :func:`_scaled`)."""
+    return op(x.reshape(-1, block), scale.reshape(-1, 1)).reshape(view.local_shape)
 
 
 def _by_parts(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op, block: int) -> torch.Tensor:
@@ -130,7 +134,7 @@ def quantize(value: torch.Tensor, scale: torch.Tensor, view: ParamView, code, bl
     with ``code`` (an object with ``encode(y)`` for ``|y| <= 1``: a :class:`DynamicCode`, or a
     4-bit code of :mod:`hfoptim.state.fourbit`) and blocks of ``block`` elements.
 
-    Lines of whole blocks are coded in place with per-element scales; lines ending in a short
+    Lines of whole blocks are coded through the ``(blocks, block)`` view; lines ending in a short
     block by parts (:func:`split`); a 0-/1-D shard starting inside a block through the
     zero-padded ``(blocks, block)`` matrix. All three divide each element by its block's scale."""
     y = normalized(value, scale, view, code, block)
@@ -145,14 +149,10 @@ def normalized(
 ) -> torch.Tensor | None:
     """Each element of ``value`` divided by its block's scale, in the local shape, for lines
     whose first block starts with them (whole blocks, or by parts: :func:`split`); None for a
-    0-/1-D shard starting inside a block (:func:`quantize` pads that one). ``code`` is the code
-    the values are for (:func:`_by_block_rows`)."""
+    0-/1-D shard starting inside a block (:func:`quantize` pads that one). ``code``: the code the
+    values are for (:func:`_scaled`)."""
     if aligned(view, block):
-        if not is_traced():
-            return _over_blocks(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), block)
-        if _by_block_rows(code, value.device):
-            return (value.reshape(-1, block) / scale.reshape(-1, 1).clamp_min(_TINY)).reshape(view.local_shape)
-        return value / scale_per_element(scale, view, block).clamp_min(_TINY)
+        return _scaled(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), code, block)
     if split(view, block):
         return _by_parts(value, scale, view, lambda x, s: x / s.clamp_min(_TINY), block)
     return None
@@ -161,11 +161,7 @@ def normalized(
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, view: ParamView, code, block: int = BLOCK) -> torch.Tensor:
     """The fp32 values (the local shape) of ``codes`` with their block scales (``code.decode``)."""
     if aligned(view, block):
-        if not is_traced():
-            return _over_blocks(code.decode(codes), scale, view, lambda x, s: x * s, block)
-        if _by_block_rows(code, codes.device):
-            return (code.decode(codes).reshape(-1, block) * scale.reshape(-1, 1)).reshape(view.local_shape)
-        return code.decode(codes) * scale_per_element(scale, view, block)
+        return _scaled(code.decode(codes), scale, view, lambda x, s: x * s, code, block)
     if split(view, block):
         return _by_parts(code.decode(codes), scale, view, lambda x, s: x * s, block)
     values = code.decode(blocked(codes, view, block)) * scale.reshape(-1, 1)

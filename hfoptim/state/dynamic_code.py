@@ -37,8 +37,6 @@ one loop with the optimizer's update (``tests/test_state_8bit.py`` checks the en
 
 from __future__ import annotations
 
-import functools
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -96,6 +94,8 @@ class DynamicCode:
     bits: int  # bits of the tree (7 for the signed code, whose byte adds a sign bit; 8 unsigned)
     _cache: dict = field(default_factory=dict, repr=False)
     _eager_cache: dict = field(default_factory=dict, repr=False)
+    #: a traced step scales its blocks through the (blocks, block) view (blockwise8bit._over_blocks)
+    traced_by_block_rows = True
 
     def __post_init__(self):
         mags = self.magnitudes
@@ -141,12 +141,6 @@ class DynamicCode:
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """:func:`decode_codes`."""
         return decode_codes(codes, self)
-
-    @staticmethod
-    def decodes_by_element(device: torch.device) -> bool:
-        """Whether the traced decode on ``device`` reads each code alone (false where it reads
-        four codes a 32-bit word: AVX2 kernels, :func:`decode_codes`)."""
-        return not _avx2_kernels(device)
 
     def tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(decode table, encode table)`` on ``device``."""
@@ -239,58 +233,22 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     backend emits it as a scalar loop; replacing the float bit casts by comparisons made it
     1.1x slower: those casts cost little there, measured).
 
-    Under torch.compile the codes are read as bytes, except where inductor's CPU kernels use
-    AVX2 vectors (:func:`_avx2_kernels`): there they are read as 32-bit words where they can be
-    (:func:`_code_words`). Torch 2.13's AVX2 header (``vec256_int.h``) loads integer vectors
-    through a stack copy and float vectors directly, so four codes are loaded as one float,
-    bit-cast and taken apart by shifts; the four parts are stacked, which inductor stores to a
-    full-size buffer with strided stores. Measured per compiled step (one thread of an AMD EPYC,
-    interleaved medians), adamw_8bit / adan_8bit on a 1024x768 tensor:
-
-    * AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``): 8.1 / 10.4 ms from words, 9.0 / 13.0 from bytes
-      (the AVX2-only EPYC, when this was introduced: an 8000x512 adamw_8bit step 42 -> 29 ms
-      with the encode's conversion below);
-    * AVX-512 kernels: 7.0 / 10.0 ms from words, 5.0 / 7.1 from bytes (the 100M set: 0.89 / 1.46
-      against 0.80 / 1.31 of torch AdamW foreach's step).
-
-    The values are the same either way."""
+    Under torch.compile the codes are read as bytes on every instruction set. Inductor's AVX2
+    kernels used to load eight bytes through a stack buffer (torch 2.13's ``vec256_int.h``), and
+    the AVX2 kernels read codes as 32-bit words instead (four codes loaded as one float, taken
+    apart by shifts and stacked); the kit's compilations now load the eight bytes with one
+    instruction (:mod:`hfoptim.core.vector_bytes`), and bytes let the blocks be scaled through
+    the ``(blocks, block)`` view that fuses the decode into the block maxima's loop
+    (:func:`hfoptim.state.blockwise8bit.dequantize`), where the words' stacked parts compiled
+    to a scalar reduction. One compiled step of 4096x1024 with AVX2 kernels
+    (``ATEN_CPU_CAPABILITY=avx2`` on a 2-core Intel Xeon, two threads, a fresh inductor cache
+    per form, interleaved medians), ratio to torch AdamW foreach: ``adamw_8bit`` 1.73-1.80x from
+    words, 1.59-1.64x from bytes; ``adan_8bit`` 2.19-2.26x against 1.90-1.98x. The values are
+    the same either way."""
     if is_traced():
-        words = _code_words(codes) if _avx2_kernels(codes.device) else None
-        if words is None:
-            return _decode_index(codes.to(torch.int32), code)
-        parts = [_decode_index((words >> (8 * k)) & 255, code) for k in range(4)]
-        return torch.stack(parts, dim=-1).view(codes.shape)
+        return _decode_index(codes.to(torch.int32), code)
     table, _ = code.tables(codes.device)
     return _lookup(table, codes)
-
-
-def _avx2_kernels(device: torch.device) -> bool:
-    """Whether inductor generates the compiled code for ``device`` with AVX2 vectors: a CPU
-    device, and inductor's instruction set for this process's CPU kernels (the CPU's, or
-    ``ATEN_CPU_CAPABILITY``) is AVX2. The one gate of the decode's AVX2 form (the encode's store
-    through fp32 is taken on every CPU kernel)."""
-    return device.type == "cpu" and _inductor_avx2()
-
-
-@torch.compiler.assume_constant_result
-def _inductor_avx2() -> bool:
-    """:func:`_inductor_isa_is_avx2`, a constant while tracing."""
-    return _inductor_isa_is_avx2()
-
-
-@functools.cache
-def _inductor_isa_is_avx2() -> bool:
-    try:
-        from torch._inductor import cpu_vec_isa
-
-        return isinstance(cpu_vec_isa.pick_vec_isa(), cpu_vec_isa.VecAVX2)
-    except Exception:  # an inductor without this module: no AVX2-specific form
-        return False
-
-
-def forget_inductor_isa() -> None:
-    """Forget the instruction set found for inductor's CPU kernels (asked again next time)."""
-    _inductor_isa_is_avx2.cache_clear()
 
 
 def _decode_index(index: torch.Tensor, code: DynamicCode) -> torch.Tensor:
@@ -299,15 +257,3 @@ def _decode_index(index: torch.Tensor, code: DynamicCode) -> torch.Tensor:
         return tree_values(index, code.bits)
     value = tree_values(index & 127, code.bits)
     return torch.where(index >= 128, -value, value)
-
-
-def _code_words(codes: torch.Tensor) -> torch.Tensor | None:
-    """``codes`` (uint8) as int32 words of four codes each, code ``4i + k`` in bits ``8k..8k+7``
-    of word ``i``, read through a float32 view; None unless the machine is little-endian and
-    ``codes`` contiguous with a last dimension of whole words (a row piece then starts on a word:
-    its offset is a multiple of its row length)."""
-    if sys.byteorder != "little" or codes.dtype != torch.uint8 or codes.dim() == 0:
-        return None
-    if codes.shape[-1] % 4 or not codes.is_contiguous():
-        return None
-    return codes.view(torch.float32).view(torch.int32)
