@@ -403,6 +403,17 @@ def test_inductors_disk_cache_keys_the_kits_code_generation(fresh_dynamo, monkey
     compiled_step.reset()
 
 
+def test_the_kits_cache_mark_names_the_cpus_vector_capability(monkeypatch):
+    """Inductor's disk cache does not key a kernel by the instruction set it was generated for:
+    the kit's mark carries ATen's CPU capability (which ``ATEN_CPU_CAPABILITY`` lowers), so a
+    cache written by an AVX-512 process is not read by an AVX2 one."""
+    mark = compiled_step.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
+    here = mark.uuid()
+    assert torch.backends.cpu.get_cpu_capability() in here
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
+    assert mark.uuid() != here
+
+
 def test_a_compile_failing_with_the_cpu_flags_instruction_set_is_tried_with_inductors_checks(monkeypatch):
     """The kernels compile with inductor's instruction set taken from the CPU's flags
     (``cpp.vec_isa_ok``: no test build per instruction set); a compilation that fails so (a

@@ -164,11 +164,15 @@ INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold"
 def _codegen_mark():
     """A post-grad pass that changes nothing and whose ``uuid`` names the kit's code generation:
     the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`, :mod:`~hfoptim.core.vector_gather`,
-    :mod:`~hfoptim.core.vector_bytes`) and whether they are in use (:data:`_kit_codegen`).
-    Inductor's on-disk graph cache keys a kernel by the graph and the options, custom passes by
-    their ``uuid``, not by what its code generator was patched with: without the mark a kernel
-    cached before a hook changed (or by a process without the hooks) would be loaded as it was.
-    None where this inductor has no custom passes."""
+    :mod:`~hfoptim.core.vector_bytes`), whether they are in use (:data:`_kit_codegen`) and the
+    CPU's vector capability as ATen reports it (``torch.backends.cpu.get_cpu_capability()``:
+    AVX512, AVX2, ..., which ``ATEN_CPU_CAPABILITY`` lowers). Inductor's on-disk graph cache
+    keys a kernel by the graph and the options, custom passes by their ``uuid``, not by what its
+    code generator was patched with, nor by the instruction set it generated for: without the
+    mark a kernel cached before a hook changed (or by a process without the hooks) would be
+    loaded as it was, and a cache shared with a machine of another CPU kind (or written with
+    another ``ATEN_CPU_CAPABILITY``) would hand this one kernels of that kind (seen: AVX-512
+    kernels served to an AVX2 run). None where this inductor has no custom passes."""
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
     except ImportError:
@@ -182,7 +186,7 @@ def _codegen_mark():
             return None
 
         def uuid(self):
-            return (get_hash_for_files(hooks), _kit_codegen)
+            return (get_hash_for_files(hooks), _kit_codegen, torch.backends.cpu.get_cpu_capability())
 
     return KitCodegenMark()
 
