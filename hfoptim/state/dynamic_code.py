@@ -233,14 +233,12 @@ def decode_codes(codes: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     backend emits it as a scalar loop; replacing the float bit casts by comparisons made it
     1.1x slower: those casts cost little there, measured).
 
-    Under torch.compile the codes are read as bytes on every instruction set. Inductor's AVX2
-    kernels used to load eight bytes through a stack buffer (torch 2.13's ``vec256_int.h``), and
-    the AVX2 kernels read codes as 32-bit words instead (four codes loaded as one float, taken
-    apart by shifts and stacked); the kit's compilations now load the eight bytes with one
-    instruction (:mod:`hfoptim.core.vector_bytes`), and bytes let the blocks be scaled through
-    the ``(blocks, block)`` view that fuses the decode into the block maxima's loop
-    (:func:`hfoptim.state.blockwise8bit.dequantize`), where the words' stacked parts compiled
-    to a scalar reduction. One compiled step of 4096x1024 with AVX2 kernels
+    Under torch.compile the codes are read as bytes on every instruction set. Torch 2.13's AVX2
+    kernels load eight bytes through a stack buffer (``vec256_int.h``), so AVX2 kernels used to
+    read four codes a 32-bit word, taken apart by shifts and stacked. The kit's compilations now
+    load eight bytes with one instruction (:mod:`hfoptim.core.vector_bytes`), and bytes let the
+    decode fuse into the block maxima's loop (:func:`hfoptim.state.blockwise8bit._over_blocks`),
+    which the words' stacked parts did not. One compiled step of 4096x1024 with AVX2 kernels
     (``ATEN_CPU_CAPABILITY=avx2`` on a 2-core Intel Xeon, two threads, a fresh inductor cache
     per form, interleaved medians), ratio to torch AdamW foreach: ``adamw_8bit`` 1.73-1.80x from
     words, 1.59-1.64x from bytes; ``adan_8bit`` 2.19-2.26x against 1.90-1.98x. The values are
