@@ -163,16 +163,17 @@ INDUCTOR_OPTIONS = {"assert_indirect_indexing": False, "realize_reads_threshold"
 
 def _codegen_mark():
     """A post-grad pass that changes nothing and whose ``uuid`` names the kit's code generation:
-    the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`, :mod:`~hfoptim.core.vector_gather`,
-    :mod:`~hfoptim.core.vector_bytes`), whether they are in use (:data:`_kit_codegen`) and the
-    CPU's vector capability as ATen reports it (``torch.backends.cpu.get_cpu_capability()``:
-    AVX512, AVX2, ..., which ``ATEN_CPU_CAPABILITY`` lowers). Inductor's on-disk graph cache
-    keys a kernel by the graph and the options, custom passes by their ``uuid``, not by what its
-    code generator was patched with, nor by the instruction set it generated for: without the
-    mark a kernel cached before a hook changed (or by a process without the hooks) would be
-    loaded as it was, and a cache shared with a machine of another CPU kind (or written with
-    another ``ATEN_CPU_CAPABILITY``) would hand this one kernels of that kind (seen: AVX-512
-    kernels served to an AVX2 run). None where this inductor has no custom passes."""
+    the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`,
+    :mod:`~hfoptim.core.vector_gather`, :mod:`~hfoptim.core.vector_bytes`), whether they are in
+    use (:data:`_kit_codegen`) and the CPU's vector capability as ATen reports it
+    (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, ..., which
+    ``ATEN_CPU_CAPABILITY`` lowers). Inductor's on-disk graph cache keys a kernel by the graph and
+    the options, custom passes by their ``uuid``, not by what its code generator was patched
+    with, nor by the instruction set it generated for: without the mark a kernel cached before a
+    hook changed (or by a process without the hooks) would be loaded as it was, and a cache
+    shared with a machine of another CPU kind (or written with another ``ATEN_CPU_CAPABILITY``)
+    would hand this one kernels of that kind (seen: AVX-512 kernels served to an AVX2 run). None
+    where this inductor has no custom passes."""
     try:
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
     except ImportError:
@@ -441,10 +442,11 @@ def _compiling_call(fn, args: tuple, retry: bool = True):
     CPU's flags (:func:`_isa_from_cpu_flags`), 32-bit bit casts as vector operations
     (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`), table reads as vector gathers
     (:func:`~hfoptim.core.vector_gather.vector_gathers`) and AVX2 loads of eight bytes without a
-    stack buffer (:func:`~hfoptim.core.vector_bytes.vector_byte_loads`); if that compilation fails (a compiler
-    without an instruction set the CPU lists, a header without ``at::vec::cast``), once more with
-    inductor's own checks and code before the failure counts, and so from then on (``retry``
-    False: raised at once, for the caller to try another route first)."""
+    stack buffer (:func:`~hfoptim.core.vector_bytes.vector_byte_loads`); if that compilation
+    fails (a compiler without an instruction set the CPU lists, a header without
+    ``at::vec::cast``), once more with inductor's own checks and code before the failure counts,
+    and so from then on (``retry`` False: raised at once, for the caller to try another route
+    first)."""
     global _kit_codegen
     if not _kit_codegen:
         return fn(*args)

@@ -89,9 +89,9 @@ def _scaled(x: torch.Tensor, scale: torch.Tensor, view: ParamView, op, code, blo
     """``op(x, s)`` with ``s`` each element's block scale, for :func:`aligned` views: through the
     ``(blocks, block)`` view (:func:`_over_blocks`), or, in a traced step of a code whose
     ``traced_by_block_rows`` is false (the 4-bit codes), with :func:`scale_per_element`: a compiled
-    ``adamw_4bit`` step of 4096x1024 took 29.6-29.8 ms so against 30.8-32.9 through the view
-    (AVX-512 kernels; 33.6-35.8 against 38.3-38.9 with AVX2 kernels; two threads of a 2-core Intel
-    Xeon, interleaved, a fresh inductor cache per form)."""
+    ``adamw_4bit`` step of 4096x1024 took 29.6-29.8 ms with per-element scales against 30.8-32.9
+    through the view (AVX-512 kernels; 33.6-35.8 against 38.3-38.9 with AVX2 kernels; two threads
+    of a 2-core Intel Xeon, interleaved, a fresh inductor cache per form)."""
     if is_traced() and not code.traced_by_block_rows:
         return op(x, scale_per_element(scale, view, block))
     return _over_blocks(x, scale, view, op, block)
