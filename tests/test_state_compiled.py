@@ -588,6 +588,100 @@ def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monke
         compiled_step.reset()
 
 
+def test_8bit_kernels_see_rows_of_whole_blocks_as_rows_of_one_block(monkeypatch):
+    """On CPU, an elementwise rule with 8-bit state (dense slots beside it allowed) and no modifier
+    steps a matrix of whole 256-blocks as ``(blocks, 256)`` (compiled_step.block_rows); rows with
+    a short block, 4-bit, bf16 and dense state alone, and a modifier keep the parameter's shape."""
+
+    def shapes(name, shape=(64, 512), **options):
+        params = [torch.nn.Parameter(torch.zeros(shape))]
+        return _kernel_shapes(monkeypatch, [{"params": params}], name, compile="on", **options)
+
+    for name in ("adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_cautious_8bit"):
+        expected = {(64, 512)} if "cautious" in name else {(128, 256)}
+        assert shapes(name) == expected, name
+    assert shapes("adamw_8bit", state_min_numel=1 << 20) == {(64, 512)}  # fp32 state: nothing to gain
+    assert shapes("adamw_8bit", (48, 300)) == {(48, 300)}
+    assert shapes("adamw_8bit", agc=0.05) == {(64, 512)}
+    for name in ("adamw_4bit", "adamw_bf16", "adamw"):
+        assert shapes(name) == {(64, 512)}, name
+
+
+def test_a_step_in_rows_of_one_block_writes_what_the_parameters_shape_writes(monkeypatch):
+    """The kernel's step of a ``(blocks, 256)`` view, run uncompiled here, leaves the parameter, the
+    codes and the scales (returned by the kernel and written by the call) bit for bit where its
+    step in the parameter's shape leaves them."""
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
+    block_rows = compiled_step.block_rows
+    try:
+        for name in ("adamw_8bit", "adan_8bit"):
+            runs = []
+            for view in (block_rows, lambda *args: None):
+                monkeypatch.setattr(compiled_step, "block_rows", view)
+                runs.append(_run(name, "on", steps=3))
+            assert sum(key[1] == (128, 256) for key in compiled_step.calls) == 1
+            assert sum(key[1] == (64, 512) for key in compiled_step.calls) == 1
+            (blocks, b_opt), (whole, w_opt) = runs
+            for p, q in zip(blocks, whole):
+                assert torch.equal(p, q), name
+                for key, value in w_opt.state[q].items():
+                    assert torch.equal(b_opt.state[p][key], value), (name, key)
+            compiled_step.reset()
+    finally:
+        compiled_step.reset()
+
+
+@pytest.mark.slow
+def test_8bit_steps_in_rows_of_one_block_compile_to_one_outer_loop(fresh_dynamo, no_inductor_cache, monkeypatch):
+    """Compiled in rows of one block, an ``adamw_8bit`` step runs under one outer loop over the
+    blocks (inductor's outer-loop fusion: the maxima, the codes and the update of a block in one
+    pass), which the kit's local-buffer fix lets compile: without it inductor fails with
+    ``KeyError`` and the step warns and falls back to the plain path."""
+    from torch._inductor import metrics
+
+    def step() -> list:
+        compiled_step.reset()
+        metrics.reset()
+        p = torch.nn.Parameter(torch.randn(64, 512))
+        p.grad = torch.randn(64, 512)
+        hfoptim.create_optimizer([p], "adamw_8bit", compile="on").step()
+        return list(metrics.cpp_outer_loop_fused_inner_counts)
+
+    try:
+        fused = step()
+        assert set(compiled_step.calls) and all(key[1] == (128, 256) for key in compiled_step.calls)
+        # one outer loop holding the step's inner loops: the first moment's maxima, then the update
+        # with the second moment's maxima, then the second moment's codes
+        assert len(fused) == 1 and fused[0].inner_kernel_number >= 3, fused
+        monkeypatch.setattr(compiled_step, "unread_buffers_stay_whole", contextlib.nullcontext)
+        with pytest.warns(RuntimeWarning, match="KeyError"):
+            step()
+        assert not compiled_step.calls
+    finally:
+        compiled_step.reset()
+
+
+def test_the_local_buffer_fix_answers_only_for_unread_buffers_and_only_inside():
+    """Inside ``unread_buffers_stay_whole`` a loop body asked for the index of a buffer it does not
+    read answers None (a read elsewhere, so the buffer keeps its size); a buffer it reads keeps its
+    index, and outside the context inductor's ``KeyError`` is back."""
+    from types import SimpleNamespace
+
+    from torch._inductor.loop_body import LoopBody, MemoryUsageType
+
+    from hfoptim.core.local_buffers import unread_buffers_stay_whole
+
+    read = SimpleNamespace(buffer_name="buf1", index_name="index0")
+    body = SimpleNamespace(memory_usage={MemoryUsageType.LOAD: [read]}, indexing_exprs={"index0": "x0"})
+    with unread_buffers_stay_whole() as installed:
+        assert installed
+        assert LoopBody.get_read_expr(body, "buf1") == "x0"
+        assert LoopBody.get_read_expr(body, "buf0") is None
+    with pytest.raises(KeyError):
+        LoopBody.get_read_expr(body, "buf0")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["adamw_8bit", "adamw_bf16"])
 def test_compiled_path_steps_experts_and_conv1d_as_the_plain_path(name):

@@ -199,6 +199,11 @@ class Blockwise8bit(Codec):
         """See :func:`fusable_blocks`."""
         return fusable_blocks(view)
 
+    def row_block(self, view: ParamView) -> int | None:
+        """Rows of whole blocks (:func:`aligned`) hold the same blocks seen as rows of one block
+        each, and a compiled step then computes their maxima in the loop of its update."""
+        return BLOCK if aligned(view) else None
+
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
     #: a block never crosses a row of a 2+-D tensor: rows are coded on their own
     offset_free = True

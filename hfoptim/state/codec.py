@@ -78,6 +78,14 @@ class Codec(ABC):
         needs rows of whole blocks); :attr:`fusable` by default."""
         return self.fusable
 
+    def row_block(self, view: ParamView) -> int | None:
+        """The block length ``b`` when what this form stores for a tensor of ``view`` is what it
+        stores for the same elements seen as rows of ``b`` (one block per row), and a compiled
+        kernel gains from that view (:func:`hfoptim.core.compiled_step.block_rows`); 0 when any
+        such view stores the same and gains nothing (an :attr:`elementwise` form); None when
+        the view would change what is stored."""
+        return 0 if self.elementwise else None
+
     def rows(self, slot: Slot, stored: dict, view: ParamView, start: int, stop: int) -> dict | None:
         """The stored tensors of rows ``start:stop`` of a 2+-D parameter held whole, as views
         that :meth:`decode` and :meth:`encode` can use for a ``ParamView`` of those rows (writes
