@@ -230,8 +230,7 @@ def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
 )
 def test_compiled_pieces_equal_the_compiled_whole_step(name, options):
     """The compiled kernel of a piece (rows from 0, the whole shape's storage choice) computes
-    what the kernel of the whole tensor computes; with AGC too (its kernel out of place on CPU,
-    so each piece's copies are of the piece, within the budget)."""
+    what the kernel of the whole tensor computes; with AGC too (row norms of each piece's rows)."""
     compiled_step.reset()
     try:
         chunked = _run(name, SMALL, compile="on", **options)

@@ -46,7 +46,7 @@ COMPILED = [
     *("adamw", "adafactor", "adagl", "adamomentum", "adam_atan2", "adamw2", "adan", "adanorm", "ademamix"),
     *("amos", "diffgrad", "lamb", "nadamw", "nsgda", "pnm", "adapnm", "sm3", "smmf"),
     *("adamw_gradnorm", "adamw_cautious", "adamw_trust"),
-    # per-row statistics: on CPU the kernel steps copies and writes them back (out of place)
+    # per-row statistics: in place on CPU through the kit's local-buffer fix (core/local_buffers.py)
     *("adamw_agc", "adamw_softclip", "adamw_gc", "adamw_normloss", "adan_normloss"),
     *("adamw_spectralcap", "adamw_cwd", "adamw_atan2", "adamw_softplus", "adamw_nesterov"),
     *("adamw_lookahead", "adamw_factored", "adamw_smmf", "adamw_shared", "muon"),

@@ -205,12 +205,10 @@ def test_fsdp2_compiled_kernel_steps_factored_and_shared_shards_and_matches_one_
 
 
 @pytest.mark.slow
-def test_fsdp2_compiled_kernel_steps_per_row_modifiers_shards_out_of_place_and_matches_one_process(tmp_path):
+def test_fsdp2_compiled_kernel_steps_per_row_modifiers_shards_and_matches_one_process(tmp_path):
     """Gradient centralization (row means) and AGC (row norms of matrices, a vector's norm) with
-    compile='on' on CPU: each shard's kernel runs out of place (it returns the new parameter and
-    state, which the call copies back; hfoptim.core.compiled_step._out_of_place); a matrix's
-    shard of whole rows alone, AGC's vectors in stages (their norm completed between kernels).
-    The result equals the one-process run."""
+    compile='on' on CPU: a matrix's shard of whole rows takes the kernel alone, AGC's vectors in
+    stages (their norm completed between kernels). The result equals the one-process run."""
     args = ["--cases", "adamw_gc,adamw_agc", "--compile", "on"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
     assert summary["ran"] == ["adamw_agc", "adamw_gc"]

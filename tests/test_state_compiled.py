@@ -79,7 +79,7 @@ def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **k
         *("adamw_8bit", "ademamix_8bit", "adamw_bf16", "adan_8bit", "adapnm_8bit", "adafactor_bf16", "adamw_4bit"),
         # issue 16: a shifted gradient history; eps accumulated into v; power iteration in the graph
         *("adagl_8bit", "adamomentum_8bit", "adamw_spectralcap_8bit", "adamw_am_8bit", "sgdm_am_8bit"),
-        # per-row statistics: stepped out of place on CPU (compiled_step._out_of_place)
+        # per-row statistics: in place on CPU through the kit's local-buffer fix (core/local_buffers.py)
         *("adamw_8bit+agc", "adan_8bit+norm_loss", "ademamix_8bit+centralize", "adamw_8bit+soft_clip"),
     ],
 )

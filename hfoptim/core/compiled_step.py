@@ -48,19 +48,16 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   AdaLo (loss-driven), CPR (a per-tensor decision each step), stable weight decay (the engine defers
   every update; see :func:`advance`) and Muon's matrices (orthogonalized whole, outside a
   per-parameter kernel).
-* **Out of place on CPU for the per-row modifiers.** With a per-row statistic (AGC, soft
-  clipping, gradient centralization, norm loss) inductor's C++ backend fuses the statistic's
-  loops over rows with the rest of the step and gives the values it keeps per row a row-sized
-  buffer (its outer-loop fusion with local buffers); torch 2.13 then fails with a ``KeyError``
-  when a buffer's users include the ordering-only dependency that a write into an input adds
-  (``try_outer_loop_fusion_with_local_buf`` reads the buffer's index in every user, and the
-  in-place copy into the input reads none). So for those groups, on CPU, the kernel steps copies
-  of the parameter and of every state tensor and returns them (:func:`_advance_one`'s
-  ``out_of_place``); the call copies them back. The graph then writes no input, and compiles.
-  The copies cost one more pass over the parameter and its state and their size in temporaries
-  for the tensor being stepped: the plain path they replace cost more (adamw_8bit with AGC on a
-  4096x768 tensor, two threads of a 2-core AMD EPYC with AVX-512: 16.6 ms a step against 105 ms,
-  torch AdamW foreach 6.1 ms; dense AdamW with AGC 8.6 ms against 12.6; one-off measurement).
+* **In place with per-row modifiers too.** With a per-row statistic (AGC, soft clipping,
+  gradient centralization, norm loss) inductor's C++ backend runs the statistic's loops and the
+  rest of the step under one outer loop over rows and gives the values it keeps per row a
+  row-sized buffer; torch 2.13 fails there with a ``KeyError`` on the writes into the parameter
+  and the state, which :mod:`~hfoptim.core.local_buffers` mends. Before it, those kernels stepped
+  copies of the parameter and of every state tensor and the call copied them back: one more pass
+  and the tensor's size in temporaries. In place, one compiled step of 4096x1024 (two threads of
+  a 2-core Intel Xeon, both forms in one process, ratio to torch AdamW foreach): ``adamw`` with
+  AGC 1.03-1.07x -> 0.57-0.63x, ``adamw_8bit`` with AGC 1.60-1.71x -> 1.47-1.59x,
+  ``ademamix_8bit`` with centralization 1.71-1.85x -> 1.42-1.65x.
 * Sharded parameters (FSDP2 ``Shard(0)``, DeepSpeed ZeRO-1/2 segments and ZeRO-3 partitions)
   take the kernel on their local piece when the step of that piece needs no statistic of another
   process (:func:`shard_local`): an ``elementwise`` rule, only ``row_local`` modifiers, every
@@ -283,22 +280,19 @@ def _advance_one(
     lr: torch.Tensor,
     global_shape: tuple,
     row_start: int = 0,
-    out_of_place: bool = False,
     known: tuple | None = None,
     record: bool = False,
     returned: tuple[str, ...] = (),
 ):
     """The engine's flow for one parameter held whole, or a row piece of one (traced by
-    torch.compile). It updates ``p`` and ``state`` in place and returns None; with
-    ``out_of_place`` it steps copies of them instead and returns the new parameter and the new
-    value of every tensor of ``state`` (in its order), leaving its inputs unwritten (see the
-    module docstring). With ``known`` (a staged shard, :func:`shard_staged`) the statistics of
-    the whole tensor come from :class:`~hfoptim.core.stats.StagedStats` over ``known``; with
-    ``record`` as well, nothing is written and the kernel returns the parts of the requests
-    past ``known``: ``(how each combines, *parts)``. ``group`` is :func:`hyperparameters` (no
+    torch.compile). It updates ``p`` and ``state`` in place and returns None. With ``known`` (a
+    staged shard, :func:`shard_staged`) the statistics of the whole tensor come from
+    :class:`~hfoptim.core.stats.StagedStats` over ``known``; with ``record`` as well, nothing is
+    written (the step writes copies) and the kernel returns the parts of the requests past
+    ``known``: ``(how each combines, *parts)``. ``group`` is :func:`hyperparameters` (no
     ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a float would be baked in and
-    recompile with every learning-rate change). ``global_shape`` is the whole parameter's shape (storage forms are
-    chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
+    recompile with every learning-rate change). ``global_shape`` is the whole parameter's shape
+    (storage forms are chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
     forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
     whose forms are not ``offset_free`` is seen at its first row ``row_start``. The entries of
     ``state`` named in ``returned`` (a kernel in place; :func:`block_rows`) are stepped as copies
@@ -313,8 +307,7 @@ def _advance_one(
     step = state["step"].to(device=p.device, dtype=p.dtype)
     if known is not None:
         stats = StagedStats(known, foreach=stats.foreach)
-    out_of_place = out_of_place or record  # a recording kernel writes nothing
-    if out_of_place:  # copies the step writes into; inductor fuses each copy into its first read
+    if record:  # copies the step writes into; inductor fuses each copy into its first read
         p = p.clone()
         state = dict(state)
         for key, value in _state_tensors(state):
@@ -332,32 +325,14 @@ def _advance_one(
         return (tuple(combine for _, combine in stats.partials), *(part for part, _ in stats.partials))
     if known is not None and stats.partials:
         raise RuntimeError("hfoptim internal error: a staged kernel asked for a statistic it was not given")
-    if out_of_place:
-        return (p, *(value for _, value in _state_tensors(state)))
     if returned:
         return tuple(state[key] for key in returned)
     return None
 
 
 def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
-    """The tensors of ``state`` with their keys, in its order: what the out-of-place kernel steps
-    and returns, and what :func:`_write_back` copies its results into (one definition, so the
-    two agree)."""
+    """The tensors of ``state`` with their keys, in its order."""
     return [(key, value) for key, value in state.items() if isinstance(value, torch.Tensor)]
-
-
-def _out_of_place(group: dict, device: torch.device) -> bool:
-    """Whether the kernel of a parameter of ``group`` on ``device`` runs :func:`_advance_one`
-    out of place: on CPU, with a modifier whose per-row statistic inductor's C++ backend fails
-    to fuse with in-place writes (:attr:`~hfoptim.modifiers.base.Modifier.in_place_on_cpu`)."""
-    return device.type == "cpu" and any(not m.in_place_on_cpu and m.enabled(group) for m in MODIFIERS)
-
-
-def _write_back(p: torch.Tensor, state: dict, stepped: tuple) -> None:
-    """Copy the out-of-place kernel's results (:func:`_advance_one`) into the parameter and its state."""
-    p.copy_(stepped[0])
-    for (_, target), new in zip(_state_tensors(state), stepped[1:], strict=True):
-        target.copy_(new)
 
 
 def _compiled_fn(key: tuple = ()):
@@ -852,7 +827,6 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
     lr_value = float(group["lr"])
     lrs: dict[tuple, torch.Tensor] = {}
-    out_of_place = _out_of_place(group, units[0].param.device)  # (one group and device a call)
     for unit in units:
         # in_stages: a shard the kernel takes but not alone (shard_staged)
         codecs, takes_kernel, in_stages = unit_plan(engine, group, unit, slots, settings)
@@ -870,7 +844,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         lr = lrs.get((dtype, unit.param.device))
         if lr is None:
             lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty, out_of_place)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty)
         if in_stages:
             staged.append(kernel)
             continue
@@ -896,12 +870,11 @@ def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats
     settings = settings_of(group, options)
     p = units[0].param
     lr = torch.tensor(float(group["lr"]), dtype=engine.compute_dtype(p), device=p.device)
-    out_of_place = _out_of_place(group, p.device)
     kernels = []
     for unit in units:
         codecs = [resolve.codec_for(engine.rule, slot, group, unit.view) for slot in slots]
         eager = _failed is not None or _empty_shard(unit)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, True, eager, out_of_place)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, True, eager)
         kernels.append(kernel)
     with skip_guards():
         _step_staged([_Staged(kernels, stats.view, stats.finish)], stats.all_reduce)
@@ -978,9 +951,7 @@ class _Kernel:
     :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
     statistics in ``known``, one recording call per request, before the call that writes."""
 
-    def __init__(
-        self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool, out_of_place: bool
-    ):
+    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
         #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
         self.staged = staged
@@ -1009,8 +980,6 @@ class _Kernel:
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
         self.row_start = 0 if offset_free else unit.view.row_start
         self.stats = kernel_stats(stats, unit.view)
-        #: :func:`_out_of_place` for the group and device, which the caller asks once for its units
-        self.out_of_place = out_of_place
         self.known: list[torch.Tensor] = []
         self.requests: int | None = None  # how many statistics a staged step asks for
         self.parts: list[tuple[torch.Tensor, str]] = []
@@ -1031,7 +1000,6 @@ class _Kernel:
             type(self.stats),
             self.stats.foreach,
             state_signature(self.state),
-            self.out_of_place,
         )
 
     def _call(self, record: bool = False) -> tuple[bool, Any]:
@@ -1054,7 +1022,6 @@ class _Kernel:
                 self.lr,
                 self.global_shape,
                 self.row_start,
-                self.out_of_place,
                 known,
                 record,
                 self.returned,
@@ -1085,11 +1052,8 @@ class _Kernel:
         ok, stepped = self._call()
         if not ok:
             return False
-        if self.returned:
-            for key, new in zip(self.returned, stepped, strict=True):
-                self.state[key].copy_(new)
-        elif stepped is not None:
-            _write_back(self.work, self.state, stepped)
+        for key, new in zip(self.returned, stepped or (), strict=True):
+            self.state[key].copy_(new)
         if self.unit.param.dtype != self.work.dtype:
             self.unit.param.copy_(self.work.view(self.unit.param.shape))
         return True

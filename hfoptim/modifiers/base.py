@@ -53,11 +53,6 @@ class Modifier:
     #: statistic completed over the processes between kernels
     #: (:func:`hfoptim.core.compiled_step.shard_staged`)
     staged_stats: ClassVar[bool] = False
-    #: False when inductor's C++ backend (torch 2.13) fails on the compiled step that writes the
-    #: parameter and state in place (a per-row statistic fused with in-place writes: a
-    #: ``KeyError`` in its outer-loop fusion); on CPU the compiled path then steps copies and
-    #: writes them back (:mod:`hfoptim.core.compiled_step`, "out of place")
-    in_place_on_cpu: ClassVar[bool] = True
 
     def enabled(self, group: dict) -> bool:
         value = group[self.switch]

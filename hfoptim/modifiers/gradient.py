@@ -39,7 +39,6 @@ class AdaptiveGradientClipping(Modifier):
     row_local = True  # per-row norms of matrices
     vector_stats = True  # a vector's norm (see Modifier.rows_apart)
     staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
-    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "agc"
     hyperparams = {
@@ -75,7 +74,6 @@ class SoftClip(Modifier):
     row_local = True  # per-row RMS of matrices
     vector_stats = True  # a vector's RMS (see Modifier.rows_apart)
     staged_stats = True  # row RMS, a vector's RMS (see Modifier.staged_stats)
-    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "soft_clip"
     hyperparams = {
@@ -104,7 +102,6 @@ class GradientCentralization(Modifier):
     """
 
     name = "gc"
-    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = GRAD
     switch = "centralize"
     row_local = True  # row means only

@@ -121,7 +121,6 @@ class NormLoss(Modifier):
     row_local = True  # per-row norms of matrices
     vector_stats = True  # a vector's norm (see Modifier.rows_apart)
     staged_stats = True  # row norms, a vector's norm (see Modifier.staged_stats)
-    in_place_on_cpu = False  # per-row statistics (see Modifier.in_place_on_cpu)
     stage = UPDATE
     switch = "norm_loss"
     hyperparams = {
