@@ -884,8 +884,8 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     """The length ``b`` of the rows a CPU kernel sees a parameter as, ``(numel / b, b)``, or None
     to see it in its own shape.
 
-    A step with 8-bit state reduces each block of 256 elements to its maximum twice per slot
-    (once for the new value's scale, once per element divided by it), while its arithmetic runs
+    A step with 8-bit state takes the maximum of each block of 256 elements of every new moment
+    (a reduction over ``(blocks, 256)``) and divides the block by it, while its arithmetic runs
     over the parameter's shape. Inductor's C++ backend puts loops under one outer loop (its
     outer-loop fusion) only when they share that loop, so a ``(rows, cols)`` update and
     ``(blocks, 256)`` maxima ran as separate passes over memory: a compiled ``adamw_8bit`` step
@@ -895,13 +895,14 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     (one pass over the codes, the gradient and the parameter). The scales, one per row in that
     view, are returned by the kernel instead of written into the state (:func:`_advance_one`'s
     ``returned``): a write of a ``(blocks, 1)`` input is a loop over the blocks alone, which
-    keeps the others from fusing. Inductor then still writes each new moment in fp32 and reads
-    it back in the block's next loop (a local buffer would need its users to read it), but
-    while the block is in cache. One compiled step, two threads of a 2-core Intel Xeon with
-    AVX-512, both forms interleaved in one process, ratio to torch AdamW foreach: of a
-    8192x4096 tensor, ``adamw_8bit`` 0.81-0.90x -> 0.71-0.78x, ``adan_8bit`` 0.98-1.12x either
-    way; of 4096x1024, ``adamw_8bit`` 1.15-1.30x -> 1.10-1.19x, ``adan_8bit`` 1.48-1.60x ->
-    1.39-1.58x (AVX2 kernels: ``adamw_8bit`` 1.47x -> 1.36x).
+    keeps the others from fusing. Inductor still writes each new moment to a full-size fp32
+    buffer and reads it back in the block's next loop (a write into the state counts as a user
+    of that buffer that does not read it, and :mod:`~hfoptim.core.local_buffers` keeps such a
+    buffer whole), but it reads a block still in cache. One compiled step, two threads of a
+    2-core Intel Xeon with AVX-512, both forms interleaved in one process, ratio to torch AdamW
+    foreach: of a 8192x4096 tensor, ``adamw_8bit`` 0.81-0.90x -> 0.71-0.78x, ``adan_8bit``
+    0.98-1.12x either way; of 4096x1024, ``adamw_8bit`` 1.15-1.30x -> 1.10-1.19x, ``adan_8bit``
+    1.48-1.60x -> 1.39-1.58x (AVX2 kernels: ``adamw_8bit`` 1.47x -> 1.36x).
 
     Taken when every storage form of the parameter's slots allows the view
     (:meth:`~hfoptim.state.codec.Codec.row_block`: dense state any, 8-bit state rows of whole
