@@ -113,8 +113,8 @@ def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_p
     whole rows and blocks (the worker fails when the sharded optimizer ran none; factored state
     with its column sums completed after the kernels), the ones a boundary cuts inside a row take
     the plain path, and parameters and state (8-bit codes exactly) equal the one-process run.
-    Gradient centralization (row means, row-local) takes the kernel too. ZeRO-3 cuts every parameter: 4-bit state takes
-    the kernel in stages there (the column maxima of its second moment completed between a
+    Gradient centralization (row means, row-local) takes the kernel too. ZeRO-3 cuts every
+    parameter: 4-bit state takes the kernel in stages there (the column maxima of its second moment completed between a
     recording kernel and the writing one: hfoptim.core.compiled_step.shard_staged). Here ZeRO-1/2
     partitions end between parameters, so each is held whole by one process, stepped there as on
     one process and skipped by the other, which receives its whole-tensor state (factored column

@@ -292,11 +292,11 @@ def _advance_one(
     ``known``: ``(how each combines, *parts)``. ``group`` is :func:`hyperparameters` (no
     ``lr``); ``lr`` comes as a 0-d tensor, an input of the graph (a float would be baked in and
     recompile with every learning-rate change). ``global_shape`` is the whole parameter's shape
-    (storage forms are chosen by it); a piece is seen as rows starting at 0, which its ``offset_free`` storage
-    forms cannot tell from its true place (one kernel for all the pieces of one shape); a shard
-    whose forms are not ``offset_free`` is seen at its first row ``row_start``. The entries of
-    ``state`` named in ``returned`` (a kernel in place; :func:`block_rows`) are stepped as copies
-    and their new values returned, in that order, for the caller to write."""
+    (storage forms are chosen by it); a piece is seen as rows starting at 0, which its
+    ``offset_free`` storage forms cannot tell from its true place (one kernel for all the pieces
+    of one shape); a shard whose forms are not ``offset_free`` is seen at its first row
+    ``row_start``. The entries of ``state`` named in ``returned`` (:func:`block_rows`) are
+    stepped as copies and their new values returned, in that order, for the caller to write."""
     rows = p.shape[0] if p.dim() else None
     view = ParamView(global_shape=torch.Size(global_shape), row_start=row_start, local_rows=rows)
     # the step as a tensor of the compute dtype: the counter is kept in fp32, and ``beta ** t``
@@ -307,14 +307,14 @@ def _advance_one(
     step = state["step"].to(device=p.device, dtype=p.dtype)
     if known is not None:
         stats = StagedStats(known, foreach=stats.foreach)
-    if record:  # copies the step writes into; inductor fuses each copy into its first read
+    # the entries stepped as copies (a recording kernel writes nothing: all of them, and the
+    # parameter); inductor fuses each copy into its first read
+    copied = [key for key, _ in _state_tensors(state)] if record else returned
+    if record:
         p = p.clone()
+    if copied:
         state = dict(state)
-        for key, value in _state_tensors(state):
-            state[key] = value.clone()
-    elif returned:
-        state = dict(state)
-        for key in returned:
+        for key in copied:
             state[key] = state[key].clone()
     ctx = TracedStepContext(group, [step], [view], stats, True, loss, [state], lr=lr)
     g = TensorList([grad], True)
@@ -436,30 +436,28 @@ def _compiling_call(fn, args: tuple, retry: bool = True):
     a buffer (:func:`~hfoptim.core.local_buffers.unread_buffers_stay_whole`): a fix, not a choice
     of code, and the kernels of :func:`block_rows` need it."""
     global _kit_codegen
-    if not _kit_codegen:
-        with unread_buffers_stay_whole():
+    with unread_buffers_stay_whole():
+        if not _kit_codegen:
             return fn(*args)
-    trusted = casts = gathers = byte_loads = False
-    try:
-        with (
-            unread_buffers_stay_whole(),
-            _isa_from_cpu_flags() as trusted,
-            vector_bitcasts() as casts,
-            vector_gathers() as gathers,
-            vector_byte_loads() as byte_loads,
-        ):
-            return fn(*args)
-    except Exception as error:
-        if not retry or not (trusted or casts or gathers or byte_loads):  # inductor's own: nothing to retry
-            raise
-        _kit_codegen = False
-        _forget_isa()
-        logger.info(
-            "hfoptim: compiling with the CPU's instruction sets, vector bit casts, gathers and byte loads failed (%s); "
-            "again with inductor's own checks and code",
-            error,
-        )
-        with unread_buffers_stay_whole():
+        trusted = casts = gathers = byte_loads = False
+        try:
+            with (
+                _isa_from_cpu_flags() as trusted,
+                vector_bitcasts() as casts,
+                vector_gathers() as gathers,
+                vector_byte_loads() as byte_loads,
+            ):
+                return fn(*args)
+        except Exception as error:
+            if not retry or not (trusted or casts or gathers or byte_loads):  # inductor's own: nothing to retry
+                raise
+            _kit_codegen = False
+            _forget_isa()
+            logger.info(
+                "hfoptim: compiling with the CPU's instruction sets, vector bit casts, gathers and byte loads "
+                "failed (%s); again with inductor's own checks and code",
+                error,
+            )
             return fn(*args)
 
 
@@ -906,25 +904,24 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
 
     Taken when every storage form of the parameter's slots allows the view
     (:meth:`~hfoptim.state.codec.Codec.row_block`: dense state any, 8-bit state rows of whole
-    blocks) and one of them asks for it, the rule is elementwise with no modifier and no
-    weight decay with a statistic (per-row and per-tensor statistics would change meaning with
-    the rows), the parameter has two or more dimensions, and ``tensors`` (the kernel's
-    parameter and gradient) and every tensor of the state are contiguous and of the
-    parameter's size, of one value per block, or 0-d. On CPU only: the loops are the C++
-    backend's (a GPU's kernels keep the parameter's shape)."""
+    blocks) and one of them asks for it, the rule is elementwise with no modifier (per-row and
+    per-tensor statistics would change meaning with the rows), the parameter has two or more
+    dimensions, ``tensors`` (the kernel's parameter and gradient, of the parameter's shape) are
+    contiguous, and every tensor of the state is contiguous and of the parameter's size, of one
+    value per block, or 0-d. On CPU only: the loops are the C++ backend's (a GPU's kernels keep
+    the parameter's shape)."""
     param = unit.param
     if param.device.type != "cpu" or param.dim() < 2:
         return None
-    if not engine.rule.is_elementwise(group) or group["weight_decay_mode"] in ("stable", "cpr"):
-        return None
-    if any(m.enabled(group) for m in MODIFIERS):
+    # (CPR and stable weight decay never reach a kernel: plain_reason)
+    if not engine.rule.is_elementwise(group) or any(m.enabled(group) for m in MODIFIERS):
         return None
     lengths = {codec.row_block(unit.view) for codec in codecs}
     if None in lengths or len(lengths - {0}) != 1:
         return None
     (block,) = lengths - {0}
     numel = param.numel()
-    if numel % block or not all(t.is_contiguous() and t.numel() == numel for t in tensors):
+    if numel % block or not all(t.is_contiguous() for t in tensors):
         return None
     for _, value in _state_tensors(unit.state):
         if not value.is_contiguous() or (value.dim() and value.numel() not in (numel, numel // block)):
@@ -932,19 +929,24 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     return block
 
 
-def _as_block_rows(block: int, tensors, state: dict) -> tuple[list, dict]:
+def _as_block_rows(block: int, tensors, state: dict) -> tuple[list, dict, tuple[str, ...]]:
     """``tensors`` and ``state`` seen as rows of ``block`` elements (:func:`block_rows`): tensors
     of the parameter's size as ``(numel / block, block)``, those of one value per block as
-    ``(numel / block, 1)``, 0-d ones as they are. Views: the kernel's writes reach the state."""
+    ``(numel / block, 1)``, 0-d ones as they are; and the keys of the state's values per block
+    (the kernel returns them: :func:`_advance_one`'s ``returned``). Views: the kernel's writes
+    reach the state."""
     numel = tensors[0].numel()
     rows = numel // block
-
-    def seen(value):
-        if not isinstance(value, torch.Tensor) or value.dim() == 0:
-            return value
-        return value.view(rows, block) if value.numel() == numel else value.view(rows, 1)
-
-    return [seen(t) for t in tensors], {key: seen(value) for key, value in state.items()}
+    seen, per_block = {}, []
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.dim():
+            if value.numel() == numel:
+                value = value.view(rows, block)
+            else:
+                value = value.view(rows, 1)
+                per_block.append(key)
+        seen[key] = value
+    return [t.view(rows, block) for t in tensors], seen, tuple(per_block)
 
 
 class _Kernel:
@@ -972,10 +974,10 @@ class _Kernel:
         self.returned: tuple[str, ...] = ()
         block = None if staged or eager else block_rows(engine, group, unit, codecs, (self.work, self.grad))
         if block is not None:
-            (self.work, self.grad), self.state = _as_block_rows(block, (self.work, self.grad), unit.state)
+            (self.work, self.grad), self.state, self.returned = _as_block_rows(
+                block, (self.work, self.grad), unit.state
+            )
             self.global_shape = (unit.view.global_numel // block, block)
-            per_row = _state_tensors(self.state)
-            self.returned = tuple(key for key, value in per_row if value.dim() and value.shape[1] == 1)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
