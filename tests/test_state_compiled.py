@@ -251,6 +251,37 @@ def test_compiled_8bit_code_forms_are_exact(vector, fresh_dynamo, no_inductor_ca
         assert ("at::vec::gather<4>" in "\n".join(sources)) == vector
 
 
+@pytest.mark.slow
+def test_traced_table_reads_wrap_no_negative_index(fresh_dynamo, no_inductor_cache):
+    """A traced table read (:func:`hfoptim.core.tracing.table_lookup`: the 8-bit encode's table,
+    the 4-bit decode's levels) is a gather, whose indices inductor does not wrap: indexing
+    ``table[i]`` adds a 64-bit select per element for a negative ``i`` (the control below), which
+    made the 8-bit encode 1.7x slower compiled alone. The same entries either way."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hfoptim.core.tracing import table_lookup
+    from hfoptim.state.fourbit import SIGNED4
+
+    table = torch.arange(3329, dtype=torch.int32) * 3
+    index = torch.randint(0, 3329, (8, 256), dtype=torch.int32)
+    options = compiled_step.INDUCTOR_OPTIONS
+
+    def compiled(fn):
+        return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+
+    looked, sources = run_and_get_code(compiled(lambda i: table_lookup(table, i) + 1), index)
+    indexed, control = run_and_get_code(compiled(lambda i: table[i.long()] + 1), index)
+    assert torch.equal(looked, table[index.long()] + 1) and torch.equal(indexed, looked)
+    assert "VecMask<int64_t" in "\n".join(control)  # the wrap: a 64-bit mask of i < 0
+    assert "VecMask<int64_t" not in "\n".join(sources)
+    y = torch.linspace(-1.0, 1.0, 4096).view(16, 256)
+    encoded, sources = run_and_get_code(compiled(SIGNED.encode), y)
+    assert torch.equal(encoded, SIGNED.encode(y)) and "VecMask<int64_t" not in "\n".join(sources)
+    codes = torch.randint(0, 16, (16, 256), dtype=torch.uint8)
+    decoded, sources = run_and_get_code(compiled(SIGNED4.decode), codes)
+    assert torch.equal(decoded, SIGNED4.decode(codes)) and "VecMask<int64_t" not in "\n".join(sources)
+
+
 #: run in a process of its own with inductor's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2)
 _AVX2_STEPS = """
 import torch, hfoptim

@@ -166,3 +166,21 @@ class TracedKernel:
         with tracing(TracingContext(fake_mode)), torch.no_grad():
             fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
             return compile_fx(gm, fakes, config_patches=self.options)
+
+
+def table_lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` (``table`` 1-d, ``index`` integer, in range, any shape) keeping
+    ``index``'s shape.
+
+    Eagerly one flat ``index_select`` (3x faster on CPU than advanced indexing). Traced, a
+    ``gather`` from the table broadcast along ``index``'s leading dimensions: inductor (torch 2.13)
+    reads an indexing ``table[i]`` as Python indexing, where a negative ``i`` counts from the end,
+    and adds a select per element (``i + len`` where ``i < 0``, in 64-bit vectors on the CPU),
+    which a gather's indices (never negative) do not need. Same entries either way. Measured
+    compiled alone, the 8-bit encode of 4.1M values on a 2-core Intel Xeon: 2.02 -> 1.18 ms with
+    AVX-512 kernels, 1.92 -> 1.65 with AVX2 ones."""
+    if not is_traced():
+        return table.index_select(0, index.reshape(-1).to(torch.int32)).view(index.shape)
+    if index.dim() == 0:
+        return table[index.long()]
+    return table.expand(*index.shape[:-1], table.numel()).gather(-1, index.long())

@@ -96,7 +96,7 @@ import torch
 
 from ..core.rule import FIRST_MOMENT, SECOND_MOMENT, Slot
 from ..core.stats import LocalStats, ParamView, block_layout
-from ..core.tracing import is_traced, kept_constant
+from ..core.tracing import is_traced, kept_constant, table_lookup
 from .blockwise8bit import blocks_whole, dequantize, fusable_blocks, normalized, quantize, scale_shape
 from .codec import Codec
 
@@ -165,8 +165,7 @@ class Code4:
         if is_traced():
             if self.spacing is not None:
                 return (codes.to(torch.float32) + 1.0) * self.spacing
-            return table[codes.long()]
-        return table.index_select(0, codes.reshape(-1).to(torch.int32)).view(codes.shape)
+        return table_lookup(table, codes)
 
 
 def dynamic_exponent_levels() -> torch.Tensor:
