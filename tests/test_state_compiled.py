@@ -665,50 +665,59 @@ def test_a_step_in_rows_of_one_block_writes_what_the_parameters_shape_writes(mon
 
 @pytest.mark.slow
 def test_8bit_steps_in_rows_of_one_block_compile_to_one_outer_loop(fresh_dynamo, no_inductor_cache, monkeypatch):
-    """Compiled in rows of one block, an ``adamw_8bit`` step runs under one outer loop over the
-    blocks (inductor's outer-loop fusion: the maxima, the codes and the update of a block in one
-    pass), which the kit's local-buffer fix lets compile: without it inductor fails with
-    ``KeyError`` and the step warns and falls back to the plain path."""
+    """Compiled in rows of one block, an ``adamw_8bit`` or ``adan_8bit`` step runs under one outer
+    loop over the blocks (inductor's outer-loop fusion: the maxima, the codes and the update of a
+    block in one pass) and keeps what it computes per block in buffers of one block: it allocates
+    nothing of the tensor's size. The kit's local-buffer fix lets it compile: without it inductor
+    fails with ``KeyError`` and the step warns and falls back to the plain path."""
     from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
 
-    def step() -> list:
+    def step(name: str) -> tuple[list, str]:
         compiled_step.reset()
         metrics.reset()
         p = torch.nn.Parameter(torch.randn(64, 512))
         p.grad = torch.randn(64, 512)
-        hfoptim.create_optimizer([p], "adamw_8bit", compile="on").step()
-        return list(metrics.cpp_outer_loop_fused_inner_counts)
+        _, sources = run_and_get_code(hfoptim.create_optimizer([p], name, compile="on").step)
+        return list(metrics.cpp_outer_loop_fused_inner_counts), "\n".join(sources)
 
     try:
-        fused = step()
-        assert set(compiled_step.calls) and all(key[1] == (128, 256) for key in compiled_step.calls)
-        # one outer loop holding the step's inner loops: the first moment's maxima, then the update
-        # with the second moment's maxima, then the second moment's codes
-        assert len(fused) == 1 and fused[0].inner_kernel_number >= 3, fused
-        monkeypatch.setattr(compiled_step, "unread_buffers_stay_whole", contextlib.nullcontext)
+        for name in ("adamw_8bit", "adan_8bit"):
+            fused, source = step(name)
+            assert set(compiled_step.calls) and all(key[1] == (128, 256) for key in compiled_step.calls)
+            # one outer loop holding the step's inner loops: the first moment's maxima, then the
+            # update with the second moment's maxima, then the second moment's codes
+            assert len(fused) == 1 and fused[0].inner_kernel_number >= 3, (name, fused)
+            # the per-block values in local buffers, none of the kernel's (128, 256) shape
+            assert "local_buffer_data" in source and "empty_strided_cpu((128, 256)" not in source, name
+        monkeypatch.setattr(compiled_step, "unread_users_allow_local_buffers", contextlib.nullcontext)
         with pytest.warns(RuntimeWarning, match="KeyError"):
-            step()
+            step("adamw_8bit")
         assert not compiled_step.calls
     finally:
         compiled_step.reset()
 
 
 def test_the_local_buffer_fix_answers_only_for_unread_buffers_and_only_inside():
-    """Inside ``unread_buffers_stay_whole`` a loop body asked for the index of a buffer it does not
-    read answers None (a read elsewhere, so the buffer keeps its size); a buffer it reads keeps its
-    index, and outside the context inductor's ``KeyError`` is back."""
+    """Inside ``unread_users_allow_local_buffers`` a loop body asked for the index of a buffer it
+    does not read answers its own contiguous index (no condition on the buffer); a buffer it
+    reads keeps its index, and outside the context inductor's ``KeyError`` is back."""
     from types import SimpleNamespace
 
+    import sympy
     from torch._inductor.loop_body import LoopBody, MemoryUsageType
 
-    from hfoptim.core.local_buffers import unread_buffers_stay_whole
+    from hfoptim.core.local_buffers import unread_users_allow_local_buffers
 
+    x0, x1 = sympy.symbols("x0 x1")
     read = SimpleNamespace(buffer_name="buf1", index_name="index0")
-    body = SimpleNamespace(memory_usage={MemoryUsageType.LOAD: [read]}, indexing_exprs={"index0": "x0"})
-    with unread_buffers_stay_whole() as installed:
+    body = SimpleNamespace(
+        memory_usage={MemoryUsageType.LOAD: [read]}, indexing_exprs={"index0": x0}, var_ranges={x0: 8, x1: 256}
+    )
+    with unread_users_allow_local_buffers() as installed:
         assert installed
-        assert LoopBody.get_read_expr(body, "buf1") == "x0"
-        assert LoopBody.get_read_expr(body, "buf0") is None
+        assert LoopBody.get_read_expr(body, "buf1") == x0
+        assert LoopBody.get_read_expr(body, "buf0") == 256 * x0 + x1
     with pytest.raises(KeyError):
         LoopBody.get_read_expr(body, "buf0")
 
