@@ -114,11 +114,12 @@ def test_zero_compiled_kernel_steps_the_partitions_and_matches_one_process(tmp_p
     with its column sums completed after the kernels), the ones a boundary cuts inside a row take
     the plain path, and parameters and state (8-bit codes exactly) equal the one-process run.
     Gradient centralization (row means, row-local) takes the kernel too. ZeRO-3 cuts every
-    parameter: 4-bit state takes the kernel in stages there (the column maxima of its second moment completed between a
-    recording kernel and the writing one: hfoptim.core.compiled_step.shard_staged). Here ZeRO-1/2
-    partitions end between parameters, so each is held whole by one process, stepped there as on
-    one process and skipped by the other, which receives its whole-tensor state (factored column
-    sums, 4-bit column maxima) after the step (hfoptim.core.uncut): no stages."""
+    parameter: 4-bit state takes the kernel in stages there (the column maxima of its second moment
+    completed between a recording kernel and the writing one:
+    hfoptim.core.compiled_step.shard_staged). Here ZeRO-1/2 partitions end between parameters, so
+    each is held whole by one process, stepped there as on one process and skipped by the other,
+    which receives its whole-tensor state (factored column sums, 4-bit column maxima) after the step
+    (hfoptim.core.uncut): no stages."""
     cases = ["adamw_8bit", "adamw_bf16", "adamw_factored", "adamw_gc", "adamw_4bit"]
     args = ["--stage", str(stage), "--cases", ",".join(cases), "--compile", "on", "--shapes", "rows"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=1200)

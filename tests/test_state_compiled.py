@@ -50,8 +50,8 @@ RULE_HP = {
 }
 
 
-def _compiled(fn):
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+def _compiled(fn, options: dict | None = None):
+    return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
 
 
 def _run(name: str, compile: str, steps: int = 4, lr_schedule: bool = False, **kwargs):
@@ -264,10 +264,9 @@ def test_traced_table_reads_wrap_no_negative_index(fresh_dynamo, no_inductor_cac
 
     table = torch.arange(3329, dtype=torch.int32) * 3
     index = torch.randint(0, 3329, (8, 256), dtype=torch.int32)
-    options = compiled_step.INDUCTOR_OPTIONS
 
-    def compiled(fn):
-        return torch.compile(fn, dynamic=False, fullgraph=True, options=options)
+    def compiled(fn):  # with the kit's inductor options, as its kernels are compiled
+        return _compiled(fn, compiled_step.INDUCTOR_OPTIONS)
 
     looked, sources = run_and_get_code(compiled(lambda i: table_lookup(table, i) + 1), index)
     indexed, control = run_and_get_code(compiled(lambda i: table[i.long()] + 1), index)

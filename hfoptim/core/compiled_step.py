@@ -893,14 +893,14 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     (one pass over the codes, the gradient and the parameter). The scales, one per row in that
     view, are returned by the kernel instead of written into the state (:func:`_advance_one`'s
     ``returned``): a write of a ``(blocks, 1)`` input is a loop over the blocks alone, which
-    keeps the others from fusing. What the step computes in one of a block's loops and reads
-    in the next (the decoded state, the new moments) inductor keeps in buffers of one block
-    (:mod:`~hfoptim.core.local_buffers`), so the kernel allocates nothing of the tensor's size.
-    One compiled step, two threads of a
-    2-core Intel Xeon with AVX-512, both forms interleaved in one process, ratio to torch AdamW
-    foreach: of a 8192x4096 tensor, ``adamw_8bit`` 0.81-0.90x -> 0.71-0.78x, ``adan_8bit``
-    0.98-1.12x either way; of 4096x1024, ``adamw_8bit`` 1.15-1.30x -> 1.10-1.19x, ``adan_8bit``
-    1.48-1.60x -> 1.39-1.58x (AVX2 kernels: ``adamw_8bit`` 1.47x -> 1.36x).
+    keeps the others from fusing. What the step computes in one of a block's loops and reads in the
+    next (the decoded state, the new moments) inductor keeps in buffers of one block
+    (:mod:`~hfoptim.core.local_buffers`), so the kernel allocates nothing of the tensor's size. One
+    compiled step, two threads of a 2-core Intel Xeon with AVX-512, both forms interleaved in one
+    process, ratio to torch AdamW foreach: of a 8192x4096 tensor, ``adamw_8bit`` 0.81-0.90x ->
+    0.71-0.78x, ``adan_8bit`` 0.98-1.12x either way; of 4096x1024, ``adamw_8bit`` 1.15-1.30x ->
+    1.10-1.19x, ``adan_8bit`` 1.48-1.60x -> 1.39-1.58x (AVX2 kernels: ``adamw_8bit`` 1.47x ->
+    1.36x).
 
     Taken when every storage form of the parameter's slots allows the view
     (:meth:`~hfoptim.state.codec.Codec.row_block`: dense state any, 8-bit state rows of whole
