@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -577,14 +578,16 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
         return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
 
     lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
-    for name in ("adamw_8bit", "ademamix_4bit", "adamw_bf16", "adamw_smmf"):
+    for name in ("ademamix_4bit", "adamw_bf16", "adamw_smmf"):
         assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
+    # 8-bit: in rows of one block, by a kernel for any number of rows (compiled_step._rows_free)
+    assert _kernel_shapes(monkeypatch, lora, "adamw_8bit") == {(None, 256)}
     assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", compile="off") == set()
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", state_min_numel=8192) == set()  # fp32 state
     split = [{"params": params(16, (16, 256))}, {"params": params(16, (16, 256)), "weight_decay": 0.0}]
     assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == set()
-    assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(16, 256)}
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(None, 256)}
 
 
 def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monkeypatch):
@@ -628,7 +631,8 @@ def test_8bit_kernels_see_rows_of_whole_blocks_as_rows_of_one_block(monkeypatch)
         return _kernel_shapes(monkeypatch, [{"params": params}], name, compile="on", **options)
 
     for name in ("adamw_8bit", "ademamix_8bit", "adan_8bit", "adamw_cautious_8bit"):
-        expected = {(64, 512)} if "cautious" in name else {(128, 256)}
+        # (None, 256): 128 rows of 256, by a kernel for any number of rows (compiled_step._rows_free)
+        expected = {(64, 512)} if "cautious" in name else {(None, 256)}
         assert shapes(name) == expected, name
     assert shapes("adamw_8bit", state_min_numel=1 << 20) == {(64, 512)}  # fp32 state: nothing to gain
     assert shapes("adamw_8bit", (48, 300)) == {(48, 300)}
@@ -650,7 +654,7 @@ def test_a_step_in_rows_of_one_block_writes_what_the_parameters_shape_writes(mon
             for view in (block_rows, lambda *args: None):
                 monkeypatch.setattr(compiled_step, "block_rows", view)
                 runs.append(_run(name, "on", steps=3))
-            assert sum(key[1] == (128, 256) for key in compiled_step.calls) == 1
+            assert sum(key[1] == (None, 256) for key in compiled_step.calls) == 1
             assert sum(key[1] == (64, 512) for key in compiled_step.calls) == 1
             (blocks, b_opt), (whole, w_opt) = runs
             for p, q in zip(blocks, whole):
@@ -683,16 +687,66 @@ def test_8bit_steps_in_rows_of_one_block_compile_to_one_outer_loop(fresh_dynamo,
     try:
         for name in ("adamw_8bit", "adan_8bit"):
             fused, source = step(name)
-            assert set(compiled_step.calls) and all(key[1] == (128, 256) for key in compiled_step.calls)
+            # one kernel for any number of rows (compiled_step._rows_free)
+            assert set(compiled_step.calls) and all(key[1] == (None, 256) for key in compiled_step.calls)
             # one outer loop holding the step's inner loops: the first moment's maxima, then the
             # update with the second moment's maxima, then the second moment's codes
             assert len(fused) == 1 and fused[0].inner_kernel_number >= 3, (name, fused)
-            # the per-block values in local buffers, none of the kernel's (128, 256) shape
-            assert "local_buffer_data" in source and "empty_strided_cpu((128, 256)" not in source, name
+            # the per-block values in local buffers, none of the kernel's (rows, 256) shape
+            assert "local_buffer_data" in source and not re.search(r"empty_strided_cpu\(\(\w+, 256\)", source), name
         monkeypatch.setattr(compiled_step, "unread_users_allow_local_buffers", contextlib.nullcontext)
         with pytest.warns(RuntimeWarning, match="KeyError"):
             step("adamw_8bit")
         assert not compiled_step.calls
+    finally:
+        compiled_step.reset()
+
+
+def _steps_in_rows(shapes, name: str = "adamw_8bit") -> tuple[list, list, set]:
+    """Three compiled steps of ``name`` over parameters of ``shapes`` (the largest cut into row
+    pieces by ``chunk_bytes``): the parameters, their state and the shapes of the kernel keys."""
+    compiled_step.reset()
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
+    opt = hfoptim.create_optimizer(
+        params, name, compile="on", chunk_bytes=64 * 65536, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99)
+    )
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return params, [dict(opt.state[p]) for p in params], {key[1] for key in compiled_step.calls}
+
+
+@pytest.mark.slow
+def test_one_8bit_kernel_steps_every_row_count_as_kernels_of_one_count_do(fresh_dynamo, monkeypatch, caplog):
+    """Compiled in rows of one block, the 8-bit step is one kernel for any number of rows
+    (compiled_step._rows_free): whole tensors of three shapes and the row pieces of a larger one
+    take it, bit for bit as kernels of one row count each. Where such a kernel fails to trace or
+    compile, the step compiles kernels of one row count instead, said once in the log."""
+    from hfoptim.core import tracing
+
+    shapes = [(64, 512), (96, 256), (300, 512), (32, 1024)]
+    try:
+        any_rows = _steps_in_rows(shapes)
+        assert any_rows[2] == {(None, 256)}
+
+        def depends_on_rows(shape_env):
+            raise tracing.TraceFailed("the kernel depends on the number of rows: as a test")
+
+        monkeypatch.setattr(tracing, "_check_any_rows", depends_on_rows)
+        with caplog.at_level("INFO", logger="hfoptim.core.compiled_step"):
+            shaped = _steps_in_rows(shapes)
+        said = [r.getMessage() for r in caplog.records if "kernels of one row count instead" in r.getMessage()]
+        assert len(said) == 1 and "as a test" in said[0] and not compiled_step._any_rows
+        # one kernel per row count: 128 blocks (64x512, 32x1024), 96, and the pieces of 300x512
+        assert (None, 256) not in shaped[2] and {(128, 256), (96, 256)} < shaped[2]
+        assert compiled_step._failed is None
+        for p, q in zip(any_rows[0], shaped[0]):
+            assert torch.equal(p, q)
+        for mine, theirs in zip(any_rows[1], shaped[1]):
+            for key, value in mine.items():
+                assert torch.equal(theirs[key], value), key
     finally:
         compiled_step.reset()
 

@@ -138,7 +138,7 @@ def test_where_inductor_fails_on_the_kit_graph_torch_compile_takes_every_kernel(
     compiled_step.reset()
     kit = _steps("adamw_8bit")
 
-    def fails(self, gm, tensors):
+    def fails(self, *args):
         raise RuntimeError("inductor failed, as a test")
 
     compiled_step.reset()
@@ -217,3 +217,32 @@ def test_constants_made_while_tracing_are_not_kept(monkeypatch):
     torch.testing.assert_close(table, dynamic_code.UNSIGNED.table[:3])
     kept = [t for cache in caches.values() for value in cache.values() for t in torch.utils._pytree.tree_leaves(value)]
     assert len(kept) == 6 and not any(isinstance(t, FakeTensor) for t in kept)
+
+
+def _scale_rows(x, y):
+    """In place: ``x += 2 y``; returns the per-row sums of ``x``."""
+    x.add_(y * 2)
+    return x.sum(dim=1, keepdim=True)
+
+
+def test_a_kernel_traced_for_any_number_of_rows_serves_every_row_count():
+    """With ``symbolic_rows`` one compilation computes for tensors of any row count (two or more),
+    the same numbers as the uncompiled function."""
+    kernel = TracedKernel(_scale_rows, {}, symbolic_rows=True)
+    for rows in (5, 2, 300):
+        x, y = torch.randn(rows, 8), torch.randn(rows, 8)
+        expect_x = x + y * 2
+        sums = kernel(x, y)
+        torch.testing.assert_close(x, expect_x)
+        torch.testing.assert_close(sums, expect_x.sum(dim=1, keepdim=True))
+    assert kernel._compiled is not None
+
+
+def test_a_kernel_that_depends_on_its_row_count_is_not_traced_for_any():
+    def branches_on_rows(x):
+        return x * 2 if x.shape[0] > 4 else x * 3  # a guard on the row count: not any count
+
+    with pytest.raises(TraceFailed, match="number of rows"):
+        TracedKernel(branches_on_rows, {}, symbolic_rows=True)(torch.ones(8, 4))
+    x = torch.ones(8, 4)  # for one row count it compiles
+    torch.testing.assert_close(TracedKernel(branches_on_rows, {})(x), x * 2)

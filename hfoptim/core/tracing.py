@@ -93,11 +93,19 @@ class TracedKernel:
     written by the compiled code; what ``fn`` returns (None, or a structure of tensors and
     constants) comes back in the same structure.
 
-    Raises :class:`TraceFailed` when ``make_fx`` cannot trace ``fn``; errors of inductor's
-    compilation are raised as they come."""
+    With ``symbolic_rows`` the tensors of one or more dimensions may have another row count (their
+    first dimension, the same for all of them) at later calls than at the first: the kernel is
+    traced and compiled for any count of two or more.
 
-    def __init__(self, fn: Callable, options: dict[str, Any]):
+    Raises :class:`TraceFailed` when ``make_fx`` cannot trace ``fn`` (or, with ``symbolic_rows``,
+    when the compiled code assumes something of the row count); errors of inductor's compilation
+    are raised as they come."""
+
+    def __init__(self, fn: Callable, options: dict[str, Any], symbolic_rows: bool = False):
         self.fn, self.options = fn, options
+        #: whether the first dimension of every tensor argument of one or more dims is traced as a
+        #: symbol (the row count, the same for all of them), so that the kernel serves any count
+        self.symbolic_rows = symbolic_rows
         self._compiled: Callable | None = None
         #: where each tensor argument sits in ``args`` (pytree key paths), found at the first call
         self._tensor_paths: list[tuple] = []
@@ -123,7 +131,32 @@ class TracedKernel:
         where = [i for i, leaf in enumerate(leaves) if isinstance(leaf, torch.Tensor)]
         self._tensor_paths = [with_paths[i][0] for i in where]
         tensors = [leaves[i] for i in where]
-        return self._compile(self._trace(leaves, spec, where, tensors), tensors)
+        fake_mode, fakes = self._fakes(tensors)
+        return self._compile(self._trace(leaves, spec, where, fakes), fakes, fake_mode)
+
+    def _fakes(self, tensors: list[torch.Tensor]) -> tuple[Any, list[torch.Tensor]]:
+        """A fake tensor mode with a shape environment and fake copies of ``tensors`` in it, which
+        the trace and inductor share. Static shapes, as dynamo's under
+        ``torch.compile(dynamic=False)`` (inductor's graph caches bypass a compilation without a
+        shape environment; symbolic sizes everywhere cost 5-8 s of a first step from an empty cache,
+        ``adamw_8bit`` on the 100M set with AVX2 kernels: 29-33 s, 19-21 s with static fakes, 24 s
+        under dynamo), but with ``symbolic_rows`` each tensor's first dimension (of one or more
+        dims), a symbol of its own: the caller passes tensors of one row count, and
+        :func:`_check_any_rows` confirms that the compiled code assumes nothing else of them."""
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+        fakes = []
+        with fake_mode:
+            for t in tensors:
+                if self.symbolic_rows and t.dim():
+                    dims = [DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1)
+                    context = StatelessSymbolicContext(dynamic_sizes=dims, constraint_sizes=[None] * t.dim())
+                    fakes.append(fake_mode.from_tensor(t, symbolic_context=context))
+                else:
+                    fakes.append(fake_mode.from_tensor(t, static_shapes=True))
+        return fake_mode, fakes
 
     def _trace(self, leaves: list, spec, where: list[int], tensors: list[torch.Tensor]) -> torch.fx.GraphModule:
         from torch.fx.experimental.proxy_tensor import make_fx
@@ -151,21 +184,27 @@ class TracedKernel:
                 )
         return gm
 
-    def _compile(self, gm: torch.fx.GraphModule, tensors: list[torch.Tensor]) -> Callable:
+    def _compile(self, gm: torch.fx.GraphModule, fakes, fake_mode) -> Callable:
         from torch._guards import TracingContext, tracing
         from torch._inductor.compile_fx import compile_fx
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        # inductor's graph caches (AOTAutograd's and the FX graph cache) bypass a compilation
-        # that has no shape environment; the inputs go in as static fakes, as dynamo's do under
-        # torch.compile(dynamic=False): AOT autograd would give real ones symbolic sizes, and
-        # their arithmetic cost 5-8 s of a first step from an empty cache (adamw_8bit on the
-        # 100M set with AVX2 kernels: 29-33 s, 19-21 s with static fakes, 24 s under dynamo)
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
         with tracing(TracingContext(fake_mode)), torch.no_grad():
-            fakes = [fake_mode.from_tensor(t, static_shapes=True) for t in tensors]
-            return compile_fx(gm, fakes, config_patches=self.options)
+            compiled = compile_fx(gm, fakes, config_patches=self.options)
+        if self.symbolic_rows:
+            _check_any_rows(fake_mode.shape_env)
+        return compiled
+
+
+def _check_any_rows(shape_env) -> None:
+    """Raise :class:`TraceFailed` unless every assumption the trace and compilation of a kernel for
+    any number of rows made (the shape environment's guards) holds for every row count: with
+    every symbol (each tensor's first dimension) one and the same count, each must be true."""
+    for guard in shape_env.guards:
+        symbols = guard.expr.free_symbols
+        rows = next(iter(symbols), None)  # sizes are positive integer symbols
+        same = guard.expr.xreplace({symbol: rows for symbol in symbols}).simplify()
+        if same != True:  # noqa: E712 (a sympy boolean, equal to True once proven)
+            raise TraceFailed(f"the kernel depends on the number of rows: {guard.expr}")
 
 
 def table_lookup(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
