@@ -572,7 +572,9 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
     tensor by tensor (8-bit, 4-bit, bf16, SMMF) when their group steps 32 or more of their shape
     (LoRA adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
     over the bucket), tensors kept in fp32 (under state_min_numel) and another group's tensors of
-    the shape do not count."""
+    the shape do not count. An 8-bit step in rows of one block takes the kernel whatever the count:
+    that kernel serves every shape (compiled_step._rows_free), so it costs no compilation of its own;
+    8-bit rows of 16 elements (not whole blocks) follow the count."""
 
     def params(n: int, shape) -> list:
         return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
@@ -580,14 +582,18 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
     lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
     for name in ("ademamix_4bit", "adamw_bf16", "adamw_smmf"):
         assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
-    # 8-bit: in rows of one block, by a kernel for any number of rows (compiled_step._rows_free)
+    # 8-bit: in rows of one block, by a kernel for any number of rows; (256, 16): 31, plain
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit") == {(None, 256)}
     assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", compile="off") == set()
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", state_min_numel=8192) == set()  # fp32 state
     split = [{"params": params(16, (16, 256))}, {"params": params(16, (16, 256)), "weight_decay": 0.0}]
-    assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == set()
-    assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(None, 256)}
+    assert _kernel_shapes(monkeypatch, split, "ademamix_4bit") == set()
+    assert _kernel_shapes(monkeypatch, split, "ademamix_4bit", compile="on") == {(16, 256)}
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == {(None, 256)}  # 16 each: rows of one block
+    few = [{"params": params(3, (16, 256)) + params(3, (256, 16))}]
+    assert _kernel_shapes(monkeypatch, few, "adamw_8bit") == {(None, 256)}
+    assert _kernel_shapes(monkeypatch, few, "adamw_8bit", agc=0.01) == set()  # a modifier: parameter's shape
 
 
 def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monkeypatch):
@@ -596,7 +602,8 @@ def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monke
     decides again."""
     compiled_step.reset()
     monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
-    params = [torch.nn.Parameter(torch.zeros(16, 256)) for _ in range(32)]
+    # rows of 16: 8-bit blocks of 16, no rows of one 256-block, so the count decides (auto_takes)
+    params = [torch.nn.Parameter(torch.zeros(256, 16)) for _ in range(32)]
     opt = hfoptim.create_optimizer(params, "adamw_8bit")
 
     def kernels_of_a_step() -> int:

@@ -40,7 +40,8 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles``, which SMMF's
   does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``), and smaller
   ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has :data:`AUTO_MIN_SHAPE_COUNT`
-  or more of (LoRA adapters: :func:`auto_takes`), when torch.compile works on this machine;
+  or more of (LoRA adapters), or whose 8-bit step runs in rows of one block, by the kernel of any
+  row count (:func:`auto_takes`), when torch.compile works on this machine;
   ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec marked
   ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
   ``fusable_for(view)`` must agree: 8-/4-bit state needs rows of whole blocks), it is held whole by
@@ -138,8 +139,9 @@ AUTO_MIN_NUMEL = 1 << 16
 #: 105 us compiled, ademamix_8bit and adan_8bit 530-610 us against 120-135 us, torch AdamW foreach
 #: 70 us (2-core Intel Xeon with AMX, two threads). One compilation serves every tensor of the
 #: shape: 3.7-5.3 s from an empty inductor cache, about 1 s from a warm one, paid back within about
-#: 400 steps by 32 tensors (100 from a warm cache). Fewer tensors of a shape (the demo model's 16 of
-#: 128x128) stay on the plain path: a short run would not win the compilation back.
+#: 400 steps by 32 tensors (100 from a warm cache). Fewer tensors of a shape stay on the plain
+#: path (a short run would not win the compilation back), except where the step runs in rows of
+#: one block (8-bit state): that kernel serves every shape (:func:`auto_takes`, :func:`_rows_free`).
 AUTO_MIN_SHAPE_COUNT = 32
 
 #: inductor's options for the kernels. ``realize_reads_threshold`` (default 4): a value with
@@ -720,20 +722,27 @@ def kernel_stats(stats, view: ParamView):
     return ShardPieceStats(foreach=stats.foreach) if view.sharded else LocalStats(foreach=stats.foreach)
 
 
-def auto_takes(engine, group: dict, view: ParamView, codecs) -> bool:
-    """Whether ``compile="auto"`` gives the parameter of ``view`` (stored by ``codecs``) the kernel:
-    a tensor of at least :data:`AUTO_MIN_NUMEL` elements when every form
+def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.device) -> bool:
+    """Whether ``compile="auto"`` gives the parameter of ``view`` (stored by ``codecs``, on
+    ``device``) the kernel: a tensor of at least :data:`AUTO_MIN_NUMEL` elements when every form
     :attr:`~hfoptim.state.codec.Codec.auto_compiles`; a smaller one when a form codes it tensor
     by tensor (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`, which also admits SMMF, whose
-    large tensors stay plain), the others compile, and ``group`` steps at least
-    :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Global sizes and counts: the same answer on
-    every process."""
+    large tensors stay plain), the others compile, and either its step runs in rows of one block
+    (:func:`rows_block`: 8-bit state, two blocks or more), whose kernel serves every such tensor of
+    the rule and options whatever its shape (:func:`_rows_free`: no compilation of its own), or
+    ``group`` steps at least :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Global sizes and
+    counts: the same answer on every process."""
     if view.global_numel >= AUTO_MIN_NUMEL:
         return all(c.auto_compiles for c in codecs)
     if not all(c.auto_compiles or c.coded_per_tensor for c in codecs):
         return False
-    many = engine.tensors_of_shape(group, view.global_shape) >= AUTO_MIN_SHAPE_COUNT
-    return many and any(c.coded_per_tensor for c in codecs)
+    if not any(c.coded_per_tensor for c in codecs):
+        return False
+    whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)  # as every process sees it
+    block = rows_block(engine, group, whole, codecs, device)
+    if block is not None and view.global_numel // block >= 2:
+        return True
+    return engine.tensors_of_shape(group, view.global_shape) >= AUTO_MIN_SHAPE_COUNT
 
 
 def _eligible(engine, group: dict, unit, codecs) -> bool:
@@ -745,7 +754,7 @@ def _eligible(engine, group: dict, unit, codecs) -> bool:
         return False
     if view.sharded and not shard_kernel(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
-    if group.get("compile", "off") == "auto" and not auto_takes(engine, group, view, codecs):
+    if group.get("compile", "off") == "auto" and not auto_takes(engine, group, view, codecs, p.device):
         return False
     if _empty_shard(unit):  # the forms' answers for the shards of this parameter (SMMF: none take it)
         if len(view.global_shape) >= 2:
@@ -954,21 +963,32 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     value per block, or 0-d. On CPU only: the loops are the C++ backend's (a GPU's kernels keep
     the parameter's shape)."""
     param = unit.param
-    if param.device.type != "cpu" or param.dim() < 2:
+    block = rows_block(engine, group, unit.view, codecs, param.device)
+    if block is None or param.dim() < 2:
         return None
-    # (CPR and stable weight decay never reach a kernel: plain_reason)
-    if not engine.rule.is_elementwise(group) or any(m.enabled(group) for m in MODIFIERS):
-        return None
-    lengths = {codec.row_block(unit.view) for codec in codecs}
-    if None in lengths or len(lengths - {0}) != 1:
-        return None
-    (block,) = lengths - {0}
     numel = param.numel()
     if numel % block or not all(t.is_contiguous() for t in tensors):
         return None
     for _, value in _state_tensors(unit.state):
         if not value.is_contiguous() or (value.dim() and value.numel() not in (numel, numel // block)):
             return None
+    return block
+
+
+def rows_block(engine, group: dict, view: ParamView, codecs, device: torch.device) -> int | None:
+    """The block length of :func:`block_rows` as far as the options, the storage forms and the
+    parameter's ``view`` decide it (not its tensors' layout), or None: on CPU, an elementwise rule
+    with no modifier, a parameter of two or more dimensions, and storage forms that all allow
+    the view and one asks for it (:meth:`~hfoptim.state.codec.Codec.row_block`)."""
+    if device.type != "cpu" or len(view.global_shape) < 2:
+        return None
+    # (CPR and stable weight decay never reach a kernel: plain_reason)
+    if not engine.rule.is_elementwise(group) or any(m.enabled(group) for m in MODIFIERS):
+        return None
+    lengths = {codec.row_block(view) for codec in codecs}
+    if None in lengths or len(lengths - {0}) != 1:
+        return None
+    (block,) = lengths - {0}
     return block
 
 
