@@ -232,6 +232,9 @@ _kit_traces = True
 #: whether the kernels of :func:`block_rows` are traced for any number of rows (one kernel per
 #: rule, options and storage forms: :func:`_rows_free`); False once such a trace failed
 _any_rows = True
+#: per rule, options and storage forms: the options of their kernel for any number of rows, or
+#: None where that kernel would resolve other forms (:func:`_rows_free`)
+_any_size_options: dict[tuple, dict | None] = {}
 #: how many parameters took the compiled path, per kernel key (tests and benchmarks read it to
 #: check that the compiled path ran): the calls of the kernels that write the step
 calls: dict[tuple, int] = {}
@@ -603,12 +606,14 @@ def state_signature(state: dict, any_rows: bool = False) -> tuple:
     checkpoint restored in other dtypes) gets its own kernel: calls skip dynamo's guards
     (:func:`skip_guards`), which would have caught the difference. ``any_rows``: a kernel for any
     number of rows (:func:`_rows_free`), None for the row count."""
-
-    def shape(value: torch.Tensor) -> tuple:
-        return (None, *value.shape[1:]) if any_rows and value.dim() else tuple(value.shape)
-
     return tuple(
-        (name, value.dtype, shape(value), value.stride(), value.device)
+        (
+            name,
+            value.dtype,
+            (None, *value.shape[1:]) if any_rows and value.dim() else value.shape,
+            value.stride(),
+            value.device,
+        )
         if isinstance(value, torch.Tensor)
         else (name, repr(value))  # (no rule keeps one today; a list would not hash)
         for name, value in state.items()
@@ -812,9 +817,10 @@ def takes(engine, group: dict, unit, stats) -> bool:
     return unit_plan(engine, group, unit, engine.rule.active_slots(group), settings)[1]
 
 
-def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bool, bool]:
-    """``(the storage forms of unit's slots, whether it takes the kernel, whether in stages)``:
-    :func:`_eligible` and :func:`shard_local` for ``unit``, remembered per optimizer
+def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bool, bool, int | None]:
+    """``(the storage forms of unit's slots, whether it takes the kernel, whether in stages, the
+    block length of its rows as far as :func:`rows_block` decides it)``: :func:`_eligible`,
+    :func:`shard_local` and :func:`rows_block` for ``unit``, remembered per optimizer
     (``engine.kernel_plans``) by what they read: the group's options (``settings``, the text of
     :func:`settings_of`), the unit's view, device, local shape and write-back, and whether its
     group has :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape. Every step asks for the same
@@ -832,7 +838,8 @@ def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bo
         in_stages = takes_kernel and view.sharded and not shard_local(engine, group, view, slots, codecs)
         if len(plans) > 1 << 16:  # options that changed often: the old answers are of no use
             plans.clear()
-        found = plans[key] = (codecs, takes_kernel, in_stages)
+        rows = rows_block(engine, group, view, codecs, p.device) if takes_kernel and not in_stages else None
+        found = plans[key] = (codecs, takes_kernel, in_stages, rows)
     return found
 
 
@@ -879,7 +886,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
     lrs: dict[tuple, torch.Tensor] = {}
     for unit in units:
         # in_stages: a shard the kernel takes but not alone (shard_staged)
-        codecs, takes_kernel, in_stages = unit_plan(engine, group, unit, slots, settings)
+        codecs, takes_kernel, in_stages, rows = unit_plan(engine, group, unit, slots, settings)
         if _failed is not None or not takes_kernel:
             rest.append(unit)
             continue
@@ -894,7 +901,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         lr = lrs.get((dtype, unit.param.device))
         if lr is None:
             lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty, rows)
         if in_stages:
             staged.append(kernel)
             continue
@@ -930,7 +937,7 @@ def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats
         _step_staged([_Staged(kernels, stats.view, stats.finish)], stats.all_reduce)
 
 
-def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
+def block_rows(block: int, unit, tensors) -> int | None:
     """The length ``b`` of the rows a CPU kernel sees a parameter as, ``(numel / b, b)``, or None
     to see it in its own shape.
 
@@ -954,17 +961,15 @@ def block_rows(engine, group: dict, unit, codecs, tensors) -> int | None:
     1.10-1.19x, ``adan_8bit`` 1.48-1.60x -> 1.39-1.58x (AVX2 kernels: ``adamw_8bit`` 1.47x ->
     1.36x).
 
-    Taken when every storage form of the parameter's slots allows the view
-    (:meth:`~hfoptim.state.codec.Codec.row_block`: dense state any, 8-bit state rows of whole
-    blocks) and one of them asks for it, the rule is elementwise with no modifier (per-row and
-    per-tensor statistics would change meaning with the rows), the parameter has two or more
-    dimensions, ``tensors`` (the kernel's parameter and gradient, of the parameter's shape) are
-    contiguous, and every tensor of the state is contiguous and of the parameter's size, of one
-    value per block, or 0-d. On CPU only: the loops are the C++ backend's (a GPU's kernels keep
-    the parameter's shape)."""
+    Taken for ``block``, what :func:`rows_block` found for the options, the storage forms and
+    the view (every form allows the view and one asks for it, an elementwise rule with no
+    modifier, whose per-row and per-tensor statistics would change meaning with the rows, on CPU:
+    the loops are the C++ backend's, a GPU's kernels keep the parameter's shape), when the
+    parameter has two or more dimensions, ``tensors`` (the kernel's parameter and gradient, of
+    the parameter's shape) are contiguous, and every tensor of the state is contiguous and of
+    the parameter's size, of one value per block, or 0-d."""
     param = unit.param
-    block = rows_block(engine, group, unit.view, codecs, param.device)
-    if block is None or param.dim() < 2:
+    if param.dim() < 2:
         return None
     numel = param.numel()
     if numel % block or not all(t.is_contiguous() for t in tensors):
@@ -1012,27 +1017,37 @@ def _as_block_rows(block: int, tensors, state: dict) -> tuple[list, dict, tuple[
     return [t.view(rows, block) for t in tensors], seen, tuple(per_block)
 
 
-def _rows_free(engine, group: dict, codecs, work: torch.Tensor, options: dict) -> bool:
-    """Whether the kernel of a parameter seen as rows of one block (:func:`block_rows`) is traced
-    for any number of rows (:class:`~hfoptim.core.tracing.TracedKernel`'s ``symbolic_rows``):
-    in that view nothing but the row count differs between the parameters of a model, so one
-    kernel per rule, options and storage forms serves them all, whole tensors, row pieces and
-    shards alike (it asks for per-block statistics only, which :class:`PieceStats` gives), where a
-    kernel per row count compiled three for ``adamw_8bit`` on the 100M set and more for a model
-    of more shapes: a first step from an empty inductor cache of 8.0 s with three, 4.7 s with
-    one, and the same step time after it (2-core Intel Xeon with AMX). The code is the same code
-    with the row count read at the call, the same numbers bit for bit.
+def _rows_free(engine, group: dict, codecs, options: dict, settings: str) -> dict | None:
+    """The options of a kernel traced for any number of rows for a parameter seen as rows of one
+    block (:func:`block_rows`) whose group has ``options`` (:func:`hyperparameters`, whose text
+    is ``settings``) and whose slots are stored by ``codecs``, or None for a kernel of its row
+    count. In that view nothing but the row count differs between the parameters of a model, so
+    one kernel per rule, options and storage forms serves them all, whole tensors, row pieces and
+    shards alike (:class:`~hfoptim.core.tracing.TracedKernel`'s ``symbolic_rows``; it asks for
+    per-block statistics only, which :class:`PieceStats` gives), where a kernel per row count
+    compiled three for ``adamw_8bit`` on the 100M set and more for a model of more shapes: a
+    first step from an empty inductor cache of 7.9-8.0 s with three, 4.7-4.8 s with one, and the
+    same step time after it (2-core Intel Xeon with AMX). The code is the same code with the row
+    count read at the call, the same numbers bit for bit.
 
-    Not for a single row (a traced row count is never 0 or 1), nor once such a kernel failed to
-    trace or compile (:data:`_any_rows`). Inside, the kernel sees its own rows only and resolves
-    its storage forms by their count, a symbol; with ``state_min_numel`` 0 it resolves the forms
-    that the whole parameter's size chose here, which the key names: taken only when they agree."""
-    if not (_any_rows and _kit_traces) or work.shape[0] < 2:
-        return False
-    any_size = dict(options, state_min_numel=0)
-    view = ParamView(global_shape=torch.Size((2, work.shape[1])))
-    slots = engine.rule.active_slots(group)
-    return all(resolve.codec_for(engine.rule, s, any_size, view).name == c.name for s, c in zip(slots, codecs))
+    None once such a kernel failed to trace or compile (:data:`_any_rows`); the caller keeps a
+    single row to its own kernel (a traced row count is never 0 or 1). Inside, the kernel sees its
+    own rows only and resolves its storage forms by their count, a symbol; with
+    ``state_min_numel`` 0 it resolves the forms that the whole parameter's size chose here, which
+    the key names: taken only when they agree. Remembered per rule, options and forms (the
+    check and the copy cost about 10 us, a tenth of a small tensor's kernel call)."""
+    if not (_any_rows and _kit_traces):
+        return None
+    key = (type(engine.rule), settings, tuple(c.name for c in codecs))
+    if key not in _any_size_options:
+        any_size = dict(options, state_min_numel=0)
+        view = ParamView(global_shape=torch.Size((2, 1)))  # any size: the threshold is 0
+        slots = engine.rule.active_slots(group)
+        same = all(resolve.codec_for(engine.rule, s, any_size, view).name == c.name for s, c in zip(slots, codecs))
+        if len(_any_size_options) > 1024:  # options that changed often
+            _any_size_options.clear()
+        _any_size_options[key] = any_size if same else None
+    return _any_size_options[key]
 
 
 class _Kernel:
@@ -1040,7 +1055,7 @@ class _Kernel:
     :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
     statistics in ``known``, one recording call per request, before the call that writes."""
 
-    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool):
+    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool, rows=None):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
         #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
         self.staged = staged
@@ -1058,7 +1073,8 @@ class _Kernel:
         self.state = unit.state
         #: entries of :attr:`state` the kernel returns for :meth:`step` to write (:func:`block_rows`)
         self.returned: tuple[str, ...] = ()
-        block = None if staged or eager else block_rows(engine, group, unit, codecs, (self.work, self.grad))
+        # rows: the block length of rows_block (unit_plan), which block_rows confirms for the tensors
+        block = None if staged or eager or rows is None else block_rows(rows, unit, (self.work, self.grad))
         if block is not None:
             (self.work, self.grad), self.state, self.returned = _as_block_rows(
                 block, (self.work, self.grad), unit.state
@@ -1073,12 +1089,15 @@ class _Kernel:
         self.requests: int | None = None  # how many statistics a staged step asks for
         self.parts: list[tuple[torch.Tensor, str]] = []
         self.settings = settings
+        #: what the kernel of one row count takes, where :func:`_rows_free` gave it another
+        self._shaped: tuple | None = None
+        if block is not None and self.work.shape[0] >= 2:
+            any_size = _rows_free(engine, group, codecs, options, settings)
+            if any_size is not None:
+                self._shaped = (self.global_shape, self.options, self.stats)
+                self.global_shape, self.options = None, any_size
+                self.stats = PieceStats(foreach=self.stats.foreach)
         self.key = self._key()
-        if block is not None and _rows_free(engine, group, codecs, self.work, options):
-            self._shaped = (self.global_shape, self.options, self.stats, self.key)
-            self.global_shape, self.stats = None, PieceStats(foreach=self.stats.foreach)
-            self.options = dict(options, state_min_numel=0)  # see _rows_free
-            self.key = self._key()
 
     def _key(self) -> tuple:
         """The kernel's key: everything its trace depends on (see :func:`_compiled_fn`). The
@@ -1127,7 +1146,8 @@ class _Kernel:
                 self.returned,
             )
         except _AnyRowsFailed:
-            self.global_shape, self.options, self.stats, self.key = self._shaped
+            self.global_shape, self.options, self.stats = self._shaped
+            self.key = self._key()
             return self._call(record)
         except Exception as error:
             if self.eager:
@@ -1279,6 +1299,7 @@ def reset() -> None:
     """Forget compiled kernels and a past failure (tests)."""
     global _failed, _kit_codegen, _kit_traces, _any_rows
     _kit_codegen = _kit_traces = _any_rows = True
+    _any_size_options.clear()
     _compiled.clear()
     _settings.clear()
     calls.clear()
