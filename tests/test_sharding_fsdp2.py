@@ -120,10 +120,11 @@ def test_fsdp2_compiled_kernel_steps_the_shards_and_matches_one_process(tmp_path
 @pytest.mark.slow
 def test_fsdp2_auto_compiles_many_small_tensors_of_one_shape_and_matches_one_process(tmp_path):
     """compile='auto' (the default) on 2 processes over 32 matrices of 16x256 beside the default
-    shapes (tests/distributed/common.py: MANY_SHAPES): each is under 65536 elements, but its 8-bit
-    step runs in rows of one block, so every process steps its 8 rows of each in the kernel of
-    any row count (hfoptim.core.compiled_step.auto_takes: decided from the global shape, so both
-    processes agree); the default shapes, whose rows are not whole blocks, keep the plain path. The
+    shapes (tests/distributed/common.py: MANY_SHAPES): each is under 65536 elements, but their
+    group steps 32 of their shape with 8-bit state, so every process steps its 8 rows of each in
+    the kernel (hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT; both processes count the same
+    units, so they agree; rows of one block: the kernel of any row count); the default shapes,
+    one of a shape each, keep the plain path. The
     parameters and state (8-bit codes exactly) equal the one-process run."""
     args = ["--cases", "adamw_8bit", "--compile", "auto", "--shapes", "many"]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=600)

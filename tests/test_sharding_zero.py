@@ -160,10 +160,11 @@ def test_zero2_segment_cut_inside_a_row_steps_its_whole_rows_in_the_kernel(tmp_p
 def test_zero2_auto_compiles_many_small_tensors_of_one_shape_and_matches_one_process(tmp_path):
     """compile='auto' (the default) under ZeRO-2 on 2 processes over 32 matrices of 16x256 beside
     the default shapes (tests/distributed/common.py: MANY_SHAPES): each is under 65536 elements,
-    but its 8-bit step runs in rows of one block, so the kernel of any row count steps them (held
-    whole by the process owning them, or the whole rows of a segment the boundary cuts); the
-    decision reads the global shape, an empty segment's too, so the processes agree. The default
-    shapes keep the plain path, and parameters and state equal the one-process run."""
+    but their group steps 32 of their shape with 8-bit state, so the kernel of any row count steps
+    them (held whole by the process owning them, or the whole rows of a segment the boundary
+    cuts); every process counts every parameter's segment, an empty one too, so the processes
+    agree. The default shapes keep the plain path, and parameters and state equal the
+    one-process run."""
     args = ["--stage", "2", "--cases", "adamw_8bit", "--compile", "auto", "--shapes", "many"]
     summary = run_worker(torchrun(2), "zero_worker.py", args, tmp_path / "out.json", timeout=600)
     assert summary["ran"] == ["adamw_8bit"]

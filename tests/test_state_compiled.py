@@ -567,14 +567,31 @@ def _kernel_shapes(monkeypatch, groups, name: str, **options) -> set:
         compiled_step.reset()
 
 
+def _kernel_calls(monkeypatch, groups, name: str, **options) -> dict:
+    """The kernel calls per key shape of one step of ``groups`` (as :func:`_kernel_shapes`)."""
+    compiled_step.reset()
+    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
+    for group in groups:
+        for p in group["params"]:
+            p.grad = torch.full_like(p, 0.01)
+    try:
+        hfoptim.create_optimizer(groups, name, **options).step()
+        counts: dict = {}
+        for key, n in compiled_step.calls.items():
+            counts[tuple(key[1])] = counts.get(tuple(key[1]), 0) + n
+        return counts
+    finally:
+        compiled_step.reset()
+
+
 def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch):
     """compile='auto' gives the kernel to tensors under 65536 elements whose state a form codes
     tensor by tensor (8-bit, 4-bit, bf16, SMMF) when their group steps 32 or more of their shape
     (LoRA adapters: one compilation for all of them); 31 of a shape, dense state (foreach operations
     over the bucket), tensors kept in fp32 (under state_min_numel) and another group's tensors of
-    the shape do not count. An 8-bit step in rows of one block takes the kernel whatever the count:
-    that kernel serves every shape (compiled_step._rows_free), so it costs no compilation of its own;
-    8-bit rows of 16 elements (not whole blocks) follow the count."""
+    the shape do not count. An 8-bit step in rows of one block takes the kernel whatever the count
+    when a tensor of 65536+ elements of its group takes the same kernel of any row count
+    (compiled_step.large_rows_blocks): no compilation of its own."""
 
     def params(n: int, shape) -> list:
         return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
@@ -582,18 +599,22 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
     lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
     for name in ("ademamix_4bit", "adamw_bf16", "adamw_smmf"):
         assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
-    # 8-bit: in rows of one block, by a kernel for any number of rows; (256, 16): 31, plain
+    # 8-bit: rows of one block, by the kernel of any number of rows (compiled_step._rows_free)
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit") == {(None, 256)}
     assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", compile="off") == set()
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit", state_min_numel=8192) == set()  # fp32 state
     split = [{"params": params(16, (16, 256))}, {"params": params(16, (16, 256)), "weight_decay": 0.0}]
-    assert _kernel_shapes(monkeypatch, split, "ademamix_4bit") == set()
-    assert _kernel_shapes(monkeypatch, split, "ademamix_4bit", compile="on") == {(16, 256)}
-    assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == {(None, 256)}  # 16 each: rows of one block
-    few = [{"params": params(3, (16, 256)) + params(3, (256, 16))}]
-    assert _kernel_shapes(monkeypatch, few, "adamw_8bit") == {(None, 256)}
-    assert _kernel_shapes(monkeypatch, few, "adamw_8bit", agc=0.01) == set()  # a modifier: parameter's shape
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit") == set()
+    assert _kernel_shapes(monkeypatch, split, "adamw_8bit", compile="on") == {(None, 256)}
+    few = params(3, (16, 256)) + params(3, (256, 16))
+    assert _kernel_calls(monkeypatch, [{"params": few}], "adamw_8bit") == {}
+    # beside a large tensor of rows of 256, the 16x256 ones share its kernel; rows of 16 do not
+    big = params(1, (512, 512))
+    assert _kernel_calls(monkeypatch, [{"params": few + big}], "adamw_8bit") == {(None, 256): 4}
+    assert _kernel_calls(monkeypatch, [{"params": few + big}], "ademamix_4bit") == {(512, 512): 1}
+    tall = params(1, (8192, 16))  # rows of 16, 131072 elements: the 256x16 ones share its kernel
+    assert _kernel_calls(monkeypatch, [{"params": few + big + tall}], "adamw_8bit") == {(None, 256): 4, (None, 16): 4}
 
 
 def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monkeypatch):
@@ -602,7 +623,7 @@ def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monke
     decides again."""
     compiled_step.reset()
     monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
-    # rows of 16: 8-bit blocks of 16, no rows of one 256-block, so the count decides (auto_takes)
+    # no tensor of the group takes a kernel by its size, so the count decides (auto_takes)
     params = [torch.nn.Parameter(torch.zeros(256, 16)) for _ in range(32)]
     opt = hfoptim.create_optimizer(params, "adamw_8bit")
 

@@ -106,6 +106,6 @@ def test_trainer_with_lora_adapters_compiles_the_shape_they_share(tmp_path):
         for key, n in compiled_step.calls.items():
             per_shape[key[1]] += n
         assert compiled_step._failed is None
-        assert per_shape == {(4, 32): 32 * steps}
+        assert per_shape == {(None, 32): 32 * steps}  # rows of one 8-bit block: the kernel of any row count
     finally:
         compiled_step.reset()

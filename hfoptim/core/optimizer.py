@@ -434,6 +434,11 @@ class RuleOptimizer(torch.optim.Optimizer):
         that many small tensors share (:func:`~hfoptim.core.compiled_step.auto_takes`)."""
         return self._shape_counts.get(id(group), {}).get(tuple(shape), 0)
 
+    def shape_counts(self, group: dict) -> Counter:
+        """The (global) shapes ``group`` steps and how many tensors of each, as
+        :meth:`tensors_of_shape` counts them (a new object at every :meth:`step`)."""
+        return self._shape_counts.get(id(group), Counter())
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: Any = None):
         """One optimization step.

@@ -70,8 +70,8 @@ class Codec(ABC):
     #: whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
     #: times the call of a compiled kernel, so ``compile="auto"`` gives the kernel to small tensors
     #: of this form when a group holds many of one shape (one compilation serves them all:
-    #: :data:`hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT`), or when their step runs in rows of
-    #: one block, whose kernel serves every shape (:func:`hfoptim.core.compiled_step.auto_takes`)
+    #: :data:`hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT`), or when they share the kernel of
+    #: a larger tensor of the group (:func:`hfoptim.core.compiled_step.auto_takes`)
     coded_per_tensor: ClassVar[bool] = False
 
     def fusable_for(self, view: ParamView) -> bool:

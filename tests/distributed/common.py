@@ -86,9 +86,8 @@ SQUARE_SHAPES = [
 
 #: SHAPES and 32 matrices of one small shape (``--shapes many``), as LoRA adapters come: under
 #: 65536 elements each, so ``compile="auto"`` compiles them only as a shape its group has 32 of
-#: (hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT) or, with 8-bit state, as rows of one block
-#: (hfoptim.core.compiled_step.auto_takes); 16 rows of 256: whole rows and 8-bit blocks on each
-#: of 2 FSDP2 processes
+#: (hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT); 16 rows of 256: whole rows and 8-bit
+#: blocks on each of 2 FSDP2 processes
 MANY_SHAPES = SHAPES + [(f"lora{i}", (16, 256)) for i in range(32)]
 
 
