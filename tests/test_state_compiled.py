@@ -555,20 +555,12 @@ def test_auto_compiles_only_large_tensors_and_off_never(monkeypatch):
 def _kernel_shapes(monkeypatch, groups, name: str, **options) -> set:
     """The shapes ``name`` with ``options`` sends to the compiled kernel in one step of
     ``groups`` (the kernel runs uncompiled here: only the decision is tested)."""
-    compiled_step.reset()
-    monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
-    for group in groups:
-        for p in group["params"]:
-            p.grad = torch.full_like(p, 0.01)
-    try:
-        hfoptim.create_optimizer(groups, name, **options).step()
-        return {tuple(key[1]) for key in compiled_step.calls}
-    finally:
-        compiled_step.reset()
+    return set(_kernel_calls(monkeypatch, groups, name, **options))
 
 
 def _kernel_calls(monkeypatch, groups, name: str, **options) -> dict:
-    """The kernel calls per key shape of one step of ``groups`` (as :func:`_kernel_shapes`)."""
+    """The kernel calls per key shape ``name`` with ``options`` makes in one step of ``groups``
+    (the kernel runs uncompiled here: only the decision is tested)."""
     compiled_step.reset()
     monkeypatch.setattr(compiled_step, "_compiled_fn", lambda key=(): compiled_step._advance_one)
     for group in groups:

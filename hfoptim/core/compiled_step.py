@@ -742,9 +742,8 @@ def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.devic
     (:func:`rows_block`: 8-bit state, two blocks or more) of a length that a tensor of
     :data:`AUTO_MIN_NUMEL` elements or more of the group takes too (:func:`large_rows_blocks`):
     the kernel of any row count they share is compiled anyway (:func:`_rows_free`). A group of
-    small tensors only stays plain, as
-    before: a short run would not win a compilation back. Global sizes and counts: the same
-    answer on every process."""
+    small tensors only stays plain, as before: a short run would not win a compilation back.
+    Global sizes and counts: the same answer on every process."""
     if view.global_numel >= AUTO_MIN_NUMEL:
         return all(c.auto_compiles for c in codecs)
     if not all(c.auto_compiles or c.coded_per_tensor for c in codecs):
