@@ -246,3 +246,62 @@ def test_a_kernel_that_depends_on_its_row_count_is_not_traced_for_any():
         TracedKernel(branches_on_rows, {}, symbolic_rows=True)(torch.ones(8, 4))
     x = torch.ones(8, 4)  # for one row count it compiles
     torch.testing.assert_close(TracedKernel(branches_on_rows, {})(x), x * 2)
+
+
+def test_a_zero_dim_operand_broadcasts_over_any_number_of_rows():
+    """Fake tensors' shape functions of lerp, addcmul and addcdiv broadcast with ATen's expand,
+    which takes no symbols: the kit's trace expands their operands first
+    (tracing._broadcast_first). A 0-d weight, as AdEMAMix's under its warm-ups, then traces for
+    any number of rows, with the numbers of the eager operations."""
+
+    def mixes(x, y, weight):
+        x.lerp_(y, weight)
+        return torch.addcmul(x, weight, y), torch.addcdiv(x, y, weight + 1)
+
+    kernel = TracedKernel(mixes, {}, symbolic_rows=True)
+    for rows in (3, 40):
+        x, y, weight = torch.randn(rows, 16), torch.randn(rows, 16), torch.tensor(0.3)
+        expect_x = x.clone().lerp_(y, weight)
+        products, quotients = kernel(x, y, weight)
+        torch.testing.assert_close(x, expect_x)
+        torch.testing.assert_close(products, torch.addcmul(expect_x, weight, y))
+        torch.testing.assert_close(quotients, torch.addcdiv(expect_x, y, weight + 1))
+
+
+_TEST_OPS = torch.library.Library("hfoptim_test_tracing", "DEF")
+_TEST_OPS.define("fails_on_fakes(Tensor x) -> Tensor")
+_TEST_OPS.impl("fails_on_fakes", lambda x: x * 2, "CPU")
+
+
+def _fails_on_fakes_meta(x):
+    raise RuntimeError("no shape for this input")
+
+
+_TEST_OPS.impl("fails_on_fakes", _fails_on_fakes_meta, "Meta")
+
+
+def test_a_trace_that_fails_on_fake_tensors_is_reported_once_by_the_kit_not_by_torch():
+    """An operation whose shape function fails on the trace's fake tensors: the kit raises
+    TraceFailed (and handles it: torch.compile or a kernel of one row count takes over, said
+    once), so torch's fake tensors log no error with a traceback meanwhile; outside the trace
+    their log is as it was."""
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    keep = Keep(level=logging.DEBUG)
+    fake_tensor_log.addHandler(keep)
+    try:
+        with pytest.raises(TraceFailed, match="no shape for this input"):
+            TracedKernel(torch.ops.hfoptim_test_tracing.fails_on_fakes, {})(torch.ones(4))
+        assert not [r for r in records if r.levelno >= logging.ERROR]
+        assert not fake_tensor_log.filters
+        fake_tensor_log.error("after the trace")
+        assert [r.getMessage() for r in records] == ["after the trace"]
+    finally:
+        fake_tensor_log.removeHandler(keep)

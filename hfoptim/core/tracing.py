@@ -24,6 +24,7 @@ takes its traced forms (operations inductor fuses well, no reads of data or addr
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -68,6 +69,59 @@ def _traced():
         yield
     finally:
         _tracing = before
+
+
+class _FakeTensorErrors(logging.Filter):
+    """Drops the records torch's fake tensors log at error level (with a traceback) when an
+    operation fails on them: in :meth:`TracedKernel._trace` the error is raised as
+    :class:`TraceFailed`, which the kit handles and reports once (a kernel of one row count, or
+    torch.compile's trace, takes over), so torch's traceback would only alarm."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors():
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
+    quiet = _FakeTensorErrors()
+    fake_tensor_log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        fake_tensor_log.removeFilter(quiet)
+
+
+def _broadcast_first(op: torch._ops.OpOverload) -> Callable:
+    """``op`` with its tensor operands expanded to their broadcast shape first; NotImplemented
+    (``op`` as it is) when they have it already.
+
+    Fake tensors' shape functions of ``lerp``, ``addcmul`` and ``addcdiv`` broadcast their
+    operands with ATen's ``expand``, which takes only concrete sizes: with a first dimension traced
+    as a symbol (:class:`TracedKernel`'s ``symbolic_rows``) and a 0-d tensor operand, as AdEMAMix's
+    slow weight is under a ``t_beta3`` warm-up, they fail ("SymIntArrayRef expected to contain
+    only concrete integers", torch 2.13). Expanded before the operation, the sizes reach
+    ``expand`` through the trace, which takes symbols. An expand is a view: inductor reads the
+    operand with a zero stride either way, and computes the same numbers."""
+
+    def expanded_first(*args, **kwargs):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        if all(t.shape == shape for t in tensors):
+            return NotImplemented
+        return op(*(a.expand(shape) if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
+
+    return expanded_first
+
+
+#: operations the kit's traces rewrite (make_fx's ``decomposition_table``): :func:`_broadcast_first`
+_DECOMPOSED = {
+    op: _broadcast_first(op)
+    for op in (
+        torch.ops.aten.lerp.Tensor, torch.ops.aten.lerp_.Tensor, torch.ops.aten.addcmul.default,
+        torch.ops.aten.addcmul_.default, torch.ops.aten.addcdiv.default, torch.ops.aten.addcdiv_.default,
+    )
+}  # fmt: skip
 
 
 def _follow(args: tuple, path: tuple) -> Any:
@@ -171,8 +225,9 @@ class TracedKernel:
 
         try:
             # real tensors the function reads besides its arguments (code tables) become constants
-            with _traced(), torch.no_grad():
-                gm = make_fx(graph, tracing_mode="fake", _allow_non_fake_inputs=True)(*tensors)
+            trace = make_fx(graph, decomposition_table=_DECOMPOSED, tracing_mode="fake", _allow_non_fake_inputs=True)
+            with _traced(), torch.no_grad(), _quiet_fake_tensor_errors():
+                gm = trace(*tensors)
         except Exception as error:
             raise TraceFailed(f"{type(error).__name__}: {error}") from error
         for node in gm.graph.nodes:
