@@ -151,7 +151,9 @@ def test_zero2_segment_cut_inside_a_row_steps_its_whole_rows_in_the_kernel(tmp_p
     assert summary["ran"] == ["adamw_8bit"]
     detail = summary["results"][0]["detail"]
     shapes = {tuple(s) for s in detail["compiled_shapes_all_ranks"]}
-    assert {(32, 97), (34, 97)} <= shapes
+    # rows of 97 are rows of one 8-bit block: the 32 and the 34 whole rows take the kernel of any
+    # row count of that length
+    assert (None, 97) in shapes
     assert detail["compiled_steps_all_ranks"] > 0
     assert detail["kernels_before_collectives_all_ranks"] == 0
 

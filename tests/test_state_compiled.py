@@ -605,6 +605,8 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
     big = params(1, (512, 512))
     assert _kernel_calls(monkeypatch, [{"params": few + big}], "adamw_8bit") == {(None, 256): 4}
     assert _kernel_calls(monkeypatch, [{"params": few + big}], "ademamix_4bit") == {(512, 512): 1}
+    tall = params(1, (8192, 16))  # rows of 16, 131072 elements: the 256x16 ones share its kernel
+    assert _kernel_calls(monkeypatch, [{"params": few + big + tall}], "adamw_8bit") == {(None, 256): 4, (None, 16): 4}
 
 
 def test_the_per_unit_decisions_follow_the_counts_and_options_of_each_step(monkeypatch):
@@ -773,13 +775,14 @@ def test_ademamix_8bit_with_its_warm_ups_takes_the_kernel_of_any_row_count():
     """Under AdEMAMix's warm-ups (``t_alpha``, ``t_beta3``) its slow weight is a 0-d tensor, whose
     ``lerp`` fake tensors failed to broadcast over a row count traced as a symbol: the trace
     failed, torch logged its traceback and every later kernel took one row count
-    (tracing._broadcast_first). Now the kernel of any row count steps such tensors, as the
-    plain path does."""
+    (tracing._broadcast_first; so in make demo, whose matrices have rows of 128). Now the kernels
+    of any row count step such tensors, as the plain path does."""
     hp = dict(lr=1e-2, betas=(0.8, 0.99, 0.995), alpha=4.0, t_alpha=10, t_beta3=10, weight_decay=0.1)
 
     def run(mode: str):
         gen = torch.Generator().manual_seed(0)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in ((64, 512), (96, 256))]
+        shapes = ((64, 512), (96, 256), (40, 128), (48, 128))  # rows of whole blocks, and short ones
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
         opt = hfoptim.create_optimizer(params, "ademamix_8bit", compile=mode, **hp)
         for _ in range(3):
             for p in params:
@@ -790,7 +793,7 @@ def test_ademamix_8bit_with_its_warm_ups_takes_the_kernel_of_any_row_count():
     compiled_step.reset()
     try:
         compiled, c_opt = run("on")
-        assert compiled_step._any_rows and {key[1] for key in compiled_step.calls} == {(None, 256)}
+        assert compiled_step._any_rows and {key[1] for key in compiled_step.calls} == {(None, 256), (None, 128)}
         plain, p_opt = run("off")
         _assert_as_the_plain_path(compiled, c_opt, plain, p_opt)
     finally:

@@ -63,7 +63,7 @@ def test_trainer_schedule_compiles_once_per_shape_and_runs_compiled_every_step(t
         per_shape[key[1]] += n
     expected = Counter()
     for p in params:
-        in_rows = p.dim() == 2 and p.shape[1] % 256 == 0 and "exp_avg.codes" in opt.state[p]
+        in_rows = p.dim() == 2 and "exp_avg.codes" in opt.state[p]
         expected[(None, p.shape[1]) if in_rows else tuple(p.shape)] += steps
     assert per_shape == expected
     # ... which was traced and compiled once: no recompilation for the learning rate or the step
@@ -111,6 +111,6 @@ def test_trainer_with_lora_adapters_compiles_the_shape_they_share(tmp_path):
         for key, n in compiled_step.calls.items():
             per_shape[key[1]] += n
         assert compiled_step._failed is None
-        assert per_shape == {(4, 32): 32 * steps}
+        assert per_shape == {(None, 32): 32 * steps}  # rows of one 8-bit block: the kernel of any row count
     finally:
         compiled_step.reset()

@@ -10,8 +10,9 @@ optimizer: torch's AdamW; ``adamw_8bit``, the same algorithm with its two moment
 (a quarter of the state, the same loss); and ``ademamix_8bit``, AdEMAMix (Pagliardini et al.
 2024, arXiv 2409.03137) in 8 bits, whose slow momentum (``beta3 = 0.999`` here, 0.9999 in the
 paper) pays off over tens of thousands of steps, not the few hundred of a demo. The 8-bit state
-runs on the compiled path (``compile="auto"``: inductor fuses each large tensor's step; the
-first step compiles, announced on the log). It prints a table (validation loss and perplexity,
+runs on the compiled path (``compile="auto"``: inductor fuses each large tensor's step, and the
+small matrices of the embedding's row length share its kernel; the first step compiles,
+announced on the log). It prints a table (validation loss and perplexity,
 optimizer-state bytes, step time, each run's wall time and its ratio to AdamW's), what the same
 choice means for a 7B-parameter model, and writes into ``--output-dir`` (default ``outputs/demo``):
 

@@ -201,10 +201,15 @@ class Blockwise8bit(Codec):
 
     def row_block(self, view: ParamView) -> int | None:
         """Rows of whole blocks (:func:`aligned`) hold the same blocks seen as rows of one block
-        each, and a compiled step then computes their maxima in the loop of its update. (Rows
-        shorter than a block, one short block each, are not offered: the trace of AdEMAMix's
-        step for any number of them failed in ``lerp``'s shape inference, torch 2.13.)"""
-        return BLOCK if aligned(view) else None
+        each, and a compiled step then computes their maxima in the loop of its update. Rows of a
+        2+-D parameter shorter than a block are one (short) block each already: the block length
+        is theirs (a model of hidden size 128, LoRA's B matrices), and their kernel serves every
+        parameter of that row length (:func:`~hfoptim.core.compiled_step._rows_free`)."""
+        if aligned(view):
+            return BLOCK
+        if len(view.global_shape) >= 2 and 0 < view.row_len < BLOCK:
+            return view.row_len
+        return None
 
     kinds = frozenset({FIRST_MOMENT, SECOND_MOMENT})
     #: a block never crosses a row of a 2+-D tensor: rows are coded on their own
