@@ -74,6 +74,10 @@ DEFAULT_NAMES = [
 SMOKE_NAMES = ["adamw_8bit", "adamw_bf16"]
 
 
+def _nothing() -> None:
+    """Releasing a step that holds no DeepSpeed engine: nothing to do."""
+
+
 def lscpu() -> dict:
     """``lscpu``'s model name and flags (the vector extensions decide how fast the kernels are)."""
     try:
@@ -290,7 +294,7 @@ def worker(args) -> int:
                 else:
                     local.append(p)
                 p.grad = g
-            release = None
+            release = _nothing
         return opt.step, sum(t.numel() for t in local), release
 
     def timed(step, n: int, faults: list) -> float:
@@ -305,7 +309,7 @@ def worker(args) -> int:
         return seconds
 
     rows = []
-    release = None
+    release = _nothing
     for given in args.sets.split(","):
         shapes = param_shapes(given, args.smoke)
         label = f"{given} (smoke: tiny)" if args.smoke else given
@@ -314,9 +318,8 @@ def worker(args) -> int:
         for name in args.names.split(","):
             # the previous candidate's optimizer, model and DeepSpeed engine go first: kept alive
             # beside the next one, a ZeRO-2 run of every form ran out of memory
-            if release is not None:
-                release()
-            step = release = None
+            release()
+            step, release = None, _nothing
             gc.collect()
             before_calls = sum(compiled_step.calls.values())
             try:
@@ -368,10 +371,9 @@ def worker(args) -> int:
                     f"{r['compiled_params_first_step']:.0f} compiled",
                     flush=True,
                 )
-        for done in (release, base_release):  # this set's last candidate and its AdamW
-            if done is not None:
-                done()
-        release = None
+        release()  # this set's last candidate, then its AdamW
+        base_release()
+        release = _nothing
     if rank == 0:
         Path(args.out).write_text(json.dumps(rows))
     if distributed:

@@ -57,6 +57,10 @@ DEFAULT_NAMES = [
 MUON_NAMES = ["muon", "muon_8bit"]
 
 
+def _nothing() -> None:
+    """Releasing a step that holds no DeepSpeed engine: nothing to do."""
+
+
 def exchange_bytes(span_lists, element_size: int) -> tuple[int, int]:
     """``(bytes over all processes, per step, of Muon's two all-to-alls; what an all-gather of
     every matrix on every process would move)``. ``span_lists``: for each ``matrix_map`` call of
@@ -152,7 +156,8 @@ def worker(args) -> int:
             return sum(b.weight.sum() for b in self.blocks) * x
 
     def build(backend: str, name: str):
-        """(step function, the hfoptim engine) for ``name`` under ``backend``."""
+        """(step function, the hfoptim engine, a function that releases what the step holds) for
+        ``name`` under ``backend``."""
         net = Net()
         kwargs = {}
         if hfoptim.get_optimizer(name).rule.name == "muon":  # the embedding takes AdamW, as in a model
@@ -171,6 +176,7 @@ def worker(args) -> int:
             gen = torch.Generator().manual_seed(1)
             for p in net.parameters():
                 p.grad = distribute_tensor(torch.randn(p.shape, generator=gen) * 1e-2, p.device_mesh, p.placements)
+            release = _nothing
         else:
             import deepspeed
 
@@ -186,6 +192,7 @@ def worker(args) -> int:
             }
             ds_engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, config=config)
             opt = attach(ds_engine)
+            release = ds_engine.destroy  # (ZeRO's gradient hooks keep an engine alive: layouts.py)
             gen = torch.Generator().manual_seed(1 + rank)
             for g in opt.param_groups:
                 for flat in g["params"]:
@@ -198,7 +205,7 @@ def worker(args) -> int:
             opt.step()
 
         step()  # state created, layout chosen
-        return step, engine
+        return step, engine, release
 
     def sent_bytes(stats) -> int:
         return getattr(stats, "bytes_reduced", 0) + getattr(stats, "bytes_sent", 0)
@@ -215,10 +222,10 @@ def worker(args) -> int:
     names = args.names.split(",") if args.names else MUON_NAMES if args.muon else DEFAULT_NAMES
     rows = []
     for backend in backends:
-        base_step, _ = build(backend, "adamw")
+        base_step, _, base_release = build(backend, "adamw")
         for name in names:
             try:
-                step, engine = build(backend, name)
+                step, engine, release = build(backend, name)
             except Exception as error:  # a name this backend refuses: record it
                 rows.append({"backend": backend, "name": name, "error": str(error).splitlines()[0][:200]})
                 continue
@@ -269,6 +276,8 @@ def worker(args) -> int:
                     f"{r['comm_ms_per_step']:6.2f} ms comm",
                     flush=True,
                 )
+            release()
+        base_release()
     if rank == 0 and args.print_only:
         print(json.dumps(rows, indent=1))
     elif rank == 0 and args.muon:
