@@ -71,25 +71,22 @@ def _traced():
         _tracing = before
 
 
-class _FakeTensorErrors(logging.Filter):
-    """Drops the records torch's fake tensors log at error level (with a traceback) when an
-    operation fails on them: in :meth:`TracedKernel._trace` the error is raised as
+@contextlib.contextmanager
+def _quiet_fake_tensor_errors():
+    """While inside, the records torch's fake tensors log at error level (with a traceback) when an
+    operation fails on them are dropped: in :meth:`TracedKernel._trace` the error is raised as
     :class:`TraceFailed`, which the kit handles and reports once (a kernel of one row count, or
     torch.compile's trace, takes over), so torch's traceback would only alarm."""
 
-    def filter(self, record: logging.LogRecord) -> bool:
+    def below_error(record: logging.LogRecord) -> bool:
         return record.levelno < logging.ERROR
 
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_errors():
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")
-    quiet = _FakeTensorErrors()
-    fake_tensor_log.addFilter(quiet)
+    fake_tensor_log.addFilter(below_error)
     try:
         yield
     finally:
-        fake_tensor_log.removeFilter(quiet)
+        fake_tensor_log.removeFilter(below_error)
 
 
 def _broadcast_first(op: torch._ops.OpOverload) -> Callable:
