@@ -90,8 +90,8 @@ def _quiet_fake_tensor_errors():
 
 
 def _broadcast_first(op: torch._ops.OpOverload) -> Callable:
-    """``op`` with its tensor operands expanded to their broadcast shape first; NotImplemented
-    (``op`` as it is) when they have it already.
+    """``op`` with its tensor operands expanded to their broadcast shape first, where that shape
+    holds a symbol; NotImplemented (``op`` as it is) otherwise.
 
     Fake tensors' shape functions of ``lerp``, ``addcmul`` and ``addcdiv`` broadcast their
     operands with ATen's ``expand``, which takes only concrete sizes: with a first dimension traced
@@ -99,12 +99,16 @@ def _broadcast_first(op: torch._ops.OpOverload) -> Callable:
     slow weight is under a ``t_beta3`` warm-up, they fail ("SymIntArrayRef expected to contain
     only concrete integers", torch 2.13). Expanded before the operation, the sizes reach
     ``expand`` through the trace, which takes symbols. An expand is a view: inductor reads the
-    operand with a zero stride either way, and computes the same numbers."""
+    operand with a zero stride either way, and computes the same numbers.
+
+    Over concrete sizes the operation is left as it is: expanded first, SMMF's step (outer
+    products of its factors, viewed to the parameter's shape) gave inductor index expressions
+    whose simplification ran for over 15 minutes."""
 
     def expanded_first(*args, **kwargs):
         tensors = [a for a in args if isinstance(a, torch.Tensor)]
         shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-        if all(t.shape == shape for t in tensors):
+        if all(isinstance(size, int) for size in shape) or all(t.shape == shape for t in tensors):
             return NotImplemented
         return op(*(a.expand(shape) if isinstance(a, torch.Tensor) else a for a in args), **kwargs)
 
