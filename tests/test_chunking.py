@@ -193,6 +193,50 @@ def test_an_embedding_step_stays_within_the_chunk_budget():
         assert torch.equal(opt.state[p][key], value), key
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "dtype", "calls"),
+    [
+        ("adamw_8bit", torch.float32, 1),
+        ("ademamix_8bit", torch.float32, 1),
+        ("adan_8bit", torch.float32, 1),
+        # fp32 copies of the bf16 parameter and gradient: 1 + 8 bytes per element, 4 pieces
+        ("adamw_8bit", torch.bfloat16, 4),
+    ],
+)
+def test_the_kernel_in_rows_of_one_block_steps_an_embedding_in_calls_of_its_temporaries(name, dtype, calls):
+    """The compiled 8-bit step in rows of one block keeps what it computes in buffers of one
+    block and allocates one scale per block and slot (and fp32 copies of a bf16 parameter and
+    gradient): its calls are sized by that bound (compiled_step.block_rows_bytes), not by the
+    plain path's 64 bytes per element. The 32000x768 embedding is one call within the default
+    budget (25 on the plain path), the bf16 one four; the step holds at most the bound, and it
+    computes what its kernel computes in 25 pieces (a budget of the bound times 1280 rows)."""
+    bound = 1 if dtype == torch.float32 else 9
+    compiled_step.reset()
+    runs = []
+    try:
+        for chunk_bytes in (None, bound * 1280 * 768):
+            torch.manual_seed(0)
+            p = torch.nn.Parameter(torch.randn(32000, 768, dtype=dtype))
+            opt = hfoptim.create_optimizer([p], name, chunk_bytes=chunk_bytes, compile="on", lr=1e-3)
+            p.grad = torch.randn_like(p)
+            opt.step()  # creates the state and compiles
+            p.grad = torch.randn_like(p)
+            group = opt.param_groups[0]
+            units = opt.layout.units(opt, group)
+            assert compiled_step.block_rows_bytes(opt, group, units, opt.layout.stats) == [bound]
+            before = sum(compiled_step.calls.values())
+            runs.append((p, opt, _peak_bytes(opt.step), sum(compiled_step.calls.values()) - before))
+    finally:
+        compiled_step.reset()
+    (p, opt, peak, stepped), (q, ref, _, pieces) = runs
+    assert (stepped, pieces) == (calls, 25)
+    assert peak <= min(bound * p.numel(), chunking.DEFAULT_CHUNK_BYTES), peak
+    assert torch.equal(p, q)
+    for key, value in ref.state[q].items():
+        assert torch.equal(opt.state[p][key], value), key
+
+
 def test_the_default_chunk_budget_depends_on_the_device():
     """``chunk_bytes=None`` (the default) bounds a call at 64 MiB of temporaries on a CPU and at
     1 GiB on a GPU, whose per-call host cost outweighs a small piece's work; a number given is

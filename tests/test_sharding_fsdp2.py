@@ -51,18 +51,24 @@ def test_fsdp2_muon_orthogonalizes_each_matrix_whole_once(tmp_path, nproc):
 @pytest.mark.parametrize("compile", ["on", "off"])
 def test_fsdp2_large_shards_are_stepped_in_row_pieces(tmp_path, compile):
     """A shard whose step needs nothing of the other process (FSDP2 rows, whole 8-bit blocks) is
-    stepped in row pieces of at most ``chunk_bytes`` worth of elements over the 2 processes, on
-    the compiled and the plain path: with a 2000-element budget, 1000 of each process's elements
-    (10 rows of "big", 67x97), the process holding 34 rows steps them as 4 pieces (9, 9, 9, 7),
-    the one holding 33 as 4 too (9, 9, 9, 6), and parameters and state equal the one-process run
-    (which cuts the whole tensor into its own pieces of at most 2000 elements)."""
+    stepped in row pieces of at most ``chunk_bytes`` worth of elements over the 2 processes: on
+    the plain path (64 bytes per element) with a 2000-element budget, 1000 of each process's
+    elements (10 rows of "big", 67x97), the process holding 34 rows steps them as 4 pieces (9,
+    9, 9, 7), the one holding 33 as 4 too (9, 9, 9, 6). The compiled kernel steps "big" in rows
+    of one block (97 elements: one short block a row), which holds a byte per element
+    (hfoptim.core.compiled_step.block_rows_bytes): the same budget keeps each shard one call
+    (tests/test_sharding_zero.py cuts such shards with a budget of their size). Parameters and
+    state equal the one-process run (which cuts the whole tensor by the same rules)."""
     args = ["--cases", "adamw_8bit,ademamix_8bit", "--compile", compile, "--chunk-bytes", str(64 * 2000)]
     summary = run_worker(torchrun(2), "fsdp2_worker.py", args, tmp_path / "out.json", timeout=1200)
     assert summary["ran"] == ["adamw_8bit", "ademamix_8bit"]
     if compile == "on":
         counts = {r["case"]: r["detail"]["compiled_steps_all_ranks"] for r in summary["results"]}
-        # per step: emb, lin_w, conv on both processes, row1 on one, big as 4 + 4 pieces
-        assert counts == {"adamw_8bit": (3 + 3 + 1 + 8) * 4, "ademamix_8bit": (3 + 3 + 1 + 8) * 4}
+        # per step: emb, lin_w, conv on both processes, row1 on one, big as one call on each
+        assert counts == {"adamw_8bit": (3 + 3 + 1 + 2) * 4, "ademamix_8bit": (3 + 3 + 1 + 2) * 4}
+    else:
+        pieces = {r["case"]: r["detail"]["shard_pieces_all_ranks"] for r in summary["results"]}
+        assert pieces == {"adamw_8bit": (4 + 4) * 4, "ademamix_8bit": (4 + 4) * 4}, pieces
 
 
 @pytest.mark.slow

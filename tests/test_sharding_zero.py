@@ -179,11 +179,13 @@ def test_zero2_auto_compiles_many_small_tensors_of_one_shape_and_matches_one_pro
 @pytest.mark.slow
 def test_zero3_partitions_of_whole_rows_are_stepped_in_row_pieces(tmp_path):
     """ZeRO-3 over row-aligned shapes: each process's 34 rows of "big" (68x97) exceed a
-    2000-element ``chunk_bytes`` budget and are stepped as row pieces (more kernel calls than
-    the same run without the budget), and parameters and state still equal the one-process run."""
+    2000-byte ``chunk_bytes`` budget, 2000 elements for the kernel in rows of one block, which
+    holds a byte per element (hfoptim.core.compiled_step.block_rows_bytes), and are stepped as
+    row pieces (more kernel calls than the same run without the budget), and parameters and
+    state still equal the one-process run."""
     base = ["--stage", "3", "--cases", "adamw_8bit", "--compile", "on", "--shapes", "rows"]
     counts = []
-    for extra in ([], ["--chunk-bytes", str(64 * 2000)]):
+    for extra in ([], ["--chunk-bytes", "2000"]):
         summary = run_worker(torchrun(2), "zero_worker.py", base + extra, tmp_path / "out.json", timeout=1200)
         assert summary["ran"] == ["adamw_8bit"]
         counts.append(summary["results"][0]["detail"]["compiled_steps_all_ranks"])

@@ -724,12 +724,14 @@ def test_8bit_steps_in_rows_of_one_block_compile_to_one_outer_loop(fresh_dynamo,
 
 def _steps_in_rows(shapes, name: str = "adamw_8bit") -> tuple[list, list, set]:
     """Three compiled steps of ``name`` over parameters of ``shapes`` (the largest cut into row
-    pieces by ``chunk_bytes``): the parameters, their state and the shapes of the kernel keys."""
+    pieces by ``chunk_bytes``: 65536 elements a call for a kernel in rows of one block, which
+    holds a byte per element: hfoptim.core.compiled_step.block_rows_bytes): the parameters, their
+    state and the shapes of the kernel keys."""
     compiled_step.reset()
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
     opt = hfoptim.create_optimizer(
-        params, name, compile="on", chunk_bytes=64 * 65536, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99)
+        params, name, compile="on", chunk_bytes=65536, lr=1e-2, weight_decay=0.1, betas=(0.8, 0.99)
     )
     for _ in range(3):
         for p in params:

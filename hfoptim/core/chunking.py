@@ -77,6 +77,12 @@ from .stats import LocalStats, ParamView, PieceStats, StagedPieceStats
 #: an upper bound of the step's temporary bytes per element processed (the plain 8-bit path,
 #: the most, measured ~48)
 TRANSIENT_BYTES_PER_ELEMENT = 64
+#: units of at least ``1 / LARGE_SHARE`` of a call's elements are asked whether the compiled kernel
+#: steps them with fewer temporaries (:func:`~hfoptim.core.compiled_step.block_rows_bytes`: one
+#: call of a large tensor instead of pieces); smaller ones count as the plain path's, which
+#: changes only how many of them share a call, and costs no question (about 10 us a unit: 2 ms
+#: of a LoRA set's step of 224 adapters)
+LARGE_SHARE = 8
 #: ``chunk_bytes`` when the option is None (its default) and the parameters are on a CPU
 DEFAULT_CHUNK_BYTES = 64 << 20
 #: ``chunk_bytes`` when the option is None and the parameters are on a GPU (any device but the
@@ -429,7 +435,8 @@ def plan(
             if parts is None:
                 continue
             whole = parts[1]
-            most = piece_numel(limit, unit.view) if limit else None
+            (per_element,) = compiled_step.block_rows_bytes(engine, group, [whole], piece_stats)
+            most = piece_numel(_unit_limit(limit, per_element), unit.view) if limit else None
             rows = rows_per_piece(whole.view.rows, whole.view.row_len, most) if most else whole.view.rows
             whole_pieces = [whole] if rows >= whole.view.rows else pieces(engine, group, whole, rows)
             calls.extend(([piece], piece_stats) for piece in whole_pieces)
@@ -441,8 +448,14 @@ def plan(
     # units held whole here beside sharded ones (the local experts of an FSDP2 shard) differ from
     # process to process: only the sharded units' global sizes decide the chunks, the same everywhere
     sharded = any(u.view.sharded for u in bucket)
-    for unit in bucket:
-        numel = call_numel(unit.view) if unit.view.sharded or not sharded else 0
+    numels = [call_numel(u.view) if u.view.sharded or not sharded else 0 for u in bucket]
+    large = [i for i, numel in enumerate(numels) if numel >= limit // LARGE_SHARE]
+    kernel_bytes = dict(zip(large, compiled_step.block_rows_bytes(engine, group, [bucket[i] for i in large], stats)))
+    for i, (unit, numel) in enumerate(zip(bucket, numels)):
+        per_element = kernel_bytes.get(i)
+        if per_element is not None:
+            # the kernel in rows of one block: its elements count for what its temporaries hold
+            numel = -(-numel * per_element // TRANSIENT_BYTES_PER_ELEMENT)
         if numel <= limit and _sums_by_pieces(engine, group, unit):
             if whole_shards and whole_size + numel > limit:
                 calls.append((whole_shards, PieceStats(foreach=stats.foreach)))
@@ -458,7 +471,8 @@ def plan(
             continue
         if numel > limit and (shard_cuttable if unit.view.sharded else cuttable)(engine, group, unit):
             piece_stats = PieceStats(foreach=stats.foreach)
-            cut = pieces(engine, group, unit, _piece_rows(engine, group, unit, limit), shard_sums)
+            rows = _piece_rows(engine, group, unit, _unit_limit(limit, per_element))
+            cut = pieces(engine, group, unit, rows, shard_sums)
             planned["shard" if unit.view.sharded else "whole"] += len(cut)
             planned["uncut"] += len(cut) if share > 1 else 0
             calls.extend(([piece], piece_stats) for piece in cut)
@@ -473,6 +487,13 @@ def plan(
     if whole_shards:
         calls.append((whole_shards, PieceStats(foreach=stats.foreach)))
     return calls
+
+
+def _unit_limit(limit: int, per_element: int | None) -> int:
+    """The elements of a unit whose step holds ``per_element`` bytes of temporaries per element
+    (None: :data:`TRANSIENT_BYTES_PER_ELEMENT`) that one call may process under the call limit
+    ``limit`` (:func:`chunk_numel`)."""
+    return limit if per_element is None else limit * TRANSIENT_BYTES_PER_ELEMENT // per_element
 
 
 def _sums_by_pieces(engine, group: dict, unit: Unit) -> bool:

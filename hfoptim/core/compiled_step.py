@@ -853,6 +853,45 @@ def takes(engine, group: dict, unit, stats) -> bool:
     return unit_plan(engine, group, unit, engine.rule.active_slots(group), settings)[1]
 
 
+def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None]:
+    """For each of ``units`` (of one bucket, with the statistics backend ``stats``), the bytes of
+    temporaries per element that its compiled step holds when the kernel steps it in rows of one
+    block (:func:`block_rows`), else None.
+
+    Such a kernel keeps what it computes in buffers of one block per thread
+    (:mod:`~hfoptim.core.local_buffers`) and allocates only what it returns, one value per block
+    and 8-bit slot (the new scales: at most ``4 * slots / block`` bytes per element), plus the
+    fp32 copies of a parameter or gradient of another dtype it steps (:class:`_Kernel`). A whole
+    ``ademamix_8bit`` step of a 32000x768 tensor allocated 0.047 bytes per element (the profiler's
+    memory events; ``tests/test_chunking.py`` checks the bound on three rules).
+
+    A shard answers from what every process shares, so that every process cuts the same calls:
+    a shard of whole rows that :func:`shard_local` steps alone, the view of the whole parameter,
+    and the dtypes (the local tensors of FSDP2's and ZeRO's shards are contiguous, which
+    :func:`block_rows` needs too)."""
+    if not units or not _group_takes(engine, group, units[0], stats):
+        return [None] * len(units)
+    slots = engine.rule.active_slots(group)
+    settings = settings_of(group, hyperparameters(engine, group))
+    out: list[int | None] = []
+    for unit in units:
+        codecs, takes_kernel, in_stages, rows = unit_plan(engine, group, unit, slots, settings)
+        view = unit.view
+        if view.sharded and takes_kernel and not in_stages:
+            whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
+            local = shard_local(engine, group, view, slots, codecs)
+            rows = rows_block(engine, group, whole, codecs, unit.param.device) if local else None
+        elif rows is not None and block_rows(rows, unit, (unit.param, unit.grad)) is None:
+            rows = None
+        if not takes_kernel or rows is None:
+            out.append(None)
+            continue
+        dtype = engine.compute_dtype(unit.param)
+        copies = (unit.param.dtype != dtype) + (unit.grad.dtype != dtype)
+        out.append(max(1, math.ceil(4 * len(slots) / rows)) + copies * dtype.itemsize)
+    return out
+
+
 def unit_plan(engine, group: dict, unit, slots, settings: str) -> tuple[list, bool, bool, int | None]:
     """``(the storage forms of unit's slots, whether it takes the kernel, whether in stages, the
     block length of its rows as far as :func:`rows_block` decides it)``: :func:`_eligible`,
