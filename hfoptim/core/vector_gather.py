@@ -21,6 +21,7 @@ other compilations keep inductor's code. An inductor without the hooks it needs 
 from __future__ import annotations
 
 import contextlib
+import re
 
 import torch
 
@@ -53,7 +54,9 @@ def _gather_line(kernel, name: str, index, cpp, V, sympy_utils) -> tuple[str, to
     if not getattr(numel, "is_Integer", isinstance(numel, int)) or int(numel) + abs(int(offset)) >= 2**31:
         return None  # an in-range index must fit an int32
     if indices.dtype == torch.int64:
-        narrow = f"at::vec::convert<int32_t,1,int64_t,{kernel._get_num_vectors(torch.int64)}>({indices})"
+        narrow = _widened_from(kernel, indices, cpp)
+        if narrow is None:
+            narrow = f"at::vec::convert<int32_t,1,int64_t,{kernel._get_num_vectors(torch.int64)}>({indices})"
     elif indices.dtype == torch.int32:
         narrow = str(indices)
     else:
@@ -63,6 +66,28 @@ def _gather_line(kernel, name: str, index, cpp, V, sympy_utils) -> tuple[str, to
     if dtype == torch.int32:
         line = f"at::vec::cast<int32_t>({line})"
     return line, dtype
+
+
+#: the C++ of an int32 vector widened to int64 in inductor's CPU kernels (torch 2.13)
+_WIDENED = re.compile(r"at::vec::convert<int64_t,\d+,int32_t,1>\((\w+)\)")
+
+
+def _widened_from(kernel, indices, cpp) -> str | None:
+    """The int32 vector that the int64 index vector ``indices`` was widened from in ``kernel``,
+    or None. The encode computes its table index in int32 and torch's gather takes int64, so
+    inductor widens it (two conversions on AVX-512, four on AVX2) for the gather to narrow it
+    back: the gather reads the int32 vector instead, and the C++ compiler drops the unused
+    widening (both the same indices, which fit an int32)."""
+    for key, value in kernel.cse._cache.items():
+        if value is not indices:
+            continue
+        line = key if isinstance(key, str) else next((k for k in key if isinstance(k, str)), "")
+        found = _WIDENED.fullmatch(line.strip())
+        source = kernel.cse.varname_map.get(found.group(1)) if found else None
+        if isinstance(source, cpp.CppCSEVariable) and source.is_vec and source.dtype == torch.int32:
+            return str(source)
+        return None
+    return None
 
 
 @contextlib.contextmanager
