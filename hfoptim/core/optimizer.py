@@ -93,8 +93,9 @@ def engine_hyperparams(rule: type[Rule]) -> dict[str, HP]:
         low=0,
         doc="bound on the step's temporary memory: tensors are stepped in groups of at most chunk_bytes/64 "
         "elements (global sizes), large ones in pieces of whole rows where the rule allows, of chunk_bytes/64/N "
-        "local elements for a shard of N processes (0: no bound; None, the default: 64 MiB on a CPU, 1 GiB on "
-        "a GPU, where each call's host cost outweighs a piece's work; see hfoptim.core.chunking)",
+        "local elements for a shard of N processes (chunk_bytes/B for a tensor the compiled kernel steps in rows "
+        "of one block, holding B bytes per element: 1 for fp32 tensors; 0: no bound; None, the default: 64 MiB "
+        "on a CPU, 1 GiB on a GPU, where each call's host cost outweighs a piece's work; see hfoptim.core.chunking)",
     )
     for modifier in MODIFIERS:
         spec.update(modifier.hyperparams)
