@@ -442,8 +442,10 @@ def plan(
             if parts is None:
                 continue
             whole = parts[1]
-            (per_element,) = compiled_step.block_rows_bytes(engine, group, [whole], piece_stats)
-            most = piece_numel(_unit_limit(limit, per_element), unit.view) if limit else None
+            most = None
+            if limit:
+                (per_element,) = compiled_step.block_rows_bytes(engine, group, [whole], piece_stats)
+                most = piece_numel(_unit_limit(limit, per_element), unit.view)
             rows = rows_per_piece(whole.view.rows, whole.view.row_len, most) if most else whole.view.rows
             whole_pieces = [whole] if rows >= whole.view.rows else pieces(engine, group, whole, rows)
             calls.extend(([piece], piece_stats) for piece in whole_pieces)

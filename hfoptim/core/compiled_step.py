@@ -878,9 +878,9 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
         codecs, takes_kernel, in_stages, rows = unit_plan(engine, group, unit, slots, settings)
         view = unit.view
         if view.sharded and takes_kernel and not in_stages:
+            # a shard the kernel steps alone (not in stages: shard_local): the whole view decides
             whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
-            local = shard_local(engine, group, view, slots, codecs)
-            rows = rows_block(engine, group, whole, codecs, unit.param.device) if local else None
+            rows = rows_block(engine, group, whole, codecs, unit.param.device)
         elif rows is not None and block_rows(rows, unit, (unit.param, unit.grad)) is None:
             rows = None
         if not takes_kernel or rows is None:
