@@ -36,7 +36,7 @@ _tracing = False
 #: a tensor's place among the leaves of a kernel's output (the others are constants, None included)
 _TENSOR = object()
 #: the most elements of a tensor a kernel may read besides its arguments (baked into the graph as
-#: a constant): the code tables are 256-3329 entries. A larger one would be data of the first call
+#: a constant): the code tables are 256-32768 entries. A larger one would be data of the first call
 #: (where dynamo makes it an input of the graph), so such a trace counts as failed.
 MAX_CONSTANT_NUMEL = 1 << 16
 

@@ -1,7 +1,7 @@
 """Vector gathers from 32-bit tables in inductor's C++ kernels, for the kit's compilations.
 
 The compiled 8-bit encode (:func:`~hfoptim.state.dynamic_code.encode_normalized`) reads one entry
-of a 3329-entry int32 table per element, at an index computed in the kernel. Inductor's C++
+of a 32768-entry int32 table per element, at an index computed in the kernel. Inductor's C++
 backend (torch 2.13) emits such an indirect load as a scalar loop: it stores the vector of 64-bit
 indices to a stack buffer, loads the sixteen table entries one by one into another stack buffer
 and loads that back as a vector, which then waits for the sixteen scalar stores. ATen's vectors
