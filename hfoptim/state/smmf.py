@@ -61,17 +61,13 @@ _SQUARE_SHAPES: dict[int, tuple[int, int]] = {}
 
 
 def square_shape(n: int) -> tuple[int, int]:
-    """``(n // i, i)`` with ``i`` the largest divisor of ``n`` not above ``sqrt(n)``. Remembered
-    per ``n`` outside a trace (a traced step searches, so that no guard of dynamo's reads the
-    dictionary): the search took 12 us for the 24.6M elements of a 32000x768 embedding, which a
-    step asks for a few times per row piece: 71.9 against 73.4 ms a step, interleaved in one
-    process on a 2-core AMD EPYC."""
-    found = None if is_traced() else _SQUARE_SHAPES.get(n)
-    if found is None:
-        found = _square_search(n)
-        if not is_traced():
-            _SQUARE_SHAPES[n] = found
-    return found
+    """``(n // i, i)`` with ``i`` the largest divisor of ``n`` not above ``sqrt(n)``, remembered
+    per ``n`` (:func:`~hfoptim.core.tracing.kept_constant`: a trace reads what an eager step
+    remembered, and remembers nothing itself; kernels of several sizes compiled once each under
+    ``TORCH_LOGS=recompiles``). The search took 12 us for the 24.6M elements of a 32000x768
+    embedding, which a step asks for a few times per row piece: 71.9 against 73.4 ms a step,
+    interleaved in one process on a 2-core AMD EPYC."""
+    return kept_constant(_SQUARE_SHAPES, n, lambda: _square_search(n))
 
 
 def _square_search(n: int) -> tuple[int, int]:
