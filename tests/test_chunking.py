@@ -258,14 +258,19 @@ def test_the_default_chunk_budget_depends_on_the_device():
 def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
     """adamw_smmf on the 32000x768 embedding: whole, its step holds the decoded fp32 moments of
     the tensor and more (about 20 bytes per element, 0.5 GiB); in pieces of whole rows of its
-    square matrix, within the default budget."""
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(32000, 768))
-    opt = hfoptim.create_optimizer([p], "adamw_smmf", lr=1e-3)
-    p.grad = torch.randn_like(p)
-    opt.step()  # creates the state
-    p.grad = torch.randn_like(p)
-    assert _peak_bytes(opt.step) <= chunking.DEFAULT_CHUNK_BYTES
+    square matrix, within the default budget, on the plain path and in the compiled kernels
+    that ``compile="auto"`` gives it (every piece but the last, which stores the column factor)."""
+    for mode in ("auto", "off"):
+        compiled_step.reset()
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(32000, 768))
+        opt = hfoptim.create_optimizer([p], "adamw_smmf", lr=1e-3, compile=mode)
+        p.grad = torch.randn_like(p)
+        opt.step()  # creates the state
+        p.grad = torch.randn_like(p)
+        before = sum(compiled_step.calls.values())
+        assert _peak_bytes(opt.step) <= chunking.DEFAULT_CHUNK_BYTES, mode
+        assert (sum(compiled_step.calls.values()) - before > 1) == (mode == "auto")
 
 
 @pytest.mark.slow

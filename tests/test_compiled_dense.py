@@ -130,28 +130,62 @@ def test_auto_leaves_small_tensors_plain():
     assert not compiled_step.calls
 
 
-def test_auto_keeps_smmf_plain_and_on_compiles_it():
-    """SMMF's kernel steps a tensor whole, not in row pieces within ``chunk_bytes`` (codec
-    ``auto_compiles=False``): ``compile="auto"`` steps a large SMMF tensor plain, ``compile="on"``
-    compiles it."""
-    from hfoptim.core.layout import Unit
-    from hfoptim.core.stats import LocalStats, ParamView
+def _assert_smmf_same(compiled, c_opt, plain, p_opt) -> None:
+    """The parameters and state of two SMMF runs agree: the sign bits exactly, the rest to fp64
+    rounding (the kernel's arithmetic and the plain path's order differ)."""
+    for p, q in zip(compiled, plain, strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+        for key, value in p_opt.state[q].items():
+            if key.endswith(".sign"):
+                assert torch.equal(c_opt.state[p][key], value), key
+            else:
+                torch.testing.assert_close(c_opt.state[p][key], value, rtol=1e-10, atol=1e-12)
 
-    p = torch.nn.Parameter(torch.zeros(512, 256))
-    unit = Unit(p, torch.zeros_like(p), {}, ParamView.of(p), p)
-    for mode, expected in (("auto", False), ("on", True)):
-        opt = hfoptim.create_optimizer([p], "adamw_smmf", compile=mode, **HP)
-        assert compiled_step.takes(opt, opt.param_groups[0], unit, LocalStats()) is expected, mode
-        plain = hfoptim.create_optimizer([p], "adamw_8bit", compile=mode, **HP)
-        assert compiled_step.takes(plain, plain.param_groups[0], unit, LocalStats()), mode
+
+def test_auto_compiles_smmf_in_row_pieces_within_chunk_bytes():
+    """SMMF's kernel decodes and steps a tensor seen as its square matrix and returns the new
+    moments for the plain path's encode (``encodes_after_kernel``), so ``compile="auto"`` compiles
+    a large SMMF tensor, in row pieces within ``chunk_bytes`` as the plain path steps it: every
+    piece but the last (whose write-back stores the column factor) takes a kernel, and the
+    numbers are the plain path's (the sign bits exactly). Not where the kernel would keep the
+    parameter's shape (``auto_compiles_as_rows``)."""
+    # a (512, 256) matrix; fp64, so 1 + 2 * 8 + 9 = 26 bytes of temporaries an element
+    # (compiled_step.block_rows_bytes): at most 100 rows a call
+    shape, budget = (512, 256), 26 * 256 * 100
+    runs = {}
+    for mode in ("auto", "off"):
+        compiled_step.reset()
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64))
+        opt = hfoptim.create_optimizer([p], "adamw_smmf", compile=mode, chunk_bytes=budget, **_hp("adamw"))
+        for _ in range(3):
+            p.grad = torch.randn(shape, generator=gen, dtype=torch.float64) * 0.1
+            opt.step()
+        runs[mode] = (p, opt)
+        if mode == "auto":  # per step, every piece but the last in a kernel of its row count
+            (rows,) = {key[1][0] for key in compiled_step.calls}
+            assert rows <= 100 and {key[1][1] for key in compiled_step.calls} == {256}
+            assert sum(compiled_step.calls.values()) == 3 * (-(-512 // rows) - 1) > 0
+    (compiled, c_opt), (plain, p_opt) = runs["auto"], runs["off"]
+    _assert_smmf_same([compiled], c_opt, [plain], p_opt)
+    # with a statistic of the rows (AGC) its kernel would step the parameter's shape, indexing
+    # the square matrix by division: "auto" keeps such a tensor plain
+    compiled_step.reset()
+    p = torch.nn.Parameter(torch.randn(shape, dtype=torch.float64))
+    p.grad = torch.randn_like(p)
+    hfoptim.create_optimizer([p], "adamw_smmf", chunk_bytes=budget, agc=0.05, **_hp("adamw")).step()
+    assert not compiled_step.calls
 
 
 def test_compiled_smmf_writes_the_plain_paths_sign_bits_by_rows_of_bytes():
     """A traced SMMF step reads and writes the sign bits of a square matrix whose rows are whole
     bytes by rows (``smmf._by_matrix_bytes``), where the plain path packs them flat: the same
     bits and the same numbers. (16, 2048) is a (256, 128) matrix and (8, 48) a (24, 16) one;
-    (24, 40)'s (32, 30) keeps the flat form."""
+    (24, 40)'s (32, 30) keeps the flat form. Each kernel steps its tensor seen as that matrix
+    (``SMMF.row_block``), and the plain path's encode stores what it returns
+    (``encodes_after_kernel``)."""
     shapes = [(16, 2048), (8, 48), (24, 40)]
+    squares = [(256, 128), (24, 16), (32, 30)]
     runs = {}
     for mode in ("on", "off"):
         compiled_step.reset()
@@ -164,15 +198,9 @@ def test_compiled_smmf_writes_the_plain_paths_sign_bits_by_rows_of_bytes():
             opt.step()
         runs[mode] = (params, opt)
         if mode == "on":  # every tensor in its kernel at every step
-            assert {tuple(key[1]): n for key, n in compiled_step.calls.items()} == dict.fromkeys(shapes, 4)
+            assert {tuple(key[1]): n for key, n in compiled_step.calls.items()} == dict.fromkeys(squares, 4)
     (compiled, c_opt), (plain, p_opt) = runs["on"], runs["off"]
-    for p, q in zip(compiled, plain):
-        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
-        for key, value in p_opt.state[q].items():
-            if key.endswith(".sign"):
-                assert torch.equal(c_opt.state[p][key], value), key
-            else:
-                torch.testing.assert_close(c_opt.state[p][key], value, rtol=1e-10, atol=1e-12)
+    _assert_smmf_same(compiled, c_opt, plain, p_opt)
 
 
 def test_kernels_skip_dynamos_guards_and_a_call_they_would_have_refused_gets_its_own_kernel():

@@ -589,8 +589,10 @@ def test_auto_compiles_small_tensors_of_a_shape_a_group_has_many_of(monkeypatch)
         return [torch.nn.Parameter(torch.zeros(shape)) for _ in range(n)]
 
     lora = [{"params": params(32, (16, 256)) + params(31, (256, 16)) + params(40, (64,))}]
-    for name in ("ademamix_4bit", "adamw_bf16", "adamw_smmf"):
+    for name in ("ademamix_4bit", "adamw_bf16"):
         assert _kernel_shapes(monkeypatch, lora, name) == {(16, 256)}, name
+    # SMMF's kernel sees a tensor as its square matrix (SMMF.row_block): 4096 elements, 64x64
+    assert _kernel_shapes(monkeypatch, lora, "adamw_smmf") == {(64, 64)}
     # 8-bit: rows of one block, by the kernel of any number of rows (compiled_step._rows_free)
     assert _kernel_shapes(monkeypatch, lora, "adamw_8bit") == {(None, 256)}
     assert _kernel_shapes(monkeypatch, lora, "adamw") == set()  # dense: foreach over the bucket

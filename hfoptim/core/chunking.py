@@ -296,10 +296,11 @@ def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
     * the whole rows, a row piece no process shares, which the compiled kernel steps alone.
 
     None when the segment is not cut that way, has no whole row, its step is not row-local
-    (:func:`_row_codecs`), a storage form is not ``offset_free``, or the kernel would not take the
-    whole rows: then the segment stays one unit on the plain path. A segment cut at both ends stays whole too (two
-    partial rows would be two units of one parameter here and one elsewhere). The decision is
-    this process's own: either way it sends one unit of the parameter to the plain path."""
+    (:func:`_row_codecs`), a storage form is not ``offset_free`` or completes sums over its pieces
+    (SMMF, cut only at its square matrix's rows), or the kernel would not take the whole rows:
+    then the segment stays one unit on the plain path. A segment cut at both ends stays whole too
+    (two partial rows would be two units of one parameter here and one elsewhere). The decision
+    is this process's own: either way it sends one unit of the parameter to the plain path."""
     view = unit.view
     if unit.writeback is None or not view.sharded or view.valid is None or unit.canonical:
         return None
@@ -307,6 +308,9 @@ def cut_row_parts(engine, group: dict, unit: Unit) -> tuple[Unit, Unit] | None:
         return None
     codecs = _row_codecs(engine, group, unit)
     if codecs is None or not all(c.offset_free for c in codecs):  # pieces are stepped as rows from 0
+        return None
+    slots = engine.rule.active_slots(group)
+    if any(c.piece_sums(s, unit.state, view) for s, c in zip(slots, codecs)):
         return None
     a, b = view.valid
     row_len = view.row_len

@@ -37,11 +37,11 @@ Where ``make_fx`` cannot trace a kernel (what dynamo would pass with a graph bre
   Inductor's vector instruction set comes from the CPU's flags, not from its test builds
   (:func:`_isa_from_cpu_flags`: half the first step from an empty cache).
 * A parameter takes this path when its group's ``compile`` option allows it (``"auto"``: tensors of
-  at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles``, which SMMF's
-  does not (its kernels step a tensor whole, not in row pieces within ``chunk_bytes``), and smaller
-  ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group has :data:`AUTO_MIN_SHAPE_COUNT`
-  or more of (LoRA adapters), or whose 8-bit step runs in rows of one block of a length that a
-  tensor of the group takes by its size, whose kernel of any row count it shares
+  at least :data:`AUTO_MIN_NUMEL` elements when every storage form ``auto_compiles`` (all of
+  today's forms do), and smaller ones with 8-bit, 4-bit, bf16 or SMMF state of a shape the group
+  has :data:`AUTO_MIN_SHAPE_COUNT` or more of (LoRA adapters), or whose 8-bit step runs in rows
+  of one block of a length that a tensor of the group takes by its size, whose kernel of any row
+  count it shares
   (:func:`auto_takes`), when torch.compile works on this machine;
   ``"on"``: every tensor; ``"off"``: never), every one of its slots is stored by a codec marked
   ``fusable`` (all of them: dense fp32, factored, SMMF, shared, 8-bit, 4-bit and bf16; the codec's
@@ -299,6 +299,7 @@ def _advance_one(
     known: tuple | None = None,
     record: bool = False,
     returned: tuple[str, ...] = (),
+    encode_later: tuple[str, ...] = (),
 ):
     """The engine's flow for one parameter held whole, or a row piece of one (traced by
     torch.compile). It updates ``p`` and ``state`` in place and returns None. With ``known`` (a
@@ -312,7 +313,9 @@ def _advance_one(
     ``offset_free`` storage forms cannot tell from its true place (one kernel for all the pieces
     of one shape); a shard whose forms are not ``offset_free`` is seen at its first row
     ``row_start``. The entries of ``state`` named in ``returned`` (:func:`block_rows`) are
-    stepped as copies and their new values returned, in that order, for the caller to write."""
+    stepped as copies and their new values returned, in that order, for the caller to write;
+    after them the new values of the slots named in ``encode_later``, which the kernel does not
+    encode (:attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`: the caller does)."""
     rows = p.shape[0] if p.dim() else None
     if global_shape is None:  # rows of one block, any number of them (:func:`block_rows`)
         global_shape = tuple(p.shape)
@@ -335,6 +338,7 @@ def _advance_one(
         for key in copied:
             state[key] = state[key].clone()
     ctx = TracedStepContext(group, [step], [view], stats, True, loss, [state], lr=lr)
+    ctx.encode_later = frozenset(encode_later)
     g = TensorList([grad], True)
     if group["maximize"]:
         g = -g
@@ -343,9 +347,26 @@ def _advance_one(
         return (tuple(combine for _, combine in stats.partials), *(part for part, _ in stats.partials))
     if known is not None and stats.partials:
         raise RuntimeError("hfoptim internal error: a staged kernel asked for a statistic it was not given")
-    if returned:
-        return tuple(state[key] for key in returned)
-    return None
+    out = (*(state[key] for key in returned), *(ctx.encoded_later[name].tensors[0] for name in encode_later))
+    return out or None
+
+
+def encoded_later(engine, group: dict, codecs) -> list[tuple]:
+    """``(slot, form)`` of the active slots whose new value a kernel returns for the plain path's
+    encode (:attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`, unless the rule stores the
+    slot mid-step: :attr:`~hfoptim.core.rule.Rule.stores_early`), in the slots' order."""
+    rule = engine.rule
+    return [
+        (slot, codec)
+        for slot, codec in zip(rule.active_slots(group), codecs, strict=True)
+        if codec.encodes_after_kernel and slot.name not in rule.stores_early
+    ]
+
+
+def _slot_keys(state: dict, names) -> frozenset[str]:
+    """The entries of ``state`` of the slots ``names`` (a slot's entries are its name, or its
+    name and a dot and a part: ``exp_avg.row``)."""
+    return frozenset(key for key in state if key.split(".", 1)[0] in names)
 
 
 def _state_tensors(state: dict) -> list[tuple[str, torch.Tensor]]:
@@ -736,9 +757,9 @@ def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.devic
     """Whether ``compile="auto"`` gives the parameter of ``view`` (stored by ``codecs``, on
     ``device``) the kernel: a tensor of at least :data:`AUTO_MIN_NUMEL` elements when every form
     :attr:`~hfoptim.state.codec.Codec.auto_compiles`; a smaller one when a form codes it tensor
-    by tensor (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`, which also admits SMMF, whose
-    large tensors stay plain), the others compile, and either ``group`` steps at least
-    :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape, or its step runs in rows of one block
+    by tensor (:attr:`~hfoptim.state.codec.Codec.coded_per_tensor`), the others compile, and
+    either ``group`` steps at least :data:`AUTO_MIN_SHAPE_COUNT` tensors of its shape, or its step
+    runs in rows of one block
     (:func:`rows_block`: 8-bit state, two blocks or more) of a length that a tensor of
     :data:`AUTO_MIN_NUMEL` elements or more of the group takes too (:func:`large_rows_blocks`):
     the kernel of any row count they share is compiled anyway (:func:`_rows_free`). The demo's
@@ -748,7 +769,10 @@ def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.devic
     short run would not win a compilation back. Global sizes and counts: the same answer on
     every process."""
     if view.global_numel >= AUTO_MIN_NUMEL:
-        return all(c.auto_compiles for c in codecs)
+        if not all(c.auto_compiles for c in codecs):
+            return False
+        # SMMF's kernel is fast only over its square matrix (rows of its row_block)
+        return not any(c.auto_compiles_as_rows for c in codecs) or _as_rows(engine, group, view, codecs, device)
     if not all(c.auto_compiles or c.coded_per_tensor for c in codecs):
         return False
     if not any(c.coded_per_tensor for c in codecs):
@@ -758,6 +782,13 @@ def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.devic
     whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)  # as every process sees it
     block = rows_block(engine, group, whole, codecs, device)
     return block is not None and view.global_numel // block >= 2 and block in large_rows_blocks(engine, group, device)
+
+
+def _as_rows(engine, group: dict, view: ParamView, codecs, device: torch.device) -> bool:
+    """Whether the kernel steps the parameter of ``view`` as rows of one block (:func:`rows_block`),
+    as every process sees it."""
+    whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
+    return rows_block(engine, group, whole, codecs, device) is not None
 
 
 def large_rows_blocks(engine, group: dict, device: torch.device) -> frozenset:
@@ -778,7 +809,7 @@ def large_rows_blocks(engine, group: dict, device: torch.device) -> frozenset:
             continue
         view = ParamView(global_shape=torch.Size(shape))
         codecs = [resolve.codec_for(engine.rule, slot, group, view) for slot in engine.rule.active_slots(group)]
-        if all(c.auto_compiles and c.fusable and c.fusable_for(view) for c in codecs):
+        if all(c.auto_compiles and c.any_rows and c.fusable and c.fusable_for(view) for c in codecs):
             blocks.add(rows_block(engine, group, view, codecs, device))
     if len(_large_blocks) > 1024:  # groups of optimizers long gone
         _large_blocks.clear()
@@ -861,7 +892,9 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
     Such a kernel keeps what it computes in buffers of one block per thread
     (:mod:`~hfoptim.core.local_buffers`) and allocates only what it returns, one value per block
     and 8-bit slot (the new scales: at most ``4 * slots / block`` bytes per element), plus the
-    fp32 copies of a parameter or gradient of another dtype it steps (:class:`_Kernel`). A whole
+    fp32 copies of a parameter or gradient of another dtype it steps (:class:`_Kernel`), and
+    what a slot encoded after the kernel (:func:`encoded_later`: SMMF) takes: its new value, which
+    the kernel returns, and during its encode the magnitudes and the signs' mask. A whole
     ``ademamix_8bit`` step of a 32000x768 tensor allocated 0.047 bytes per element (the profiler's
     memory events; ``tests/test_chunking.py`` checks the bound on three rules).
 
@@ -881,14 +914,19 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
             # a shard the kernel steps alone (not in stages: shard_local): the whole view decides
             whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
             rows = rows_block(engine, group, whole, codecs, unit.param.device)
-        elif rows is not None and block_rows(rows, unit, (unit.param, unit.grad)) is None:
-            rows = None
+        later = encoded_later(engine, group, codecs) if takes_kernel and not in_stages else []
+        if not view.sharded and rows is not None:
+            keys = _slot_keys(unit.state, {slot.name for slot, _ in later})
+            rows = block_rows(rows, unit, (unit.param, unit.grad), keys)
         if not takes_kernel or rows is None:
             out.append(None)
             continue
         dtype = engine.compute_dtype(unit.param)
         copies = (unit.param.dtype != dtype) + (unit.grad.dtype != dtype)
-        out.append(max(1, math.ceil(4 * len(slots) / rows)) + copies * dtype.itemsize)
+        # a slot encoded after the kernel: its new value, returned, then its encode's |value| and
+        # mask of signs (SMMF; the encodes run one after the other)
+        encoding = len(later) * dtype.itemsize + (dtype.itemsize + 1 if later else 0)
+        out.append(max(1, math.ceil(4 * len(slots) / rows)) + copies * dtype.itemsize + encoding)
     return out
 
 
@@ -1013,7 +1051,7 @@ def step_staged_pieces(engine, group: dict, units: list, stats: StagedPieceStats
         _step_staged([_Staged(kernels, stats.view, stats.finish)], stats.all_reduce)
 
 
-def block_rows(block: int, unit, tensors) -> int | None:
+def block_rows(block: int, unit, tensors, later: frozenset[str] = frozenset()) -> int | None:
     """The length ``b`` of the rows a CPU kernel sees a parameter as, ``(numel / b, b)``, or None
     to see it in its own shape.
 
@@ -1043,14 +1081,18 @@ def block_rows(block: int, unit, tensors) -> int | None:
     the loops are the C++ backend's, a GPU's kernels keep the parameter's shape), when the
     parameter has two or more dimensions, ``tensors`` (the kernel's parameter and gradient, of
     the parameter's shape) are contiguous, and every tensor of the state is contiguous and of
-    the parameter's size, of one value per block, or 0-d."""
+    the parameter's size, of one value per block, or 0-d. The entries ``later`` (of slots the
+    kernel decodes but does not encode: :func:`encoded_later`) are read as they are: SMMF's
+    factors and sign bits, whose rows of one block are the rows of its square matrix."""
     param = unit.param
     if param.dim() < 2:
         return None
     numel = param.numel()
     if numel % block or not all(t.is_contiguous() for t in tensors):
         return None
-    for _, value in _state_tensors(unit.state):
+    for key, value in _state_tensors(unit.state):
+        if key in later:
+            continue
         if not value.is_contiguous() or (value.dim() and value.numel() not in (numel, numel // block)):
             return None
     return block
@@ -1073,17 +1115,19 @@ def rows_block(engine, group: dict, view: ParamView, codecs, device: torch.devic
     return block
 
 
-def _as_block_rows(block: int, tensors, state: dict) -> tuple[list, dict, tuple[str, ...]]:
+def _as_block_rows(
+    block: int, tensors, state: dict, later: frozenset[str] = frozenset()
+) -> tuple[list, dict, tuple[str, ...]]:
     """``tensors`` and ``state`` seen as rows of ``block`` elements (:func:`block_rows`): tensors
     of the parameter's size as ``(numel / block, block)``, those of one value per block as
     ``(numel / block, 1)``, 0-d ones as they are; and the keys of the state's values per block
-    (the kernel returns them: :func:`_advance_one`'s ``returned``). Views: the kernel's writes
-    reach the state."""
+    (the kernel returns them: :func:`_advance_one`'s ``returned``); the entries ``later`` as they
+    are. Views: the kernel's writes reach the state."""
     numel = tensors[0].numel()
     rows = numel // block
     seen, per_block = {}, []
     for key, value in state.items():
-        if isinstance(value, torch.Tensor) and value.dim():
+        if isinstance(value, torch.Tensor) and value.dim() and key not in later:
             if value.numel() == numel:
                 value = value.view(rows, block)
             else:
@@ -1112,7 +1156,7 @@ def _rows_free(engine, group: dict, codecs, options: dict, settings: str) -> dic
     ``state_min_numel`` 0 it resolves the forms that the whole parameter's size chose here, which
     the key names: taken only when they agree. Remembered per rule, options and forms (the
     check and the copy cost about 10 us, a tenth of a small tensor's kernel call)."""
-    if not (_any_rows and _kit_traces):
+    if not (_any_rows and _kit_traces) or not all(c.any_rows for c in codecs):
         return None
     key = (type(engine.rule), settings, tuple(c.name for c in codecs))
     if key not in _any_size_options:
@@ -1149,11 +1193,17 @@ class _Kernel:
         self.state = unit.state
         #: entries of :attr:`state` the kernel returns for :meth:`step` to write (:func:`block_rows`)
         self.returned: tuple[str, ...] = ()
+        #: the slots whose new value the kernel returns for :meth:`step` to encode with the plain
+        #: path's code and the bucket's statistics ``stats`` (:func:`encoded_later`), with their forms
+        self._later = [] if staged or eager else encoded_later(engine, group, codecs)
+        self.encode_later: tuple[str, ...] = tuple(slot.name for slot, _ in self._later)
+        self._bucket_stats = stats
         # rows: the block length of rows_block (unit_plan), which block_rows confirms for the tensors
-        block = None if staged or eager or rows is None else block_rows(rows, unit, (self.work, self.grad))
+        later = _slot_keys(unit.state, self.encode_later) if self._later else frozenset()
+        block = None if staged or eager or rows is None else block_rows(rows, unit, (self.work, self.grad), later)
         if block is not None:
             (self.work, self.grad), self.state, self.returned = _as_block_rows(
-                block, (self.work, self.grad), unit.state
+                block, (self.work, self.grad), unit.state, later
             )
             self.global_shape = (unit.view.global_numel // block, block)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
@@ -1220,6 +1270,7 @@ class _Kernel:
                 known,
                 record,
                 self.returned,
+                self.encode_later,
             )
         except _AnyRowsFailed:
             self.global_shape, self.options, self.stats = self._shaped
@@ -1251,8 +1302,12 @@ class _Kernel:
         ok, stepped = self._call()
         if not ok:
             return False
-        for key, new in zip(self.returned, stepped or (), strict=True):
+        stepped = tuple(stepped or ())
+        written = len(self.returned)
+        for key, new in zip(self.returned, stepped[:written], strict=True):
             self.state[key].copy_(new)
+        for (slot, codec), new in zip(self._later, stepped[written:], strict=True):
+            codec.encode(slot, self.unit.state, new, self.unit.view, stats=self._bucket_stats)
         if self.unit.param.dtype != self.work.dtype:
             self.unit.param.copy_(self.work.view(self.unit.param.shape))
         return True

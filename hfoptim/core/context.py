@@ -81,6 +81,11 @@ class StepContext:
         self.temporaries: dict[str, list[bool]] = {}
         #: the decoded slots (``s``), for post modifiers with state (CPR); set by the engine
         self.slots = None
+        #: slots the engine does not encode but leaves, updated, in :attr:`encoded_later` (a
+        #: compiled kernel returns them: :attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`)
+        self.encode_later: frozenset[str] = frozenset()
+        #: slot name -> its updated values, for the slots of :attr:`encode_later`
+        self.encoded_later: dict[str, TensorList] = {}
         #: a list to record ``sum(v_hat)`` of each tensor in (stable weight decay), or None
         self.second_moment_sums: list | None = None
         #: set by the engine for the update modifier it runs last (no other one follows it)

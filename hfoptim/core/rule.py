@@ -93,6 +93,10 @@ class Rule:
     adam_arguments: ClassVar[bool] = False
     #: True when the rule needs the training loss (``step(closure)`` or ``step(loss=...)``)
     needs_loss: ClassVar[bool] = False
+    #: the slots whose new value the rule's update stores mid-step (``ctx.stored``: Adafactor's
+    #: second moment); a compiled kernel encodes those itself, even in a storage form that
+    #: :attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`
+    stores_early: ClassVar[frozenset[str]] = frozenset()
     #: storage forms this rule refuses, each with the reason (a combination that cannot work)
     refused_state: ClassVar[dict[str, str]] = {}
     #: storage form per slot when the user asks for none (e.g. Adafactor: factored second moment)

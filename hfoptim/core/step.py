@@ -63,8 +63,13 @@ def advance(
     # instead of being freed with the step (chunked pieces piled up: 45 -> 142 MiB on one
     # 32000x768 adamw_8bit step, tests/test_chunking.py)
     temporaries = ctx.temporaries
+    ctx_encode_later = ctx.encode_later
 
     def store(values: TensorList, name: str) -> None:  # ctx.stored(): encode now, decode back
+        if name in ctx_encode_later:
+            raise RuntimeError(
+                f"hfoptim internal error: {rule.name} stores {name!r} mid-step but does not name it in stores_early"
+            )
         slot = next(x for x in active if x.name == name)
         encode_all(slot, codecs[name], states, list(values), views, stats)
         back = decode_all(slot, codecs[name], states, views, dtype, stats)
@@ -81,6 +86,9 @@ def advance(
     u = rule.update(ctx, p_work, g, slots)
     for slot in active:
         if slot.name in stored_early:
+            continue
+        if slot.name in ctx.encode_later:  # the compiled kernel returns it; encoded after the call
+            ctx.encoded_later[slot.name] = getattr(slots, slot.name)
             continue
         encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)
 

@@ -91,6 +91,7 @@ class AdafactorRule(Rule):
         Slot("exp_avg_sq", SECOND_MOMENT),
     )
     default_state = {"exp_avg_sq": "factored"}
+    stores_early = frozenset({"exp_avg_sq"})  # the update reads the stored (factored) v
     preconditioned = True
 
     refused_state = {

@@ -62,9 +62,15 @@ class Codec(ABC):
     fusable: ClassVar[bool] = False
     #: whether ``compile="auto"`` gives this form the compiled kernel for tensors of
     #: :data:`~hfoptim.core.compiled_step.AUTO_MIN_NUMEL` elements or more (``"on"`` does whenever
-    #: it is :attr:`fusable`): False for SMMF, whose kernels step a tensor whole instead of in row
-    #: pieces within ``chunk_bytes``; smaller tensors follow :attr:`coded_per_tensor`
+    #: it is :attr:`fusable`): False for a form whose kernel is slower than its plain path on such
+    #: tensors or cannot step them in row pieces within ``chunk_bytes`` (none today; SMMF's was,
+    #: until its encode moved after the kernel); smaller tensors follow :attr:`coded_per_tensor`
     auto_compiles: ClassVar[bool] = True
+    #: True when ``compile="auto"`` gives this form the kernel for such tensors only where the
+    #: kernel steps them as rows of :meth:`row_block` (SMMF: in the parameter's own shape its
+    #: kernel indexes the square matrix by division and remainder, scalar loops slower than its
+    #: plain path; a rule with a statistic of the rows or the tensor keeps that shape)
+    auto_compiles_as_rows: ClassVar[bool] = False
     #: True when the plain path codes this form one tensor at a time with a dozen operations or more
     #: (8-bit, 4-bit, bf16, SMMF), where dense state is stepped by ``foreach`` operations over the
     #: whole bucket: on small tensors such a step is mostly those operations' fixed costs, several
@@ -73,6 +79,15 @@ class Codec(ABC):
     #: :data:`hfoptim.core.compiled_step.AUTO_MIN_SHAPE_COUNT`), or when they share the kernel of
     #: a larger tensor of the group (:func:`hfoptim.core.compiled_step.auto_takes`)
     coded_per_tensor: ClassVar[bool] = False
+    #: True when the compiled kernel decodes this form and steps the slot, but leaves the encode
+    #: to the plain path's :meth:`encode`, run after the kernel on the new value it returns: an
+    #: encode made of reductions over the whole tensor, which inductor's C++ backend compiles
+    #: into loops far slower than torch's own (SMMF's row and column sums and sign bits)
+    encodes_after_kernel: ClassVar[bool] = False
+    #: False when a kernel stepping a tensor as rows of :meth:`row_block` must know its row count
+    #: (SMMF: its square matrix is that of the whole tensor's element count), so no kernel traced
+    #: for any number of rows (:func:`hfoptim.core.compiled_step._rows_free`) steps it
+    any_rows: ClassVar[bool] = True
 
     def fusable_for(self, view: ParamView) -> bool:
         """Whether the compiled path may fuse this form for a tensor of ``view`` (8-/4-bit state
