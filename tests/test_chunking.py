@@ -259,7 +259,7 @@ def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
     """adamw_smmf on the 32000x768 embedding: whole, its step holds the decoded fp32 moments of
     the tensor and more (about 20 bytes per element, 0.5 GiB); in pieces of whole rows of its
     square matrix, within the default budget, on the plain path and in the compiled kernels
-    that ``compile="auto"`` gives it (every piece but the last, which stores the column factor)."""
+    that ``compile="auto"`` gives its pieces."""
     for mode in ("auto", "off"):
         compiled_step.reset()
         torch.manual_seed(0)

@@ -259,13 +259,25 @@ def pieces(engine, group: dict, unit: Unit, rows: int, shard_sums: ShardSums | N
         else:
             finish.append((codec, slot, sums))
     if finish:
-
-        def store_sums() -> None:
-            for codec, slot, sums in finish:
-                codec.finish_pieces(slot, unit.state, sums)
-
-        out[-1].writeback = store_sums
+        out[-1].writeback = StoreSums(finish, unit.state)
     return out
+
+
+class StoreSums:
+    """The last row piece's write-back when the storage forms complete sums over the pieces
+    (:meth:`~hfoptim.state.codec.Codec.finish_pieces`: SMMF's column factor). It reads and
+    writes the state only, not the piece's parameter, so it runs after the piece's step on
+    either path: the compiled kernel steps that piece too (:attr:`state_only`)."""
+
+    #: a write-back of the state alone (see :func:`~hfoptim.core.compiled_step._eligible`)
+    state_only = True
+
+    def __init__(self, finish: list[tuple], state: dict):
+        self.finish, self.state = finish, state
+
+    def __call__(self) -> None:
+        for codec, slot, sums in self.finish:
+            codec.finish_pieces(slot, self.state, sums)
 
 
 def _rows_of(engine, group: dict, unit: Unit, start: int, stop: int, sharding: dict | None = None) -> Unit:

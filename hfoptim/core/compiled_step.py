@@ -822,7 +822,9 @@ def _eligible(engine, group: dict, unit, codecs) -> bool:
     ``compile`` option; an empty shard answers as the shards of its parameter that hold rows
     (it is consumed without a kernel: nothing to step here, nothing to share)."""
     p, view = unit.param, unit.view
-    if unit.writeback is not None or p.device.type not in ("cpu", "cuda"):
+    # a write-back of a working copy (a ZeRO row cut by a partition boundary) keeps the plain
+    # path; one of the state alone (chunking.StoreSums) runs after the kernel as after it
+    if not getattr(unit.writeback, "state_only", unit.writeback is None) or p.device.type not in ("cpu", "cuda"):
         return False
     if view.sharded and not shard_kernel(engine, group, view, engine.rule.active_slots(group), codecs):
         return False

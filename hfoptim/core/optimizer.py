@@ -614,7 +614,10 @@ class RuleOptimizer(torch.optim.Optimizer):
         for the caller to run, instead of run here."""
         rule, foreach = self.rule, self.group_foreach(group)
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
-            units = compiled_step.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
+            rest = compiled_step.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
+            plain = {id(unit) for unit in rest}
+            _write_back([unit for unit in units if id(unit) not in plain], writebacks)
+            units = rest
         if not units:
             return
         params = [u.param for u in units]
@@ -635,13 +638,7 @@ class RuleOptimizer(torch.optim.Optimizer):
             if low_precision:
                 for p, w in zip(params, p_work):
                     p.copy_(w)
-            for unit in units:
-                if unit.writeback is None:
-                    continue
-                if writebacks is None:
-                    unit.writeback()
-                else:
-                    writebacks.append(unit.writeback)
+            _write_back(units, writebacks)
 
         if deferred is not None:
             ctx.second_moment_sums = []  # the rule's preconditioner records sum(v_hat) per tensor
@@ -823,3 +820,15 @@ def _split_declared(declared: dict) -> tuple[dict[int, ParamLayout], dict[str, P
         else:
             raise TypeError(f"param_layouts keys are parameter names or tensors, got {type(key).__name__}")
     return by_id, by_name
+
+
+def _write_back(units: list, writebacks: list | None) -> None:
+    """Run the write-backs of ``units`` (stepped), or append them to ``writebacks`` for the
+    caller to run after its calls."""
+    for unit in units:
+        if unit.writeback is None:
+            continue
+        if writebacks is None:
+            unit.writeback()
+        else:
+            writebacks.append(unit.writeback)
