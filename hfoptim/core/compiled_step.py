@@ -772,23 +772,23 @@ def auto_takes(engine, group: dict, view: ParamView, codecs, device: torch.devic
         if not all(c.auto_compiles for c in codecs):
             return False
         # SMMF's kernel is fast only over its square matrix (rows of its row_block)
-        return not any(c.auto_compiles_as_rows for c in codecs) or _as_rows(engine, group, view, codecs, device)
+        if not any(c.auto_compiles_as_rows for c in codecs):
+            return True
+        return _whole_rows_block(engine, group, view, codecs, device) is not None
     if not all(c.auto_compiles or c.coded_per_tensor for c in codecs):
         return False
     if not any(c.coded_per_tensor for c in codecs):
         return False
     if engine.tensors_of_shape(group, view.global_shape) >= AUTO_MIN_SHAPE_COUNT:
         return True
-    whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)  # as every process sees it
-    block = rows_block(engine, group, whole, codecs, device)
+    block = _whole_rows_block(engine, group, view, codecs, device)
     return block is not None and view.global_numel // block >= 2 and block in large_rows_blocks(engine, group, device)
 
 
-def _as_rows(engine, group: dict, view: ParamView, codecs, device: torch.device) -> bool:
-    """Whether the kernel steps the parameter of ``view`` as rows of one block (:func:`rows_block`),
-    as every process sees it."""
+def _whole_rows_block(engine, group: dict, view: ParamView, codecs, device: torch.device) -> int | None:
+    """:func:`rows_block` for the whole parameter of ``view``, as every process sees it."""
     whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
-    return rows_block(engine, group, whole, codecs, device) is not None
+    return rows_block(engine, group, whole, codecs, device)
 
 
 def large_rows_blocks(engine, group: dict, device: torch.device) -> frozenset:
@@ -824,7 +824,8 @@ def _eligible(engine, group: dict, unit, codecs) -> bool:
     p, view = unit.param, unit.view
     # a write-back of a working copy (a ZeRO row cut by a partition boundary) keeps the plain
     # path; one of the state alone (chunking.StoreSums) runs after the kernel as after it
-    if not getattr(unit.writeback, "state_only", unit.writeback is None) or p.device.type not in ("cpu", "cuda"):
+    copies_back = unit.writeback is not None and not getattr(unit.writeback, "state_only", False)
+    if copies_back or p.device.type not in ("cpu", "cuda"):
         return False
     if view.sharded and not shard_kernel(engine, group, view, engine.rule.active_slots(group), codecs):
         return False
@@ -914,8 +915,7 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
         view = unit.view
         if view.sharded and takes_kernel and not in_stages:
             # a shard the kernel steps alone (not in stages: shard_local): the whole view decides
-            whole = dataclasses.replace(view, row_start=0, local_rows=None, valid=None)
-            rows = rows_block(engine, group, whole, codecs, unit.param.device)
+            rows = _whole_rows_block(engine, group, view, codecs, unit.param.device)
         later = encoded_later(engine, group, codecs) if takes_kernel and not in_stages else []
         if not view.sharded and rows is not None:
             keys = _slot_keys(unit.state, {slot.name for slot, _ in later})
