@@ -273,6 +273,47 @@ def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
         assert (sum(compiled_step.calls.values()) - before > 1) == (mode == "auto")
 
 
+def _allocations(fn) -> list[int]:
+    """The sizes of the allocations torch made while ``fn`` ran (profiler memory events)."""
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
+
+
+def test_smmf_kernels_leave_their_moments_in_one_workspace_of_the_step():
+    """The compiled SMMF step of pieces of several sizes writes each piece's new moments into the
+    optimizer step's workspace (compiled_step.Workspace), and its encode overwrites them with
+    their magnitudes and packs the signs in the mask's bytes: one allocation of a piece's size
+    in the whole step (the workspace), where fresh moments and magnitudes of each piece's size
+    left the process's heap in pieces of many sizes; the workspace is gone after the step. The
+    numbers are the plain path's."""
+    # fp64: (2 + 4) * 8 + 4 + 1 = 53 bytes of temporaries an element (block_rows_bytes), pieces
+    # of at most 100 rows
+    shapes, budget = [(512, 256), (96, 256), (384, 256)], 53 * 256 * 100
+    runs, sizes, pieces = {}, [], 0
+    for mode in ("on", "off"):
+        compiled_step.reset()
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64)) for s in shapes]
+        opt = hfoptim.create_optimizer(params, "adamw_smmf", compile=mode, chunk_bytes=budget, **RULE_HP["adamw"])
+        for t in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
+            if mode == "on" and t == 2:
+                before = sum(compiled_step.calls.values())
+                sizes = _allocations(opt.step)
+                pieces = sum(compiled_step.calls.values()) - before
+            else:
+                opt.step()
+        runs[mode] = (params, opt)
+    compiled_step.reset()
+    assert pieces >= 10  # 6 + 1 + 4 pieces in kernels
+    piece_bytes = 8 * 256 * 32  # the smallest piece (the (96, 256) tensor's square matrix has 384 columns)
+    assert sum(size >= piece_bytes for size in sizes) == 1, sorted(sizes)[-8:]
+    assert runs["on"][1]._workspace is None
+    _assert_same(runs["on"], runs["off"], atol=1e-12)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("name", "options"), [("adamw_8bit", {}), ("ademamix_8bit", {}), ("adamw_8bit", {"agc": 0.05})]

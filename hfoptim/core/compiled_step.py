@@ -300,6 +300,7 @@ def _advance_one(
     record: bool = False,
     returned: tuple[str, ...] = (),
     encode_later: tuple[str, ...] = (),
+    encoded_into: tuple = (),
 ):
     """The engine's flow for one parameter held whole, or a row piece of one (traced by
     torch.compile). It updates ``p`` and ``state`` in place and returns None. With ``known`` (a
@@ -313,9 +314,10 @@ def _advance_one(
     ``offset_free`` storage forms cannot tell from its true place (one kernel for all the pieces
     of one shape); a shard whose forms are not ``offset_free`` is seen at its first row
     ``row_start``. The entries of ``state`` named in ``returned`` (:func:`block_rows`) are
-    stepped as copies and their new values returned, in that order, for the caller to write;
-    after them the new values of the slots named in ``encode_later``, which the kernel does not
-    encode (:attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`: the caller does)."""
+    stepped as copies and their new values returned, in that order, for the caller to write.
+    The new values of the slots named in ``encode_later``, which the kernel does not encode
+    (:attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`: the caller does), are written into
+    ``encoded_into`` (:class:`Workspace` buffers of ``p``'s shape), in that order."""
     rows = p.shape[0] if p.dim() else None
     if global_shape is None:  # rows of one block, any number of them (:func:`block_rows`)
         global_shape = tuple(p.shape)
@@ -347,12 +349,13 @@ def _advance_one(
         return (tuple(combine for _, combine in stats.partials), *(part for part, _ in stats.partials))
     if known is not None and stats.partials:
         raise RuntimeError("hfoptim internal error: a staged kernel asked for a statistic it was not given")
-    out = (*(state[key] for key in returned), *(ctx.encoded_later[name].tensors[0] for name in encode_later))
-    return out or None
+    for name, buffer in zip(encode_later, encoded_into, strict=True):
+        buffer.copy_(ctx.encoded_later[name].tensors[0])
+    return tuple(state[key] for key in returned) or None
 
 
 def encoded_later(engine, group: dict, codecs) -> list[tuple]:
-    """``(slot, form)`` of the active slots whose new value a kernel returns for the plain path's
+    """``(slot, form)`` of the active slots whose new value a kernel writes out for the plain path's
     encode (:attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`, unless the rule stores the
     slot mid-step: :attr:`~hfoptim.core.rule.Rule.stores_early`), in the slots' order."""
     rule = engine.rule
@@ -897,7 +900,8 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
     and 8-bit slot (the new scales: at most ``4 * slots / block`` bytes per element), plus the
     fp32 copies of a parameter or gradient of another dtype it steps (:class:`_Kernel`), and
     what a slot encoded after the kernel (:func:`encoded_later`: SMMF) takes: its new value, which
-    the kernel returns, and during its encode the magnitudes and the signs' mask. A whole
+    the kernel writes into the step's :class:`Workspace`, and during its encode the signs' mask
+    and their packed bytes. A whole
     ``ademamix_8bit`` step of a 32000x768 tensor allocated 0.047 bytes per element (the profiler's
     memory events; ``tests/test_chunking.py`` checks the bound on three rules).
 
@@ -925,10 +929,12 @@ def block_rows_bytes(engine, group: dict, units: list, stats) -> list[int | None
             continue
         dtype = engine.compute_dtype(unit.param)
         copies = (unit.param.dtype != dtype) + (unit.grad.dtype != dtype)
-        # the slots encoded after the kernel: their new values, returned, then one encode's
-        # |value|, mask of signs and packed words (SMMF; the encodes run one after the other). The
-        # process's high-water mark rose by 20.5 bytes per element of a 32000x768 adamw_smmf piece
-        # in fp32 (two slots); the bound keeps a margin: 28
+        # the slots encoded after the kernel: their new values in the workspace (up to twice their
+        # size: it grows in powers of two), then one encode's mask of signs and packed bytes (SMMF;
+        # the encodes run one after the other): 18 bytes per element in fp32 (two slots). Counted
+        # as 28, which bounded the fresh tensors each piece allocated before the workspace: the
+        # smaller pieces keep the step's high-water mark near a quarter of chunk_bytes (15.5 MiB
+        # on the 100M set), within 1 byte per parameter of a ZeRO-2 process's half of it
         encoding = (len(later) + 4) * dtype.itemsize + 4 if later else 0
         out.append(max(1, math.ceil(4 * len(slots) / rows)) + copies * dtype.itemsize + encoding)
     return out
@@ -979,11 +985,36 @@ def plain_reason(engine, group: dict, device: torch.device) -> str | None:
     return None
 
 
-def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
+class Workspace:
+    """Where kernels leave the new values of the slots the plain path's encode stores
+    (:func:`encoded_later`: SMMF), which the encode may overwrite (``Codec.encode_spent``): one
+    buffer per dtype and device, shared by the kernels of one optimizer step and dropped after
+    it. Fresh tensors of each piece's size, freed after its encode, left the process's heap in
+    pieces that kernels of another size could not reuse: 31-62 MiB of high-water mark over an
+    ``adamw_smmf`` step of the 100M set whose tensors at no time held more than 18 MiB
+    (profiler's memory events; one process, 2-core AMD EPYC); with this buffer, 15.5 MiB."""
+
+    def __init__(self):
+        self._buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, count: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
+        """``count`` tensors of ``shape`` in the buffer of ``dtype`` on ``device``, which grows
+        in powers of two (at least 2**20 elements): a step of pieces of several sizes
+        allocates it a few times at most."""
+        numel = count * math.prod(shape)
+        buffer = self._buffers.get((dtype, device))
+        if buffer is None or buffer.numel() < numel:
+            self._buffers.pop((dtype, device), None)
+            size = 1 << max(20, (numel - 1).bit_length())
+            buffer = self._buffers[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
+        return tuple(buffer[:numel].view(count, *shape).unbind(0))
+
+
+def step_compiled(engine, group: dict, units: list, loss: Any, stats, workspace: Workspace | None = None) -> list:
     """Step the units of a bucket that take the compiled path (their state is initialised and
     their step counters already advanced) with the statistics backend ``stats``; return the
     others, for the plain path. ``loss`` is not passed on: the rules that read it take the plain
-    path (:func:`plain_reason`)."""
+    path (:func:`plain_reason`). ``workspace``: the optimizer step's (a new one by default)."""
     if units and isinstance(stats, StagedPieceStats):
         step_staged_pieces(engine, group, units, stats)
         return []
@@ -993,10 +1024,12 @@ def step_compiled(engine, group: dict, units: list, loss: Any, stats) -> list:
     options = hyperparameters(engine, group)
     settings = settings_of(group, options)
     with skip_guards():
-        return _step_units(engine, group, units, stats, slots, options, settings)
+        return _step_units(engine, group, units, stats, slots, options, settings, workspace or Workspace())
 
 
-def _step_units(engine, group: dict, units: list, stats, slots, options: dict, settings: str) -> list:
+def _step_units(
+    engine, group: dict, units: list, stats, slots, options: dict, settings: str, workspace: Workspace
+) -> list:
     rest = []
     partial: list[tuple[torch.Tensor, ParamView]] = []  # sums the kernels leave to complete
     staged: list[_Kernel] = []  # shards whose statistics of the whole tensor come in stages
@@ -1019,7 +1052,7 @@ def _step_units(engine, group: dict, units: list, stats, slots, options: dict, s
         lr = lrs.get((dtype, unit.param.device))
         if lr is None:
             lr = lrs[(dtype, unit.param.device)] = torch.tensor(lr_value, dtype=dtype, device=unit.param.device)
-        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty, rows)
+        kernel = _Kernel(engine, group, unit, codecs, stats, options, settings, lr, in_stages, empty, rows, workspace)
         if in_stages:
             staged.append(kernel)
             continue
@@ -1179,7 +1212,21 @@ class _Kernel:
     :func:`_advance_one`). A staged shard (:func:`shard_staged`) collects the completed
     statistics in ``known``, one recording call per request, before the call that writes."""
 
-    def __init__(self, engine, group, unit, codecs, stats, options, settings, lr, staged: bool, eager: bool, rows=None):
+    def __init__(
+        self,
+        engine,
+        group,
+        unit,
+        codecs,
+        stats,
+        options,
+        settings,
+        lr,
+        staged: bool,
+        eager: bool,
+        rows=None,
+        workspace=None,
+    ):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
         #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
         self.staged = staged
@@ -1197,7 +1244,7 @@ class _Kernel:
         self.state = unit.state
         #: entries of :attr:`state` the kernel returns for :meth:`step` to write (:func:`block_rows`)
         self.returned: tuple[str, ...] = ()
-        #: the slots whose new value the kernel returns for :meth:`step` to encode with the plain
+        #: the slots whose new value the kernel writes out for :meth:`step` to encode with the plain
         #: path's code and the bucket's statistics ``stats`` (:func:`encoded_later`), with their forms
         self._later = [] if staged or eager else encoded_later(engine, group, codecs)
         self.encode_later: tuple[str, ...] = tuple(slot.name for slot, _ in self._later)
@@ -1210,6 +1257,10 @@ class _Kernel:
                 block, (self.work, self.grad), unit.state, later
             )
             self.global_shape = (unit.view.global_numel // block, block)
+        #: where the kernel writes the new values of :attr:`_later`, for :meth:`step` to encode
+        self.encoded_into: tuple[torch.Tensor, ...] = ()
+        if self._later:
+            self.encoded_into = workspace.take(len(self._later), self.work.shape, self.work.dtype, self.work.device)
         # a shard is stepped as rows from 0 when its forms cannot tell (one kernel per shape),
         # else at its true first row (one kernel per shape and first row)
         offset_free = p.dim() >= 2 and all(c.offset_free for c in codecs)
@@ -1275,6 +1326,7 @@ class _Kernel:
                 record,
                 self.returned,
                 self.encode_later,
+                self.encoded_into,
             )
         except _AnyRowsFailed:
             self.global_shape, self.options, self.stats = self._shaped
@@ -1310,8 +1362,8 @@ class _Kernel:
         written = len(self.returned)
         for key, new in zip(self.returned, stepped[:written], strict=True):
             self.state[key].copy_(new)
-        for (slot, codec), new in zip(self._later, stepped[written:], strict=True):
-            codec.encode(slot, self.unit.state, new, self.unit.view, stats=self._bucket_stats)
+        for (slot, codec), new in zip(self._later, self.encoded_into, strict=True):
+            codec.encode_spent(slot, self.unit.state, new, self.unit.view, stats=self._bucket_stats)
         if self.unit.param.dtype != self.work.dtype:
             self.unit.param.copy_(self.work.view(self.unit.param.shape))
         return True

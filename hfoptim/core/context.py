@@ -82,7 +82,7 @@ class StepContext:
         #: the decoded slots (``s``), for post modifiers with state (CPR); set by the engine
         self.slots = None
         #: slots the engine does not encode but leaves, updated, in :attr:`encoded_later` (a
-        #: compiled kernel returns them: :attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`)
+        #: compiled kernel writes them out: :attr:`~hfoptim.state.codec.Codec.encodes_after_kernel`)
         self.encode_later: frozenset[str] = frozenset()
         #: slot name -> its updated values, for the slots of :attr:`encode_later`
         self.encoded_later: dict[str, TensorList] = {}

@@ -183,6 +183,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         self._shape_counts: dict[int, Counter] = {}  # see tensors_of_shape
         #: the compiled path's per-unit decisions (hfoptim.core.compiled_step.unit_plan)
         self.kernel_plans: dict = {}
+        #: the compiled path's buffers during a step (:class:`~hfoptim.core.compiled_step.Workspace`)
+        self._workspace: compiled_step.Workspace | None = None
         #: steps skipped because a gradient was not finite (``skip_nonfinite``); saved in state_dict
         self.nonfinite_skips = 0
         self._declared_by_id, self._declared_by_name = _split_declared(param_layouts or {})
@@ -488,6 +490,23 @@ class RuleOptimizer(torch.optim.Optimizer):
             return closure_loss
         sharded = type(self.layout.stats) is not LocalStats
         mirrored: list = []  # uncut parameters' units, whose whole-tensor state the owners send the others
+        self._workspace = compiled_step.Workspace()  # the kernels' buffers, for this step only
+        try:
+            self._step_plan(plan, loss_value, deferred, sharded, mirrored)
+        finally:
+            self._workspace = None
+        uncut.mirror(self, mirrored, self.layout.stats)
+        if deferred:
+            scale = stable_scale([d.ctx for d in deferred])
+            for d in deferred:
+                d.finish(scale)
+        for send_back in returns:
+            send_back()
+        return closure_loss
+
+    def _step_plan(self, plan: list, loss_value, deferred, sharded: bool, mirrored: list) -> None:
+        """Step every bucket of ``plan`` (``(group, units)`` pairs); the parameters held whole
+        under sharding are appended to ``mirrored``."""
         for group, units in plan:
             for bucket in self._buckets(units, self.group_foreach(group)):
                 # the step counters in one call (a LoRA set's 224 additions cost about 1 ms a step)
@@ -500,14 +519,6 @@ class RuleOptimizer(torch.optim.Optimizer):
                 self._step_calls(group, bucket, loss_value, deferred, sharded=sharded)
                 if held:
                     self._step_calls(group, held, loss_value, deferred, sharded=False, share=uncut.share(cut_free))
-        uncut.mirror(self, mirrored, self.layout.stats)
-        if deferred:
-            scale = stable_scale([d.ctx for d in deferred])
-            for d in deferred:
-                d.finish(scale)
-        for send_back in returns:
-            send_back()
-        return closure_loss
 
     def _step_calls(
         self, group: dict, bucket: list[Unit], loss: float | None, deferred, sharded: bool, share: int = 1
@@ -614,7 +625,8 @@ class RuleOptimizer(torch.optim.Optimizer):
         for the caller to run, instead of run here."""
         rule, foreach = self.rule, self.group_foreach(group)
         if deferred is None:  # (a deferred step records every tensor's second moment: plain path)
-            rest = compiled_step.step_compiled(self, group, units, loss, stats)  # one compiled kernel per parameter
+            # one compiled kernel per parameter
+            rest = compiled_step.step_compiled(self, group, units, loss, stats, self._workspace)
             plain = {id(unit) for unit in rest}
             _write_back([unit for unit in units if id(unit) not in plain], writebacks)
             units = rest

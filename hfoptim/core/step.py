@@ -87,7 +87,7 @@ def advance(
     for slot in active:
         if slot.name in stored_early:
             continue
-        if slot.name in ctx.encode_later:  # the compiled kernel returns it; encoded after the call
+        if slot.name in ctx.encode_later:  # the compiled kernel writes it out; encoded after the call
             ctx.encoded_later[slot.name] = getattr(slots, slot.name)
             continue
         encode_all(slot, codecs[slot.name], states, list(getattr(slots, slot.name)), views, stats)

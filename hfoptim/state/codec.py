@@ -80,9 +80,10 @@ class Codec(ABC):
     #: a larger tensor of the group (:func:`hfoptim.core.compiled_step.auto_takes`)
     coded_per_tensor: ClassVar[bool] = False
     #: True when the compiled kernel decodes this form and steps the slot, but leaves the encode
-    #: to the plain path's :meth:`encode`, run after the kernel on the new value it returns: an
-    #: encode made of reductions over the whole tensor, which inductor's C++ backend compiles
-    #: into loops far slower than torch's own (SMMF's row and column sums and sign bits)
+    #: to the plain path's code (:meth:`encode_spent`), run after the kernel on the new value it
+    #: leaves in the step's workspace (``compiled_step.Workspace``): an encode made of reductions
+    #: over the whole tensor, which inductor's C++ backend compiles into loops far slower than
+    #: torch's own (SMMF's row and column sums and sign bits)
     encodes_after_kernel: ClassVar[bool] = False
     #: False when a kernel stepping a tensor as rows of :meth:`row_block` must know its row count
     #: (SMMF: its square matrix is that of the whole tensor's element count), so no kernel traced
@@ -181,6 +182,12 @@ class Codec(ABC):
     def encode(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView, *, stats=None) -> None:
         """Store ``value`` (the slot after the update) into ``stored`` in place."""
         raise NotImplementedError
+
+    def encode_spent(self, slot: Slot, stored: dict, value: torch.Tensor, view: ParamView, *, stats=None) -> None:
+        """:meth:`encode` of a ``value`` its caller no longer reads, which the form may overwrite
+        on the way (the new value a kernel left in a workspace: :attr:`encodes_after_kernel`);
+        :meth:`encode` by default."""
+        self.encode(slot, stored, value, view, stats=stats)
 
     def upgrade(self, slot: Slot, stored: dict, view: ParamView, saved_format: int) -> dict:
         """``stored`` (the slot's tensors as a checkpoint of state-dict format ``saved_format``
