@@ -998,16 +998,19 @@ class Workspace:
         self._buffers: dict[tuple, torch.Tensor] = {}
 
     def take(self, count: int, shape: tuple, dtype: torch.dtype, device: torch.device) -> tuple:
-        """``count`` tensors of ``shape`` in the buffer of ``dtype`` on ``device``, which grows
-        in powers of two (at least 2**20 elements): a step of pieces of several sizes
-        allocates it a few times at most."""
-        numel = count * math.prod(shape)
+        """``count`` tensors of ``shape`` in the buffer of ``dtype`` on ``device``, each starting
+        on a multiple of 64 bytes (a kernel compiled for aligned inputs, as Triton's are, gets
+        aligned ones). The buffer grows in powers of two (at least 2**20 elements): a step of
+        pieces of several sizes allocates it a few times at most."""
+        numel = math.prod(shape)
+        align = max(1, 64 // dtype.itemsize)
+        stride = -(-numel // align) * align
         buffer = self._buffers.get((dtype, device))
-        if buffer is None or buffer.numel() < numel:
-            self._buffers.pop((dtype, device), None)
-            size = 1 << max(20, (numel - 1).bit_length())
+        if buffer is None or buffer.numel() < count * stride:
+            self._buffers.pop((dtype, device), None)  # freed before the larger one is allocated
+            size = 1 << max(20, (count * stride - 1).bit_length())
             buffer = self._buffers[(dtype, device)] = torch.empty(size, dtype=dtype, device=device)
-        return tuple(buffer[:numel].view(count, *shape).unbind(0))
+        return tuple(buffer[i * stride : i * stride + numel].view(shape) for i in range(count))
 
 
 def step_compiled(engine, group: dict, units: list, loss: Any, stats, workspace: Workspace | None = None) -> list:
@@ -1225,7 +1228,7 @@ class _Kernel:
         staged: bool,
         eager: bool,
         rows=None,
-        workspace=None,
+        workspace: Workspace | None = None,  # needed where a slot is encoded after the kernel
     ):
         self.engine, self.unit, self.codecs, self.options, self.lr = engine, unit, codecs, options, lr
         #: whether its statistics of the whole tensor come in stages (:func:`shard_staged`)
