@@ -317,7 +317,7 @@ class SMMF(Codec):
 
     def encode_spent(self, slot, stored, value, view, *, stats=None):
         """:meth:`encode`, taking the magnitudes in ``value``'s place and packing the sign bits
-        in the mask's (a 1.5M-element piece: 7.5 MiB less, no allocation of the piece's size)."""
+        in the mask's (a 1.5M-element piece: 8.9 MiB less; of the piece's size only the mask)."""
         self.encode_many(slot, [stored], [value], [view], stats=stats, spent=True)
 
     def encode_many(self, slot, stored, values, views, *, stats=None, spent: bool = False):
