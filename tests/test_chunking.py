@@ -158,14 +158,19 @@ def test_rows_per_piece_prefers_equal_pieces():
     assert chunking.rows_per_piece(10, 1000, 10, 3) == 3  # the granularity is the smallest piece
 
 
-def _peak_bytes(fn) -> int:
-    """Peak of the bytes torch allocated and still held while ``fn`` ran (profiler memory
-    events: every allocation and free of torch's CPU and CUDA allocators)."""
+def _memory_events(fn) -> list:
+    """The profiler's memory events while ``fn`` ran, in order: every allocation (positive
+    ``nbytes()``) and free (negative) of torch's CPU and CUDA allocators."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    return sorted(events, key=lambda e: e.start_ns())
+
+
+def _peak_bytes(fn) -> int:
+    """Peak of the bytes torch allocated and still held while ``fn`` ran."""
     live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
+    for event in _memory_events(fn):
         live += event.nbytes()
         peak = max(peak, live)
     return peak
@@ -273,13 +278,6 @@ def test_an_smmf_embedding_step_stays_within_the_chunk_budget():
         assert (sum(compiled_step.calls.values()) - before > 1) == (mode == "auto")
 
 
-def _allocations(fn) -> list[int]:
-    """The sizes of the allocations torch made while ``fn`` ran (profiler memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]" and e.nbytes() > 0]
-
-
 def test_smmf_kernels_leave_their_moments_in_one_workspace_of_the_step():
     """The compiled SMMF step of pieces of several sizes writes each piece's new moments into the
     optimizer step's workspace (compiled_step.Workspace), and its encode overwrites them with
@@ -301,7 +299,7 @@ def test_smmf_kernels_leave_their_moments_in_one_workspace_of_the_step():
                 p.grad = torch.randn(p.shape, generator=gen, dtype=torch.float64) * 0.1
             if mode == "on" and t == 2:
                 before = sum(compiled_step.calls.values())
-                sizes = _allocations(opt.step)
+                sizes = [e.nbytes() for e in _memory_events(opt.step) if e.nbytes() > 0]
                 pieces = sum(compiled_step.calls.values()) - before
             else:
                 opt.step()

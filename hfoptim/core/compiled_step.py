@@ -1361,9 +1361,7 @@ class _Kernel:
         ok, stepped = self._call()
         if not ok:
             return False
-        stepped = tuple(stepped or ())
-        written = len(self.returned)
-        for key, new in zip(self.returned, stepped[:written], strict=True):
+        for key, new in zip(self.returned, stepped or (), strict=True):
             self.state[key].copy_(new)
         for (slot, codec), new in zip(self._later, self.encoded_into, strict=True):
             codec.encode_spent(slot, self.unit.state, new, self.unit.view, stats=self._bucket_stats)
