@@ -428,14 +428,84 @@ def key(row: dict) -> tuple:
     return row["layout"], row.get("set"), row.get("name"), row.get("chunk_bytes"), row.get("allocator")
 
 
+def run_of(info: dict, cpu: dict) -> dict:
+    """Which run measured a row (its commit, load and CPU): every row carries it, so that a row
+    kept by ``--merge`` still says where it came from."""
+    return {
+        "git_commit": info.get("git_commit"),
+        "load_average_1_5_15": info.get("load_average_1_5_15"),
+        "cpu": info.get("cpu"),
+        "vector_flags": cpu.get("vector_flags", []),
+    }
+
+
+def described(run: dict, this_run: dict) -> str:
+    """``run`` in words, its CPU named where it is not this run's."""
+    words = f"hfoptim {run['git_commit']}, load average {run['load_average_1_5_15']}"
+    if (run["cpu"], run["vector_flags"]) != (this_run["cpu"], this_run["vector_flags"]):
+        words += f", {run['cpu']} with {' '.join(run['vector_flags']) or 'unknown flags'}"
+    return words + (f" ({run['merged']})" if "merged" in run else "")
+
+
+def merged(earlier: dict, rows: list[dict]) -> list[dict]:
+    """``rows`` with the rows of the ``earlier`` record that this run did not measure (``key``),
+    in the table's order. A kept row keeps its run; a row of a record from before rows carried
+    one takes that record's run and, where it was itself merged, its account of the rows' runs."""
+    before = earlier["machine"]
+    legacy = run_of(before, earlier.get("lscpu", {}))
+    if "merged" in before:  # that record's own account of its rows' runs
+        legacy["merged"] = f"of its rows, {before['merged']} ({before['previous_commit']})"
+    runs = earlier.get("runs", [])
+    fresh = {key(r) for r in rows}
+    kept = [dict(r, run=runs[r["run"]] if "run" in r else legacy) for r in earlier["rows"] if key(r) not in fresh]
+    names = [r.get("name") for r in rows if r.get("name") not in DEFAULT_NAMES]
+    order = {name: i for i, name in enumerate(DEFAULT_NAMES + names)}
+    layouts = ["one", "fsdp2", "zero2"]
+    return sorted(
+        kept + rows,
+        key=lambda r: (
+            layouts.index(r["layout"]),
+            r.get("set", ""),
+            order.get(r.get("name"), 99),
+            r.get("chunk_bytes") or 0,
+            r.get("allocator") or "",
+        ),
+    )
+
+
+def packed(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """``(runs, rows)`` for the results file: each distinct run once, and rows that name theirs
+    by its place in ``runs``."""
+    runs: dict[str, int] = {}
+    for r in rows:
+        runs.setdefault(json.dumps(r["run"], sort_keys=True), len(runs))
+    return [json.loads(run) for run in runs], [dict(r, run=runs[json.dumps(r["run"], sort_keys=True)]) for r in rows]
+
+
+def kept_note(rows: list[dict], this_run: dict) -> str:
+    """The header's account of the rows an earlier run measured (``--merge``), by run: which
+    optimizers, layouts and sets; empty when this run measured every row."""
+    by_run: dict[str, tuple[dict, list[dict]]] = {}
+    for r in rows:
+        if r.get("run", this_run) != this_run:
+            by_run.setdefault(json.dumps(r["run"], sort_keys=True), (r["run"], []))[1].append(r)
+    parts = []
+    for run, kept in by_run.values():
+        names = ", ".join(dict.fromkeys(shown(r) for r in kept))
+        layouts = ", ".join(dict.fromkeys(r["layout"] for r in kept))
+        sets = ", ".join(dict.fromkeys(r.get("set", "") for r in kept))
+        rows_of = f"{len(kept)} row{'s' if len(kept) > 1 else ''} of {names}"
+        parts.append(f"{rows_of} on {layouts} for {sets} from {described(run, this_run)}")
+    return "; kept from earlier runs: " + "; ".join(parts) if parts else ""
+
+
 def report(rows: list[dict], info: dict, cpu: dict, args) -> list[str]:
     world = f"{args.nproc} processes" if args.device == "cpu" else f"{args.nproc} GPUs"
     lines = [
         f"Step time, first step and step memory per layout (one process; FSDP2 and ZeRO-2 on {world}), "
         f"device {args.device}, {info['cpu']} (lscpu flags: {' '.join(cpu.get('vector_flags', [])) or 'unknown'}), "
         f"load average {info.get('load_average_1_5_15')}, torch {info['torch']}, hfoptim {info['git_commit']}, "
-        f"inductor cache {'cold' if args.cold_cache else 'as found'}"
-        + (f"; {info['merged']} ({info['previous_commit']})" if "merged" in info else ""),
+        f"inductor cache {'cold' if args.cold_cache else 'as found'}" + kept_note(rows, run_of(info, cpu)),
         "",
         "| set | layout | optimizer | first step s | step ms | AdamW ms | x AdamW foreach | transient B/param "
         "| AdamW B/param | compiled tensors | faults/step | AdamW faults/step |",
@@ -505,42 +575,16 @@ def main() -> int:
     info, cpu = machine_info(), lscpu()
     kind = machine_kind(cpu, args.device)
     previous = HERE / "results" / f"layouts-{kind}.json"
+    this_run = run_of(info, cpu)
+    rows = [dict(r, run=this_run) for r in rows]
     if args.merge and previous.exists():
-        run = set(args.layouts.split(","))
-        names = args.names.split(",")
-        earlier = json.loads(previous.read_text())
-        fresh = {key(r) for r in rows}
-        kept = [r for r in earlier["rows"] if key(r) not in fresh]
-        order = {name: i for i, name in enumerate(DEFAULT_NAMES + [n for n in names if n not in DEFAULT_NAMES])}
-        layouts = ["one", "fsdp2", "zero2"]
-        rows = sorted(
-            kept + rows,
-            key=lambda r: (
-                layouts.index(r["layout"]),
-                r.get("set", ""),
-                order.get(r.get("name"), 99),
-                r.get("chunk_bytes") or 0,
-                r.get("allocator") or "",
-            ),
-        )
-        before = earlier["machine"]
-        info = dict(
-            info,
-            merged=f"rows of {', '.join(names)} on {', '.join(sorted(run))} for the sets {args.sets}"
-            + ("" if args.chunk_bytes is None else f" with chunk_bytes {args.chunk_bytes}")
-            + ("" if args.allocator == "both" else f" with the {args.allocator} allocator")
-            + " from this run, "
-            "the others from the previous results file",
-            previous_commit=f"hfoptim {before.get('git_commit')}, load average {before.get('load_average_1_5_15')}, "
-            f"{before.get('cpu')} with {' '.join(earlier.get('lscpu', {}).get('vector_flags', [])) or 'unknown flags'}"
-            # the previous file's own merge, so that no row loses the run it came from
-            + (f"; of those, {before['merged']} ({before['previous_commit']})" if "merged" in before else ""),
-        )
+        rows = merged(json.loads(previous.read_text()), rows)
     lines = report(rows, info, cpu, args)
     print("\n".join(lines))
     if args.smoke:
         return 0 if rows and not any("error" in r and "launch failed" in r["error"] for r in rows) else 1
-    record = {"machine": info, "lscpu": cpu, "device": args.device, "nproc": args.nproc, "rows": rows}
+    runs, rows = packed(rows)
+    record = {"machine": info, "lscpu": cpu, "device": args.device, "nproc": args.nproc, "runs": runs, "rows": rows}
     write_json(previous, record)
     previous.with_suffix(".md").write_text("\n".join(lines) + "\n")
     command = "python benchmarks/layouts.py " + " ".join(sys.argv[1:])

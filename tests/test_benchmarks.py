@@ -548,6 +548,49 @@ def test_layouts_benchmark_sees_a_step_temporary_and_lists_every_row(tmp_path):
         assert layouts.machine_kind({"flags": flags}, device) == kind
 
 
+def test_layouts_merge_keeps_each_rows_run_and_names_the_earlier_ones():
+    """benchmarks/layouts.py --merge: a row kept from the results file keeps the run that measured
+    it, through any number of merges, and the header names the kept rows by run; a run that
+    measures every row names no earlier one."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        layouts = importlib.import_module("layouts")
+    finally:
+        sys.path.remove(str(BENCH))
+    cpu = {"vector_flags": ["avx2"]}
+
+    def run(commit):
+        return layouts.run_of({"git_commit": commit, "load_average_1_5_15": [1.0, 1.0, 1.0], "cpu": "EPYC"}, cpu)
+
+    def row(layout, name, commit):
+        return {"layout": layout, "set": "emb", "name": name, "step_ms": 1.0, "run": run(commit)}
+
+    first = [row("one", "adamw_8bit", "a1"), row("one", "adan_8bit", "a1"), row("zero2", "adan_8bit", "a1")]
+    runs, rows = layouts.packed(first)
+    assert runs == [run("a1")] and {r["run"] for r in rows} == {0}
+    second = layouts.merged({"machine": {}, "runs": runs, "rows": rows}, [row("one", "adan_8bit", "b2")])
+    runs, rows = layouts.packed(second)
+    third = layouts.merged({"machine": {}, "runs": runs, "rows": rows}, [row("zero2", "adan_8bit", "c3")])
+    assert [(r["layout"], r["name"], r["run"]["git_commit"]) for r in third] == [
+        ("one", "adamw_8bit", "a1"),
+        ("one", "adan_8bit", "b2"),
+        ("zero2", "adan_8bit", "c3"),
+    ]
+    note = layouts.kept_note(third, run("c3"))
+    assert note == (
+        "; kept from earlier runs: 1 row of adamw_8bit on one for emb from hfoptim a1, load average [1.0, 1.0, 1.0]"
+        "; 1 row of adan_8bit on one for emb from hfoptim b2, load average [1.0, 1.0, 1.0]"
+    )
+    assert layouts.kept_note([row("one", "adamw_8bit", "c3")], run("c3")) == ""
+    # another CPU is named; a record from before rows named their run keeps its own account
+    other = dict(run("a1"), cpu="Xeon")
+    assert "Xeon with avx2" in layouts.described(other, run("c3"))
+    legacy = {"machine": {"git_commit": "old", "cpu": "EPYC", "merged": "rows of x", "previous_commit": "p"}}
+    legacy["lscpu"], legacy["rows"] = cpu, [{"layout": "fsdp2", "set": "emb", "name": "adamw_8bit"}]
+    kept = layouts.merged(legacy, [row("one", "adamw_8bit", "c3")])
+    assert "from hfoptim old, load average None (of its rows, rows of x (p))" in layouts.kept_note(kept, run("c3"))
+
+
 def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tmp_path):
     """Runs of one protocol split by seed (run side by side) merge into the table one run of all
     seeds writes: the issue-16 results file split in two and combined back gives its committed table."""
