@@ -45,7 +45,9 @@ The CPU (``lscpu``'s model name and flags) and the load average are recorded wit
 timings on a loaded or different machine are not comparable. Results, one record per kind of
 machine (:func:`machine_kind`: the CPU's widest vector extension, or the GPU):
 benchmarks/results/layouts-<kind>.{json,md} (not with ``--smoke``) and the ``layouts-<kind>``
-section of BENCHMARKS.md.
+section of BENCHMARKS.md. Each row names the run that measured it (the file's ``runs``: commit,
+load average, CPU); ``--merge`` keeps the earlier rows this run did not measure, and the table's
+header names the runs they came from.
 """
 
 from __future__ import annotations
