@@ -207,22 +207,24 @@ def no_inductor_cache():
 
 @contextlib.contextmanager
 def _kit_vectors():
-    """The kit's vector bit casts and gathers, as around its compilations."""
+    """The kit's vector bit casts, gathers and narrowing, as around its compilations."""
     from hfoptim.core.vector_bitcast import vector_bitcasts
     from hfoptim.core.vector_gather import vector_gathers
+    from hfoptim.core.vector_narrow import vector_narrowing
 
-    with vector_bitcasts(), vector_gathers():
+    with vector_bitcasts(), vector_gathers(), vector_narrowing():
         yield
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("vector", [False, True], ids=["inductor-code", "kit-vectors"])
 def test_compiled_8bit_code_forms_are_exact(vector, fresh_dynamo, no_inductor_cache):
-    """The compiled 8-bit code (codes read as bytes; stored through fp32 on the CPU) gives the
-    table's values for every code, in a vector and in rows, and encodes to what ``bucketize``
-    gives on every midpoint, one ulp either side of it and every level: with inductor's own code
-    and with the kit's vector bit casts and gathers (entered around the kit's compilations),
-    whose C++ casts with ``at::vec::cast`` and reads the encode table with ``at::vec::gather``."""
+    """The compiled 8-bit code (codes read and written as bytes) gives the table's values for
+    every code, in a vector and in rows, and encodes to what ``bucketize`` gives on every
+    midpoint, one ulp either side of it and every level: with inductor's own code and with the
+    kit's vector bit casts, gathers and narrowing (entered around the kit's compilations), whose
+    C++ casts with ``at::vec::cast``, reads the encode table with ``at::vec::gather`` and stores
+    the int32 codes as bytes without ``at::vec::convert``."""
     from torch._inductor.utils import run_and_get_code
 
     kit = _kit_vectors if vector else contextlib.nullcontext
@@ -248,8 +250,10 @@ def test_compiled_8bit_code_forms_are_exact(vector, fresh_dynamo, no_inductor_ca
         with kit():
             encoded, sources = run_and_get_code(_compiled(code.encode), y)
         assert torch.equal(encoded, expected), code.name
-        # the table read: one vector gather, or inductor's scalar loop through a stack buffer
+        # the table read: one vector gather, or inductor's scalar loop through a stack buffer;
+        # the codes' store: the kit's narrowing, or ATen's element-by-element conversion
         assert ("at::vec::gather<4>" in "\n".join(sources)) == vector
+        assert ("at::vec::convert<uint8_t>" in "\n".join(sources)) != vector
 
 
 @pytest.mark.slow
@@ -285,21 +289,24 @@ def test_traced_table_reads_wrap_no_negative_index(fresh_dynamo, no_inductor_cac
 #: run in a process of its own with inductor's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2)
 _AVX2_STEPS = """
 import torch, hfoptim
-from hfoptim.core import compiled_step, vector_bytes
+from hfoptim.core import compiled_step, vector_bytes, vector_narrow
 from tests.test_state_compiled import _run, _assert_agrees, SHAPES
 from torch._inductor import cpu_vec_isa
 assert isinstance(cpu_vec_isa.pick_vec_isa(), cpu_vec_isa.VecAVX2), cpu_vec_isa.pick_vec_isa()
 byte_loads = []
 line_of = vector_bytes.byte_load_line
 vector_bytes.byte_load_line = lambda *a: byte_loads.append(a) or line_of(*a)
+narrowed = []
+narrow_of = vector_narrow.narrow_line
+vector_narrow.narrow_line = lambda *a: narrowed.append(a) or narrow_of(*a)
 for name in ("adamw_8bit", "adan_8bit", "adamw_4bit"):
     compiled_step.reset()
     compiled, c_opt = _run(name, "on", lr_schedule=True)
     assert sum(compiled_step.calls.values()) == 4 * len(SHAPES), compiled_step.calls
     plain, p_opt = _run(name, "off", lr_schedule=True)
     _assert_agrees(compiled, c_opt, plain, p_opt, atol=1e-6)
-assert byte_loads
-print("ok", len(byte_loads))
+assert byte_loads and narrowed and {bits for _, bits in narrowed} == {256}
+print("ok", len(byte_loads), len(narrowed))
 """
 
 
@@ -307,8 +314,9 @@ print("ok", len(byte_loads))
 def test_avx2_kernels_load_bytes_without_a_stack_buffer_and_step_as_the_plain_path(tmp_path):
     """With inductor's AVX2 kernels (the AVX2-only AMD EPYC; ``ATEN_CPU_CAPABILITY=avx2`` here, in
     a process of its own with an inductor cache of its own, which does not key on it) the kit's
-    compilations load eight codes with one instruction (:mod:`hfoptim.core.vector_bytes`), and
-    the 8-bit and 4-bit steps compiled so agree with the plain path."""
+    compilations load eight codes with one instruction (:mod:`hfoptim.core.vector_bytes`) and
+    store int32 codes as bytes with a byte shuffle (:mod:`hfoptim.core.vector_narrow`), and the
+    8-bit and 4-bit steps compiled so agree with the plain path."""
     env = dict(
         os.environ,
         ATEN_CPU_CAPABILITY="avx2",
@@ -386,21 +394,48 @@ def test_a_kernel_the_gather_hook_cannot_read_keeps_inductors_load(fresh_dynamo,
     assert "at::vec::gather" not in "\n".join(sources)
 
 
-def test_vector_bitcasts_and_gathers_are_installed_only_inside_the_context():
-    """The kit's vector bit casts and gathers replace inductor's code only while one of its
-    compilations runs."""
+def test_vector_bitcasts_gathers_and_narrowing_are_installed_only_inside_the_context():
+    """The kit's vector bit casts, gathers and narrowing replace inductor's code only while one of
+    its compilations runs."""
     from torch._inductor.codegen import cpp
 
     from hfoptim.core.vector_bitcast import vector_bitcasts
     from hfoptim.core.vector_gather import vector_gathers
+    from hfoptim.core.vector_narrow import vector_narrowing
 
     inductor_cast = cpp.CppVecOverrides.__dict__["to_dtype_bitcast"]
     inductor_load = cpp.CppVecKernel.__dict__["load"]
-    with vector_bitcasts() as casts, vector_gathers() as gathers:
+    inductor_convert = cpp.CppVecKernel.__dict__["get_to_dtype_expr"]
+    with vector_bitcasts() as casts, vector_gathers() as gathers, vector_narrowing() as narrowing:
         assert casts and cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is not inductor_cast
         assert gathers and cpp.CppVecKernel.__dict__["load"] is not inductor_load
+        assert narrowing and cpp.CppVecKernel.__dict__["get_to_dtype_expr"] is not inductor_convert
     assert cpp.CppVecOverrides.__dict__["to_dtype_bitcast"] is inductor_cast
     assert cpp.CppVecKernel.__dict__["load"] is inductor_load
+    assert cpp.CppVecKernel.__dict__["get_to_dtype_expr"] is inductor_convert
+
+
+@pytest.mark.slow
+def test_vector_narrowing_keeps_the_low_byte_of_every_int32(fresh_dynamo, no_inductor_cache):
+    """Inside ``vector_narrowing`` a compiled conversion of int32 to uint8 is the kit's (no
+    ``at::vec::convert``) and gives eager torch's bytes (the value modulo 256) for every input:
+    in range, negative, past 255 and at both ends of int32, over a length with a vector tail;
+    a conversion from fp32 keeps inductor's own code."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hfoptim.core.vector_narrow import vector_narrowing
+
+    edges = torch.tensor([0, 1, 127, 128, 255, 256, 257, -1, -128, -129, -256, 2**31 - 1, -(2**31)], dtype=torch.int32)
+    x = torch.cat([edges, torch.randint(-(2**31), 2**31 - 1, (4099,), generator=torch.Generator().manual_seed(0))])
+    with vector_narrowing() as installed:
+        got, sources = run_and_get_code(_compiled(lambda v: (v + 3).to(torch.uint8)), x)
+    assert installed and torch.equal(got, (x + 3).to(torch.uint8))
+    assert "at::vec::convert<uint8_t>" not in "\n".join(sources)
+    y = torch.linspace(0.0, 255.0, 4099)
+    with vector_narrowing():
+        from_floats, sources = run_and_get_code(_compiled(lambda v: v.to(torch.uint8)), y)
+    assert torch.equal(from_floats, y.to(torch.uint8))
+    assert "_mm512_cvtepi32_epi8" not in "\n".join(sources) and "_mm256_shuffle_epi8" not in "\n".join(sources)
 
 
 @pytest.mark.slow

@@ -130,6 +130,7 @@ from .tracing import TracedKernel, TraceFailed
 from .vector_bitcast import vector_bitcasts
 from .vector_bytes import vector_byte_loads
 from .vector_gather import vector_gathers
+from .vector_narrow import vector_narrowing
 
 #: with ``compile="auto"``, parameters at least this large take the compiled path
 AUTO_MIN_NUMEL = 1 << 16
@@ -171,7 +172,7 @@ def _codegen_mark():
     """A post-grad pass that changes nothing and whose ``uuid`` names the kit's code generation:
     the sources of its hooks (:mod:`~hfoptim.core.vector_bitcast`,
     :mod:`~hfoptim.core.vector_gather`, :mod:`~hfoptim.core.vector_bytes`,
-    :mod:`~hfoptim.core.local_buffers`), whether they are in
+    :mod:`~hfoptim.core.vector_narrow`, :mod:`~hfoptim.core.local_buffers`), whether they are in
     use (:data:`_kit_codegen`) and the CPU's vector capability as ATen reports it
     (``torch.backends.cpu.get_cpu_capability()``: AVX512, AVX2, ..., which
     ``ATEN_CPU_CAPABILITY`` lowers). Inductor's on-disk graph cache keys a kernel by the graph and
@@ -185,9 +186,15 @@ def _codegen_mark():
         from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
     except ImportError:
         return None
-    from . import local_buffers, vector_bitcast, vector_bytes, vector_gather
+    from . import local_buffers, vector_bitcast, vector_bytes, vector_gather, vector_narrow
 
-    hooks = (vector_bitcast.__file__, vector_gather.__file__, vector_bytes.__file__, local_buffers.__file__)
+    hooks = (
+        vector_bitcast.__file__,
+        vector_gather.__file__,
+        vector_bytes.__file__,
+        vector_narrow.__file__,
+        local_buffers.__file__,
+    )
 
     class KitCodegenMark(CustomGraphPass):
         def __call__(self, graph) -> None:
@@ -225,7 +232,8 @@ _settings: dict[int, tuple[list, str]] = {}
 _failed: str | None = None
 #: whether the kernels compile with the kit's code-generation choices: inductor's instruction
 #: set taken from the CPU's flags (:func:`_isa_from_cpu_flags`), vector bit casts
-#: (:mod:`hfoptim.core.vector_bitcast`) and vector gathers (:mod:`hfoptim.core.vector_gather`);
+#: (:mod:`hfoptim.core.vector_bitcast`), vector gathers (:mod:`hfoptim.core.vector_gather`), byte
+#: loads (:mod:`hfoptim.core.vector_bytes`) and narrowing (:mod:`hfoptim.core.vector_narrow`);
 #: False once such a compilation failed
 _kit_codegen = True
 #: whether new kernels are traced by the kit (:class:`~hfoptim.core.tracing.TracedKernel`); False
@@ -499,8 +507,9 @@ def _compiling_call(fn, args: tuple, retry: bool = True):
     """The call of ``fn`` that compiles it: with inductor's vector instruction set taken from the
     CPU's flags (:func:`_isa_from_cpu_flags`), 32-bit bit casts as vector operations
     (:func:`~hfoptim.core.vector_bitcast.vector_bitcasts`), table reads as vector gathers
-    (:func:`~hfoptim.core.vector_gather.vector_gathers`) and AVX2 loads of eight bytes without a
-    stack buffer (:func:`~hfoptim.core.vector_bytes.vector_byte_loads`); if that compilation
+    (:func:`~hfoptim.core.vector_gather.vector_gathers`), AVX2 loads of eight bytes without a
+    stack buffer (:func:`~hfoptim.core.vector_bytes.vector_byte_loads`) and int32 vectors
+    narrowed to bytes in registers (:func:`~hfoptim.core.vector_narrow.vector_narrowing`); if that compilation
     fails (a compiler without an instruction set the CPU lists, a header without
     ``at::vec::cast``), once more with inductor's own checks and code before the failure counts,
     and so from then on (``retry`` False: raised at once, for the caller to try another route
@@ -511,23 +520,24 @@ def _compiling_call(fn, args: tuple, retry: bool = True):
     with unread_users_allow_local_buffers():
         if not _kit_codegen:
             return fn(*args)
-        trusted = casts = gathers = byte_loads = False
+        trusted = casts = gathers = byte_loads = narrowing = False
         try:
             with (
                 _isa_from_cpu_flags() as trusted,
                 vector_bitcasts() as casts,
                 vector_gathers() as gathers,
                 vector_byte_loads() as byte_loads,
+                vector_narrowing() as narrowing,
             ):
                 return fn(*args)
         except Exception as error:
-            if not retry or not (trusted or casts or gathers or byte_loads):  # inductor's own: nothing to retry
+            if not retry or not (trusted or casts or gathers or byte_loads or narrowing):  # inductor's own
                 raise
             _kit_codegen = False
             _forget_isa()
             logger.info(
-                "hfoptim: compiling with the CPU's instruction sets, vector bit casts, gathers and byte loads "
-                "failed (%s); again with inductor's own checks and code",
+                "hfoptim: compiling with the CPU's instruction sets, vector bit casts, gathers, byte loads and "
+                "narrowing failed (%s); again with inductor's own checks and code",
                 error,
             )
             return fn(*args)

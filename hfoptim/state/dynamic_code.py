@@ -184,6 +184,11 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     measured exact against ``bucketize`` but 1.5-1.7x slower per 8-bit step (AMD EPYC, one
     core): the two evaluations of the code cost more than the lookup.
 
+    The int32 code is stored as a byte: on x86 CPUs the kit's compilations convert a vector in
+    registers (:mod:`hfoptim.core.vector_narrow`, which has the measurements), where inductor's own
+    conversion goes element by element through a stack buffer; the encode used to go through fp32
+    for that reason (7077c1e), the same bytes.
+
     Eagerly (:func:`_encode_eager`) the same facts come from two tables, one lookup each."""
     if not is_traced():
         return _encode_eager(y, code)
@@ -193,15 +198,6 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     index = (entry >> 16) + ((bits & 0xFFFF) > (entry & 0xFFFF)).to(torch.int32)
     if code.signed:
         index = torch.where(y < 0, index + 128, index)
-    if y.device.type == "cpu":
-        # through fp32 in inductor's CPU kernels: torch 2.13's vectors convert int32 to uint8
-        # element by element (the generic ``VecConvert``: a store, a scalar loop and a partial
-        # load), fp32 to uint8 in a few instructions; both are exact for 0..255. Measured per
-        # encode of 3.1M values compiled alone: 1.46 against 2.6-2.85 ms (two threads of an Intel
-        # Xeon with AVX-512), 6.7 against 8.6 ms (one core of an AVX2-only AMD EPYC). On an AMD
-        # EPYC with AVX-512 the direct conversion measured faster, before the kit's vector bit
-        # casts and gathers (adamw_8bit 338 against 391 ms a step on the 100M set): not rechecked
-        return index.to(torch.float32).to(torch.uint8)
     return index.to(torch.uint8)
 
 
