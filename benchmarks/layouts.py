@@ -441,6 +441,11 @@ def run_of(info: dict, cpu: dict) -> dict:
     }
 
 
+def _run_key(run: dict) -> str:
+    """A run as text that identifies it (runs are dicts, which do not hash)."""
+    return json.dumps(run, sort_keys=True)
+
+
 def described(run: dict, this_run: dict) -> str:
     """``run`` in words, its CPU named where it is not this run's."""
     words = f"hfoptim {run['git_commit']}, load average {run['load_average_1_5_15']}"
@@ -460,8 +465,8 @@ def merged(earlier: dict, rows: list[dict]) -> list[dict]:
     runs = earlier.get("runs", [])
     fresh = {key(r) for r in rows}
     kept = [dict(r, run=runs[r["run"]] if "run" in r else legacy) for r in earlier["rows"] if key(r) not in fresh]
-    names = [r.get("name") for r in rows if r.get("name") not in DEFAULT_NAMES]
-    order = {name: i for i, name in enumerate(DEFAULT_NAMES + names)}
+    names = dict.fromkeys(r.get("name") for r in rows if r.get("name") not in DEFAULT_NAMES)
+    order = {name: i for i, name in enumerate([*DEFAULT_NAMES, *names])}
     layouts = ["one", "fsdp2", "zero2"]
     return sorted(
         kept + rows,
@@ -478,10 +483,10 @@ def merged(earlier: dict, rows: list[dict]) -> list[dict]:
 def packed(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     """``(runs, rows)`` for the results file: each distinct run once, and rows that name theirs
     by its place in ``runs``."""
-    runs: dict[str, int] = {}
-    for r in rows:
-        runs.setdefault(json.dumps(r["run"], sort_keys=True), len(runs))
-    return [json.loads(run) for run in runs], [dict(r, run=runs[json.dumps(r["run"], sort_keys=True)]) for r in rows]
+    keys = [_run_key(r["run"]) for r in rows]
+    runs = {key: r["run"] for key, r in zip(keys, rows)}  # (first seen first)
+    place = {key: i for i, key in enumerate(runs)}
+    return list(runs.values()), [dict(r, run=place[key]) for key, r in zip(keys, rows)]
 
 
 def kept_note(rows: list[dict], this_run: dict) -> str:
@@ -490,7 +495,7 @@ def kept_note(rows: list[dict], this_run: dict) -> str:
     by_run: dict[str, tuple[dict, list[dict]]] = {}
     for r in rows:
         if r.get("run", this_run) != this_run:
-            by_run.setdefault(json.dumps(r["run"], sort_keys=True), (r["run"], []))[1].append(r)
+            by_run.setdefault(_run_key(r["run"]), (r["run"], []))[1].append(r)
     parts = []
     for run, kept in by_run.values():
         names = ", ".join(dict.fromkeys(shown(r) for r in kept))
