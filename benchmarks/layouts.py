@@ -401,7 +401,9 @@ def run_layout(args, layout: str, out: Path, allocator: str) -> list[dict]:
         cmd = [*launcher, __file__, *own]
     env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
     if allocator == "steady":  # freed memory stays in glibc's heap (see the module docstring)
-        env.update(MALLOC_MMAP_THRESHOLD_=str(1 << 32), MALLOC_TRIM_THRESHOLD_=str(1 << 36))
+        from _timing import STEADY_ALLOCATOR_ENV
+
+        env.update(STEADY_ALLOCATOR_ENV)
     if args.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         if layout != "one":

@@ -1,6 +1,6 @@
 """Optimizer step time on transformer-shaped parameter sets, as ratios to torch AdamW.
 
-    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 9 minutes on 2 quiet cores)
+    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 13 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick    # a smoke run: 6M, a few names, 3 rounds
 
 Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSNorm weights; see
@@ -8,8 +8,16 @@ Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSN
 parameters; each candidate is timed in rounds interleaved with torch AdamW (``foreach=True``)
 and torch AdamW (``fused=True``), both kept alive for the whole size, and the reported ratio is
 the median over rounds of (candidate time / baseline time in the same round). Absolute
-milliseconds are reported too but move with the machine's load and malloc settings; the ratios
-are what to compare.
+milliseconds are reported too but move with the machine's load; the ratios are what to compare.
+
+The process runs with a steady allocator by default (``--allocator steady``: glibc's mmap and trim
+thresholds raised, ``_timing.STEADY_ALLOCATOR_ENV``; the script starts itself again with them), so
+that no step faults the pages of its temporaries in. With glibc's own thresholds
+(``--allocator default``, what a user's process does) a freed block over 32 MiB goes back to the
+system, and whether the next step faults it in again depends on what the heap holds at that
+moment, which the candidates built before change: torch AdamW foreach's step on the 95M set took
+203 ms in one candidate's rounds and 263-388 ms in others' (AMD EPYC, e505b93), and the ratios
+moved with it. ``benchmarks/layouts.py`` times both allocators side by side.
 
 Measured, to keep the run bounded:
 
@@ -50,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 import warnings
@@ -64,6 +73,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _timing import (  # noqa: E402
     MODEL_SHAPES,
     RESULTS_DIR,
+    allocator_environ,
+    allocator_of,
     interleaved,
     library_versions,
     machine_info,
@@ -656,6 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default 1: on a shared or busy machine, OpenMP threads waiting on "
         "each other make multi-threaded step times swing by 10x; 0 = torch's default)",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=["steady", "default"],
+        default="steady",
+        help="steady (default): glibc keeps freed memory, so no step faults its temporaries in and the "
+        "ratios compare the steps' own work; default: glibc's own thresholds, under which torch AdamW's "
+        "step on the 95M set moves by up to 2x with what the heap holds (the script starts itself again "
+        "with the environment this needs)",
+    )
     parser.add_argument("--output-dir", default=str(RESULTS_DIR))
     return parser
 
@@ -668,6 +688,14 @@ BUDGET_SECONDS = {"6M": 1.5, "25M": 5.0, "100M": 15.0}
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if allocator_of(os.environ) != args.allocator:
+        # glibc reads its thresholds when the process starts
+        if argv is None:
+            os.execve(sys.executable, [sys.executable, __file__, *sys.argv[1:]], allocator_environ(args.allocator))
+        raise SystemExit(
+            f"speed.py: --allocator {args.allocator} needs glibc's thresholds in the environment at the start; "
+            f"run it as a script (it starts itself again with them) or pass --allocator {allocator_of(os.environ)}"
+        )
     started = time.perf_counter()
     # every compiled candidate (hfoptim's 8-bit/bf16 forms, torchao) adds guards to compiled
     # code; above dynamo's recompile limit later candidates would silently run eager code

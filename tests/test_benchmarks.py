@@ -607,3 +607,27 @@ def test_quality_combine_of_runs_split_by_seed_gives_the_one_run_table(bench, tm
     merged = (tmp_path / "merged.md").read_text()
     committed = (BENCH / "results" / "quality_issue16.md").read_text()
     assert merged == committed.replace("quality_issue16_curves.png", "merged_curves.png")
+
+
+def test_speed_runs_with_the_steady_allocator_it_names(bench, tmp_path):
+    """speed.py starts itself again with glibc's thresholds raised (its default), its record and
+    its table say which allocator timed it, and asked in-process for an allocator the process
+    does not have it stops with the fix instead of mislabelling the run."""
+    import json
+    import os
+    import subprocess
+
+    timing, speed = bench["_timing"], bench["speed"]
+    env = {k: v for k, v in os.environ.items() if k not in timing.STEADY_ALLOCATOR_ENV}
+    command = [sys.executable, str(BENCH / "speed.py"), "--quick", "--rounds", "1", "--output-dir", str(tmp_path)]
+    command += ["--only", speed.BASELINE_FOREACH]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "speed_quick.json").read_text())
+    assert timing.allocator_of(record["machine"]["malloc_env"]) == "steady"
+    assert "steady allocator" in (tmp_path / "speed_quick.md").read_text()
+    assert "steady allocator" not in timing.machine_line({**record["machine"], "malloc_env": {}})
+    assert timing.allocator_of(timing.allocator_environ("default")) == "default"
+    wanted = "default" if timing.allocator_of(os.environ) == "steady" else "steady"
+    with pytest.raises(SystemExit, match=f"--allocator {wanted} needs glibc's thresholds"):
+        speed.main(["--quick", "--allocator", wanted, "--output-dir", str(tmp_path)])
