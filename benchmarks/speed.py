@@ -1,6 +1,6 @@
 """Optimizer step time on transformer-shaped parameter sets, as ratios to torch AdamW.
 
-    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 13 minutes on 2 quiet cores)
+    python benchmarks/speed.py            # 6M, 25M and 100M parameters (about 9 minutes on 2 quiet cores)
     python benchmarks/speed.py --quick    # a smoke run: 6M, a few names, 3 rounds
 
 Each parameter set has Llama-like shapes (embedding, q/k/v/o, gate/up/down, RMSNorm weights; see

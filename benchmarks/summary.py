@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import RESULTS_DIR, update_report  # noqa: E402
+from _timing import RESULTS_DIR, allocator_of, update_report  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -95,7 +95,7 @@ def table(folder: Path = RESULTS_DIR) -> str:
             "Machines: "
             + "; ".join(
                 f"{k} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, hfoptim {m['git_commit']}, "
-                f"load {m.get('load_average_1_5_15', [0])[0]:.1f})"
+                f"load {m.get('load_average_1_5_15', [0])[0]:.1f}{_heap(m)})"
                 for k, m in runs.items()
             )
             + ".",
@@ -105,9 +105,15 @@ def table(folder: Path = RESULTS_DIR) -> str:
             "",
             f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; hfoptim "
             + (commits[0] if len(commits) == 1 else ", ".join(f"{k} {m['git_commit']}" for k, m in runs.items()))
-            + f"; {statistics.mean(m.get('load_average_1_5_15', [0])[0] for m in runs.values()):.1f} mean load.",
+            + f"; {statistics.mean(m.get('load_average_1_5_15', [0])[0] for m in runs.values()):.1f} mean load"
+            + ("; speed with a steady allocator." if speed and _heap(speed["machine"]) else "."),
         ]
     return "\n".join(lines)
+
+
+def _heap(machine: dict) -> str:
+    """ ", steady allocator" for a run with glibc's thresholds raised (speed.py's default)."""
+    return ", steady allocator" if allocator_of(machine.get("malloc_env") or {}) == "steady" else ""
 
 
 def main(argv: list[str] | None = None) -> int:

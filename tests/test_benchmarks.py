@@ -187,6 +187,15 @@ def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
     assert "| adan |  |  |  |  |  |" in text  # in no result file: an empty row
     assert "| lamb |  | 0.50x (1.10x) |  (1.20x) |  |  |" in text  # the plain path in brackets
     assert "hfoptim abc" in text and "final val loss (3 seeds)" in text
+    assert "steady allocator" not in text
+    # speed timed with glibc's heap kept (speed.py's default) says so, on one machine or several
+    steady = dict(machine, malloc_env=bench["_timing"].STEADY_ALLOCATOR_ENV)
+    (tmp_path / "speed.json").write_text(json.dumps({"machine": steady, "rows": rows}))
+    assert "; speed with a steady allocator." in bench["summary"].table(tmp_path)
+    (tmp_path / "speed.json").write_text(json.dumps({"machine": dict(steady, cpu="other"), "rows": rows}))
+    assert "speed on other (2 cores, torch 2, hfoptim abc, load 1.0, steady allocator)" in bench["summary"].table(
+        tmp_path
+    )
 
 
 # ---------------------------------------------------------------------------------------- tuned studies
