@@ -48,11 +48,18 @@ BLOCK = 256
 
 
 def _pow10(k: torch.Tensor) -> torch.Tensor:
-    """``10**k`` (fp32, exact) for integer ``k`` in ``[0, 8)``, without a lookup or ``pow``."""
+    """``10**k`` (fp32, exact) for integer ``k`` in ``[0, 8)``, without a lookup or ``pow``. Each
+    bit is tested for equality with zero, not inequality: AVX2 has no integer "not equal" (nor
+    "greater or equal"), and ATen's AVX2 vectors invert an equality for it, one instruction more
+    per select. One 4096x1024 step on one thread with AVX2 kernels built for Zen 3
+    (``ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CPP_MARCH=znver3`` on the AVX-512 EPYC; three
+    alternating processes of each tree): ``adamw_8bit`` 15.8-17.1 -> 15.0-15.5 ms,
+    ``ademamix_8bit`` 21.3-22.0 -> 20.6-20.9, ``adan_8bit`` 21.9-23.1 -> 21.9-23.0; with AVX-512
+    kernels (mask registers) no change. The same bits."""
     return (
-        torch.where((k & 1) != 0, 10.0, 1.0)
-        * torch.where((k & 2) != 0, 100.0, 1.0)
-        * torch.where((k & 4) != 0, 10000.0, 1.0)
+        torch.where((k & 1) == 0, 1.0, 10.0)
+        * torch.where((k & 2) == 0, 1.0, 100.0)
+        * torch.where((k & 4) == 0, 1.0, 10000.0)
     )
 
 
@@ -250,4 +257,4 @@ def _decode_index(index: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     if not code.signed:
         return tree_values(index, code.bits)
     value = tree_values(index & 127, code.bits)
-    return torch.where(index >= 128, -value, value)
+    return torch.where(index > 127, -value, value)  # ">": AVX2 has no integer ">=" of one instruction
