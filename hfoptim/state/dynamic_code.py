@@ -26,9 +26,10 @@ byte is ``i + 128`` for negative numbers.
 smaller magnitude -- exactly ``torch.bucketize(|y|, midpoints)`` for the fp32 midpoints of
 consecutive magnitudes. It is computed without a search: the upper 16 bits of ``|y|`` (its bf16
 interval) index a table over the 32768 bf16 intervals of all non-negative floats, each entry
-packing the number of midpoints below the interval and the low 16 bits of the one midpoint inside
-it, if any (checked when the table is built: no interval holds two); one integer comparison of
-the low halves finishes (eagerly the two facts come from two tables, which
+packing the number of midpoints below the interval and how far the low 16 bits of the one
+midpoint inside it, if any, are from 0xFFFF (checked when the table is built: no interval holds
+two); adding the low half of ``|y|`` to the entry carries into the count exactly when ``|y|`` is
+past that midpoint (eagerly the two facts come from two tables, which
 takes fewer operations: the fixed cost of each is most of an eager step of small tensors). Decoding is
 a table lookup, or, under ``torch.compile``, the arithmetic that defines the table. Both fuse into
 one loop with the optimizer's update (``tests/test_state_8bit.py`` checks the encode against
@@ -88,8 +89,8 @@ def tree_magnitudes(bits: int) -> torch.Tensor:
 _INFINITY_BUCKET = 255 << 7
 #: bf16 intervals of all non-negative floats (the upper 16 bits of ``|y|``'s bit pattern)
 _BUCKETS = 1 << 15
-#: an encode table entry's low 16 bits where its interval holds no midpoint (no low half exceeds it)
-_NO_MIDPOINT = 0xFFFF
+#: the low 16 bits of a bit pattern (of ``|y|``, of a midpoint)
+_LOW = 0xFFFF
 
 
 @dataclass
@@ -117,12 +118,13 @@ class DynamicCode:
             raise AssertionError(f"{self.name}: the encode table cannot be exact")
         top = self.midpoints.numel()
         inner = self.midpoints[below.clamp_max(top - 1)]  # the midpoint in the interval, if any
-        mid_low = torch.where(holds > 0, inner.view(torch.int32) & 0xFFFF, _NO_MIDPOINT)
+        # 0xFFFF less the midpoint's low half: a low half past the midpoint's carries out of it
+        # (into bit 16); 0 where the interval holds no midpoint, out of which no low half carries
+        to_carry = torch.where(holds > 0, _LOW - (inner.view(torch.int32) & _LOW), 0)
         #: per bf16 interval of every non-negative float: the number of midpoints below it (bits
-        #: 16-23) and the low 16 bits of the midpoint inside it (bits 0-15; :data:`_NO_MIDPOINT`
-        #: where there is none); +inf and NaN take the top code
-        self.encode_table = torch.full((_BUCKETS,), (top << 16) | _NO_MIDPOINT, dtype=torch.int32)
-        self.encode_table[:_INFINITY_BUCKET] = (below << 16) | mid_low
+        #: 16-23) and ``to_carry`` (bits 0-15); +inf and NaN take the top code
+        self.encode_table = torch.full((_BUCKETS,), top << 16, dtype=torch.int32)
+        self.encode_table[:_INFINITY_BUCKET] = (below << 16) | to_carry
         # the eager encode's tables: the same two facts, one table each, so that no integer
         # arithmetic takes them apart (a dozen operations fewer per tensor: most of an eager step
         # of small tensors)
@@ -171,22 +173,33 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
     the top code). The unsigned code stores ``|y|``.
 
     One lookup per element, integers only: the bf16 interval of ``|y|`` (the upper half of its bit
-    pattern) gives the number of midpoints below the interval and the lower half of the midpoint
-    inside it, if any; ``|y|`` is past that midpoint when its own lower half is larger (bit
-    patterns of non-negative floats are ordered as the floats, and the upper halves are equal).
-    An interval without a midpoint stores ``0xFFFF``, which no lower half exceeds. The table
-    covers every non-negative bit pattern (128 KiB), so the index needs no clamp: +inf and NaN
-    (a block holding one) take the top code. Against the earlier table of the 3329 intervals
-    from 2^-26 to 1, whose index was clamped and whose entry held the midpoint's presence in a
-    bit of its own, that is seven integer operations fewer per element. One compiled step of
-    4096x1024, ratio to torch AdamW foreach, a 2-core AMD EPYC with AVX-512 (two threads,
-    alternating processes, a fresh inductor cache each): ``ademamix_8bit`` 1.51-1.76x -> 1.49-1.53x,
-    ``adan_8bit`` 1.58-1.81x -> 1.52-1.57x; with AVX2 kernels (``ATEN_CPU_CAPABILITY=avx2``)
-    1.86-1.94x -> 1.75-1.84x and 1.96-1.98x -> 1.79-1.93x (12.8-13.2 -> 11.7-12.3 ms and
-    13.2-13.6 -> 12.2-12.5 ms).
+    pattern) gives the number of midpoints below the interval (bits 16-23 of the entry) and
+    ``0xFFFF`` less the lower half of the midpoint inside it, if any (bits 0-15). ``|y|`` is past
+    that midpoint when its own lower half is larger (bit patterns of non-negative floats are
+    ordered as the floats, and the upper halves are equal), which is when adding that lower half
+    to the entry carries one into the count: the code is ``(entry + low) >> 16``. An interval
+    without a midpoint stores 0, out of which no lower half carries. The table covers every
+    non-negative bit pattern (128 KiB), so the index needs no clamp: +inf and NaN (a block holding
+    one) take the top code.
 
-    Under torch.compile on CPU (torch 2.13) the lookup is a scalar loop of 16 loads per vector
-    of the fused loop; an arithmetic encode without it (the decade by comparisons, the position
+    Measured, one compiled step of 4096x1024:
+
+    * against the earlier table of the 3329 intervals from 2^-26 to 1, whose index was clamped and
+      whose entry held the midpoint's presence in a bit of its own (seven integer operations more
+      per element), ratio to torch AdamW foreach on a 2-core AMD EPYC with AVX-512 (two threads,
+      alternating processes, a fresh inductor cache each): ``ademamix_8bit`` 1.51-1.76x ->
+      1.49-1.53x, ``adan_8bit`` 1.58-1.81x -> 1.52-1.57x; with AVX2 kernels
+      (``ATEN_CPU_CAPABILITY=avx2``) 1.86-1.94x -> 1.75-1.84x and 1.96-1.98x -> 1.79-1.93x;
+    * the carry against a comparison of the two lower halves (each masked, the comparison's mask
+      made a 0 or 1 and added: eight AVX2 instructions, three now), one thread, medians of five
+      alternating processes per tree: with AVX2 kernels built for Zen 3
+      (``ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CPP_MARCH=znver3`` on the AVX-512 EPYC)
+      ``adamw_8bit`` 15.7 -> 14.8 ms, ``ademamix_8bit`` 20.7 -> 20.3, ``adan_8bit`` 22.3 -> 20.9;
+      with AVX-512 kernels 13.3 -> 12.7, 18.1 -> 17.9, 18.9 -> 18.0. The same codes.
+
+    Under torch.compile on CPU (torch 2.13) inductor's own code reads the table in a scalar loop
+    of 8 or 16 loads per vector, the kit's compilations with a vector gather
+    (:mod:`hfoptim.core.vector_gather`); an arithmetic encode without it (the decade by comparisons, the position
     in it by interpolation, then the one midpoint next to it from two :func:`tree_values`) was
     measured exact against ``bucketize`` but 1.5-1.7x slower per 8-bit step (AMD EPYC, one
     core): the two evaluations of the code cost more than the lookup.
@@ -201,8 +214,7 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
         return _encode_eager(y, code)
     _, table = code.tables(y.device)
     bits = y.view(torch.int32) & 0x7FFFFFFF
-    entry = table_lookup(table, bits >> 16)
-    index = (entry >> 16) + ((bits & 0xFFFF) > (entry & 0xFFFF)).to(torch.int32)
+    index = (table_lookup(table, bits >> 16) + (bits & _LOW)) >> 16
     if code.signed:
         index = torch.where(y < 0, index + 128, index)
     return index.to(torch.uint8)
