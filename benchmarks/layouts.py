@@ -399,11 +399,10 @@ def run_layout(args, layout: str, out: Path, allocator: str) -> list[dict]:
     else:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
         cmd = [*launcher, __file__, *own]
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
-    if allocator == "steady":  # freed memory stays in glibc's heap (see the module docstring)
-        from _timing import STEADY_ALLOCATOR_ENV
+    from _timing import allocator_environ
 
-        env.update(STEADY_ALLOCATOR_ENV)
+    # glibc's thresholds of ``allocator`` (see the module docstring), whatever this shell holds
+    env = dict(allocator_environ(allocator), PYTHONWARNINGS="ignore", TORCH_CPP_LOG_LEVEL="ERROR")
     if args.device == "cpu":
         env.setdefault("DS_ACCELERATOR", "cpu")
         if layout != "one":

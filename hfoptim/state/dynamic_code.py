@@ -199,10 +199,10 @@ def encode_normalized(y: torch.Tensor, code: DynamicCode) -> torch.Tensor:
 
     Under torch.compile on CPU (torch 2.13) inductor's own code reads the table in a scalar loop
     of 8 or 16 loads per vector, the kit's compilations with a vector gather
-    (:mod:`hfoptim.core.vector_gather`); an arithmetic encode without it (the decade by comparisons, the position
-    in it by interpolation, then the one midpoint next to it from two :func:`tree_values`) was
-    measured exact against ``bucketize`` but 1.5-1.7x slower per 8-bit step (AMD EPYC, one
-    core): the two evaluations of the code cost more than the lookup.
+    (:mod:`hfoptim.core.vector_gather`). An arithmetic encode without the table (the decade by
+    comparisons, the position in it by interpolation, then the one midpoint next to it from two
+    :func:`tree_values`) was measured exact against ``bucketize`` but 1.5-1.7x slower per 8-bit
+    step (AMD EPYC, one core): the two evaluations of the code cost more than the lookup.
 
     The int32 code is stored as a byte: on x86 CPUs the kit's compilations convert a vector in
     registers (:mod:`hfoptim.core.vector_narrow`, which has the measurements), where inductor's own
