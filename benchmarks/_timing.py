@@ -38,6 +38,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def lscpu() -> dict:
+    """``lscpu``'s model name, its vector extensions (``avx*``, ``amx*``, ``fma``, ``sse4*``: they
+    decide how fast compiled kernels are) and all its flags; ``{}`` where there is no ``lscpu``."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    vector = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
+    return {"model_name": fields.get("Model name", "").strip(), "vector_flags": vector, "flags": flags}
+
+
 def _git_commit() -> str:
     """The commit of the code this process runs, ``+dirty`` when hfoptim/ or benchmarks/ have
     uncommitted changes."""
@@ -59,7 +72,8 @@ GIT_COMMIT = _git_commit()
 
 
 def machine_info() -> dict:
-    """What the numbers were measured on: CPU, cores, threads, versions, date, load."""
+    """What the numbers were measured on: CPU and its vector extensions (``lscpu``), cores,
+    threads, versions, date, load, allocator settings."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -71,6 +85,7 @@ def machine_info() -> dict:
     malloc = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
     return {
         "cpu": cpu_model(),
+        "vector_flags": lscpu().get("vector_flags"),
         "cores": cores,
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -106,13 +121,24 @@ def allocator_environ(allocator: str) -> dict[str, str]:
     return env
 
 
+def flags_text(info: dict) -> str:
+    """``" (lscpu flags: avx avx2 ...)"`` from a record's machine; nothing for a record from before
+    the flags were recorded (its committed tables stay what its record regenerates, and a run's
+    flags are never filled in afterwards)."""
+    flags = info.get("vector_flags")
+    if flags is None:
+        return ""
+    return f" (lscpu flags: {' '.join(flags) or 'none of avx, amx, fma, sse4'})"
+
+
 def machine_line(info: dict) -> str:
     load = info.get("load_average_1_5_15")
     load_text = f", load average {load[0]:.1f}" if load else ""
     steady = allocator_of(info.get("malloc_env") or {}) == "steady"
     heap = ", steady allocator (glibc keeps freed memory)" if steady else ""
     return (
-        f"{info['cpu']}, {info['cores']} cores ({info['torch_threads']} torch threads), torch {info['torch']}, "
+        f"{info['cpu']}{flags_text(info)}, {info['cores']} cores ({info['torch_threads']} torch threads), "
+        f"torch {info['torch']}, "
         f"Python {info['python']}, {info['date'][:10]}, hfoptim {info['git_commit']}{load_text}{heap}"
     )
 

@@ -80,18 +80,6 @@ def _nothing() -> None:
     """Releasing a step that holds no DeepSpeed engine: nothing to do."""
 
 
-def lscpu() -> dict:
-    """``lscpu``'s model name and flags (the vector extensions decide how fast the kernels are)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    flags = fields.get("Flags", "").split()
-    vector = [f for f in flags if f.startswith(("avx", "amx", "fma", "sse4"))]
-    return {"model_name": fields.get("Model name", "").strip(), "vector_flags": vector, "flags": flags}
-
-
 def machine_kind(cpu: dict, device: str) -> str:
     """Which record a run belongs to: "amx" (an Intel Xeon with AMX and AVX-512), "avx512" or
     "avx2" by the CPU's widest vector extension (inductor's CPU kernels differ most between
@@ -573,7 +561,7 @@ def main() -> int:
     if args.worker:
         return worker(args)
 
-    from _timing import machine_info, update_report, write_json
+    from _timing import lscpu, machine_info, update_report, write_json
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

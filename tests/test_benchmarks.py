@@ -636,6 +636,13 @@ def test_speed_runs_with_the_steady_allocator_it_names(bench, tmp_path):
     assert timing.allocator_of(record["machine"]["malloc_env"]) == "steady"
     assert "steady allocator" in (tmp_path / "speed_quick.md").read_text()
     assert "steady allocator" not in timing.machine_line({**record["machine"], "malloc_env": {}})
+    # the CPU's vector extensions travel with every record and its machine line; an older record
+    # without them keeps its line, never borrowing this machine's
+    flags = record["machine"]["vector_flags"]
+    assert flags == timing.lscpu().get("vector_flags")
+    assert f"lscpu flags: {' '.join(flags)}" in (tmp_path / "speed_quick.md").read_text()
+    older = {k: v for k, v in record["machine"].items() if k != "vector_flags"}
+    assert "lscpu flags" not in timing.machine_line(older)
     assert timing.allocator_of(timing.allocator_environ("default")) == "default"
     wanted = "default" if timing.allocator_of(os.environ) == "steady" else "steady"
     with pytest.raises(SystemExit, match=f"--allocator {wanted} needs glibc's thresholds"):
