@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _timing import RESULTS_DIR, allocator_of, update_report  # noqa: E402
+from _timing import RESULTS_DIR, allocator_of, flags_text, update_report  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -87,23 +87,27 @@ def table(folder: Path = RESULTS_DIR) -> str:
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     runs = {name: rec["machine"] for name, rec in (("memory", memory), ("speed", speed), ("quality", quality)) if rec}
     commits = sorted({m["git_commit"] for m in runs.values()})
-    cpus = sorted({m["cpu"] for m in runs.values()})
+    # a CPU is its model and its vector extensions (one model name covers EPYCs with and without
+    # AVX-512); a record from before the extensions were recorded counts as a CPU of its own
+    cpu_of = {
+        k: (m["cpu"], None if m.get("vector_flags") is None else tuple(m["vector_flags"])) for k, m in runs.items()
+    }
     machine = next(iter(runs.values()), None)
-    if machine and len(cpus) > 1:  # results from different machines: each column names its own
-        lines += [
-            "",
-            "Machines: "
-            + "; ".join(
-                f"{k} on {m['cpu']} ({m['cores']} cores, torch {m['torch']}, hfoptim {m['git_commit']}, "
+    if machine and len(set(cpu_of.values())) > 1:  # different machines: each column names its own
+        named = []
+        for k, m in runs.items():  # the flags at a CPU's first mention, "the same CPU" after
+            first = next(j for j in runs if cpu_of[j] == cpu_of[k])
+            cpu = f"{m['cpu']}{flags_text(m)}" if first == k else f"the same CPU as {first}"
+            named.append(
+                f"{k} on {cpu} ({m['cores']} cores, torch {m['torch']}, hfoptim {m['git_commit']}, "
                 f"load {m.get('load_average_1_5_15', [0])[0]:.1f}{_heap(m)})"
-                for k, m in runs.items()
             )
-            + ".",
-        ]
+        lines += ["", "Machines: " + "; ".join(named) + "."]
     elif machine:
         lines += [
             "",
-            f"Machine: {machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}; hfoptim "
+            f"Machine: {machine['cpu']}{flags_text(machine)}, {machine['cores']} cores, torch {machine['torch']}; "
+            + "hfoptim "
             + (commits[0] if len(commits) == 1 else ", ".join(f"{k} {m['git_commit']}" for k, m in runs.items()))
             + f"; {statistics.mean(m.get('load_average_1_5_15', [0])[0] for m in runs.values()):.1f} mean load"
             + ("; speed with a steady allocator." if speed and _heap(speed["machine"]) else "."),

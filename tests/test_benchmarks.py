@@ -196,6 +196,14 @@ def test_summary_table_reads_each_result_file_by_label(bench, tmp_path):
     assert "speed on other (2 cores, torch 2, hfoptim abc, load 1.0, steady allocator)" in bench["summary"].table(
         tmp_path
     )
+    # one model name, two kinds of CPU: the vector extensions tell them apart, and each column says its own
+    (tmp_path / "speed.json").write_text(json.dumps({"machine": dict(steady, vector_flags=["avx2"]), "rows": rows}))
+    text = bench["summary"].table(tmp_path)
+    assert "speed on cpu (lscpu flags: avx2) (2 cores" in text and "memory on cpu (2 cores" in text
+    for name in ("memory", "quality"):
+        record = json.loads((tmp_path / f"{name}.json").read_text())
+        (tmp_path / f"{name}.json").write_text(json.dumps(dict(record, machine=dict(machine, vector_flags=["avx2"]))))
+    assert "Machine: cpu (lscpu flags: avx2), 2 cores" in bench["summary"].table(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------- tuned studies
