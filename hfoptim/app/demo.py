@@ -1,7 +1,7 @@
 """The main job: a short pretraining run with memory-efficient optimizers next to AdamW.
 
     python -m hfoptim.app.demo        (what `make demo` runs: three runs of 240 steps, with progress bars;
-                                       2-3 minutes on 2 CPU cores: 135-196 s on AMD EPYCs, 99-165 s on an Intel Xeon)
+                                       2-3 minutes on 2 CPU cores: 125-196 s on AMD EPYCs, 99-165 s on an Intel Xeon)
 
 Every run trains the embedded default (a small Llama-style model on the Python standard
 library's own source, a tokenizer trained on the spot; nothing is downloaded) from the same
