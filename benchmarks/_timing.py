@@ -138,8 +138,8 @@ def machine_line(info: dict) -> str:
     heap = ", steady allocator (glibc keeps freed memory)" if steady else ""
     return (
         f"{info['cpu']}{flags_text(info)}, {info['cores']} cores ({info['torch_threads']} torch threads), "
-        f"torch {info['torch']}, "
-        f"Python {info['python']}, {info['date'][:10]}, hfoptim {info['git_commit']}{load_text}{heap}"
+        f"torch {info['torch']}, Python {info['python']}, {info['date'][:10]}, "
+        f"hfoptim {info['git_commit']}{load_text}{heap}"
     )
 
 

@@ -106,8 +106,8 @@ def table(folder: Path = RESULTS_DIR) -> str:
     elif machine:
         lines += [
             "",
-            f"Machine: {machine['cpu']}{flags_text(machine)}, {machine['cores']} cores, torch {machine['torch']}; "
-            + "hfoptim "
+            f"Machine: {machine['cpu']}{flags_text(machine)}, {machine['cores']} cores, "
+            f"torch {machine['torch']}; hfoptim "
             + (commits[0] if len(commits) == 1 else ", ".join(f"{k} {m['git_commit']}" for k, m in runs.items()))
             + f"; {statistics.mean(m.get('load_average_1_5_15', [0])[0] for m in runs.values()):.1f} mean load"
             + ("; speed with a steady allocator." if speed and _heap(speed["machine"]) else "."),
