@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, list[str]]] = [
         [
             "hfoptim.core",  # the package's __init__ (imports nothing)
             "hfoptim.core.tracing",
+            "hfoptim.core.kernel_build",
             "hfoptim.core.tensorlist",
             "hfoptim.core.hparams",
             "hfoptim.core.stats",

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import compiled_step
+from hfoptim.core import compiled_step, kernel_build
 from hfoptim.core.stats import ParamView
 from hfoptim.state.blockwise8bit import dequantize, quantize, scale_shape
 from hfoptim.state.dynamic_code import SIGNED, UNSIGNED, decode_codes
@@ -271,7 +271,7 @@ def test_traced_table_reads_wrap_no_negative_index(fresh_dynamo, no_inductor_cac
     index = torch.randint(0, 3329, (8, 256), dtype=torch.int32)
 
     def compiled(fn):  # with the kit's inductor options, as its kernels are compiled
-        return _compiled(fn, compiled_step.INDUCTOR_OPTIONS)
+        return _compiled(fn, kernel_build.INDUCTOR_OPTIONS)
 
     looked, sources = run_and_get_code(compiled(lambda i: table_lookup(table, i) + 1), index)
     indexed, control = run_and_get_code(compiled(lambda i: table[i.long()] + 1), index)
@@ -450,7 +450,7 @@ def test_inductors_disk_cache_keys_the_kits_code_generation(fresh_dynamo, monkey
         compiled_step.reset()  # (which turns the hooks on)
         torch._dynamo.reset()
         counters.clear()
-        monkeypatch.setattr(compiled_step, "_kit_codegen", kit_codegen)
+        monkeypatch.setattr(kernel_build, "_kit_codegen", kit_codegen)
         p = torch.nn.Parameter(torch.randn(512, 256, generator=torch.Generator().manual_seed(0)))
         opt = hfoptim.create_optimizer([p], "adamw_8bit", compile="on", lr=1e-3, state_min_numel=1)
         p.grad = torch.ones_like(p)
@@ -458,7 +458,7 @@ def test_inductors_disk_cache_keys_the_kits_code_generation(fresh_dynamo, monkey
         assert sum(compiled_step.calls.values()) == 1
         return counters["inductor"]["fxgraph_cache_hit"], counters["inductor"]["fxgraph_cache_miss"]
 
-    mark = compiled_step.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
+    mark = kernel_build.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
     with fresh_cache():
         assert step_and_count() == (0, 1)
         assert step_and_count() == (1, 0)
@@ -473,7 +473,7 @@ def test_the_kits_cache_mark_names_the_cpus_vector_capability(monkeypatch):
     """Inductor's disk cache does not key a kernel by the instruction set it was generated for:
     the kit's mark carries ATen's CPU capability (which ``ATEN_CPU_CAPABILITY`` lowers), so a
     cache written by an AVX-512 process is not read by an AVX2 one."""
-    mark = compiled_step.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
+    mark = kernel_build.INDUCTOR_OPTIONS["post_grad_custom_pre_pass"]
     here = mark.uuid()
     assert torch.backends.cpu.get_cpu_capability() in here
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "ANOTHER")
@@ -546,7 +546,7 @@ def test_the_kits_kernels_build_no_test_program_for_the_cpus_extensions(monkeypa
     monkeypatch.setattr(cpu_vec_isa.VecISA, "check_build", counted)
     compiled_step.reset()
     cpu_vec_isa.valid_vec_isa_list.cache_clear()  # undecided, as in a fresh process
-    compiled_step._forget_extensions(cpu_vec_isa)
+    kernel_build._forget_extensions(cpu_vec_isa)
     try:
         with fresh_cache():
             _run("adamw_8bit", "on", steps=1)
@@ -751,7 +751,7 @@ def test_8bit_steps_in_rows_of_one_block_compile_to_one_outer_loop(fresh_dynamo,
             assert len(fused) == 1 and fused[0].inner_kernel_number >= 3, (name, fused)
             # the per-block values in local buffers, none of the kernel's (rows, 256) shape
             assert "local_buffer_data" in source and not re.search(r"empty_strided_cpu\(\(\w+, 256\)", source), name
-        monkeypatch.setattr(compiled_step, "unread_users_allow_local_buffers", contextlib.nullcontext)
+        monkeypatch.setattr(kernel_build, "unread_users_allow_local_buffers", contextlib.nullcontext)
         with pytest.warns(RuntimeWarning, match="KeyError"):
             step("adamw_8bit")
         assert not compiled_step.calls

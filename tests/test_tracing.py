@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import hfoptim
-from hfoptim.core import compiled_step, tracing
+from hfoptim.core import compiled_step, kernel_build, tracing
 from hfoptim.core.tracing import TracedKernel, TraceFailed, is_traced
 
 pytestmark = pytest.mark.skipif(not compiled_step.compile_available(torch.device("cpu")), reason="no torch.compile")
@@ -120,7 +120,7 @@ def test_where_the_kit_trace_fails_torch_compile_traces_the_same_kernel(name, mo
     monkeypatch.setattr(TracedKernel, "_trace", fails)
     dynamo = _steps(name)
     assert compiled_step.traced == {"kit": 0, "dynamo": 2}
-    assert compiled_step._kit_codegen  # a failed trace is no failed compilation: the kit's code generation stays
+    assert kernel_build._kit_codegen  # a failed trace is no failed compilation: the kit's code generation stays
     assert compiled_step._failed is None and sum(compiled_step.calls.values()) == 6
     # the same computation either way: the same numbers, bit for bit
     for p, q in zip(*(kit[0], dynamo[0])):
@@ -146,7 +146,7 @@ def test_where_inductor_fails_on_the_kit_graph_torch_compile_takes_every_kernel(
     with caplog.at_level("INFO", logger="hfoptim.core.compiled_step"):
         dynamo = _steps("adamw_8bit")
     assert compiled_step.traced == {"kit": 0, "dynamo": 2}  # the second kernel went to torch.compile at once
-    assert not compiled_step._kit_traces and compiled_step._kit_codegen and compiled_step._failed is None
+    assert not compiled_step._kit_traces and kernel_build._kit_codegen and compiled_step._failed is None
     warned = [r for r in caplog.records if r.levelname == "WARNING" and "kit's own trace" in r.getMessage()]
     assert len(warned) == 1 and "inductor failed, as a test" in warned[0].getMessage()
     for p, q in zip(kit[0], dynamo[0]):

@@ -21,7 +21,7 @@ the system, every step faulted them in again (64000-97000 page faults a step of 
 tensor, 1.5-2.0x torch AdamW's step instead of 0.7-0.9x; measured on a 2-core Intel Xeon).
 
 It is entered around each of the kit's compilations
-(:func:`hfoptim.core.compiled_step._compiling_call`); the process's other compilations keep
+(:func:`hfoptim.core.kernel_build.compiling_call`); the process's other compilations keep
 inductor's code. An inductor without ``LoopBody.get_read_expr`` gets no change.
 """
 

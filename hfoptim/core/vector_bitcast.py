@@ -16,7 +16,7 @@ codes and scales were the same bit for bit (a bit cast is exact either way).
 
 :func:`vector_bitcasts` installs the vector form for the 32-bit casts of one-vector values
 and leaves every other cast to inductor's own code. It is entered around each of the kit's
-compilations only (:func:`hfoptim.core.compiled_step._compiling_call`), so the process's other
+compilations only (:func:`hfoptim.core.kernel_build.compiling_call`), so the process's other
 compilations keep inductor's code. An inductor without the hooks it needs gets no change.
 """
 

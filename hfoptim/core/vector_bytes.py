@@ -10,7 +10,7 @@ the other 24 lanes set to 1 in registers, as ``loadu`` leaves them (so any later
 division included, sees the same lanes).
 
 It is entered around each of the kit's compilations only
-(:func:`hfoptim.core.compiled_step._compiling_call`), so the process's other compilations keep
+(:func:`hfoptim.core.kernel_build.compiling_call`), so the process's other compilations keep
 inductor's code; it changes only unmasked loads of ``uint8``/``int8`` buffers into 256-bit
 vectors of eight elements. An inductor without the hooks it needs gets no change.
 """

@@ -14,7 +14,7 @@ result reinterpreted as the table's type. A gather is exact: the same entries ei
 inductor's own code: a load from a 32-bit buffer whose index is one in-kernel index vector plus a
 constant, with no load mask, in a kernel whose vectors hold one 32-bit vector per iteration, from
 a buffer small enough that any index into it fits an int32. It is entered around each of the
-kit's compilations only (:func:`hfoptim.core.compiled_step._compiling_call`), so the process's
+kit's compilations only (:func:`hfoptim.core.kernel_build.compiling_call`), so the process's
 other compilations keep inductor's code. An inductor without the hooks it needs gets no change.
 """
 

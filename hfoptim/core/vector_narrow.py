@@ -20,7 +20,7 @@ inductor cache, against the encode through fp32 at c640569): with AVX2 kernels
 codes and scales were the same bit for bit.
 
 It is entered around each of the kit's compilations only
-(:func:`hfoptim.core.compiled_step._compiling_call`), so the process's other compilations keep
+(:func:`hfoptim.core.kernel_build.compiling_call`), so the process's other compilations keep
 inductor's code; it changes only conversions of one int32 vector to one uint8 vector (not
 rounding ones) in AVX2 and AVX-512 kernels. An inductor without the hooks it needs gets no
 change.
