@@ -13,6 +13,7 @@ timed in the same rounds, alternating with the candidate, cancels most of that d
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import platform
 import statistics
@@ -38,9 +39,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@functools.cache
 def lscpu() -> dict:
     """``lscpu``'s model name, its vector extensions (``avx*``, ``amx*``, ``fma``, ``sse4*``: they
-    decide how fast compiled kernels are) and all its flags; ``{}`` where there is no ``lscpu``."""
+    decide how fast compiled kernels are) and all its flags; ``{}`` where there is no ``lscpu``.
+    Run once per process (a record's machine line and the layouts' choice of record both ask);
+    callers read the dict and do not change it."""
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
